@@ -1,0 +1,37 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install what is needed, once.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.eidetic-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench bench-plot clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first, from the pinned spec, so nothing later pulls a second (CUDA) torch.
+$(STAMP): pyproject.toml setup.py | $(PY)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q triton numpy
+	$(PY) -m pip install -q -e ".[dev]"
+	@echo "$(TORCH_SPEC)" > $(STAMP)
+
+setup: $(STAMP)
+	@grep -qxF "$(TORCH_SPEC)" $(STAMP) || { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m python_layers.demo
+
+bench: setup
+	$(PY) -m pytest -q benchmarks/test_cpu_bench.py --benchmark-only --benchmark-json=benchmarks/results/last-cpu.json
+	$(PY) -m benchmarks.cpu_report benchmarks/results/last-cpu.json
+	$(PY) -m benchmarks.plot
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,12 @@
+"""eidetic_kernels: masked ops and drop-in layers with per-neuron task state.
+
+Public names: the layers, FREE, PRUNED, convert, functional.
+"""
+from . import functional
+from .layers import (EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLayer, EideticLinear,
+                     convert)
+from .state import FREE, MAX_TASK, PRUNED
+
+__all__ = ["EideticLinear", "EideticConv2d", "EideticBatchNorm1d", "EideticBatchNorm2d", "EideticLayer",
+           "convert", "functional", "FREE", "PRUNED", "MAX_TASK"]
+__version__ = "0.1.0"

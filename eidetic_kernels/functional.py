@@ -1,0 +1,142 @@
+"""Functional masked ops over dense weights: validate, plan, dispatch.
+
+These take a layer's weight as one dense tensor (``[out, in]`` for linear), so they can be
+used and tested alone. Gradients reach only FREE rows: the rows of every other neuron are
+read from a detached view. The Eidetic layers call the same backends with their split
+storage (trainable rows in a Parameter, frozen rows in a buffer) instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .state import STATE_DTYPE, check_state_vector, make_plan
+
+__all__ = ["masked_linear", "masked_conv2d", "masked_batch_norm"]
+
+
+def check_input(x: torch.Tensor, name: str, like: torch.Tensor, feature_dim: int, features: int,
+                min_dim: int, what: str) -> None:
+    """Shape/dtype/device checks shared by the functional ops and the layers (no host sync)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{what} expects {name} with at least {min_dim} dims, got shape {tuple(x.shape)}")
+    if x.shape[feature_dim] != features:
+        raise ValueError(f"{what} expects {name}.shape[{feature_dim}] == {features}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{what} expects a floating-point {name}, got {x.dtype}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"{what}: {name} is {x.dtype} but the weights are {like.dtype}; cast one to the other")
+    if x.device != like.device:
+        raise ValueError(f"{what}: {name} is on {x.device} but the weights are on {like.device}; move one")
+
+
+def _check_param(p: torch.Tensor | None, name: str, shape: tuple, like: torch.Tensor, what: str) -> None:
+    if p is None:
+        return
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+    if p.dtype != like.dtype or p.device != like.device:
+        raise TypeError(f"{what}: {name} is {p.dtype} on {p.device}, expected {like.dtype} on {like.device}")
+
+
+def _states(vectors: dict, expected: dict, device: torch.device) -> list[torch.Tensor]:
+    out = []
+    for name, v in vectors.items():
+        check_state_vector(v, name, expected[name])
+        out.append(v.to(device=device, dtype=STATE_DTYPE))
+    return out
+
+
+def _dense_split(weight, bias, out_task, out_min_task, in_task):
+    """Dense weight as both storages (trainable = weight, frozen = weight.detach()), slots = identity."""
+    n = out_task.numel()
+    slot = torch.arange(n, dtype=torch.int32, device=weight.device)
+    if out_min_task is None:
+        out_min_task = torch.zeros(n, dtype=STATE_DTYPE, device=weight.device)
+    plan = make_plan(in_task, out_task, out_min_task, slot)
+    return (weight, weight.detach(), bias, None if bias is None else bias.detach(), out_min_task, slot, plan)
+
+
+def masked_linear(x, weight, bias, in_task, out_task, out_min_task=None, taylor_score=None):
+    """y = x·(W⊙M)ᵀ + b, M from the live-synapse rule (``eidetic_kernels.state``).
+
+    x [*, in]; weight [out, in]; bias [out] or None; in_task int[in]; out_task int[out];
+    out_min_task int[out] (default 0: forward transfer); taylor_score float32[out], accumulated in backward.
+    """
+    what = "masked_linear"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{what}: weight must be a 2-D tensor [out, in]")
+    out_f, in_f = weight.shape
+    check_input(x, "x", weight, -1, in_f, 1, what)
+    _check_param(bias, "bias", (out_f,), weight, what)
+    names = {"in_task": in_task, "out_task": out_task}
+    sizes = {"in_task": in_f, "out_task": out_f, "out_min_task": out_f}
+    if out_min_task is not None:
+        names["out_min_task"] = out_min_task
+    states = _states(names, sizes, x.device)
+    in_task, out_task = states[:2]
+    out_min_task = states[2] if out_min_task is not None else None
+    tw, fw, tb, fb, lo, slot, plan = _dense_split(weight, bias, out_task, out_min_task, in_task)
+    _, fn = backends.get("linear", x.device)
+    return fn(x, tw, fw, tb, fb, in_task, out_task, lo, slot, plan, taylor_score)
+
+
+def _pair(v, name, what):
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{what}: {name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilation=1, out_min_task=None,
+                  taylor_score=None):
+    """NCHW convolution with the live-synapse rule over (input channel → output channel)."""
+    what = "masked_conv2d"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{what}: weight must be a 4-D tensor [C_out, C_in, kh, kw]")
+    out_c, in_c = weight.shape[:2]
+    check_input(x, "x", weight, 1, in_c, 4, what)
+    if x.dim() != 4:
+        raise ValueError(f"{what} expects x of shape [N, C, H, W], got {tuple(x.shape)}")
+    _check_param(bias, "bias", (out_c,), weight, what)
+    names = {"in_task": in_task, "out_task": out_task}
+    sizes = {"in_task": in_c, "out_task": out_c, "out_min_task": out_c}
+    if out_min_task is not None:
+        names["out_min_task"] = out_min_task
+    states = _states(names, sizes, x.device)
+    in_task, out_task = states[:2]
+    out_min_task = states[2] if out_min_task is not None else None
+    tw, fw, tb, fb, lo, slot, plan = _dense_split(weight, bias, out_task, out_min_task, in_task)
+    stride, padding, dilation = (_pair(stride, "stride", what), _pair(padding, "padding", what),
+                                 _pair(dilation, "dilation", what))
+    _, fn = backends.get("conv2d", x.device)
+    return fn(x, tw, fw, tb, fb, in_task, out_task, lo, slot, stride, padding, dilation, plan, taylor_score)
+
+
+def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, training, momentum=0.1, eps=1e-5,
+                      taylor_score=None):
+    """Batch norm whose frozen channels keep (and use) their running statistics; PRUNED channels output 0."""
+    what = "masked_batch_norm"
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"{what} expects x of shape [N, C, *], got {getattr(x, 'shape', type(x))}")
+    c = x.shape[1]
+    ref = next((t for t in (weight, running_mean) if t is not None), x)
+    check_input(x, "x", ref, 1, c, 2, what)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        _check_param(t, name, (c,), x, what)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{what}: pass both running_mean and running_var, or neither")
+    (channel_task,) = _states({"channel_task": channel_task}, {"channel_task": c}, x.device)
+    slot = torch.arange(c, dtype=torch.int32, device=x.device)
+    fw = None if weight is None else weight.detach()
+    fb = None if bias is None else bias.detach()
+    _, fn = backends.get("batch_norm", x.device)
+    return fn(x, running_mean, running_var, weight, fw, bias, fb, channel_task, slot, bool(training),
+              float(momentum), float(eps), taylor_score)

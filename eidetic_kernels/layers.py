@@ -1,0 +1,485 @@
+"""Drop-in layers: storage + per-neuron state + one backend call.
+
+Storage is split by construction. The rows (weight row, bias entry, BN affine entry) of FREE
+and PRUNED neurons live in ordinary Parameters (``weight``, ``bias``); the rows of frozen
+neurons live in buffers (``frozen_weight``, ``frozen_bias``). No frozen value is reachable
+through ``model.parameters()``, so no optimizer, weight decay, hook or gradient can move it.
+Together the two hold exactly the torch.nn twin's values; the state costs O(out + in) small
+integers. ``slot[i]`` is neuron i's row in whichever storage its state selects.
+
+While every neuron is FREE, ``weight`` has the twin's shape and the layer is the twin.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import backends
+from .functional import check_input
+from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, is_frozen,
+                    make_plan, new_state, storage_slots, view_states)
+
+__all__ = ["EideticLinear", "EideticConv2d", "EideticBatchNorm1d", "EideticBatchNorm2d", "EideticLayer",
+           "convert"]
+
+
+class EideticLayer(nn.Module):
+    """Per-neuron state and split storage shared by every Eidetic layer.
+
+    Subclasses set ``_split_names`` (per-neuron tensors split between trainable and frozen
+    storage) and implement ``_reinit_rows`` and ``_run``.
+    """
+
+    _split_names: tuple[str, ...] = ()
+    _has_inputs = True  # False for batch norm: its channels are its neurons' own outputs
+
+    # ----- construction -------------------------------------------------------------------
+    def _init_state(self, n_out: int, n_in: int | None, device) -> None:
+        self.register_buffer("task_state", new_state(n_out, FREE, device))
+        if n_in is not None:
+            self.register_buffer("min_input_task", torch.zeros(n_out, dtype=STATE_DTYPE, device=device))
+            # raw inputs are always live: task 0 until a network wires this layer to its producers
+            self.register_buffer("input_task", torch.zeros(n_in, dtype=STATE_DTYPE, device=device))
+        self.register_buffer("slot", torch.arange(n_out, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("taylor_score", None, persistent=False)
+        self.view_task: int | None = None
+        self.last_backend: str | None = None
+        self._plans: dict = {}
+
+    def _split(self, name: str, value: torch.Tensor | None) -> None:
+        """Register ``value`` as the trainable storage ``name`` and an empty frozen twin."""
+        if value is None:
+            self.register_parameter(name, None)
+            self.register_buffer("frozen_" + name, None)
+            return
+        self.register_parameter(name, nn.Parameter(value))
+        self.register_buffer("frozen_" + name, value.detach().new_empty((0,) + tuple(value.shape[1:])))
+
+    @property
+    def num_neurons(self) -> int:
+        return self.task_state.numel()
+
+    @property
+    def neuron_task(self) -> torch.Tensor:
+        """Int16[out], read-only copy: the task that froze each neuron, FREE or PRUNED."""
+        return self.task_state.clone()
+
+    def _split_pairs(self):
+        for name in self._split_names:
+            trainable = getattr(self, name)
+            if trainable is not None:
+                yield name, trainable, getattr(self, "frozen_" + name)
+
+    # ----- state transitions (between steps, never inside one) ---------------------------------
+    def _state_changed(self) -> None:
+        self.slot.copy_(storage_slots(self.task_state).to(torch.int32))
+        self._plans.clear()
+
+    def _indices(self, neurons) -> torch.Tensor:
+        idx = torch.as_tensor(neurons, device=self.task_state.device)
+        if idx.dtype == torch.bool:
+            if idx.numel() != self.num_neurons:
+                raise ValueError(f"a boolean neuron mask needs {self.num_neurons} entries, got {idx.numel()}")
+            idx = idx.nonzero().flatten()
+        idx = idx.long().flatten()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_neurons):
+            raise IndexError(f"neuron index out of range [0, {self.num_neurons})")
+        return idx
+
+    @torch.no_grad()
+    def prune_neurons(self, neurons) -> None:
+        """FREE -> PRUNED. Frozen neurons are never pruned: asking is an error and changes nothing."""
+        idx = self._indices(neurons)
+        states = self.task_state[idx]
+        bad = states != FREE
+        if bool(bad.any()):
+            i = int(idx[bad.nonzero()[0, 0]])
+            raise ValueError(f"{self._name()}: neuron {i} is {describe_state(int(self.task_state[i]))}; "
+                             "only FREE neurons can be pruned (frozen neurons never change)")
+        self.task_state[idx] = PRUNED
+        self._state_changed()
+
+    @torch.no_grad()
+    def unprune_neurons(self, neurons) -> None:
+        """PRUNED -> FREE, keeping their stored values (undo a pruning step)."""
+        idx = self._indices(neurons)
+        if bool((self.task_state[idx] != PRUNED).any()):
+            raise ValueError(f"{self._name()}: only PRUNED neurons can be restored to FREE")
+        self.task_state[idx] = FREE
+        self._state_changed()
+
+    @torch.no_grad()
+    def freeze_free_neurons(self, task: int) -> int:
+        """FREE -> ``task``: move their rows from the Parameters into the frozen buffers.
+
+        Tasks freeze in increasing order, each once per layer, so each task's rows stay one
+        contiguous block of the frozen storage. Returns the number of neurons frozen.
+        """
+        if not isinstance(task, int) or not 0 <= task <= MAX_TASK:
+            raise ValueError(f"task must be an int in [0, {MAX_TASK}], got {task!r}")
+        frozen_tasks = self.task_state[is_frozen(self.task_state)]
+        if frozen_tasks.numel() and int(frozen_tasks.max()) >= task:
+            raise ValueError(f"{self._name()}: neurons of task {int(frozen_tasks.max())} are already frozen; "
+                             f"tasks freeze once each, in increasing order, so task {task} cannot freeze now")
+        free = self.task_state == FREE
+        n = int(free.sum())
+        if n == 0:
+            return 0
+        free_slots = self.slot[free].long()
+        keep_slots = self.slot[self.task_state == PRUNED].long()
+        for name, trainable, frozen in self._split_pairs():
+            setattr(self, "frozen_" + name, torch.cat([frozen, trainable.detach()[free_slots]]))
+            trainable.data = trainable.data[keep_slots]
+            trainable.grad = None
+        self.task_state[free] = task
+        self._state_changed()
+        return n
+
+    @torch.no_grad()
+    def recycle_pruned_neurons(self, generator: torch.Generator | None = None) -> int:
+        """PRUNED -> FREE with a fresh default init, for the next task. Returns how many."""
+        pruned = self.task_state == PRUNED
+        n = int(pruned.sum())
+        if n == 0:
+            return 0
+        slots = self.slot[pruned].long()
+        self._reinit_rows(slots, generator)
+        self.task_state[pruned] = FREE
+        if hasattr(self, "min_input_task"):
+            self.min_input_task[pruned] = 0
+        self._state_changed()
+        return n
+
+    @torch.no_grad()
+    def set_min_input_task(self, task: int) -> None:
+        """Oldest task the FREE and PRUNED neurons may read from (0: forward transfer)."""
+        if not hasattr(self, "min_input_task"):
+            raise TypeError(f"{self._name()} has no inputs of its own")
+        if not isinstance(task, int) or not 0 <= task <= MAX_TASK:
+            raise ValueError(f"min input task must be an int in [0, {MAX_TASK}], got {task!r}")
+        self.min_input_task[~is_frozen(self.task_state)] = task
+        self._state_changed()
+
+    @torch.no_grad()
+    def set_input_task(self, input_task: torch.Tensor) -> None:
+        """States of the neurons that produce this layer's inputs (one per input feature/channel)."""
+        if not self._has_inputs:
+            raise TypeError(f"{self._name()} has no inputs of its own")
+        check_state_vector(input_task, "input_task", self.input_task.numel())
+        self.input_task.copy_(input_task.to(self.input_task.device, STATE_DTYPE))
+        self._plans.clear()
+
+    # ----- evaluation views ------------------------------------------------------------------
+    def _states(self):
+        """(in_task, out_task, out_min_task, plan) as the current view sees them; cached."""
+        key = self.view_task
+        cached = self._plans.get(key)
+        if cached is None:
+            out_task = view_states(self.task_state, key)
+            in_task = view_states(self.input_task, key) if self._has_inputs else None
+            lo = self.min_input_task if self._has_inputs else None
+            plan = make_plan(in_task, out_task, lo, self.slot) if self._has_inputs else None
+            cached = (in_task, out_task, lo, plan)
+            self._plans[key] = cached
+        return cached
+
+    # ----- Taylor importance -----------------------------------------------------------------
+    def enable_taylor(self, enabled: bool = True) -> None:
+        """Accumulate the Taylor score of each neuron during backward while enabled."""
+        if enabled and self.taylor_score is None:
+            self.taylor_score = torch.zeros(self.num_neurons, dtype=torch.float32, device=self.task_state.device)
+        elif not enabled:
+            self.taylor_score = None
+
+    @property
+    def taylor_enabled(self) -> bool:
+        return self.taylor_score is not None
+
+    def reset_taylor(self) -> None:
+        if self.taylor_score is not None:
+            self.taylor_score.zero_()
+
+    # ----- dense export, loading --------------------------------------------------------------
+    def dense(self, name: str = "weight") -> torch.Tensor:
+        """The twin's dense tensor ``name`` [out, ...] assembled from both storages (a copy)."""
+        trainable = getattr(self, name)
+        if trainable is None:
+            return None
+        return assemble_rows(trainable.detach(), getattr(self, "frozen_" + name), self.task_state, self.slot).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "task_state"
+        if key in state_dict:
+            incoming = state_dict[key]
+            try:
+                check_state_vector(incoming, key, self.num_neurons)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{exc}; this layer has {self.num_neurons} neurons")
+                return
+            n_frozen = int(is_frozen(incoming).sum())
+            sizes = {"": self.num_neurons - n_frozen, "frozen_": n_frozen}
+            for name, trainable, frozen in self._split_pairs():
+                for kind, tensor in (("", trainable), ("frozen_", frozen)):
+                    k = prefix + kind + name
+                    if k not in state_dict:
+                        continue
+                    want = (sizes[kind],) + tuple(tensor.shape[1:])
+                    got = tuple(state_dict[k].shape)
+                    if got != want:
+                        error_msgs.append(
+                            f"size mismatch for {k}: expected {want} for the {n_frozen} frozen of "
+                            f"{self.num_neurons} neurons in {key}, got {got}")
+                        return
+            for name, trainable, frozen in self._split_pairs():
+                trainable.data = trainable.data.new_empty((sizes[""],) + tuple(trainable.shape[1:]))
+                trainable.grad = None
+                setattr(self, "frozen_" + name, frozen.new_empty((n_frozen,) + tuple(frozen.shape[1:])))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._state_changed()
+
+    def _name(self) -> str:
+        return type(self).__name__
+
+
+def describe_state(state: int) -> str:
+    if state == FREE:
+        return "FREE"
+    if state == PRUNED:
+        return "PRUNED"
+    return f"frozen for task {state}"
+
+
+def _reinit_linear_like(layer: EideticLayer, slots: torch.Tensor, generator) -> None:
+    """torch's default Linear/Conv init for the given trainable rows (fan_in from the full layer)."""
+    w = layer.weight
+    fresh = torch.empty((slots.numel(),) + tuple(w.shape[1:]), dtype=w.dtype, device=w.device)
+    fan_in = fresh[0].numel() if fresh.numel() else 1
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    # kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Linear/Conv2d reset_parameters
+    fresh.uniform_(-bound, bound, generator=generator)
+    w.data.index_copy_(0, slots, fresh)
+    if layer.bias is not None:
+        b = torch.empty(slots.numel(), dtype=w.dtype, device=w.device).uniform_(-bound, bound, generator=generator)
+        layer.bias.data.index_copy_(0, slots, b)
+
+
+class EideticLinear(EideticLayer):
+    """nn.Linear with per-neuron task state (see module docstring)."""
+
+    _split_names = ("weight", "bias")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        twin = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._split("weight", twin.weight.detach())
+        self._split("bias", None if twin.bias is None else twin.bias.detach())
+        self._init_state(out_features, in_features, twin.weight.device)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear) -> "EideticLinear":
+        new = cls(module.in_features, module.out_features, module.bias is not None,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        new.train(module.training)
+        return new
+
+    def _reinit_rows(self, slots, generator):
+        _reinit_linear_like(self, slots, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "input", self.weight, -1, self.in_features, 1, self._name())
+        in_task, out_task, lo, plan = self._states()
+        self.last_backend, fn = backends.get("linear", x.device)
+        return fn(x, self.weight, self.frozen_weight, self.bias, self.frozen_bias, in_task, out_task, lo,
+                  self.slot, plan, self.taylor_score)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{state_summary(self.task_state)}")
+
+
+def _conv_padding(padding, kernel_size, dilation):
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        pads = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError("EideticConv2d: padding='same' needs d*(k-1) even per dim; pass explicit ints")
+            pads.append(total // 2)
+        return tuple(pads)
+    return padding
+
+
+class EideticConv2d(EideticLayer):
+    """nn.Conv2d (groups=1, zero padding) with per-output-channel task state."""
+
+    _split_names = ("weight", "bias")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"EideticConv2d supports groups=1 only, got groups={groups}: a grouped or depthwise "
+                             "conv couples channels that the per-neuron state cannot separate; use groups=1")
+        if padding_mode != "zeros":
+            raise ValueError(f"EideticConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        twin = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode,
+                         device=device, dtype=dtype)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = twin.kernel_size, twin.stride, twin.dilation
+        self.padding = _conv_padding(twin.padding, twin.kernel_size, twin.dilation)
+        self.groups, self.padding_mode = 1, "zeros"
+        self._split("weight", twin.weight.detach())
+        self._split("bias", None if twin.bias is None else twin.bias.detach())
+        self._init_state(out_channels, in_channels, twin.weight.device)
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d) -> "EideticConv2d":
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                  module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        new.train(module.training)
+        return new
+
+    def _reinit_rows(self, slots, generator):
+        _reinit_linear_like(self, slots, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "input", self.weight, 1, self.in_channels, 4, self._name())
+        if x.dim() != 4:
+            raise ValueError(f"{self._name()} expects input of shape [N, C, H, W], got {tuple(x.shape)}")
+        in_task, out_task, lo, plan = self._states()
+        self.last_backend, fn = backends.get("conv2d", x.device)
+        return fn(x, self.weight, self.frozen_weight, self.bias, self.frozen_bias, in_task, out_task, lo,
+                  self.slot, self.stride, self.padding, self.dilation, plan, self.taylor_score)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"{state_summary(self.task_state)}")
+
+
+class _EideticBatchNorm(EideticLayer):
+    """Batch norm with per-channel task state; running statistics are per-channel buffers
+    that the op updates for FREE channels only."""
+
+    _split_names = ("weight", "bias")
+    _has_inputs = False
+    _twin = nn.BatchNorm2d
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None):
+        super().__init__()
+        twin = self._twin(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self._split("weight", twin.weight.detach() if affine else None)
+        self._split("bias", twin.bias.detach() if affine else None)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(twin, name))
+        self._init_state(num_features, None, twin.running_mean.device if track_running_stats else device)
+
+    @classmethod
+    def from_module(cls, module):
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  device=module.running_mean.device if module.running_mean is not None else None,
+                  dtype=(module.weight.dtype if module.weight is not None else None))
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                src = getattr(module, name)
+                if src is not None:
+                    getattr(new, name).copy_(src)
+        new.train(module.training)
+        return new
+
+    @torch.no_grad()
+    def _reinit_rows(self, slots, generator):
+        if self.weight is not None:
+            self.weight.data.index_fill_(0, slots, 1.0)
+            self.bias.data.index_fill_(0, slots, 0.0)
+        if self.running_mean is not None:
+            channels = (self.task_state == PRUNED).nonzero().flatten()
+            self.running_mean.index_fill_(0, channels, 0.0)
+            self.running_var.index_fill_(0, channels, 1.0)
+
+    def _check_input_dim(self, x):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        like = self.running_mean if self.running_mean is not None else (self.weight if self.weight is not None else x)
+        check_input(x, "input", like, 1, self.num_features, 2, self._name())
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or self.running_mean is None
+        use_running = not self.training or self.track_running_stats
+        _, out_task, _, _ = self._states()
+        self.last_backend, fn = backends.get("batch_norm", x.device)
+        return fn(x, self.running_mean if use_running else None, self.running_var if use_running else None,
+                  self.weight, self.frozen_weight, self.bias, self.frozen_bias, out_task, self.slot, batch_stats,
+                  factor, self.eps, self.taylor_score)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, {state_summary(self.task_state)}")
+
+
+class EideticBatchNorm1d(_EideticBatchNorm):
+    _twin = nn.BatchNorm1d
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3):
+            raise ValueError(f"EideticBatchNorm1d expects 2-D or 3-D input [N, C(, L)], got shape {tuple(x.shape)}")
+
+
+class EideticBatchNorm2d(_EideticBatchNorm):
+    _twin = nn.BatchNorm2d
+
+    def _check_input_dim(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"EideticBatchNorm2d expects 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+
+
+def state_summary(task: torch.Tensor) -> str:
+    free = int((task == FREE).sum())
+    pruned = int((task == PRUNED).sum())
+    return f"free={free}, frozen={task.numel() - free - pruned}, pruned={pruned}"
+
+
+_CONVERSIONS = {nn.Linear: EideticLinear, nn.Conv2d: EideticConv2d, nn.BatchNorm1d: EideticBatchNorm1d,
+                nn.BatchNorm2d: EideticBatchNorm2d}
+
+
+def convert(model: nn.Module, _path: str = "") -> nn.Module:
+    """Replace every nn.Linear/Conv2d/BatchNorm1d/2d in ``model`` by its Eidetic twin (same weights).
+
+    Modifies ``model`` in place and returns it (or the twin when ``model`` itself is such a layer).
+    """
+    cls = _CONVERSIONS.get(type(model))
+    if cls is not None:
+        try:
+            return cls.from_module(model)
+        except ValueError as exc:
+            raise ValueError(f"cannot convert {_path or type(model).__name__}: {exc}") from exc
+    for name, child in list(model.named_children()):
+        new = convert(child, f"{_path}.{name}" if _path else name)
+        if new is not child:
+            setattr(model, name, new)
+    return model

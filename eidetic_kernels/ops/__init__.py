@@ -1,0 +1,1 @@
+"""One op per package: ``reference.py`` (readable, pure PyTorch) beside the fused backends."""

@@ -1,0 +1,25 @@
+"""Taylor importance (Molchanov et al. 2017) collected in the ordinary backward pass.
+
+score[i] += | mean over the batch of Σ_spatial a[b, i, ...] · ∂loss/∂a[b, i, ...] |
+
+where ``a`` is the layer's output (before any nonlinearity). The reference backend attaches a
+gradient hook to the output; the fused backends compute the same sum inside their backward.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def taylor_contribution(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Float32[C]: |mean_b Σ_spatial a·g| for one batch."""
+    prod = (activation.detach().float() * grad.float()).movedim(channel_dim, -1)
+    per_sample = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1) if prod.dim() > 2 else prod
+    return per_sample.mean(0).abs()
+
+
+def attach_taylor_hook(output: torch.Tensor, score: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    if score is not None and output.requires_grad:
+        def hook(grad):
+            score.add_(taylor_contribution(output, grad, channel_dim).to(score.dtype))
+        output.register_hook(hook)
+    return output

@@ -1,0 +1,11 @@
+"""Test-wide set-up.
+
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
+triton is first imported, so it is set here (a user's explicit setting wins).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
