@@ -42,8 +42,8 @@ class EideticLayer(nn.Module):
             self.register_buffer("min_input_task", torch.zeros(n_out, dtype=STATE_DTYPE, device=device))
             # raw inputs are always live: task 0 until a network wires this layer to its producers
             self.register_buffer("input_task", torch.zeros(n_in, dtype=STATE_DTYPE, device=device))
-        self.register_buffer("slot", torch.arange(n_out, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("taylor_score", None, persistent=False)
+        self._slot: torch.Tensor | None = None
         self.view_task: int | None = None
         self.last_backend: str | None = None
         self._plans: dict = {}
@@ -73,9 +73,20 @@ class EideticLayer(nn.Module):
                 yield name, trainable, getattr(self, "frozen_" + name)
 
     # ----- state transitions (between steps, never inside one) ---------------------------------
+    @property
+    def slot(self) -> torch.Tensor:
+        """Int32[out]: each neuron's row in its storage. Derived from the states, so not a buffer."""
+        if self._slot is None or self._slot.device != self.task_state.device:
+            self._slot = storage_slots(self.task_state).to(torch.int32)
+        return self._slot
+
     def _state_changed(self) -> None:
-        self.slot.copy_(storage_slots(self.task_state).to(torch.int32))
+        self._slot = None
         self._plans.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._state_changed()  # cached plans hold tensors on the old device
+        return super()._apply(fn, *args, **kwargs)
 
     def _indices(self, neurons) -> torch.Tensor:
         idx = torch.as_tensor(neurons, device=self.task_state.device)

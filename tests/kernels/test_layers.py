@@ -1,0 +1,295 @@
+"""Drop-in layers: twin equivalence, freezing by construction, memory, state_dict, errors, dispatch."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import eidetic_kernels as ek
+from eidetic_kernels import FREE, PRUNED, EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLinear
+from eidetic_kernels import backends
+
+
+def _twins():
+    torch.manual_seed(0)
+    return [
+        (nn.Linear(13, 7), torch.randn(5, 13)),
+        (nn.Linear(13, 7, bias=False), torch.randn(2, 3, 13)),
+        (nn.Conv2d(3, 6, 3, stride=2, padding=1), torch.randn(2, 3, 9, 7)),
+        (nn.Conv2d(3, 5, (3, 2), dilation=2, bias=False), torch.randn(2, 3, 9, 8)),
+        (nn.Conv2d(3, 5, 3, padding="same"), torch.randn(2, 3, 6, 6)),
+        (nn.BatchNorm1d(6), torch.randn(8, 6)),
+        (nn.BatchNorm1d(6, momentum=None), torch.randn(8, 6, 4)),
+        (nn.BatchNorm2d(5), torch.randn(4, 5, 3, 3)),
+        (nn.BatchNorm2d(5, affine=False), torch.randn(4, 5, 3, 3)),
+        (nn.BatchNorm2d(5, track_running_stats=False), torch.randn(4, 5, 3, 3)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("training", [True, False])
+def test_same_output_and_grads_as_twin_while_free(index, training):
+    twin, x = _twins()[index]
+    twin.train(training)
+    layer = ek.convert(copy.deepcopy(twin))
+    assert type(layer).__name__.startswith("Eidetic")
+    layer.train(training)
+    for _ in range(2):  # twice: running statistics must evolve the same way
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = twin(xa), layer(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(getattr(layer, name).grad, p.grad, rtol=1e-5, atol=1e-6)
+    for name, buf in twin.named_buffers():
+        torch.testing.assert_close(getattr(layer, name), buf)
+    assert layer.last_backend == "reference"
+
+
+def test_constructor_defaults_match_twins():
+    assert EideticLinear(3, 4).bias is not None
+    c = EideticConv2d(3, 4, 3)
+    assert (c.stride, c.padding, c.dilation, c.groups) == ((1, 1), (0, 0), (1, 1), 1)
+    bn = EideticBatchNorm2d(4)
+    assert (bn.eps, bn.momentum, bn.affine, bn.track_running_stats) == (1e-5, 0.1, True, True)
+
+
+def test_convert_replaces_every_supported_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Sequential(nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8)), nn.Linear(8, 2))
+    x = torch.randn(3, 3, 6, 6)
+    model.eval()
+    before = model(x)
+    converted = ek.convert(model)
+    kinds = [type(m).__name__ for m in converted.modules()]
+    assert not any(k in ("Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d") for k in kinds)
+    assert kinds.count("EideticLinear") == 2
+    torch.testing.assert_close(converted(x), before)
+
+
+def test_grouped_conv_is_a_clear_error():
+    with pytest.raises(ValueError, match="groups=1 only"):
+        EideticConv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="cannot convert 0.*groups=1"):
+        ek.convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)))
+
+
+def _freeze_some(layer, generator):
+    """Prune, freeze (task 0), recycle, then freeze some of the recycled as task 1: a realistic mix."""
+    n = layer.num_neurons
+    perm = torch.randperm(n, generator=generator)
+    layer.prune_neurons(perm[: n // 2])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons(generator)
+    free = (layer.task_state == FREE).nonzero().flatten()
+    layer.prune_neurons(free[: len(free) // 2])
+    layer.freeze_free_neurons(1)
+    layer.recycle_pruned_neurons(generator)
+    layer.prune_neurons((layer.task_state == FREE).nonzero().flatten()[:1])
+    return layer
+
+
+def _frozen_values(layer):
+    frozen = (layer.task_state >= 0) & (layer.task_state != FREE)
+    vals = {"task_state": layer.task_state.clone()}
+    for name in ("weight", "bias"):
+        if getattr(layer, name, None) is not None:
+            vals[name] = layer.dense(name)[frozen].clone()
+    for name in ("running_mean", "running_var"):
+        if getattr(layer, name, None) is not None:
+            vals[name] = getattr(layer, name)[frozen].clone()
+    return vals
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=1e-3),
+], ids=["adamw", "sgd"])
+def test_frozen_neurons_never_change_under_any_optimizer(make_optimizer):
+    g = torch.Generator().manual_seed(0)
+    conv, bn = EideticConv2d(3, 8, 3, padding=1), EideticBatchNorm2d(8)
+    lin = EideticLinear(8 * 5 * 5, 6)
+    for layer in (conv, lin):
+        _freeze_some(layer, g)
+    _freeze_some(bn, torch.Generator().manual_seed(0))
+    before = [_frozen_values(m) for m in (conv, bn, lin)]
+    params = [p for m in (conv, bn, lin) for p in m.parameters()]
+    frozen_ptrs = {b.data_ptr() for m in (conv, bn, lin) for n, b in m.named_buffers() if n.startswith("frozen_")}
+    assert not frozen_ptrs & {p.data_ptr() for p in params}
+    opt = make_optimizer(params)
+    for step in range(50):
+        x = torch.randn(4, 3, 5, 5) * 3 + 1
+        y = lin(torch.relu(bn(conv(x))).flatten(1))
+        # a loss that pushes every weight (and every output) away from where it is
+        loss = (y - 10).square().mean() + sum((p - 5).square().sum() for p in params)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = [_frozen_values(m) for m in (conv, bn, lin)]
+    for b, a in zip(before, after):
+        for k in b:
+            assert torch.equal(b[k], a[k]), k
+
+
+@pytest.mark.parametrize("make", [lambda: (EideticLinear(256, 384), nn.Linear(256, 384)),
+                                  lambda: (EideticConv2d(64, 96, 3), nn.Conv2d(64, 96, 3))])
+def test_layer_bytes_within_two_percent_of_twin_at_any_freezing_state(make):
+    layer, twin = make()
+
+    def nbytes(m):
+        return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    limit = 1.02 * nbytes(twin)
+    g = torch.Generator().manual_seed(1)
+    assert nbytes(layer) <= limit
+    layer.prune_neurons(torch.arange(0, layer.num_neurons, 3))
+    assert nbytes(layer) <= limit
+    layer.freeze_free_neurons(0)
+    assert nbytes(layer) <= limit
+    layer.recycle_pruned_neurons(g)
+    layer.freeze_free_neurons(1)
+    assert nbytes(layer) <= limit
+    # no buffer is weight-shaped except the frozen rows themselves
+    for name, b in layer.named_buffers():
+        assert b.dim() == 1 or name == "frozen_weight"
+
+
+def test_batch_norm_state_is_two_bytes_per_channel():
+    bn, twin = EideticBatchNorm2d(64), nn.BatchNorm2d(64)
+    extra = sum(t.numel() * t.element_size() for t in list(bn.parameters()) + list(bn.buffers())) - \
+        sum(t.numel() * t.element_size() for t in list(twin.parameters()) + list(twin.buffers()))
+    assert extra == 2 * 64
+
+
+def test_state_dict_round_trip_is_exact():
+    g = torch.Generator().manual_seed(2)
+    for make in (lambda: EideticLinear(9, 12), lambda: EideticConv2d(3, 10, 3), lambda: EideticBatchNorm2d(10)):
+        a = _freeze_some(make(), g)
+        if hasattr(a, "input_task"):
+            a.set_input_task(torch.randint(-1, 3, a.input_task.shape, generator=g).to(torch.int16))
+        b = make()
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(a.task_state, b.task_state)
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+        x = torch.randn((4, 9) if isinstance(a, EideticLinear) else (4, 3 if isinstance(a, EideticConv2d) else 10, 6, 6))
+        a.eval(), b.eval()
+        assert torch.equal(a(x), b(x))
+
+
+def test_state_dict_mismatch_is_a_clear_error():
+    a = _freeze_some(EideticLinear(9, 12), torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError, match="task_state has 12 entries, expected 13"):
+        EideticLinear(9, 13).load_state_dict(a.state_dict())
+    sd = a.state_dict()
+    sd["task_state"] = torch.full((12,), FREE, dtype=torch.int16)  # states disagree with the storage
+    with pytest.raises(RuntimeError, match="frozen of 12 neurons"):
+        EideticLinear(9, 12).load_state_dict(sd)
+    sd["task_state"] = torch.full((12,), 40000, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside"):
+        EideticLinear(9, 12).load_state_dict(sd)
+
+
+def test_bad_inputs_are_clear_errors():
+    lin = EideticLinear(5, 3)
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] == 5"):
+        lin(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="float64 but the weights are torch.float32"):
+        lin(torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="meta but the weights are on cpu"):
+        lin(torch.randn(2, 5, device="meta"))
+    with pytest.raises(ValueError, match="expected 5"):
+        lin.set_input_task(torch.zeros(4, dtype=torch.int16))
+    with pytest.raises(ValueError, match="outside"):
+        lin.set_input_task(torch.tensor([0, 1, 2, 3, -7]))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]|at least 4 dims"):
+        EideticConv2d(3, 4, 3)(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match="4-D input"):
+        EideticBatchNorm2d(3)(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        EideticBatchNorm1d(3)(torch.randn(3, 3, 2, 2))
+
+
+def test_frozen_neurons_are_never_pruned_and_tasks_freeze_in_order():
+    lin = EideticLinear(4, 6)
+    lin.prune_neurons([0, 1])
+    lin.freeze_free_neurons(2)
+    before = lin.task_state.clone()
+    with pytest.raises(ValueError, match="neuron 3 is frozen for task 2; only FREE"):
+        lin.prune_neurons([3])
+    with pytest.raises(ValueError, match="increasing order"):
+        lin.freeze_free_neurons(1)
+    assert torch.equal(lin.task_state, before)
+    with pytest.raises(IndexError, match="out of range"):
+        lin.prune_neurons([6])
+
+
+def test_recycled_neurons_get_a_fresh_default_init():
+    lin = EideticLinear(50, 8)
+    with torch.no_grad():
+        lin.weight.fill_(7.0)
+        lin.bias.fill_(7.0)
+    lin.prune_neurons([1, 4])
+    lin.freeze_free_neurons(0)
+    assert lin.recycle_pruned_neurons() == 2
+    assert lin.weight.shape == (2, 50)
+    bound = 1 / 50 ** 0.5
+    assert bool((lin.weight.abs() <= bound).all()) and bool((lin.bias.abs() <= bound).all())
+    assert lin.task_state.tolist() == [0, FREE, 0, 0, FREE, 0, 0, 0]
+    bn = EideticBatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.fill_(3.0), bn.running_mean.fill_(3.0), bn.running_var.fill_(3.0)
+    bn.prune_neurons([2])
+    bn.freeze_free_neurons(0)
+    bn.recycle_pruned_neurons()
+    assert bn.dense("weight").tolist() == [3.0, 3.0, 1.0, 3.0]
+    assert bn.running_mean.tolist() == [3.0, 3.0, 0.0, 3.0] and bn.running_var.tolist() == [3.0, 3.0, 1.0, 3.0]
+
+
+def test_view_of_a_finished_task_is_immune_to_nan_in_free_capacity():
+    torch.manual_seed(0)
+    l1, bn, l2 = EideticLinear(6, 8), EideticBatchNorm1d(8), EideticLinear(8, 4)
+    for layer in (l1, bn):
+        layer.prune_neurons([0, 1])
+        layer.freeze_free_neurons(0)
+        layer.recycle_pruned_neurons()
+    l2.set_input_task(l1.task_state)
+    l2.freeze_free_neurons(0)
+    x = torch.randn(5, 6)
+    model = nn.Sequential(l1, bn, nn.GELU(), l2).eval()
+    for m in (l1, bn, l2):
+        m.view_task = 0
+    before = model(x)
+    for fill in (float("nan"), float("inf")):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(fill)
+        assert torch.equal(model(x), before)
+
+
+def test_taylor_scores_are_collected_switched_off_and_reset():
+    lin = EideticLinear(5, 4)
+    lin.enable_taylor()
+    x = torch.randn(6, 5)
+    lin(x).square().sum().backward()
+    assert lin.taylor_enabled and bool((lin.taylor_score > 0).all())
+    lin.reset_taylor()
+    assert bool((lin.taylor_score == 0).all())
+    lin.enable_taylor(False)
+    lin(x).sum().backward()
+    assert lin.taylor_score is None and not lin.taylor_enabled
+
+
+def test_backend_selection_and_clear_errors(monkeypatch):
+    monkeypatch.setenv("EIDETIC_BACKEND", "bogus")
+    with pytest.raises(backends.BackendUnavailable, match="one of reference, triton, cpp"):
+        EideticLinear(3, 2)(torch.randn(1, 3))
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        backends.select("linear", torch.device("cpu"))
+    monkeypatch.setenv("EIDETIC_BACKEND", "reference")
+    lin = EideticLinear(3, 2)
+    lin(torch.randn(1, 3))
+    assert lin.last_backend == "reference"

@@ -1,0 +1,249 @@
+"""Functional ops (default backend on CPU: the reference) against independent dense-mask computations.
+
+Tolerances (tests/helpers.TOL): fp32 rtol 1e-4 / atol 1e-5, fp64 rtol 1e-10 / atol 1e-12. The dense
+computation multiplies by a 0/1 mask, so the inputs here are finite; NaN-safety has its own tests.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eidetic_kernels import FREE, PRUNED
+from eidetic_kernels.functional import masked_batch_norm, masked_conv2d, masked_linear
+from tests.helpers import TOL, dense_mask, dense_weight_for_grad, random_states
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def Z(n):
+    return torch.zeros(n, dtype=torch.int16)
+
+
+def _close(a, b, dtype):
+    torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_linear_forward_backward(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_in, n_out, batch = 13, 11, 7
+    x = torch.randn(batch, n_in, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(n_out, n_in, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(n_out, generator=g, dtype=dtype, requires_grad=True)
+    in_task, out_task = random_states(n_in, g), random_states(n_out, g)
+    lo = torch.randint(0, 2, (n_out,), generator=g).to(torch.int16)
+    dy = torch.randn(batch, n_out, generator=g, dtype=dtype)
+
+    y = masked_linear(x, w, b, in_task, out_task, out_min_task=lo)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy, allow_unused=True, materialize_grads=True)
+
+    m = dense_mask(in_task, out_task, lo).to(dtype)
+    live_out = (out_task != PRUNED).to(dtype)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    b2 = b.detach().clone().requires_grad_()
+    y_ref = x2 @ (dense_weight_for_grad(w2, out_task) * m).T + dense_weight_for_grad(b2, out_task) * live_out
+    rx, rw, rb = torch.autograd.grad(y_ref, (x2, w2, b2), dy, allow_unused=True, materialize_grads=True)
+    _close(y, y_ref, dtype)
+    _close(gx, rx, dtype)
+    _close(gw, rw, dtype)
+    _close(gb, rb, dtype)
+    not_free = out_task != FREE
+    assert bool((gw[not_free] == 0).all()) and bool((gb[not_free] == 0).all())
+    assert bool((y[:, out_task == PRUNED] == 0).all())
+
+
+def test_masked_linear_leading_dims_and_no_bias():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g)
+    w = torch.randn(4, 5, generator=g)
+    in_task = torch.tensor([0, FREE, PRUNED, 0, 1], dtype=torch.int16)
+    out_task = torch.tensor([FREE, 1, 0, PRUNED], dtype=torch.int16)
+    y = masked_linear(x, w, None, in_task, out_task)
+    ref = x @ (w * dense_mask(in_task, out_task).float()).T
+    _close(y, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2)])
+def test_masked_conv2d_forward_backward(dtype, stride, padding, dilation):
+    g = torch.Generator().manual_seed(stride * 10 + padding + dilation)
+    c_in, c_out = 5, 7
+    x = torch.randn(3, c_in, 9, 8, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(c_out, generator=g, dtype=dtype, requires_grad=True)
+    in_task, out_task = random_states(c_in, g), random_states(c_out, g)
+    y = masked_conv2d(x, w, b, in_task, out_task, stride=stride, padding=padding, dilation=dilation)
+    dy = torch.randn(y.shape, generator=g, dtype=dtype)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy, allow_unused=True, materialize_grads=True)
+
+    m = dense_mask(in_task, out_task).to(dtype)[:, :, None, None]
+    live_out = (out_task != PRUNED).to(dtype)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y_ref = F.conv2d(x2, dense_weight_for_grad(w2, out_task) * m, dense_weight_for_grad(b2, out_task) * live_out,
+                     stride=stride, padding=padding, dilation=dilation)
+    rx, rw, rb = torch.autograd.grad(y_ref, (x2, w2, b2), dy, allow_unused=True, materialize_grads=True)
+    for got, ref in ((y, y_ref), (gx, rx), (gw, rw), (gb, rb)):
+        _close(got, ref, dtype)
+    assert bool((gw[out_task != FREE] == 0).all())
+
+
+def _dense_batch_norm(x, rm, rv, w, b, task, training, momentum, eps):
+    """Per-channel loop, independent of the op: returns y and the expected running statistics."""
+    ys, new_rm, new_rv = [], rm.clone(), rv.clone()
+    for c in range(x.shape[1]):
+        xc = x[:, c]
+        state = int(task[c])
+        if state == PRUNED:
+            ys.append(torch.zeros_like(xc))
+            continue
+        if training and state == FREE:
+            mean, var = xc.mean(), xc.var(unbiased=False)
+            n = xc.numel()
+            new_rm[c] = (1 - momentum) * rm[c] + momentum * mean.detach()
+            new_rv[c] = (1 - momentum) * rv[c] + momentum * xc.detach().var(unbiased=True)
+        else:
+            mean, var = rm[c], rv[c]
+        wc = w[c] if state == FREE else w[c].detach()
+        bc = b[c] if state == FREE else b[c].detach()
+        ys.append((xc - mean) / torch.sqrt(var + eps) * wc + bc)
+    return torch.stack(ys, 1), new_rm, new_rv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 7, 5, 3), (9, 7), (4, 7, 6)])
+def test_masked_batch_norm(dtype, training, shape):
+    g = torch.Generator().manual_seed(len(shape) + int(training))
+    c = shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype).mul(2).add(0.5).requires_grad_()
+    w = torch.randn(c, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(c, generator=g, dtype=dtype, requires_grad=True)
+    rm = torch.randn(c, generator=g, dtype=dtype)
+    rv = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    task = random_states(c, g)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = masked_batch_norm(x, rm, rv, w, b, task, training, 0.1, 1e-5)
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy, allow_unused=True, materialize_grads=True)
+
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y_ref, rm_ref, rv_ref = _dense_batch_norm(x2, rm0, rv0, w2, b2, task, training, 0.1, 1e-5)
+    rx, rw, rb = torch.autograd.grad(y_ref, (x2, w2, b2), dy, allow_unused=True, materialize_grads=True)
+    for got, ref in ((y, y_ref), (gx, rx), (gw, rw), (gb, rb), (rm, rm_ref), (rv, rv_ref)):
+        _close(got, ref, dtype)
+    frozen = (task >= 0) & (task != FREE)
+    assert torch.equal(rm[frozen], rm0[frozen]) and torch.equal(rv[frozen], rv0[frozen])
+    assert bool((gw[task != FREE] == 0).all()) and bool((gb[task != FREE] == 0).all())
+
+
+def test_masked_batch_norm_without_running_stats_uses_batch_stats():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 4, 3, 3, generator=g)
+    task = torch.tensor([FREE, 0, PRUNED, 1], dtype=torch.int16)
+    y = masked_batch_norm(x, None, None, None, None, task, False, 0.1, 1e-5)
+    ref = F.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    ref[:, 2] = 0
+    _close(y, ref, torch.float32)
+
+
+def _frozen_constant_wrapper(fn, w, out_task):
+    """fn of the FREE rows only: gradcheck cannot see that frozen rows are constants by design."""
+    free_idx = (out_task == FREE).nonzero().flatten()
+    base = w.detach().clone()
+
+    def wrapped(x, w_free, *rest):
+        return fn(x, base.index_copy(0, free_idx, w_free), *rest)
+    return wrapped, w.detach()[free_idx].clone().requires_grad_()
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(7)
+    in_task = torch.tensor([0, FREE, PRUNED, 1, FREE], dtype=torch.int16)
+    out_task = torch.tensor([FREE, 1, 0, PRUNED, FREE, 0], dtype=torch.int16)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    f, w_free = _frozen_constant_wrapper(lambda x, w: masked_linear(x, w, None, in_task, out_task), w, out_task)
+    assert torch.autograd.gradcheck(f, (x, w_free))
+
+    xc = torch.randn(2, 5, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    wc = torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)
+    f, wc_free = _frozen_constant_wrapper(
+        lambda x, w: masked_conv2d(x, w, None, in_task, out_task, stride=2, padding=1), wc, out_task)
+    assert torch.autograd.gradcheck(f, (xc, wc_free))
+
+    xb = torch.randn(5, 6, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    wb = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    free = out_task == FREE
+
+    def bn(x, w_free, b_free):
+        w_full = wb.detach().masked_scatter(free, w_free)
+        b_full = bb.detach().masked_scatter(free, b_free)
+        return masked_batch_norm(x, rm.clone(), rv.clone(), w_full, b_full, out_task, True, 0.1, 1e-5)
+    assert torch.autograd.gradcheck(bn, (xb, wb.detach()[free].clone().requires_grad_(),
+                                         bb.detach()[free].clone().requires_grad_()))
+
+
+def test_nan_in_dead_inputs_never_reaches_live_outputs():
+    in_task = torch.tensor([0, FREE, PRUNED, 1], dtype=torch.int16)
+    out_task = torch.tensor([0, 1, FREE], dtype=torch.int16)
+    x = torch.randn(2, 4)
+    x[:, 1] = float("nan")  # output of a FREE neuron gone wrong
+    x[:, 2] = float("inf")  # a PRUNED input
+    w = torch.randn(3, 4)
+    y = masked_linear(x, w, torch.randn(3), in_task, out_task)
+    assert torch.isfinite(y[:, :2]).all()
+    xc = torch.randn(1, 4, 5, 5)
+    xc[:, 1] = float("nan")
+    yc = masked_conv2d(xc, torch.randn(3, 4, 3, 3), None, in_task, out_task, padding=1)
+    assert torch.isfinite(yc[:, :2]).all()
+
+
+def test_taylor_score_accumulates_in_backward():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 5, generator=g)
+    w = torch.randn(4, 5, generator=g, requires_grad=True)
+    in_task = torch.zeros(5, dtype=torch.int16)
+    out_task = torch.tensor([FREE, FREE, 0, PRUNED], dtype=torch.int16)
+    score = torch.zeros(4)
+    y = masked_linear(x, w, None, in_task, out_task, taylor_score=score)
+    dy = torch.randn(6, 4, generator=g)
+    y.backward(dy)
+    expected = (y.detach() * dy).mean(0).abs()
+    _close(score, expected, torch.float32)
+    y = masked_linear(x, w, None, in_task, out_task, taylor_score=score)
+    y.backward(dy)
+    _close(score, 2 * expected, torch.float32)
+
+    xc = torch.randn(3, 5, 4, 4, generator=g)
+    wc = torch.randn(4, 5, 3, 3, generator=g, requires_grad=True)
+    score = torch.zeros(4)
+    yc = masked_conv2d(xc, wc, None, in_task, out_task, padding=1, taylor_score=score)
+    dyc = torch.randn(yc.shape, generator=g)
+    yc.backward(dyc)
+    _close(score, (yc.detach() * dyc).sum((2, 3)).mean(0).abs(), torch.float32)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: masked_linear(torch.randn(2, 4), torch.randn(3, 5), None, Z(5), Z(3)),
+     r"x.shape\[-1\] == 5"),
+    (lambda: masked_linear(torch.randn(2, 5).double(), torch.randn(3, 5), None, Z(5), Z(3)),
+     "float64 but the weights are torch.float32"),
+    (lambda: masked_linear(torch.randn(2, 5), torch.randn(3, 5), torch.randn(4), Z(5), Z(3)),
+     r"bias must have shape \(3,\)"),
+    (lambda: masked_linear(torch.randn(2, 5), torch.randn(3, 5), None, Z(4), Z(3)),
+     "in_task has 4 entries, expected 5"),
+    (lambda: masked_linear(torch.randn(2, 5), torch.randn(3, 5), None, Z(5), torch.tensor([0, 1, -5])),
+     "outside"),
+    (lambda: masked_linear(torch.randint(0, 3, (2, 5)), torch.randn(3, 5), None, Z(5), Z(3)),
+     "floating-point"),
+    (lambda: masked_conv2d(torch.randn(2, 3, 4), torch.randn(3, 3, 3, 3), None, Z(3), Z(3)),
+     "at least 4 dims"),
+    (lambda: masked_batch_norm(torch.randn(2, 3), torch.zeros(4), torch.ones(4), None, None, Z(3), True),
+     r"running_mean must have shape \(3,\)"),
+])
+def test_bad_input_is_a_clear_error(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
