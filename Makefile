@@ -29,7 +29,7 @@ demo: setup
 	$(PY) -m python_layers.demo
 
 bench: setup
-	$(PY) -m pytest -q benchmarks/test_cpu_bench.py --benchmark-only --benchmark-json=benchmarks/results/last-cpu.json
+	$(PY) -m pytest -q benchmarks/test_cpu_bench.py --benchmark-only --benchmark-columns=min,median,iqr,rounds --benchmark-json=benchmarks/results/last-cpu.json
 	$(PY) -m benchmarks.cpu_report benchmarks/results/last-cpu.json
 	$(PY) -m benchmarks.plot
 

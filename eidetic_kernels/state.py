@@ -89,14 +89,13 @@ def storage_slots(out_task: torch.Tensor) -> torch.Tensor:
     """
     out_task = out_task.long()
     frozen = is_frozen(out_task)
-    slot = torch.empty_like(out_task)
-    trainable_idx = (~frozen).nonzero().flatten()
-    slot[trainable_idx] = torch.arange(trainable_idx.numel(), device=out_task.device)
-    frozen_idx = frozen.nonzero().flatten()
-    if frozen_idx.numel():
-        order = torch.sort(out_task[frozen_idx], stable=True).indices
-        slot[frozen_idx[order]] = torch.arange(frozen_idx.numel(), device=out_task.device)
-    return slot
+    # Fixed shapes and no host sync (traceable by torch.compile): trainable rows count up in index
+    # order; a stable sort puts the frozen neurons first, by (task, index), and its inverse is the slot.
+    trainable_slot = torch.cumsum((~frozen).long(), 0) - 1
+    order = torch.sort(torch.where(frozen, out_task, FREE + 1), stable=True).indices
+    position = torch.arange(out_task.numel(), device=out_task.device)
+    frozen_slot = torch.empty_like(position).scatter_(0, order, position)
+    return torch.where(frozen, frozen_slot, trainable_slot)
 
 
 @dataclass
@@ -117,7 +116,8 @@ class Plan:
     live_neurons: torch.Tensor  # int64: every non-PRUNED output, in the order the groups emit them
     n_out: int
     all_trainable_dense: bool  # every neuron FREE, every input live: a plain layer
-    live_is_identity: bool  # groups emit every neuron in index order: no scatter needed
+    live_is_identity: bool  # groups emit every neuron in index order: no gather needed
+    gather_index: torch.Tensor  # int64[n_out]: each neuron's column in the groups' output; PRUNED -> n_live
 
 
 def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
@@ -161,8 +161,11 @@ def make_plan(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch
                  and live_neurons.numel() == out_l.numel())
     identity = live_neurons.numel() == out_l.numel() and bool(
         (live_neurons.cpu() == torch.arange(out_l.numel())).all())
+    n_live = live_neurons.numel()
+    gather_index = torch.full((out_l.numel(),), n_live, dtype=torch.long, device=dev)
+    gather_index[live_neurons] = torch.arange(n_live, device=dev)
     return Plan(groups=groups, live_neurons=live_neurons, n_out=out_l.numel(), all_trainable_dense=all_dense,
-                live_is_identity=identity)
+                live_is_identity=identity, gather_index=gather_index)
 
 
 def view_states(task_vector: torch.Tensor, view_task: int | None) -> torch.Tensor:

@@ -48,10 +48,13 @@ def grouped_forward(x: torch.Tensor, trainable_weight: torch.Tensor, frozen_weig
     y_live = parts[0] if len(parts) == 1 else torch.cat(parts, channel_dim)
     if plan.live_is_identity:
         return y_live
-    out_shape = list(y_live.shape)
-    out_shape[channel_dim] = plan.n_out
     dim = channel_dim % y_live.dim()
-    return y_live.new_zeros(out_shape).index_copy(dim, plan.live_neurons, y_live)
+    if plan.live_neurons.numel() < plan.n_out:  # PRUNED neurons gather from one zero column
+        pad = list(y_live.shape)
+        pad[dim] = 1
+        y_live = torch.cat([y_live, y_live.new_zeros(pad)], dim)
+    # a gather, not zeros + index_copy: autograd would save index_copy's whole source for backward
+    return y_live.index_select(dim, plan.gather_index)
 
 
 def _take(y: torch.Tensor, rows, dim: int) -> torch.Tensor:
