@@ -95,3 +95,16 @@ def get(op: str, device: torch.device):
         fn = getattr(module, op)
         _cache[key] = fn
     return name, fn
+
+
+def preload(device: torch.device) -> None:
+    """Import the backend modules that tensors on ``device`` will use, now.
+
+    torch.compile cannot trace an import, so layers call this when they are built or moved: the first
+    forward traced by torch.compile then finds its backend in the cache. Errors are left to the call.
+    """
+    for op in OPS:
+        try:
+            get(op, device)
+        except Exception:  # noqa: BLE001 - reported with its reason when the op is called
+            pass

@@ -47,6 +47,7 @@ class EideticLayer(nn.Module):
         self.view_task: int | None = None
         self.last_backend: str | None = None
         self._plans: dict = {}
+        backends.preload(self.task_state.device)  # torch.compile cannot trace the backend's import
 
     def _split(self, name: str, value: torch.Tensor | None) -> None:
         """Register ``value`` as the trainable storage ``name`` and an empty frozen twin."""
@@ -86,7 +87,9 @@ class EideticLayer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._state_changed()  # cached plans hold tensors on the old device
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        backends.preload(self.task_state.device)  # torch.compile cannot trace the backend's import
+        return out
 
     def _indices(self, neurons) -> torch.Tensor:
         idx = torch.as_tensor(neurons, device=self.task_state.device)
@@ -191,6 +194,10 @@ class EideticLayer(nn.Module):
             out_task = view_states(self.task_state, key)
             in_task = view_states(self.input_task, key) if self._has_inputs else None
             lo = self.min_input_task if self._has_inputs else None
+            if self._has_inputs and torch.compiler.is_compiling():
+                # make_plan reads the states on the host (not traceable); the backends that run under
+                # torch.compile (Triton) compute the mask in their kernels and take plan=None.
+                return in_task, out_task, lo, None
             plan = make_plan(in_task, out_task, lo, self.slot) if self._has_inputs else None
             cached = (in_task, out_task, lo, plan)
             self._plans[key] = cached

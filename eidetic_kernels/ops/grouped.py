@@ -42,7 +42,8 @@ def grouped_forward(x: torch.Tensor, trainable_weight: torch.Tensor, frozen_weig
             parts.append(y if full else _take(y, g.rows, channel_dim))
     if not parts:
         # nothing live: every output is exactly 0 (shape taken from an empty dense op)
-        out_shape = list(dense_op(x.detach(), trainable_weight.detach()[:0], None).shape)
+        w = trainable_weight if trainable_weight.shape[0] else frozen_weight
+        out_shape = list(dense_op(x.detach().to("meta"), w.detach().to("meta"), None).shape)
         out_shape[channel_dim] = plan.n_out
         return x.new_zeros(out_shape)
     y_live = parts[0] if len(parts) == 1 else torch.cat(parts, channel_dim)

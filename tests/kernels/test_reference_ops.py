@@ -247,3 +247,11 @@ def test_taylor_score_accumulates_in_backward():
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_everything_pruned_outputs_zeros_of_the_right_shape():
+    out_task = torch.full((4,), PRUNED, dtype=torch.int16)
+    y = masked_conv2d(torch.randn(2, 3, 7, 7), torch.randn(4, 3, 3, 3), None, Z(3), out_task, stride=2)
+    assert y.shape == (2, 4, 3, 3) and bool((y == 0).all())
+    y = masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), Z(3), out_task)
+    assert y.shape == (2, 4) and bool((y == 0).all())

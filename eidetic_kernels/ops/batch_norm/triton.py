@@ -1,0 +1,531 @@
+"""masked_batch_norm, Triton backend.
+
+Backend signature (see reference.py): batch_norm(x, running_mean, running_var, trainable_weight,
+frozen_weight, trainable_bias, frozen_bias, channel_task, slot, training, momentum, eps, taylor_score) -> y.
+
+Per channel c of x viewed as [N, C, S] (L = N·S values per channel):
+* batch statistics (FREE channels in training; every live channel without running statistics) come
+  from a split reduction: programs (channel tile, split) each reduce one chunk with Welford/Chan
+  merges of block statistics, a finalize kernel merges the splits. A small channel count thus still
+  fills the GPU. Frozen channels use their running statistics, which are never written.
+* running statistics of FREE channels: lerp by ``momentum`` towards the batch mean and the unbiased
+  batch variance, in a separate mutating op (an autograd op must be functional).
+* PRUNED channels: exactly 0 (a select, so a NaN input stays out).
+* backward: the same split reduction for Σg and Σg·x̂, then dx per element; the affine gradient reaches
+  the trainable storage only (FREE rows; PRUNED rows 0); frozen affine rows get none. The Taylor score
+  |Σ y·g| / N = |w·Σg·x̂ + b·Σg| / N falls out of the same sums.
+Tiles are [BLOCK_E values, BLOCK_C channels]: one channel per program when S > 1 (contiguous rows of
+S), several channels side by side when S == 1 (BatchNorm1d on [N, C], channels contiguous).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_common import FREE_C, PRUNED_C, any_true, interpreting, is_frozen_state, reduction_blocks
+
+
+@triton.jit
+def _batch_channels(task, m_c, USE_BATCH: tl.constexpr, HAS_STATS: tl.constexpr):
+    """Bool[BLOCK_C]: channels normalised with batch statistics."""
+    live = m_c & (task != PRUNED_C)
+    if USE_BATCH:
+        if HAS_STATS:
+            return live & (task == FREE_C)
+        else:
+            return live
+    else:
+        return live & (task != task)  # eval with running statistics: none
+
+
+@triton.jit
+def _bn_stats_kernel(
+    x_ptr,  # [N, C, S] by strides
+    task_ptr,  # int16[C]
+    part_ptr,  # fp32 [3, C, SPLIT]: count, mean, M2 of each chunk
+    C, S, L, CHUNK, SPLIT,
+    s_xn, s_xc, s_xs,
+    HAS_STATS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    need = _batch_channels(task, m_c, True, HAS_STATS)
+    cnt = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    if any_true(need):
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, L)
+        for e0 in range(start, end, BLOCK_E):
+            o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+            m = (o_e < end)[:, None] & need[None, :]
+            v = tl.load(x_ptr + (o_e // S)[:, None] * s_xn + o_c[None, :] * s_xc + (o_e % S)[:, None] * s_xs,
+                        mask=m, other=0.0).to(ACC)
+            nb = tl.sum(m.to(ACC), axis=0)
+            mb = tl.sum(v, axis=0) / tl.maximum(nb, 1.0)
+            d = tl.where(m, v - mb[None, :], 0.0)
+            m2b = tl.sum(d * d, axis=0)
+            # Chan et al.: merge the block's (count, mean, M2) into the running ones
+            tot = cnt + nb
+            frac = nb / tl.maximum(tot, 1.0)
+            delta = mb - mean
+            mean = mean + delta * frac
+            m2 = m2 + m2b + delta * delta * cnt * frac
+            cnt = tot
+    p = part_ptr + o_c * SPLIT + split
+    tl.store(p, cnt, mask=m_c)
+    tl.store(p + C * SPLIT, mean, mask=m_c)
+    tl.store(p + 2 * C * SPLIT, m2, mask=m_c)
+
+
+@triton.jit
+def _bn_finalize_kernel(
+    part_ptr,  # fp32 [3, C, SPLIT]
+    task_ptr,
+    rm_ptr, rv_ptr,  # running statistics [C] (unused without HAS_STATS)
+    mean_ptr, invstd_ptr,  # fp32 [C] out: statistics each channel is normalised with
+    bmean_ptr, bvar_ptr,  # fp32 [C] out: batch mean and biased batch variance
+    C, SPLIT, eps_hi, eps_lo,  # eps = hi + lo: Triton passes Python floats as fp32
+    HAS_STATS: tl.constexpr, USE_BATCH: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    cnt = tl.zeros([BLOCK_C], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    if USE_BATCH:
+        for sp in range(0, SPLIT):
+            p = part_ptr + o_c * SPLIT + sp
+            nb = tl.load(p, mask=m_c, other=0.0)
+            mb = tl.load(p + C * SPLIT, mask=m_c, other=0.0)
+            m2b = tl.load(p + 2 * C * SPLIT, mask=m_c, other=0.0)
+            tot = cnt + nb
+            frac = nb / tl.maximum(tot, 1.0)
+            delta = mb - mean
+            mean = mean + delta * frac
+            m2 = m2 + m2b + delta * delta * cnt * frac
+            cnt = tot
+    var = m2 / tl.maximum(cnt, 1.0)
+    batch = _batch_channels(task, m_c, USE_BATCH, HAS_STATS)
+    if HAS_STATS:
+        rm = tl.load(rm_ptr + o_c, mask=m_c, other=0.0).to(ACC)
+        rv = tl.load(rv_ptr + o_c, mask=m_c, other=1.0).to(ACC)
+        mean_used = tl.where(batch, mean, rm)
+        var_used = tl.where(batch, var, rv)
+    else:
+        mean_used = mean
+        var_used = var
+    tl.store(mean_ptr + o_c, mean_used, mask=m_c)
+    eps = tl.zeros([BLOCK_C], dtype=ACC) + eps_hi + eps_lo  # added in ACC precision
+    tl.store(invstd_ptr + o_c, 1.0 / tl.sqrt(var_used + eps), mask=m_c)
+    tl.store(bmean_ptr + o_c, mean, mask=m_c)
+    tl.store(bvar_ptr + o_c, var, mask=m_c)
+
+
+@triton.jit
+def _bn_update_running_kernel(
+    rm_ptr, rv_ptr,  # [C], updated in place for FREE channels
+    bmean_ptr, bvar_ptr,  # fp32 [C]
+    task_ptr, C, momentum_hi, momentum_lo, unbias_hi, unbias_lo,  # each float = hi + lo (fp32 pairs)
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    upd = m_c & (task == FREE_C)  # frozen statistics never change; PRUNED ones are reset on recycling
+    rm = tl.load(rm_ptr + o_c, mask=upd, other=0.0)
+    rv = tl.load(rv_ptr + o_c, mask=upd, other=0.0)
+    bm = tl.load(bmean_ptr + o_c, mask=upd, other=0.0)
+    momentum = tl.zeros([BLOCK_C], dtype=ACC) + momentum_hi + momentum_lo  # added in ACC precision
+    unbiased = tl.load(bvar_ptr + o_c, mask=upd, other=0.0) * (tl.zeros([BLOCK_C], dtype=ACC) + unbias_hi + unbias_lo)
+    rm32 = rm.to(ACC)
+    rv32 = rv.to(ACC)
+    tl.store(rm_ptr + o_c, (rm32 + momentum * (bm - rm32)).to(rm.dtype), mask=upd)
+    tl.store(rv_ptr + o_c, (rv32 + momentum * (unbiased - rv32)).to(rv.dtype), mask=upd)
+
+
+@triton.jit
+def _load_affine(t_ptr, f_ptr, slot, frozen, live, default, HAS: tl.constexpr, ACC: tl.constexpr):
+    if HAS:
+        return tl.load(tl.where(frozen, f_ptr + slot, t_ptr + slot), mask=live, other=default).to(ACC)
+    else:
+        return tl.zeros_like(slot.to(ACC)) + default
+
+
+@triton.jit
+def _bn_norm_kernel(
+    x_ptr,  # [N, C, S] by strides
+    y_ptr,  # [N, C, S] contiguous
+    mean_ptr, invstd_ptr, task_ptr, slot_ptr,
+    wt_ptr, wf_ptr, bt_ptr, bf_ptr,
+    C, S, L, CHUNK,
+    s_xn, s_xc, s_xs,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    slot = tl.load(slot_ptr + o_c, mask=m_c, other=0).to(tl.int64)
+    live = m_c & (task != PRUNED_C)
+    frozen = is_frozen_state(task)
+    w = _load_affine(wt_ptr, wf_ptr, slot, frozen, live, 1.0, HAS_W, ACC)
+    b = _load_affine(bt_ptr, bf_ptr, slot, frozen, live, 0.0, HAS_B, ACC)
+    mean = tl.load(mean_ptr + o_c, mask=m_c, other=0.0)
+    invstd = tl.load(invstd_ptr + o_c, mask=m_c, other=0.0)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, L)
+    o_c64 = o_c.to(tl.int64)
+    for e0 in range(start, end, BLOCK_E):
+        o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+        n = o_e // S
+        s = o_e % S
+        m = (o_e < end)[:, None] & m_c[None, :]
+        v = tl.load(x_ptr + n[:, None] * s_xn + o_c64[None, :] * s_xc + s[:, None] * s_xs, mask=m & live[None, :],
+                    other=0.0).to(ACC)
+        out = (v - mean[None, :]) * invstd[None, :] * w[None, :] + b[None, :]
+        out = tl.where(live[None, :], out, 0.0)  # PRUNED: exactly 0
+        tl.store(y_ptr + n[:, None] * (C * S) + o_c64[None, :] * S + s[:, None], out.to(y_ptr.dtype.element_ty),
+                 mask=m)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    g_ptr, x_ptr,  # [N, C, S] by strides
+    mean_ptr, invstd_ptr, task_ptr,
+    part_ptr,  # fp32 [2, C, SPLIT]: Σg, Σg·x̂
+    C, S, L, CHUNK, SPLIT,
+    s_gn, s_gc, s_gs, s_xn, s_xc, s_xs,
+    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    live = m_c & (task != PRUNED_C)
+    mean = tl.load(mean_ptr + o_c, mask=m_c, other=0.0)
+    invstd = tl.load(invstd_ptr + o_c, mask=m_c, other=0.0)
+    sg = tl.zeros([BLOCK_C], dtype=ACC)
+    sgx = tl.zeros([BLOCK_C], dtype=ACC)
+    o_c64 = o_c.to(tl.int64)
+    if any_true(live):
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, L)
+        for e0 in range(start, end, BLOCK_E):
+            o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+            n = o_e // S
+            s = o_e % S
+            m = (o_e < end)[:, None] & live[None, :]
+            g = tl.load(g_ptr + n[:, None] * s_gn + o_c64[None, :] * s_gc + s[:, None] * s_gs, mask=m,
+                        other=0.0).to(ACC)
+            v = tl.load(x_ptr + n[:, None] * s_xn + o_c64[None, :] * s_xc + s[:, None] * s_xs, mask=m,
+                        other=0.0).to(ACC)
+            xhat = (v - mean[None, :]) * invstd[None, :]
+            sg += tl.sum(g, axis=0)
+            sgx += tl.sum(tl.where(m, g * xhat, 0.0), axis=0)
+    p = part_ptr + o_c * SPLIT + split
+    tl.store(p, sg, mask=m_c)
+    tl.store(p + C * SPLIT, sgx, mask=m_c)
+
+
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    part_ptr,  # fp32 [2, C, SPLIT]
+    task_ptr, slot_ptr,
+    wt_ptr, wf_ptr, bt_ptr, bf_ptr,
+    sums_ptr,  # fp32 [2, C] out: Σg, Σg·x̂
+    dw_ptr, db_ptr,  # trainable storage gradients (unused without NEED_AFFINE)
+    score_ptr,  # fp32 [C] Taylor score (unused without TAYLOR)
+    C, SPLIT, inv_batch,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, NEED_AFFINE: tl.constexpr, TAYLOR: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    slot = tl.load(slot_ptr + o_c, mask=m_c, other=0).to(tl.int64)
+    live = m_c & (task != PRUNED_C)
+    frozen = is_frozen_state(task)
+    sg = tl.zeros([BLOCK_C], dtype=ACC)
+    sgx = tl.zeros([BLOCK_C], dtype=ACC)
+    for sp in range(0, SPLIT):
+        p = part_ptr + o_c * SPLIT + sp
+        sg += tl.load(p, mask=m_c, other=0.0)
+        sgx += tl.load(p + C * SPLIT, mask=m_c, other=0.0)
+    tl.store(sums_ptr + o_c, sg, mask=m_c)
+    tl.store(sums_ptr + C + o_c, sgx, mask=m_c)
+    if NEED_AFFINE:
+        trainable = m_c & (~frozen)
+        free = m_c & (task == FREE_C)
+        if HAS_W:
+            tl.store(dw_ptr + slot, tl.where(free, sgx, 0.0).to(dw_ptr.dtype.element_ty), mask=trainable)
+        if HAS_B:
+            tl.store(db_ptr + slot, tl.where(free, sg, 0.0).to(db_ptr.dtype.element_ty), mask=trainable)
+    if TAYLOR:
+        w = _load_affine(wt_ptr, wf_ptr, slot, frozen, live, 1.0, HAS_W, ACC)
+        b = _load_affine(bt_ptr, bf_ptr, slot, frozen, live, 0.0, HAS_B, ACC)
+        contrib = tl.where(live, tl.abs((w * sgx + b * sg) * inv_batch), 0.0)
+        old = tl.load(score_ptr + o_c, mask=m_c, other=0.0)
+        tl.store(score_ptr + o_c, old + contrib, mask=m_c)
+
+
+@triton.jit
+def _bn_dx_kernel(
+    g_ptr, x_ptr,  # [N, C, S] by strides
+    dx_ptr,  # [N, C, S] contiguous
+    mean_ptr, invstd_ptr, sums_ptr, task_ptr, slot_ptr, wt_ptr, wf_ptr,
+    C, S, L, CHUNK,
+    s_gn, s_gc, s_gs, s_xn, s_xc, s_xs,
+    HAS_W: tl.constexpr, USE_BATCH: tl.constexpr, HAS_STATS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    m_c = o_c < C
+    task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
+    slot = tl.load(slot_ptr + o_c, mask=m_c, other=0).to(tl.int64)
+    live = m_c & (task != PRUNED_C)
+    frozen = is_frozen_state(task)
+    batch = _batch_channels(task, m_c, USE_BATCH, HAS_STATS)
+    w = _load_affine(wt_ptr, wf_ptr, slot, frozen, live, 1.0, HAS_W, ACC)
+    mean = tl.load(mean_ptr + o_c, mask=m_c, other=0.0)
+    invstd = tl.load(invstd_ptr + o_c, mask=m_c, other=0.0)
+    # batch channels: dx = w·invstd·(g - Σg/L - x̂·Σg·x̂/L); channels with fixed statistics: g·w·invstd
+    mg = tl.where(batch, tl.load(sums_ptr + o_c, mask=m_c, other=0.0) / L, 0.0)
+    mgx = tl.where(batch, tl.load(sums_ptr + C + o_c, mask=m_c, other=0.0) / L, 0.0)
+    scale = w * invstd
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, L)
+    o_c64 = o_c.to(tl.int64)
+    for e0 in range(start, end, BLOCK_E):
+        o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+        n = o_e // S
+        s = o_e % S
+        m = (o_e < end)[:, None] & m_c[None, :]
+        ml = m & live[None, :]
+        g = tl.load(g_ptr + n[:, None] * s_gn + o_c64[None, :] * s_gc + s[:, None] * s_gs, mask=ml,
+                    other=0.0).to(ACC)
+        v = tl.load(x_ptr + n[:, None] * s_xn + o_c64[None, :] * s_xc + s[:, None] * s_xs, mask=ml,
+                    other=0.0).to(ACC)
+        xhat = (v - mean[None, :]) * invstd[None, :]
+        dx = scale[None, :] * (g - mg[None, :] - xhat * mgx[None, :])
+        dx = tl.where(live[None, :], dx, 0.0)
+        tl.store(dx_ptr + n[:, None] * (C * S) + o_c64[None, :] * S + s[:, None], dx.to(dx_ptr.dtype.element_ty),
+                 mask=m)
+
+
+# ----- host functions ------------------------------------------------------------------------------
+
+def _as_ncs(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def _launch_shape(C: int, S: int, L: int):
+    """(BLOCK_E, BLOCK_C, CHUNK, SPLIT): channels side by side when S == 1, else one per program;
+    the values of a channel split into chunks so that about TARGET_PROGRAMS programs run."""
+    cfg = reduction_blocks("bn")
+    block = cfg["BLOCK"]
+    block_c = 1 if S > 1 else min(cfg.get("BLOCK_C", 32), triton.next_power_of_2(max(C, 1)))
+    block_e = max(block // block_c, 16)
+    c_tiles = triton.cdiv(C, block_c)
+    split = max(1, min(triton.cdiv(cfg["TARGET_PROGRAMS"], c_tiles), triton.cdiv(L, block_e)))
+    chunk = triton.cdiv(triton.cdiv(L, split), block_e) * block_e
+    split = max(1, triton.cdiv(L, chunk))
+    return block_e, block_c, chunk, split, c_tiles
+
+
+def _hi_lo(value: float) -> tuple[float, float]:
+    """A float as two fp32 values whose sum keeps ~48 bits: Triton passes Python floats as fp32."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+def _acc(dtype):
+    """(Triton, torch) accumulation dtypes: fp64 for fp64 tensors, else fp32."""
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _dummy(*candidates):
+    return next(t for t in candidates if t is not None)
+
+
+def bn_forward(x, running_mean, running_var, tw, fw, tb, fb, task, slot, use_batch, eps):
+    """-> y, mean_used, invstd, batch_mean, batch_var (statistics [C] in the accumulation dtype)."""
+    acc, acc_torch = _acc(x.dtype)
+    x3 = _as_ncs(x)
+    N, C, S = x3.shape
+    L = N * S
+    dev = x.device
+    has_stats = running_mean is not None
+    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    stats = torch.empty((4, C), dtype=acc_torch, device=dev)
+    mean_used, invstd, bmean, bvar = stats.unbind(0)
+    if C == 0:
+        return y, mean_used, invstd, bmean, bvar
+    block_e, block_c, chunk, split, c_tiles = _launch_shape(C, S, L)
+    part = torch.empty((3, C, split), dtype=acc_torch, device=dev)
+    if use_batch and L > 0:
+        _bn_stats_kernel[(c_tiles, split)](x3, task, part, C, S, L, chunk, split, *x3.stride(),
+                                           HAS_STATS=has_stats, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+    fin_c = 64 if interpreting() else 128
+    _bn_finalize_kernel[(triton.cdiv(C, fin_c),)](
+        part, task, _dummy(running_mean, stats), _dummy(running_var, stats), mean_used, invstd, bmean, bvar,
+        C, split if (use_batch and L > 0) else 0, *_hi_lo(eps), HAS_STATS=has_stats, USE_BATCH=use_batch, BLOCK_C=fin_c, ACC=acc)
+    if L > 0:
+        tw_ = _dummy(tw, stats)
+        tb_ = _dummy(tb, stats)
+        _bn_norm_kernel[(c_tiles, split)](
+            x3, y, mean_used, invstd, task, slot, tw_, _frozen(fw, tw_), tb_, _frozen(fb, tb_), C, S, L, chunk,
+            *x3.stride(), HAS_W=tw is not None, HAS_B=tb is not None, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+    return y, mean_used, invstd, bmean, bvar
+
+
+def _frozen(frozen, trainable):
+    return trainable if frozen is None or frozen.numel() == 0 else frozen
+
+
+def bn_backward(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, use_batch, has_stats, taylor_score,
+                need_dx, need_affine):
+    acc, acc_torch = _acc(x.dtype)
+    x3 = _as_ncs(x)
+    g3 = _as_ncs(grad)
+    N, C, S = x3.shape
+    L = N * S
+    dev = x.device
+    n_trainable = tw.shape[0] if tw is not None else (tb.shape[0] if tb is not None else 0)
+    dw = torch.zeros((n_trainable if need_affine and tw is not None else 0,), dtype=x.dtype, device=dev)
+    db = torch.zeros((n_trainable if need_affine and tb is not None else 0,), dtype=x.dtype, device=dev)
+    dx = torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=dev)
+    if C == 0:
+        return dx, dw, db
+    block_e, block_c, chunk, split, c_tiles = _launch_shape(C, S, L)
+    part = torch.zeros((2, C, split), dtype=acc_torch, device=dev)
+    if L > 0:
+        _bn_bwd_reduce_kernel[(c_tiles, split)](
+            g3, x3, mean_used, invstd, task, part, C, S, L, chunk, split, *g3.stride(), *x3.stride(),
+            BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+    sums = torch.empty((2, C), dtype=acc_torch, device=dev)
+    tw_ = _dummy(tw, sums)
+    tb_ = _dummy(tb, sums)
+    fin_c = 64 if interpreting() else 128
+    _bn_bwd_finalize_kernel[(triton.cdiv(C, fin_c),)](
+        part, task, slot, tw_, _frozen(fw, tw_), tb_, _frozen(fb, tb_), sums,
+        _dummy(dw if dw.numel() else None, sums), _dummy(db if db.numel() else None, sums),
+        _dummy(taylor_score, sums), C, split, 1.0 / max(N, 1),
+        HAS_W=tw is not None, HAS_B=tb is not None, NEED_AFFINE=need_affine, TAYLOR=taylor_score is not None,
+        BLOCK_C=fin_c, ACC=acc)
+    if need_dx and L > 0:
+        _bn_dx_kernel[(c_tiles, split)](
+            g3, x3, dx, mean_used, invstd, sums, task, slot, tw_, _frozen(fw, tw_), C, S, L, chunk,
+            *g3.stride(), *x3.stride(), HAS_W=tw is not None, USE_BATCH=use_batch, HAS_STATS=has_stats,
+            BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+    return dx, dw, db
+
+
+# ----- custom ops ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("eidetic::triton_batch_norm", mutates_args=())
+def _bn_op(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+           trainable_weight: Optional[torch.Tensor], frozen_weight: Optional[torch.Tensor],
+           trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor], channel_task: torch.Tensor,
+           slot: torch.Tensor, use_batch_stats: bool, eps: float, taylor_score: Optional[torch.Tensor]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean_used, invstd, bmean, bvar = bn_forward(x, running_mean, running_var, trainable_weight, frozen_weight,
+                                                   trainable_bias, frozen_bias, channel_task, slot,
+                                                   use_batch_stats, eps)
+    return y, mean_used.clone(), invstd.clone(), bmean.clone(), bvar.clone()
+
+
+@_bn_op.register_fake
+def _(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias, channel_task,
+      slot, use_batch_stats, eps, taylor_score):
+    c = x.shape[1]
+    acc_torch = _acc(x.dtype)[1]
+    stat = lambda: x.new_empty((c,), dtype=acc_torch)  # noqa: E731
+    return x.new_empty(x.shape), stat(), stat(), stat(), stat()
+
+
+@torch.library.custom_op("eidetic::triton_batch_norm_update_running", mutates_args=("running_mean", "running_var"))
+def _bn_update_running_op(running_mean: torch.Tensor, running_var: torch.Tensor, batch_mean: torch.Tensor,
+                          batch_var: torch.Tensor, channel_task: torch.Tensor, count: int, momentum: float) -> None:
+    C = running_mean.numel()
+    if C == 0:
+        return
+    block_c = 64 if interpreting() else 128
+    acc = _acc(batch_mean.dtype)[0]
+    _bn_update_running_kernel[(triton.cdiv(C, block_c),)](running_mean, running_var, batch_mean, batch_var,
+                                                         channel_task, C, *_hi_lo(momentum),
+                                                         *_hi_lo(count / max(count - 1, 1)), BLOCK_C=block_c, ACC=acc)
+
+
+@_bn_update_running_op.register_fake
+def _(running_mean, running_var, batch_mean, batch_var, channel_task, count, momentum):
+    return None
+
+
+@torch.library.custom_op("eidetic::triton_batch_norm_backward", mutates_args=("taylor_score",))
+def _bn_backward_op(grad: torch.Tensor, x: torch.Tensor, mean_used: torch.Tensor, invstd: torch.Tensor,
+                    trainable_weight: Optional[torch.Tensor], frozen_weight: Optional[torch.Tensor],
+                    trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor],
+                    channel_task: torch.Tensor, slot: torch.Tensor, use_batch_stats: bool, has_stats: bool,
+                    taylor_score: Optional[torch.Tensor], need_input_grad: bool, need_affine_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return bn_backward(grad, x, mean_used, invstd, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
+                       channel_task, slot, use_batch_stats, has_stats, taylor_score, need_input_grad,
+                       need_affine_grad)
+
+
+@_bn_backward_op.register_fake
+def _(grad, x, mean_used, invstd, trainable_weight, frozen_weight, trainable_bias, frozen_bias, channel_task, slot,
+      use_batch_stats, has_stats, taylor_score, need_input_grad, need_affine_grad):
+    n_w = trainable_weight.shape[0] if need_affine_grad and trainable_weight is not None else 0
+    n_b = trainable_bias.shape[0] if need_affine_grad and trainable_bias is not None else 0
+    return x.new_empty(x.shape if need_input_grad else (0,)), x.new_empty((n_w,)), x.new_empty((n_b,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, rm, rv, tw, fw, tb, fb, task, slot, use_batch, eps, taylor_score = inputs
+    _, mean_used, invstd, _, _ = output
+    ctx.use_batch = use_batch
+    ctx.has_stats = rm is not None
+    ctx.has_w, ctx.has_b = tw is not None, tb is not None
+    ctx.taylor = taylor_score is not None
+    ctx.save_for_backward(x, mean_used, invstd, tw, fw, tb, fb, task, slot, taylor_score)
+
+
+def _backward(ctx, grad, *_stat_grads):
+    x, mean_used, invstd, tw, fw, tb, fb, task, slot, taylor_score = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = ctx.has_w and ctx.needs_input_grad[3]
+    need_db = ctx.has_b and ctx.needs_input_grad[5]
+    nothing = (None,) * 12
+    if not (need_dx or need_dw or need_db or ctx.taylor):
+        return nothing
+    dx, dw, db = _bn_backward_op(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, ctx.use_batch,
+                                 ctx.has_stats, taylor_score, need_dx, need_dw or need_db)
+    return (dx if need_dx else None, None, None, dw if need_dw else None, None,
+            db if need_db else None) + nothing[6:]
+
+
+_bn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
+               channel_task, slot, training, momentum, eps, taylor_score=None):
+    """Backend entry point (signature of reference.batch_norm)."""
+    has_stats = running_mean is not None
+    use_batch = bool(training) or not has_stats
+    y, _, _, bmean, bvar = _bn_op(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
+                                  frozen_bias, channel_task, slot, use_batch, float(eps), taylor_score)
+    if has_stats and use_batch:
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        _bn_update_running_op(running_mean, running_var, bmean.detach(), bvar.detach(), channel_task, count,
+                              float(momentum))
+    return y

@@ -1,0 +1,170 @@
+"""Pieces shared by the Triton backends of linear, conv2d and batch_norm.
+
+* ``window_of``: the rows of a tile that share one input window (same task and min input task).
+  Every GEMM-like kernel loops over the windows present in its tile, selects (never multiplies)
+  the inputs that window may read, and keeps a row's result only from its own window's pass. So a
+  NaN or Inf in a dead input can never reach a live output (0 * NaN = NaN is never computed into
+  a kept value), and a row's bits depend only on its own window, weights and live inputs.
+* ``row_pointer``: each neuron's row lives in the trainable or the frozen storage, picked by its
+  state, at ``slot[i]``; the kernels select the pointer, no dense weight is assembled.
+* block sizes: fixed per (kind, dtype, device), never autotuned, so a frozen neuron's summation
+  order cannot change between runs (autotuning could pick another tile size in another process).
+  Under the interpreter tiles are big (few programs: each one costs Python time, not FLOPs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..state import FREE, PRUNED
+
+FREE_C: tl.constexpr = tl.constexpr(FREE)
+PRUNED_C: tl.constexpr = tl.constexpr(PRUNED)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 dot precision: exact ("ieee") unless torch allows TF32 matmuls on this GPU, as nn.Linear does."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    if dtype in (torch.float32, torch.float64):
+        return "ieee"
+    return "tf32"  # ignored for 16-bit operands
+
+
+def acc_type(dtype: torch.dtype):
+    """Accumulation dtype of the kernels: fp64 for fp64 tensors, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """The interpreter's numpy dot has no bf16: upcast the operands there (exact: bf16 ⊂ fp32)."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+# Block sizes. Tests may override them (small tiles exercise the multi-tile paths).
+_BLOCK_OVERRIDE: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def override_blocks(kind: str, **blocks):
+    """Temporarily force the block sizes of one kernel kind (tests, tuning)."""
+    old = _BLOCK_OVERRIDE.get(kind)
+    _BLOCK_OVERRIDE[kind] = blocks
+    try:
+        yield
+    finally:
+        if old is None:
+            _BLOCK_OVERRIDE.pop(kind, None)
+        else:
+            _BLOCK_OVERRIDE[kind] = old
+
+
+def gemm_blocks(kind: str, dtype: torch.dtype) -> dict:
+    """BLOCK_M/BLOCK_N/BLOCK_K and launch options for a GEMM-like kernel.
+
+    ``kind`` names the kernel ("fwd", "dx", "dw"); the roles of M/N/K are the kernel's own.
+    """
+    if kind in _BLOCK_OVERRIDE:
+        cfg = dict(num_warps=4, num_stages=2)
+        cfg.update(_BLOCK_OVERRIDE[kind])
+        return cfg
+    if interpreting():
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)
+    if dtype == torch.float64:  # rare; keep shared memory small
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    wide = dtype != torch.float32
+    if kind == "dw":  # [BLOCK_N rows, BLOCK_K cols] tile, reduction over M
+        return dict(BLOCK_M=64 if wide else 32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if wide else 32, num_warps=8, num_stages=3)
+
+
+def reduction_blocks(kind: str) -> dict:
+    if kind in _BLOCK_OVERRIDE:
+        return dict(_BLOCK_OVERRIDE[kind])
+    if interpreting():
+        return dict(BLOCK=4096, TARGET_PROGRAMS=4)
+    return dict(BLOCK=1024, TARGET_PROGRAMS=4 * _sm_count())
+
+
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 8
+
+
+def frozen_or_dummy(frozen: torch.Tensor | None, trainable: torch.Tensor | None):
+    """A valid pointer for the frozen storage: when it is empty no row is ever read from it."""
+    if frozen is None or frozen.numel() == 0:
+        return trainable
+    return frozen
+
+
+# ----- device helpers ---------------------------------------------------------------------------
+
+@triton.jit
+def window_of(remaining, row_task, row_min):
+    """The first window still to do among ``remaining`` rows: (rows in it, its task, its min input task).
+
+    A window is a (task, min_input_task) pair; both are in [0, FREE] for a live row, so the pair packs
+    into one int32 key and the smallest key picks the next window.
+    """
+    key = row_task * 65536 + row_min
+    first = tl.min(tl.where(remaining, key, 2147483647), axis=0)
+    return remaining & (key == first), first // 65536, first % 65536
+
+
+@triton.jit
+def input_live(in_task, task, min_task):
+    """Bool: which inputs (states ``in_task``) a neuron of window (task, min_task) reads."""
+    return (in_task != PRUNED_C) & (in_task >= min_task) & (in_task <= task)
+
+
+@triton.jit
+def is_frozen_state(task):
+    return (task >= 0) & (task < FREE_C)
+
+
+@triton.jit
+def any_true(m):
+    return tl.max(m.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def taylor_kernel(a_ptr, g_ptr, score_ptr,  # a, g: [B, C, S] by strides; score: fp32[C]
+                  B, C, S, s_ab, s_ac, s_as, s_gb, s_gc, s_gs, inv_divisor,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """score[c] += | Σ_{b,s} a·g | / divisor  (the Taylor importance of ops/taylor.py)."""
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    R = B * S
+    for r0 in range(0, R, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m = (o_r < R)[:, None] & m_c[None, :]
+        b = (o_r // S).to(tl.int64)
+        s = (o_r % S).to(tl.int64)
+        a = tl.load(a_ptr + b[:, None] * s_ab + o_c[None, :] * s_ac + s[:, None] * s_as, mask=m, other=0.0)
+        g = tl.load(g_ptr + b[:, None] * s_gb + o_c[None, :] * s_gc + s[:, None] * s_gs, mask=m, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * g.to(tl.float32), axis=0)
+    old = tl.load(score_ptr + o_c, mask=m_c, other=0.0)
+    tl.store(score_ptr + o_c, old + tl.abs(acc * inv_divisor), mask=m_c)
+
+
+def add_taylor(score: torch.Tensor, a3: torch.Tensor, g3: torch.Tensor, divisor: int) -> None:
+    """Accumulate the Taylor score from activation and gradient viewed as [B, C, S]."""
+    B, C, S = a3.shape
+    if C == 0:
+        return
+    block_c = 64 if interpreting() else 32
+    block_r = 256 if interpreting() else 128
+    taylor_kernel[(triton.cdiv(C, block_c),)](
+        a3, g3, score, B, C, S, *a3.stride(), *g3.stride(), 1.0 / max(divisor, 1),
+        BLOCK_R=block_r, BLOCK_C=block_c)

@@ -1,0 +1,151 @@
+"""Triton masked_batch_norm against the reference backend (run in float64), under the interpreter.
+
+Covers train/eval, with and without running statistics and affine parameters, [N, C], [N, C, L] and
+[N, C, H, W] inputs, the split reduction (forced with small blocks), fp32/fp16 (bf16 on GPU).
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from eidetic_kernels.ops import triton_common  # noqa: E402
+from eidetic_kernels.ops.batch_norm import reference as ref  # noqa: E402
+from eidetic_kernels.ops.batch_norm import triton as tri  # noqa: E402
+from eidetic_kernels.state import FREE, PRUNED, is_frozen, storage_slots  # noqa: E402
+
+from .test_triton_linear import DEVICE, DTYPES, TOL, assert_close  # noqa: E402
+
+pytestmark = pytest.mark.triton
+STATES = {"mixed": [FREE, 0, PRUNED, 1, FREE, 2], "all_free": [FREE], "all_frozen": [0, 1],
+          "all_pruned": [PRUNED]}
+
+
+def make_case(shape, kind, dtype, affine=True, stats=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    vals = torch.tensor(STATES[kind], dtype=torch.int16)
+    task = vals[torch.randperm(C, generator=gen) % len(vals)]
+    slot = storage_slots(task).to(torch.int32)
+    n_frozen = int(is_frozen(task).sum())
+    n_train = C - n_frozen
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    case = dict(x=(rnd(*shape) * 2 + rnd(1, C, *([1] * (len(shape) - 2)))).to(dtype),
+                g=rnd(*shape).to(dtype), task=task, slot=slot,
+                rm=rnd(C).to(dtype) if stats else None, rv=(torch.rand(C, generator=gen) + 0.5).to(dtype) if stats else None,
+                tw=(torch.rand(n_train, generator=gen) + 0.5).to(dtype) if affine else None,
+                fw=(torch.rand(n_frozen, generator=gen) + 0.5).to(dtype) if affine else None,
+                tb=rnd(n_train).to(dtype) if affine else None, fb=rnd(n_frozen).to(dtype) if affine else None)
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def run(backend, c, training, dtype=None, grad="random", x=None):
+    """Forward + backward -> [y, dx, dw, db, running_mean, running_var, taylor]."""
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    x = cast(c["x"] if x is None else x).detach().requires_grad_()
+    leaf = lambda t: None if t is None else cast(t).detach().requires_grad_()  # noqa: E731
+    tw, tb = leaf(c["tw"]), leaf(c["tb"])
+    rm = None if c["rm"] is None else cast(c["rm"]).clone()
+    rv = None if c["rv"] is None else cast(c["rv"]).clone()
+    score = torch.zeros(c["task"].numel(), device=DEVICE)
+    y = backend.batch_norm(x, rm, rv, tw, cast(c["fw"]), tb, cast(c["fb"]), c["task"], c["slot"], training, 0.1,
+                           1e-5, score)
+    if grad == "sum":
+        y.sum().backward()
+    else:
+        (y * cast(c["g"])).sum().backward()
+    return [y.detach(), x.grad, None if tw is None else tw.grad, None if tb is None else tb.grad, rm, rv, score]
+
+
+NAMES = ("y", "dx", "dw", "db", "running_mean", "running_var", "taylor")
+
+
+def check(c, training, dtype, **kw):
+    got = run(tri, c, training, **kw)
+    want = run(ref, c, training, dtype=torch.float64, **kw)
+    assert_close(got, want, dtype, names=NAMES)
+    return got
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stats", [True, False], ids=["stats", "nostats"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_modes_match_reference_4d(training, stats, affine):
+    c = make_case((5, 7, 6, 5), "mixed", torch.float32, affine=affine, stats=stats, seed=3)
+    got = check(c, training, torch.float32)
+    if stats:  # frozen (and PRUNED) channels never touch their running statistics
+        keep = c["task"] != FREE
+        assert torch.equal(got[4][keep], c["rm"][keep]) and torch.equal(got[5][keep], c["rv"][keep])
+
+
+@pytest.mark.parametrize("shape", [(67, 13), (9, 5, 31)], ids=["2d", "3d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_1d_shapes_match_reference(shape, training):
+    check(make_case(shape, "mixed", torch.float32, seed=5), training, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(STATES))
+def test_states_and_dtypes_match_reference(kind, dtype):
+    c = make_case((4, 6, 5, 3), kind, dtype, seed=sum(map(ord, kind)))
+    got = check(c, True, dtype)
+    if kind == "all_pruned":
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 17, 13), (301, 5)], ids=["few_channels", "2d"])
+def test_split_reduction_with_small_blocks(shape):
+    """Small blocks force many splits per channel: the Welford/Chan merges must give the same statistics."""
+    c = make_case(shape, "mixed", torch.float32, seed=7)
+    with triton_common.override_blocks("bn", BLOCK=64, TARGET_PROGRAMS=64, BLOCK_C=4):
+        block_e, block_c, chunk, split, _ = tri._launch_shape(shape[1], c["x"][0, 0].numel(), c["x"].numel() // shape[1])
+        assert split > 1
+        check(c, True, torch.float32)
+
+
+def test_noncontiguous_input_and_stride0_grad():
+    c = make_case((4, 5, 7, 6), "mixed", torch.float32, seed=11)
+    x = torch.randn(4, 7, 6, 5, device=DEVICE).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    check(c, True, torch.float32, grad="sum", x=x)
+
+
+def test_large_mean_keeps_the_variance():
+    """A common offset of 300: a one-pass E[x²]-E[x]² in fp32 would lose ~1e-2 of the variance; Welford keeps it."""
+    c = make_case((4, 5, 7, 6), "mixed", torch.float32, seed=11)
+    x = c["x"] + 300
+    got = run(tri, c, True, x=x)
+    want = run(ref, c, True, dtype=torch.float64, x=x)
+    for i in (0, 5):  # y and the running variance
+        torch.testing.assert_close(got[i].double(), want[i], atol=2e-4, rtol=1e-4)
+
+
+def test_nan_in_pruned_and_other_channels_stays_out():
+    c = make_case((4, 6, 5, 3), "mixed", torch.float32, seed=13)
+    clean = run(tri, c, True)[0]
+    x = c["x"].clone()
+    x[:, (c["task"] == PRUNED) | (c["task"] == FREE)] = float("nan")
+    y = tri.batch_norm(x, c["rm"].clone(), c["rv"].clone(), c["tw"], c["fw"], c["tb"], c["fb"], c["task"], c["slot"],
+                       True, 0.1, 1e-5)
+    frozen = is_frozen(c["task"])
+    assert torch.equal(y[:, frozen], clean[:, frozen])
+    pruned = c["task"] == PRUNED
+    assert torch.equal(y[:, pruned], torch.zeros_like(y[:, pruned]))
+
+
+@pytest.mark.parametrize("cls", ["EideticBatchNorm2d", "EideticBatchNorm1d"])
+def test_layer_runs_triton_backend(monkeypatch, cls):
+    import eidetic_kernels as ek
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    torch.manual_seed(0)
+    layers = [getattr(ek, cls)(6).to(DEVICE) for _ in range(2)]
+    for layer in layers:
+        layer.prune_neurons([1, 4])
+        layer.freeze_free_neurons(0)
+        layer.recycle_pruned_neurons()
+    x = torch.randn((8, 6, 5, 4) if cls.endswith("2d") else (8, 6), device=DEVICE)
+    y = layers[0](x)
+    assert layers[0].last_backend == "triton"
+    monkeypatch.setenv("EIDETIC_BACKEND", "reference")
+    torch.testing.assert_close(y, layers[1](x), **TOL[torch.float32])
+    torch.testing.assert_close(layers[0].running_mean, layers[1].running_mean, **TOL[torch.float32])
+    torch.testing.assert_close(layers[0].running_var, layers[1].running_var, **TOL[torch.float32])
