@@ -1,0 +1,11 @@
+"""python_layers: Eidetic Learning on top of eidetic_kernels (issue 7).
+
+EideticNetwork trains tasks one after another without forgetting: the layer graph of its body is
+traced (graph.py), each task is pruned and frozen (trainer.py, pruning.py), and a router picks the
+task when none is given (routing.py).
+"""
+from .graph import GraphError, LayerGraph, NeuronGroup, Segment, declare_graph, trace_body
+from .network import CapacityError, EideticNetwork
+
+__all__ = ["EideticNetwork", "CapacityError", "LayerGraph", "NeuronGroup", "Segment", "GraphError", "trace_body",
+           "declare_graph"]

@@ -1,0 +1,838 @@
+"""The layer graph of a body: which neurons produce the inputs of every Eidetic layer.
+
+It is found, not declared. ``trace_body`` traces the body with torch.fx (every Eidetic layer
+and every torch.nn layer is a leaf), runs the traced graph once on an example batch to learn
+the shapes, and propagates per tensor the *provenance* of its feature/channel dim: a list of
+segments ``(source, count, repeat)``, where ``source`` is a neuron group (or ``None`` for the
+raw network input), ``count`` its number of neurons and ``repeat`` how many consecutive
+features each neuron covers (a conv channel flattened into ``H*W`` features). Example: a
+conv with 8 channels whose ``[N, 8, 4, 4]`` output is flattened has provenance
+``[(conv, 8, 16)]``; ``torch.cat([a, b], 1)`` concatenates the segments of ``a`` and ``b``.
+
+Neuron groups are built with union-find: a Linear/Conv starts a group of its output neurons;
+a BatchNorm over those channels joins it (the same neurons); adding (or multiplying) two
+tensors couples their sources neuron by neuron, so the two branches of a residual block with
+a projection skip, and an identity skip's block input and output, are pruned, frozen and
+recycled together (paper Section 3.1, "Residual connections").
+
+Whatever the tracer cannot follow (an op that mixes features, slicing, a module with its own
+parameters that is not an Eidetic layer, data-dependent control flow) is a ``GraphError``
+naming the op; ``declare_graph`` then states the coupling by hand.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from eidetic_kernels import EideticLayer, convert
+from eidetic_kernels.layers import EideticConv2d, EideticLinear, _EideticBatchNorm
+from eidetic_kernels.state import STATE_DTYPE
+
+__all__ = ["GraphError", "NeuronGroup", "LayerGraph", "Segment", "trace_body", "trace_module", "declare_graph"]
+
+_DECLARE_HINT = ("If the body is right as written, declare its coupling by hand with "
+                 "python_layers.declare_graph(...) and pass it as EideticNetwork(body, feature_dim, graph=...).")
+
+
+class GraphError(RuntimeError):
+    """The layer graph cannot be derived (or a declared one is inconsistent)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``count`` neurons of ``source`` (a group; ``None`` = raw input), each covering ``repeat`` features."""
+
+    source: object  # NeuronGroup after building (an int proto id while tracing); None: raw network input
+    count: int
+    repeat: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.count * self.repeat
+
+
+def _width(segments: Iterable[Segment]) -> int:
+    return sum(s.width for s in segments)
+
+
+# ------------------------------------------------------------------------------------------------
+# groups and the graph
+# ------------------------------------------------------------------------------------------------
+class NeuronGroup:
+    """Neurons shared by coupled layers: a Linear/Conv and the BatchNorms normalising its channels,
+    or the output neurons of residual branches added together. Every member has ``size`` neurons,
+    and neuron ``i`` of every member is the same neuron: state changes go through the group."""
+
+    def __init__(self, index: int, members: list[tuple[str, EideticLayer]], graph: "LayerGraph | None" = None):
+        if not members:
+            raise GraphError("a neuron group needs at least one member layer")
+        sizes = {layer.num_neurons for _, layer in members}
+        if len(sizes) != 1:
+            desc = ", ".join(f"{n} ({layer.num_neurons})" for n, layer in members)
+            raise GraphError(f"coupled layers must have the same number of neurons: {desc}")
+        self.index = index
+        self.members = list(members)
+        self.size = sizes.pop()
+        self.name = members[0][0]
+        self._graph = graph
+        # batch norm applied directly to the raw input: its frozen channels stay readable by every later
+        # task like the raw input itself (so a task may start with none of them free)
+        self.input_normalizer = False
+
+    # ----- reading -------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[EideticLayer]:
+        return [layer for _, layer in self.members]
+
+    @property
+    def task_state(self) -> torch.Tensor:
+        """Int16[size]: FREE, PRUNED or the task that froze each neuron (a copy)."""
+        return self.members[0][1].task_state.clone()
+
+    def weight_members(self) -> list[EideticLayer]:
+        """Members with synapse weights (Linear/Conv); BatchNorms carry per-channel affine only."""
+        return [layer for layer in self.layers if isinstance(layer, (EideticLinear, EideticConv2d))]
+
+    def check_consistent(self) -> None:
+        first = self.members[0][1].task_state
+        for name, layer in self.members[1:]:
+            if not torch.equal(layer.task_state, first):
+                raise GraphError(f"coupled layers {self.name} and {name} disagree on their neurons' states; "
+                                 "change states through NeuronGroup (prune/freeze/recycle), never one member")
+
+    # ----- state changes: every member at once, then the consumers' inputs -----------------------
+    def _index(self, neurons) -> torch.Tensor:
+        return self.members[0][1]._indices(neurons)
+
+    def prune(self, neurons) -> None:
+        """FREE -> PRUNED in every member (neuron ids in 0..size-1, or a bool mask)."""
+        idx = self._index(neurons)
+        self.members[0][1].prune_neurons(idx)  # validates (only FREE) before anything else changes
+        for _, layer in self.members[1:]:
+            layer.prune_neurons(idx)
+        self._changed()
+
+    def unprune(self, neurons) -> None:
+        """PRUNED -> FREE in every member, keeping stored values (undo a pruning step)."""
+        idx = self._index(neurons)
+        self.members[0][1].unprune_neurons(idx)
+        for _, layer in self.members[1:]:
+            layer.unprune_neurons(idx)
+        self._changed()
+
+    def freeze(self, task: int) -> int:
+        """FREE -> ``task`` in every member; returns the number of neurons frozen."""
+        n = self.members[0][1].freeze_free_neurons(task)
+        for _, layer in self.members[1:]:
+            layer.freeze_free_neurons(task)
+        self._changed()
+        return n
+
+    def recycle(self, generator: torch.Generator | None = None) -> int:
+        """PRUNED -> FREE with torch's default init in every member; returns how many."""
+        n = self.members[0][1].recycle_pruned_neurons(generator)
+        for _, layer in self.members[1:]:
+            layer.recycle_pruned_neurons(generator)
+        self._changed()
+        return n
+
+    def _changed(self) -> None:
+        if self._graph is not None:
+            self._graph.sync_inputs()
+
+    def __repr__(self) -> str:
+        names = ", ".join(n for n, _ in self.members)
+        return f"NeuronGroup({self.index}, size={self.size}, members=[{names}])"
+
+
+def _segment_states(segments: list[Segment], device) -> torch.Tensor:
+    """Int16[width]: the state of every feature a segment list describes (raw input: task 0)."""
+    parts = []
+    for s in segments:
+        if s.source is None:
+            state = torch.zeros(s.count, dtype=STATE_DTYPE, device=device)
+        else:
+            state = s.source.members[0][1].task_state.to(device)
+        parts.append(state.repeat_interleave(s.repeat) if s.repeat != 1 else state)
+    if not parts:
+        return torch.zeros(0, dtype=STATE_DTYPE, device=device)
+    return torch.cat(parts)
+
+
+class LayerGraph:
+    """Neuron groups, what each Eidetic layer reads, and what the body outputs.
+
+    ``inputs[name]`` is (layer, segment list of the features it reads); ``features`` the segment
+    list of the body output. ``raw_input_layers`` are the layers reading the raw input (directly or
+    through a batch norm over it): their ``min_input_task`` stays 0 even without forward transfer,
+    since raw inputs belong to task 0. ``heads`` (set by EideticNetwork) are layers reading the body
+    output: ``sync_inputs`` keeps their ``input_task`` current too.
+    """
+
+    def __init__(self, groups: list[NeuronGroup], inputs: dict[str, tuple[EideticLayer, list[Segment]]],
+                 features: list[Segment], raw_input_layers: set[str]):
+        self.groups = groups
+        for g in groups:
+            g._graph = self
+        self.inputs = inputs
+        self.features = features
+        self.feature_dim = _width(features)
+        self.raw_input_layers = set(raw_input_layers)
+        self.heads: Iterable[EideticLayer] = ()
+        self._group_of = {name: g for g in groups for name, _ in g.members}
+
+    @property
+    def layers(self) -> dict[str, EideticLayer]:
+        """Every Eidetic layer of the body by qualified name (group members and consumers)."""
+        out = {name: layer for g in self.groups for name, layer in g.members}
+        out.update({name: layer for name, (layer, _) in self.inputs.items()})
+        return out
+
+    def group_of(self, name: str) -> NeuronGroup:
+        return self._group_of[name]
+
+    def feature_task(self) -> torch.Tensor:
+        """Int16[feature_dim]: the state of each body output feature (raw input features: task 0)."""
+        device = self.groups[0].members[0][1].task_state.device if self.groups else None
+        return _segment_states(self.features, device)
+
+    def input_task(self, name: str) -> torch.Tensor:
+        layer, segments = self.inputs[name]
+        return _segment_states(segments, layer.input_task.device)
+
+    def sync_inputs(self) -> None:
+        """Push every producer's states into each consumer's ``input_task`` (heads included).
+
+        Cheap when nothing changed: a layer's cached plans are dropped only when its inputs moved.
+        """
+        for g in self.groups:
+            g.check_consistent()
+        for name, (layer, segments) in self.inputs.items():
+            _set_input(layer, _segment_states(segments, layer.input_task.device))
+        heads = list(self.heads)
+        if heads:
+            features = self.feature_task()
+            for head in heads:
+                _set_input(head, features)
+
+    # ----- a plain-python description (travels in EideticNetwork's state dict) ----------------------------
+    def to_spec(self, name_of: dict[int, str] | None = None) -> dict:
+        """Groups, inputs and features as plain python (names via ``name_of[id(layer)]`` when given)."""
+        def lname(name, layer):
+            return name_of.get(id(layer), name) if name_of is not None else name
+
+        index = {id(g): i for i, g in enumerate(self.groups)}
+
+        def segs(segments):
+            return [[None if s.source is None else index[id(s.source)], s.count, s.repeat] for s in segments]
+
+        layer_names = {name: lname(name, layer) for name, layer in self.layers.items()}
+        return {
+            "groups": [{"name": g.name, "members": [lname(n, layer) for n, layer in g.members],
+                        "input_normalizer": g.input_normalizer} for g in self.groups],
+            "inputs": [[lname(n, layer), segs(segments)] for n, (layer, segments) in self.inputs.items()],
+            "features": segs(self.features),
+            "raw_input_layers": sorted(layer_names[n] for n in self.raw_input_layers),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict, owner: nn.Module) -> "LayerGraph":
+        """Rebuild a graph from ``to_spec`` output, looking the layers up in ``owner`` by name."""
+        def layer(name):
+            try:
+                module = owner.get_submodule(name)
+            except AttributeError:
+                module = None
+            if not isinstance(module, EideticLayer):
+                raise GraphError(f"the saved layer graph names {name!r}, which is not an Eidetic layer of this "
+                                 "network: the state dict is for another architecture")
+            return module
+
+        groups = []
+        for i, g in enumerate(spec["groups"]):
+            group = NeuronGroup(i, [(n, layer(n)) for n in g["members"]])
+            group.name = g["name"]
+            group.input_normalizer = bool(g.get("input_normalizer", False))
+            groups.append(group)
+
+        def segs(items):
+            return [Segment(None if src is None else groups[src], int(count), int(repeat))
+                    for src, count, repeat in items]
+
+        inputs = {n: (layer(n), segs(items)) for n, items in spec["inputs"]}
+        return cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]))
+
+    def describe(self) -> str:
+        lines = []
+        for g in self.groups:
+            lines.append(f"group {g.index} {g.name}: {g.size} neurons, members {[n for n, _ in g.members]}")
+        for name, (_, segments) in self.inputs.items():
+            lines.append(f"{name} reads {_describe(segments)}")
+        lines.append(f"features: {_describe(self.features)}")
+        return "\n".join(lines)
+
+    __str__ = describe
+
+
+def _describe(segments: list[Segment]) -> str:
+    parts = []
+    for s in segments:
+        src = "raw input" if s.source is None else s.source.name
+        parts.append(f"{src}[{s.count}]" + (f"x{s.repeat}" if s.repeat != 1 else ""))
+    return " + ".join(parts) if parts else "nothing"
+
+
+def _set_input(layer: EideticLayer, states: torch.Tensor) -> None:
+    if states.numel() != layer.input_task.numel():
+        raise GraphError(f"{type(layer).__name__} reads {layer.input_task.numel()} features but its producers "
+                         f"give {states.numel()}")
+    if not torch.equal(layer.input_task, states.to(layer.input_task.device)):
+        layer.set_input_task(states)
+
+
+# ------------------------------------------------------------------------------------------------
+# tracing
+# ------------------------------------------------------------------------------------------------
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d)
+_RESHAPE_MODULES = (nn.Flatten,)
+
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.elu, F.celu, F.selu, F.leaky_relu, F.hardtanh, F.hardswish,
+    F.hardsigmoid, F.mish, F.softplus, F.softsign, F.tanhshrink, F.sigmoid, F.tanh, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.exp, torch.clamp,
+    torch.clip, torch.dropout, torch.square, torch.sqrt, torch.nn.functional.logsigmoid,
+    operator.neg, operator.pos, abs,
+}
+_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.lp_pool2d,
+                   torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d}
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+                     operator.imul, operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div,
+                     torch.true_divide, torch.maximum, torch.minimum}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "clamp",
+                        "clamp_", "clip", "square", "sqrt", "contiguous", "clone", "float", "to", "type_as",
+                        "detach"}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "__add__", "__radd__",
+                   "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_NONTENSOR_METHODS = {"size", "dim", "numel"}
+
+_NONTENSOR = object()  # a node whose value is not a tensor (a size, an int)
+_CONST = object()      # a tensor that does not come from the input (a buffer, a constant)
+
+
+class _Tracer(fx.Tracer):
+    """Eidetic layers and torch.nn layers are leaves; module names come from ``owner``."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        self._names = {id(m): name for name, m in owner.named_modules()}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, EideticLayer) or super().is_leaf_module(m, module_qualified_name)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        name = self._names.get(id(mod))
+        if name is None:
+            raise GraphError(f"{type(mod).__name__} is called in the body but is not a submodule of it")
+        return name
+
+
+class _Root(nn.Module):
+    """Traceable stand-in whose forward is ``fn`` (e.g. a network's forward_features)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        object.__setattr__(self, "_fn", fn)
+
+    def forward(self, x):
+        return self._fn(x)
+
+
+class _Propagator:
+    """Walks the traced graph once, propagating provenance and building proto groups (union-find)."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+        self.size: list[int] = []
+        self.members: list[list[tuple[str, EideticLayer]]] = []
+        self.parent: list[int] = []
+        self.inputs: dict[str, tuple[EideticLayer, list[Segment]]] = {}
+        self.raw_input_layers: set[str] = set()
+        self.env: dict[fx.Node, object] = {}
+        self.seen_layers: dict[int, str] = {}
+        self.normalizers: set[int] = set()  # protos of batch norms over the raw input
+
+    # ----- union-find ------------------------------------------------------------------------------
+    def new_proto(self, name: str, layer: EideticLayer) -> int:
+        self.size.append(layer.num_neurons)
+        self.members.append([(name, layer)])
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, p: int) -> int:
+        while self.parent[p] != p:
+            self.parent[p] = self.parent[self.parent[p]]
+            p = self.parent[p]
+        return p
+
+    def union(self, a: int, b: int, node: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            raise GraphError(f"{_node_desc(node)} couples {self.members[ra][0][0]} ({self.size[ra]} neurons) with "
+                             f"{self.members[rb][0][0]} ({self.size[rb]} neurons); coupled layers need equal widths")
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        self.members[lo].extend(self.members[hi])
+        self.members[hi] = []
+
+    # ----- helpers -----------------------------------------------------------------------------------
+    def shape(self, node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def value(self, arg):
+        if isinstance(arg, fx.Node):
+            return self.env[arg]
+        if isinstance(arg, torch.Tensor):
+            return _CONST
+        return _NONTENSOR
+
+    def provenance(self, arg, node) -> list[Segment]:
+        v = self.value(arg)
+        if not isinstance(v, list):
+            raise GraphError(f"{_node_desc(node)}: expected a tensor computed from the input. {_DECLARE_HINT}")
+        return v
+
+    def tensor_args(self, node) -> list:
+        return [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(self.value(a), list)]
+
+    # ----- node rules ----------------------------------------------------------------------------------
+    def run(self, graph: fx.Graph) -> list[Segment]:
+        output = None
+        placeholders = 0
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                shape = self.shape(node)
+                if shape is None:
+                    self.env[node] = _NONTENSOR
+                    continue
+                placeholders += 1
+                if len(shape) < 2:
+                    raise GraphError(f"the body input {node.name} has shape {shape}; expected [N, features, ...]")
+                self.env[node] = [Segment(None, shape[1], 1)]
+            elif node.op == "get_attr":
+                self.env[node] = _CONST if self.shape(node) is not None else _NONTENSOR
+            elif node.op == "call_module":
+                self.env[node] = self.call_module(node)
+            elif node.op == "call_function":
+                self.env[node] = self.call_function(node)
+            elif node.op == "call_method":
+                self.env[node] = self.call_method(node)
+            elif node.op == "output":
+                output = node
+        if output is None:
+            raise GraphError("the traced body has no output")
+        result = output.args[0]
+        prov = self.value(result)
+        if not isinstance(prov, list):
+            raise GraphError(f"the body must return one tensor [N, feature_dim] computed from its input; it returns "
+                             f"{type(result).__name__}. {_DECLARE_HINT}")
+        shape = self.shape(result)
+        if shape is None or len(shape) != 2:
+            raise GraphError(f"the body must return [N, feature_dim], got shape {shape}; flatten or pool it first")
+        return prov
+
+    def call_module(self, node):
+        module = self.owner.get_submodule(node.target)
+        name = node.target
+        if isinstance(module, EideticLayer):
+            if id(module) in self.seen_layers:
+                raise GraphError(f"layer {name} is called twice in the body; weight sharing between places of the "
+                                 f"graph cannot be split into per-neuron states. {_DECLARE_HINT}")
+            self.seen_layers[id(module)] = name
+        if isinstance(module, (EideticLinear, EideticConv2d)):
+            prov = self.provenance(node.args[0], node)
+            in_shape = self.shape(node.args[0])
+            n_in = module.in_features if isinstance(module, EideticLinear) else module.in_channels
+            if isinstance(module, EideticLinear) and in_shape is not None and len(in_shape) != 2:
+                raise GraphError(f"{name} (EideticLinear) reads a {len(in_shape)}-D tensor {in_shape}; the tracer "
+                                 f"follows linear layers over [N, features] only. {_DECLARE_HINT}")
+            if _width(prov) != n_in:
+                raise GraphError(f"{name} reads {n_in} features but the tracer found {_width(prov)} producers")
+            self.inputs[name] = (module, prov)
+            if any(s.source is None for s in prov):
+                self.raw_input_layers.add(name)
+            return [Segment(self.new_proto(name, module), module.num_neurons, 1)]
+        if isinstance(module, _EideticBatchNorm):
+            prov = self.provenance(node.args[0], node)
+            if len(prov) == 1 and prov[0].repeat == 1 and prov[0].count == module.num_neurons:
+                seg = prov[0]
+                if seg.source is None:  # batch norm of the raw input: its channels are neurons of their own
+                    proto = self.new_proto(name, module)
+                    self.normalizers.add(proto)
+                    return [Segment(proto, module.num_neurons, 1)]
+                root = self.find(seg.source)
+                self.members[root].append((name, module))
+                return [Segment(root, seg.count, 1)]
+            raise GraphError(f"{name} (batch norm) normalises features from {len(prov)} producer segments "
+                             f"({_describe_proto(self, prov)}); it must follow one Linear/Conv (or the raw input) "
+                             f"whose neurons are its channels. {_DECLARE_HINT}")
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            # (PReLU's parameter is shared by every task: EideticNetwork rejects it as a stray parameter)
+            return self.provenance(node.args[0], node)
+        if isinstance(module, _POOL_MODULES):
+            return self.same_channels(node, node.args[0])
+        if isinstance(module, _RESHAPE_MODULES):
+            return self.reshape(node, node.args[0])
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+            raise GraphError(f"{name} is a plain {type(module).__name__}; convert the body first with "
+                             "eidetic_kernels.convert(body) (EideticNetwork does this for you)")
+        raise GraphError(f"the tracer cannot follow module {name} ({type(module).__name__}): it may mix features "
+                         f"or hold parameters outside Eidetic layers. {_DECLARE_HINT}")
+
+    def call_function(self, node):
+        fn = node.target
+        if fn in _ELEMENTWISE_FUNCTIONS:
+            return self.provenance(node.args[0], node)
+        if fn in _POOL_FUNCTIONS:
+            return self.same_channels(node, node.args[0])
+        if fn in _BINARY_FUNCTIONS:
+            return self.binary(node)
+        if fn in _RESHAPE_FUNCTIONS:
+            return self.reshape(node, node.args[0])
+        if fn in _REDUCE_FUNCTIONS:
+            return self.reduce(node, node.args[0])
+        if fn in _CAT_FUNCTIONS:
+            return self.cat(node)
+        if fn is getattr or fn is len or (fn is operator.getitem and not isinstance(self.value(node.args[0]), list)):
+            return _NONTENSOR if self.shape(node) is None else _CONST
+        if fn is operator.getitem:
+            raise GraphError(f"{_node_desc(node)}: indexing or slicing a tensor of features is not followed by the "
+                             f"tracer. {_DECLARE_HINT}")
+        if not self.tensor_args(node):
+            return _NONTENSOR if self.shape(node) is None else _CONST
+        raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
+
+    def call_method(self, node):
+        name = node.target
+        if name in _NONTENSOR_METHODS:
+            return _NONTENSOR
+        if not isinstance(self.value(node.args[0]), list):
+            return _NONTENSOR if self.shape(node) is None else _CONST
+        if name in _ELEMENTWISE_METHODS:
+            return self.provenance(node.args[0], node)
+        if name in _BINARY_METHODS:
+            return self.binary(node)
+        if name in _RESHAPE_METHODS:
+            return self.reshape(node, node.args[0])
+        if name in _REDUCE_METHODS:
+            return self.reduce(node, node.args[0])
+        raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
+
+    # ----- op families -----------------------------------------------------------------------------
+    def same_channels(self, node, arg):
+        """Pooling: batch and channel dims unchanged."""
+        prov = self.provenance(arg, node)
+        a, b = self.shape(arg), self.shape(node)
+        if a is None or b is None or a[:2] != b[:2]:
+            raise GraphError(f"{_node_desc(node)} changes the channel dim ({a} -> {b}). {_DECLARE_HINT}")
+        return prov
+
+    def reshape(self, node, arg):
+        """Reshapes that keep each feature's source: channel dim kept, or [N, C, *S] -> [N, C*prod(S)]."""
+        prov = self.provenance(arg, node)
+        a, b = self.shape(arg), self.shape(node)
+        if a is None or b is None:
+            raise GraphError(f"{_node_desc(node)}: unknown shapes")
+        if len(a) >= 2 and len(b) >= 2 and a[:2] == b[:2] and math.prod(a[2:]) == math.prod(b[2:]):
+            return prov  # channel dim untouched (e.g. squeeze of trailing 1s)
+        if len(b) == 2 and a[0] == b[0] and len(a) >= 2 and b[1] == math.prod(a[1:]):
+            spatial = math.prod(a[2:])  # channel-major: each channel covers its spatial positions
+            # raw features are all task 0: a raw segment needs no repeat
+            return [Segment(None, s.width * spatial, 1) if s.source is None else
+                    Segment(s.source, s.count, s.repeat * spatial) for s in prov]
+        raise GraphError(f"{_node_desc(node)} reshapes {a} -> {b}; the tracer follows only [N, C, *spatial] -> "
+                         f"[N, C*spatial] (flatten) and reshapes that keep dims 0 and 1. {_DECLARE_HINT}")
+
+    def reduce(self, node, arg):
+        """mean/sum/amax over spatial dims only."""
+        prov = self.provenance(arg, node)
+        a = self.shape(arg)
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None or a is None:
+            raise GraphError(f"{_node_desc(node)} reduces over every dim; reduce over spatial dims only "
+                             f"(e.g. x.mean((2, 3))). {_DECLARE_HINT}")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % len(a) for d in dims]
+        if 0 in dims or 1 in dims:
+            raise GraphError(f"{_node_desc(node)} reduces over the batch or feature dim (dims {dims} of shape {a}); "
+                             f"only spatial dims (>= 2) can be reduced. {_DECLARE_HINT}")
+        return prov
+
+    def cat(self, node):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        provs = [self.provenance(t, node) for t in tensors]
+        ndim = len(self.shape(node) or (0, 0))
+        if dim % ndim == 1:
+            return [s for p in provs for s in p]
+        first = provs[0]
+        for p in provs[1:]:
+            self.couple(first, p, node)
+        return first
+
+    def binary(self, node):
+        tensors = [a for a in node.args[:2] if isinstance(self.value(a), list)]
+        others = [a for a in node.args[:2] if not isinstance(self.value(a), list)]
+        out_shape = self.shape(node)
+        if len(tensors) == 1:
+            prov = self.value(tensors[0])
+            if out_shape != self.shape(tensors[0]):
+                raise GraphError(f"{_node_desc(node)} broadcasts {self.shape(tensors[0])} to {out_shape} with a "
+                                 f"constant; the tracer cannot follow that. {_DECLARE_HINT}")
+            return prov
+        if len(tensors) == 2:
+            a, b = tensors
+            sa, sb = self.shape(a), self.shape(b)
+            if sa is None or sb is None or len(sa) != len(sb) or sa[1] != sb[1]:
+                raise GraphError(f"{_node_desc(node)} combines shapes {sa} and {sb}; the tracer couples only tensors "
+                                 f"with the same feature dim. {_DECLARE_HINT}")
+            return self.couple(self.value(a), self.value(b), node)
+        if others and not tensors:
+            return _CONST if out_shape is not None else _NONTENSOR
+        raise GraphError(f"the tracer cannot follow {_node_desc(node)}. {_DECLARE_HINT}")
+
+    def couple(self, a: list[Segment], b: list[Segment], node) -> list[Segment]:
+        """Features combined elementwise: their sources become the same neurons (residual coupling)."""
+        if [(s.count, s.repeat) for s in a] != [(s.count, s.repeat) for s in b]:
+            raise GraphError(f"{_node_desc(node)} combines features from {_describe_proto(self, a)} with "
+                             f"{_describe_proto(self, b)}, which do not line up layer by layer. {_DECLARE_HINT}")
+        for sa, sb in zip(a, b):
+            if (sa.source is None) != (sb.source is None):
+                raise GraphError(f"{_node_desc(node)} adds the raw network input to the outputs of "
+                                 f"{_describe_proto(self, [sa if sa.source is not None else sb])}; raw inputs cannot "
+                                 "be coupled with neurons (put a projection layer on the skip). " + _DECLARE_HINT)
+            if sa.source is not None:
+                self.union(sa.source, sb.source, node)
+        return a
+
+    def build(self, features: list[Segment]) -> LayerGraph:
+        roots = sorted({self.find(p) for p in range(len(self.parent))})
+        groups = {}
+        normalizer_roots = {self.find(p) for p in self.normalizers}
+        for i, r in enumerate(roots):
+            groups[r] = NeuronGroup(i, self.members[r])
+            groups[r].input_normalizer = r in normalizer_roots and not groups[r].weight_members()
+
+        def resolve(segments):
+            return [Segment(None if s.source is None else groups[self.find(s.source)], s.count, s.repeat)
+                    for s in segments]
+
+        inputs = {name: (layer, resolve(segs)) for name, (layer, segs) in self.inputs.items()}
+        raw_readers = set(self.raw_input_layers)
+        raw_readers.update(name for name, (_, segs) in inputs.items()
+                           if any(s.source is not None and s.source.input_normalizer for s in segs))
+        return LayerGraph(list(groups.values()), inputs, resolve(features), raw_readers)
+
+
+def _describe_proto(prop: _Propagator, segments: list[Segment]) -> str:
+    parts = []
+    for s in segments:
+        src = "raw input" if s.source is None else prop.members[prop.find(s.source)][0][0]
+        parts.append(f"{src}[{s.count}]" + (f"x{s.repeat}" if s.repeat != 1 else ""))
+    return " + ".join(parts)
+
+
+def _node_desc(node: fx.Node) -> str:
+    if node.op == "call_function":
+        target = getattr(node.target, "__name__", str(node.target))
+        module = getattr(node.target, "__module__", None) or ""
+        what = f"function {module + '.' if module else ''}{target}"
+    elif node.op == "call_method":
+        what = f"tensor method .{node.target}()"
+    elif node.op == "call_module":
+        what = f"module {node.target}"
+    else:
+        what = f"{node.op} {node.target}"
+    return f"{what} (node '{node.name}')"
+
+
+def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) -> LayerGraph:
+    """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"the example input must be a tensor batch, got {type(example_input).__name__}")
+    tracer = _Tracer(owner)
+    root = _Root(fn)
+    try:
+        graph = tracer.trace(root)
+    except GraphError:
+        raise
+    except Exception as exc:
+        raise GraphError(f"torch.fx cannot trace the body ({type(exc).__name__}: {exc}). Data-dependent control "
+                         f"flow is the usual cause. {_DECLARE_HINT}") from exc
+    targets = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            targets[node.target] = owner.get_submodule(node.target)
+        elif node.op == "get_attr":
+            obj = root
+            try:
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                obj = owner
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+            targets[node.target] = obj
+    gm = fx.GraphModule(targets, graph)
+    # learn shapes with no side effects: eval mode (no running-stat updates, no dropout), no autograd
+    modes = [(m, m.training) for m in owner.modules()]
+    owner.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except GraphError:
+        raise
+    except Exception as exc:
+        raise GraphError(f"running the traced body on the example batch {tuple(example_input.shape)} failed "
+                         f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    prop = _Propagator(owner)
+    features = prop.run(gm.graph)
+    return prop.build(features)
+
+
+def trace_body(body: nn.Module, example_input: torch.Tensor) -> LayerGraph:
+    """Derive the layer graph of ``body`` (plain torch.nn layers are converted in place first).
+
+    Layer names in the graph are relative to ``body``.
+    """
+    body = _convert_in_place(body)
+    return trace_module(body, body.forward, example_input)
+
+
+def _convert_in_place(body: nn.Module) -> nn.Module:
+    new = convert(body)
+    if new is not body:
+        raise GraphError(f"the body is a single plain {type(body).__name__}; wrap it in nn.Sequential or pass the "
+                         "converted layer (eidetic_kernels.convert returns a new module for it)")
+    return body
+
+
+# ------------------------------------------------------------------------------------------------
+# declaring by hand
+# ------------------------------------------------------------------------------------------------
+def declare_graph(body: nn.Module, inputs: dict, features, couple: Iterable[Iterable[str]] = ()) -> LayerGraph:
+    """State the layer graph by hand when tracing cannot follow the body.
+
+    body:     the module whose Eidetic layers are named (plain torch.nn layers are converted in place).
+    inputs:   {consumer layer name: spec}, one entry for every Linear/Conv, saying which features it reads.
+    features: spec of the body's output features.
+    couple:   lists of layer names sharing neurons: a Linear/Conv with the BatchNorms over its channels, the
+              output layers of residual branches that are added together. Every other layer is its own group.
+
+    A spec is a list of segments, in feature order; a segment is
+        "layer"               every neuron of that layer's group, one feature each
+        ("layer", repeat)     each neuron covering ``repeat`` consecutive features (a conv channel flattened)
+        ("raw", count)        ``count`` raw network input features ("raw", count, repeat) likewise
+    and "raw" alone means: only raw inputs (as many as the layer reads).
+
+    Example, Conv(3->8) -> BN -> ReLU -> flatten of 8x4x4 -> Linear(128->10):
+        declare_graph(body, inputs={"conv": "raw", "fc": [("conv", 16)]}, features=["fc"],
+                      couple=[["conv", "bn"]])
+    """
+    body = _convert_in_place(body)
+    named = {name: m for name, m in body.named_modules() if isinstance(m, EideticLayer)}
+
+    def layer(name):
+        if name not in named:
+            raise GraphError(f"declare_graph: {name!r} is not an Eidetic layer of the body; layers: {sorted(named)}")
+        return named[name]
+
+    protos: dict[str, list[tuple[str, EideticLayer]]] = {}
+    owner_of: dict[str, str] = {}
+    for members in couple:
+        members = list(members)
+        if not members:
+            continue
+        key = members[0]
+        for name in members:
+            layer(name)
+            if name in owner_of:
+                raise GraphError(f"declare_graph: layer {name!r} appears in two coupled lists; merge them")
+            owner_of[name] = key
+        protos[key] = [(name, named[name]) for name in members]
+    for name, m in named.items():
+        if name not in owner_of:
+            owner_of[name] = name
+            protos[name] = [(name, m)]
+    groups = {key: NeuronGroup(i, members) for i, (key, members) in enumerate(protos.items())}
+
+    def segments(spec, width=None, where=""):
+        if spec == "raw":
+            if width is None:
+                raise GraphError(f"declare_graph: {where}: say how many raw features with ('raw', count)")
+            return [Segment(None, width, 1)]
+        if isinstance(spec, (str, tuple)):
+            spec = [spec]
+        out = []
+        for item in spec:
+            if isinstance(item, str):
+                item = (item,)
+            item = tuple(item)
+            if item[0] == "raw":
+                if len(item) not in (2, 3):
+                    raise GraphError(f"declare_graph: {where}: raw segment must be ('raw', count[, repeat])")
+                out.append(Segment(None, int(item[1]), int(item[2]) if len(item) == 3 else 1))
+            else:
+                if len(item) not in (1, 2):
+                    raise GraphError(f"declare_graph: {where}: segment must be 'layer' or ('layer', repeat)")
+                layer(item[0])
+                g = groups[owner_of[item[0]]]
+                out.append(Segment(g, g.size, int(item[1]) if len(item) == 2 else 1))
+        return out
+
+    resolved = {}
+    raw_layers = set()
+    for name, spec in inputs.items():
+        m = layer(name)
+        if not isinstance(m, (EideticLinear, EideticConv2d)):
+            raise GraphError(f"declare_graph: {name!r} is a {type(m).__name__}; only Linear/Conv layers read "
+                             "inputs (couple a batch norm with its layer instead)")
+        n_in = m.input_task.numel()
+        segs = segments(spec, n_in, f"inputs of {name!r}")
+        if _width(segs) != n_in:
+            raise GraphError(f"declare_graph: {name!r} reads {n_in} features but its spec gives {_width(segs)}")
+        resolved[name] = (m, segs)
+        if any(s.source is None for s in segs):
+            raw_layers.add(name)
+    missing = [n for n, m in named.items() if isinstance(m, (EideticLinear, EideticConv2d)) and n not in resolved]
+    if missing:
+        raise GraphError(f"declare_graph: no inputs given for {missing}; every Linear/Conv needs an entry")
+    feats = segments(features, None, "features")
+    return LayerGraph(list(groups.values()), resolved, feats, raw_layers)

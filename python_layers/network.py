@@ -1,0 +1,410 @@
+"""EideticNetwork: a body, one head per task, and the bookkeeping of Eidetic Learning.
+
+Task life cycle (paper Section 3): ``prepare_for_task(t)`` adds head t and checks that every layer
+has free neurons; ``train_task`` trains, prunes iteratively and calls ``finish_task``, which
+freezes the surviving free neurons for task t (their rows move to buffers, out of
+``model.parameters()``), recycles the pruned ones with a fresh default init and freezes head t.
+
+Evaluating a finished task t runs in *view mode*: every layer computes only the neurons of tasks
+<= t (the rest act PRUNED and output exactly 0 without being computed), so nothing in the free
+capacity, not even NaN or inf, can reach a finished task's logits.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+
+from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
+
+from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
+
+__all__ = ["EideticNetwork", "CapacityError"]
+
+# attributes of the network that are not part of the body
+_NON_BODY = ("heads", "router")
+
+
+class CapacityError(RuntimeError):
+    """A new task finds some layer without any free neuron."""
+
+
+class EideticNetwork(nn.Module):
+    """A body (x -> [B, feature_dim]) with per-task linear heads, trained task after task.
+
+    body:        any nn.Module; plain nn.Linear/Conv2d/BatchNorm1d/2d inside are converted to Eidetic
+                 layers (same weights). ``None`` when a subclass defines its layers itself and overrides
+                 ``forward_features``.
+    feature_dim: width of the body output (the heads' input).
+    graph:       a LayerGraph from ``declare_graph`` (names relative to the network, e.g. "body.fc") to skip
+                 tracing; otherwise the graph is traced on the first batch the network sees.
+
+    Subclassing: override ``forward_features(self, x)`` to compute the body with your own layers, and/or
+    ``forward(self, x, task=None)``, building on ``self.features(x, view_task)`` and ``self.logits(f, task)``.
+    """
+
+    def __init__(self, body: nn.Module | None, feature_dim: int, graph: LayerGraph | None = None):
+        super().__init__()
+        if not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"feature_dim must be a positive int (the width of the body output), got {feature_dim!r}")
+        if body is not None and not isinstance(body, nn.Module):
+            raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
+        self.feature_dim = feature_dim
+        self.body = convert(body) if body is not None else None
+        self.heads = nn.ModuleList()
+        self.current_task: int | None = None
+        self.num_finished_tasks = 0
+        self.forward_transfer: dict[int, bool] = {}
+        self.graph: LayerGraph | None = None
+        # after any load (also as a submodule of a bigger model): input states follow the loaded states
+        self.register_load_state_dict_post_hook(_sync_after_load)
+        if graph is not None:
+            self._attach_graph(graph)
+
+    # ------------------------------------------------------------------------------------------------
+    # the graph
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def groups(self) -> list[NeuronGroup]:
+        if self.graph is None:
+            raise RuntimeError("the layer graph is not built yet: call model.ensure_graph(x) with a batch "
+                               "(the first forward does it)")
+        return self.graph.groups
+
+    def ensure_graph(self, x: torch.Tensor) -> LayerGraph:
+        """Trace the body on batch ``x`` once (idempotent) and wire states."""
+        if self.graph is None:
+            self._convert_and_check()
+            self._attach_graph(trace_module(self, self.forward_features, x))
+        return self.graph
+
+    def _attach_graph(self, graph: LayerGraph, apply_settings: bool = True) -> None:
+        if graph.feature_dim != self.feature_dim:
+            raise GraphError(f"the body outputs {graph.feature_dim} features but feature_dim={self.feature_dim}")
+        graph.heads = self.heads
+        self.graph = graph
+        self._graph_layers = list(graph.layers.values())  # set on every forward: cached
+        if apply_settings and self.current_task is not None:
+            self._apply_forward_transfer(self.current_task)
+        self.sync()
+
+    def set_graph(self, graph: LayerGraph) -> None:
+        """Use a hand-declared graph (declare_graph on this network, names like "body.fc") instead of tracing."""
+        if self.graph is not None:
+            raise RuntimeError("this network already has its layer graph; set_graph before the first forward")
+        self._convert_and_check()
+        self._attach_graph(graph)
+
+    def sync(self) -> None:
+        """Push producer states into every consumer's input_task (heads too). Call after any state change."""
+        if self.graph is not None:
+            self.graph.sync_inputs()
+
+    def _body_modules(self):
+        """(name, module) of the body: everything but the heads (and a router, if any)."""
+        for name, module in self.named_modules():
+            if name and name.split(".")[0] in _NON_BODY:
+                continue
+            yield name, module
+
+    def body_layers(self) -> dict[str, EideticLayer]:
+        if self.graph is not None:
+            return self.graph.layers
+        return {name: m for name, m in self._body_modules() if isinstance(m, EideticLayer)}
+
+    def _convert_and_check(self) -> None:
+        """Convert plain layers (a subclass may add them after __init__) and reject stray parameters."""
+        for name, child in list(self.named_children()):
+            if name in _NON_BODY:
+                continue
+            new = convert(child, name)
+            if new is not child:
+                setattr(self, name, new)
+        stray = []
+        for name, module in self._body_modules():
+            if isinstance(module, EideticLayer):
+                continue
+            stray += [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if stray:
+            raise GraphError(
+                f"parameters outside Eidetic layers: {stray[:5]}{' ...' if len(stray) > 5 else ''}. Every task would "
+                "train them and change finished tasks' outputs; use Linear/Conv2d/BatchNorm layers (converted to "
+                "Eidetic layers) or register fixed values as buffers")
+
+    # ------------------------------------------------------------------------------------------------
+    # tasks
+    # ------------------------------------------------------------------------------------------------
+    def prepare_for_task(self, task: int, num_classes: int, forward_transfer: bool = True) -> EideticLinear:
+        """Start task ``task`` (0, 1, 2, ... in order): add its head; returns the head.
+
+        forward_transfer=False: the task's neurons read only the task's own neurons (disjoint
+        sub-networks); layers reading the raw input still read it (raw inputs are task 0).
+        """
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int, got {type(task).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if self.current_task is not None:
+            raise RuntimeError(f"task {self.current_task} is prepared but not finished; train it with "
+                               f"model.train_task(...) (or call model.finish_task()) before preparing task {task}")
+        if task < self.num_finished_tasks:
+            raise RuntimeError(f"task {task} is already finished: its neurons are frozen for good and it cannot be "
+                               f"trained again; the next task is {self.num_finished_tasks}")
+        if task != self.num_finished_tasks:
+            raise ValueError(f"tasks are prepared in order 0, 1, 2, ...: the next task is {self.num_finished_tasks}, "
+                             f"got {task}")
+        self._convert_and_check()
+        self._check_capacity(task)
+        like = self._reference_tensor()
+        head = EideticLinear(self.feature_dim, num_classes, device=like.device, dtype=like.dtype)
+        self.heads.append(head)
+        self.current_task = task
+        self.forward_transfer[task] = bool(forward_transfer)
+        if self.graph is not None:
+            self._apply_forward_transfer(task)
+            self.sync()
+        return head
+
+    def _check_capacity(self, task: int) -> None:
+        """Every layer with weights (Linear/Conv) needs a FREE neuron. A batch norm shares its neurons with its
+        layer; one over the raw input is exempt (later tasks read its frozen channels like the raw input)."""
+        full = [name for name, layer in self.body_layers().items()
+                if isinstance(layer, (EideticLinear, EideticConv2d)) and not bool((layer.task_state == FREE).any())]
+        if full:
+            if self.graph is not None:  # name each group once (members share states)
+                seen = []
+                for name in full:
+                    g = self.graph.group_of(name).name
+                    if g not in seen:
+                        seen.append(g)
+                full = seen
+            raise CapacityError(
+                f"task {task} cannot start: no free neuron left in {', '.join(full)} (every neuron is frozen for an "
+                "earlier task, and frozen neurons are never taken). Widen these layers (more neurons) or prune "
+                "earlier tasks harder (larger step / stop_threshold)")
+
+    def _apply_forward_transfer(self, task: int) -> None:
+        lo = 0 if self.forward_transfer.get(task, True) else task
+        for name, layer in self.graph.inputs.items():
+            layer[0].set_min_input_task(0 if name in self.graph.raw_input_layers else lo)
+        self.heads[task].set_min_input_task(lo)
+
+    @torch.no_grad()
+    def finish_task(self, generator: torch.Generator | None = None) -> dict[str, int]:
+        """Freeze the current task: FREE neurons (body and head) -> task t; PRUNED -> FREE, re-initialised.
+
+        Returns {layer name: neurons frozen}. Parameters shrink: an optimizer reused for the next task
+        must drop its state for parameters whose shape changed.
+        """
+        if self.current_task is None:
+            raise RuntimeError("no task to finish: call model.prepare_for_task(t, num_classes) and train it first")
+        task = self.current_task
+        frozen = {}
+        if self.graph is not None:
+            for g in self.graph.groups:
+                frozen[g.name] = g.freeze(task)
+                g.recycle(generator)
+        else:
+            for name, layer in self.body_layers().items():
+                frozen[name] = layer.freeze_free_neurons(task)
+                layer.recycle_pruned_neurons(generator)
+        head = self.heads[task]
+        head.freeze_free_neurons(task)
+        self.current_task = None
+        self.num_finished_tasks += 1
+        self.sync()
+        return frozen
+
+    # ------------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The body computation. Override in a subclass that defines its layers itself (body=None)."""
+        if self.body is None:
+            raise NotImplementedError("EideticNetwork(body=None, ...) needs a subclass that overrides "
+                                      "forward_features(self, x)")
+        return self.body(x)
+
+    def _resolve_task(self, task) -> int:
+        if task is None:
+            if self.current_task is None:
+                raise RuntimeError("no task is being trained: pass task=t for a finished task "
+                                   f"(0..{self.num_finished_tasks - 1}) or call prepare_for_task first"
+                                   if self.num_finished_tasks else
+                                   "no task is prepared: call model.prepare_for_task(0, num_classes) first")
+            return self.current_task
+        if isinstance(task, torch.Tensor) and task.numel() == 1 and not task.dtype.is_floating_point:
+            task = int(task)
+        try:
+            if isinstance(task, bool):
+                raise TypeError
+            task = operator.index(task)
+        except TypeError:
+            raise TypeError(f"task must be an int (one task for the whole batch), got {type(task).__name__}; "
+                            "to choose per sample, use model.predict(x)") from None
+        if not 0 <= task < len(self.heads):
+            known = f"tasks 0..{len(self.heads) - 1} exist" if len(self.heads) else "no task exists yet"
+            raise ValueError(f"unknown task {task}: {known} (prepare_for_task adds one)")
+        return task
+
+    def view_for(self, task: int) -> int | None:
+        """The view a task evaluates in: its own id once finished, None (everything) while training."""
+        return None if task == self.current_task else task
+
+    def _set_view(self, view_task: int | None) -> None:
+        layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
+        for layer in layers:
+            layer.view_task = view_task
+
+    def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
+        """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed."""
+        if view_task is not None:
+            view_task = self._resolve_task(view_task)
+            if view_task >= self.num_finished_tasks:
+                raise ValueError(f"view_task={view_task} is not finished; views exist for finished tasks only "
+                                 f"(0..{self.num_finished_tasks - 1})")
+        self.ensure_graph(x)
+        self._set_view(view_task)
+        try:
+            return self.forward_features(x)
+        finally:
+            self._set_view(None)
+
+    def logits(self, features: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Head ``task`` on body features (view mode for a finished task)."""
+        task = self._resolve_task(task)
+        head = self.heads[task]
+        head.view_task = self.view_for(task)
+        try:
+            return head(features)
+        finally:
+            head.view_task = None
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Logits of head ``task`` (default: the task being trained). Bit-stable once the task is finished."""
+        task = self._resolve_task(task)
+        return self.logits(self.features(x, view_task=self.view_for(task)), task)
+
+    # ------------------------------------------------------------------------------------------------
+    # reporting
+    # ------------------------------------------------------------------------------------------------
+    def capacity(self) -> dict[str, dict[str, int]]:
+        """Per neuron group (per layer before the graph exists): neurons owned by each finished task,
+        free, pruned. Keys "task 0", "task 1", ..., "free", "pruned"."""
+        if self.graph is not None:
+            states = {g.name: g.task_state for g in self.graph.groups}
+        else:
+            states = {name: layer.task_state for name, layer in self.body_layers().items()}
+        out = {}
+        for name, s in states.items():
+            row = {f"task {t}": int((s == t).sum()) for t in range(self.num_finished_tasks)}
+            extra = sorted(int(t) for t in torch.unique(s) if 0 <= int(t) < FREE and int(t) >= self.num_finished_tasks)
+            row.update({f"task {t}": int((s == t).sum()) for t in extra})
+            row["free"] = int((s == FREE).sum())
+            row["pruned"] = int((s == PRUNED).sum())
+            out[name] = row
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"feature_dim={self.feature_dim}, finished_tasks={self.num_finished_tasks}, "
+                f"current_task={self.current_task}")
+
+    # ------------------------------------------------------------------------------------------------
+    # training and routing (python_layers.trainer / python_layers.routing)
+    # ------------------------------------------------------------------------------------------------
+    def train_task(self, loader, optimizer, pruning: str = "l2", step: float = 0.05, stop_threshold: float = 0.01,
+                   max_epochs: int = 50, patience: int = 5, recovery_epochs: int = 5, **kwargs):
+        """Train the current task, prune it iteratively, freeze it (see python_layers.trainer)."""
+        from .trainer import train_task
+        return train_task(self, loader, optimizer, pruning=pruning, step=step, stop_threshold=stop_threshold,
+                          max_epochs=max_epochs, patience=patience, recovery_epochs=recovery_epochs, **kwargs)
+
+    def fit_router(self, loaders, **kwargs):
+        """Train the task classifier over the body features of every finished task (python_layers.routing)."""
+        from .routing import fit_router
+        return fit_router(self, loaders, **kwargs)
+
+    def predict(self, x: torch.Tensor, router: str = "learned"):
+        """(tasks, classes), LongTensor[B] each, with no task id given (python_layers.routing)."""
+        from .routing import predict
+        return predict(self, x, router)
+
+    # ------------------------------------------------------------------------------------------------
+    # state dict: heads and counters travel with it
+    # ------------------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        graph = None
+        if self.graph is not None:  # the structure travels too: a loaded network needs no batch to know it
+            graph = self.graph.to_spec({id(m): name for name, m in self.named_modules()})
+        return {"num_finished_tasks": self.num_finished_tasks, "current_task": self.current_task,
+                "forward_transfer": dict(self.forward_transfer), "feature_dim": self.feature_dim, "graph": graph}
+
+    def set_extra_state(self, state) -> None:
+        if state.get("feature_dim", self.feature_dim) != self.feature_dim:
+            raise ValueError(f"the state dict is for feature_dim={state['feature_dim']}, this network has "
+                             f"{self.feature_dim}")
+        self.num_finished_tasks = int(state["num_finished_tasks"])
+        self.current_task = state["current_task"]
+        self.forward_transfer = dict(state["forward_transfer"])
+        # built after every tensor is loaded (see _sync_after_load)
+        self._pending_graph = state.get("graph") if self.graph is None else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._match_heads(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _match_heads(self, state_dict, prefix: str) -> None:
+        """Re-create the heads the state dict holds (keeping existing ones of the right size, so an
+        optimizer holding their parameters stays valid). A full network state dict (with its extra
+        state) also drops heads it does not hold; a partial one (strict=False) never drops any."""
+        key = prefix + "heads.{}.task_state"
+        n = 0
+        while key.format(n) in state_dict:
+            n += 1
+        full = (prefix + "_extra_state") in state_dict
+        like = self._reference_tensor()
+        for i in range(n):
+            num_classes = state_dict[key.format(i)].numel()
+            if i < len(self.heads) and self.heads[i].out_features == num_classes:
+                continue
+            head = EideticLinear(self.feature_dim, num_classes, device=like.device, dtype=like.dtype)
+            if i < len(self.heads):
+                self.heads[i] = head
+            else:
+                self.heads.append(head)
+        while full and len(self.heads) > n:
+            del self.heads[len(self.heads) - 1]
+        self._match_router(state_dict, prefix, full)
+
+    def _match_router(self, state_dict, prefix: str, full: bool) -> None:
+        """The task router of python_layers.routing (model.router) travels with the state dict too."""
+        key = prefix + "router.linear.weight"
+        router = getattr(self, "router", None)
+        if key in state_dict:
+            num_tasks, feature_dim = state_dict[key].shape
+            if router is None or tuple(router.linear.weight.shape) != (num_tasks, feature_dim):
+                from .routing import TaskRouter
+                like = self._reference_tensor()
+                router = TaskRouter(feature_dim, num_tasks).to(device=like.device, dtype=like.dtype)
+                router.requires_grad_(False)  # as fit_router leaves it: never part of a task's training
+                self.router = router
+        elif full and router is not None:
+            del self.router
+
+    def _reference_tensor(self) -> torch.Tensor:
+        for _, module in self._body_modules():
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                if t is not None and t.dtype.is_floating_point:
+                    return t
+        return torch.empty(0)
+
+
+def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+    spec = module.__dict__.pop("_pending_graph", None)
+    if spec is not None and module.graph is None:
+        # the loaded states (min_input_task included) are already right: do not re-apply task settings
+        module._attach_graph(LayerGraph.from_spec(spec, module), apply_settings=False)
+    module.sync()

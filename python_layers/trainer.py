@@ -1,0 +1,350 @@
+"""Training one task the Eidetic way (paper Section 3), as ``train_task(model, loader, optimizer, ...)``.
+
+The steps, in the order ``train_task`` runs them:
+
+1. **Train** the current task's FREE neurons (and its head) until the training accuracy has not improved
+   for ``patience`` epochs, or ``max_epochs``; keep the weights of the best epoch.
+2. **Prune iteratively**: each step prunes ``step`` of every neuron group's FREE neurons (the same share
+   in every group; scores and normalisation in ``python_layers.pruning``), then **recovers** for up to
+   ``recovery_epochs`` epochs, leaving early once the training accuracy is back within
+   ``stop_threshold`` (an absolute fraction, 0.01 = one point) of the best seen. If it stays further
+   below, the step is undone: the last good weights *and* optimizer state come back, and pruning ends.
+   Pruning also ends cleanly when every group is down to one FREE neuron.
+3. **Freeze** the surviving FREE neurons (and the head) for the task, 4. **recycle** the pruned ones with
+   a fresh default init as FREE capacity for the next task, 5. **cut** the synapses from them into frozen
+   neurons: all three are ``model.finish_task()``. Optimizer state of the parameters whose storage shrank
+   is dropped so an optimizer reused for the next task keeps working.
+
+Every loop is capped by an epoch or step count; no stopping rule tests floats for equality.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import pruning as pruning_mod
+from .pruning import frozen_share, pruned_share
+
+try:  # progress bars are optional: without tqdm training runs silently
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+__all__ = ["train_task", "run_epoch", "snapshot", "restore"]
+
+
+# ----- small pieces ---------------------------------------------------------------------------------
+def _model_device(model) -> torch.device:
+    for t in model.buffers():
+        return t.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _split_batch(batch):
+    if isinstance(batch, dict):
+        return batch["x"] if "x" in batch else batch["input"], batch["y"] if "y" in batch else batch["target"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError("the loader must yield (inputs, class labels) pairs; got a "
+                    f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of {len(batch)}'}")
+
+
+def _peek(loader) -> torch.Tensor:
+    """The first batch's inputs, without moving the loader's or torch's random state on (a resumed run must
+    draw exactly what the uninterrupted one drew)."""
+    rng = torch.random.get_rng_state()
+    saved = loader.state_dict() if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict") else None
+    try:
+        x, _ = _split_batch(next(iter(loader)))
+    finally:
+        torch.random.set_rng_state(rng)
+        if saved is not None:
+            loader.load_state_dict(saved)
+    return x
+
+
+def snapshot(model, optimizer):
+    """Copies of the model's and the optimizer's state (the "last good" point)."""
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def restore(model, optimizer, snap) -> None:
+    model_state, optimizer_state = snap
+    model.load_state_dict(model_state)
+    if hasattr(model, "sync"):
+        model.sync()
+    # a copy: load_state_dict may keep our tensors, and the next steps update them in place
+    optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+
+
+def _shares(groups) -> tuple[dict, dict]:
+    return ({g.name: pruned_share(g) for g in groups}, {g.name: frozen_share(g) for g in groups})
+
+
+def _total_pruned(groups) -> float:
+    n = sum(g.size for g in groups)
+    return sum(pruned_share(g) * g.size for g in groups) / max(1, n)
+
+
+def _bar(total, desc, progress):
+    if not progress or tqdm is None:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool = True, taylor_layers=(),
+              groups=()) -> tuple[float, float]:
+    """One training epoch of the current task; returns (mean loss, training accuracy).
+
+    The accuracy is the share of correctly classified training samples seen during the epoch
+    (dropout and batch statistics on), the paper's "training accuracy". Taylor scores are reset at the
+    start, so afterwards they hold this epoch's backward passes.
+    """
+    model.train()
+    for layer in taylor_layers:
+        layer.reset_taylor()
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    bar = _bar(total, desc, progress)
+    loss_sum, correct, seen = 0.0, 0, 0
+    share = _total_pruned(groups)
+    for batch in loader:
+        x, y = _split_batch(batch)
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        n = y.shape[0]
+        loss_sum += float(loss.detach()) * n
+        correct += int((logits.detach().argmax(-1) == y).sum())
+        seen += n
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", pruned=f"{share:.1%}")
+    if bar is not None:
+        bar.close()
+    if seen == 0:
+        raise ValueError("the training loader yielded no batch; give train_task a non-empty loader")
+    return loss_sum / seen, correct / seen
+
+
+def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs):
+    if pruning is not None:
+        pruning_mod.check_method(pruning)
+        if not (isinstance(step, (int, float)) and 0 < step <= 1):
+            raise ValueError(f"step must be the share of FREE neurons pruned per step, in (0, 1], got {step!r}")
+    if not (isinstance(stop_threshold, (int, float)) and 0 <= stop_threshold <= 1):
+        raise ValueError(f"stop_threshold is an absolute accuracy drop in [0, 1] (0.01 = one point), "
+                         f"got {stop_threshold!r}")
+    for name, value, low in (("max_epochs", max_epochs, 1), ("patience", patience, 1),
+                             ("recovery_epochs", recovery_epochs, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_optimizer(model, optimizer, task) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    heads = getattr(model, "heads", None)
+    if heads is not None and task < len(heads):
+        head_params = [p for p in heads[task].parameters() if p.numel()]
+        if head_params and not any(id(p) in held for p in head_params):
+            raise ValueError(
+                f"the optimizer does not hold the parameters of head {task}, so the task could not learn: "
+                f"create the optimizer after model.prepare_for_task({task}, ...), or add them with "
+                f"optimizer.add_param_group({{'params': model.heads[{task}].parameters()}})")
+    missing = [name for name, p in model.named_parameters() if p.numel() and p.requires_grad and id(p) not in held]
+    if missing:
+        warnings.warn(f"the optimizer does not hold {len(missing)} trainable parameter(s) of the model (e.g. "
+                      f"{missing[0]}); they will not train", stacklevel=3)
+
+
+# ----- the steps --------------------------------------------------------------------------------------
+def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float = 0.05,
+               stop_threshold: float = 0.01, max_epochs: int = 50, patience: int = 5, recovery_epochs: int = 5,
+               progress: bool = True, device=None, max_prune_steps: int | None = None, callback=None,
+               resume_state: dict | None = None) -> list[dict]:
+    """Train, prune, freeze and recycle the current task of ``model`` (an ``EideticNetwork``).
+
+    ``loader`` yields (inputs, class labels of the task); ``optimizer`` holds the model's trainable
+    parameters (a fresh one per task, or one reused: its state for storage that shrank is dropped).
+    ``pruning`` is "l1", "l2", "taylor" or None (no pruning: every FREE neuron freezes for the task).
+    ``max_prune_steps`` caps the pruning steps (default: enough to exhaust every group).
+
+    Returns the history: one dict per epoch with ``task``, ``phase`` ("train", "recover"), ``epoch``
+    (1-based, counted over the whole call), ``step`` (pruning step, 0 while training), ``loss``,
+    ``train_accuracy``, ``pruned_share`` and ``frozen_share`` ({group name: share of its neurons}); then
+    one "restore" record if a step was undone (loss and accuracy of the state restored) and a last "finish"
+    record (shares after freezing; loss and accuracy of the kept state; ``best_train_accuracy``;
+    ``kept`` = {group name: neurons frozen for the task}; ``stop_reason``: "no pruning", "accuracy dropped",
+    "nothing left to prune" or "max_prune_steps reached").
+
+    Checkpointing inside a task: ``callback(event)`` gets ``{"event": "epoch", "record": r}`` after every
+    epoch and ``{"event": "prune_step", "step": s, "trainer_state": state, "record": None}`` whenever the
+    model and optimizer hold a good state to continue from (s = 0: training done; s >= 1: step s kept).
+    Save the model, the optimizer, the RNG and loader states with ``state`` then; later, load them and call
+    ``train_task(..., resume_state=state)`` with the same arguments to continue exactly from there.
+    """
+    task = getattr(model, "current_task", None)
+    if task is None:
+        raise ValueError("no task is prepared: call model.prepare_for_task(t, num_classes) before train_task")
+    _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs)
+    device = torch.device(device) if device is not None else _model_device(model)
+    _check_optimizer(model, optimizer, task)
+    if getattr(model, "graph", None) is None:
+        model.ensure_graph(_peek(loader).to(device))  # the graph is traced from a real batch
+    run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
+                   callback)
+    try:
+        if resume_state is None:
+            run.train(max_epochs, patience)  # step 1
+        else:
+            run.resume(resume_state)
+        if pruning is not None:
+            run.prune_with_recovery(max_prune_steps)  # step 2
+    finally:
+        for layer in run.taylor_layers:
+            layer.enable_taylor(False)
+    return run.finish()  # steps 3-5
+
+
+class _TaskRun:
+    """The state of one train_task call: what a checkpoint inside the task must hold."""
+
+    def __init__(self, model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress,
+                 device, callback):
+        self.model, self.loader, self.optimizer, self.task = model, loader, optimizer, task
+        self.method, self.step, self.stop_threshold = pruning, step, stop_threshold
+        self.recovery_epochs, self.progress, self.device, self.callback = recovery_epochs, progress, device, callback
+        self.groups = list(model.groups)
+        self.taylor_layers = []
+        if pruning == "taylor":
+            self.taylor_layers = list({id(layer): layer for g in self.groups for _, layer in g.members}.values())
+            for layer in self.taylor_layers:
+                layer.enable_taylor(True)
+        self.history: list[dict] = []
+        self.epochs = 0  # counted over the whole call
+        self.best_acc = -1.0  # best training accuracy seen
+        self.kept_loss, self.kept_acc = math.nan, -1.0  # of the state that would be kept now
+        self.steps_done = 0
+        self.task_free = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
+        self.stop_reason = "no pruning"
+
+    # ----- one epoch, and checkpoints --------------------------------------------------------------------
+    def epoch(self, phase: str, prune_step: int, desc: str) -> tuple[float, float]:
+        self.epochs += 1
+        loss, acc = run_epoch(self.model, self.loader, self.optimizer, self.device, desc, self.progress,
+                              self.taylor_layers, self.groups)
+        if not math.isfinite(loss):
+            warnings.warn(f"task {self.task}: the training loss is {loss} in epoch {self.epochs} ({phase}); "
+                          "lower the learning rate", stacklevel=4)
+        pruned, frozen = _shares(self.groups)
+        record = dict(task=self.task, phase=phase, epoch=self.epochs, step=prune_step, loss=loss, train_accuracy=acc,
+                      pruned_share=pruned, frozen_share=frozen)
+        self.history.append(record)
+        if self.callback is not None:
+            self.callback({"event": "epoch", "record": record})
+        return loss, acc
+
+    def checkpoint(self) -> None:
+        if self.callback is None:
+            return
+        state = dict(version=1, task=self.task, pruning=self.method, step_share=self.step, steps_done=self.steps_done,
+                     epochs=self.epochs, best_acc=self.best_acc, kept_loss=self.kept_loss, kept_acc=self.kept_acc,
+                     task_free=dict(self.task_free),
+                     taylor=[layer.taylor_score.clone() for layer in self.taylor_layers])
+        self.callback({"event": "prune_step", "step": self.steps_done, "trainer_state": state, "record": None})
+
+    def resume(self, state: dict) -> None:
+        if state.get("version") != 1 or state.get("task") != self.task:
+            raise ValueError(f"resume_state is for task {state.get('task')} (version {state.get('version')}); "
+                             f"the model is preparing task {self.task}")
+        if state["pruning"] != self.method or state["step_share"] != self.step:
+            raise ValueError("resume with the same pruning and step as the interrupted call "
+                             f"(it used pruning={state['pruning']!r}, step={state['step_share']!r})")
+        self.steps_done, self.epochs, self.best_acc = state["steps_done"], state["epochs"], state["best_acc"]
+        self.kept_loss, self.kept_acc, self.task_free = state["kept_loss"], state["kept_acc"], dict(state["task_free"])
+        for layer, score in zip(self.taylor_layers, state["taylor"]):
+            layer.taylor_score.copy_(score)
+
+    # ----- step 1 ----------------------------------------------------------------------------------------
+    def train(self, max_epochs: int, patience: int) -> None:
+        """Train until the training accuracy has not improved for ``patience`` epochs; keep the best epoch."""
+        best_snap, since_best = None, 0
+        for e in range(max_epochs):
+            loss, acc = self.epoch("train", 0, f"task {self.task} · train {e + 1}/{max_epochs}")
+            if acc > self.best_acc:
+                self.best_acc, self.kept_loss, self.kept_acc, since_best = acc, loss, acc, 0
+                best_snap = snapshot(self.model, self.optimizer) if e + 1 < max_epochs else None
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    break
+        if best_snap is not None and self.history[-1]["train_accuracy"] < self.best_acc:
+            restore(self.model, self.optimizer, best_snap)  # continue from the best epoch's weights
+        self.checkpoint()
+
+    # ----- step 2 ----------------------------------------------------------------------------------------
+    def prune_with_recovery(self, max_prune_steps: int | None) -> None:
+        # each step prunes >= 1 neuron, so this many steps exhaust every group: the loop cannot run forever
+        cap = sum(max(0, n - 1) for n in self.task_free.values())
+        if max_prune_steps is not None:
+            cap = min(cap, int(max_prune_steps))
+        last_good = snapshot(self.model, self.optimizer)
+        for s in range(self.steps_done + 1, cap + 1):
+            if not pruning_mod.prune_step(self.groups, self.method, self.step, self.task_free):
+                self.stop_reason = "nothing left to prune"
+                return
+            self.model.sync()
+            recovered = False
+            for r in range(self.recovery_epochs):
+                loss, acc = self.epoch("recover", s, f"task {self.task} · prune step {s} · "
+                                                     f"recover {r + 1}/{self.recovery_epochs}")
+                self.best_acc = max(self.best_acc, acc)
+                if acc >= self.best_acc - self.stop_threshold:
+                    recovered = True
+                    break
+            if not recovered:
+                restore(self.model, self.optimizer, last_good)
+                pruned, frozen = _shares(self.groups)
+                # the record of the restored state: its shares, loss and accuracy
+                self.history.append(dict(task=self.task, phase="restore", epoch=self.epochs, step=s,
+                                         loss=self.kept_loss, train_accuracy=self.kept_acc, pruned_share=pruned,
+                                         frozen_share=frozen))
+                self.stop_reason = "accuracy dropped"
+                return
+            self.steps_done, self.kept_loss, self.kept_acc = s, loss, acc
+            last_good = snapshot(self.model, self.optimizer)
+            self.checkpoint()
+        can_prune = any(pruning_mod.prune_counts(g, self.step, self.task_free[g.name]) for g in self.groups)
+        self.stop_reason = "max_prune_steps reached" if can_prune else "nothing left to prune"
+
+    # ----- steps 3-5 -------------------------------------------------------------------------------------
+    def finish(self) -> list[dict]:
+        """Freeze the survivors, recycle the pruned, cut recycled -> frozen synapses (model.finish_task)."""
+        kept = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
+        finish_task(self.model, self.optimizer)
+        pruned, frozen = _shares(self.model.groups)
+        self.history.append(dict(task=self.task, phase="finish", epoch=self.epochs, step=None, loss=self.kept_loss,
+                                 train_accuracy=self.kept_acc, best_train_accuracy=self.best_acc,
+                                 pruned_share=pruned, frozen_share=frozen, kept=kept, stop_reason=self.stop_reason))
+        return self.history
+
+
+def finish_task(model, optimizer) -> None:
+    """``model.finish_task()``, then drop optimizer state whose parameter changed shape."""
+    shapes = {id(p): tuple(p.shape) for g in optimizer.param_groups for p in g["params"]}
+    model.finish_task()
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if tuple(p.shape) != shapes[id(p)]:
+                optimizer.state.pop(p, None)

@@ -1,0 +1,337 @@
+"""The traced layer graph: groups, couplings, what every layer reads, and clear errors.
+
+The provenance the tracer finds is checked against the forward pass itself: pruning one neuron
+must turn exactly the consumer inputs marked PRUNED into zeros (an independent computation).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eidetic_kernels import FREE, PRUNED, EideticLayer, EideticLinear
+from python_layers import EideticNetwork, GraphError, declare_graph, trace_body
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Dropout(0.2), nn.Linear(7, 6), nn.GELU(), nn.Dropout(0.1),
+                         nn.Linear(6, 4))
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 3, padding=1),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 6))
+
+
+class Block(nn.Module):
+    """Basic residual block; a projection skip when the width changes, identity otherwise."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.proj = None
+        if c_in != c_out:
+            self.proj = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = x if self.proj is None else self.proj(x)
+        return F.relu(out + skip)
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block1 = Block(4, 6)
+        self.block2 = Block(6, 6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.block2(self.block1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Linear(5, 3)
+        self.out = nn.Linear(7, 4)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.relu(self.a(x)), self.b(x).tanh()], dim=1))
+
+
+class FunctionalCNN(nn.Module):
+    """Flatten written as view(size(0), -1), functional pooling and activations, a scalar op."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3 * 2 * 2, 4)
+
+    def forward(self, x):
+        x = F.avg_pool2d(F.leaky_relu(self.conv(x)) * 2.0, 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def names(group):
+    return [n for n, _ in group.members]
+
+
+def check_provenance_by_forward(body, x, graph):
+    """For every group: prune one neuron; the consumer inputs that become exactly 0 are the ones marked PRUNED."""
+    body.eval()
+    layers = graph.layers
+    consumers = {name: layers[name] for name in graph.inputs}
+
+    def capture(model):
+        seen = {}
+        hooks = [layer.register_forward_hook(lambda m, inp, out, n=n: seen.__setitem__(n, inp[0].detach()))
+                 for n, layer in ((n, dict(model.named_modules())[n]) for n in consumers)]
+        out = model(x).detach()
+        for h in hooks:
+            h.remove()
+        return seen, out
+
+    before, out_before = capture(body)
+    gen = torch.Generator().manual_seed(1)
+    for gi in range(len(graph.groups)):
+        pruned_body = copy.deepcopy(body)
+        pruned_graph = copy.deepcopy(graph)  # same structure; re-point to the copy's layers
+        memo_layers = dict(pruned_body.named_modules())
+        for g in pruned_graph.groups:
+            g.members = [(n, memo_layers[n]) for n, _ in g.members]
+        pruned_graph.inputs = {n: (memo_layers[n], segs) for n, (_, segs) in pruned_graph.inputs.items()}
+        group = pruned_graph.groups[gi]
+        neuron = int(torch.randint(group.size, (1,), generator=gen))
+        group.prune([neuron])
+        after, out_after = capture(pruned_body)
+        for name in consumers:
+            marked = memo_layers[name].input_task == PRUNED
+            dims = [0] + list(range(2, after[name].dim()))
+            zero_now = (after[name] == 0).all(dim=tuple(dims)) if after[name].dim() > 1 else after[name] == 0
+            nonzero_before = (before[name] != 0).any(dim=tuple(dims)) if before[name].dim() > 1 else before[name] != 0
+            assert bool(nonzero_before[marked].all()), "test set-up: a marked feature was already all zero"
+            assert torch.equal(marked, zero_now & nonzero_before), (group.name, neuron, name)
+        feat_marked = pruned_graph.feature_task() == PRUNED
+        zero_feat = (out_after == 0).all(0) & (out_before != 0).any(0)
+        assert torch.equal(feat_marked, zero_feat)
+
+
+def test_mlp_with_dropout():
+    torch.manual_seed(0)
+    body = mlp()
+    graph = trace_body(body, torch.randn(8, 5))
+    assert [names(g) for g in graph.groups] == [["0"], ["3"], ["6"]]
+    assert graph.raw_input_layers == {"0"}
+    assert graph.feature_dim == 4
+    reads = {n: [(s.source.name if s.source else None, s.count, s.repeat) for s in segs]
+             for n, (_, segs) in graph.inputs.items()}
+    assert reads == {"0": [(None, 5, 1)], "3": [("0", 7, 1)], "6": [("3", 6, 1)]}
+    check_provenance_by_forward(body, torch.randn(16, 5), graph)
+
+
+def test_cnn_conv_bn_relu_conv_pool_flatten_linear():
+    torch.manual_seed(0)
+    body = cnn()
+    x = torch.randn(8, 3, 6, 6)
+    graph = trace_body(body, x)
+    assert [names(g) for g in graph.groups] == [["0", "1"], ["3"], ["6"]]  # BN joins its conv
+    (_, segs) = graph.inputs["6"]
+    assert [(s.source.name, s.count, s.repeat) for s in segs] == [("3", 4, 9)]  # each channel covers 3x3 inputs
+    check_provenance_by_forward(body, x, graph)
+
+
+def test_sync_inputs_after_pruning_a_conv_channel():
+    torch.manual_seed(0)
+    body = cnn()
+    graph = trace_body(body, torch.randn(2, 3, 6, 6))
+    graph.groups[1].prune([2])  # conv "3", channel 2
+    fc = graph.layers["6"]
+    expected = torch.full((36,), FREE, dtype=torch.int16)
+    expected[2 * 9:3 * 9] = PRUNED  # channel-major flatten: channel 2 covers inputs 18..26
+    assert torch.equal(fc.input_task, expected)
+    graph.groups[1].unprune([2])
+    assert bool((fc.input_task == FREE).all())
+    # freezing the first group for task 0 shows up in the second conv's inputs
+    graph.groups[0].freeze(0)
+    assert bool((graph.layers["3"].input_task == 0).all())
+
+
+def test_functional_ops_view_flatten():
+    torch.manual_seed(0)
+    body = FunctionalCNN()
+    x = torch.randn(8, 2, 6, 6)
+    graph = trace_body(body, x)
+    (_, segs) = graph.inputs["fc"]
+    assert [(s.source.name, s.count, s.repeat) for s in segs] == [("conv", 3, 4)]
+    check_provenance_by_forward(body, x, graph)
+
+
+def test_resnet_projection_and_identity_skips_are_coupled():
+    torch.manual_seed(0)
+    body = ResNet()
+    x = torch.randn(8, 3, 5, 5)
+    graph = trace_body(body, x)
+    groups = {g.name: set(names(g)) for g in graph.groups}
+    # block1: conv2/bn2 and the projection conv/bn are added -> one group; block2's identity skip couples its
+    # input (block1's output group) with its output (block2.conv2/bn2)
+    residual = {"block1.conv2", "block1.bn2", "block1.proj.0", "block1.proj.1", "block2.conv2", "block2.bn2"}
+    assert residual in groups.values()
+    assert {"block1.conv1", "block1.bn1"} in groups.values()
+    assert {"block2.conv1", "block2.bn1"} in groups.values()
+    assert {"stem"} in groups.values() and {"fc"} in groups.values()
+    assert len(graph.groups) == 5
+    assert graph.raw_input_layers == {"stem"}
+    check_provenance_by_forward(body, x, graph)
+
+
+def test_cat_concatenates_segments():
+    torch.manual_seed(0)
+    body = Cat()
+    x = torch.randn(16, 5)
+    graph = trace_body(body, x)
+    (_, segs) = graph.inputs["out"]
+    assert [(s.source.name, s.count) for s in segs] == [("a", 4), ("b", 3)]
+    assert graph.raw_input_layers == {"a", "b"}
+    graph.group_of("b").prune([1])
+    assert graph.layers["out"].input_task.tolist() == [FREE] * 5 + [PRUNED] + [FREE]
+    graph.group_of("b").unprune([1])
+    check_provenance_by_forward(body, x, graph)
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4, elementwise_affine=False)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+class WithSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.softmax(self.fc(x), dim=1)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = h * 2
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (WithLayerNorm(), "module norm (LayerNorm)"),
+    (WithSoftmax(), "softmax"),
+    (DataDependent(), "control flow"),
+])
+def test_untraceable_body_is_a_clear_error(body, fragment):
+    with pytest.raises(GraphError) as info:
+        trace_body(body, torch.randn(3, 4))
+    assert fragment in str(info.value)
+    assert "declare_graph" in str(info.value)
+
+
+def test_raw_input_residual_and_misaligned_add_are_errors():
+    class RawSkip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) + x
+
+    with pytest.raises(GraphError, match="raw network input"):
+        trace_body(RawSkip(), torch.randn(2, 4))
+
+    class Mismatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 2), nn.Linear(4, 3), nn.Linear(4, 5)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], 1) + self.c(x)
+
+    with pytest.raises(GraphError, match="do not line up"):
+        trace_body(Mismatch(), torch.randn(2, 4))
+
+
+def test_declare_graph_by_hand():
+    torch.manual_seed(0)
+    body = DataDependent()
+    graph = declare_graph(body, inputs={"fc1": "raw", "fc2": ["fc1"]}, features=["fc2"])
+    assert [names(g) for g in graph.groups] == [["fc1"], ["fc2"]]
+    assert graph.raw_input_layers == {"fc1"}
+    assert isinstance(body.fc1, EideticLinear)  # converted in place
+    graph.groups[0].prune([3])
+    assert graph.layers["fc2"].input_task.tolist() == [FREE] * 3 + [PRUNED] + [FREE] * 2
+
+    # the CNN declared by hand equals the traced graph
+    body = cnn()
+    declared = declare_graph(body, inputs={"0": "raw", "3": ["0"], "6": [("3", 9)]}, features=["6"],
+                             couple=[["0", "1"]])
+    traced = trace_body(copy.deepcopy(body), torch.randn(2, 3, 6, 6))
+    assert [names(g) for g in declared.groups] == [names(g) for g in traced.groups]
+    for n in traced.inputs:
+        a = [(s.source.name if s.source else None, s.count, s.repeat) for s in declared.inputs[n][1]]
+        b = [(s.source.name if s.source else None, s.count, s.repeat) for s in traced.inputs[n][1]]
+        assert a == b
+
+    with pytest.raises(GraphError, match="no inputs given"):
+        declare_graph(mlp(), inputs={"0": "raw"}, features=["6"])
+    with pytest.raises(GraphError, match="reads 36 features"):
+        declare_graph(cnn(), inputs={"0": "raw", "3": ["0"], "6": ["3"]}, features=["6"], couple=[["0", "1"]])
+    with pytest.raises(GraphError, match="same number of neurons"):
+        declare_graph(cnn(), inputs={"0": "raw", "3": ["0"], "6": [("3", 9)]}, features=["6"], couple=[["0", "3"]])
+
+
+def test_declared_graph_in_a_network():
+    torch.manual_seed(0)
+    body = DataDependent()
+    # names relative to the network ("body.fc1"): declare on a wrapper holding the body
+    holder = nn.Module()
+    holder.body = body
+    graph = declare_graph(holder, inputs={"body.fc1": ("raw", 4), "body.fc2": ["body.fc1"]}, features=["body.fc2"])
+    model = EideticNetwork(body, 3, graph=graph)
+    model.prepare_for_task(0, 2)
+    assert model.graph is graph
+    assert model(torch.randn(5, 4)).shape == (5, 2)
+    assert set(model.capacity()) == {"body.fc1", "body.fc2"}
+
+
+def test_group_state_changes_reach_every_member():
+    torch.manual_seed(0)
+    body = ResNet()
+    graph = trace_body(body, torch.randn(2, 3, 5, 5))
+    g = graph.group_of("block1.proj.1")
+    g.prune([0, 3])
+    for _, layer in g.members:
+        assert isinstance(layer, EideticLayer)
+        assert layer.task_state.tolist() == [PRUNED, FREE, FREE, PRUNED, FREE, FREE]
+    assert g.freeze(0) == 4
+    assert g.recycle() == 2
+    for _, layer in g.members:
+        assert layer.task_state.tolist() == [FREE, 0, 0, FREE, 0, 0]
+    assert len(g.weight_members()) == 3  # block1.conv2, block1.proj.0, block2.conv2
+    with pytest.raises(ValueError, match="only FREE neurons"):
+        g.prune([1])

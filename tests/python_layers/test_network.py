@@ -1,0 +1,344 @@
+"""EideticNetwork without the trainer: tasks, views, freezing by hand, capacity, errors, state dicts.
+
+Freezing is done by hand (group.prune, model.finish_task) so these tests prove the network's
+promise independently of the pruning schedule: once task 0 is finished, its eval logits stay
+bit-identical through training of task 1 with weight decay, and through NaN / +inf in every
+parameter.
+"""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eidetic_kernels import FREE, PRUNED, EideticLinear
+from python_layers import CapacityError, EideticNetwork, GraphError
+
+from .test_graph import ResNet, cnn
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Dropout(0.2), nn.Linear(10, 8), nn.ReLU(), nn.Dropout(0.1))
+
+
+BODIES = {
+    "mlp": (mlp, 8, (6,)),
+    "cnn": (lambda: nn.Sequential(cnn(), nn.ReLU()), 6, (3, 6, 6)),
+    "resnet": (ResNet, 5, (3, 5, 5)),
+}
+
+
+def make(kind, seed=0):
+    torch.manual_seed(seed)
+    factory, feature_dim, shape = BODIES[kind]
+    return EideticNetwork(factory(), feature_dim), shape
+
+
+def train_steps(model, x, y, steps, weight_decay, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+def prune_share(model, share, generator):
+    """Prune ``share`` of each group's FREE neurons at random (at least one, keeping at least one FREE)."""
+    for g in model.groups:
+        free = (g.task_state == FREE).nonzero().flatten()
+        k = min(max(1, int(share * free.numel())), free.numel() - 1)
+        g.prune(free[torch.randperm(free.numel(), generator=generator)[:k]])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+def test_finished_task_is_bit_stable_under_training_nan_and_inf(kind):
+    model, shape = make(kind)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, *shape, generator=gen)
+    y0 = torch.randint(3, (16,), generator=gen)
+    y1 = torch.randint(4, (16,), generator=gen)
+
+    model.prepare_for_task(0, 3)
+    train_steps(model, x, y0, 4, weight_decay=0.1)
+    prune_share(model, 0.5, gen)
+    train_steps(model, x, y0, 2, weight_decay=0.1)
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        snap0 = model(x, task=0).clone()
+        feat0 = model.features(x, view_task=0).clone()
+    assert torch.isfinite(snap0).all()
+
+    model.prepare_for_task(1, 4)
+    train_steps(model, x, y1, 6, weight_decay=0.1)  # BN running stats of FREE channels move too
+    prune_share(model, 0.3, gen)
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, task=0), snap0)
+        assert torch.equal(model.features(x, view_task=0), feat0)
+        snap1 = model(x, task=1).clone()
+    assert not torch.equal(model(x, task=1)[:, :3], snap0)  # task 1 did learn something of its own
+    # view mode: evaluating task 0 computes only task-0 neurons; the others output exactly 0
+    feature_task = model.graph.feature_task()
+    assert bool((feature_task == 1).any())
+    assert bool((feat0[:, feature_task != 0] == 0).all())
+    for layer in model.graph.layers.values():
+        plan = layer._plans.get(0)
+        if plan is not None and plan[3] is not None:
+            assert all(group.task == 0 for group in plan[3].groups)
+
+    # the free capacity of task 2 can do anything: task 0 and 1 do not see it
+    model.prepare_for_task(2, 2)
+    train_steps(model, x, y1 % 2, 3, weight_decay=0.1)
+    for value in (float("nan"), float("inf")):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(value)
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x, task=0), snap0)
+            assert torch.equal(model(x, task=1), snap1)
+        model.train()
+        with torch.no_grad():  # training mode too (BN of frozen channels uses running stats, dropout off in eval)
+            assert torch.equal(model.features(x, view_task=0).isfinite(), torch.ones_like(feat0, dtype=torch.bool))
+
+
+def test_frozen_values_are_out_of_parameters():
+    model, shape = make("cnn")
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 3)
+    model(x)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    prune_share(model, 0.5, gen)
+    pruned = {g.name: int((g.task_state == PRUNED).sum()) for g in model.groups}
+    model.finish_task()
+    # only recycled rows stay trainable; head 0 is frozen by construction
+    assert sum(p.numel() for p in model.heads[0].parameters()) == 0
+    assert sum(p.numel() for p in model.parameters()) < n_params
+    for g in model.groups:
+        for layer in g.weight_members():
+            assert layer.weight.shape[0] == pruned[g.name]
+
+
+def test_capacity_counts():
+    model, shape = make("resnet")
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 2)
+    assert model(x).shape == (4, 2)
+    cap = model.capacity()
+    assert set(cap) == {g.name for g in model.groups}
+    assert all(row == {"free": g.size, "pruned": 0} for g, row in zip(model.groups, cap.values()))
+    g = model.groups[1]
+    g.prune([0, 1])
+    assert model.capacity()[g.name] == {"free": g.size - 2, "pruned": 2}
+    model.finish_task()
+    assert model.capacity()[g.name] == {"task 0": g.size - 2, "free": 2, "pruned": 0}
+    other = model.groups[0]
+    assert model.capacity()[other.name] == {"task 0": other.size, "free": 0, "pruned": 0}
+
+
+def test_capacity_error_names_the_layer():
+    model, shape = make("mlp")
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 2)
+    model(x)
+    model.groups[0].prune([0, 1])  # group "body.3" keeps no free neuron after task 0
+    model.finish_task()
+    with pytest.raises(CapacityError) as info:
+        model.prepare_for_task(1, 2)
+    msg = str(info.value)
+    assert "body.3" in msg and "body.0" not in msg and "Widen" in msg
+    assert model.current_task is None and len(model.heads) == 1  # nothing was taken
+
+
+def test_task_id_errors():
+    model, shape = make("mlp")
+    x = torch.randn(4, *shape)
+    with pytest.raises(RuntimeError, match="prepare_for_task"):
+        model(x)
+    with pytest.raises(ValueError, match="next task is 0"):
+        model.prepare_for_task(1, 2)
+    model.prepare_for_task(0, 2)
+    with pytest.raises(RuntimeError, match="not finished"):
+        model.prepare_for_task(1, 2)
+    with pytest.raises(ValueError, match="unknown task 3"):
+        model(x, task=3)
+    with pytest.raises(ValueError, match="not finished"):
+        model.features(x, view_task=0)
+    with pytest.raises(TypeError, match="predict"):
+        model(x, task=torch.tensor([0, 1]))
+    model(x, task=0)
+    model.groups[0].prune([0])
+    model.finish_task()
+    with pytest.raises(RuntimeError, match="already finished"):
+        model.prepare_for_task(0, 2)
+    with pytest.raises(RuntimeError, match="no task to finish"):
+        model.finish_task()
+    with pytest.raises(RuntimeError, match="pass task=t"):
+        model(x)
+    assert model(x, task=0).shape == (4, 2)
+
+
+def test_forward_transfer_off_reads_only_own_task():
+    model, shape = make("mlp")
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 2)
+    model(x)
+    for g in model.groups:
+        g.prune([0, 1])
+    model.finish_task()
+    model.prepare_for_task(1, 2, forward_transfer=False)
+    layers = model.graph.layers
+    assert bool((layers["body.0"].min_input_task == 0).all())  # reads the raw input: stays 0
+    fc = layers["body.3"]
+    assert fc.min_input_task[fc.task_state == FREE].tolist() == [1, 1]
+    assert bool((fc.min_input_task[fc.task_state == 0] == 0).all())
+    assert model.heads[1].min_input_task.tolist() == [1, 1]
+    # task 1 logits do not depend on task-0 neurons of body.0: changing those inputs' producers is invisible
+    model.eval()
+    with torch.no_grad():
+        before = model(x, task=1).clone()
+        body0 = layers["body.0"]
+        body0.frozen_weight.add_(1.0)  # task-0 rows of the first layer
+        after = model(x, task=1)
+    assert torch.equal(before, after)
+
+
+def test_state_dict_round_trip_recreates_heads():
+    model, shape = make("cnn")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *shape, generator=gen)
+    model.prepare_for_task(0, 3)
+    train_steps(model, x, torch.randint(3, (8,), generator=gen), 2, weight_decay=0.01)
+    prune_share(model, 0.3, gen)
+    model.finish_task()
+    model.prepare_for_task(1, 5, forward_transfer=False)
+    train_steps(model, x, torch.randint(5, (8,), generator=gen), 2, weight_decay=0.01)
+    prune_share(model, 0.3, gen)
+    model.eval()
+    with torch.no_grad():
+        want0, want1 = model(x, task=0).clone(), model(x, task=1).clone()
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh, _ = make("cnn", seed=123)
+    fresh.load_state_dict(torch.load(buffer))
+    assert len(fresh.heads) == 2 and fresh.heads[1].out_features == 5
+    assert (fresh.num_finished_tasks, fresh.current_task, fresh.forward_transfer) == (1, 1, {0: True, 1: False})
+    # the graph travels with the state dict: known before any batch
+    assert fresh.graph is not None and fresh.capacity() == model.capacity()
+    assert [[n for n, _ in g.members] for g in fresh.groups] == [[n for n, _ in g.members] for g in model.groups]
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, task=0), want0)
+        assert torch.equal(fresh(x, task=1), want1)
+    assert fresh.capacity() == model.capacity()
+    for name, layer in fresh.graph.layers.items():
+        other = model.graph.layers[name]
+        assert torch.equal(layer.task_state, other.task_state)
+        if hasattr(layer, "input_task"):
+            assert torch.equal(layer.input_task, other.input_task)
+            assert torch.equal(layer.min_input_task, other.min_input_task)
+
+    # restoring a snapshot in place keeps every Parameter object (an optimizer holding them stays valid)
+    snapshot = copy.deepcopy(model.state_dict())
+    params = list(model.parameters())
+    model.groups[0].unprune((model.groups[0].task_state == PRUNED).nonzero().flatten())
+    model.load_state_dict(snapshot)
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    with torch.no_grad():
+        assert torch.equal(model(x, task=1), want1)
+
+
+class OwnLayers(EideticNetwork):
+    """Subclass defining its layers itself, with its own forward."""
+
+    def __init__(self):
+        super().__init__(None, 6)
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 6)
+
+    def forward_features(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        return F.gelu(self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1)))
+
+    def forward(self, x, task=None):
+        return super().forward(x, task) / 2.0  # e.g. a temperature
+
+
+def test_subclass_with_own_layers_and_forward():
+    torch.manual_seed(0)
+    model = OwnLayers()
+    x = torch.randn(8, 2, 5, 5)
+    model.prepare_for_task(0, 3)
+    assert isinstance(model.fc, EideticLinear)  # converted before the optimizer sees the parameters
+    train_steps(model, x, torch.randint(3, (8,)), 2, weight_decay=0.1)
+    assert [sorted(n for n, _ in g.members) for g in model.groups] == [["bn", "conv"], ["fc"]]
+    for g in model.groups:
+        g.prune([0])
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        snap = model(x, task=0).clone()
+    model.prepare_for_task(1, 2)
+    train_steps(model, x, torch.randint(2, (8,)), 3, weight_decay=0.1)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, task=0), snap)
+
+
+def test_stray_parameters_are_rejected():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model = EideticNetwork(body, 4)
+    with pytest.raises(GraphError, match="parameters outside Eidetic layers"):
+        model.prepare_for_task(0, 2)
+
+
+def test_batch_norm_on_the_raw_input_is_read_like_the_raw_input():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12), nn.Linear(12, 8), nn.ReLU())
+    model = EideticNetwork(body, 8)
+    x = torch.randn(16, 3, 2, 2)
+    model.prepare_for_task(0, 3)
+    train_steps(model, x, torch.randint(3, (16,)), 3, weight_decay=0.1)
+    bn_group = model.graph.group_of("body.1")
+    assert bn_group.input_normalizer and model.graph.raw_input_layers == {"body.2"}
+    model.graph.group_of("body.2").prune([0, 1, 2])  # no BN channel pruned: all freeze for task 0
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        snap = model(x, task=0).clone()
+    model.prepare_for_task(1, 2, forward_transfer=False)  # allowed: the normalised input stays readable
+    assert bool((model.graph.layers["body.2"].min_input_task == 0).all())
+    train_steps(model, x, torch.randint(2, (16,)), 3, weight_decay=0.1)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, task=0), snap)
+        assert model(x, task=1).isfinite().all()
+
+
+def test_router_travels_with_the_state_dict():
+    from python_layers.routing import TaskRouter
+    model, shape = make("mlp")
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 2)
+    model(x)
+    model.groups[0].prune([0])
+    model.groups[1].prune([0])
+    model.finish_task()
+    model.router = TaskRouter(8, 1)
+    fresh, _ = make("mlp", seed=1)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.router.linear.weight, model.router.linear.weight)
+    del model.router
+    fresh.load_state_dict(model.state_dict())
+    assert getattr(fresh, "router", None) is None

@@ -1,0 +1,137 @@
+"""Task routing: the learned router and entropy routing, checked against per-task forwards."""
+import copy
+
+import pytest
+import torch
+
+from python_layers import EideticNetwork
+from python_layers.routing import TaskRouter
+from tests.python_layers.synthetic import CLASSES, make_tasks, mlp_body
+from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
+
+NUM_TASKS = 3
+TASK_CHANCE = 1 / NUM_TASKS
+# routed task accuracy must beat chance (1/3) by this much; the synthetic tasks are far apart (~1.0 reached)
+ROUTER_MARGIN = 0.5
+TRAIN = dict(pruning="l2", step=0.25, stop_threshold=0.1, max_epochs=6, patience=2, recovery_epochs=2,
+             progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        tasks = make_tasks(num_tasks=NUM_TASKS, seed=21)
+        model = EideticNetwork(*mlp_body())
+        for t, (loader, _, _) in enumerate(tasks):
+            model.prepare_for_task(t, CLASSES)
+            model.train_task(loader, torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.05), **TRAIN)
+        history = model.fit_router([loader for loader, _, _ in tasks], generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.cat([x for _, x, _ in tasks])
+    task_ids = torch.cat([torch.full((x.shape[0],), t) for t, (_, x, _) in enumerate(tasks)])
+    classes = torch.cat([y for _, _, y in tasks])
+    return model, tasks, history, x, task_ids, classes
+
+
+def test_the_router_tells_the_tasks_apart(trained):
+    model, _, history, x, task_ids, classes = trained
+    assert history[-1]["accuracy"] >= TASK_CHANCE + ROUTER_MARGIN
+    tasks, predicted = model.predict(x)
+    assert tasks.dtype == torch.long and predicted.dtype == torch.long and tasks.shape == predicted.shape == (len(x),)
+    routed = float((tasks == task_ids).float().mean())
+    assert routed >= TASK_CHANCE + ROUTER_MARGIN, f"held-out routing accuracy {routed:.3f}"
+    both = float(((tasks == task_ids) & (predicted == classes)).float().mean())
+    assert both >= 1 / (NUM_TASKS * CLASSES) + ROUTER_MARGIN, f"routed class accuracy {both:.3f}"
+
+
+def reference_heads(model, x):
+    """Independent: every finished task's logits through model(x, task=t), one body pass each."""
+    return [model(x, task=t) for t in range(model.num_finished_tasks)]
+
+
+@pytest.mark.parametrize("router", ["learned", "entropy"])
+def test_predict_matches_per_task_forwards(trained, router):
+    model, _, _, x, _, _ = trained
+    model.eval()
+    with torch.no_grad():
+        logits = reference_heads(model, x)
+        tasks, classes = model.predict(x, router=router)
+        if router == "learned":
+            expect_tasks = model.router(model.features(x, view_task=NUM_TASKS - 1)).argmax(-1)
+        else:
+            entropy = []
+            for z in logits:
+                p = torch.softmax(z.double(), -1)
+                entropy.append(-(p * p.log()).sum(-1) / torch.log(torch.tensor(float(z.shape[-1]))))
+            expect_tasks = torch.stack(entropy, -1).argmin(-1)
+    assert torch.equal(tasks, expect_tasks)
+    expect_classes = torch.stack([logits[int(t)][i].argmax() for i, t in enumerate(tasks)])
+    assert torch.equal(classes, expect_classes)
+
+
+def test_predict_runs_the_body_once(trained):
+    model = trained[0]
+    first_layer = next(layer for _, layer in model.groups[0].members)
+    calls = []
+    handle = first_layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model.predict(trained[3][:7], router="entropy")
+        model.predict(trained[3][:7], router="learned")
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+
+
+def test_fit_router_touches_no_body_or_head_state(trained):
+    model, tasks, _, _, _, _ = trained
+    body_and_heads = {k: v.clone() for k, v in model.state_dict().items()
+                      if isinstance(v, torch.Tensor) and not k.startswith("router.")}
+    model.train()
+    model.fit_router([loader for loader, _, _ in tasks], epochs=2, generator=torch.Generator().manual_seed(0))
+    assert model.training  # the mode comes back
+    after = model.state_dict()
+    for k, v in body_and_heads.items():
+        assert torch.equal(after[k], v), k
+    assert isinstance(model.router, TaskRouter) and not any(p.requires_grad for p in model.router.parameters())
+    model.eval()
+
+
+def test_entropy_routing_needs_no_router_and_errors_are_clear(trained):
+    model, tasks, _, x, _, _ = trained
+    torch.manual_seed(0)
+    fresh = EideticNetwork(*mlp_body())
+    with pytest.raises(ValueError, match="no task is finished"):
+        fresh.predict(x[:3], router="entropy")
+    with pytest.raises(ValueError, match="router must be"):
+        model.predict(x[:3], router="oracle")
+    with pytest.raises(ValueError, match="missing tasks"):
+        model.fit_router([tasks[0][0]])
+    with pytest.raises(ValueError, match="unfinished"):
+        model.fit_router([loader for loader, _, _ in tasks] * 2)
+    later = copy.deepcopy(model)
+    later.router = None
+    with pytest.raises(ValueError, match="fit_router"):
+        later.predict(x[:3])
+    later.router = model.router
+    # a fourth task makes the router stale: refit it
+    later.prepare_for_task(NUM_TASKS, CLASSES)
+    later.train_task(tasks[0][0], torch.optim.AdamW(later.parameters(), lr=5e-3), pruning=None, max_epochs=1,
+                     progress=False)
+    with pytest.raises(ValueError, match="fitted on 3 tasks but 4"):
+        later.predict(x[:3])
+    tasks_e, _ = later.predict(x[:3], router="entropy")
+    assert int(tasks_e.max()) < 4
+
+
+def test_the_router_travels_with_the_state_dict(trained):
+    model, _, _, x, _, _ = trained
+    torch.manual_seed(5)
+    loaded = EideticNetwork(*mlp_body())
+    loaded.load_state_dict(model.state_dict())
+    for router in ("learned", "entropy"):
+        for a, b in zip(loaded.predict(x, router=router), model.predict(x, router=router)):
+            assert torch.equal(a, b)

@@ -1,0 +1,293 @@
+"""train_task: the paper's steps, their stopping rules, the restore of the last good state, the history."""
+import copy
+import re
+
+import pytest
+import torch
+
+import python_layers.trainer as trainer
+from eidetic_kernels import FREE, PRUNED
+from python_layers import EideticNetwork
+from tests.python_layers.synthetic import CLASSES, make_tasks, mlp_body
+from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
+
+LR = 5e-3
+KEYS = {"task", "phase", "epoch", "step", "loss", "train_accuracy", "pruned_share", "frozen_share"}
+
+
+def new_model(width=24, seed=0):
+    torch.manual_seed(seed)
+    model = EideticNetwork(*mlp_body(width=width))
+    model.prepare_for_task(0, CLASSES)
+    return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return make_tasks(num_tasks=2, seed=11)
+
+
+def scripted_accuracy(monkeypatch, script):
+    """Really train every epoch, but report the accuracy ``script(phase, prune_step)`` returns."""
+    real = trainer.run_epoch
+    seen = []
+
+    def fake(model, loader, optimizer, device, desc="", *args, **kwargs):
+        loss, acc = real(model, loader, optimizer, device, desc, *args, **kwargs)
+        m = re.search(r"prune step (\d+)", desc)
+        phase, step = ("recover", int(m.group(1))) if m else ("train", 0)
+        seen.append((phase, step))
+        return loss, script(phase, step, len(seen))
+
+    monkeypatch.setattr(trainer, "run_epoch", fake)
+    return seen
+
+
+def test_history_reads_like_the_paper(tasks):
+    model, optimizer = new_model()
+    history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=0.1, max_epochs=6,
+                               patience=2, recovery_epochs=2, progress=False)
+    names = {g.name for g in model.groups}
+    phases = [r["phase"] for r in history]
+    assert phases[0] == "train" and phases[-1] == "finish"
+    order = {"train": 0, "recover": 1, "restore": 2, "finish": 3}
+    assert [order[p] for p in phases] == sorted(order[p] for p in phases), phases
+    epochs = [r for r in history if r["phase"] in ("train", "recover")]
+    assert [r["epoch"] for r in epochs] == list(range(1, len(epochs) + 1))
+    assert sum(r["phase"] == "train" for r in history) <= 6
+    for step in {r["step"] for r in epochs if r["phase"] == "recover"}:
+        assert sum(r["step"] == step for r in epochs) <= 2  # recovery_epochs
+    for r in epochs:
+        assert KEYS <= set(r) and r["task"] == 0
+        assert set(r["pruned_share"]) == names and set(r["frozen_share"]) == names
+        assert 0 <= r["train_accuracy"] <= 1 and r["loss"] >= 0
+    # pruning shares grow with the steps; nothing is frozen before the finish
+    shares = [sum(r["pruned_share"].values()) for r in epochs]
+    assert shares == sorted(shares) and shares[0] == 0
+    assert all(v == 0 for r in epochs for v in r["frozen_share"].values())
+    final = history[-1]
+    assert final["stop_reason"] in ("accuracy dropped", "nothing left to prune")
+    capacity = model.capacity()
+    for name, kept in final["kept"].items():
+        assert capacity[name]["task 0"] == kept >= 1
+        assert final["frozen_share"][name] == pytest.approx(kept / sum(capacity[name].values()))
+    assert model.num_finished_tasks == 1 and model.current_task is None
+
+
+def test_training_stops_after_patience_epochs_without_improvement(tasks, monkeypatch):
+    accuracies = [0.5, 0.6, 0.6, 0.55, 0.9, 0.95]  # epoch 2 is best; epochs 3 and 4 do not improve
+    seen = scripted_accuracy(monkeypatch, lambda phase, step, n: accuracies[n - 1] if phase == "train" else 1.0)
+    model, optimizer = new_model()
+    history = model.train_task(tasks[0][0], optimizer, pruning=None, max_epochs=6, patience=2, progress=False)
+    assert [p for p, _ in seen] == ["train"] * 4
+    assert history[-1]["stop_reason"] == "no pruning" and history[-1]["train_accuracy"] == 0.6
+    # without improvement at all, max_epochs caps the training
+    seen.clear()
+    model, optimizer = new_model()
+    scripted_accuracy(monkeypatch, lambda phase, step, n: 0.1 * n)
+    model.train_task(tasks[0][0], optimizer, pruning=None, max_epochs=3, patience=5, progress=False)
+
+
+def test_training_keeps_the_best_epochs_weights(tasks, monkeypatch):
+    """Epoch 2 is the best; epochs 3-4 move the weights on; the task is finished with epoch 2's weights."""
+    accuracies = [0.5, 0.9, 0.8, 0.8]
+    model, optimizer = new_model()
+    states = []
+    real = trainer.run_epoch
+
+    def fake(*args, **kwargs):
+        loss, _ = real(*args, **kwargs)
+        states.append(copy.deepcopy(model.state_dict()))
+        return loss, accuracies[len(states) - 1]
+
+    monkeypatch.setattr(trainer, "run_epoch", fake)
+    finished = capture_finish(model, optimizer)
+    model.train_task(tasks[0][0], optimizer, pruning=None, max_epochs=4, patience=2, progress=False)
+    assert_same_state(finished["model"], states[1])
+    assert not torch.equal(states[1]["body.1.weight"], states[3]["body.1.weight"])
+
+
+def capture_finish(model, optimizer):
+    captured = {}
+    real_finish = model.finish_task
+
+    def finish(*args, **kwargs):
+        captured["model"] = copy.deepcopy(model.state_dict())
+        captured["optimizer"] = copy.deepcopy(optimizer.state_dict())
+        return real_finish(*args, **kwargs)
+
+    model.finish_task = finish
+    return captured
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_a_step_that_does_not_recover_is_undone_with_the_optimizer_state(tasks, monkeypatch):
+    """Step 1 recovers, step 2 never does: the task finishes with the weights, the neuron states AND the
+    optimizer state that followed step 1's recovery."""
+    model, optimizer = new_model()
+    after_epoch = []
+    real = trainer.run_epoch
+
+    def fake(m, loader, opt, device, desc="", *args, **kwargs):
+        loss, _ = real(m, loader, opt, device, desc, *args, **kwargs)
+        after_epoch.append((desc, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())))
+        return loss, 0.0 if "prune step 2" in desc else 0.9
+
+    monkeypatch.setattr(trainer, "run_epoch", fake)
+    finished = capture_finish(model, optimizer)
+    history = model.train_task(tasks[0][0], optimizer, pruning="l1", step=0.25, stop_threshold=0.01, max_epochs=2,
+                               patience=1, recovery_epochs=3, progress=False)
+    descs = [d for d, _, _ in after_epoch]
+    assert sum("prune step 1" in d for d in descs) == 1  # back within the threshold at once
+    assert sum("prune step 2" in d for d in descs) == 3  # recovery_epochs, all failing
+    good_model, good_optimizer = next((m, o) for d, m, o in after_epoch if "prune step 1" in d)
+    assert_same_state(finished["model"], good_model)
+    assert finished["optimizer"]["param_groups"] == good_optimizer["param_groups"]
+    for i, state in good_optimizer["state"].items():
+        for k, v in state.items():
+            assert torch.equal(finished["optimizer"]["state"][i][k], v), (i, k)
+    assert history[-1]["stop_reason"] == "accuracy dropped"
+    assert [r["phase"] for r in history[-2:]] == ["restore", "finish"]
+    assert history[-2]["train_accuracy"] == history[-1]["train_accuracy"] == 0.9  # the state kept, not step 2's
+    # step 1 pruned round(0.25 * 24) = 6 neurons per group; they are FREE again (recycled), the rest is task 0
+    for name, row in model.capacity().items():
+        assert row == {"task 0": 18, "free": 6, "pruned": 0}, name
+
+
+def test_pruning_ends_cleanly_when_nothing_is_left(tasks):
+    model, optimizer = new_model()
+    history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=1.0, max_epochs=2,
+                               patience=1, recovery_epochs=1, progress=False)
+    assert history[-1]["stop_reason"] == "nothing left to prune"
+    # 24 -> 12 -> 1: two steps, then nothing is left but the one FREE neuron kept per group
+    assert max(r["step"] or 0 for r in history) == 2
+    for row in model.capacity().values():
+        assert row == {"task 0": 1, "free": 23, "pruned": 0}
+
+
+def test_max_prune_steps_caps_the_pruning(tasks):
+    model, optimizer = new_model()
+    history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=1.0, max_epochs=1,
+                               patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
+    assert history[-1]["stop_reason"] == "max_prune_steps reached"
+    for row in model.capacity().values():
+        assert row["task 0"] == 18
+
+
+def test_a_reused_optimizer_keeps_working(tasks):
+    model, optimizer = new_model()
+    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=0.2, max_epochs=2, patience=1,
+                     recovery_epochs=1, progress=False)
+    for p, state in optimizer.state.items():  # no stale moments for the storage that shrank
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.dim():
+                assert v.shape == p.shape
+    model.prepare_for_task(1, CLASSES)
+    optimizer.add_param_group({"params": list(model.heads[1].parameters())})
+    model.train_task(tasks[1][0], optimizer, pruning="l2", step=0.5, stop_threshold=0.2, max_epochs=2, patience=1,
+                     recovery_epochs=1, progress=False)
+    assert model.num_finished_tasks == 2
+
+
+def test_taylor_scores_are_collected_during_the_call_only(tasks):
+    model, optimizer = new_model()
+    model.train_task(tasks[0][0], optimizer, pruning="taylor", step=0.5, stop_threshold=0.2, max_epochs=2,
+                     patience=1, recovery_epochs=1, progress=False)
+    assert all(not layer.taylor_enabled for g in model.groups for _, layer in g.members)
+
+
+def test_never_prunes_a_frozen_neuron(tasks):
+    model, optimizer = new_model()
+    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=0.2, max_epochs=2, patience=1,
+                     recovery_epochs=1, progress=False)
+    frozen = {g.name: (g.task_state == 0).clone() for g in model.groups}
+    model.prepare_for_task(1, CLASSES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    model.train_task(tasks[1][0], optimizer, pruning="l1", step=1.0, stop_threshold=1.0, max_epochs=1, patience=1,
+                     recovery_epochs=1, progress=False)
+    for g in model.groups:
+        s = g.task_state
+        assert bool((s[frozen[g.name]] == 0).all())
+        assert int((s == 1).sum()) == 1  # pruned down to the one FREE neuron kept
+        assert not bool((s == PRUNED).any()) and int((s == FREE).sum()) == g.size - 1 - int(frozen[g.name].sum())
+
+
+def test_progress_bars_show_loss_accuracy_and_pruned_share(tasks, capsys):
+    model, optimizer = new_model()
+    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=1.0, max_epochs=1, patience=1,
+                     recovery_epochs=1, progress=True)
+    err = capsys.readouterr().err
+    for text in ("task 0 · train 1/1", "prune step 1", "loss=", "acc=", "pruned="):
+        assert text in err
+
+
+def test_clear_errors(tasks):
+    model, optimizer = new_model()
+    loader = tasks[0][0]
+    for kwargs, match in ((dict(pruning="l3"), "pruning"), (dict(step=0.0), "step"), (dict(step=1.5), "step"),
+                          (dict(stop_threshold=2), "stop_threshold"), (dict(max_epochs=0), "max_epochs"),
+                          (dict(patience=0), "patience"), (dict(recovery_epochs=0), "recovery_epochs")):
+        with pytest.raises(ValueError, match=match):
+            model.train_task(loader, optimizer, progress=False, **kwargs)
+    torch.manual_seed(0)
+    fresh = EideticNetwork(*mlp_body())
+    with pytest.raises(ValueError, match="prepare_for_task"):
+        fresh.train_task(loader, optimizer, progress=False)
+    early = torch.optim.AdamW(fresh.parameters(), lr=LR)  # created before the head existed
+    fresh.prepare_for_task(0, CLASSES)
+    with pytest.raises(ValueError, match="head 0"):
+        fresh.train_task(loader, early, progress=False)
+
+
+@pytest.mark.parametrize("pruning", ["taylor", "l2"])
+def test_a_checkpoint_inside_the_task_resumes_exactly(tasks, pruning):
+    """Stop after pruning step 1 (model, optimizer, RNG, loader and trainer state saved through the callback),
+    resume in a fresh network: the finished task is bit-identical to the uninterrupted run's."""
+    kwargs = dict(pruning=pruning, step=0.25, stop_threshold=1.0, max_epochs=2, patience=1, recovery_epochs=1,
+                  progress=False)
+    loader = tasks[0][0]
+    start = loader.state_dict()
+    model, optimizer = new_model()
+    saved, events = {}, []
+
+    def callback(event):
+        events.append(event["event"])
+        if event["event"] == "prune_step" and event["step"] == 1:
+            saved.update(model=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(optimizer.state_dict()),
+                         rng=torch.random.get_rng_state(), loader=copy.deepcopy(loader.state_dict()),
+                         trainer=copy.deepcopy(event["trainer_state"]))
+
+    full = model.train_task(loader, optimizer, callback=callback, **kwargs)
+    assert events.count("epoch") == sum(r["phase"] in ("train", "recover") for r in full)
+    assert events.count("prune_step") >= 3  # after training, after steps 1, 2, ...
+
+    loader.load_state_dict(start)
+    resumed_model, resumed_optimizer = new_model(seed=99)  # other init: everything comes from the checkpoint
+    resumed_model.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    torch.random.set_rng_state(saved["rng"])
+    loader.load_state_dict(saved["loader"])
+    rest = resumed_model.train_task(loader, resumed_optimizer, resume_state=saved["trainer"], **kwargs)
+    assert_same_state(resumed_model.state_dict(), model.state_dict())
+    done_before = saved["trainer"]["epochs"]
+    assert [r["epoch"] for r in rest] == [r["epoch"] for r in full if r["epoch"] > done_before or
+                                          r["phase"] == "finish"]
+    assert rest[-1]["kept"] == full[-1]["kept"] and rest[-1]["stop_reason"] == full[-1]["stop_reason"]
+
+
+def test_tracing_the_graph_from_a_batch_draws_no_randomness(tasks):
+    """The graph is traced from the loader's first batch; that peek must not move the loader's or torch's RNG."""
+    loader = tasks[0][0]
+    before_loader, before_torch = loader.state_dict()["generator"].clone(), torch.random.get_rng_state()
+    x = trainer._peek(loader)
+    assert x.shape[1:] == (1, 8, 8)
+    assert torch.equal(loader.state_dict()["generator"], before_loader)
+    assert torch.equal(torch.random.get_rng_state(), before_torch)
