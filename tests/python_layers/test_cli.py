@@ -1,0 +1,172 @@
+"""The `eidetic` command end to end on the synthetic scenario: outputs, config handling, and --resume after a kill.
+
+The kill is simulated deterministically: EIDETIC_CRASH_AFTER_CHECKPOINT=N makes the process exit (code 75) right
+after writing the run's N-th checkpoint; the resumed run must end with the same results and weights, bit for bit,
+as an uninterrupted one.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from python_layers import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["scenario=synthetic", "tasks=3", "widths=[16,16]", "max_epochs=3", "patience=1", "recovery_epochs=1",
+        "step=0.25", "max_prune_steps=2", "batch_size=32", "router_epochs=3", "progress=false", "lr=1e-2",
+        "threads=1", "dropout=0.1"]
+
+
+def _run_cli(args, env_extra=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "python_layers.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _comparable(results: dict) -> dict:
+    keep = ("accuracy_matrix", "routed_accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "capacity",
+            "baseline_accuracy", "routed_acc")
+    out = {k: results[k] for k in keep}
+    out["tasks"] = [{k: v for k, v in t.items() if k != "seconds"} for t in results["tasks"]]
+    return out
+
+
+def test_end_to_end_outputs(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("accuracy_matrix", "routed_accuracy_matrix", "acc", "bwt", "fwt", "forgetting", "capacity",
+                "wall_seconds", "config", "versions"):
+        assert key in results, key
+    R = results["accuracy_matrix"]
+    assert len(R) == 3 and all(len(row) == 3 for row in R)
+    assert R[0][2] is None and R[0][1] is not None  # R[j-1][j]: the fresh head, for FWT
+    assert all(R[i][j] is not None for i in range(3) for j in range(i + 1))
+    # bwt is computed from the matrix, and eidetic's finished tasks never change
+    assert results["bwt"] == pytest.approx(sum(R[2][j] - R[j][j] for j in range(2)) / 2) and results["bwt"] == 0
+    assert results["forgetting"] == 0
+    assert results["acc"] == pytest.approx(sum(R[2]) / 3) and results["acc"] > 0.8
+    assert all(v is not None for v in results["routed_accuracy_matrix"][2])
+    assert results["config"]["scenario"] == "synthetic" and results["config"]["widths"] == [16, 16]
+    assert results["versions"]["torch"] == torch.__version__
+    groups = results["capacity"]
+    assert groups and all({"task 0", "task 1", "task 2", "free", "pruned"} <= set(v) for v in groups.values())
+    assert all(sum(v.values()) == 16 for v in groups.values())
+    lines = (out / "history.csv").read_text().splitlines()
+    assert lines[0].startswith("task,phase,epoch,global_epoch") and len(lines) > 6
+    for name in ("accuracy_matrix.png", "routed_accuracy_matrix.png", "task_accuracy.png", "capacity.png",
+                 "config.yaml", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0, name
+    # a second start in the same folder must not overwrite the run
+    assert cli.main(["train", "--out", str(out), *TINY]) == 2
+
+
+def test_resume_after_a_kill_gives_the_same_results(tmp_path):
+    """Kill once inside a task (at a pruning-step checkpoint when the trainer has the hook) and once at the end of
+    a task; the twice-resumed run ends bit-identical to the uninterrupted one."""
+    args = [*TINY, "pruning=taylor"]
+    whole = _run_cli(["train", "--out", str(tmp_path / "whole"), *args])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    log = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["run"]["checkpoint_log"]
+    assert log.count("task 0 end") == 1 and log[-1] == "task 2 end"
+    if cli._trainer_supports_resume():
+        mid_task = [i + 1 for i, entry in enumerate(log) if entry.startswith("task 1 step")]
+        assert mid_task, log
+        kill_points = [mid_task[-1], log.index("task 1 end") + 1]
+    else:
+        kill_points = [log.index("task 0 end") + 1, log.index("task 1 end") + 1]
+    run_dir = tmp_path / "killed"
+    killed = _run_cli(["train", "--out", str(run_dir), *args], {cli.CRASH_ENV: str(kill_points[0])})
+    assert killed.returncode == cli.CRASH_EXIT_CODE, killed.stderr[-3000:]
+    assert not (run_dir / "results.json").exists()
+    again = _run_cli(["train", "--out", str(run_dir), "--resume"], {cli.CRASH_ENV: str(kill_points[1])})
+    assert again.returncode == cli.CRASH_EXIT_CODE, again.stderr[-3000:]
+    resumed = _run_cli(["train", "--out", str(run_dir), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((run_dir / "results.json").read_text())
+    assert _comparable(a) == _comparable(b)
+    wa = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    wb = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert wa["run"]["checkpoint_log"] == wb["run"]["checkpoint_log"]
+    assert wa["model"].keys() == wb["model"].keys()
+    for k in wa["model"]:
+        va, vb = wa["model"][k], wb["model"][k]
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, vb), k
+    assert wa["run"]["history"] == wb["run"]["history"]  # every epoch's loss and accuracy, exactly
+
+
+def test_resume_errors(tmp_path):
+    assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume", *TINY]) == 2
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from python_layers import scenarios
+    monkeypatch.setenv("EIDETIC_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(scenarios, "_shared_data_candidates", lambda: [tmp_path / "no-shared"])
+    assert cli.main(["train", "--out", str(tmp_path / "r"), "scenario=split_mnist", "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "EIDETIC_DATA" in err and str(tmp_path / "empty") in err and "../shared/data" in err
+
+
+def test_config_parsing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("scenario: permuted_mnist\nlr: 2e-4\nwidths: [2000, 2000]\npruning: taylor\n")
+    cfg = cli.load_config(path, cli.parse_overrides(["batch_size=64", "dropout=0.1", "tasks=4"]))
+    assert cfg["lr"] == 2e-4 and isinstance(cfg["lr"], float)  # YAML 1.1 reads 2e-4 as a string
+    assert cfg["widths"] == [2000, 2000] and cfg["batch_size"] == 64 and cfg["tasks"] == 4
+    assert cfg["pruning"] == "taylor" and cfg["seed"] == 0  # defaults fill the rest
+    with pytest.raises(cli.ConfigError, match="unknown config key.*learning_rate"):
+        cli.load_config(None, {"learning_rate": 1})
+    with pytest.raises(cli.ConfigError, match="pruning must be one of"):
+        cli.load_config(None, {"pruning": "l3"})
+    with pytest.raises(cli.ConfigError, match="max_epochs must be an integer"):
+        cli.load_config(None, {"max_epochs": "many"})
+    with pytest.raises(cli.ConfigError, match="key=value"):
+        cli.parse_overrides(["lr"])
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"demo.yaml", "pmnist_small.yaml", "pmnist_paper.yaml",
+                                         "split_cifar100_resnet.yaml", "split_cifar10.yaml"}
+    for p in configs:
+        cli.load_config(p)
+    paper = cli.load_config(ROOT / "configs" / "pmnist_paper.yaml")
+    assert (paper["tasks"], paper["widths"], paper["pruning"], paper["step"], paper["stop_threshold"],
+            paper["dropout"], paper["batch_size"], paper["lr"]) == (10, [2000, 2000], "taylor", 0.05, 0.001, 0.1,
+                                                                    256, 2e-4)
+
+
+def test_help_explains_every_key(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in cli.OPTIONS:
+        assert f"  {option.name} (default" in text, option.name
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    train_text = capsys.readouterr().out
+    assert "--resume" in train_text and "--config" in train_text and "  router (default" in train_text
+
+
+@pytest.mark.parametrize("model,extra", [("convnet", ["widths=[4,8]"]),
+                                         ("resnet", ["widths=[4,8]", "blocks=[1,1]"])])
+def test_conv_bodies_run_through_the_cli(tmp_path, model, extra):
+    args = ["train", "--out", str(tmp_path / model), "scenario=synthetic", "tasks=2", f"model={model}",
+            "max_epochs=1", "patience=1", "recovery_epochs=1", "step=0.5", "max_prune_steps=1", "stop_threshold=1", "batch_size=64",
+            "router=entropy", "progress=false", "threads=1", *extra]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / model / "results.json").read_text())
+    assert results["bwt"] == 0 and not math.isnan(results["acc"])
