@@ -40,7 +40,9 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
     live = channel_task != PRUNED
     all_free = bool(free.all())
     all_live = all_free or bool(live.all())
-    if (use_batch_stats and all_free) or (not use_batch_stats and all_live):
+    # ATen only when nothing is frozen: a frozen channel must always take the same formula below, or its
+    # output would change bits when another channel is pruned (ATen's eval formula rounds differently)
+    if all_free:
         y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
     else:
         shape = [1, -1] + [1] * (x.dim() - 2)

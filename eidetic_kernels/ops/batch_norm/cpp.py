@@ -1,0 +1,71 @@
+"""masked_batch_norm on the C++ CPU backend (csrc/eidetic_cpu.cpp), same semantics and signature as
+reference.py: FREE channels use (and update) batch statistics while training, frozen channels their
+running statistics and frozen affine rows, PRUNED channels output exactly 0.
+
+Forward: two passes over x (statistics, then normalisation); backward: two passes (Σdy and
+Σdy·(x-mean) per channel, then dx); the Taylor score comes from the same sums at no extra pass.
+dtypes other than float32/float64, empty inputs, and layers whose channels are all FREE (without a
+Taylor score, or with one on [N, C] inputs) take the reference path: there the layer is its torch.nn
+twin, bit for bit, and ATen's batch norm is as fast or faster.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import cpp
+from ...state import FREE
+from . import reference
+
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, trainable_weight, trainable_bias, running_mean, running_var, frozen_weight, frozen_bias,
+                channel_task, slot, use_batch_stats, momentum, eps, taylor_score):
+        ext = cpp.load_module()
+        x = x.contiguous()
+        y, mean, invstd = ext.bn_forward(x, running_mean, running_var, trainable_weight, frozen_weight,
+                                         trainable_bias, frozen_bias, channel_task, slot, use_batch_stats,
+                                         momentum, eps)
+        ctx.save_for_backward(x, mean, invstd, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
+                              channel_task, slot)
+        ctx.use_batch_stats = use_batch_stats
+        ctx.has_running = running_mean is not None
+        ctx.taylor_score = taylor_score
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, invstd, tw, fw, tb, fb, channel_task, slot = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = cpp.load_module().bn_backward(
+            dy, x, mean, invstd, tw, fw, tb, fb, channel_task, slot, ctx.use_batch_stats, ctx.has_running,
+            need_dx, need_dw, need_db, ctx.taylor_score)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + (None,) * 10
+
+
+def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
+               channel_task, slot, training, momentum, eps, taylor_score=None):
+    if x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 or x.device.type != "cpu":
+        return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
+                                    frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
+    use_batch_stats = bool(training) or running_mean is None
+    if (taylor_score is None or x.dim() == 2) and bool((channel_task == FREE).all()):
+        # nothing frozen: the layer is its torch.nn twin, bit for bit, through ATen's batch norm as in
+        # the reference (with a Taylor score on [N, C] inputs too: ATen + the hook win there on the
+        # bench). With any frozen channel we always run ours, so that a frozen channel's output never
+        # depends on the states of the others (or on Taylor scores): bit-stable.
+        return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
+                                    frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
+    try:
+        cpp.load_module()  # the first call builds (cached); a failed build has warned once
+    except RuntimeError:
+        return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
+                                    frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
+    if taylor_score is not None and not (taylor_score.dtype == torch.float32 and taylor_score.is_contiguous()):
+        raise TypeError("taylor_score must be a contiguous float32 tensor (one entry per channel)")
+    return _MaskedBatchNorm.apply(
+        x, trainable_weight, trainable_bias, running_mean, running_var,
+        None if frozen_weight is None else frozen_weight.detach(),
+        None if frozen_bias is None else frozen_bias.detach(),
+        channel_task.to(torch.int16).contiguous(), slot.to(torch.int32).contiguous(), use_batch_stats,
+        float(momentum), float(eps), taylor_score)
