@@ -19,7 +19,6 @@ import argparse
 import csv
 import datetime as dt
 import os
-import platform
 import re
 import statistics
 import time
@@ -28,22 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from benchmarks.conftest import cpu_model
 from eidetic_kernels import FREE, EideticBatchNorm1d, EideticBatchNorm2d, cpp
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = ["date", "machine", "logical_cpus", "threads", "torch", "op", "shape", "frozen_share", "pruned_share",
            "dtype", "pass", "provider", "median_ms", "iqr_ms", "rounds", "ratio_to_reference", "ratio_to_nn"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
 
 
 def machine_slug() -> str:

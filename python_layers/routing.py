@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .trainer import _model_device
+
 __all__ = ["TaskRouter", "fit_router", "predict", "ROUTERS"]
 
 ROUTERS = ("learned", "entropy")
@@ -48,14 +50,6 @@ def _finished(model) -> int:
     if n < 1:
         raise ValueError("no task is finished yet: train one with model.train_task(...) before routing")
     return n
-
-
-def _model_device(model) -> torch.device:
-    for t in model.buffers():
-        return t.device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _inputs(batch):

@@ -99,7 +99,6 @@ def _dense_batch_norm(x, rm, rv, w, b, task, training, momentum, eps):
             continue
         if training and state == FREE:
             mean, var = xc.mean(), xc.var(unbiased=False)
-            n = xc.numel()
             new_rm[c] = (1 - momentum) * rm[c] + momentum * mean.detach()
             new_rv[c] = (1 - momentum) * rv[c] + momentum * xc.detach().var(unbiased=True)
         else:

@@ -10,7 +10,6 @@ gradients to the trainable storage only; frozen storage is a buffer and gets non
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..grouped import grouped_forward
