@@ -44,6 +44,8 @@ def _check_param(p: torch.Tensor | None, name: str, shape: tuple, like: torch.Te
 def _states(vectors: dict, expected: dict, device: torch.device) -> list[torch.Tensor]:
     out = []
     for name, v in vectors.items():
+        if isinstance(v, (list, tuple)):
+            v = torch.tensor(v)  # plain Python lists of states are fine too
         check_state_vector(v, name, expected[name])
         out.append(v.to(device=device, dtype=STATE_DTYPE))
     return out

@@ -20,7 +20,7 @@ keeps min_input_task 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -108,6 +108,22 @@ class OutputGroup:
     frozen: bool  # rows are in the frozen storage (else the trainable one)
     rows: torch.Tensor | slice  # rows in that storage: a slice when contiguous
     input_live: torch.Tensor | None  # Bool[in]; None when every input is live
+    input_index: torch.Tensor | None = None  # int64: the live inputs (input_live.nonzero()); None when all live
+
+
+@dataclass
+class InputWindow:
+    """Groups (indices into ``Plan.groups``) that read exactly the same inputs: one op can serve them all.
+
+    ``covers_all``: the window is the layer's only one, so one op over every output in order (PRUNED
+    ones as zero rows) needs no assembly. The rows of such an op are indexed by ``Plan.window_rows``.
+    """
+
+    groups: list[int]
+    input_live: torch.Tensor | None  # Bool[in]; None when every input is live
+    input_index: torch.Tensor | None  # int64 live inputs; None when every input is live
+    covers_all: bool
+    has_free: bool  # one of its groups is the FREE one
 
 
 @dataclass
@@ -118,6 +134,56 @@ class Plan:
     all_trainable_dense: bool  # every neuron FREE, every input live: a plain layer
     live_is_identity: bool  # groups emit every neuron in index order: no gather needed
     gather_index: torch.Tensor  # int64[n_out]: each neuron's column in the groups' output; PRUNED -> n_live
+    windows: list[InputWindow] = field(default_factory=list)  # the groups, by the inputs they read
+    pruned_neurons: torch.Tensor | None = None  # int64 PRUNED outputs; None when there are none
+    # Layers keep FREE and PRUNED rows in the trainable storage at slots 0..k-1: the FREE group's op over
+    # the whole storage then puts row r at output trainable_row_neuron[r] (None when slots are not like
+    # that, or when there are several FREE groups), and its rows trainable_pruned_rows (None if none) are
+    # zeroed
+    trainable_row_neuron: torch.Tensor | None = None
+    trainable_pruned_rows: torch.Tensor | None = None
+    trainable_rows_are_outputs: bool = False  # trainable_row_neuron is 0..n_out-1 (nothing frozen)
+    # built on first use (index vectors only): window -> (neurons, row source), see window_rows
+    window_row_cache: dict = field(default_factory=dict, repr=False)
+
+    def window_rows(self, w: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(neurons, source) of one op serving window ``w``: its output neurons in row order (None: every
+        output in order) and, per row, int32: slot s >= 0 in the trainable storage, -2 - s for slot s in
+        the frozen storage, -1 for a zero row (a PRUNED neuron)."""
+        cached = self.window_row_cache.get(w)
+        if cached is None:
+            window = self.windows[w]
+            members = [self.groups[i] for i in window.groups]
+            dev = members[0].neurons.device
+            neurons = torch.cat([g.neurons for g in members])
+            source = torch.cat([_rows_index(g.rows, dev) * (-1 if g.frozen else 1)
+                                - (2 if g.frozen else 0) for g in members])
+            if window.covers_all:
+                full = torch.full((self.n_out,), -1, dtype=torch.long, device=dev)
+                full[neurons] = source
+                cached = (None, full.int())
+            else:
+                order = torch.argsort(neurons)  # output order: the assembly then copies sorted columns
+                cached = (neurons[order], source[order].int())
+            self.window_row_cache[w] = cached
+        return cached
+
+    def window_free_rows(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions among the rows of window ``w``'s op, trainable slots) of its FREE rows."""
+        key = ("free", w)
+        cached = self.window_row_cache.get(key)
+        if cached is None:
+            source = self.window_rows(w)[1]
+            positions = (source >= 0).nonzero().flatten()
+            cached = (positions, source[positions].long())
+            self.window_row_cache[key] = cached
+        return cached
+
+
+def _rows_index(rows: torch.Tensor | slice, device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop, device=device)
+    return rows.long()
 
 
 def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
@@ -129,43 +195,79 @@ def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
 
 def make_plan(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor,
               slot: torch.Tensor) -> Plan:
-    """Group output neurons by (state, min_input_task): the reference backend runs one GEMM per group.
+    """Group output neurons by (state, min_input_task), and the groups by the inputs they read: the
+    reference backend runs one GEMM per group or per window.
 
-    Host-side work done once per state change (layers cache it), never per step.
+    Host-side work done once per state change (layers cache it), never per step. Only index vectors
+    are stored: the layers keep their memory within a few percent of a plain layer.
     """
     out_l = out_task.long().cpu()
     lo_l = out_min_task.long().cpu()
-    in_l = in_task.long()
+    in_l = in_task.long().cpu()
     slot_l = slot.long().cpu()
     dev = out_task.device
+    n_out = out_l.numel()
     live = out_l != PRUNED
     keys = torch.stack([out_l[live], lo_l[live]], 1)
-    groups = []
-    order = []
+    specs = []
+    window_of: dict = {}  # input pattern -> group indices
     if keys.numel():
         uniq = torch.unique(keys, dim=0)
         for task, lo in uniq.tolist():
             neurons = ((out_l == task) & (lo_l == lo)).nonzero().flatten()
             inputs = live_inputs(in_l, task, lo)
-            groups.append(OutputGroup(
-                task=task, min_task=lo, neurons=neurons.to(dev), frozen=task != FREE,
-                rows=_as_slice(slot_l[neurons]),
-                input_live=None if bool(inputs.all()) else inputs,
-            ))
-            order.append(neurons)
-    for g in groups:
-        if isinstance(g.rows, torch.Tensor):
-            g.rows = g.rows.to(dev)
+            all_live = bool(inputs.all())
+            specs.append((task, lo, neurons, None if all_live else inputs))
+            window_of.setdefault(None if all_live else tuple(inputs.tolist()), []).append(len(specs) - 1)
+    order = [s[2] for s in specs]
     live_neurons = torch.cat(order).to(dev) if order else torch.zeros(0, dtype=torch.long, device=dev)
+    groups = []
+    start = 0
+    for task, lo, neurons, inputs in specs:
+        rows = _as_slice(slot_l[neurons])
+        groups.append(OutputGroup(
+            task=task, min_task=lo,
+            neurons=live_neurons[start:start + neurons.numel()],  # a view: the plan stores each index once
+            frozen=task != FREE, rows=rows if isinstance(rows, slice) else rows.to(dev),
+            input_live=None if inputs is None else inputs.to(dev),
+            input_index=None if inputs is None else inputs.nonzero().flatten().to(dev),
+        ))
+        start += neurons.numel()
     all_dense = (len(groups) == 1 and groups[0].task == FREE and groups[0].input_live is None
-                 and live_neurons.numel() == out_l.numel())
-    identity = live_neurons.numel() == out_l.numel() and bool(
-        (live_neurons.cpu() == torch.arange(out_l.numel())).all())
+                 and live_neurons.numel() == n_out)
+    identity = live_neurons.numel() == n_out and bool(
+        (live_neurons.cpu() == torch.arange(n_out)).all())
     n_live = live_neurons.numel()
-    gather_index = torch.full((out_l.numel(),), n_live, dtype=torch.long, device=dev)
+    gather_index = torch.full((n_out,), n_live, dtype=torch.long, device=dev)
     gather_index[live_neurons] = torch.arange(n_live, device=dev)
-    return Plan(groups=groups, live_neurons=live_neurons, n_out=out_l.numel(), all_trainable_dense=all_dense,
-                live_is_identity=identity, gather_index=gather_index)
+
+    windows = []
+    for members in window_of.values():
+        first = groups[members[0]]
+        windows.append(InputWindow(groups=members, input_live=first.input_live, input_index=first.input_index,
+                                   covers_all=len(window_of) == 1,
+                                   has_free=any(not groups[i].frozen for i in members)))
+    pruned = (~live).nonzero().flatten()
+    # trainable storage = FREE and PRUNED rows at slots 0..k-1 (what layers keep): row -> neuron
+    trainable = (~is_frozen(out_l)).nonzero().flatten()
+    row_neuron = torch.full((trainable.numel(),), -1, dtype=torch.long)
+    slots = slot_l[trainable]
+    if trainable.numel() and int(slots.min()) >= 0 and int(slots.max()) < trainable.numel():
+        row_neuron[slots] = trainable
+    free = [g for g in groups if not g.frozen]
+    # (with FREE neurons split by min_input_task, each FREE group takes its own rows instead)
+    mapped = len(free) == 1 and bool((row_neuron >= 0).all())
+    row_neuron_dev = None
+    if mapped:
+        reuse = free and not pruned.numel() and torch.equal(free[0].neurons.cpu(), row_neuron)
+        row_neuron_dev = free[0].neurons if reuse else row_neuron.to(dev)
+    return Plan(groups=groups, live_neurons=live_neurons, n_out=n_out, all_trainable_dense=all_dense,
+                live_is_identity=identity, gather_index=gather_index, windows=windows,
+                pruned_neurons=pruned.to(dev) if pruned.numel() else None,
+                trainable_row_neuron=row_neuron_dev,
+                trainable_pruned_rows=slot_l[pruned].to(dev) if mapped and pruned.numel() else None,
+                trainable_rows_are_outputs=mapped and row_neuron.numel() == n_out
+                and bool((row_neuron == torch.arange(n_out)).all()))
 
 
 def view_states(task_vector: torch.Tensor, view_task: int | None) -> torch.Tensor:

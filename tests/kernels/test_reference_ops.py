@@ -254,3 +254,143 @@ def test_everything_pruned_outputs_zeros_of_the_right_shape():
     assert y.shape == (2, 4, 3, 3) and bool((y == 0).all())
     y = masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), Z(3), out_task)
     assert y.shape == (2, 4) and bool((y == 0).all())
+
+
+# ----- the reference backend on split storage, as layers call it ------------------------------------
+# Which op serves a group depends on the shapes (one op per input window when weight rows are cheaper
+# to gather than output rows; live inputs selected or dead ones zeroed by cost), so these cases span
+# batch sizes and widths that take every path, for linear and conv.
+
+from eidetic_kernels.ops.conv2d.reference import conv2d as reference_conv2d  # noqa: E402
+from eidetic_kernels.ops.linear.reference import linear as reference_linear  # noqa: E402
+from eidetic_kernels.state import is_frozen, make_plan, storage_slots, view_states  # noqa: E402
+
+
+def _split(weight, bias, out_task):
+    """Dense rows -> (trainable, frozen) storages and slots, the layout layers keep."""
+    slot = storage_slots(out_task)
+    frozen = is_frozen(out_task)
+    fw = weight.new_empty((int(frozen.sum()),) + tuple(weight.shape[1:]))
+    tw = weight.new_empty((int((~frozen).sum()),) + tuple(weight.shape[1:]))
+    fw[slot[frozen]] = weight[frozen]
+    tw[slot[~frozen]] = weight[~frozen]
+    fb, tb = bias.new_empty(fw.shape[0]), bias.new_empty(tw.shape[0])
+    fb[slot[frozen]] = bias[frozen]
+    tb[slot[~frozen]] = bias[~frozen]
+    return tw, fw, tb, fb, slot.int()
+
+
+def _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, slot):
+    plan = make_plan(in_task, out_task, lo, slot)
+    if kind == "linear":
+        return reference_linear(x, tw, fw, tb, fb, in_task, out_task, lo, slot, plan)
+    return reference_conv2d(x, tw, fw, tb, fb, in_task, out_task, lo, slot, (1, 1), (1, 1), (1, 1), plan)
+
+
+def _storage_case(kind, n_in, n_out, batch, seed, in_pattern):
+    g = torch.Generator().manual_seed(seed)
+    if in_pattern == "raw":  # raw inputs: every group reads every input (one window)
+        in_task = Z(n_in)
+    elif in_pattern == "tasks":  # frozen producers only: several windows, nothing PRUNED in the input
+        in_task = torch.randint(0, 3, (n_in,), generator=g).to(torch.int16)
+    else:
+        in_task = random_states(n_in, g)
+    out_task = random_states(n_out, g)
+    lo = torch.randint(0, 2, (n_out,), generator=g).to(torch.int16)
+    # conv: 6x5 outputs, or 17x16 when the batch is 1 (>= 256 per channel: the other assembly path)
+    shape = (batch, n_in) if kind == "linear" else (batch, n_in) + ((17, 16) if batch == 1 else (6, 5))
+    w_shape = (n_out, n_in) if kind == "linear" else (n_out, n_in, 3, 3)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+    b = torch.randn(n_out, generator=g, dtype=torch.float64)
+    return x, w, b, in_task, out_task, lo
+
+
+STORAGE_CASES = [(kind, n_in, n_out, batch, pattern)
+                 for kind, sizes in (("linear", [(13, 11, 3), (13, 11, 40), (40, 9, 2), (40, 30, 2), (7, 30, 1)]),
+                                     ("conv", [(5, 7, 2), (11, 6, 1)]))
+                 for n_in, n_out, batch in sizes for pattern in ("raw", "tasks", "mixed")]
+
+
+@pytest.mark.parametrize("kind, n_in, n_out, batch, pattern", STORAGE_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_on_split_storage_matches_dense_mask(kind, n_in, n_out, batch, pattern, seed):
+    x, w, b, in_task, out_task, lo = _storage_case(kind, n_in, n_out, batch, seed, pattern)
+    tw, fw, tb, fb, slot = _split(w, b, out_task)
+    tw.requires_grad_()
+    tb.requires_grad_()
+    x.requires_grad_()
+    y = _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, slot)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=y.dtype)
+    gx, gtw, gtb = torch.autograd.grad(y, (x, tw, tb), dy, materialize_grads=True, allow_unused=True)
+
+    m = dense_mask(in_task, out_task, lo)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    live_out = (out_task != PRUNED).double()
+    if kind == "linear":
+        y_ref = x2 @ (w2 * m).T + b2 * live_out
+    else:
+        y_ref = F.conv2d(x2, w2 * m[:, :, None, None], b2 * live_out, padding=1)
+    rx, rw, rb = torch.autograd.grad(y_ref, (x2, w2, b2), dy)
+    _close(y, y_ref, torch.float64)
+    _close(gx, rx, torch.float64)
+    free = out_task == FREE
+    trainable_slot = slot.long()[~is_frozen(out_task)]
+    _close(gtw[slot.long()[free]], rw[free], torch.float64)
+    _close(gtb[slot.long()[free]], rb[free], torch.float64)
+    # exact zeros: PRUNED outputs, gradients of PRUNED rows and of dead synapses, dX of inputs nobody reads
+    assert bool((y[:, out_task == PRUNED] == 0).all())
+    pruned_rows = slot.long()[out_task == PRUNED]
+    assert bool((gtw[pruned_rows] == 0).all()) and bool((gtb[pruned_rows] == 0).all())
+    dead = (m[free] == 0)
+    assert bool((gtw[slot.long()[free]][dead] == 0).all())
+    unread = m.sum(0) == 0
+    assert bool((gx[:, unread] == 0).all())
+    assert trainable_slot.numel() == tw.shape[0]
+
+
+@pytest.mark.parametrize("kind, n_in, n_out, batch, pattern", STORAGE_CASES)
+def test_reference_frozen_outputs_never_see_nan(kind, n_in, n_out, batch, pattern):
+    """NaN/inf in dead inputs and in every trainable row: frozen outputs are bit-identical to a clean run
+    and PRUNED outputs exactly 0; dX is bit-identical too while the trainable rows are finite (dX = dY·W
+    reads W's rows: NaN·0 would be NaN).
+
+    (Dead synapses of frozen rows keep the finite values they were trained with. The reference may
+    zero a frozen group's dead inputs instead of selecting its live ones when the weight is large and
+    the batch small, so unlike the Triton kernels it does not promise to ignore inf stored there.)"""
+    x, w, b, in_task, out_task, lo = _storage_case(kind, n_in, n_out, batch, 5, pattern)
+    tw, fw, tb, fb, slot = _split(w, b, out_task)
+    x.requires_grad_()
+    clean = _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, slot)
+    frozen = is_frozen(out_task)
+    x_bad = x.detach().clone()
+    x_bad[:, (in_task == FREE) | (in_task == PRUNED)] = float("nan")
+    tw_bad = torch.full_like(tw, float("nan"))
+    tb_bad = torch.full_like(tb, float("nan"))
+    x_bad.requires_grad_()
+    y = _run_reference(kind, x_bad, tw_bad, fw, tb_bad, fb, in_task, out_task, lo, slot)
+    assert torch.equal(y[:, frozen], clean[:, frozen].detach())
+    assert torch.equal(y[:, out_task == PRUNED], torch.zeros_like(y[:, out_task == PRUNED]))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    (gx_clean,) = torch.autograd.grad(clean, (x,), dy)
+    y = _run_reference(kind, x_bad, tw, fw, tb, fb, in_task, out_task, lo, slot)
+    (gx,) = torch.autograd.grad(y, (x_bad,), dy)
+    assert torch.equal(gx, gx_clean)
+
+
+@pytest.mark.parametrize("kind, n_in, n_out, batch, pattern", STORAGE_CASES)
+def test_reference_view_of_a_finished_task_is_bit_stable(kind, n_in, n_out, batch, pattern):
+    """Evaluated as finished task 0, the outputs depend on task 0's neurons only: the same bits whatever
+    later tasks, FREE and PRUNED neurons hold (states and values)."""
+    x, w, b, in_task, out_task, lo = _storage_case(kind, n_in, n_out, batch, 7, pattern)
+    g = torch.Generator().manual_seed(8)
+    later_in = torch.where(in_task == 0, in_task, random_states(n_in, g).clamp(min=1))
+    later_out = torch.where(out_task == 0, out_task, random_states(n_out, g).clamp(min=1))
+    outputs = []
+    for ins, outs, fill in ((in_task, out_task, 1.0), (later_in, later_out, float("nan"))):
+        tw, fw, tb, fb, slot = _split(w, b, outs)
+        tw = torch.full_like(tw, fill) if fill != 1.0 else tw
+        v_in, v_out = view_states(ins, 0), view_states(outs, 0)
+        outputs.append(_run_reference(kind, x, tw, fw, tb, fb, v_in, v_out, lo, slot))
+    assert torch.equal(outputs[0], outputs[1])
+    assert bool(torch.isfinite(outputs[1]).all())

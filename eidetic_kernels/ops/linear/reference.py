@@ -16,7 +16,17 @@ from ..grouped import grouped_forward
 from ..taylor import attach_taylor_hook
 
 
+def _input_grad(grad_out, weight, x_shape):
+    return grad_out.matmul(weight)
+
+
+def _weight_grad(x, grad_out, weight_shape):
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    return g.t().mm(x.reshape(-1, x.shape[-1])), g.sum(0)
+
+
 def linear(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task, out_min_task,
            slot, plan, taylor_score=None):
-    y = grouped_forward(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, plan, F.linear, -1)
+    y = grouped_forward(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, plan, F.linear, -1,
+                        _input_grad, _weight_grad)
     return attach_taylor_hook(y, taylor_score, -1)
