@@ -65,7 +65,8 @@ def fill_parameters(model, value):
 
 
 @pytest.mark.parametrize("pruning", ["l2", "l1", "taylor"])
-@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("arch", ["mlp", pytest.param("cnn", marks=pytest.mark.trains_conv_body),
+                                  pytest.param("resnet", marks=pytest.mark.trains_conv_body)])
 def test_finished_tasks_are_bit_stable(arch, pruning):
     torch.manual_seed(0)
     tasks = make_tasks(seed=1)
@@ -116,6 +117,7 @@ def test_plain_torch_nn_layers_are_converted():
     train_tasks(model, tasks, "l2", probe, snapshots)
 
 
+@pytest.mark.trains_conv_body
 def test_save_load_round_trip_then_keep_training():
     torch.manual_seed(0)
     tasks = make_tasks(seed=4)
@@ -171,7 +173,8 @@ def test_no_free_neuron_left_is_a_clear_error_and_takes_nothing():
     assert model.capacity() == capacity
 
 
-@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+@pytest.mark.parametrize("arch", [pytest.param("cnn", marks=pytest.mark.trains_conv_body),
+                                  pytest.param("resnet", marks=pytest.mark.trains_conv_body)])
 def test_a_task_that_takes_the_last_free_neurons(arch):
     """When a task freezes every remaining neuron the trainable storage becomes empty ([0, ...]); finished
     tasks (BatchNorm affine rows included) must still read their own frozen rows."""

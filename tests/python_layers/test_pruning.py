@@ -119,7 +119,8 @@ def test_taylor_score_sums_normalised_member_scores():
     free = lin.task_state == FREE
     expect = raw_lin / raw_lin[free].mean() + raw_bn / raw_bn[free].mean()
     scores = pruning.group_scores(LayerGroup(lin, bn), "taylor")
-    torch.testing.assert_close(scores[free], expect[free], rtol=1e-4, atol=1e-6)
+    # fp32 sums of a·g in another order (fused backends): rtol 1e-3
+    torch.testing.assert_close(scores[free], expect[free], rtol=1e-3, atol=1e-5)
     assert bool(torch.isnan(scores[~free]).all())
 
 
