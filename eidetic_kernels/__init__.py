@@ -1,13 +1,14 @@
 """eidetic_kernels: masked ops and drop-in layers with per-neuron task state.
 
-Public names: the layers, FREE, PRUNED, convert, functional.
+Public names: the layers, FREE, PRUNED, convert, functional, rebind_optimizer.
 """
 from . import cpp  # noqa: F401  registers the winning C++ ops as CPU default (builds lazily, on first use)
 from . import functional
 from .layers import (EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLayer, EideticLinear,
                      convert)
+from .replaced import StaleOptimizerError, rebind_optimizer
 from .state import FREE, MAX_TASK, PRUNED
 
 __all__ = ["EideticLinear", "EideticConv2d", "EideticBatchNorm1d", "EideticBatchNorm2d", "EideticLayer",
-           "convert", "functional", "FREE", "PRUNED", "MAX_TASK"]
+           "convert", "functional", "FREE", "PRUNED", "MAX_TASK", "rebind_optimizer", "StaleOptimizerError"]
 __version__ = "0.1.0"

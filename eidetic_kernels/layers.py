@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from . import backends
 from .functional import check_input
+from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, is_frozen,
                     make_plan, new_state, storage_slots, view_states)
 
@@ -145,8 +146,8 @@ class EideticLayer(nn.Module):
         keep_slots = self.slot[self.task_state == PRUNED].long()
         for name, trainable, frozen in self._split_pairs():
             setattr(self, "frozen_" + name, torch.cat([frozen, trainable.detach()[free_slots]]))
-            trainable.data = trainable.data[keep_slots]
-            trainable.grad = None
+            # a new Parameter, never a resize in place: graphs still alive keep the old one intact
+            replace_parameter(self, name, trainable.detach()[keep_slots])
         self.task_state[free] = task
         self._state_changed()
         return n
@@ -159,6 +160,8 @@ class EideticLayer(nn.Module):
         if n == 0:
             return 0
         slots = self.slot[pruned].long()
+        for name, trainable, _ in self._split_pairs():  # fresh storage: a live graph keeps the old values
+            replace_parameter(self, name, trainable.detach().clone())
         self._reinit_rows(slots, generator)
         self.task_state[pruned] = FREE
         if hasattr(self, "min_input_task"):
@@ -252,8 +255,9 @@ class EideticLayer(nn.Module):
                             f"{self.num_neurons} neurons in {key}, got {got}")
                         return
             for name, trainable, frozen in self._split_pairs():
-                trainable.data = trainable.data.new_empty((sizes[""],) + tuple(trainable.shape[1:]))
-                trainable.grad = None
+                shape = (sizes[""],) + tuple(trainable.shape[1:])
+                if tuple(trainable.shape) != shape:  # same shape: the same Parameter object is loaded into
+                    replace_parameter(self, name, trainable.detach().new_empty(shape))
                 setattr(self, "frozen_" + name, frozen.new_empty((n_frozen,) + tuple(frozen.shape[1:])))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

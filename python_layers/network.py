@@ -194,8 +194,10 @@ class EideticNetwork(nn.Module):
     def finish_task(self, generator: torch.Generator | None = None) -> dict[str, int]:
         """Freeze the current task: FREE neurons (body and head) -> task t; PRUNED -> FREE, re-initialised.
 
-        Returns {layer name: neurons frozen}. Parameters shrink: an optimizer reused for the next task
-        must drop its state for parameters whose shape changed.
+        Returns {layer name: neurons frozen}. Layers install new Parameters (never resized in place, so
+        autograd graphs still alive stay valid): an optimizer built before must be re-bound with
+        ``eidetic_kernels.rebind_optimizer(optimizer)`` (``train_task`` does it); stepping it unbound
+        raises ``StaleOptimizerError``.
         """
         if self.current_task is None:
             raise RuntimeError("no task to finish: call model.prepare_for_task(t, num_classes) and train it first")

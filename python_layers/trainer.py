@@ -12,8 +12,9 @@ The steps, in the order ``train_task`` runs them:
    Pruning also ends cleanly when every group is down to one FREE neuron.
 3. **Freeze** the surviving FREE neurons (and the head) for the task, 4. **recycle** the pruned ones with
    a fresh default init as FREE capacity for the next task, 5. **cut** the synapses from them into frozen
-   neurons: all three are ``model.finish_task()``. Optimizer state of the parameters whose storage shrank
-   is dropped so an optimizer reused for the next task keeps working.
+   neurons: all three are ``model.finish_task()``, which installs new Parameters; the optimizer given to
+   ``train_task`` is re-bound to them (same param groups and hyperparameters, the replaced Parameters'
+   state dropped), so it can be reused for the next task.
 
 Every loop is capped by an epoch or step count; no stopping rule tests floats for equality.
 """
@@ -25,6 +26,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from eidetic_kernels import rebind_optimizer
 
 from . import pruning as pruning_mod
 from .pruning import frozen_share, pruned_share
@@ -341,10 +344,9 @@ class _TaskRun:
 
 
 def finish_task(model, optimizer) -> None:
-    """``model.finish_task()``, then drop optimizer state whose parameter changed shape."""
-    shapes = {id(p): tuple(p.shape) for g in optimizer.param_groups for p in g["params"]}
+    """``model.finish_task()``, then re-bind ``optimizer`` to the Parameters it installed.
+
+    Same param groups and hyperparameters; the state of every replaced Parameter is dropped.
+    """
     model.finish_task()
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            if tuple(p.shape) != shapes[id(p)]:
-                optimizer.state.pop(p, None)
+    rebind_optimizer(optimizer)

@@ -1,0 +1,89 @@
+"""State transitions install new Parameters; optimizers are re-bound or fail clearly.
+
+Pinned: a graph kept alive across freeze/recycle does not break the next backward (the issue's
+reproduction); a stale optimizer stepping after ``finish_task`` raises StaleOptimizerError naming
+the fix; ``rebind_optimizer`` keeps param groups and hyperparameters and drops replaced state;
+loading a state dict keeps the Parameter objects whose shapes match.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import eidetic_kernels as ek
+from python_layers import EideticNetwork
+
+
+def test_graph_kept_alive_across_freeze_does_not_break_backward():
+    layer = ek.EideticLinear(3, 2)
+    kept = layer(torch.randn(1, 3))  # evaluation logits kept with their graph (for a plot, say)
+    layer.prune_neurons([1])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    layer(torch.randn(1, 3)).sum().backward()
+    assert layer.weight.grad.shape == (1, 3)
+    kept.sum().backward()  # the old graph still runs on the old Parameter's values
+
+
+def _network():
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()), 5)
+    model.prepare_for_task(0, 3)
+    return model
+
+
+def test_stale_optimizer_is_a_clear_error_and_rebind_fixes_it():
+    model = _network()
+    x = torch.randn(8, 4)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": 0.05, "weight_decay": 0.1}])
+    model(x).sum().backward()
+    opt.step()
+    for g in model.groups:
+        g.prune([1, 2])
+    model.finish_task()
+    model.prepare_for_task(1, 3)
+    opt.zero_grad()
+    model(x).sum().backward()
+    with pytest.raises(ek.StaleOptimizerError, match="rebind_optimizer"):
+        opt.step()
+    swapped = ek.rebind_optimizer(opt)
+    assert swapped > 0
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    body = [p for name, p in model.named_parameters() if not name.startswith("heads.1")]
+    assert all(id(p) in held for p in body)
+    assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["weight_decay"] == 0.1
+    assert not any(id(p) in held for p in model.heads[1].parameters())  # new head: the user adds it
+    assert all(p not in opt.state for g in opt.param_groups for p in g["params"])  # replaced: state dropped
+    opt.add_param_group({"params": list(model.heads[1].parameters())})
+    before = model.body[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model.body[0].weight)  # the re-bound optimizer trains the new Parameters
+
+
+def test_train_task_reuses_one_optimizer_across_tasks():
+    from tests.python_layers.synthetic import make_tasks
+    tasks = make_tasks(num_tasks=2, train_per_class=16, test_per_class=4)
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU()), 12)
+    model.prepare_for_task(0, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train_task(tasks[0][0], opt, pruning="l2", step=0.25, max_epochs=2, patience=1, recovery_epochs=1,
+                     progress=False)
+    model.prepare_for_task(1, 3)
+    opt.add_param_group({"params": list(model.heads[1].parameters())})
+    model.train_task(tasks[1][0], opt, pruning="l2", step=0.25, max_epochs=2, patience=1, recovery_epochs=1,
+                     progress=False)
+    assert model.num_finished_tasks == 2
+
+
+def test_load_keeps_parameter_objects_when_shapes_match():
+    model = _network()
+    model(torch.randn(2, 4))
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    ids = {name: id(p) for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    model.load_state_dict(state)
+    assert {name: id(p) for name, p in model.named_parameters()} == ids
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state[name])
