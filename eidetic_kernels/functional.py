@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .state import STATE_DTYPE, check_state_vector, make_plan
+from .state import STATE_DTYPE, check_state_vector, compact_rows, is_frozen, make_table
 
 __all__ = ["masked_linear", "masked_conv2d", "masked_batch_norm"]
 
@@ -51,14 +51,30 @@ def _states(vectors: dict, expected: dict, device: torch.device) -> list[torch.T
     return out
 
 
-def _dense_split(weight, bias, out_task, out_min_task, in_task):
-    """Dense weight as both storages (trainable = weight, frozen = weight.detach()), slots = identity."""
+def _split_call(op: str, x, weight, bias, in_task, out_task, out_min_task, taylor_score, *conv_args):
+    """Run backend ``op`` on a dense weight: FREE rows are the trainable storage (gradients reach them
+    through it), frozen rows are read detached, compactly (their live synapses only)."""
     n = out_task.numel()
-    slot = torch.arange(n, dtype=torch.int32, device=weight.device)
     if out_min_task is None:
         out_min_task = torch.zeros(n, dtype=STATE_DTYPE, device=weight.device)
-    plan = make_plan(in_task, out_task, out_min_task, slot)
-    return (weight, weight.detach(), bias, None if bias is None else bias.detach(), out_min_task, slot, plan)
+    name, fn = backends.get(op, x.device)
+    if name != "reference":  # full-width storages, rows found by slot (the identity here)
+        slot = torch.arange(n, dtype=torch.int32, device=weight.device)
+        return fn(x, weight, weight.detach(), bias, None if bias is None else bias.detach(), in_task, out_task,
+                  out_min_task, slot, *conv_args, None, taylor_score)
+    table = make_table(in_task, out_task, out_min_task)
+    frozen = is_frozen(out_task)
+    if bool(frozen.any()):
+        trainable = (~frozen).nonzero().flatten()
+        blocks = table.frozen_blocks  # no view here: every frozen block
+        fw = compact_rows(weight.detach(), blocks)
+        rows = torch.cat([b.rows for b in blocks])
+        fb = None if bias is None else bias.detach().index_select(0, rows)
+        tw = weight.index_select(0, trainable)
+        tb = None if bias is None else bias.index_select(0, trainable)
+    else:
+        fw, fb, tw, tb = weight.new_empty(0), None if bias is None else bias.new_empty(0), weight, bias
+    return fn(x, tw, tb, fw, fb, table, *conv_args, taylor_score, False)
 
 
 def masked_linear(x, weight, bias, in_task, out_task, out_min_task=None, taylor_score=None):
@@ -80,9 +96,22 @@ def masked_linear(x, weight, bias, in_task, out_task, out_min_task=None, taylor_
     states = _states(names, sizes, x.device)
     in_task, out_task = states[:2]
     out_min_task = states[2] if out_min_task is not None else None
-    tw, fw, tb, fb, lo, slot, plan = _dense_split(weight, bias, out_task, out_min_task, in_task)
-    _, fn = backends.get("linear", x.device)
-    return fn(x, tw, fw, tb, fb, in_task, out_task, lo, slot, plan, taylor_score)
+    return _split_call("linear", x, weight, bias, in_task, out_task, out_min_task, taylor_score)
+
+
+def conv_padding(padding, kernel_size, dilation, what: str = "masked_conv2d"):
+    """'valid'/'same' as explicit per-dim padding (the backward ops take numbers)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        pads = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(f"{what}: padding='same' needs d*(k-1) even per dim; pass explicit ints")
+            pads.append(total // 2)
+        return tuple(pads)
+    return padding
 
 
 def _pair(v, name, what):
@@ -114,11 +143,10 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
     states = _states(names, sizes, x.device)
     in_task, out_task = states[:2]
     out_min_task = states[2] if out_min_task is not None else None
-    tw, fw, tb, fb, lo, slot, plan = _dense_split(weight, bias, out_task, out_min_task, in_task)
-    stride, padding, dilation = (_pair(stride, "stride", what), _pair(padding, "padding", what),
-                                 _pair(dilation, "dilation", what))
-    _, fn = backends.get("conv2d", x.device)
-    return fn(x, tw, fw, tb, fb, in_task, out_task, lo, slot, stride, padding, dilation, plan, taylor_score)
+    stride, dilation = _pair(stride, "stride", what), _pair(dilation, "dilation", what)
+    padding = conv_padding(_pair(padding, "padding", what), tuple(weight.shape[2:]), dilation)
+    return _split_call("conv2d", x, weight, bias, in_task, out_task, out_min_task, taylor_score, stride, padding,
+                       dilation)
 
 
 def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, training, momentum=0.1, eps=1e-5,

@@ -4,8 +4,14 @@ Storage is split by construction. The rows (weight row, bias entry, BN affine en
 and PRUNED neurons live in ordinary Parameters (``weight``, ``bias``); the rows of frozen
 neurons live in buffers (``frozen_weight``, ``frozen_bias``). No frozen value is reachable
 through ``model.parameters()``, so no optimizer, weight decay, hook or gradient can move it.
-Together the two hold exactly the torch.nn twin's values; the state costs O(out + in) small
-integers. ``slot[i]`` is neuron i's row in whichever storage its state selects.
+The state costs O(out + in) small integers. ``slot[i]`` is neuron i's row in whichever storage
+its state selects.
+
+Linear and Conv2d store frozen rows compactly: ``frozen_weight`` is one flat buffer holding, block by
+block of the block-triangular product (``state.make_table``: frozen neurons by (task, min_input_task)),
+each frozen row's *live* synapses only. A layer's bytes therefore shrink as tasks finish. The inputs a
+frozen block reads can never change afterwards (``set_input_task`` refuses it), so the layout is a
+function of the states. ``dense()`` gives the twin's dense tensors back (zeros on dead synapses).
 
 While every neuron is FREE, ``weight`` has the twin's shape and the layer is the twin.
 """
@@ -17,10 +23,11 @@ import torch
 import torch.nn as nn
 
 from . import backends
-from .functional import check_input
+from .functional import check_input, conv_padding
 from .replaced import replace_parameter
-from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, is_frozen,
-                    make_plan, new_state, storage_slots, view_states)
+from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
+                    expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, new_state, storage_slots,
+                    view_states)
 
 __all__ = ["EideticLinear", "EideticConv2d", "EideticBatchNorm1d", "EideticBatchNorm2d", "EideticLayer",
            "convert"]
@@ -35,6 +42,7 @@ class EideticLayer(nn.Module):
 
     _split_names: tuple[str, ...] = ()
     _has_inputs = True  # False for batch norm: its channels are its neurons' own outputs
+    _compact = False  # frozen weight rows stored compactly (Linear/Conv); bias and BN entries stay per neuron
 
     # ----- construction -------------------------------------------------------------------
     def _init_state(self, n_out: int, n_in: int | None, device) -> None:
@@ -45,7 +53,10 @@ class EideticLayer(nn.Module):
             self.register_buffer("input_task", torch.zeros(n_in, dtype=STATE_DTYPE, device=device))
         self.register_buffer("taylor_score", None, persistent=False)
         self._slot: torch.Tensor | None = None
+        self._frozen_count: int | None = 0
         self.view_task: int | None = None
+        # frozen blocks are constants to autograd (EideticNetwork turns this on for its own training)
+        self.constant_frozen = False
         self.last_backend: str | None = None
         self._plans: dict = {}
         backends.preload(self.task_state.device)  # torch.compile cannot trace the backend's import
@@ -57,7 +68,9 @@ class EideticLayer(nn.Module):
             self.register_buffer("frozen_" + name, None)
             return
         self.register_parameter(name, nn.Parameter(value))
-        self.register_buffer("frozen_" + name, value.detach().new_empty((0,) + tuple(value.shape[1:])))
+        # compact layers keep frozen rows flat (live synapses only); batch norm one entry per channel
+        self.register_buffer("frozen_" + name, value.detach().new_empty((0,) if self._compact else
+                                                                       (0,) + tuple(value.shape[1:])))
 
     @property
     def num_neurons(self) -> int:
@@ -79,12 +92,32 @@ class EideticLayer(nn.Module):
     def slot(self) -> torch.Tensor:
         """Int32[out]: each neuron's row in its storage. Derived from the states, so not a buffer."""
         if self._slot is None or self._slot.device != self.task_state.device:
-            self._slot = storage_slots(self.task_state).to(torch.int32)
+            lo = self.min_input_task if self._has_inputs else None
+            self._slot = storage_slots(self.task_state, lo).to(torch.int32)
         return self._slot
 
     def _state_changed(self) -> None:
         self._slot = None
+        self._frozen_count = None
         self._plans.clear()
+
+    def _frozen_blocks(self, task_state=None, min_input_task=None, input_task=None):
+        """Frozen blocks in storage order (see ``state.frozen_blocks``); channels of their own for BN."""
+        task_state = self.task_state if task_state is None else task_state
+        if self._has_inputs:
+            lo = self.min_input_task if min_input_task is None else min_input_task
+            inputs = self.input_task if input_task is None else input_task
+        else:
+            lo = torch.zeros_like(task_state)
+            inputs = torch.zeros(0, dtype=STATE_DTYPE, device=task_state.device)
+        return frozen_blocks(inputs, task_state, lo)
+
+    @property
+    def _n_frozen(self) -> int:
+        """Frozen neurons (a Python int kept by state changes: torch.compile reads it as a constant)."""
+        if self._frozen_count is None:
+            self._frozen_count = int(is_frozen(self.task_state).sum())
+        return self._frozen_count
 
     def _apply(self, fn, *args, **kwargs):
         self._state_changed()  # cached plans hold tensors on the old device
@@ -142,13 +175,22 @@ class EideticLayer(nn.Module):
         n = int(free.sum())
         if n == 0:
             return 0
-        free_slots = self.slot[free].long()
-        keep_slots = self.slot[self.task_state == PRUNED].long()
-        for name, trainable, frozen in self._split_pairs():
-            setattr(self, "frozen_" + name, torch.cat([frozen, trainable.detach()[free_slots]]))
-            # a new Parameter, never a resize in place: graphs still alive keep the old one intact
-            replace_parameter(self, name, trainable.detach()[keep_slots])
+        old_slot = self.slot.long()
+        keep_slots = old_slot[self.task_state == PRUNED]
         self.task_state[free] = task
+        # rows of the new frozen neurons in storage order (by min_input_task, then index): appended
+        new_blocks = [b for b in self._frozen_blocks() if b.task == task]
+        for name, trainable, frozen in self._split_pairs():
+            rows = trainable.detach()
+            if self._compact and name == "weight":
+                by_neuron = rows.new_zeros((self.num_neurons,) + tuple(rows.shape[1:]))
+                by_neuron[free] = rows[old_slot[free]]
+                added = compact_rows(by_neuron, new_blocks)
+            else:
+                added = torch.cat([rows[old_slot[b.rows]] for b in new_blocks])
+            setattr(self, "frozen_" + name, torch.cat([frozen, added]))
+            # a new Parameter, never a resize in place: graphs still alive keep the old one intact
+            replace_parameter(self, name, rows[keep_slots])
         self._state_changed()
         return n
 
@@ -185,26 +227,43 @@ class EideticLayer(nn.Module):
         if not self._has_inputs:
             raise TypeError(f"{self._name()} has no inputs of its own")
         check_state_vector(input_task, "input_task", self.input_task.numel())
-        self.input_task.copy_(input_task.to(self.input_task.device, STATE_DTYPE))
+        new = input_task.to(self.input_task.device, STATE_DTYPE)
+        changed = new != self.input_task
+        if bool(changed.any()):
+            old_c, new_c = self.input_task[changed], new[changed]
+            for b in self._frozen_blocks():
+                if bool((live_inputs(old_c, b.task, b.min_task) | live_inputs(new_c, b.task, b.min_task)).any()):
+                    j = int(changed.nonzero()[0, 0])
+                    raise ValueError(
+                        f"{self._name()}: the inputs of neurons frozen for task {b.task} cannot change (input "
+                        f"{j}: {describe_state(int(self.input_task[j]))} -> {describe_state(int(new[j]))}); a "
+                        "finished task's outputs never change. Only inputs from FREE or PRUNED neurons, or from "
+                        "tasks no frozen neuron reads, may change state")
+        self.input_task.copy_(new)
         self._plans.clear()
 
     # ----- evaluation views ------------------------------------------------------------------
-    def _states(self):
-        """(in_task, out_task, out_min_task, plan) as the current view sees them; cached."""
+    def _table(self):
+        """The range table (``state.make_table``) of the current view; cached per view until a state changes."""
         key = self.view_task
-        cached = self._plans.get(key)
-        if cached is None:
-            out_task = view_states(self.task_state, key)
-            in_task = view_states(self.input_task, key) if self._has_inputs else None
-            lo = self.min_input_task if self._has_inputs else None
-            if self._has_inputs and torch.compiler.is_compiling():
-                # make_plan reads the states on the host (not traceable); the backends that run under
-                # torch.compile (Triton) compute the mask in their kernels and take plan=None.
-                return in_task, out_task, lo, None
-            plan = make_plan(in_task, out_task, lo, self.slot) if self._has_inputs else None
-            cached = (in_task, out_task, lo, plan)
-            self._plans[key] = cached
-        return cached
+        table = self._plans.get(key)
+        if table is None:
+            table = make_table(self.input_task, self.task_state, self.min_input_task, key)
+            self._plans[key] = table
+        return table
+
+    def _view_states(self):
+        """(in_task, out_task, out_min_task) as the current view sees them (traceable)."""
+        key = self.view_task
+        out_task = view_states(self.task_state, key)
+        if not self._has_inputs:
+            return None, out_task, None
+        return view_states(self.input_task, key), out_task, self.min_input_task
+
+    def _full_frozen_weight(self) -> torch.Tensor:
+        """Frozen rows at full width [n_frozen, in, *kernel] in slot order (zeros on dead synapses)."""
+        return expand_rows(self.frozen_weight, self.input_task, self.task_state, self.min_input_task,
+                           self._n_frozen, tuple(self.weight.shape[2:]))
 
     # ----- Taylor importance -----------------------------------------------------------------
     def enable_taylor(self, enabled: bool = True) -> None:
@@ -228,7 +287,10 @@ class EideticLayer(nn.Module):
         trainable = getattr(self, name)
         if trainable is None:
             return None
-        return assemble_rows(trainable.detach(), getattr(self, "frozen_" + name), self.task_state, self.slot).clone()
+        frozen = getattr(self, "frozen_" + name)
+        if self._compact and name == "weight":
+            frozen = self._full_frozen_weight()
+        return assemble_rows(trainable.detach(), frozen, self.task_state, self.slot).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -240,14 +302,23 @@ class EideticLayer(nn.Module):
             except (TypeError, ValueError) as exc:
                 error_msgs.append(f"{exc}; this layer has {self.num_neurons} neurons")
                 return
-            n_frozen = int(is_frozen(incoming).sum())
+            incoming = incoming.to(self.task_state.device, STATE_DTYPE)
+            lo = in_task = None
+            if self._has_inputs:
+                lo = state_dict.get(prefix + "min_input_task", self.min_input_task).to(incoming.device, STATE_DTYPE)
+                in_task = state_dict.get(prefix + "input_task", self.input_task).to(incoming.device, STATE_DTYPE)
+            blocks = self._frozen_blocks(incoming, lo, in_task)
+            n_frozen = sum(b.rows.numel() for b in blocks)
+            version = (local_metadata or {}).get("version", 1) or 1
+            if self._compact and version < 2:
+                self._upgrade_v1(state_dict, prefix, incoming, lo, blocks, error_msgs)
             sizes = {"": self.num_neurons - n_frozen, "frozen_": n_frozen}
             for name, trainable, frozen in self._split_pairs():
                 for kind, tensor in (("", trainable), ("frozen_", frozen)):
                     k = prefix + kind + name
                     if k not in state_dict:
                         continue
-                    want = (sizes[kind],) + tuple(tensor.shape[1:])
+                    want = self._storage_shape(kind, name, sizes[kind], blocks, tensor)
                     got = tuple(state_dict[k].shape)
                     if got != want:
                         error_msgs.append(
@@ -255,13 +326,46 @@ class EideticLayer(nn.Module):
                             f"{self.num_neurons} neurons in {key}, got {got}")
                         return
             for name, trainable, frozen in self._split_pairs():
-                shape = (sizes[""],) + tuple(trainable.shape[1:])
+                shape = self._storage_shape("", name, sizes[""], blocks, trainable)
                 if tuple(trainable.shape) != shape:  # same shape: the same Parameter object is loaded into
                     replace_parameter(self, name, trainable.detach().new_empty(shape))
-                setattr(self, "frozen_" + name, frozen.new_empty((n_frozen,) + tuple(frozen.shape[1:])))
+                setattr(self, "frozen_" + name, frozen.new_empty(self._storage_shape("frozen_", name, n_frozen,
+                                                                                     blocks, frozen)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._state_changed()
+
+    def _storage_shape(self, kind: str, name: str, rows: int, blocks, like: torch.Tensor) -> tuple:
+        if kind == "frozen_" and self._compact and name == "weight":
+            per_synapse = 1
+            for d in self.weight.shape[2:]:
+                per_synapse *= d
+            return (sum(b.rows.numel() * b.width for b in blocks) * per_synapse,)
+        if kind == "frozen_" and self._compact:
+            return (rows,)
+        return (rows,) + tuple(like.shape[1:])
+
+    def _upgrade_v1(self, state_dict, prefix, incoming, lo, blocks, error_msgs) -> None:
+        """First-version checkpoints kept frozen rows at full width, ordered by (task, index): compact them."""
+        k = prefix + "frozen_weight"
+        old = state_dict.get(k)
+        if old is None or old.dim() < 2:
+            return
+        frozen = is_frozen(incoming)
+        if old.shape[0] != int(frozen.sum()):
+            error_msgs.append(f"{k}: a first-version checkpoint with {old.shape[0]} frozen rows for "
+                              f"{int(frozen.sum())} frozen neurons; it does not belong to this layer")
+            return
+        v1_slot = storage_slots(incoming).to(old.device)  # the first version's order: (task, index)
+        by_neuron = old.new_zeros((incoming.numel(),) + tuple(old.shape[1:]))
+        by_neuron[frozen] = old[v1_slot[frozen]]
+        state_dict[k] = compact_rows(by_neuron, blocks)
+        kb = prefix + "frozen_bias"
+        if kb in state_dict and lo is not None:  # bias rows move from (task, index) to (task, min task, index)
+            bias = state_dict[kb]
+            by_neuron = bias.new_zeros(incoming.numel())
+            by_neuron[frozen] = bias[v1_slot[frozen]]
+            state_dict[kb] = torch.cat([by_neuron[b.rows.to(bias.device)] for b in blocks]) if blocks else bias
 
     def _name(self) -> str:
         return type(self).__name__
@@ -293,6 +397,8 @@ class EideticLinear(EideticLayer):
     """nn.Linear with per-neuron task state (see module docstring)."""
 
     _split_names = ("weight", "bias")
+    _compact = True
+    _version = 2  # state-dict format: 2 = compact frozen rows (first-version checkpoints are upgraded on load)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -319,34 +425,27 @@ class EideticLinear(EideticLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "input", self.weight, -1, self.in_features, 1, self._name())
-        in_task, out_task, lo, plan = self._states()
         self.last_backend, fn = backends.get("linear", x.device)
-        return fn(x, self.weight, self.frozen_weight, self.bias, self.frozen_bias, in_task, out_task, lo,
-                  self.slot, plan, self.taylor_score)
+        if self.last_backend == "reference":
+            return fn(x, self.weight, self.bias, self.frozen_weight, self.frozen_bias, self._table(),
+                      self.taylor_score, self.constant_frozen)
+        # Triton kernels read full-width frozen rows until they run the range table
+        in_task, out_task, lo = self._view_states()
+        table = None if torch.compiler.is_compiling() else self._table()  # only its dense-layer flag is read
+        return fn(x, self.weight, self._full_frozen_weight(), self.bias, self.frozen_bias, in_task, out_task, lo,
+                  self.slot, table, self.taylor_score)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{state_summary(self.task_state)}")
 
 
-def _conv_padding(padding, kernel_size, dilation):
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        pads = []
-        for k, d in zip(kernel_size, dilation):
-            total = d * (k - 1)
-            if total % 2:
-                raise ValueError("EideticConv2d: padding='same' needs d*(k-1) even per dim; pass explicit ints")
-            pads.append(total // 2)
-        return tuple(pads)
-    return padding
-
-
 class EideticConv2d(EideticLayer):
     """nn.Conv2d (groups=1, zero padding) with per-output-channel task state."""
 
     _split_names = ("weight", "bias")
+    _compact = True
+    _version = 2  # state-dict format: 2 = compact frozen rows (first-version checkpoints are upgraded on load)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
@@ -360,7 +459,7 @@ class EideticConv2d(EideticLayer):
                          device=device, dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = twin.kernel_size, twin.stride, twin.dilation
-        self.padding = _conv_padding(twin.padding, twin.kernel_size, twin.dilation)
+        self.padding = conv_padding(twin.padding, twin.kernel_size, twin.dilation, "EideticConv2d")
         self.groups, self.padding_mode = 1, "zeros"
         self._split("weight", twin.weight.detach())
         self._split("bias", None if twin.bias is None else twin.bias.detach())
@@ -385,10 +484,15 @@ class EideticConv2d(EideticLayer):
         check_input(x, "input", self.weight, 1, self.in_channels, 4, self._name())
         if x.dim() != 4:
             raise ValueError(f"{self._name()} expects input of shape [N, C, H, W], got {tuple(x.shape)}")
-        in_task, out_task, lo, plan = self._states()
         self.last_backend, fn = backends.get("conv2d", x.device)
-        return fn(x, self.weight, self.frozen_weight, self.bias, self.frozen_bias, in_task, out_task, lo,
-                  self.slot, self.stride, self.padding, self.dilation, plan, self.taylor_score)
+        if self.last_backend == "reference":
+            return fn(x, self.weight, self.bias, self.frozen_weight, self.frozen_bias, self._table(), self.stride,
+                      self.padding, self.dilation, self.taylor_score, self.constant_frozen)
+        # Triton kernels read full-width frozen rows until they run the range table
+        in_task, out_task, lo = self._view_states()
+        table = None if torch.compiler.is_compiling() else self._table()  # only its dense-layer flag is read
+        return fn(x, self.weight, self._full_frozen_weight(), self.bias, self.frozen_bias, in_task, out_task, lo,
+                  self.slot, self.stride, self.padding, self.dilation, table, self.taylor_score)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -452,7 +556,7 @@ class _EideticBatchNorm(EideticLayer):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or self.running_mean is None
         use_running = not self.training or self.track_running_stats
-        _, out_task, _, _ = self._states()
+        _, out_task, _ = self._view_states()
         self.last_backend, fn = backends.get("batch_norm", x.device)
         return fn(x, self.running_mean if use_running else None, self.running_var if use_running else None,
                   self.weight, self.frozen_weight, self.bias, self.frozen_bias, out_task, self.slot, batch_stats,

@@ -80,194 +80,239 @@ def live_synapses(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: t
     return (i != PRUNED) & (o != PRUNED) & (i >= lo) & (i <= o)
 
 
-def storage_slots(out_task: torch.Tensor) -> torch.Tensor:
+def storage_slots(out_task: torch.Tensor, out_min_task: torch.Tensor | None = None) -> torch.Tensor:
     """Int64[out]: each neuron's row in its storage.
 
     FREE and PRUNED neurons live, in index order, in the trainable storage; frozen neurons
-    live in the frozen storage ordered by (task, index), so each task's rows form one
-    contiguous block and freezing a new task only appends.
+    live in the frozen storage ordered by (task, min_input_task, index), so each block of the
+    block-triangular product is one contiguous run of rows and freezing a new task only appends.
     """
     out_task = out_task.long()
     frozen = is_frozen(out_task)
     # Fixed shapes and no host sync (traceable by torch.compile): trainable rows count up in index
-    # order; a stable sort puts the frozen neurons first, by (task, index), and its inverse is the slot.
+    # order; a stable sort puts the frozen neurons first, by (task, min task, index), and its inverse is the slot.
+    key = torch.where(frozen, out_task, FREE + 1)
+    if out_min_task is not None:
+        key = key * (FREE + 2) + torch.where(frozen, out_min_task.long(), 0)
+    order = torch.sort(key, stable=True).indices
     trainable_slot = torch.cumsum((~frozen).long(), 0) - 1
-    order = torch.sort(torch.where(frozen, out_task, FREE + 1), stable=True).indices
     position = torch.arange(out_task.numel(), device=out_task.device)
     frozen_slot = torch.empty_like(position).scatter_(0, order, position)
     return torch.where(frozen, frozen_slot, trainable_slot)
 
 
-@dataclass
-class OutputGroup:
-    """Output neurons that share one input window; computed by one matmul/conv."""
+def _range_of(index: torch.Tensor) -> tuple[int, int] | None:
+    """(a, b) when the ascending int64 ``index`` (on the CPU) is a..b-1, else None."""
+    n = index.numel()
+    if n and int(index[-1]) - int(index[0]) == n - 1:
+        return int(index[0]), int(index[0]) + n
+    return None
 
-    task: int  # FREE or the frozen task
+
+@dataclass
+class Block:
+    """One product of the block-triangular layer: output neurons ``rows`` read the inputs ``cols``.
+
+    A frozen block's weights are ``[len(rows), len(cols), *kernel]`` at element ``offset`` of the flat
+    frozen storage (its bias at rows ``bias_start:`` of the frozen bias). The trainable block reads the
+    trainable storage: rows ``slots`` (None: every trainable row, in order; its PRUNED rows, at
+    positions ``zero_rows`` of the block's output, are set to exactly 0). Inputs are a slice when
+    ``col_range`` is set, else gathered by ``cols``; ``dead`` are columns inside the slice the block must
+    not read (PRUNED inputs between FREE ones: zeroed on the smaller of the inputs and the weights).
+    ``train_pos`` / ``train_range``: positions of the block's inputs that can carry a gradient to a
+    trainable parameter (FREE producers): the only inputs the trainable block computes dX for when frozen
+    blocks are constants to autograd.
+    """
+
+    task: int  # frozen task, or FREE
     min_task: int
-    neurons: torch.Tensor  # int64 logical output indices
-    frozen: bool  # rows are in the frozen storage (else the trainable one)
-    rows: torch.Tensor | slice  # rows in that storage: a slice when contiguous
-    input_live: torch.Tensor | None  # Bool[in]; None when every input is live
-    input_index: torch.Tensor | None = None  # int64: the live inputs (input_live.nonzero()); None when all live
+    rows: torch.Tensor  # int64 output neurons, ascending
+    cols: torch.Tensor | None  # int64 inputs read, ascending; None: every input
+    col_range: tuple[int, int] | None
+    width: int  # number of inputs read (columns of the compact storage)
+    offset: int = 0  # frozen: element offset in the flat storage (in units of weights per synapse)
+    bias_start: int = 0  # frozen: first row in the frozen bias
+    slots: torch.Tensor | None = None  # trainable: storage rows read; None = all, in order
+    zero_rows: torch.Tensor | None = None  # trainable: PRUNED rows of the block output
+    dead: torch.Tensor | None = None  # trainable: columns inside col_range not read (relative to its start)
+    train_pos: torch.Tensor | None = None  # trainable: positions among the block's inputs with FREE producers
+    train_range: tuple[int, int] | None = None
+
+    @property
+    def frozen(self) -> bool:
+        return self.task != FREE
 
 
 @dataclass
-class InputWindow:
-    """Groups (indices into ``Plan.groups``) that read exactly the same inputs: one op can serve them all.
+class Table:
+    """The range table of one layer for one view: which products run, and how outputs are assembled.
 
-    ``covers_all``: the window is the layer's only one, so one op over every output in order (PRUNED
-    ones as zero rows) needs no assembly. The rows of such an op are indexed by ``Plan.window_rows``.
+    Host-side work done once per state change (layers cache it), never per step; it holds index
+    vectors only (no weight-shaped tensor). Block outputs are concatenated in table order; when
+    ``out_index`` is None that concatenation (followed by ``tail`` zero columns) is already the output
+    in neuron order, else output neuron i is column ``out_index[i]`` of the concatenation with one
+    zero column appended (PRUNED neurons and those the view cannot see read it).
     """
 
-    groups: list[int]
-    input_live: torch.Tensor | None  # Bool[in]; None when every input is live
-    input_index: torch.Tensor | None  # int64 live inputs; None when every input is live
-    covers_all: bool
-    has_free: bool  # one of its groups is the FREE one
-
-
-@dataclass
-class Plan:
-    groups: list[OutputGroup]
-    live_neurons: torch.Tensor  # int64: every non-PRUNED output, in the order the groups emit them
+    blocks: list[Block]
     n_out: int
-    all_trainable_dense: bool  # every neuron FREE, every input live: a plain layer
-    live_is_identity: bool  # groups emit every neuron in index order: no gather needed
-    gather_index: torch.Tensor  # int64[n_out]: each neuron's column in the groups' output; PRUNED -> n_live
-    windows: list[InputWindow] = field(default_factory=list)  # the groups, by the inputs they read
-    pruned_neurons: torch.Tensor | None = None  # int64 PRUNED outputs; None when there are none
-    # Layers keep FREE and PRUNED rows in the trainable storage at slots 0..k-1: the FREE group's op over
-    # the whole storage then puts row r at output trainable_row_neuron[r] (None when slots are not like
-    # that, or when there are several FREE groups), and its rows trainable_pruned_rows (None if none) are
-    # zeroed
-    trainable_row_neuron: torch.Tensor | None = None
-    trainable_pruned_rows: torch.Tensor | None = None
-    trainable_rows_are_outputs: bool = False  # trainable_row_neuron is 0..n_out-1 (nothing frozen)
-    # built on first use (index vectors only): window -> (neurons, row source), see window_rows
-    window_row_cache: dict = field(default_factory=dict, repr=False)
+    n_in: int
+    out_index: torch.Tensor | None
+    tail: int  # zero outputs after the blocks' (identity layout only)
+    frozen_numel: int  # synapses in the whole frozen storage (every block, whatever the view)
+    n_frozen: int
+    all_trainable_dense: bool  # one trainable block over every row and every input: a plain layer
+    block_neurons: list[torch.Tensor] = field(default_factory=list)  # rows of each block (device)
+    zero_neurons: torch.Tensor | None = None  # outputs that are exactly 0 (device); None if none
 
-    def window_rows(self, w: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(neurons, source) of one op serving window ``w``: its output neurons in row order (None: every
-        output in order) and, per row, int32: slot s >= 0 in the trainable storage, -2 - s for slot s in
-        the frozen storage, -1 for a zero row (a PRUNED neuron)."""
-        cached = self.window_row_cache.get(w)
-        if cached is None:
-            window = self.windows[w]
-            members = [self.groups[i] for i in window.groups]
-            dev = members[0].neurons.device
-            neurons = torch.cat([g.neurons for g in members])
-            source = torch.cat([_rows_index(g.rows, dev) * (-1 if g.frozen else 1)
-                                - (2 if g.frozen else 0) for g in members])
-            if window.covers_all:
-                full = torch.full((self.n_out,), -1, dtype=torch.long, device=dev)
-                full[neurons] = source
-                cached = (None, full.int())
-            else:
-                order = torch.argsort(neurons)  # output order: the assembly then copies sorted columns
-                cached = (neurons[order], source[order].int())
-            self.window_row_cache[w] = cached
-        return cached
-
-    def window_free_rows(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions among the rows of window ``w``'s op, trainable slots) of its FREE rows."""
-        key = ("free", w)
-        cached = self.window_row_cache.get(key)
-        if cached is None:
-            source = self.window_rows(w)[1]
-            positions = (source >= 0).nonzero().flatten()
-            cached = (positions, source[positions].long())
-            self.window_row_cache[key] = cached
-        return cached
+    @property
+    def frozen_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.frozen]
 
 
-def _rows_index(rows: torch.Tensor | slice, device) -> torch.Tensor:
-    if isinstance(rows, slice):
-        return torch.arange(rows.start, rows.stop, device=device)
-    return rows.long()
+def frozen_blocks(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor) -> list[Block]:
+    """Every frozen block of a layer from its real (not view) states, in storage order (task, min task)."""
+    out_l, lo_l, in_l = out_task.long().cpu(), out_min_task.long().cpu(), in_task.long().cpu()
+    frozen = is_frozen(out_l)
+    blocks = []
+    if not bool(frozen.any()):
+        return blocks
+    offset, bias_start = 0, 0
+    for task, lo in torch.unique(torch.stack([out_l[frozen], lo_l[frozen]], 1), dim=0).tolist():
+        rows = ((out_l == task) & (lo_l == lo)).nonzero().flatten()
+        live = live_inputs(in_l, task, lo)
+        cols = live.nonzero().flatten()
+        whole = cols.numel() == in_l.numel()
+        blocks.append(Block(task=task, min_task=lo, rows=rows, cols=None if whole else cols,
+                            col_range=(0, in_l.numel()) if whole else _range_of(cols), width=cols.numel(),
+                            offset=offset, bias_start=bias_start))
+        offset += rows.numel() * cols.numel()
+        bias_start += rows.numel()
+    return blocks
 
 
-def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
-    n = rows.numel()
-    if n and int(rows[-1]) - int(rows[0]) == n - 1 and bool((rows[1:] - rows[:-1] == 1).all()):
-        return slice(int(rows[0]), int(rows[0]) + n)
-    return rows
+def make_table(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor,
+               view_task: int | None = None, dense_gather_share: float = 0.75) -> Table:
+    """The range table of a layer with real states ``in_task``/``out_task``/``out_min_task``, as view
+    ``view_task`` sees it (None: the layer as it trains; t: finished task t, blocks of tasks <= t only).
 
-
-def make_plan(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor,
-              slot: torch.Tensor) -> Plan:
-    """Group output neurons by (state, min_input_task), and the groups by the inputs they read: the
-    reference backend runs one GEMM per group or per window.
-
-    Host-side work done once per state change (layers cache it), never per step. Only index vectors
-    are stored: the layers keep their memory within a few percent of a plain layer.
+    Frozen blocks: one per (task, min_input_task), each reading exactly its live inputs (in the
+    task-major layout of a network, one contiguous range). The trainable block: FREE neurons by
+    min_input_task; when they share one, a single product over the whole trainable storage. Its
+    inputs are a slice with dead columns zeroed when the live ones fill at least ``dense_gather_share``
+    of their span, else gathered.
     """
-    out_l = out_task.long().cpu()
-    lo_l = out_min_task.long().cpu()
-    in_l = in_task.long().cpu()
-    slot_l = slot.long().cpu()
     dev = out_task.device
-    n_out = out_l.numel()
-    live = out_l != PRUNED
-    keys = torch.stack([out_l[live], lo_l[live]], 1)
-    specs = []
-    window_of: dict = {}  # input pattern -> group indices
-    if keys.numel():
-        uniq = torch.unique(keys, dim=0)
-        for task, lo in uniq.tolist():
-            neurons = ((out_l == task) & (lo_l == lo)).nonzero().flatten()
-            inputs = live_inputs(in_l, task, lo)
-            all_live = bool(inputs.all())
-            specs.append((task, lo, neurons, None if all_live else inputs))
-            window_of.setdefault(None if all_live else tuple(inputs.tolist()), []).append(len(specs) - 1)
-    order = [s[2] for s in specs]
-    live_neurons = torch.cat(order).to(dev) if order else torch.zeros(0, dtype=torch.long, device=dev)
-    groups = []
-    start = 0
-    for task, lo, neurons, inputs in specs:
-        rows = _as_slice(slot_l[neurons])
-        groups.append(OutputGroup(
-            task=task, min_task=lo,
-            neurons=live_neurons[start:start + neurons.numel()],  # a view: the plan stores each index once
-            frozen=task != FREE, rows=rows if isinstance(rows, slice) else rows.to(dev),
-            input_live=None if inputs is None else inputs.to(dev),
-            input_index=None if inputs is None else inputs.nonzero().flatten().to(dev),
-        ))
-        start += neurons.numel()
-    all_dense = (len(groups) == 1 and groups[0].task == FREE and groups[0].input_live is None
-                 and live_neurons.numel() == n_out)
-    identity = live_neurons.numel() == n_out and bool(
-        (live_neurons.cpu() == torch.arange(n_out)).all())
-    n_live = live_neurons.numel()
-    gather_index = torch.full((n_out,), n_live, dtype=torch.long, device=dev)
-    gather_index[live_neurons] = torch.arange(n_live, device=dev)
+    out_l, lo_l, in_l = out_task.long().cpu(), out_min_task.long().cpu(), in_task.long().cpu()
+    n_out, n_in = out_l.numel(), in_l.numel()
+    all_frozen = frozen_blocks(in_l, out_l, lo_l)
+    n_frozen = sum(b.rows.numel() for b in all_frozen)
+    frozen_numel = sum(b.rows.numel() * b.width for b in all_frozen)
+    blocks = [b for b in all_frozen if view_task is None or b.task <= view_task]
+    trainable = ~is_frozen(out_l)
+    free = out_l == FREE
+    if view_task is None and bool(free.any()):
+        slot = torch.cumsum(trainable.long(), 0) - 1
+        los = torch.unique(lo_l[free]).tolist()
+        for lo in los:
+            rows_free = (free & (lo_l == lo)).nonzero().flatten()
+            if len(los) == 1:  # one product over every trainable row; PRUNED rows zeroed after it
+                rows = trainable.nonzero().flatten()
+                slots = None
+                pruned_pos = (out_l[rows] == PRUNED).nonzero().flatten()
+                zero_rows = pruned_pos if pruned_pos.numel() else None
+            else:
+                rows, slots, zero_rows = rows_free, slot[rows_free], None
+            live = live_inputs(in_l, FREE, lo)
+            cols = live.nonzero().flatten()
+            blk = Block(task=FREE, min_task=lo, rows=rows, cols=None, col_range=None, width=cols.numel(),
+                        slots=None if slots is None else slots.to(dev),
+                        zero_rows=None if zero_rows is None else zero_rows.to(dev))
+            if cols.numel() == n_in:
+                blk.col_range = (0, n_in)
+            elif cols.numel() and cols.numel() >= dense_gather_share * (int(cols[-1]) + 1 - int(cols[0])):
+                a, b = int(cols[0]), int(cols[-1]) + 1
+                blk.col_range = (a, b)
+                dead = (~live[a:b]).nonzero().flatten()
+                blk.dead = dead.to(dev) if dead.numel() else None
+                blk.width = b - a
+            else:
+                blk.cols = cols
+                blk.col_range = _range_of(cols)
+            # inputs from FREE producers: the only ones a gradient can carry to a trainable parameter
+            if blk.cols is not None:
+                window_states = in_l[blk.cols]
+            else:
+                window_states = in_l[blk.col_range[0]:blk.col_range[1]]
+            train_pos = (window_states == FREE).nonzero().flatten()
+            blk.train_range = _range_of(train_pos)
+            blk.train_pos = train_pos.to(dev)
+            blocks.append(blk)
+    # output assembly: identity when the blocks' rows, in order, are 0..covered-1
+    order = [b.rows for b in blocks]
+    covered = sum(r.numel() for r in order)
+    cat = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    identity = bool((cat == torch.arange(covered)).all()) if covered else True
+    zero = torch.ones(n_out, dtype=torch.bool)
+    if covered:
+        zero[cat] = False
+    for b in blocks:  # PRUNED rows computed by the trainable product and zeroed there
+        if b.zero_rows is not None:
+            zero[b.rows[b.zero_rows.cpu()]] = True
+    out_index = None
+    if not identity:
+        out_index = torch.full((n_out,), covered, dtype=torch.long)
+        out_index[cat] = torch.arange(covered)
+        out_index = out_index.to(dev)
+    for b in blocks:
+        b.rows = b.rows.to(dev)
+        if b.cols is not None:
+            b.cols = b.cols.to(dev)
+    zero_neurons = zero.nonzero().flatten()
+    dense = (len(blocks) == 1 and not blocks[0].frozen and blocks[0].slots is None and blocks[0].zero_rows is None
+             and blocks[0].col_range == (0, n_in) and blocks[0].dead is None and n_frozen == 0)
+    return Table(blocks=blocks, n_out=n_out, n_in=n_in, out_index=out_index,
+                 tail=n_out - covered if identity else 0, frozen_numel=frozen_numel, n_frozen=n_frozen,
+                 all_trainable_dense=dense, block_neurons=[b.rows for b in blocks],
+                 zero_neurons=zero_neurons.to(dev) if zero_neurons.numel() else None)
 
-    windows = []
-    for members in window_of.values():
-        first = groups[members[0]]
-        windows.append(InputWindow(groups=members, input_live=first.input_live, input_index=first.input_index,
-                                   covers_all=len(window_of) == 1,
-                                   has_free=any(not groups[i].frozen for i in members)))
-    pruned = (~live).nonzero().flatten()
-    # trainable storage = FREE and PRUNED rows at slots 0..k-1 (what layers keep): row -> neuron
-    trainable = (~is_frozen(out_l)).nonzero().flatten()
-    row_neuron = torch.full((trainable.numel(),), -1, dtype=torch.long)
-    slots = slot_l[trainable]
-    if trainable.numel() and int(slots.min()) >= 0 and int(slots.max()) < trainable.numel():
-        row_neuron[slots] = trainable
-    free = [g for g in groups if not g.frozen]
-    # (with FREE neurons split by min_input_task, each FREE group takes its own rows instead)
-    mapped = len(free) == 1 and bool((row_neuron >= 0).all())
-    row_neuron_dev = None
-    if mapped:
-        reuse = free and not pruned.numel() and torch.equal(free[0].neurons.cpu(), row_neuron)
-        row_neuron_dev = free[0].neurons if reuse else row_neuron.to(dev)
-    return Plan(groups=groups, live_neurons=live_neurons, n_out=n_out, all_trainable_dense=all_dense,
-                live_is_identity=identity, gather_index=gather_index, windows=windows,
-                pruned_neurons=pruned.to(dev) if pruned.numel() else None,
-                trainable_row_neuron=row_neuron_dev,
-                trainable_pruned_rows=slot_l[pruned].to(dev) if mapped and pruned.numel() else None,
-                trainable_rows_are_outputs=mapped and row_neuron.numel() == n_out
-                and bool((row_neuron == torch.arange(n_out)).all()))
+
+def compact_rows(dense: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
+    """Flat frozen storage from per-neuron rows ``dense`` [out, in, *kernel]: each block's rows, each
+    row's live columns, in storage order (the inverse of ``expand_rows``)."""
+    parts = []
+    for b in blocks:
+        rows = dense.index_select(0, b.rows.to(dense.device))
+        if b.cols is not None:
+            rows = rows.index_select(1, b.cols.to(dense.device))
+        parts.append(rows.reshape(-1))
+    if not parts:
+        return dense.new_empty(0)
+    return torch.cat(parts)
+
+
+def expand_rows(flat: torch.Tensor, in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor,
+                n_frozen: int, kernel: tuple[int, ...]) -> torch.Tensor:
+    """[n_frozen, in, *kernel] in storage-slot order from the flat frozen storage, zeros on dead synapses.
+
+    Traceable (fixed shapes, no host sync; ``n_frozen`` is a Python int the layer keeps): for backends
+    that read full-width frozen rows and for ``dense()``. Holds one bool per frozen synapse while it runs;
+    the layers store no such tensor.
+    """
+    frozen = is_frozen(out_task)
+    slot = storage_slots(out_task, out_min_task)
+    key = torch.where(frozen, slot, torch.full_like(slot, out_task.numel()))
+    rows = torch.argsort(key)[:n_frozen]  # frozen neurons in slot order
+    t = out_task.long()[rows]
+    lo = out_min_task.long()[rows]
+    i = in_task.long()[None, :]
+    live = (i != PRUNED) & (i >= lo[:, None]) & (i <= t[:, None])
+    k = 1
+    for d in kernel:
+        k *= d
+    full = flat.new_zeros((n_frozen, in_task.numel(), k))
+    full = full.masked_scatter(live[:, :, None].expand_as(full), flat.reshape(-1, k))
+    return full.reshape((n_frozen, in_task.numel()) + tuple(kernel))
 
 
 def view_states(task_vector: torch.Tensor, view_task: int | None) -> torch.Tensor:

@@ -153,12 +153,17 @@ class NeuronGroup:
         return f"NeuronGroup({self.index}, size={self.size}, members=[{names}])"
 
 
-def _segment_states(segments: list[Segment], device) -> torch.Tensor:
-    """Int16[width]: the state of every feature a segment list describes (raw input: task 0)."""
+def _segment_states(segments: list[Segment], device, override: dict | None = None) -> torch.Tensor:
+    """Int16[width]: the state of every feature a segment list describes (raw input: task 0).
+
+    ``override``: {id(group): state vector} used instead of those groups' current states.
+    """
     parts = []
     for s in segments:
         if s.source is None:
             state = torch.zeros(s.count, dtype=STATE_DTYPE, device=device)
+        elif override is not None and id(s.source) in override:
+            state = override[id(s.source)].to(device)
         else:
             state = s.source.members[0][1].task_state.to(device)
         parts.append(state.repeat_interleave(s.repeat) if s.repeat != 1 else state)
@@ -199,27 +204,30 @@ class LayerGraph:
     def group_of(self, name: str) -> NeuronGroup:
         return self._group_of[name]
 
-    def feature_task(self) -> torch.Tensor:
+    def feature_task(self, override: dict | None = None) -> torch.Tensor:
         """Int16[feature_dim]: the state of each body output feature (raw input features: task 0)."""
         device = self.groups[0].members[0][1].task_state.device if self.groups else None
-        return _segment_states(self.features, device)
+        return _segment_states(self.features, device, override)
 
     def input_task(self, name: str) -> torch.Tensor:
         layer, segments = self.inputs[name]
         return _segment_states(segments, layer.input_task.device)
 
-    def sync_inputs(self) -> None:
+    def sync_inputs(self, override: dict | None = None) -> None:
         """Push every producer's states into each consumer's ``input_task`` (heads included).
 
+        ``override``: {id(group): state vector} to push instead of those groups' current states (finishing a
+        task sets every consumer's inputs to the states after freezing before any layer freezes).
         Cheap when nothing changed: a layer's cached plans are dropped only when its inputs moved.
         """
-        for g in self.groups:
-            g.check_consistent()
+        if override is None:
+            for g in self.groups:
+                g.check_consistent()
         for name, (layer, segments) in self.inputs.items():
-            _set_input(layer, _segment_states(segments, layer.input_task.device))
+            _set_input(layer, _segment_states(segments, layer.input_task.device, override))
         heads = list(self.heads)
         if heads:
-            features = self.feature_task()
+            features = self.feature_task(override)
             for head in heads:
                 _set_input(head, features)
 

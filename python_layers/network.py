@@ -203,16 +203,25 @@ class EideticNetwork(nn.Module):
             raise RuntimeError("no task to finish: call model.prepare_for_task(t, num_classes) and train it first")
         task = self.current_task
         frozen = {}
+        head = self.heads[task]
         if self.graph is not None:
+            # 1. every consumer (heads too) reads the states after freezing, so that 2. each layer's new
+            # frozen block is laid out from its final inputs, whatever order the groups freeze in
+            after = {id(g): torch.where(g.task_state == FREE, torch.full_like(g.task_state, task), g.task_state)
+                     for g in self.graph.groups}
+            self.graph.sync_inputs(override=after)
             for g in self.graph.groups:
-                frozen[g.name] = g.freeze(task)
-                g.recycle(generator)
+                frozen[g.name] = [layer.freeze_free_neurons(task) for layer in g.layers][0]
+            head.freeze_free_neurons(task)
+            # 3. recycle the pruned neurons as FREE capacity, 4. push the final states everywhere
+            for g in self.graph.groups:
+                for layer in g.layers:
+                    layer.recycle_pruned_neurons(generator)
         else:
             for name, layer in self.body_layers().items():
                 frozen[name] = layer.freeze_free_neurons(task)
                 layer.recycle_pruned_neurons(generator)
-        head = self.heads[task]
-        head.freeze_free_neurons(task)
+            head.freeze_free_neurons(task)
         self.current_task = None
         self.num_finished_tasks += 1
         self.sync()

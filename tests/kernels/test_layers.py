@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import eidetic_kernels as ek
-from eidetic_kernels import FREE, EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLinear
+from eidetic_kernels import FREE, PRUNED, EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLinear
 from eidetic_kernels import backends
 
 
@@ -167,9 +167,11 @@ def test_batch_norm_state_is_two_bytes_per_channel():
 def test_state_dict_round_trip_is_exact():
     g = torch.Generator().manual_seed(2)
     for make in (lambda: EideticLinear(9, 12), lambda: EideticConv2d(3, 10, 3), lambda: EideticBatchNorm2d(10)):
-        a = _freeze_some(make(), g)
-        if hasattr(a, "input_task"):
-            a.set_input_task(torch.randint(-1, 3, a.input_task.shape, generator=g).to(torch.int16))
+        a = make()
+        if hasattr(a, "input_task"):  # inputs from earlier tasks, PRUNED and FREE ones: compact frozen rows
+            a.set_input_task(torch.tensor([-1, 0, 1, FREE])[torch.randint(4, a.input_task.shape, generator=g)]
+                             .to(torch.int16))
+        a = _freeze_some(a, g)
         b = make()
         b.load_state_dict(a.state_dict())
         assert torch.equal(a.task_state, b.task_state)
@@ -178,6 +180,24 @@ def test_state_dict_round_trip_is_exact():
         x = torch.randn((4, 9) if isinstance(a, EideticLinear) else (4, 3 if isinstance(a, EideticConv2d) else 10, 6, 6))
         a.eval(), b.eval()
         assert torch.equal(a(x), b(x))
+
+
+def test_inputs_of_frozen_neurons_cannot_change():
+    layer = EideticLinear(6, 4)
+    layer.set_input_task(torch.tensor([0, 0, 1, FREE, PRUNED, 2], dtype=torch.int16))
+    layer.prune_neurons([3])
+    layer.freeze_free_neurons(1)  # reads inputs of tasks 0 and 1
+    x = torch.randn(3, 6)
+    before = layer(x)
+    for j, state in ((0, PRUNED), (2, FREE), (3, 1), (4, 0)):
+        bad = layer.input_task.clone()
+        bad[j] = state
+        with pytest.raises(ValueError, match="inputs of neurons frozen for task 1 cannot change"):
+            layer.set_input_task(bad)
+    ok = layer.input_task.clone()
+    ok[3], ok[4], ok[5] = PRUNED, FREE, 3  # FREE/PRUNED producers and later tasks: no frozen neuron reads them
+    layer.set_input_task(ok)
+    assert torch.equal(layer(x)[:, :3], before[:, :3])
 
 
 def test_state_dict_mismatch_is_a_clear_error():

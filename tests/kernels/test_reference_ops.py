@@ -257,34 +257,30 @@ def test_everything_pruned_outputs_zeros_of_the_right_shape():
 
 
 # ----- the reference backend on split storage, as layers call it ------------------------------------
-# Which op serves a group depends on the shapes (one op per input window when weight rows are cheaper
-# to gather than output rows; live inputs selected or dead ones zeroed by cost), so these cases span
-# batch sizes and widths that take every path, for linear and conv.
+# Frozen rows stored compactly (live synapses only); windows that are slices or gathers, a trainable
+# block over a slice with dead columns zeroed or over gathered columns, both output assemblies: these
+# cases span batch sizes and widths that take every path, for linear and conv.
 
 from eidetic_kernels.ops.conv2d.reference import conv2d as reference_conv2d  # noqa: E402
 from eidetic_kernels.ops.linear.reference import linear as reference_linear  # noqa: E402
-from eidetic_kernels.state import is_frozen, make_plan, storage_slots, view_states  # noqa: E402
+from eidetic_kernels.state import compact_rows, frozen_blocks, is_frozen, make_table  # noqa: E402
 
 
-def _split(weight, bias, out_task):
-    """Dense rows -> (trainable, frozen) storages and slots, the layout layers keep."""
-    slot = storage_slots(out_task)
+def _split(weight, bias, in_task, out_task, lo):
+    """Dense rows -> the storages layers keep: trainable rows in index order, frozen rows compact (live
+    synapses only, block by block) with their bias in block order."""
     frozen = is_frozen(out_task)
-    fw = weight.new_empty((int(frozen.sum()),) + tuple(weight.shape[1:]))
-    tw = weight.new_empty((int((~frozen).sum()),) + tuple(weight.shape[1:]))
-    fw[slot[frozen]] = weight[frozen]
-    tw[slot[~frozen]] = weight[~frozen]
-    fb, tb = bias.new_empty(fw.shape[0]), bias.new_empty(tw.shape[0])
-    fb[slot[frozen]] = bias[frozen]
-    tb[slot[~frozen]] = bias[~frozen]
-    return tw, fw, tb, fb, slot.int()
+    blocks = frozen_blocks(in_task, out_task, lo)
+    fw = compact_rows(weight, blocks)
+    fb = torch.cat([bias[b.rows] for b in blocks]) if blocks else bias[:0]
+    return weight[~frozen].clone(), fw, bias[~frozen].clone(), fb
 
 
-def _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, slot):
-    plan = make_plan(in_task, out_task, lo, slot)
+def _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, view_task=None):
+    table = make_table(in_task, out_task, lo, view_task)
     if kind == "linear":
-        return reference_linear(x, tw, fw, tb, fb, in_task, out_task, lo, slot, plan)
-    return reference_conv2d(x, tw, fw, tb, fb, in_task, out_task, lo, slot, (1, 1), (1, 1), (1, 1), plan)
+        return reference_linear(x, tw, tb, fw, fb, table)
+    return reference_conv2d(x, tw, tb, fw, fb, table, (1, 1), (1, 1), (1, 1))
 
 
 def _storage_case(kind, n_in, n_out, batch, seed, in_pattern):
@@ -316,11 +312,11 @@ STORAGE_CASES = [(kind, n_in, n_out, batch, pattern)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_reference_on_split_storage_matches_dense_mask(kind, n_in, n_out, batch, pattern, seed):
     x, w, b, in_task, out_task, lo = _storage_case(kind, n_in, n_out, batch, seed, pattern)
-    tw, fw, tb, fb, slot = _split(w, b, out_task)
+    tw, fw, tb, fb = _split(w, b, in_task, out_task, lo)
     tw.requires_grad_()
     tb.requires_grad_()
     x.requires_grad_()
-    y = _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, slot)
+    y = _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 100), dtype=y.dtype)
     gx, gtw, gtb = torch.autograd.grad(y, (x, tw, tb), dy, materialize_grads=True, allow_unused=True)
 
@@ -334,19 +330,19 @@ def test_reference_on_split_storage_matches_dense_mask(kind, n_in, n_out, batch,
     rx, rw, rb = torch.autograd.grad(y_ref, (x2, w2, b2), dy)
     _close(y, y_ref, torch.float64)
     _close(gx, rx, torch.float64)
-    free = out_task == FREE
-    trainable_slot = slot.long()[~is_frozen(out_task)]
-    _close(gtw[slot.long()[free]], rw[free], torch.float64)
-    _close(gtb[slot.long()[free]], rb[free], torch.float64)
+    trainable = ~is_frozen(out_task)
+    free = out_task[trainable] == FREE  # trainable rows are the non-frozen neurons in index order
+    _close(gtw[free], rw[out_task == FREE], torch.float64)
+    _close(gtb[free], rb[out_task == FREE], torch.float64)
     # exact zeros: PRUNED outputs, gradients of PRUNED rows and of dead synapses, dX of inputs nobody reads
     assert bool((y[:, out_task == PRUNED] == 0).all())
-    pruned_rows = slot.long()[out_task == PRUNED]
+    pruned_rows = out_task[trainable] == PRUNED
     assert bool((gtw[pruned_rows] == 0).all()) and bool((gtb[pruned_rows] == 0).all())
-    dead = (m[free] == 0)
-    assert bool((gtw[slot.long()[free]][dead] == 0).all())
+    dead = (m[out_task == FREE] == 0)
+    assert bool((gtw[free][dead] == 0).all())
     unread = m.sum(0) == 0
     assert bool((gx[:, unread] == 0).all())
-    assert trainable_slot.numel() == tw.shape[0]
+    assert int(trainable.sum()) == tw.shape[0]
 
 
 @pytest.mark.parametrize("kind, n_in, n_out, batch, pattern", STORAGE_CASES)
@@ -359,21 +355,21 @@ def test_reference_frozen_outputs_never_see_nan(kind, n_in, n_out, batch, patter
     zero a frozen group's dead inputs instead of selecting its live ones when the weight is large and
     the batch small, so unlike the Triton kernels it does not promise to ignore inf stored there.)"""
     x, w, b, in_task, out_task, lo = _storage_case(kind, n_in, n_out, batch, 5, pattern)
-    tw, fw, tb, fb, slot = _split(w, b, out_task)
+    tw, fw, tb, fb = _split(w, b, in_task, out_task, lo)
     x.requires_grad_()
-    clean = _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo, slot)
+    clean = _run_reference(kind, x, tw, fw, tb, fb, in_task, out_task, lo)
     frozen = is_frozen(out_task)
     x_bad = x.detach().clone()
     x_bad[:, (in_task == FREE) | (in_task == PRUNED)] = float("nan")
     tw_bad = torch.full_like(tw, float("nan"))
     tb_bad = torch.full_like(tb, float("nan"))
     x_bad.requires_grad_()
-    y = _run_reference(kind, x_bad, tw_bad, fw, tb_bad, fb, in_task, out_task, lo, slot)
+    y = _run_reference(kind, x_bad, tw_bad, fw, tb_bad, fb, in_task, out_task, lo)
     assert torch.equal(y[:, frozen], clean[:, frozen].detach())
     assert torch.equal(y[:, out_task == PRUNED], torch.zeros_like(y[:, out_task == PRUNED]))
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
     (gx_clean,) = torch.autograd.grad(clean, (x,), dy)
-    y = _run_reference(kind, x_bad, tw, fw, tb, fb, in_task, out_task, lo, slot)
+    y = _run_reference(kind, x_bad, tw, fw, tb, fb, in_task, out_task, lo)
     (gx,) = torch.autograd.grad(y, (x_bad,), dy)
     assert torch.equal(gx, gx_clean)
 
@@ -388,9 +384,8 @@ def test_reference_view_of_a_finished_task_is_bit_stable(kind, n_in, n_out, batc
     later_out = torch.where(out_task == 0, out_task, random_states(n_out, g).clamp(min=1))
     outputs = []
     for ins, outs, fill in ((in_task, out_task, 1.0), (later_in, later_out, float("nan"))):
-        tw, fw, tb, fb, slot = _split(w, b, outs)
+        tw, fw, tb, fb = _split(w, b, ins, outs, lo)
         tw = torch.full_like(tw, fill) if fill != 1.0 else tw
-        v_in, v_out = view_states(ins, 0), view_states(outs, 0)
-        outputs.append(_run_reference(kind, x, tw, fw, tb, fb, v_in, v_out, lo, slot))
+        outputs.append(_run_reference(kind, x, tw, fw, tb, fb, ins, outs, lo, view_task=0))
     assert torch.equal(outputs[0], outputs[1])
     assert bool(torch.isfinite(outputs[1]).all())

@@ -1,4 +1,4 @@
-"""Triton masked_conv2d (implicit GEMM) against the reference backend (run in float64), under the interpreter.
+"""Triton masked_conv2d (implicit GEMM) against the dense-mask spec (naive.py, run in float64), under the interpreter.
 
 Odd spatial sizes and channel counts, several stride/padding/dilation geometries; tolerances in TOL.
 """
@@ -8,13 +8,24 @@ import torch
 triton = pytest.importorskip("triton")
 
 from eidetic_kernels.ops import triton_common  # noqa: E402
-from eidetic_kernels.ops.conv2d import reference as ref  # noqa: E402
+from eidetic_kernels.ops.conv2d import naive  # noqa: E402
 from eidetic_kernels.ops.conv2d import triton as tri  # noqa: E402
-from eidetic_kernels.state import FREE, PRUNED, is_frozen, make_plan, storage_slots  # noqa: E402
+from eidetic_kernels.state import FREE, PRUNED, assemble_rows, is_frozen, storage_slots  # noqa: E402
 
 from .test_triton_linear import DEVICE, DTYPES, TOL, assert_close, random_states  # noqa: E402
 
 pytestmark = pytest.mark.triton
+
+
+class ref:
+    """The dense-mask spec (naive.py) on the split full-width storages the kernels read (rows by slot)."""
+
+    @staticmethod
+    def conv2d(x, tw, fw, tb, fb, in_task, out_task, lo, slot, stride, padding, dilation, plan=None,
+               taylor_score=None):
+        w = assemble_rows(tw, fw, out_task, slot)
+        b = None if tb is None else assemble_rows(tb, fb, out_task, slot)
+        return naive.masked_conv2d(x, w, b, in_task, out_task, stride, padding, dilation, lo, taylor_score)
 GEOMETRIES = {  # (kernel, stride, padding, dilation)
     "3x3_s1_p1": ((3, 3), (1, 1), (1, 1), (1, 1)),
     "3x2_s2_p12_d12": ((3, 2), (2, 1), (1, 2), (1, 2)),
@@ -44,11 +55,11 @@ def run(backend, c, x=None, dtype=None, taylor=True, grad="random"):
     x = cast(c["x"] if x is None else x).detach().requires_grad_()
     tw = cast(c["tw"]).detach().requires_grad_()
     tb = None if c["tb"] is None else cast(c["tb"]).detach().requires_grad_()
-    plan = make_plan(c["in_task"], c["out_task"], c["lo"], c["slot"])
+    plan = None
     score = torch.zeros(c["out_task"].numel(), device=DEVICE) if taylor else None
     y = backend.conv2d(x, tw, cast(c["fw"]), tb, cast(c["fb"]), c["in_task"], c["out_task"], c["lo"], c["slot"],
                        c["stride"], c["padding"], c["dilation"], plan, score)
-    if not y.requires_grad:  # the reference returns a constant 0 when every channel is PRUNED
+    if not y.requires_grad:  # a backend may return a constant 0 when every channel is PRUNED
         return [y.detach(), None, None, None, None]
     if grad == "sum":
         y.sum().backward()

@@ -88,9 +88,9 @@ def test_finished_task_is_bit_stable_under_training_nan_and_inf(kind):
     assert bool((feature_task == 1).any())
     assert bool((feat0[:, feature_task != 0] == 0).all())
     for layer in model.graph.layers.values():
-        plan = layer._plans.get(0)
-        if plan is not None and plan[3] is not None:
-            assert all(group.task == 0 for group in plan[3].groups)
+        table = layer._plans.get(0)
+        if table is not None and hasattr(table, "blocks"):
+            assert all(block.task == 0 for block in table.blocks)
 
     # the free capacity of task 2 can do anything: task 0 and 1 do not see it
     model.prepare_for_task(2, 2)

@@ -31,13 +31,13 @@ class LayerGroup:
 def mixed_layer(layer, frozen_neurons, pruned_neurons, input_task=None, min_input_task=None):
     """Freeze ``frozen_neurons`` for task 0 (the others are recycled to FREE), then prune ``pruned_neurons``."""
     others = [i for i in range(layer.num_neurons) if i not in frozen_neurons]
+    if input_task is not None:  # before freezing: the inputs of frozen neurons never change afterwards
+        layer.set_input_task(input_task)
     layer.prune_neurons(others)
     layer.freeze_free_neurons(0)
     layer.recycle_pruned_neurons()
     if pruned_neurons:
         layer.prune_neurons(pruned_neurons)
-    if input_task is not None:
-        layer.set_input_task(input_task)
     if min_input_task is not None:
         layer.set_min_input_task(min_input_task)
     return layer

@@ -1,0 +1,225 @@
+"""The block-triangular product shared by the reference linear and conv.
+
+A layer's outputs are computed block by block from its range table (``eidetic_kernels.state.make_table``):
+frozen block b is ``dense_op(x[window_b], W_b, b_b)`` with ``W_b`` a view of the compact frozen storage
+(only its live synapses are stored), the trainable block one ``dense_op`` over the trainable storage.
+Block outputs are concatenated in table order; the table says whether that already is neuron order
+(the task-major layout of a network) or needs one gather into it.
+
+Why blocks and not W ⊙ M: a frozen neuron must never see a later neuron's output, not even multiplied by
+zero (0 · NaN = NaN). A frozen block reads only its window (a slice, or a gather: never a product with a
+0/1 mask) and only weights no later task can write. Every choice below depends on the block and its
+inputs' shape only, never on the view or on later tasks, so a finished task's outputs are bit-stable.
+
+Gradients: frozen blocks have constant weights, so their backward is dX only (``_ConstantWeightOp`` keeps
+the weights, not the input). With ``constant_frozen=True`` (what ``EideticNetwork`` turns on for its own
+training) frozen blocks are constants to autograd altogether, and the trainable block computes dX only
+for inputs that come from FREE producers (``_TrainableBlockOp``): every other input can reach no trainable
+parameter. That is exact for every parameter gradient and Taylor score; it is not the full gradient of
+the layer's input (``autograd.grad`` on activations, saliency), hence an opt-in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..state import Block, Table
+
+# Output assembly on the CPU: with at least this many contiguous elements per (sample, neuron),
+# scattering each block's output (index_add_) beats one gather from their concatenation.
+_LONG_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class DenseOp:
+    """A dense op and its two gradients. ``dim``: the feature dim of inputs and outputs."""
+
+    forward: Callable  # (x, weight, bias) -> y
+    input_grad: Callable  # (grad_y, weight, x_shape) -> grad_x
+    weight_grad: Callable  # (x, grad_y, weight_shape) -> (grad_w, grad_b)
+    dim: int
+
+
+def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, frozen_weight: torch.Tensor,
+                  frozen_bias: torch.Tensor | None, table: Table, op: DenseOp,
+                  constant_frozen: bool = False) -> torch.Tensor:
+    """Outputs of a layer (Linear/Conv) from its storages and range table.
+
+    x [*, in] (linear, dim -1) or [N, C_in, H, W] (conv, dim 1); weight: trainable storage [n_trainable, in,
+    *kernel] (a Parameter: gets gradients); frozen_weight: flat compact frozen storage (never differentiated).
+    """
+    if table.all_trainable_dense:
+        return op.forward(x, weight, bias)
+    dim = op.dim % x.dim()
+    kernel = tuple(weight.shape[2:])
+    grad_x = torch.is_grad_enabled() and x.requires_grad
+    parts = []
+    for blk in table.blocks:
+        if blk.frozen:
+            parts.append(_frozen_block(x, frozen_weight, frozen_bias, blk, kernel, op, dim,
+                                       grad_x and not constant_frozen))
+        else:
+            parts.append(_trainable_block(x, weight, bias, blk, op, dim, grad_x, constant_frozen))
+    return _assemble(x, weight, parts, table, op, dim)
+
+
+def _window(x: torch.Tensor, blk: Block, dim: int) -> torch.Tensor:
+    if blk.cols is None or blk.col_range is not None:
+        a, b = blk.col_range
+        return x if (a, b) == (0, x.shape[dim]) else x.narrow(dim, a, b - a)
+    return x.index_select(dim, blk.cols)
+
+
+def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool):
+    n = blk.rows.numel()
+    k = 1
+    for d in kernel:
+        k *= d
+    w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
+    b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
+    xw = _window(x, blk, dim)
+    if blk.width == 0:  # no live input: the outputs are the bias
+        return _bias_only(x, n, kernel, b, op, dim)
+    if not grad_x:
+        return op.forward(xw.detach(), w, b)
+    return _ConstantWeightOp.apply(xw, w, b, op)
+
+
+def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x: bool, constant_frozen: bool):
+    w, b = weight, bias
+    if blk.slots is not None:
+        w = w.index_select(0, blk.slots)
+        b = None if b is None else b.index_select(0, blk.slots)
+    xw = _window(x, blk, dim)
+    if blk.cols is None or blk.col_range is not None:
+        a, e = blk.col_range
+        if (a, e) != (0, x.shape[dim]):
+            w = w.narrow(1, a, e - a)
+    else:
+        w = w.index_select(1, blk.cols)
+    if blk.dead is not None:
+        # dead inputs inside the slice (PRUNED producers): zero them on the smaller tensor. The trainable
+        # block's outputs are not protected, and either way dW = 0 on dead synapses and dX = 0 on dead inputs.
+        if w.numel() <= xw.numel():
+            w = w.index_fill(1, blk.dead, 0)
+        else:
+            xw = xw.index_fill(dim, blk.dead, 0)
+    if xw.shape[dim] == 0:
+        y = _bias_only(x, w.shape[0], tuple(w.shape[2:]), b, op, dim)
+    elif constant_frozen and grad_x and blk.train_pos.numel() < xw.shape[dim]:
+        if blk.train_range is not None:
+            a, e = blk.train_range
+            x_train = xw.narrow(dim, a, e - a)
+        else:
+            x_train = xw.index_select(dim, blk.train_pos)
+        y = _TrainableBlockOp.apply(xw.detach(), x_train, w, b, blk.train_pos, blk.train_range, op)
+    else:
+        y = op.forward(xw, w, b)
+    if blk.zero_rows is not None:
+        # PRUNED rows of the trainable storage: exactly 0 (a select; index_fill_'s backward zeroes their
+        # gradients). In place on a fresh output, which neither op saves for backward.
+        y = y.index_fill_(dim, blk.zero_rows, 0)
+    return y
+
+
+def _bias_only(x, n: int, kernel, b, op: DenseOp, dim: int):
+    """Outputs of ``n`` rows with no live input: their bias (differentiable as ``b`` is)."""
+    x_shape = list(x.shape)
+    x_shape[dim] = 1  # a conv over 0 input channels would emit 0 channels
+    meta_w = torch.empty((n, 1) + tuple(kernel), device="meta", dtype=x.dtype)
+    out_shape = op.forward(torch.empty(x_shape, device="meta", dtype=x.dtype), meta_w, None).shape
+    y = x.new_zeros(out_shape)
+    if b is None:
+        return y
+    shape = [1] * y.dim()
+    shape[dim] = -1
+    return y + b.view(shape)
+
+
+def _assemble(x, weight, parts, table: Table, op: DenseOp, dim: int):
+    if not parts:  # nothing computed: every output is exactly 0
+        n_kernel = tuple(weight.shape[2:])
+        return _bias_only(x, table.n_out, n_kernel, None, op, dim)
+    if table.out_index is None:
+        if table.tail:
+            shape = list(parts[0].shape)
+            shape[dim] = table.tail
+            parts = parts + [parts[0].new_zeros(shape)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return _Assemble.apply(dim, table, *parts)
+
+
+class _ConstantWeightOp(torch.autograd.Function):
+    """dense_op with weights that get no gradient: backward needs the weights only, not the input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op):
+        ctx.save_for_backward(weight)
+        ctx.x_shape, ctx.op = x.shape, op
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return ctx.op.input_grad(grad, weight, ctx.x_shape), None, None, None
+
+
+class _TrainableBlockOp(torch.autograd.Function):
+    """The trainable block when frozen blocks are constants: one product over the whole window ``x``
+    (detached); backward gives dW, db and dX of ``x_train`` only (inputs from FREE producers, positions
+    ``train_pos`` of the window), the only inputs whose gradient can reach a trainable parameter."""
+
+    @staticmethod
+    def forward(ctx, x, x_train, weight, bias, train_pos, train_range, op):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.train_pos, ctx.train_range, ctx.op = bias is not None, train_pos, train_range, op
+        ctx.x_train_shape = x_train.shape
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        op = ctx.op
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            if ctx.train_range is not None:
+                a, e = ctx.train_range
+                w_train = weight.narrow(1, a, e - a)
+            else:
+                w_train = weight.index_select(1, ctx.train_pos)
+            grad_x = op.input_grad(grad, w_train, ctx.x_train_shape)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_w, grad_b = op.weight_grad(x, grad, weight.shape)
+            grad_b = grad_b if ctx.has_bias else None
+        return None, grad_x, grad_w, grad_b, None, None, None
+
+
+class _Assemble(torch.autograd.Function):
+    """Output [.., n_out, ..] from the blocks' outputs, each written once at its neurons; the rest 0.
+
+    Autograd through zeros + index_copy would save every block output; this saves index vectors only.
+    """
+
+    @staticmethod
+    def forward(ctx, dim, table, *ys):
+        ctx.dim, ctx.neurons = dim, table.block_neurons
+        shape = list(ys[0].shape)
+        block = 1  # contiguous elements per (sample, neuron)
+        for n in shape[dim + 1:]:
+            block *= n
+        if block < _LONG_BLOCK:  # short blocks: one gather from the concatenation and one zero column
+            shape[dim] = 1
+            return torch.cat(list(ys) + [ys[0].new_zeros(shape)], dim).index_select(dim, table.out_index)
+        shape[dim] = table.n_out
+        out = ys[0].new_zeros(shape)  # long blocks: each neuron written once (exact, but -0.0 -> +0.0)
+        for y, index in zip(ys, table.block_neurons):
+            out.index_add_(dim, index, y)
+        if table.zero_neurons is not None:
+            out.index_fill_(dim, table.zero_neurons, 0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *[grad.index_select(ctx.dim, index) for index in ctx.neurons])
