@@ -156,14 +156,14 @@ def apply_eidetic_states(layer: EideticLayer, out_task: torch.Tensor, in_task: t
     if not bool(((out_task == FREE) | (out_task == FROZEN_TASK)).all()):
         raise ValueError("apply_eidetic_states expects states task 0 or FREE only")
     frozen = out_task == FROZEN_TASK
+    if in_task is not None and hasattr(layer, "input_task"):  # first: inputs of frozen neurons never change
+        layer.set_input_task(in_task)
     if bool(frozen.any()):
         stays_free = (~frozen).nonzero().flatten()
         if stays_free.numel():
             layer.prune_neurons(stays_free)
         layer.freeze_free_neurons(FROZEN_TASK)
         layer.recycle_pruned_neurons()
-    if in_task is not None and hasattr(layer, "input_task"):
-        layer.set_input_task(in_task)
     if not torch.equal(layer.task_state, out_task.to(layer.task_state.dtype)):
         raise AssertionError("eidetic layer did not reach the requested states")
 

@@ -39,18 +39,27 @@ class EideticNetwork(nn.Module):
     feature_dim: width of the body output (the heads' input).
     graph:       a LayerGraph from ``declare_graph`` (names relative to the network, e.g. "body.fc") to skip
                  tracing; otherwise the graph is traced on the first batch the network sees.
+    exact_activation_grads: False (default): while the network trains, frozen blocks are constants to
+                 autograd and each layer computes input gradients only for inputs from FREE neurons. That is
+                 exact for every parameter gradient and every Taylor score, and a step's cost falls as tasks
+                 freeze; but gradients of intermediate activations (``autograd.grad`` on them, hooks) then
+                 miss the paths through frozen neurons. True: full gradients everywhere. Whenever the input
+                 batch itself requires grad (saliency maps, adversarial examples) the gradients are full too.
 
     Subclassing: override ``forward_features(self, x)`` to compute the body with your own layers, and/or
     ``forward(self, x, task=None)``, building on ``self.features(x, view_task)`` and ``self.logits(f, task)``.
     """
 
-    def __init__(self, body: nn.Module | None, feature_dim: int, graph: LayerGraph | None = None):
+    def __init__(self, body: nn.Module | None, feature_dim: int, graph: LayerGraph | None = None,
+                 exact_activation_grads: bool = False):
         super().__init__()
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int (the width of the body output), got {feature_dim!r}")
         if body is not None and not isinstance(body, nn.Module):
             raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
         self.feature_dim = feature_dim
+        self.exact_activation_grads = bool(exact_activation_grads)
+        self._constant_frozen = False  # set per forward: see exact_activation_grads
         self.body = convert(body) if body is not None else None
         self.heads = nn.ModuleList()
         self.current_task: int | None = None
@@ -263,10 +272,11 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
-    def _set_view(self, view_task: int | None) -> None:
+    def _set_view(self, view_task: int | None, constant_frozen: bool = False) -> None:
         layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
         for layer in layers:
             layer.view_task = view_task
+            layer.constant_frozen = constant_frozen
 
     def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
         """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed."""
@@ -276,7 +286,9 @@ class EideticNetwork(nn.Module):
                 raise ValueError(f"view_task={view_task} is not finished; views exist for finished tasks only "
                                  f"(0..{self.num_finished_tasks - 1})")
         self.ensure_graph(x)
-        self._set_view(view_task)
+        # frozen blocks are constants to autograd unless asked otherwise or the input itself needs a gradient
+        self._constant_frozen = not self.exact_activation_grads and not (torch.is_grad_enabled() and x.requires_grad)
+        self._set_view(view_task, self._constant_frozen)
         try:
             return self.forward_features(x)
         finally:
@@ -287,10 +299,12 @@ class EideticNetwork(nn.Module):
         task = self._resolve_task(task)
         head = self.heads[task]
         head.view_task = self.view_for(task)
+        head.constant_frozen = self._constant_frozen
         try:
             return head(features)
         finally:
             head.view_task = None
+            head.constant_frozen = False
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits of head ``task`` (default: the task being trained). Bit-stable once the task is finished."""
