@@ -108,7 +108,10 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
             xw = xw.index_fill(dim, blk.dead, 0)
     if xw.shape[dim] == 0:
         y = _bias_only(x, w.shape[0], tuple(w.shape[2:]), b, op, dim)
-    elif constant_frozen and grad_x and blk.train_pos.numel() < xw.shape[dim]:
+    elif constant_frozen and grad_x and blk.train_pos.numel() < xw.shape[dim] and (
+            blk.train_range is not None or 2 * blk.train_pos.numel() <= xw.shape[dim]):
+        # dX for the inputs from FREE producers only; when those are scattered and most of the window,
+        # gathering them and their weight columns costs more than the dX the plain op adds (below)
         if blk.train_range is not None:
             a, e = blk.train_range
             x_train = xw.narrow(dim, a, e - a)
