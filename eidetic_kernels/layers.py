@@ -18,6 +18,7 @@ While every neuron is FREE, ``weight`` has the twin's shape and the layer is the
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -182,10 +183,8 @@ class EideticLayer(nn.Module):
         new_blocks = [b for b in self._frozen_blocks() if b.task == task]
         for name, trainable, frozen in self._split_pairs():
             rows = trainable.detach()
-            if self._compact and name == "weight":
-                by_neuron = rows.new_zeros((self.num_neurons,) + tuple(rows.shape[1:]))
-                by_neuron[free] = rows[old_slot[free]]
-                added = compact_rows(by_neuron, new_blocks)
+            if self._compact and name == "weight":  # the blocks' rows, read at their old trainable slots
+                added = compact_rows(rows, [replace(b, rows=old_slot[b.rows]) for b in new_blocks])
             else:
                 added = torch.cat([rows[old_slot[b.rows]] for b in new_blocks])
             setattr(self, "frozen_" + name, torch.cat([frozen, added]))
@@ -261,7 +260,17 @@ class EideticLayer(nn.Module):
         return view_states(self.input_task, key), out_task, self.min_input_task
 
     def _full_frozen_weight(self) -> torch.Tensor:
-        """Frozen rows at full width [n_frozen, in, *kernel] in slot order (zeros on dead synapses)."""
+        """Frozen rows at full width [n_frozen, in, *kernel] in slot order (zeros on dead synapses).
+
+        Expanded once per state change (cached with the tables; under torch.compile, traced instead)."""
+        if torch.compiler.is_compiling():
+            return self._expand_frozen_weight()
+        full = self._plans.get("full frozen weight")
+        if full is None:
+            full = self._plans["full frozen weight"] = self._expand_frozen_weight()
+        return full
+
+    def _expand_frozen_weight(self) -> torch.Tensor:
         return expand_rows(self.frozen_weight, self.input_task, self.task_state, self.min_input_task,
                            self._n_frozen, tuple(self.weight.shape[2:]))
 

@@ -44,10 +44,8 @@ def replace_parameter(module: nn.Module, name: str, data: torch.Tensor) -> nn.Pa
 
 def current(p: torch.Tensor) -> torch.Tensor:
     """The Parameter that replaced ``p`` (following every later replacement), or ``p`` itself."""
-    seen = 0
-    while getattr(p, "_eidetic_replaced_by", None) is not None and seen < 1_000_000:
+    while getattr(p, "_eidetic_replaced_by", None) is not None:  # each replacement is new: no cycle
         p = p._eidetic_replaced_by
-        seen += 1
     return p
 
 

@@ -1,4 +1,4 @@
-"""python_layers: Eidetic Learning on top of eidetic_kernels (issue 7).
+"""python_layers: Eidetic Learning on top of eidetic_kernels.
 
 EideticNetwork trains tasks one after another without forgetting: the layer graph of its body is
 traced (graph.py), each task is pruned and frozen (trainer.py, pruning.py), and a router picks the
