@@ -79,7 +79,12 @@ class EideticLayer(nn.Module):
 
     @property
     def neuron_task(self) -> torch.Tensor:
-        """Int16[out], read-only copy: the task that froze each neuron, FREE or PRUNED."""
+        """Int16[out], read-only copy: the task that froze each neuron, FREE or PRUNED.
+
+        Indexed by the neuron's current position. Inside an ``EideticNetwork`` positions change at every
+        ``finish_task`` (neurons are renumbered task-major: see ``permute_neurons``);
+        ``EideticNetwork.neuron_positions`` maps a neuron's first index to its current one.
+        """
         return self.task_state.clone()
 
     def _split_pairs(self):
@@ -209,6 +214,60 @@ class EideticLayer(nn.Module):
             self.min_input_task[pruned] = 0
         self._state_changed()
         return n
+
+    @torch.no_grad()
+    def permute_neurons(self, perm: torch.Tensor) -> None:
+        """Renumber the neurons: new neuron i is old neuron ``perm[i]`` (int64[out], a permutation).
+
+        Only FREE and PRUNED neurons may move (frozen ones keep their positions, so their storage and
+        every finished task's computation stay as they are): anything else is a ValueError. Everything
+        per neuron moves along: states, trainable rows (new Parameters), running statistics, Taylor scores.
+        Layers reading this layer's outputs must permute their inputs the same way (``permute_inputs``).
+        """
+        perm = torch.as_tensor(perm, device=self.task_state.device).long()
+        if perm.shape != (self.num_neurons,) or not torch.equal(torch.sort(perm).values,
+                                                                 torch.arange(self.num_neurons, device=perm.device)):
+            raise ValueError(f"{self._name()}: perm must be a permutation of 0..{self.num_neurons - 1}")
+        moved = perm != torch.arange(self.num_neurons, device=perm.device)
+        if bool(is_frozen(self.task_state[moved]).any()) or bool(is_frozen(self.task_state[perm[moved]]).any()):
+            raise ValueError(f"{self._name()}: frozen neurons never move; permute FREE and PRUNED neurons only")
+        if not bool(moved.any()):
+            return
+        old_slot = self.slot.long()
+        new_state = self.task_state[perm]
+        rows = old_slot[perm[~is_frozen(new_state)]]  # old trainable rows, in the new order
+        for name, trainable, _ in self._split_pairs():
+            replace_parameter(self, name, trainable.detach()[rows])
+        self.task_state.copy_(new_state)
+        per_neuron = ["min_input_task", "taylor_score"] + ([] if self._has_inputs else ["running_mean", "running_var"])
+        for name in per_neuron:
+            t = getattr(self, name, None)
+            if t is not None:
+                t.copy_(t[perm])
+        self._state_changed()
+
+    @torch.no_grad()
+    def permute_inputs(self, perm: torch.Tensor) -> None:
+        """Input j now reads what input ``perm[j]`` read (its producer renumbered its neurons).
+
+        Only inputs no frozen neuron reads may move (from FREE or PRUNED producers); trainable weight
+        columns move along (a new Parameter), frozen storage never changes.
+        """
+        if not self._has_inputs:
+            raise TypeError(f"{self._name()} has no inputs of its own")
+        perm = torch.as_tensor(perm, device=self.input_task.device).long()
+        n = self.input_task.numel()
+        if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
+            raise ValueError(f"{self._name()}: perm must be a permutation of 0..{n - 1}")
+        moved = perm != torch.arange(n, device=perm.device)
+        if not bool(moved.any()):
+            return
+        states = self.input_task[moved]
+        if bool(is_frozen(states).any()):
+            raise ValueError(f"{self._name()}: inputs from frozen neurons never move")
+        replace_parameter(self, "weight", self.weight.detach().index_select(1, perm))
+        self.input_task.copy_(self.input_task[perm])
+        self._plans.clear()
 
     @torch.no_grad()
     def set_min_input_task(self, task: int) -> None:

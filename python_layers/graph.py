@@ -34,7 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from eidetic_kernels import EideticLayer, convert
 from eidetic_kernels.layers import EideticConv2d, EideticLinear, _EideticBatchNorm
-from eidetic_kernels.state import STATE_DTYPE
+from eidetic_kernels.state import FREE, PRUNED, STATE_DTYPE
 
 __all__ = ["GraphError", "NeuronGroup", "LayerGraph", "Segment", "trace_body", "trace_module", "declare_graph"]
 
@@ -180,10 +180,15 @@ class LayerGraph:
     through a batch norm over it): their ``min_input_task`` stays 0 even without forward transfer,
     since raw inputs belong to task 0. ``heads`` (set by EideticNetwork) are layers reading the body
     output: ``sync_inputs`` keeps their ``input_task`` current too.
+
+    ``renumber_blocked_by``: why the neurons of this graph must keep their positions (None: they can be
+    renumbered task-major, see ``renumber_task_major``): the body ties a constant to feature positions,
+    or the graph was declared by hand without saying it may be renumbered.
     """
 
     def __init__(self, groups: list[NeuronGroup], inputs: dict[str, tuple[EideticLayer, list[Segment]]],
-                 features: list[Segment], raw_input_layers: set[str]):
+                 features: list[Segment], raw_input_layers: set[str], renumber_blocked_by: str | None = None):
+        self.renumber_blocked_by = renumber_blocked_by
         self.groups = groups
         for g in groups:
             g._graph = self
@@ -231,6 +236,67 @@ class LayerGraph:
             for head in heads:
                 _set_input(head, features)
 
+    # ----- task-major renumbering ------------------------------------------------------------------------
+    def task_major_permutations(self) -> dict:
+        """{id(group): perm} that moves each group's FREE neurons before its PRUNED ones, both in index
+        order, over the positions the trainable (FREE and PRUNED) neurons hold; frozen neurons stay.
+
+        Called by ``finish_task`` before freezing: the FREE neurons become the task's block right after
+        the earlier tasks' blocks, and the PRUNED ones the trailing FREE capacity. Groups that are already
+        in that order, and batch norms over the raw input (their channels are input positions), are left
+        out. Empty when ``renumber_blocked_by`` is set.
+        """
+        perms = {}
+        if self.renumber_blocked_by is not None:
+            return perms
+        for g in self.groups:
+            if g.input_normalizer:
+                continue
+            state = g.members[0][1].task_state
+            positions = ((state == FREE) | (state == PRUNED)).nonzero().flatten()
+            trainable = state[positions]
+            order = torch.cat([positions[trainable == FREE], positions[trainable == PRUNED]])
+            if torch.equal(order, positions):
+                continue
+            perm = torch.arange(g.size, device=state.device)
+            perm[positions] = order
+            perms[id(g)] = perm
+        return perms
+
+    def column_permutation(self, segments: list[Segment], perms: dict, device) -> torch.Tensor | None:
+        """Int64[width]: the input permutation of a reader of ``segments`` when groups renumber by ``perms``
+        (each neuron's ``repeat`` features move together); None when no feature moves."""
+        parts, offset, moved = [], 0, False
+        for s in segments:
+            perm = perms.get(id(s.source)) if s.source is not None else None
+            if perm is None:
+                index = torch.arange(s.width, device=device)
+            else:
+                moved = True
+                perm = perm.to(device)
+                index = (perm[:, None] * s.repeat + torch.arange(s.repeat, device=device)[None, :]).flatten()
+            parts.append(index + offset)
+            offset += s.width
+        return torch.cat(parts) if moved else None
+
+    def apply_permutations(self, perms: dict) -> torch.Tensor | None:
+        """Renumber every member of each group in ``perms`` and every reader (consumers and heads) alike.
+        Returns the permutation of the body output features (None when none moved)."""
+        for g in self.groups:
+            if id(g) in perms:
+                for layer in g.layers:
+                    layer.permute_neurons(perms[id(g)])
+        for layer, segments in self.inputs.values():
+            cols = self.column_permutation(segments, perms, layer.input_task.device)
+            if cols is not None:
+                layer.permute_inputs(cols)
+        device = self.groups[0].members[0][1].task_state.device if self.groups else None
+        features = self.column_permutation(self.features, perms, device)
+        if features is not None:
+            for head in self.heads:
+                head.permute_inputs(features)
+        return features
+
     # ----- a plain-python description (travels in EideticNetwork's state dict) ----------------------------
     def to_spec(self, name_of: dict[int, str] | None = None) -> dict:
         """Groups, inputs and features as plain python (names via ``name_of[id(layer)]`` when given)."""
@@ -249,6 +315,7 @@ class LayerGraph:
             "inputs": [[lname(n, layer), segs(segments)] for n, (layer, segments) in self.inputs.items()],
             "features": segs(self.features),
             "raw_input_layers": sorted(layer_names[n] for n in self.raw_input_layers),
+            "renumber_blocked_by": self.renumber_blocked_by,
         }
 
     @classmethod
@@ -276,7 +343,9 @@ class LayerGraph:
                     for src, count, repeat in items]
 
         inputs = {n: (layer(n), segs(items)) for n, items in spec["inputs"]}
-        return cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]))
+        # graphs saved before renumbering existed were never renumbered: keep their positions
+        blocked = spec.get("renumber_blocked_by", "the checkpoint predates task-major renumbering")
+        return cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]), renumber_blocked_by=blocked)
 
     def describe(self) -> str:
         lines = []
@@ -390,6 +459,7 @@ class _Propagator:
         self.env: dict[fx.Node, object] = {}
         self.seen_layers: dict[int, str] = {}
         self.normalizers: set[int] = set()  # protos of batch norms over the raw input
+        self.per_feature_constants: list[str] = []  # ops tying a constant to feature positions
 
     # ----- union-find ------------------------------------------------------------------------------
     def new_proto(self, name: str, layer: EideticLayer) -> int:
@@ -524,7 +594,7 @@ class _Propagator:
     def call_function(self, node):
         fn = node.target
         if fn in _ELEMENTWISE_FUNCTIONS:
-            return self.provenance(node.args[0], node)
+            return self.note_constants(node, self.provenance(node.args[0], node))
         if fn in _POOL_FUNCTIONS:
             return self.same_channels(node, node.args[0])
         if fn in _BINARY_FUNCTIONS:
@@ -551,7 +621,7 @@ class _Propagator:
         if not isinstance(self.value(node.args[0]), list):
             return _NONTENSOR if self.shape(node) is None else _CONST
         if name in _ELEMENTWISE_METHODS:
-            return self.provenance(node.args[0], node)
+            return self.note_constants(node, self.provenance(node.args[0], node))
         if name in _BINARY_METHODS:
             return self.binary(node)
         if name in _RESHAPE_METHODS:
@@ -621,7 +691,7 @@ class _Propagator:
             if out_shape != self.shape(tensors[0]):
                 raise GraphError(f"{_node_desc(node)} broadcasts {self.shape(tensors[0])} to {out_shape} with a "
                                  f"constant; the tracer cannot follow that. {_DECLARE_HINT}")
-            return prov
+            return self.note_constants(node, prov)
         if len(tensors) == 2:
             a, b = tensors
             sa, sb = self.shape(a), self.shape(b)
@@ -632,6 +702,24 @@ class _Propagator:
         if others and not tensors:
             return _CONST if out_shape is not None else _NONTENSOR
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}. {_DECLARE_HINT}")
+
+    def note_constants(self, node, prov: list[Segment]) -> list[Segment]:
+        """A constant tensor with one value per feature (a [C] buffer multiplied into activations, a tensor
+        argument of an elementwise function) ties values to neuron positions: renumbering the neurons
+        (``EideticNetwork.finish_task``) would misalign it, so the graph records that it must not."""
+        if not any(s.source is not None for s in prov):
+            return prov  # raw input features never move
+        out = self.shape(node)
+        for arg in list(node.args[1:]) + list(node.kwargs.values()):
+            if isinstance(self.value(arg), list) or self.value(arg) is _NONTENSOR:
+                continue
+            shape = self.shape(arg) if isinstance(arg, fx.Node) else tuple(getattr(arg, "shape", ()))
+            if out is None or shape is None:
+                continue
+            feature = len(shape) - (len(out) - 1)  # the constant's dim that broadcasts onto the feature dim
+            if 0 <= feature < len(shape) and shape[feature] > 1:
+                self.per_feature_constants.append(_node_desc(node))
+        return prov
 
     def couple(self, a: list[Segment], b: list[Segment], node) -> list[Segment]:
         """Features combined elementwise: their sources become the same neurons (residual coupling)."""
@@ -663,7 +751,11 @@ class _Propagator:
         raw_readers = set(self.raw_input_layers)
         raw_readers.update(name for name, (_, segs) in inputs.items()
                            if any(s.source is not None and s.source.input_normalizer for s in segs))
-        return LayerGraph(list(groups.values()), inputs, resolve(features), raw_readers)
+        blocked = None
+        if self.per_feature_constants:
+            blocked = (f"{self.per_feature_constants[0]} combines the features with a constant holding one value "
+                       "per feature")
+        return LayerGraph(list(groups.values()), inputs, resolve(features), raw_readers, renumber_blocked_by=blocked)
 
 
 def _describe_proto(prop: _Propagator, segments: list[Segment]) -> str:
@@ -755,7 +847,8 @@ def _convert_in_place(body: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # declaring by hand
 # ------------------------------------------------------------------------------------------------
-def declare_graph(body: nn.Module, inputs: dict, features, couple: Iterable[Iterable[str]] = ()) -> LayerGraph:
+def declare_graph(body: nn.Module, inputs: dict, features, couple: Iterable[Iterable[str]] = (),
+                  renumber: bool = False) -> LayerGraph:
     """State the layer graph by hand when tracing cannot follow the body.
 
     body:     the module whose Eidetic layers are named (plain torch.nn layers are converted in place).
@@ -763,6 +856,9 @@ def declare_graph(body: nn.Module, inputs: dict, features, couple: Iterable[Iter
     features: spec of the body's output features.
     couple:   lists of layer names sharing neurons: a Linear/Conv with the BatchNorms over its channels, the
               output layers of residual branches that are added together. Every other layer is its own group.
+    renumber: True states that the specs say everything that depends on a neuron's position (no constant
+              holds one value per feature), so ``finish_task`` may renumber neurons task-major (faster: every
+              window a slice). False (default): neurons keep the positions pruning left them in.
 
     A spec is a list of segments, in feature order; a segment is
         "layer"               every neuron of that layer's group, one feature each
@@ -843,4 +939,6 @@ def declare_graph(body: nn.Module, inputs: dict, features, couple: Iterable[Iter
     if missing:
         raise GraphError(f"declare_graph: no inputs given for {missing}; every Linear/Conv needs an entry")
     feats = segments(features, None, "features")
-    return LayerGraph(list(groups.values()), resolved, feats, raw_layers)
+    return LayerGraph(list(groups.values()), resolved, feats, raw_layers,
+                      renumber_blocked_by=None if renumber else "the graph was declared by hand (declare_graph) "
+                                                                "without renumber=True")

@@ -59,6 +59,7 @@ class EideticNetwork(nn.Module):
             raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
         self.feature_dim = feature_dim
         self.exact_activation_grads = bool(exact_activation_grads)
+        self._neuron_order: dict[str, torch.Tensor] = {}  # group name -> first index of the neuron at each position
         self._constant_frozen = False  # set per forward: see exact_activation_grads
         self.body = convert(body) if body is not None else None
         self.heads = nn.ModuleList()
@@ -214,6 +215,9 @@ class EideticNetwork(nn.Module):
         frozen = {}
         head = self.heads[task]
         if self.graph is not None:
+            # 0. renumber task-major: the task's survivors right after the earlier tasks' blocks, the pruned
+            # neurons after them; finished neurons never move, readers move with their producers
+            self._renumber_task_major()
             # 1. every consumer (heads too) reads the states after freezing, so that 2. each layer's new
             # frozen block is laid out from its final inputs, whatever order the groups freeze in
             after = {id(g): torch.where(g.task_state == FREE, torch.full_like(g.task_state, task), g.task_state)
@@ -235,6 +239,40 @@ class EideticNetwork(nn.Module):
         self.num_finished_tasks += 1
         self.sync()
         return frozen
+
+    @torch.no_grad()
+    def _renumber_task_major(self) -> None:
+        perms = self.graph.task_major_permutations()
+        if not perms:
+            return
+        features = self.graph.apply_permutations(perms)
+        router = getattr(self, "router", None)
+        if features is not None and router is not None:  # the router reads the body features too
+            router.linear.weight.copy_(router.linear.weight[:, features.to(router.linear.weight.device)])
+            for name in ("feature_mean", "feature_scale"):
+                buf = getattr(router, name)
+                buf.copy_(buf[features.to(buf.device)])
+        for g in self.graph.groups:
+            if id(g) in perms:
+                order = self._neuron_order.get(g.name)
+                order = torch.arange(g.size) if order is None else order
+                self._neuron_order[g.name] = order[perms[id(g)].cpu()]
+
+    def neuron_positions(self, group: str) -> torch.Tensor:
+        """Int64[size]: the current position of each neuron of group ``group`` (a member layer's name, as in
+        ``model.groups``), indexed by the position it had when the network was built.
+
+        ``finish_task`` renumbers neurons task-major (each task's neurons contiguous, finished ones never
+        move), so ``layer.neuron_task[model.neuron_positions(name)[i]]`` is the state of the neuron that was
+        index i at the start.
+        """
+        if self.graph is None:
+            raise RuntimeError("the layer graph is not built yet: call model.ensure_graph(x) with a batch first")
+        g = self.graph.group_of(group)
+        order = self._neuron_order.get(g.name)
+        if order is None:
+            return torch.arange(g.size)
+        return torch.empty_like(order).scatter_(0, order, torch.arange(g.size))
 
     # ------------------------------------------------------------------------------------------------
     # forward
@@ -279,7 +317,12 @@ class EideticNetwork(nn.Module):
             layer.constant_frozen = constant_frozen
 
     def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
-        """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed."""
+        """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed
+        (the others are exactly 0: the shape never changes).
+
+        Feature j is the output of the neuron now at position j: ``finish_task`` renumbers neurons
+        task-major, so positions change from task to task (``neuron_positions`` maps them).
+        """
         if view_task is not None:
             view_task = self._resolve_task(view_task)
             if view_task >= self.num_finished_tasks:
@@ -316,7 +359,8 @@ class EideticNetwork(nn.Module):
     # ------------------------------------------------------------------------------------------------
     def capacity(self) -> dict[str, dict[str, int]]:
         """Per neuron group (per layer before the graph exists): neurons owned by each finished task,
-        free, pruned. Keys "task 0", "task 1", ..., "free", "pruned"."""
+        free, pruned. Keys "task 0", "task 1", ..., "free", "pruned". Counts only: inside the network, task t's
+        neurons are the contiguous block after the earlier tasks' (see ``neuron_positions``)."""
         if self.graph is not None:
             states = {g.name: g.task_state for g in self.graph.groups}
         else:
@@ -362,8 +406,9 @@ class EideticNetwork(nn.Module):
         graph = None
         if self.graph is not None:  # the structure travels too: a loaded network needs no batch to know it
             graph = self.graph.to_spec({id(m): name for name, m in self.named_modules()})
-        return {"num_finished_tasks": self.num_finished_tasks, "current_task": self.current_task,
-                "forward_transfer": dict(self.forward_transfer), "feature_dim": self.feature_dim, "graph": graph}
+        return {"version": 2, "num_finished_tasks": self.num_finished_tasks, "current_task": self.current_task,
+                "forward_transfer": dict(self.forward_transfer), "feature_dim": self.feature_dim, "graph": graph,
+                "neuron_order": {k: v.tolist() for k, v in self._neuron_order.items()}}  # plain python, as the graph
 
     def set_extra_state(self, state) -> None:
         if state.get("feature_dim", self.feature_dim) != self.feature_dim:
@@ -372,6 +417,7 @@ class EideticNetwork(nn.Module):
         self.num_finished_tasks = int(state["num_finished_tasks"])
         self.current_task = state["current_task"]
         self.forward_transfer = dict(state["forward_transfer"])
+        self._neuron_order = {k: torch.as_tensor(v, dtype=torch.long) for k, v in state.get("neuron_order", {}).items()}
         # built after every tensor is loaded (see _sync_after_load)
         self._pending_graph = state.get("graph") if self.graph is None else None
 

@@ -80,10 +80,12 @@ def test_make_finished_mlp_leaves_the_expected_counts():
     assert len(capacity) == 2, capacity  # the two hidden layers of 784-W-W
     assert all(row == expected for row in capacity.values()), capacity
     assert model.num_finished_tasks == tasks and model.current_task == tasks and len(model.heads) == tasks + 1
-    # scattered: a task's neurons are not one block of the layer
+    # chosen scattered (by their first indices), laid out task-major by finish_task
     for g in model.groups:
-        own = (g.task_state == 0).nonzero().flatten()
-        assert int(own.max() - own.min()) + 1 > own.numel(), f"{g.name}: task 0's neurons are contiguous"
+        first = model.neuron_positions(g.name)
+        own_first = (g.task_state[first] == 0).nonzero().flatten()
+        assert int(own_first.max() - own_first.min()) + 1 > own_first.numel(), f"{g.name}: chosen contiguous"
+        assert torch.equal((g.task_state == 0).nonzero().flatten(), torch.arange(keep)), g.name
     assert [tuple(m.weight.shape) for m in twin if hasattr(m, "weight")] == [(WIDTH, INPUT_DIM), (WIDTH, WIDTH),
                                                                                (CLASSES, WIDTH)]
     # a training step of the prepared task can be counted, and finished tasks still evaluate
