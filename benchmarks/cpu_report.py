@@ -18,7 +18,7 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = ["date", "machine", "device", "logical_cpus", "load_1min", "torch", "triton", "threads", "suite", "layer",
-           "size", "shape", "pass", "provider", "frozen_share", "dtype", "backend", "metric", "value", "min", "iqr",
+           "size", "shape", "pass", "provider", "frozen_share", "tasks", "dtype", "backend", "metric", "value", "min", "iqr",
            "rounds", "ratio_to_nn", "ratio_to_torch_prune"]
 MEMORY_METRICS = ("layer_bytes", "step_bytes")
 
@@ -55,7 +55,8 @@ def rows_from_pytest_benchmark(data: dict) -> list[dict]:
         if "suite" not in e:
             continue
         base = dict(common, device=e["device"], suite=e["suite"], layer=e["layer"], size=e["size"], shape=e["shape"],
-                    provider=e["provider"], frozen_share=e["frozen_share"], dtype=e["dtype"], backend=e["backend"])
+                    provider=e["provider"], frozen_share=e["frozen_share"], tasks=e.get("tasks", ""), dtype=e["dtype"],
+                    backend=e["backend"])
         s = bench["stats"]
         rows.append(dict(base, **{"pass": e["pass_name"], "metric": "time_ms", "value": s["median"] * 1e3,
                                   "min": s["min"] * 1e3, "iqr": s["iqr"] * 1e3, "rounds": s["rounds"]}))
@@ -84,10 +85,39 @@ def _fmt_ratio(x) -> str:
     return "" if x in ("", None) else f"{float(x):.2f}"
 
 
+def tasks_summary(rows: list[dict]) -> list[str]:
+    """The curve of eidetic/nn against the number of finished tasks (suite "tasks"), one row per model and pass."""
+    rows = [r for r in rows if r["suite"] == "tasks" and r["provider"] == "eidetic"]
+    if not rows:
+        return []
+    counts = sorted({int(r["tasks"]) for r in rows})
+    lines = ["Task after task (each finished task keeps 10% of every layer; eidetic/nn, median times; "
+             "train_step = the next task's training step, eval_task0 = evaluating task 0 vs nn's forward):", "",
+             "| model | pass | metric | " + " | ".join(f"{t} task{'s' if t > 1 else ''}" for t in counts) + " |",
+             "|" + "---|" * (3 + len(counts))]
+    keys = []
+    for r in rows:
+        key = (r["layer"], r["shape"], r["pass"] if r["metric"] == "time_ms" else "train_step", r["metric"])
+        if key not in keys:
+            keys.append(key)
+    for layer, shape, pss, metric in keys:
+        cells = []
+        for t in counts:
+            match = [r for r in rows if (r["layer"], r["shape"], r["metric"]) == (layer, shape, metric)
+                     and int(r["tasks"]) == t and (metric != "time_ms" or r["pass"] == pss)]
+            cells.append(_fmt_ratio(match[0]["ratio_to_nn"]) if match else "")
+        lines.append(f"| {layer} {shape} | {pss} | {metric} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown_summary(rows: list[dict]) -> str:
-    """Tables for the README: end to end, layer times, memory."""
+    """Tables for the README: end to end, layer times, memory, and the curve over finished tasks."""
     if not rows:
         return "(no rows)\n"
+    curve = tasks_summary(rows)
+    rows = [r for r in rows if r["suite"] != "tasks"]
+    if not rows:
+        return "\n".join(curve)
     head = rows[0]
     lines = [f"Machine: {head['machine']} ({head['logical_cpus']} logical CPUs, {head['threads']} torch threads, "
              f"1-min load average {head['load_1min']}), "
@@ -152,7 +182,7 @@ def markdown_summary(rows: list[dict]) -> str:
                             cells.append(_fmt_ratio(r and r["ratio_to_nn"]))
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
             lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + curve)
 
 
 def main(argv=None) -> Path:

@@ -62,10 +62,30 @@ def _panel(ax, rows: list[dict], title: str, shares: list[str], xlabel_of, targe
     ax.grid(axis="y", alpha=0.3)
 
 
+def _tasks_panel(ax, rows: list[dict]) -> None:
+    """eidetic/nn against the number of finished tasks, one line per model and pass."""
+    lines = sorted({(r["layer"], r["pass"]) for r in rows})
+    for layer, pss in lines:
+        points = sorted((int(r["tasks"]), float(r["ratio_to_nn"])) for r in rows
+                        if (r["layer"], r["pass"]) == (layer, pss) and r["ratio_to_nn"] not in ("", None))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{layer} {pss}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    for target in (0.25, 0.5, 1.0):
+        ax.axhline(target, color="gray", lw=0.6, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("finished tasks (10% of every layer each)", fontsize=8)
+    ax.set_ylabel("eidetic / nn time", fontsize=8)
+    ax.set_title("task after task: next task's training step, task-0 evaluation", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
 def plot(path: Path) -> Path:
     rows = [r for r in load(path) if r["provider"] != "nn"]
     if not rows:
         raise SystemExit(f"{path} has no torch-prune/eidetic rows")
+    task_rows = [r for r in rows if r.get("suite") == "tasks" and r["metric"] == "time_ms"]
+    rows = [r for r in rows if r.get("suite") != "tasks"]
     shares = sorted({r["frozen_share"] for r in rows}, key=float)
     time_rows = [r for r in rows if r["metric"] == "time_ms"]
     panels = []
@@ -82,11 +102,16 @@ def plot(path: Path) -> Path:
         mem = [r for r in rows if r["metric"] == metric]
         if mem:
             panels.append((what, mem, lambda r: f"{r['layer']} {r['size']} {r['dtype']}", target))
+    if task_rows:
+        panels.append(("tasks", task_rows, None, None))
     cols = 2
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 3.6 * nrows), squeeze=False)
     for ax, (title, prow, label, target) in zip(axes.flat, panels):
-        _panel(ax, prow, title, shares, label, target)
+        if label is None:
+            _tasks_panel(ax, prow)
+        else:
+            _panel(ax, prow, title, shares, label, target)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()

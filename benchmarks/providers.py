@@ -262,8 +262,46 @@ def small_cnn() -> nn.Sequential:
 MODELS = {"mlp": (mlp, (784,)), "cnn": (small_cnn, (3, 32, 32))}
 
 
+def finished_network(model: nn.Sequential, in_shape: tuple, tasks: int, share: float, seed: int = 0):
+    """An ``EideticNetwork`` whose body is ``model`` without its last Linear (the head), with ``tasks``
+    finished tasks each keeping ``round(share * n)`` neurons of every group of n, chosen at random (as
+    pruning leaves them), prepared for task ``tasks``. No training: for each task, prune the other FREE
+    neurons, ``finish_task`` (which freezes the kept ones and recycles the pruned). Heads have
+    ``model[-1].out_features`` classes. Raises ValueError when the tasks would use every neuron.
+    """
+    from python_layers import EideticNetwork
+
+    head = model[-1]
+    body = nn.Sequential(*list(model)[:-1])
+    net = EideticNetwork(body, head.in_features)
+    net.ensure_graph(torch.zeros((2,) + tuple(in_shape), device=head.weight.device, dtype=head.weight.dtype))
+    generator = torch.Generator().manual_seed(seed)
+    for t in range(tasks):
+        net.prepare_for_task(t, head.out_features)
+        for group in net.groups:
+            if group.input_normalizer:
+                continue
+            free = (group.task_state == FREE).nonzero().flatten()
+            keep = round(share * group.size)
+            if keep < 1 or free.numel() <= keep:
+                raise ValueError(f"task {t}: {group.name} has {free.numel()} FREE neurons; keeping {keep} per task "
+                                 f"leaves none for the next task (use a smaller share or fewer tasks)")
+            group.prune(free[torch.randperm(free.numel(), generator=generator)[keep:].to(free.device)])
+        net.finish_task(generator=generator)
+    net.prepare_for_task(tasks, head.out_features)
+    return net.train()
+
+
+def mlp_1024() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+# Networks trained task after task: (factory, input shape, batch)
+TASK_MODELS = {"mlp1024": (mlp_1024, (784,), 256), "mlp2000": (mlp, (784,), 1024), "cnn": (small_cnn, (3, 32, 32), 64)}
+
+
 def model_input(name: str, batch: int, generator: torch.Generator, device=None, dtype=None):
-    _, shape = MODELS[name]
+    shape = MODELS[name][1] if name in MODELS else TASK_MODELS[name][1]
     x = torch.randn((batch,) + shape, generator=generator).to(device=device, dtype=dtype)
     y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     return x, y

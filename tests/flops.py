@@ -9,7 +9,7 @@ kernel that FlopCounterMode does not know (a Triton or C++ op) counts 0.
 * ``forward_flops(fn, x)``: ``fn(x)`` under ``torch.no_grad``.
 * ``mlp_twin(sizes)``: the plain ``nn.Sequential`` MLP baseline.
 * ``make_finished_mlp(width, tasks, share, seed)``: an ``EideticNetwork`` over a 784-W-W MLP body with
-  ``tasks`` finished tasks, each keeping ``round(share * W)`` scattered neurons of every layer, built without
+  ``tasks`` finished tasks, each keeping ``round(share * W)`` randomly chosen neurons of every layer, built without
   training, and prepared for the next task; with its plain twin 784-W-W-10.
 """
 from __future__ import annotations
@@ -80,12 +80,12 @@ def make_finished_mlp(width: int = 1024, tasks: int = 8, share: float = 0.1, see
 
     No training: for each task t, ``prepare_for_task(t, 10)``, then in every neuron group prune FREE neurons
     chosen at random (a ``torch.Generator`` seeded with ``seed``) until exactly ``round(share * width)`` stay
-    FREE, then ``finish_task()`` (which freezes them for t and recycles the pruned). The frozen neurons of each
-    task end up scattered over the layer, as iterative pruning leaves them. Finally ``prepare_for_task(tasks,
+    FREE, then ``finish_task()`` (which freezes them for t, recycles the pruned and lays each task's neurons
+    out task-major; ``model.neuron_positions`` maps their first, scattered indices). Built by
+    ``benchmarks.providers.finished_network``. Finally ``prepare_for_task(tasks,
     10)``, so a training step of task ``tasks`` can be counted (``model(x)`` trains the new task).
     """
-    from eidetic_kernels import FREE
-    from python_layers import EideticNetwork
+    from benchmarks.providers import finished_network
 
     if not isinstance(tasks, int) or tasks < 0:
         raise ValueError(f"tasks must be a non-negative int, got {tasks!r}")
@@ -95,22 +95,7 @@ def make_finished_mlp(width: int = 1024, tasks: int = 8, share: float = 0.1, see
     if tasks * keep >= width:
         raise ValueError(f"{tasks} tasks keeping {keep} of {width} neurons each leave no free neuron for task "
                          f"{tasks}; use a smaller share or more width")
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the body's initial weights
-    body = nn.Sequential(nn.Linear(INPUT_DIM, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
-    model = EideticNetwork(body, width)
-    model.ensure_graph(torch.zeros(2, INPUT_DIM))
-    for t in range(tasks):
-        model.prepare_for_task(t, CLASSES)
-        for group in model.groups:
-            free = (group.task_state == FREE).nonzero().flatten()
-            if free.numel() < keep:
-                raise ValueError(f"task {t}: {group.name} has {free.numel()} FREE neurons, fewer than the {keep} "
-                                 "the task keeps")
-            order = torch.randperm(free.numel(), generator=generator)
-            if free.numel() > keep:
-                group.prune(free[order[keep:]])
-        model.finish_task(generator=generator)
-    model.prepare_for_task(tasks, CLASSES)
+    model = finished_network(mlp_twin([INPUT_DIM, width, width, CLASSES]), (INPUT_DIM,), tasks, share, seed)
     twin = mlp_twin([INPUT_DIM, width, width, CLASSES])
     return model, twin
