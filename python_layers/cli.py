@@ -746,6 +746,57 @@ def train(cfg: dict, out_dir, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(threads)  # in-process callers (tests) keep their own setting
 
 
+def export(run_dir, task: int, out, log=print) -> dict:
+    """``eidetic export``: task ``task`` of the run in ``run_dir`` as a plain torch.nn module saved to ``out``
+    (``torch.save``; plus ``out`` with suffix ``.pt2`` from ``torch.export`` where the body allows).
+
+    Checks the module against the network on the task's whole test set; returns the report (also logged):
+    test accuracy of both, share of test samples with the same argmax, max |logit difference|, parameters.
+    """
+    from .scenarios import InMemoryLoader
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} holds no run (config.yaml and checkpoint.pt); train one with eidetic train")
+    run = Run(load_config(run_dir / "config.yaml"), run_dir, log)
+    run.build()
+    run.load_checkpoint()
+    model = run.model.eval()
+    if not isinstance(task, int) or not 0 <= task < model.num_finished_tasks:
+        raise ConfigError(f"--task {task}: the run has finished tasks 0..{model.num_finished_tasks - 1}")
+    data = run.scenario.tasks[task].test
+    batches = list(InMemoryLoader(data, run.cfg["eval_batch_size"], shuffle=False, device=run.device))
+    module = model.export(task, example=batches[0][0])
+    same = correct_model = correct_module = 0
+    diff = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            a, b = model(x, task=task), module(x)
+            diff = max(diff, float((a - b).abs().max()))
+            same += int((a.argmax(-1) == b.argmax(-1)).sum())
+            correct_model += int((a.argmax(-1) == y).sum())
+            correct_module += int((b.argmax(-1) == y).sum())
+    n = max(1, len(data))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(module, out)
+    report = {"task": task, "out": str(out), "test_samples": len(data), "network_accuracy": correct_model / n,
+              "export_accuracy": correct_module / n, "same_argmax": same / n, "max_abs_logit_diff": diff,
+              "parameters": sum(p.numel() for p in module.parameters()),
+              "network_parameters_and_buffers": sum(t.numel() for t in list(model.parameters()) +
+                                                    list(model.buffers()) if t.dtype.is_floating_point)}
+    try:
+        program = torch.export.export(module, (batches[0][0],))
+        torch.export.save(program, out.with_suffix(".pt2"))
+        report["torch_export"] = str(out.with_suffix(".pt2"))
+    except Exception as exc:  # noqa: BLE001 - the body's ops decide; the torch.save file is the export
+        report["torch_export"] = f"not possible for this body ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    log(f"task {task}: {report['parameters']} parameters (the network holds {report['network_parameters_and_buffers']}"
+        f" values); test accuracy {report['export_accuracy']:.4f} (network {report['network_accuracy']:.4f}); "
+        f"same argmax on {report['same_argmax']:.2%} of {len(data)} test samples; max |logit diff| "
+        f"{diff:.2e}\nsaved {out}; torch.export: {report['torch_export']}")
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
@@ -786,6 +837,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue the run in RUN_DIR from its last checkpoint (same final results as an "
                          "uninterrupted run)")
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. lr=2e-4")
+    ex = sub.add_parser("export", help="save one finished task as a plain torch.nn module",
+                        description="Save finished task T of a run as a plain torch.nn module of compact layers "
+                                    "(torch.save; loads with torch alone), checked on the task's test set.")
+    ex.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder written by eidetic train")
+    ex.add_argument("--task", required=True, type=int, metavar="T", help="the finished task to export")
+    ex.add_argument("--out", required=True, metavar="FILE", help="where to torch.save the module (and FILE.pt2)")
     return parser
 
 
@@ -794,6 +851,13 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "export":
+        try:
+            export(args.run, args.task, args.out)
+        except (ConfigError, DataNotFoundError) as exc:
+            print(f"eidetic: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command != "train":
         parser.print_help()
         return 2

@@ -189,6 +189,7 @@ class LayerGraph:
     def __init__(self, groups: list[NeuronGroup], inputs: dict[str, tuple[EideticLayer, list[Segment]]],
                  features: list[Segment], raw_input_layers: set[str], renumber_blocked_by: str | None = None):
         self.renumber_blocked_by = renumber_blocked_by
+        self.input_shape: tuple[int, ...] | None = None  # one sample's shape, when traced from a batch
         self.groups = groups
         for g in groups:
             g._graph = self
@@ -316,6 +317,7 @@ class LayerGraph:
             "features": segs(self.features),
             "raw_input_layers": sorted(layer_names[n] for n in self.raw_input_layers),
             "renumber_blocked_by": self.renumber_blocked_by,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
 
     @classmethod
@@ -345,7 +347,10 @@ class LayerGraph:
         inputs = {n: (layer(n), segs(items)) for n, items in spec["inputs"]}
         # graphs saved before renumbering existed were never renumbered: keep their positions
         blocked = spec.get("renumber_blocked_by", "the checkpoint predates task-major renumbering")
-        return cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]), renumber_blocked_by=blocked)
+        graph = cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]), renumber_blocked_by=blocked)
+        shape = spec.get("input_shape")
+        graph.input_shape = None if shape is None else tuple(shape)
+        return graph
 
     def describe(self) -> str:
         lines = []
@@ -780,10 +785,8 @@ def _node_desc(node: fx.Node) -> str:
     return f"{what} (node '{node.name}')"
 
 
-def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) -> LayerGraph:
-    """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"the example input must be a tensor batch, got {type(example_input).__name__}")
+def trace_fx(owner: nn.Module, fn: Callable) -> fx.GraphModule:
+    """torch.fx trace of ``fn`` (calling submodules of ``owner``; Eidetic and torch.nn layers are leaves)."""
     tracer = _Tracer(owner)
     root = _Root(fn)
     try:
@@ -808,6 +811,14 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
                     obj = getattr(obj, part)
             targets[node.target] = obj
     gm = fx.GraphModule(targets, graph)
+    return gm
+
+
+def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) -> LayerGraph:
+    """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"the example input must be a tensor batch, got {type(example_input).__name__}")
+    gm = trace_fx(owner, fn)
     # learn shapes with no side effects: eval mode (no running-stat updates, no dropout), no autograd
     modes = [(m, m.training) for m in owner.modules()]
     owner.eval()
@@ -824,7 +835,9 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
             m.training = mode
     prop = _Propagator(owner)
     features = prop.run(gm.graph)
-    return prop.build(features)
+    graph = prop.build(features)
+    graph.input_shape = tuple(example_input.shape[1:])
+    return graph
 
 
 def trace_body(body: nn.Module, example_input: torch.Tensor) -> LayerGraph:

@@ -58,6 +58,14 @@ def test_end_to_end_outputs(tmp_path):
     assert results["versions"]["torch"] == torch.__version__
     groups = results["capacity"]
     assert groups and all({"task 0", "task 1", "task 2", "free", "pruned"} <= set(v) for v in groups.values())
+    # eidetic export: task 1 as a plain module, checked on its whole test set
+    assert cli.main(["export", "--run", str(out), "--task", "1", "--out", str(tmp_path / "task1.pt")]) == 0
+    report = cli.export(out, 1, tmp_path / "again.pt", log=lambda *_: None)
+    assert report["same_argmax"] == 1.0 and report["export_accuracy"] == report["network_accuracy"]
+    assert report["max_abs_logit_diff"] < 1e-4 and report["parameters"] < report["network_parameters_and_buffers"]
+    module = torch.load(tmp_path / "task1.pt", weights_only=False)
+    assert not any(type(m).__module__.startswith(("eidetic_kernels", "python_layers")) for m in module.modules())
+    assert cli.main(["export", "--run", str(out), "--task", "3", "--out", str(tmp_path / "x.pt")]) == 2
     assert all(sum(v.values()) == 16 for v in groups.values())
     lines = (out / "history.csv").read_text().splitlines()
     assert lines[0].startswith("task,phase,epoch,global_epoch") and len(lines) > 6

@@ -1,0 +1,106 @@
+"""``model.export(task=t)`` and ``eidetic export``: a plain torch.nn module of compact layers per finished task.
+
+Pinned on real finished tasks of every body kind (MLP, CNN with BN, ResNet with projection and identity
+skips, cat, raw-input BN, forward transfer off): the module gives task t's logits within fp32 tolerance
+and the same argmax; its weights are exactly the synapses task t uses (counted independently from the
+layers' states); it holds no eidetic class and loads with torch alone in a fresh interpreter; torch.export
+accepts it. Bodies that tie a constant to feature positions are a clear error.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eidetic_kernels import FREE, EideticConv2d, EideticLinear
+from eidetic_kernels.state import live_synapses
+from python_layers import EideticNetwork, GraphError
+from tests.python_layers.test_finish_rules import CatBody, InputBN1dBody, ResNetBody
+from tests.python_layers.test_renumbering import Scaled, _finish_tasks, cnn, mlp
+
+BODIES = {
+    "mlp": (lambda: mlp()[:2], (1, 8, 8), True),
+    "mlp_no_transfer": (lambda: mlp()[:2], (1, 8, 8), False),
+    "cnn": (lambda: cnn()[:2], (1, 8, 8), True),
+    "resnet": (lambda: (ResNetBody(), 16), (1, 8, 8), True),
+    "cat": (lambda: (CatBody(), 16), (1, 8, 8), True),
+    "input_bn": (lambda: (InputBN1dBody(), 16), (16,), True),
+}
+
+
+def _trained(name, tasks=3):
+    make, shape, transfer = BODIES[name]
+    torch.manual_seed(0)
+    body, feature_dim = make()
+    model = EideticNetwork(body, feature_dim)
+    if not transfer:
+        original = model.prepare_for_task
+        model.prepare_for_task = lambda t, c, forward_transfer=True: original(t, c, forward_transfer=False)
+    _finish_tasks(model, shape, tasks=tasks)
+    return model, shape
+
+
+def _synapses_used(model, task, transfer):
+    """Weights task ``task`` reads, from the states alone: neurons of tasks <= t (of t only without forward
+    transfer; raw-input BN channels all), each with its live inputs."""
+    def used(states):
+        return (states <= task) & (states >= 0) if transfer else states == task
+    total = 0
+    layers = [m for name, m in model.named_modules() if isinstance(m, (EideticLinear, EideticConv2d))
+              and not name.startswith("heads.")] + [model.heads[task]]
+    for layer in layers:
+        rows = used(layer.task_state.long()) if layer is not model.heads[task] else torch.ones(
+            layer.num_neurons, dtype=torch.bool)
+        mask = live_synapses(layer.input_task, layer.task_state, layer.min_input_task)[rows]
+        total += int(mask.sum()) * (layer.weight[0, 0].numel() if layer.weight.dim() > 2 else 1)
+    return total
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_export_gives_the_task_logits_with_exactly_its_synapses(name):
+    model, shape = _trained(name)
+    x = torch.randn((32,) + shape, generator=torch.Generator().manual_seed(5))
+    model.eval()
+    for t in range(3):
+        exported = model.export(t)
+        assert all(type(m).__module__.startswith("torch") for m in exported.modules()), name
+        with torch.no_grad():
+            want, got = model(x, task=t), exported(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        weights = sum(m.weight.numel() for m in exported.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        assert weights == _synapses_used(model, t, BODIES[name][2]), (name, t)
+
+
+def test_exported_module_loads_with_torch_alone_and_torch_export_accepts_it(tmp_path):
+    model, shape = _trained("cnn", tasks=2)
+    exported = model.export(1)
+    x = torch.randn((4,) + shape, generator=torch.Generator().manual_seed(6))
+    path = tmp_path / "task1.pt"
+    torch.save(exported, path)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(exported(x), tmp_path / "want.pt")
+    code = ("import sys; sys.modules['eidetic_kernels'] = None; sys.modules['python_layers'] = None\n"
+            "import torch\n"
+            f"m = torch.load({str(path)!r}, weights_only=False)\n"
+            f"x, want = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'want.pt')!r})\n"
+            "with torch.no_grad():\n    assert torch.equal(m(x), want)\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+    program = torch.export.export(exported, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), exported(x))
+
+
+def test_export_errors_are_clear():
+    model, _ = _trained("mlp", tasks=1)
+    with pytest.raises(ValueError, match="finished task"):
+        model.export(1)
+    torch.manual_seed(0)
+    scaled = EideticNetwork(Scaled(), 12)
+    _finish_tasks(scaled, (1, 8, 8), tasks=1)
+    with pytest.raises(GraphError, match="one value per feature"):
+        scaled.export(0)
