@@ -315,3 +315,68 @@ def test_backend_selection_and_clear_errors(monkeypatch):
     lin = EideticLinear(3, 2)
     lin(torch.randn(1, 3))
     assert lin.last_backend == "reference"
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: EideticLinear(6, 7), (4, 6)),
+                                         (lambda: EideticConv2d(6, 7, 3, padding=1), (2, 6, 5, 4))])
+def test_gradcheck_in_both_gradient_modes(make, shape):
+    """fp64 gradcheck of a layer with frozen blocks (tasks 0 and 1) and FREE, PRUNED neurons, reading inputs of
+    tasks 0-1, FREE and PRUNED producers. Exact mode: input and parameter gradients. Frozen-constant mode
+    (what EideticNetwork trains with): parameter gradients, with the input requiring grad so the dX-only
+    path runs, and the input gradient equal to the exact one on inputs from FREE producers."""
+    torch.manual_seed(0)
+    layer = make().double()
+    layer.set_input_task(torch.tensor([0, 1, FREE, PRUNED, 0, FREE], dtype=torch.int16))
+    layer.prune_neurons([1, 2, 3, 4, 5, 6])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([2, 3, 5, 6])
+    layer.freeze_free_neurons(1)
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([5])
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(x_in, w, b, constant):
+        layer.constant_frozen = constant
+        try:  # plain tensors stand in for the Parameters
+            return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x_in,))
+        finally:
+            layer.constant_frozen = False
+
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda xi, wi, bi: run(xi, wi, bi, False), (x.clone().requires_grad_(), w, b))
+    assert torch.autograd.gradcheck(lambda wi, bi: run(x.clone().requires_grad_(), wi, bi, True), (w, b))
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(run(x, w, b, False))
+    (ge,) = torch.autograd.grad(run(xe, w, b, False), xe, g)
+    (gc,) = torch.autograd.grad(run(xc, w, b, True), xc, g)
+    free_inputs = layer.input_task == FREE
+    torch.testing.assert_close(gc[:, free_inputs], ge[:, free_inputs])
+    assert bool((gc[:, ~free_inputs] == 0).all()) and bool((ge[:, ~free_inputs] != 0).any())
+
+
+def test_first_version_checkpoints_are_upgraded_on_load():
+    """Version 1 kept frozen rows at full width, ordered by (task, index); loading compacts them."""
+    torch.manual_seed(0)
+    for make, shape in ((lambda: EideticLinear(6, 7), (3, 6)), (lambda: EideticConv2d(6, 7, 3), (2, 6, 5, 5))):
+        layer = make()
+        layer.set_input_task(torch.tensor([0, 1, FREE, PRUNED, 0, 2], dtype=torch.int16))
+        layer.prune_neurons([1, 4])
+        layer.freeze_free_neurons(1)
+        layer.recycle_pruned_neurons()
+        layer.prune_neurons([4])
+        layer.freeze_free_neurons(2)
+        sd = layer.state_dict()
+        v1 = sd.copy()
+        v1._metadata = {"": {"version": 1}}
+        dense = layer.dense()  # full rows, zeros on dead synapses: what version 1 stored
+        frozen = (layer.task_state >= 0) & (layer.task_state != FREE)
+        order = sorted(frozen.nonzero().flatten().tolist(), key=lambda i: (int(layer.task_state[i]), i))
+        v1["frozen_weight"] = dense[order].clone()
+        v1["frozen_bias"] = layer.dense("bias")[order].clone()
+        fresh = make()
+        fresh.load_state_dict(v1)
+        assert torch.equal(fresh.frozen_weight, layer.frozen_weight) and torch.equal(fresh.frozen_bias, layer.frozen_bias)
+        x = torch.randn(shape)
+        assert torch.equal(fresh(x), layer(x))
