@@ -38,7 +38,7 @@ class DenseOp:
 
     forward: Callable  # (x, weight, bias) -> y
     input_grad: Callable  # (grad_y, weight, x_shape) -> grad_x
-    weight_grad: Callable  # (x, grad_y, weight_shape) -> (grad_w, grad_b)
+    weight_grad: Callable  # (x, grad_y, weight) -> (grad_w, grad_b); the weight's values are not read
     dim: int
 
 
@@ -194,7 +194,7 @@ class _TrainableBlockOp(torch.autograd.Function):
                 w_train = weight.index_select(1, ctx.train_pos)
             grad_x = op.input_grad(grad, w_train, ctx.x_train_shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grad_w, grad_b = op.weight_grad(x, grad, weight.shape)
+            grad_w, grad_b = op.weight_grad(x, grad, weight)
             grad_b = grad_b if ctx.has_bias else None
         return None, grad_x, grad_w, grad_b, None, None, None
 

@@ -21,12 +21,13 @@ def conv_op(stride: tuple, padding: tuple, dilation: tuple) -> DenseOp:
     def forward(x, weight, bias):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
+    # Contiguous operands: oneDNN's backward takes its fast path only with dense weights and inputs.
     def input_grad(grad_out, weight, x_shape):  # dX only: no activation kept for the weight gradient
-        return torch.nn.grad.conv2d_input(x_shape, weight, grad_out, stride, padding, dilation)
+        return torch.nn.grad.conv2d_input(x_shape, weight.contiguous(), grad_out, stride, padding, dilation)
 
-    def weight_grad(x, grad_out, weight_shape):  # dW and db of the rows in grad_out (the weights are not read)
+    def weight_grad(x, grad_out, weight):  # dW and db of the rows in grad_out (the weight's values are not read)
         _, dw, db = torch.ops.aten.convolution_backward(
-            grad_out, x, x.new_empty(1).expand(weight_shape), [weight_shape[0]], list(stride), list(padding),
+            grad_out, x.contiguous(), weight.contiguous(), [weight.shape[0]], list(stride), list(padding),
             list(dilation), False, [0, 0], 1, [False, True, True])
         return dw, db
 

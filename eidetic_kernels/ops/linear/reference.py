@@ -19,7 +19,7 @@ def _input_grad(grad_out, weight, x_shape):
     return grad_out.matmul(weight).reshape(x_shape)
 
 
-def _weight_grad(x, grad_out, weight_shape):
+def _weight_grad(x, grad_out, weight):
     g = grad_out.reshape(-1, grad_out.shape[-1])
     return g.t().mm(x.reshape(-1, x.shape[-1])), g.sum(0)
 
