@@ -40,6 +40,10 @@ class DenseOp:
     input_grad: Callable  # (grad_y, weight, x_shape) -> grad_x
     weight_grad: Callable  # (x, grad_y, weight) -> (grad_w, grad_b); the weight's values are not read
     dim: int
+    # the trainable block computes dX for inputs from FREE producers only (a separate dX and dW) once the
+    # other inputs are at least this share of its window; below it one fused backward over the window
+    # (dX for every input) is cheaper. 0: always split (GEMMs); convolutions pay per backward call.
+    split_backward_share: float = 0.0
 
 
 def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, frozen_weight: torch.Tensor,
@@ -108,10 +112,7 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
             xw = xw.index_fill(dim, blk.dead, 0)
     if xw.shape[dim] == 0:
         y = _bias_only(x, w.shape[0], tuple(w.shape[2:]), b, op, dim)
-    elif constant_frozen and grad_x and blk.train_pos.numel() < xw.shape[dim] and (
-            blk.train_range is not None or 2 * blk.train_pos.numel() <= xw.shape[dim]):
-        # dX for the inputs from FREE producers only; when those are scattered and most of the window,
-        # gathering them and their weight columns costs more than the dX the plain op adds (below)
+    elif constant_frozen and grad_x and blk.train_pos.numel() < xw.shape[dim] and _split_pays(blk, xw.shape[dim], op):
         if blk.train_range is not None:
             a, e = blk.train_range
             x_train = xw.narrow(dim, a, e - a)
@@ -125,6 +126,16 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
         # gradients). In place on a fresh output, which neither op saves for backward.
         y = y.index_fill_(dim, blk.zero_rows, 0)
     return y
+
+
+def _split_pays(blk: Block, width: int, op: DenseOp) -> bool:
+    """dX for the inputs from FREE producers only, or the plain op's backward (dX for the whole window)?
+    Scattered FREE inputs must be gathered with their weight columns: that pays once they are at most half
+    the window. A contiguous run is a view: it pays whenever the op's split backward does."""
+    constant_share = 1 - blk.train_pos.numel() / width
+    if blk.train_range is None and constant_share < 0.5:
+        return False
+    return constant_share >= op.split_backward_share
 
 
 def _bias_only(x, n: int, kernel, b, op: DenseOp, dim: int):

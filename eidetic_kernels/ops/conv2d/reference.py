@@ -31,7 +31,7 @@ def conv_op(stride: tuple, padding: tuple, dilation: tuple) -> DenseOp:
             list(dilation), False, [0, 0], 1, [False, True, True])
         return dw, db
 
-    return DenseOp(forward=forward, input_grad=input_grad, weight_grad=weight_grad, dim=1)
+    return DenseOp(forward=forward, input_grad=input_grad, weight_grad=weight_grad, dim=1, split_backward_share=0.5)
 
 
 def _pair(v):
