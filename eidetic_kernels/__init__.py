@@ -2,7 +2,6 @@
 
 Public names: the layers, FREE, PRUNED, convert, functional, rebind_optimizer.
 """
-from . import cpp  # noqa: F401  registers the winning C++ ops as CPU default (builds lazily, on first use)
 from . import functional
 from .layers import (EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLayer, EideticLinear,
                      convert)

@@ -4,25 +4,22 @@ Defaults: CUDA tensors use Triton; CPU tensors use the reference (or a C++ op wh
 registered as the CPU default because it wins on the bench). ``EIDETIC_BACKEND`` forces one
 of ``reference``, ``triton``, ``cpp`` and fails clearly when it cannot run.
 
-A backend registers itself by name with a lazily imported module path per op; each op module
+``implementation(op, name)`` imports each backend's function with a plain import; each op module
 exposes a function named after the op with the signature documented in its reference.py.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
 
+from . import cpp
+from .cpp import CPP_OPS
+
 BACKEND_NAMES = ("reference", "triton", "cpp")
 OPS = ("linear", "conv2d", "batch_norm")
-_MODULES = {
-    "reference": {op: f"eidetic_kernels.ops.{op}.reference" for op in OPS},
-    "triton": {op: f"eidetic_kernels.ops.{op}.triton" for op in OPS},
-    "cpp": {op: f"eidetic_kernels.ops.{op}.cpp" for op in OPS},
-}
-# Ops for which the C++ backend is the CPU default (set by eidetic_kernels.cpp when it wins).
-CPU_DEFAULT_CPP_OPS: set[str] = set()
+# Ops for which the C++ backend is the CPU default: each one it implements (each won on the bench).
+CPU_DEFAULT_CPP_OPS: frozenset[str] = frozenset(CPP_OPS)
 
 
 class BackendUnavailable(RuntimeError):
@@ -45,7 +42,6 @@ def _triton_usable(device: torch.device) -> str | None:
 
 
 def _cpp_usable(op: str) -> str | None:
-    from . import cpp
     return cpp.unavailable_reason(op)
 
 
@@ -82,18 +78,37 @@ def select(op: str, device: torch.device) -> str:
 _cache: dict[tuple[str, str], object] = {}
 
 
+def implementation(op: str, name: str):
+    """The function of backend ``name`` for ``op``, through plain imports (Triton and C++ modules are imported
+    only when used: both are optional). Each op's reference.py documents its backend signature."""
+    if op == "linear":
+        if name == "triton":
+            from .ops.linear.triton import linear as fn
+        else:
+            from .ops.linear.reference import linear as fn
+    elif op == "conv2d":
+        if name == "triton":
+            from .ops.conv2d.triton import conv2d as fn
+        else:
+            from .ops.conv2d.reference import conv2d as fn
+    elif op == "batch_norm":
+        if name == "triton":
+            from .ops.batch_norm.triton import batch_norm as fn
+        elif name == "cpp":
+            from .ops.batch_norm.cpp import batch_norm as fn
+        else:
+            from .ops.batch_norm.reference import batch_norm as fn
+    else:
+        raise BackendUnavailable(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    return fn
+
+
 def get(op: str, device: torch.device):
     """(backend name, function) for ``op`` on ``device``."""
     name = select(op, device)
-    key = (name, op)
-    fn = _cache.get(key)
+    fn = _cache.get((name, op))
     if fn is None:
-        try:
-            module = importlib.import_module(_MODULES[name][op])
-        except ModuleNotFoundError as exc:
-            raise BackendUnavailable(f"backend {name} has no implementation of {op} ({exc})") from exc
-        fn = getattr(module, op)
-        _cache[key] = fn
+        fn = _cache[(name, op)] = implementation(op, name)
     return name, fn
 
 

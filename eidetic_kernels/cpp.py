@@ -8,8 +8,8 @@ Importing this module never builds anything.
 No compiler, no ninja or a failed build: one warning, and every op runs on the reference path.
 ``EIDETIC_BACKEND=cpp`` then fails with the reason (see ``eidetic_kernels.backends``).
 
-Only the ops that beat the reference on ``benchmarks/cpp_bench.py`` are kept, and they become the
-CPU default (``backends.CPU_DEFAULT_CPP_OPS``); whether they can run is decided lazily: dispatch
+Only the ops that beat the reference on ``benchmarks/cpp_bench.py`` are kept (``CPP_OPS``), and the
+dispatch makes them the CPU default (``backends.CPU_DEFAULT_CPP_OPS``); whether they can run is decided lazily: dispatch
 only checks for the tools, and the first CPU call of such an op builds (or loads the cached build).
 ``EIDETIC_CPP_CFLAGS`` overrides the compiler flags (they are part of the key).
 """
@@ -26,8 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from . import backends
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("eidetic_cpu.cpp",)
@@ -48,7 +46,6 @@ CFLAGS = tuple(os.environ.get("EIDETIC_CPP_CFLAGS", _default_cflags()).split())
 # (linear and conv2d were measured and removed: their ATen matrix products dominate, so fusing the
 # backward epilogues lost or tied, 0.8-1.0x the reference.)
 CPP_OPS = ("batch_norm",)
-backends.CPU_DEFAULT_CPP_OPS.update(CPP_OPS)
 
 _lock = threading.Lock()
 _module = None
