@@ -31,6 +31,7 @@ demo: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks/test_cpu_bench.py --benchmark-only --benchmark-columns=min,median,iqr,rounds --benchmark-json=benchmarks/results/last-cpu.json
 	$(PY) -m benchmarks.cpu_report benchmarks/results/last-cpu.json
+	$(PY) -m benchmarks.tasks_curve
 	$(PY) -m benchmarks.plot
 
 clean:

@@ -12,10 +12,7 @@ What is timed (fp32, training mode, autograd on, median of the rounds; EIDETIC_B
   ``nn`` has no frozen neurons: its one row per case is the denominator of every ratio.
 * e2e: one training step (zero_grad, forward, cross entropy, backward, AdamW) of the MLP
   784-2000-2000-10 (batch 256) and of a small CNN with batch norm (batch 64, 3x32x32).
-* tasks: an ``EideticNetwork`` after 1, 2, 4 and 8 finished tasks, each keeping 10% of every layer
-  (``providers.finished_network``), against the same plain network: one training step of the next task
-  (``train_step``) and evaluating task 0 (``eval_task0``, eval mode, no grad) against nn's forward. MLP
-  784-1024-1024-10 (batch 256), MLP 784-2000-2000-10 (batch 1024), the CNN with batch norm (batch 64).
+The curve over finished tasks (suite "tasks") is timed interleaved by ``benchmarks/tasks_curve.py``.
 Memory (in ``extra_info`` of the forward_backward and train_step rows): see
 ``providers.training_step_bytes``.
 """
@@ -28,8 +25,8 @@ import time
 import pytest
 import torch
 
-from benchmarks.providers import (TASK_MODELS, LayerCase, backend_of, finished_network, make_layer, make_model,
-                                  make_optimizer, model_input, train_step, training_step_bytes)
+from benchmarks.providers import (LayerCase, backend_of, make_layer, make_model, make_optimizer, model_input,
+                                  train_step, training_step_bytes)
 
 QUICK = os.environ.get("EIDETIC_BENCH_QUICK", "") not in ("", "0")
 # Each benchmark runs for about TARGET_S seconds, with at least MIN_ROUNDS and at most MAX_ROUNDS rounds.
@@ -40,7 +37,6 @@ PASSES = ("forward", "backward", "forward_backward")
 if QUICK:
     LAYER_CASES = [LayerCase("linear", 64, 16), LayerCase("conv2d", 8, 2, 8), LayerCase("batchnorm2d", 16, 4, 8)]
     E2E_BATCH = {"mlp": 8, "cnn": 4}
-    TASK_BATCH = {"mlp1024": 8, "mlp2000": 8, "cnn": 4}
 else:
     LAYER_CASES = [
         LayerCase("linear", 512, 256), LayerCase("linear", 2048, 256),
@@ -48,9 +44,6 @@ else:
         LayerCase("batchnorm2d", 64, 32, 32), LayerCase("batchnorm2d", 2048, 32, 8),
     ]
     E2E_BATCH = {"mlp": 256, "cnn": 64}
-    TASK_BATCH = {name: batch for name, (_, _, batch) in TASK_MODELS.items()}
-TASK_SHARE = 0.1  # of every layer, per finished task
-TASK_COUNTS = [("nn", 0)] + [("eidetic", t) for t in (1, 2, 4, 8)]
 
 # nn once per case (share is meaningless for it); the masked providers at every share
 PROVIDER_SHARES = [("nn", 0.0)] + [(p, s) for p in ("torch-prune", "eidetic") for s in SHARES]
@@ -130,35 +123,3 @@ def test_train_step(benchmark, model_name, provider_share):
     benchmark.extra_info.update(training_step_bytes(
         model, opt, lambda: model(x), lambda out: torch.nn.functional.cross_entropy(out, y).backward()))
 
-
-@pytest.mark.parametrize("provider_tasks", TASK_COUNTS, ids=lambda v: f"{v[0]}-{v[1]}")
-@pytest.mark.parametrize("pass_name", ["train_step", "eval_task0"])
-@pytest.mark.parametrize("model_name", list(TASK_MODELS))
-def test_tasks(benchmark, model_name, pass_name, provider_tasks):
-    provider, tasks = provider_tasks
-    factory, in_shape, _ = TASK_MODELS[model_name]
-    torch.manual_seed(0)
-    model = factory()
-    if provider == "eidetic":
-        model = finished_network(model, in_shape, tasks, TASK_SHARE, seed=tasks)
-    batch = TASK_BATCH[model_name]
-    x, y = model_input(model_name, batch, torch.Generator().manual_seed(0))
-    benchmark.group = f"tasks-{model_name}-{pass_name}"
-    benchmark.extra_info.update(suite="tasks", layer=model_name, size=batch, shape=f"batch {batch}",
-                                pass_name=pass_name, provider=provider, frozen_share=round(TASK_SHARE * tasks, 4),
-                                tasks=tasks, dtype="float32", device="cpu")
-    if pass_name == "train_step":
-        opt = make_optimizer(provider, model)
-        train_step(model, opt, x, y)
-        _timed(benchmark, lambda: train_step(model, opt, x, y))
-        benchmark.extra_info.update(training_step_bytes(
-            model, opt, lambda: model(x), lambda out: torch.nn.functional.cross_entropy(out, y).backward()))
-    else:
-        model.eval()
-        run = (lambda: model(x, task=0)) if provider == "eidetic" else (lambda: model(x))
-
-        def evaluate():
-            with torch.no_grad():
-                run()
-        _timed(benchmark, evaluate)
-    benchmark.extra_info["backend"] = backend_of(model)
