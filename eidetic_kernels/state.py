@@ -20,7 +20,7 @@ keeps min_input_task 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -162,7 +162,6 @@ class Table:
     frozen_numel: int  # synapses in the whole frozen storage (every block, whatever the view)
     n_frozen: int
     all_trainable_dense: bool  # one trainable block over every row and every input: a plain layer
-    block_neurons: list[torch.Tensor] = field(default_factory=list)  # rows of each block (device)
     zero_neurons: torch.Tensor | None = None  # outputs that are exactly 0 (device); None if none
 
     @property
@@ -273,7 +272,7 @@ def make_table(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torc
              and blocks[0].col_range == (0, n_in) and blocks[0].dead is None and n_frozen == 0)
     return Table(blocks=blocks, n_out=n_out, n_in=n_in, out_index=out_index,
                  tail=n_out - covered if identity else 0, frozen_numel=frozen_numel, n_frozen=n_frozen,
-                 all_trainable_dense=dense, block_neurons=[b.rows for b in blocks],
+                 all_trainable_dense=dense,
                  zero_neurons=zero_neurons.to(dev) if zero_neurons.numel() else None)
 
 

@@ -20,6 +20,7 @@ the layer's input (``autograd.grad`` on activations, saliency), hence an opt-in.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,6 +71,7 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _window(x: torch.Tensor, blk: Block, dim: int) -> torch.Tensor:
+    """The block's inputs along ``dim`` (of the input, or of the weight's columns): a slice or a gather."""
     if blk.cols is None or blk.col_range is not None:
         a, b = blk.col_range
         return x if (a, b) == (0, x.shape[dim]) else x.narrow(dim, a, b - a)
@@ -77,10 +79,7 @@ def _window(x: torch.Tensor, blk: Block, dim: int) -> torch.Tensor:
 
 
 def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool):
-    n = blk.rows.numel()
-    k = 1
-    for d in kernel:
-        k *= d
+    n, k = blk.rows.numel(), math.prod(kernel)
     w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
     b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
     xw = _window(x, blk, dim)
@@ -96,13 +95,7 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
     if blk.slots is not None:
         w = w.index_select(0, blk.slots)
         b = None if b is None else b.index_select(0, blk.slots)
-    xw = _window(x, blk, dim)
-    if blk.cols is None or blk.col_range is not None:
-        a, e = blk.col_range
-        if (a, e) != (0, x.shape[dim]):
-            w = w.narrow(1, a, e - a)
-    else:
-        w = w.index_select(1, blk.cols)
+    xw, w = _window(x, blk, dim), _window(w, blk, 1)
     if blk.dead is not None:
         # dead inputs inside the slice (PRUNED producers): zero them on the smaller tensor. The trainable
         # block's outputs are not protected, and either way dW = 0 on dead synapses and dX = 0 on dead inputs.
@@ -112,7 +105,7 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
             xw = xw.index_fill(dim, blk.dead, 0)
     if xw.shape[dim] == 0:
         y = _bias_only(x, w.shape[0], tuple(w.shape[2:]), b, op, dim)
-    elif constant_frozen and grad_x and blk.train_pos.numel() < xw.shape[dim] and _split_pays(blk, xw.shape[dim], op):
+    elif constant_frozen and grad_x and _split_pays(blk, xw.shape[dim], op):
         if blk.train_range is not None:
             a, e = blk.train_range
             x_train = xw.narrow(dim, a, e - a)
@@ -133,7 +126,7 @@ def _split_pays(blk: Block, width: int, op: DenseOp) -> bool:
     Scattered FREE inputs must be gathered with their weight columns: that pays once they are at most half
     the window. A contiguous run is a view: it pays whenever the op's split backward does."""
     constant_share = 1 - blk.train_pos.numel() / width
-    if blk.train_range is None and constant_share < 0.5:
+    if constant_share == 0 or (blk.train_range is None and constant_share < 0.5):
         return False
     return constant_share >= op.split_backward_share
 
@@ -218,7 +211,7 @@ class _Assemble(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dim, table, *ys):
-        ctx.dim, ctx.neurons = dim, table.block_neurons
+        ctx.dim, ctx.neurons = dim, [b.rows for b in table.blocks]
         shape = list(ys[0].shape)
         block = 1  # contiguous elements per (sample, neuron)
         for n in shape[dim + 1:]:
@@ -228,7 +221,7 @@ class _Assemble(torch.autograd.Function):
             return torch.cat(list(ys) + [ys[0].new_zeros(shape)], dim).index_select(dim, table.out_index)
         shape[dim] = table.n_out
         out = ys[0].new_zeros(shape)  # long blocks: each neuron written once (exact, but -0.0 -> +0.0)
-        for y, index in zip(ys, table.block_neurons):
+        for y, index in zip(ys, ctx.neurons):
             out.index_add_(dim, index, y)
         if table.zero_neurons is not None:
             out.index_fill_(dim, table.zero_neurons, 0)
