@@ -19,9 +19,10 @@ def taylor_contribution(activation: torch.Tensor, grad: torch.Tensor, channel_di
 
 def attach_taylor_hook(output: torch.Tensor, score: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
     if score is not None and output.requires_grad:
-        # the closure holds a detached alias, not ``output``: output -> hook -> output would be a reference
-        # cycle keeping the whole autograd graph (and stale parameter metadata) alive until the next gc
-        activation = output.detach()
+        # a detached copy: an in-place op after the layer (ReLU(inplace=True), out += skip) must not change
+        # the activation the score reads; and not ``output`` itself: output -> hook -> output would be a
+        # reference cycle keeping the whole autograd graph alive until the next gc
+        activation = output.detach().clone()
 
         def hook(grad):
             score.add_(taylor_contribution(activation, grad, channel_dim).to(score.dtype))

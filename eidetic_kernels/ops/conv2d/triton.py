@@ -354,8 +354,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = tb is not None
     ctx.taylor = taylor_score is not None
     ctx.geometry = (stride, padding, dilation)
-    ctx.save_for_backward(x, output if ctx.taylor else None, tw, fw, in_task, out_task, out_min_task, slot,
-                          taylor_score)
+    # the Taylor score reads a copy of the output: in-place ops after the layer may change the output itself
+    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, in_task, out_task,
+                          out_min_task, slot, taylor_score)
 
 
 def _backward(ctx, grad):

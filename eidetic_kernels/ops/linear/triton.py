@@ -196,11 +196,11 @@ def _zeros_min_task(out_task):
     return torch.zeros_like(out_task)
 
 
-def linear_forward(x2, tw, fw, tb, fb, in_task, out_task, out_min_task, slot) -> torch.Tensor:
-    """x2 [M, K] -> y [M, N] (contiguous) through the forward kernel."""
+def linear_forward(x2, tw, fw, tb, fb, in_task, out_task, out_min_task, slot, out=None) -> torch.Tensor:
+    """x2 [M, K] -> y [M, N] (contiguous; written into ``out`` when given) through the forward kernel."""
     M, K = x2.shape
     N = out_task.numel()
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
     if M == 0 or N == 0:
         return y
     tw = tw.contiguous()
@@ -269,9 +269,11 @@ def _linear_op(x: torch.Tensor, trainable_weight: torch.Tensor, frozen_weight: t
                trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor],
                in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor, slot: torch.Tensor,
                taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
-    y = linear_forward(_flat(x), trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task,
-                       out_task, out_min_task, slot)
-    return y.view(*x.shape[:-1], out_task.numel())
+    # allocated at its final shape and returned as is: a view of it would forbid in-place ops after the layer
+    y = x.new_empty((*x.shape[:-1], out_task.numel()))
+    linear_forward(_flat(x), trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task,
+                   out_min_task, slot, out=y.view(-1, out_task.numel()))
+    return y
 
 
 @_linear_op.register_fake
@@ -319,8 +321,9 @@ def _setup_context(ctx, inputs, output):
     x, tw, fw, tb, fb, in_task, out_task, out_min_task, slot, taylor_score = inputs
     ctx.has_bias = tb is not None
     ctx.taylor = taylor_score is not None
-    ctx.save_for_backward(x, output if ctx.taylor else None, tw, fw, in_task, out_task, out_min_task, slot,
-                          taylor_score)
+    # the Taylor score reads a copy of the output: in-place ops after the layer may change the output itself
+    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, in_task, out_task,
+                          out_min_task, slot, taylor_score)
 
 
 def _backward(ctx, grad):
