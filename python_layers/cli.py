@@ -48,7 +48,7 @@ __all__ = ["main", "train", "load_config", "default_config", "OPTIONS", "ConfigE
 
 CRASH_ENV = "EIDETIC_CRASH_AFTER_CHECKPOINT"
 CRASH_EXIT_CODE = 75
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: RNG states as tensors and plain containers (loads with weights_only=True)
 
 
 class ConfigError(ValueError):
@@ -250,18 +250,31 @@ def _seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, CUDA, numpy and python RNG states as tensors and plain containers, so a checkpoint holding them
+    loads with ``torch.load(weights_only=True)``: torch/CUDA ByteTensors; numpy's legacy MT19937 state as
+    ``{"name", "keys": int64 [624], "pos", "has_gauss", "cached_gaussian"}``; python's ``random`` state as
+    ``[version, int64 [625], gauss_next]``."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss_next]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    """Restore what ``rng_state()`` returned (its tensors may sit on any device)."""
+    torch.set_rng_state(state["torch"].cpu())
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def versions(device: torch.device) -> dict:
@@ -381,6 +394,15 @@ def baseline_accuracy(model, scenario, batch_size: int, device, seed: int) -> li
 # ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
+def _unpickler_reason(exc: Exception) -> str:
+    # torch's message is a page of advice; the line naming the refused global is the part worth showing
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported" in line or "WeightsUnpickler error" in line:
+            return line.split(". Please")[0]  # the rest explains how to allowlist it
+    return lines[0] if lines else type(exc).__name__
+
+
 class Run:
     """One ``eidetic train`` run: its config, RUN_DIR, model and records; checkpoints and resume."""
 
@@ -465,10 +487,29 @@ class Run:
             os._exit(CRASH_EXIT_CODE)  # simulated kill, for the resume test
 
     def load_checkpoint(self) -> tuple[dict, dict]:
-        payload = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        if payload["run"].get("format") != CHECKPOINT_FORMAT:
-            raise RuntimeError(f"{self.checkpoint_path} has checkpoint format {payload['run'].get('format')}, this "
-                               f"eidetic writes {CHECKPOINT_FORMAT}; start a new run")
+        """The run state and RNG states of ``checkpoint.pt``, after loading the model and router from it.
+
+        The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a file
+        from elsewhere cannot run code while it loads. Raises ConfigError for a file holding anything else
+        (other pickled objects, or format 1 checkpoints, which held numpy objects) and for another format.
+        """
+        import pickle
+
+        try:
+            # on the CPU: RNG states must be CPU tensors; the model, router and optimizer copy to their device
+            payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(
+                f"{self.checkpoint_path} is not a plain-tensor eidetic checkpoint: it holds pickled Python objects "
+                "that torch.load(weights_only=True) refuses, since unpickling them could run arbitrary code "
+                f"(checkpoints of format 1 hold numpy objects and are refused too; this eidetic reads format "
+                f"{CHECKPOINT_FORMAT}); start a new run. torch: {_unpickler_reason(exc)}"
+            ) from exc
+        run = payload.get("run") if isinstance(payload, dict) else None
+        if not isinstance(run, dict) or run.get("format") != CHECKPOINT_FORMAT:
+            found = run.get("format") if isinstance(run, dict) else None
+            raise ConfigError(f"{self.checkpoint_path} has checkpoint format {found}, this eidetic writes "
+                              f"{CHECKPOINT_FORMAT}; start a new run")
         self.model.load_state_dict(payload["model"])
         if hasattr(self.model, "sync"):
             self.model.sync()

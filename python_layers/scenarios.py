@@ -13,6 +13,8 @@ Layouts read (the standard ones)
                  alphabetical order = CIFAR-10 label order), decoded once with Pillow and cached as ``.npy`` under
                  ``$EIDETIC_CACHE`` (default ``~/.cache/eidetic``). Results on it are "CIFAR-10 (JPEG copy)".
     CIFAR-100    ``cifar-100-python/{train,test}`` pickles (fine labels).
+    The CIFAR pickles are read with Python's ``pickle``, which can run code hidden in a file: use copies from a
+    trusted source (the datasets' own site, or a copy you made from it).
 
 Tasks
     Permuted MNIST: task 0 is the UNPERMUTED MNIST (``unpermuted_first=True``, the common convention); task t >= 1
@@ -256,7 +258,8 @@ def _cached_jpeg_cifar10(tar_path: Path, split: str):
 def load_cifar10(split: str, data_root=None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """CIFAR-10 ``split`` as (uint8 [N, 3, 32, 32], int64 [N], source description).
 
-    The standard pickles win when present; else the JPEG tarball (decoded once, cached).
+    The standard pickles win when present; else the JPEG tarball (decoded once, cached). The pickles are read
+    with ``pickle.load``, which runs any code a crafted file carries: they must come from a trusted source.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -276,7 +279,11 @@ def load_cifar10(split: str, data_root=None) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_cifar100(split: str, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-100 ``split`` from the standard ``cifar-100-python`` pickles: (uint8 [N,3,32,32], fine labels [N])."""
+    """CIFAR-100 ``split`` from the standard ``cifar-100-python`` pickles: (uint8 [N,3,32,32], fine labels [N]).
+
+    The pickles are read with ``pickle.load``, which runs any code a crafted file carries: they must come from a
+    trusted source.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = find_data_file("cifar-100-python", ["cifar100", "cifar-100"], "CIFAR-100", data_root, is_dir=True)

@@ -20,8 +20,11 @@ Every loop is capped by an epoch or step count; no stopping rule tests floats fo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
+import time
 import warnings
 
 import torch
@@ -32,10 +35,14 @@ from eidetic_kernels import rebind_optimizer
 from . import pruning as pruning_mod
 from .pruning import frozen_share, pruned_share
 
-try:  # progress bars are optional: without tqdm training runs silently
+try:  # progress bars are optional: without tqdm, every stream gets the plain line per epoch
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover
     tqdm = None
+
+# How often a live progress bar refreshes its loss and accuracy: reading them waits for the device to finish its
+# queued work, so it is done at most this often (and once at the end of the epoch), never once per batch.
+POSTFIX_SECONDS = 2.0
 
 __all__ = ["train_task", "run_epoch", "snapshot", "restore"]
 
@@ -58,13 +65,23 @@ def _split_batch(batch):
                     f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of {len(batch)}'}")
 
 
+_EMPTY_LOADER = "the training loader yielded no batch; give train_task a loader with at least one batch"
+
+
 def _peek(loader) -> torch.Tensor:
     """The first batch's inputs, without moving the loader's or torch's random state on (a resumed run must
-    draw exactly what the uninterrupted one drew)."""
+    draw exactly what the uninterrupted one drew).
+
+    Raises ValueError when the loader yields no batch.
+    """
     rng = torch.random.get_rng_state()
     saved = loader.state_dict() if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict") else None
     try:
-        x, _ = _split_batch(next(iter(loader)))
+        try:
+            batch = next(iter(loader))
+        except StopIteration:
+            raise ValueError(_EMPTY_LOADER) from None
+        x, _ = _split_batch(batch)
     finally:
         torch.random.set_rng_state(rng)
         if saved is not None:
@@ -95,10 +112,170 @@ def _total_pruned(groups) -> float:
     return sum(pruned_share(g) * g.size for g in groups) / max(1, n)
 
 
-def _bar(total, desc, progress):
-    if not progress or tqdm is None:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _is_notebook_bar() -> bool:
+    # tqdm.auto picks its widget bar inside Jupyter, whose output streams are not terminals yet show it live
+    return tqdm is not None and any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+
+
+class _Progress:
+    """An epoch's progress on ``sys.stderr``: a live tqdm bar on a terminal (or a Jupyter widget); anywhere else
+    (a pipe, a log file) one plain line at the end of the epoch, so logs hold no carriage-return frames.
+
+    The bar's loss and accuracy refresh at most every ``POSTFIX_SECONDS``: ``refresh_due()`` says when the
+    caller should read its device counters and pass them to ``show``.
+    """
+
+    def __init__(self, total, desc: str, enabled: bool, pruned: float):
+        self.desc, self.pruned, self.batches = desc, pruned, 0
+        self.start = self.last_postfix = time.perf_counter()
+        self.stream = sys.stderr
+        self.bar = self.plain = None
+        if not enabled:
+            return
+        if tqdm is not None and (_is_terminal(self.stream) or _is_notebook_bar()):
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=self.stream)
+        else:
+            self.plain = True
+
+    def update(self) -> None:
+        self.batches += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def refresh_due(self) -> bool:
+        return self.bar is not None and time.perf_counter() - self.last_postfix >= POSTFIX_SECONDS
+
+    def show(self, loss: float, acc: float) -> None:
+        self.last_postfix = time.perf_counter()
+        self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", pruned=f"{self.pruned:.1%}")
+
+    def close(self, loss: float | None, acc: float | None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.plain and loss is not None:
+            seconds = time.perf_counter() - self.start
+            # the bar's own postfix words, so a log reads like the terminal
+            print(f"{self.desc}: loss={loss:.4f}, acc={acc:.3f}, pruned={self.pruned:.1%} "
+                  f"({self.batches} batches, {seconds:.1f} s)", file=self.stream, flush=True)
+
+
+# ----- batches of one sample and BatchNorm ---------------------------------------------------------------
+class _OneValuePerChannel(Exception):
+    """Raised by a forward pre-hook before a BatchNorm in training mode would normalise one value per channel."""
+
+    def __init__(self, name: str, shape):
+        super().__init__(name)
+        self.name, self.shape = name, tuple(shape)
+
+
+def _batch_norms(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every BatchNorm in ``model`` (torch's or eidetic's: the class name says BatchNorm)."""
+    return [(name, m) for name, m in model.named_modules() if "BatchNorm" in type(m).__name__]
+
+
+@contextlib.contextmanager
+def _one_value_guard(norms):
+    """Forward pre-hooks that raise ``_OneValuePerChannel`` before a BatchNorm in training mode gets an input
+    with one value per channel (N * spatial size == 1), the case torch refuses."""
+
+    def hook_for(name):
+        def check(module, args):
+            x = args[0] if args else None
+            if (module.training and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 0
+                    and x.numel() == x.shape[1]):
+                raise _OneValuePerChannel(name, x.shape)
+        return check
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in norms]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _saved_buffers(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.clone()) for b in model.buffers()]
+
+
+@torch.no_grad()
+def _restore_buffers(saved) -> None:
+    for b, value in saved:
+        b.copy_(value)
+
+
+def _batch_of_one_error(where: str, err: _OneValuePerChannel, unchanged: str) -> ValueError:
+    return ValueError(
+        f"{where} holds a single sample, so BatchNorm layer '{err.name}' would get one value per channel (input "
+        f"{list(err.shape)}): a batch of size 1 cannot be normalised in training mode (torch raises 'Expected more "
+        "than 1 value per channel when training'). Use drop_last=True on the DataLoader, or a batch size that "
+        f"does not leave a last batch of 1 sample. {unchanged}")
+
+
+def _forward(model, x: torch.Tensor, norms, batch: int) -> torch.Tensor:
+    """``model(x)``; a batch of one sample runs under the BatchNorm guard (any other batch has N >= 2, so
+    every BatchNorm gets more than one value per channel)."""
+    if not norms or x.dim() == 0 or x.shape[0] != 1:
+        return model(x)
+    saved = _saved_buffers(model)  # earlier BatchNorms of this forward update their running statistics
+    try:
+        with _one_value_guard(norms):
+            return model(x)
+    except _OneValuePerChannel as err:
+        _restore_buffers(saved)
+        raise _batch_of_one_error(f"batch {batch} of the epoch", err,
+                                  "That batch changed no weight and no running statistic.") from None
+
+
+def _loader_yields_batch_of_one(loader) -> bool:
+    """Whether the loader says it will yield a batch of one sample: a ``batch_size`` and ``drop_last`` (torch's
+    DataLoader, InMemoryLoader) and a sample count (``len(loader.sampler)``, ``loader.dataset_size`` or
+    ``len(loader.dataset)``). False when it does not say."""
+    batch_size = getattr(loader, "batch_size", None)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        return False
+    if getattr(loader, "drop_last", False):
+        return False
+    for count in (lambda: len(loader.sampler), lambda: loader.dataset_size, lambda: len(loader.dataset)):
+        try:
+            n = count()
+        except (AttributeError, TypeError, NotImplementedError):
+            continue
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n > 0 and (batch_size == 1 or n % batch_size == 1)
+    return False
+
+
+def _check_batch_of_one(model, loader, device, norms) -> None:
+    """Before any training: when the loader will yield a batch of one sample, run one sample through the model
+    in training mode (no gradient; buffers, modes and RNG states put back) and raise the ValueError of
+    ``_forward`` if a BatchNorm would get one value per channel. Loaders that do not say how they batch are
+    checked batch by batch in ``run_epoch`` instead."""
+    if not norms or not _loader_yields_batch_of_one(loader):
+        return
+    x = _peek(loader)[:1].to(device)
+    modes = [(m, m.training) for m in model.modules()]
+    saved = _saved_buffers(model)
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _one_value_guard(norms):
+            model.train()
+            model(x)
+    except _OneValuePerChannel as err:
+        where = "every batch of the loader (batch_size=1)" if loader.batch_size == 1 else "the loader's last batch"
+        raise _batch_of_one_error(where, err,
+                                  "Checked before training: the model is unchanged.") from None
+    finally:
+        _restore_buffers(saved)
+        for m, mode in modes:
+            m.training = mode
 
 
 def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool = True, taylor_layers=(),
@@ -108,6 +285,13 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
     The accuracy is the share of correctly classified training samples seen during the epoch
     (dropout and batch statistics on), the paper's "training accuracy". Taylor scores are reset at the
     start, so afterwards they hold this epoch's backward passes.
+
+    The loss sum and the correct count stay on the device during the epoch and are read once at its end
+    (a live progress bar reads them at most every ``POSTFIX_SECONDS``), so a step never waits for the device.
+    With ``progress``, a terminal shows a tqdm bar on stderr; elsewhere stderr gets one line per epoch.
+
+    Raises ValueError when the loader yields no batch, or when a batch of one sample would reach a BatchNorm
+    with one value per channel (before that forward pass: the model is left as the previous step left it).
     """
     model.train()
     for layer in taylor_layers:
@@ -116,29 +300,38 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
         total = len(loader)
     except TypeError:
         total = None
-    bar = _bar(total, desc, progress)
-    loss_sum, correct, seen = 0.0, 0, 0
-    share = _total_pruned(groups)
-    for batch in loader:
-        x, y = _split_batch(batch)
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        optimizer.step()
-        n = y.shape[0]
-        loss_sum += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(-1) == y).sum())
-        seen += n
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", pruned=f"{share:.1%}")
-    if bar is not None:
-        bar.close()
-    if seen == 0:
-        raise ValueError("the training loader yielded no batch; give train_task a non-empty loader")
-    return loss_sum / seen, correct / seen
+    bar = _Progress(total, desc, progress, _total_pruned(groups))
+    norms = _batch_norms(model)
+    loss_sum = correct = None  # device tensors, created from the first loss
+    seen = 0
+    result = (None, None)
+    try:
+        for i, batch in enumerate(loader):
+            x, y = _split_batch(batch)
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = _forward(model, x, norms, i + 1)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            n = y.shape[0]
+            if loss_sum is None:
+                # float64 so a long epoch's sum keeps its digits (MPS has no float64)
+                dtype = torch.float32 if loss.device.type == "mps" else torch.float64
+                loss_sum = torch.zeros((), dtype=dtype, device=loss.device)
+                correct = torch.zeros((), dtype=torch.int64, device=loss.device)
+            loss_sum.add_(loss.detach().to(loss_sum.dtype), alpha=n)
+            correct.add_((logits.detach().argmax(-1) == y).sum())
+            seen += n
+            bar.update()
+            if bar.refresh_due():
+                bar.show(float(loss_sum) / seen, int(correct) / seen)
+        if seen == 0:
+            raise ValueError(_EMPTY_LOADER)
+        result = (float(loss_sum) / seen, int(correct) / seen)
+    finally:
+        bar.close(*result)
+    return result
 
 
 def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs):
@@ -203,8 +396,14 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs)
     device = torch.device(device) if device is not None else _model_device(model)
     _check_optimizer(model, optimizer, task)
+    try:
+        if len(loader) == 0:
+            raise ValueError(_EMPTY_LOADER)
+    except TypeError:  # no len(): _peek or run_epoch find an empty loader out
+        pass
     if getattr(model, "graph", None) is None:
         model.ensure_graph(_peek(loader).to(device))  # the graph is traced from a real batch
+    _check_batch_of_one(model, loader, device, _batch_norms(model))
     run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
                    callback)
     try:

@@ -1,0 +1,212 @@
+"""train_task and run_epoch on the inputs a torch user hands them: empty loaders, a last batch of one sample with
+and without BatchNorm, progress output into a pipe or log file, and no host-device sync per training step."""
+import contextlib
+import copy
+import io
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import python_layers.trainer as trainer
+from python_layers import EideticNetwork
+from tests.python_layers.synthetic import CLASSES, IMAGE_SHAPE, cnn_body, mlp_body
+from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
+
+
+def bn_mlp_body(width=16):
+    """Flatten -> Linear -> BatchNorm1d -> ReLU: the BatchNorm sees one value per channel in a batch of one."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.BatchNorm1d(width), nn.ReLU()), width
+
+
+def new_model(body_fn, seed=0):
+    torch.manual_seed(seed)
+    model = EideticNetwork(*body_fn())
+    model.prepare_for_task(0, CLASSES)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def samples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + IMAGE_SHAPE, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+class Unsized:
+    """A loader without len(), batch_size or drop_last: only iteration."""
+
+    def __init__(self, x, y, batch_size):
+        self.x, self.y, self.batch_size_ = x, y, batch_size
+
+    def __iter__(self):
+        for i in range(0, self.x.shape[0], self.batch_size_):
+            yield self.x[i:i + self.batch_size_], self.y[i:i + self.batch_size_]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+KW = dict(pruning=None, max_epochs=1, progress=False)
+
+
+# ----- empty loaders -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("traced", [False, True])
+def test_an_empty_loader_is_a_clear_error(traced):
+    x, y = samples(0)
+    for loader in ([], DataLoader(TensorDataset(x, y), batch_size=4), Unsized(x, y, 4)):
+        model, optimizer = new_model(mlp_body)
+        if traced:  # the graph already exists: train_task does not peek at a first batch
+            model.ensure_graph(samples(2)[0])
+        with pytest.raises(ValueError, match="loader yielded no batch"):
+            model.train_task(loader, optimizer, **KW)
+
+
+# ----- a batch of one sample ---------------------------------------------------------------------------------
+def test_a_last_batch_of_one_with_batchnorm_is_refused_before_training():
+    """5 samples, batch_size 2: the last batch holds one sample, which BatchNorm1d cannot normalise in training
+    mode. The error names drop_last and comes before any training: weights and running statistics unchanged."""
+    x, y = samples(5)
+    model, optimizer = new_model(bn_mlp_body)
+    model.ensure_graph(x[:2])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="drop_last") as info:
+        model.train_task(DataLoader(TensorDataset(x, y), batch_size=2), optimizer, **KW)
+    assert "size 1" in str(info.value) and "BatchNorm" in str(info.value)
+    assert same_state(model.state_dict(), before)
+    # batch_size=1: every batch has one sample
+    with pytest.raises(ValueError, match="drop_last"):
+        model.train_task(DataLoader(TensorDataset(x, y), batch_size=1), optimizer, **KW)
+    assert same_state(model.state_dict(), before)
+    # drop_last=True trains
+    history = model.train_task(DataLoader(TensorDataset(x, y), batch_size=2, drop_last=True), optimizer, **KW)
+    assert history[-1]["phase"] == "finish" and math.isfinite(history[-1]["loss"])
+
+
+def test_a_batch_of_one_from_a_loader_that_does_not_say_how_it_batches():
+    """No batch_size/len(): the batch is checked when it comes, before its forward pass; that batch changes no
+    running statistic (earlier BatchNorms of the same forward are put back)."""
+    x, y = samples(5)
+    model, optimizer = new_model(bn_mlp_body)
+    seen = []
+
+    class Watch(Unsized):
+        def __iter__(self):
+            for xb, yb in super().__iter__():
+                if xb.shape[0] == 1:
+                    seen.append(copy.deepcopy(model.state_dict()))
+                yield xb, yb
+
+    with pytest.raises(ValueError, match="drop_last"):
+        model.train_task(Watch(x, y, 2), optimizer, **KW)
+    assert len(seen) == 1 and same_state(model.state_dict(), seen[0])
+
+
+def test_batchnorm_over_feature_maps_trains_on_a_batch_of_one_like_torch():
+    """BatchNorm2d on [1, C, 8, 8] normalises 64 values per channel: torch trains on it, and so does train_task."""
+    x, y = samples(5)
+    torch.manual_seed(0)
+    plain, _ = cnn_body()
+    plain.train()(x[:1])  # torch accepts it
+    model, optimizer = new_model(cnn_body)
+    history = model.train_task(DataLoader(TensorDataset(x, y), batch_size=2), optimizer, **KW)
+    assert math.isfinite(history[-1]["loss"])
+
+
+def test_a_last_batch_of_one_without_batchnorm_trains():
+    x, y = samples(5)
+    model, optimizer = new_model(mlp_body)
+    history = model.train_task(DataLoader(TensorDataset(x, y), batch_size=2), optimizer, **KW)
+    assert history[0]["phase"] == "train" and math.isfinite(history[0]["loss"])
+
+
+# ----- run_epoch: what it returns, host syncs, progress output -------------------------------------------------
+def plain_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, CLASSES))
+
+
+def test_run_epoch_returns_the_sample_weighted_mean_loss_and_accuracy():
+    x, y = samples(10, seed=3)
+    model = plain_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is: losses computable by hand
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 10, 4)]  # 4, 4, 2 samples
+    with torch.no_grad():
+        losses = [float(F.cross_entropy(model(xb), yb)) * yb.numel() for xb, yb in batches]
+        correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in batches)
+    loss, acc = trainer.run_epoch(model, batches, optimizer, torch.device("cpu"), progress=False)
+    assert loss == pytest.approx(sum(losses) / 10, rel=1e-12, abs=0)
+    assert acc == correct / 10
+
+
+SYNCS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+def count_syncs(n_batches, monkeypatch):
+    """Calls that read a tensor's value on the host (each one waits for the device), in one run_epoch of a plain
+    model with the progress bar on (a terminal faked, the bar written into a StringIO)."""
+    x, y = samples(4 * n_batches, seed=5)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, x.shape[0], 4)]
+    model = plain_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)  # SGD: its step reads no tensor on the host
+    monkeypatch.setattr(trainer, "_is_terminal", lambda stream: True, raising=False)
+    counts = dict.fromkeys(SYNCS, 0)
+    patches = []
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        patches.append(mock.patch.object(torch.Tensor, name, counted))
+    err = io.StringIO()
+    with contextlib.ExitStack() as stack, contextlib.redirect_stderr(err):
+        for p in patches:
+            stack.enter_context(p)
+        trainer.run_epoch(model, batches, optimizer, torch.device("cpu"), desc="counting", progress=True)
+    assert "counting" in err.getvalue()  # the tqdm bar ran
+    return counts
+
+
+def test_run_epoch_reads_no_tensor_on_the_host_per_step(monkeypatch):
+    """The number of host reads does not grow with the number of batches (2 vs 8), progress bar included. The bar's
+    timed refresh is pushed out of reach so that a slow machine cannot make the counts differ."""
+    monkeypatch.setattr(trainer, "POSTFIX_SECONDS", 1e9, raising=False)
+    assert trainer.tqdm is not None
+    few, many = count_syncs(2, monkeypatch), count_syncs(8, monkeypatch)
+    assert few == many, (few, many)
+    assert sum(few.values()) <= 4  # the loss sum and the correct count, read once at the end
+
+
+def test_progress_into_a_pipe_is_one_plain_line_per_epoch():
+    """stdout and stderr are not terminals (a piped `make demo`, a log file): no carriage-return frames, at most one
+    line per epoch, each with the epoch's loss and accuracy."""
+    x, y = samples(40, seed=7)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 40, 4)]
+    model = plain_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    out, err = io.StringIO(), io.StringIO()
+    epochs = 3
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        results = [trainer.run_epoch(model, batches, optimizer, torch.device("cpu"), desc=f"epoch {e}",
+                                     progress=True) for e in range(epochs)]
+    text = out.getvalue() + err.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= epochs
+    for e, line in enumerate(lines):
+        assert line.startswith(f"epoch {e}: loss={results[e][0]:.4f}, acc={results[e][1]:.3f}, pruned="), line
+    # train_task too, with its pruning steps
+    eid, opt = new_model(mlp_body)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        history = eid.train_task(batches, opt, pruning="l2", step=0.25, max_epochs=2, patience=1, recovery_epochs=1,
+                                 max_prune_steps=2, progress=True)
+    text = out.getvalue() + err.getvalue()
+    n_epochs = sum(r["phase"] in ("train", "recover") for r in history)
+    assert "\r" not in text and 1 <= len(text.splitlines()) <= n_epochs
