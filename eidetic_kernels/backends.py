@@ -75,6 +75,15 @@ def select(op: str, device: torch.device) -> str:
     return "reference"
 
 
+def traceable(device: torch.device) -> bool:
+    """Whether ``torch.compile`` can trace the ops on ``device``: only the Triton backend (custom ops, no
+    host-side planning) can; the reference and C++ engines plan on the host and run eagerly under it."""
+    forced = os.environ.get("EIDETIC_BACKEND", "").strip().lower()
+    if forced:
+        return forced == "triton"
+    return device.type == "cuda" and _triton_usable(device) is None
+
+
 _cache: dict[tuple[str, str], object] = {}
 
 
@@ -116,10 +125,26 @@ def preload(device: torch.device) -> None:
     """Import the backend modules that tensors on ``device`` will use, now.
 
     torch.compile cannot trace an import, so layers call this when they are built or moved: the first
-    forward traced by torch.compile then finds its backend in the cache. Errors are left to the call.
+    forward traced by torch.compile then finds its backend in the cache. Nothing is built or probed here
+    (no compiler lookup, no C++ build, no warning): the C++ backend is checked on the first call of an op
+    that would use it. Errors are left to the call.
     """
+    device = torch.device(device)
+    forced = os.environ.get("EIDETIC_BACKEND", "").strip().lower()
     for op in OPS:
-        try:
-            get(op, device)
-        except Exception:  # noqa: BLE001 - reported with its reason when the op is called
-            pass
+        if forced:
+            names = [forced] if forced in BACKEND_NAMES and (forced != "cpp" or device.type == "cpu") else []
+        elif device.type == "cuda":
+            names = ["triton"]
+        else:
+            names = ["reference"] + (["cpp"] if op in CPU_DEFAULT_CPP_OPS else [])
+        for name in names:
+            if name == "triton" and _triton_usable(device) is not None:
+                continue
+            if name == "cpp" and op not in CPP_OPS:
+                continue
+            try:
+                fn = implementation(op, name)
+            except Exception:  # noqa: BLE001 - reported with its reason when the op is called
+                continue
+            _cache.setdefault((name, op), fn)

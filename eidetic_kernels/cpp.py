@@ -1,7 +1,7 @@
 """Loader for the optional C++ CPU backend (``csrc/``).
 
 The extension is compiled with ninja through ``torch.utils.cpp_extension.load`` the first time a
-C++ op is needed, into ``$EIDETIC_CACHE`` (default ``~/.cache/eidetic``) under a folder keyed by a
+C++ op is needed, into the cache folder (``cache_root()``: ``$EIDETIC_CACHE``, else the XDG cache) under a folder keyed by a
 hash of the sources, the flags, torch and Python, so it is built once per machine and version.
 Importing this module never builds anything.
 
@@ -59,8 +59,13 @@ class CppBuildWarning(UserWarning):
 
 
 def cache_root() -> Path:
-    root = os.environ.get("EIDETIC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eidetic")
-    return Path(root)
+    """The one cache folder of eidetic (C++ builds, decoded datasets): ``$EIDETIC_CACHE``, else
+    ``$XDG_CACHE_HOME/eidetic``, else ``~/.cache/eidetic``."""
+    root = os.environ.get("EIDETIC_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "eidetic"
 
 
 def _source_paths() -> list[Path]:

@@ -32,6 +32,20 @@ def check_input(x: torch.Tensor, name: str, like: torch.Tensor, feature_dim: int
         raise ValueError(f"{what}: {name} is on {x.device} but the weights are on {like.device}; move one")
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear or convolution in for ``x``, or None (autocast off, or
+    ``x`` not eligible: autocast casts float32/float16/bfloat16 tensors, never float64)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    device_type = x.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _check_param(p: torch.Tensor | None, name: str, shape: tuple, like: torch.Tensor, what: str) -> None:
     if p is None:
         return

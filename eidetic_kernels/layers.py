@@ -17,14 +17,16 @@ While every neuron is FREE, ``weight`` has the twin's shape and the layer is the
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from . import backends
-from .functional import check_input, conv_padding
+from .functional import autocast_dtype, check_input, conv_padding
 from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
                     expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, new_state, storage_slots,
@@ -32,6 +34,35 @@ from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_st
 
 __all__ = ["EideticLinear", "EideticConv2d", "EideticBatchNorm1d", "EideticBatchNorm2d", "EideticLayer",
            "convert"]
+
+
+@contextlib.contextmanager
+def _ordinary_tensors():
+    """Build a cache as ordinary tensors even inside ``torch.inference_mode``: a plan built during an
+    evaluation is reused by the next training step, which may save it for backward (inference tensors
+    cannot be saved). Caches are never differentiable, so grad mode does not matter; they hold no floats
+    that autocast could change."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            yield
+    else:
+        yield
+
+
+_warned_eager_under_compile = False
+
+
+@torch.compiler.disable
+def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
+    """A layer on an engine that plans on the host (reference, C++), called inside ``torch.compile``: run
+    eagerly (the compiled graph breaks around the layer), with one warning per process."""
+    global _warned_eager_under_compile
+    if not _warned_eager_under_compile:
+        _warned_eager_under_compile = True
+        warnings.warn("eidetic: on the CPU engine (reference/C++ backends) Eidetic layers plan on the host, so "
+                      "torch.compile runs them eagerly and compiles the code around them; the Triton backend "
+                      "compiles them too (CUDA, or EIDETIC_BACKEND=triton)", UserWarning, stacklevel=2)
+    return layer.forward(input)  # not layer(input): the compiled caller already ran the module's hooks
 
 
 class EideticLayer(nn.Module):
@@ -99,7 +130,8 @@ class EideticLayer(nn.Module):
         """Int32[out]: each neuron's row in its storage. Derived from the states, so not a buffer."""
         if self._slot is None or self._slot.device != self.task_state.device:
             lo = self.min_input_task if self._has_inputs else None
-            self._slot = storage_slots(self.task_state, lo).to(torch.int32)
+            with _ordinary_tensors():
+                self._slot = storage_slots(self.task_state, lo).to(torch.int32)
         return self._slot
 
     def _state_changed(self) -> None:
@@ -239,7 +271,8 @@ class EideticLayer(nn.Module):
         for name, trainable, _ in self._split_pairs():
             replace_parameter(self, name, trainable.detach()[rows])
         self.task_state.copy_(new_state)
-        per_neuron = ["min_input_task", "taylor_score"] + ([] if self._has_inputs else ["running_mean", "running_var"])
+        per_neuron = ["min_input_task", "taylor_score"] + ([] if self._has_inputs else
+                                                          ["running_mean", "running_var", "recycled_at_batch"])
         for name in per_neuron:
             t = getattr(self, name, None)
             if t is not None:
@@ -306,7 +339,8 @@ class EideticLayer(nn.Module):
         key = self.view_task
         table = self._plans.get(key)
         if table is None:
-            table = make_table(self.input_task, self.task_state, self.min_input_task, key)
+            with _ordinary_tensors():
+                table = make_table(self.input_task, self.task_state, self.min_input_task, key)
             self._plans[key] = table
         return table
 
@@ -326,7 +360,8 @@ class EideticLayer(nn.Module):
             return self._expand_frozen_weight()
         full = self._plans.get("full frozen weight")
         if full is None:
-            full = self._plans["full frozen weight"] = self._expand_frozen_weight()
+            with _ordinary_tensors():
+                full = self._plans["full frozen weight"] = self._expand_frozen_weight()
         return full
 
     def _expand_frozen_weight(self) -> torch.Tensor:
@@ -479,28 +514,39 @@ class EideticLinear(EideticLayer):
 
     @classmethod
     def from_module(cls, module: nn.Linear) -> "EideticLinear":
-        new = cls(module.in_features, module.out_features, module.bias is not None,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
-        new.train(module.training)
+        """The twin of ``module`` (see ``convert`` for what carries over)."""
+        new = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
+                  dtype=module.weight.dtype)
+        _adopt(new, module)
         return new
 
     def _reinit_rows(self, slots, generator):
         _reinit_linear_like(self, slots, generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, "input", self.weight, -1, self.in_features, 1, self._name())
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """y [*, out] = input [*, in] · Wᵀ + b over the live synapses (frozen rows from the frozen storage).
+
+        Under ``torch.autocast`` the product runs in the autocast dtype, as ``nn.Linear`` does.
+        Raises TypeError/ValueError for a wrong dtype, device or feature size."""
+        if torch.compiler.is_compiling() and not backends.traceable(input.device):
+            return _run_eagerly(self, input)
+        storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
+        cast = autocast_dtype(input)
+        if cast is not None:
+            with torch.autocast(input.device.type, enabled=False):
+                return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
+        return self._run(input, *storages)
+
+    def _run(self, x, weight, bias, frozen_weight, frozen_bias):
+        check_input(x, "input", weight, -1, self.in_features, 1, self._name())
         self.last_backend, fn = backends.get("linear", x.device)
         if self.last_backend == "reference":
-            return fn(x, self.weight, self.bias, self.frozen_weight, self.frozen_bias, self._table(),
-                      self.taylor_score, self.constant_frozen)
+            return fn(x, weight, bias, frozen_weight, frozen_bias, self._table(), self.taylor_score,
+                      self.constant_frozen)
         # Triton kernels read full-width frozen rows until they run the range table
         in_task, out_task, lo = self._view_states()
         table = None if torch.compiler.is_compiling() else self._table()  # only its dense-layer flag is read
-        return fn(x, self.weight, self._full_frozen_weight(), self.bias, self.frozen_bias, in_task, out_task, lo,
+        return fn(x, weight, self._full_frozen_weight().to(weight.dtype), bias, frozen_bias, in_task, out_task, lo,
                   self.slot, table, self.taylor_score)
 
     def extra_repr(self) -> str:
@@ -535,31 +581,45 @@ class EideticConv2d(EideticLayer):
 
     @classmethod
     def from_module(cls, module: nn.Conv2d) -> "EideticConv2d":
+        """The twin of ``module`` (see ``convert`` for what carries over)."""
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, module.padding_mode,
                   device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
-        new.train(module.training)
+        _adopt(new, module)
         return new
 
     def _reinit_rows(self, slots, generator):
         _reinit_linear_like(self, slots, generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, "input", self.weight, 1, self.in_channels, 4, self._name())
-        if x.dim() != 4:
-            raise ValueError(f"{self._name()} expects input of shape [N, C, H, W], got {tuple(x.shape)}")
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """y [N, out, H', W'] (or [out, H', W'] for an unbatched [C, H, W] input, as nn.Conv2d).
+
+        Under ``torch.autocast`` the convolution runs in the autocast dtype, as ``nn.Conv2d`` does.
+        Raises TypeError/ValueError for a wrong dtype, device, rank or channel count."""
+        if isinstance(input, torch.Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d accepts
+            return self.forward(input.unsqueeze(0)).squeeze(0)
+        if torch.compiler.is_compiling() and not backends.traceable(input.device):
+            return _run_eagerly(self, input)
+        storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
+        cast = autocast_dtype(input)
+        if cast is not None:
+            with torch.autocast(input.device.type, enabled=False):
+                return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
+        return self._run(input, *storages)
+
+    def _run(self, x, weight, bias, frozen_weight, frozen_bias):
+        if isinstance(x, torch.Tensor) and x.dim() != 4:
+            raise ValueError(f"{self._name()} expects input of shape [N, C, H, W] or [C, H, W], "
+                             f"got {tuple(x.shape)}")
+        check_input(x, "input", weight, 1, self.in_channels, 4, self._name())
         self.last_backend, fn = backends.get("conv2d", x.device)
         if self.last_backend == "reference":
-            return fn(x, self.weight, self.bias, self.frozen_weight, self.frozen_bias, self._table(), self.stride,
+            return fn(x, weight, bias, frozen_weight, frozen_bias, self._table(), self.stride,
                       self.padding, self.dilation, self.taylor_score, self.constant_frozen)
         # Triton kernels read full-width frozen rows until they run the range table
         in_task, out_task, lo = self._view_states()
         table = None if torch.compiler.is_compiling() else self._table()  # only its dense-layer flag is read
-        return fn(x, self.weight, self._full_frozen_weight(), self.bias, self.frozen_bias, in_task, out_task, lo,
+        return fn(x, weight, self._full_frozen_weight().to(weight.dtype), bias, frozen_bias, in_task, out_task, lo,
                   self.slot, self.stride, self.padding, self.dilation, table, self.taylor_score)
 
     def extra_repr(self) -> str:
@@ -570,69 +630,139 @@ class EideticConv2d(EideticLayer):
 
 class _EideticBatchNorm(EideticLayer):
     """Batch norm with per-channel task state; running statistics are per-channel buffers
-    that the op updates for FREE channels only."""
+    that the op updates for FREE channels only.
+
+    ``recycled_at_batch`` (int32[C]) holds ``num_batches_tracked`` at each channel's last recycling, so that
+    with ``momentum=None`` (cumulative average) a recycled channel averages its own batches only, as a fresh
+    ``nn.BatchNorm`` would."""
 
     _split_names = ("weight", "bias")
     _has_inputs = False
     _twin = nn.BatchNorm2d
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None):
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True):
         super().__init__()
+        # the twin without ``bias=`` (older torch lacks it); a bias-free affine layer drops its bias below
         twin = self._twin(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         self._split("weight", twin.weight.detach() if affine else None)
-        self._split("bias", twin.bias.detach() if affine else None)
+        self._split("bias", twin.bias.detach() if affine and bias else None)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, getattr(twin, name))
-        self._init_state(num_features, None, twin.running_mean.device if track_running_stats else device)
+        state_device = twin.running_mean.device if track_running_stats else device
+        self.register_buffer("recycled_at_batch", torch.zeros(num_features, dtype=torch.int32, device=state_device)
+                             if track_running_stats else None)
+        self._any_recycled: bool | None = False
+        self._init_state(num_features, None, state_device)
 
     @classmethod
     def from_module(cls, module):
+        """The twin of ``module`` (see ``convert`` for what carries over)."""
+        like = next((t for t in (module.running_mean, module.weight) if t is not None), None)
+        device = None if like is None else like.device
         new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                  device=module.running_mean.device if module.running_mean is not None else None,
-                  dtype=(module.weight.dtype if module.weight is not None else None))
+                  device=device, dtype=None if like is None else like.dtype,
+                  bias=getattr(module, "bias", None) is not None or not module.affine)
         with torch.no_grad():
-            for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
                 src = getattr(module, name)
                 if src is not None:
                     getattr(new, name).copy_(src)
-        new.train(module.training)
+        _adopt(new, module)
         return new
 
     @torch.no_grad()
     def _reinit_rows(self, slots, generator):
         if self.weight is not None:
             self.weight.data.index_fill_(0, slots, 1.0)
+        if self.bias is not None:
             self.bias.data.index_fill_(0, slots, 0.0)
         if self.running_mean is not None:
             channels = (self.task_state == PRUNED).nonzero().flatten()
             self.running_mean.index_fill_(0, channels, 0.0)
             self.running_var.index_fill_(0, channels, 1.0)
+            if self.num_batches_tracked is not None:
+                self.recycled_at_batch.index_fill_(0, channels, int(self.num_batches_tracked))
+                self._any_recycled = True
 
     def _check_input_dim(self, x):
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "recycled_at_batch"
+        if self.recycled_at_batch is not None and key not in state_dict:
+            # checkpoints from before per-channel counts: every channel counts from the layer's first batch
+            state_dict[key] = torch.zeros_like(self.recycled_at_batch)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._any_recycled = None  # read from the loaded counts on the next cumulative-average batch
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """y, the shape of ``input`` [N, C, *]: FREE channels as ``nn.BatchNorm``, frozen channels with their
+        own running statistics and affine parameters, PRUNED channels exactly 0 (paper, Section 3).
+
+        A float16/bfloat16 input with float32 parameters (mixed precision, as under ``torch.autocast``) is
+        normalised in float32 and returned in the input's dtype, as ``nn.BatchNorm`` does.
+        Raises ValueError for a wrong rank or channel count and, when normalising with batch statistics,
+        for a batch with one value per channel (as torch does)."""
+        if torch.compiler.is_compiling() and not backends.traceable(input.device):
+            return _run_eagerly(self, input)
+        x = input
         self._check_input_dim(x)
         like = self.running_mean if self.running_mean is not None else (self.weight if self.weight is not None else x)
-        check_input(x, "input", like, 1, self.num_features, 2, self._name())
+        low = (x.dtype in (torch.float16, torch.bfloat16) and like.dtype == torch.float32
+               and isinstance(x, torch.Tensor))
+        check_input(x, "input", like.to(x.dtype) if low else like, 1, self.num_features, 2, self._name())
+        batch_stats = self.training or self.running_mean is None
+        if batch_stats:
+            values = x.shape[0]
+            for d in x.shape[2:]:
+                values *= d
+            if values == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{x.size()}; drop batches of one sample (DataLoader(..., drop_last=True))")
         factor = 0.0 if self.momentum is None else self.momentum
+        cumulative = False
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or self.running_mean is None
+            if self.momentum is None:
+                cumulative = self._recycled_any()
+                factor = 1.0 if cumulative else 1.0 / float(self.num_batches_tracked)
         use_running = not self.training or self.track_running_stats
         _, out_task, _ = self._view_states()
         self.last_backend, fn = backends.get("batch_norm", x.device)
-        return fn(x, self.running_mean if use_running else None, self.running_var if use_running else None,
-                  self.weight, self.frozen_weight, self.bias, self.frozen_bias, out_task, self.slot, batch_stats,
-                  factor, self.eps, self.taylor_score)
+        running = (self.running_mean, self.running_var) if use_running else (None, None)
+        if cumulative:
+            old = (self.running_mean.clone(), self.running_var.clone())
+        y = fn(x.float() if low else x, *running, self.weight, self.frozen_weight, self.bias, self.frozen_bias,
+               out_task, self.slot, batch_stats, factor, self.eps, self.taylor_score)
+        if cumulative:
+            self._cumulative_average(old, out_task)
+        return y.to(x.dtype) if low else y
+
+    def _recycled_any(self) -> bool:
+        if self._any_recycled is None:
+            self._any_recycled = bool((self.recycled_at_batch != 0).any())
+        return self._any_recycled
+
+    @torch.no_grad()
+    def _cumulative_average(self, old, out_task) -> None:
+        """momentum=None after a recycling: the op stored this batch's statistics (factor 1) in the FREE
+        channels; average them with each channel's own count of batches (torch's formula, per channel)."""
+        count = (self.num_batches_tracked - self.recycled_at_batch).clamp_min(1)
+        f = 1.0 / count.to(self.running_mean.dtype)
+        free = out_task == FREE
+        for now, before in zip((self.running_mean, self.running_var), old):
+            now.copy_(torch.where(free, f * now + (1 - f) * before, before))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, {state_summary(self.task_state)}")
+                f"track_running_stats={self.track_running_stats}"
+                f"{'' if self.bias is not None or not self.affine else ', bias=False'}, "
+                f"{state_summary(self.task_state)}")
 
 
 class EideticBatchNorm1d(_EideticBatchNorm):
@@ -661,10 +791,37 @@ _CONVERSIONS = {nn.Linear: EideticLinear, nn.Conv2d: EideticConv2d, nn.BatchNorm
                 nn.BatchNorm2d: EideticBatchNorm2d}
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _adopt(new: EideticLayer, module: nn.Module) -> None:
+    """Give ``new`` the module's own Parameter objects (so ``requires_grad``, tensor hooks and an optimizer
+    already holding them carry over), its training flag and its forward/backward hooks."""
+    for name in new._split_names:
+        param = getattr(module, name, None)
+        if param is not None and getattr(new, name) is not None:
+            setattr(new, name, param)
+    new.train(module.training)
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name, None)
+        if hooks:
+            getattr(new, name).update(hooks)
+    if getattr(module, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = module._is_full_backward_hook
+
+
 def convert(model: nn.Module, _path: str = "") -> nn.Module:
     """Replace every nn.Linear/Conv2d/BatchNorm1d/2d in ``model`` by its Eidetic twin (same weights).
 
     Modifies ``model`` in place and returns it (or the twin when ``model`` itself is such a layer).
+    What carries over: the module's own Parameter objects (values, ``requires_grad``, tensor hooks, and so
+    an optimizer built before the conversion), the training flag, forward and backward hooks, running
+    statistics. What does not: state-dict hooks (the twin's keys differ), the handles of carried hooks
+    (removing a hook through its handle affects the replaced module only), attributes the user added.
+    Frozen parameters stay frozen: a layer whose ``requires_grad`` is False is not trained by
+    ``train_task`` either, nor pruned (``python_layers.pruning.is_fixed``).
+    Raises ValueError for a layer the twins cannot represent (grouped conv, non-zero padding modes).
     """
     cls = _CONVERSIONS.get(type(model))
     if cls is not None:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
 
 from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
+from .pruning import fixed_by_user
 
 __all__ = ["EideticNetwork", "CapacityError"]
 
@@ -165,7 +166,7 @@ class EideticNetwork(nn.Module):
             raise ValueError(f"tasks are prepared in order 0, 1, 2, ...: the next task is {self.num_finished_tasks}, "
                              f"got {task}")
         self._convert_and_check()
-        self._check_capacity(task)
+        self._check_capacity(task, bool(forward_transfer))
         like = self._reference_tensor()
         head = EideticLinear(self.feature_dim, num_classes, device=like.device, dtype=like.dtype)
         self.heads.append(head)
@@ -176,11 +177,14 @@ class EideticNetwork(nn.Module):
             self.sync()
         return head
 
-    def _check_capacity(self, task: int) -> None:
+    def _check_capacity(self, task: int, forward_transfer: bool = True) -> None:
         """Every layer with weights (Linear/Conv) needs a FREE neuron. A batch norm shares its neurons with its
-        layer; one over the raw input is exempt (later tasks read its frozen channels like the raw input)."""
+        layer; one over the raw input is exempt (later tasks read its frozen channels like the raw input). So is
+        a layer the user froze (``requires_grad=False``: never pruned, all frozen with task 0) when the task
+        reads earlier tasks' features (forward transfer)."""
         full = [name for name, layer in self.body_layers().items()
-                if isinstance(layer, (EideticLinear, EideticConv2d)) and not bool((layer.task_state == FREE).any())]
+                if isinstance(layer, (EideticLinear, EideticConv2d)) and not bool((layer.task_state == FREE).any())
+                and not (forward_transfer and fixed_by_user(layer))]
         if full:
             if self.graph is not None:  # name each group once (members share states)
                 seen = []

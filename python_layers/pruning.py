@@ -117,8 +117,23 @@ def group_scores(group, method: str) -> torch.Tensor:
     return torch.where(free, total, torch.full_like(total, float("nan")))
 
 
+def fixed_by_user(layer) -> bool:
+    """The user froze this layer: it has parameters and none has ``requires_grad=True``."""
+    params = list(layer.parameters(recurse=False))
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def is_fixed(group) -> bool:
+    """True when the user froze a member layer (e.g. a pretrained stem): such a group is never pruned, so the
+    layer's outputs stay what the user froze; its neurons freeze with the first task and later tasks read
+    them (forward transfer)."""
+    return any(fixed_by_user(layer) for layer in _layers(group))
+
+
 def prune_counts(group, step: float, task_free: int) -> int:
-    """How many FREE neurons of ``group`` one step prunes (0 when only one is left)."""
+    """How many FREE neurons of ``group`` one step prunes (0 when only one is left, or the group is fixed)."""
+    if is_fixed(group):
+        return 0
     n_free = int((group.task_state == FREE).sum())
     want = max(1, round(step * task_free))
     return max(0, min(want, n_free - 1))

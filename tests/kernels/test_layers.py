@@ -157,11 +157,14 @@ def test_layer_bytes_within_two_percent_of_twin_at_any_freezing_state(make):
         assert b.dim() == 1 or name == "frozen_weight"
 
 
-def test_batch_norm_state_is_two_bytes_per_channel():
-    bn, twin = EideticBatchNorm2d(64), nn.BatchNorm2d(64)
-    extra = sum(t.numel() * t.element_size() for t in list(bn.parameters()) + list(bn.buffers())) - \
-        sum(t.numel() * t.element_size() for t in list(twin.parameters()) + list(twin.buffers()))
-    assert extra == 2 * 64
+def test_batch_norm_state_is_six_bytes_per_channel():
+    """int16 task state + int32 batch count at the last recycling (the cumulative average restarts per channel);
+    without running statistics only the task state."""
+    for kwargs, per_channel in (({}, 6), ({"track_running_stats": False}, 2)):
+        bn, twin = EideticBatchNorm2d(64, **kwargs), nn.BatchNorm2d(64, **kwargs)
+        extra = sum(t.numel() * t.element_size() for t in list(bn.parameters()) + list(bn.buffers())) - \
+            sum(t.numel() * t.element_size() for t in list(twin.parameters()) + list(twin.buffers()))
+        assert extra == per_channel * 64
 
 
 def test_state_dict_round_trip_is_exact():
@@ -225,8 +228,8 @@ def test_bad_inputs_are_clear_errors():
         lin.set_input_task(torch.zeros(4, dtype=torch.int16))
     with pytest.raises(ValueError, match="outside"):
         lin.set_input_task(torch.tensor([0, 1, 2, 3, -7]))
-    with pytest.raises(ValueError, match=r"\[N, C, H, W\]|at least 4 dims"):
-        EideticConv2d(3, 4, 3)(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\] or \[C, H, W\]"):
+        EideticConv2d(3, 4, 3)(torch.randn(8, 8))  # [C, H, W] is an unbatched input, as for nn.Conv2d
     with pytest.raises(ValueError, match="4-D input"):
         EideticBatchNorm2d(3)(torch.randn(3, 3))
     with pytest.raises(ValueError, match="2-D or 3-D"):

@@ -30,6 +30,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
                               channel_task, slot)
         ctx.use_batch_stats = use_batch_stats
         ctx.has_running = running_mean is not None
+        # frozen channels normalise with running statistics that never change: kept for a double backward
+        ctx.running = None if running_mean is None else (running_mean.detach().clone(), running_var.detach().clone())
+        ctx.eps = eps
         ctx.taylor_score = taylor_score
         return y
 
@@ -37,10 +40,26 @@ class _MaskedBatchNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, mean, invstd, tw, fw, tb, fb, channel_task, slot = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, from the reference formula
+            return _differentiable_backward(ctx, dy, x, tw, fw, tb, fb, channel_task, slot)
         dx, dw, db = cpp.load_module().bn_backward(
             dy, x, mean, invstd, tw, fw, tb, fb, channel_task, slot, ctx.use_batch_stats, ctx.has_running,
             need_dx, need_dw, need_db, ctx.taylor_score)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + (None,) * 10
+
+
+def _differentiable_backward(ctx, dy, x, tw, fw, tb, fb, channel_task, slot):
+    """The gradients as a graph (double backward, gradient penalties): the reference forward re-run on the
+    saved inputs, differentiated with ``create_graph``. Running statistics are copies: nothing is updated."""
+    rm, rv = ctx.running if ctx.running is not None else (None, None)
+    if rm is not None:
+        rm, rv = rm.clone(), rv.clone()
+    y = reference.batch_norm(x, rm, rv, tw, fw, tb, fb, channel_task, slot, ctx.use_batch_stats, 0.0, ctx.eps,
+                             ctx.taylor_score)
+    inputs = [t for t, need in zip((x, tw, tb), ctx.needs_input_grad[:3]) if need]
+    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    out = tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+    return out + (None,) * 10
 
 
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,

@@ -1,0 +1,386 @@
+"""Drop-in parity with the torch.nn twins: PyTorch's own ModuleInfo samples as a peer suite, the forward
+keyword, unbatched inputs, constructor arguments, conversion, mixed precision, caches across grad modes,
+double backward, torch.compile on the CPU engine, and no C++ probing at construction.
+
+Tolerances: fp64 samples compare with rtol 1e-7, atol 1e-9 (the same ATen ops run on both sides while every
+neuron is FREE, so differences are rounding only); bf16 under autocast with rtol 1.6e-2, atol 1e-2.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing._internal.common_modules import module_db
+
+import eidetic_kernels as ek
+from eidetic_kernels import cpp
+from eidetic_kernels.layers import EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLinear
+
+REPO = Path(__file__).resolve().parents[2]
+TWINS = {nn.Linear: EideticLinear, nn.Conv2d: EideticConv2d, nn.BatchNorm1d: EideticBatchNorm1d,
+         nn.BatchNorm2d: EideticBatchNorm2d}
+F64 = dict(rtol=1e-7, atol=1e-9)
+
+
+def _samples():
+    for info in module_db:
+        if info.module_cls not in TWINS:
+            continue
+        for training in (True, False):
+            inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True,
+                                             training=training)
+            for i, sample in enumerate(inputs):
+                yield pytest.param(info, training, sample, id=f"{info.name}-{'train' if training else 'eval'}-{i}")
+
+
+def _clone_inputs(args, kwargs):
+    def c(v):
+        return v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+    return [c(a) for a in args], {k: c(v) for k, v in kwargs.items()}
+
+
+def _tensors(args, kwargs):
+    return [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def _run(module, sample, training):
+    module.train(training)
+    args, kwargs = _clone_inputs(sample.forward_input.args, sample.forward_input.kwargs)
+    out = module(*args, **kwargs)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+    out.backward(grad)
+    stats = {name: getattr(module, name) for name in ("running_mean", "running_var", "num_batches_tracked")
+             if getattr(module, name, None) is not None}
+    params = {name: p.grad for name, p in module.named_parameters() if not name.startswith("frozen_")}
+    return out, [t.grad for t in _tensors(args, kwargs)], stats, params
+
+
+@pytest.mark.parametrize("info, training, sample", list(_samples()))
+def test_module_info_peer_suite(info, training, sample):
+    """Every ModuleInfo sample of the twins, fp64, train and eval: the fresh twin (same constructor
+    arguments, same seed) and ``from_module`` of the torch module give torch's output, input gradients,
+    parameter gradients and running statistics."""
+    ctor = sample.constructor_input
+    torch.manual_seed(0)
+    reference = info.module_cls(*ctor.args, **ctor.kwargs, device="cpu", dtype=torch.float64)
+    torch.manual_seed(0)
+    fresh = TWINS[info.module_cls](*ctor.args, **ctor.kwargs, device="cpu", dtype=torch.float64)
+    converted = TWINS[info.module_cls].from_module(copy.deepcopy(reference))
+    want = _run(reference, sample, training)
+    for twin in (fresh, converted):
+        got = _run(twin, sample, training)
+        assert got[0].dtype == want[0].dtype and got[0].shape == want[0].shape
+        torch.testing.assert_close(got[0], want[0], **F64)
+        for g, w in zip(got[1], want[1]):
+            torch.testing.assert_close(g, w, **F64)
+        assert got[2].keys() == want[2].keys()
+        for name in want[2]:
+            torch.testing.assert_close(got[2][name], want[2][name], **F64)
+        assert got[3].keys() == want[3].keys(), "the same trainable parameters (names) as the twin"
+        for name in want[3]:
+            torch.testing.assert_close(got[3][name], want[3][name], **F64)
+
+
+def test_forward_keyword_and_unbatched_conv():
+    lin = EideticLinear(3, 2)
+    x = torch.randn(4, 3)
+    assert torch.equal(lin(input=x), lin(x))
+    conv = EideticConv2d(3, 5, 3, padding=1)
+    img = torch.randn(3, 6, 6)
+    out = conv(input=img)
+    assert out.shape == (5, 6, 6)
+    assert torch.equal(out, conv(img.unsqueeze(0)).squeeze(0))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\] or \[C, H, W\]"):
+        conv(torch.randn(2, 2, 3, 6, 6))
+    bn = EideticBatchNorm1d(3)
+    assert bn(input=x).shape == x.shape
+
+
+def test_batch_norm_bias_false_matches_torch():
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(3, bias=False)
+    twin = EideticBatchNorm2d(3, bias=False)
+    assert twin.bias is None and twin.weight is not None
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert "bias=False" in repr(twin)
+    twin.prune_neurons([1])
+    twin.freeze_free_neurons(0)
+    twin.recycle_pruned_neurons()  # frozen and recycled channels without a bias
+    y = twin(torch.randn(4, 3, 2, 2))
+    assert torch.isfinite(y).all()
+    converted = ek.convert(nn.BatchNorm1d(4, bias=False))
+    assert converted.bias is None
+
+
+# ----- conversion keeps what the user set ----------------------------------------------------------------
+
+def test_convert_keeps_requires_grad_training_hooks_and_parameters():
+    torch.manual_seed(0)
+    frozen_stem = nn.Linear(3, 2).requires_grad_(False)
+    converted = ek.convert(frozen_stem)
+    assert converted.weight.requires_grad is False and converted.bias.requires_grad is False
+
+    calls = []
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    model[0].register_forward_hook(lambda m, i, o: calls.append("forward"))
+    model[2].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    model[2].register_full_backward_hook(lambda m, gi, go: calls.append("backward"))
+    model[0].weight.register_hook(lambda g: calls.append("tensor hook"))
+    params = [p for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ek.convert(model)
+    assert isinstance(model[0], EideticLinear) and not model.training and not model[1].training
+    assert [p for p in model.parameters() if not p.numel() == 0] == params, "the same Parameter objects"
+    model(torch.randn(5, 3, requires_grad=True)).sum().backward()
+    assert sorted(calls) == ["backward", "forward", "pre", "tensor hook"]
+    before = model[0].weight.detach().clone()
+    optimizer.step()  # the optimizer built before the conversion trains the twin
+    assert not torch.equal(model[0].weight, before)
+
+
+def test_network_never_trains_or_prunes_a_stem_the_user_froze():
+    from python_layers.network import EideticNetwork
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    body[0].requires_grad_(False)
+    model = EideticNetwork(body, 8)
+    stem = body[0].weight.detach().clone()
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    loader = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    for task in range(2):
+        model.prepare_for_task(task, 2)
+        model.train_task(loader, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1), pruning="l2",
+                         step=0.25, stop_threshold=1.0, max_epochs=2, patience=1, recovery_epochs=1, progress=False)
+        assert model.body[0].dense("weight").equal(stem), f"the frozen stem changed in task {task}"
+        assert int((model.body[0].neuron_task == ek.PRUNED).sum()) == 0
+    assert int((model.body[2].neuron_task == 0).sum()) < 8, "the trainable layer was pruned"
+
+
+# ----- mixed precision ------------------------------------------------------------------------------------
+
+def _finished(layer):
+    layer.prune_neurons([1])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons(torch.Generator().manual_seed(1))
+    return layer
+
+
+@pytest.mark.parametrize("state", ["fresh", "frozen"])
+def test_autocast_cpu_bfloat16_runs_where_the_twins_run(state):
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+                        nn.Linear(3, 2))
+    twin = ek.convert(copy.deepcopy(ref))
+    if state == "frozen":
+        for i in (0, 1, 4):
+            _finished(twin[i])
+        ref = twin  # no torch twin for a frozen state: compare against the fp32 result below
+    x = torch.randn(5, 3, 6, 6)
+    with torch.autocast("cpu", torch.bfloat16):
+        want = ref(x)
+        got = twin(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert twin[1](torch.randn(5, 4, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    full = twin(x)
+    torch.testing.assert_close(got.float(), full, rtol=1.6e-2 * 4, atol=5e-2)
+    if state == "fresh":
+        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
+    with torch.autocast("cpu", torch.bfloat16):
+        twin(x).float().sum().backward()
+    assert twin[0].weight.grad.dtype == torch.float32
+
+
+def test_autocast_graph_tracer():
+    from python_layers.network import EideticNetwork
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5)), 5)
+    model.prepare_for_task(0, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(torch.randn(3, 4))
+    assert out.dtype == torch.bfloat16 and model.graph is not None
+
+
+# ----- caches across grad modes ----------------------------------------------------------------------------
+
+MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+         "autocast": lambda: torch.autocast("cpu", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", ["linear", "conv", "bn"])
+def test_caches_built_in_any_grad_mode_serve_training(kind, mode):
+    """Plans built during an evaluation (no_grad, inference_mode, autocast) serve the next training step:
+    the same loss and gradients as a layer whose caches were built in training."""
+    def make():
+        torch.manual_seed(0)
+        layer = {"linear": lambda: EideticLinear(5, 4), "conv": lambda: EideticConv2d(3, 4, 3),
+                 "bn": lambda: EideticBatchNorm2d(4)}[kind]()
+        return _finished(layer)
+    x = torch.randn(6, 5) if kind == "linear" else torch.randn(6, 3 if kind == "conv" else 4, 5, 5)
+    evaluated, clean = make(), make()
+    with MODES[mode]():
+        evaluated(x)
+    if kind == "bn":  # an evaluation in train mode moved the running statistics: start both alike
+        clean.load_state_dict(evaluated.state_dict())
+    results = []
+    for layer in (evaluated, clean):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.square().sum().backward()
+        results.append((out, xi.grad, layer.weight.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ----- double backward -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "bn1d", "bn2d"])
+def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypatch):
+    """gradgradcheck through a layer holding FREE, frozen and PRUNED neurons (gradient penalties, as the
+    twins support); on the default CPU engine batch norm runs the C++ op."""
+    if backend == "reference":
+        monkeypatch.setenv("EIDETIC_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("EIDETIC_BACKEND", raising=False)
+    torch.manual_seed(0)
+    layer, shape = {"linear": (lambda: EideticLinear(4, 4), (3, 4)),
+                    "conv": (lambda: EideticConv2d(2, 4, 3, padding=1), (2, 2, 4, 4)),
+                    "bn1d": (lambda: EideticBatchNorm1d(4), (5, 4)),
+                    "bn2d": (lambda: EideticBatchNorm2d(4), (3, 4, 2, 2))}[kind]
+    layer = layer().double()
+    layer.prune_neurons([1, 2])
+    layer.freeze_free_neurons(0)  # neurons 0 and 3 frozen
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([2])  # 1 FREE, 2 PRUNED
+    x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda inp: layer(inp), (x,))
+    penalty_grads = []
+    for _ in range(2):
+        layer.weight.grad = None
+        xi = x.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(layer(xi).sin().sum(), xi, create_graph=True)
+        g.square().sum().backward()
+        penalty_grads.append(layer.weight.grad.clone())
+    assert penalty_grads[0].abs().sum() > 0 and torch.equal(penalty_grads[0], penalty_grads[1])
+
+
+# ----- torch.compile on the CPU engine ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", ["fresh", "pruned", "frozen"])
+def test_compile_on_cpu_engine_whatever_the_cache_state(state, monkeypatch):
+    """Compiling before any eager call, after a prune or a freeze: same outputs and gradients as eager, and at
+    most one warning (the layers run eagerly inside the compiled graph)."""
+    monkeypatch.delenv("EIDETIC_BACKEND", raising=False)
+    from eidetic_kernels import layers
+    monkeypatch.setattr(layers, "_warned_eager_under_compile", False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(EideticConv2d(3, 6, 3), EideticBatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                          EideticLinear(6 * 4 * 4, 5))
+    if state != "fresh":
+        for i in (0, 1, 4):
+            model[i].prune_neurons([1])
+            if state == "frozen":
+                model[i].freeze_free_neurons(0)
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6)
+    compiled = torch.compile(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    ours = [w for w in caught if "eidetic" in str(w.message)]
+    assert len(ours) <= 1
+    out.square().sum().backward()
+    ref = eager(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, eager[1].running_mean, rtol=1e-5, atol=1e-6)
+
+
+# ----- construction probes nothing; one cache folder -------------------------------------------------------
+
+def test_building_layers_probes_no_cpp_toolchain(tmp_path):
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")  # any warning while building is a failure
+        import torch
+        from eidetic_kernels import cpp
+        from eidetic_kernels.layers import EideticBatchNorm2d, EideticConv2d, EideticLinear
+        EideticLinear(3, 2); EideticConv2d(3, 4, 3); bn = EideticBatchNorm2d(4)
+        assert cpp._module is None and cpp._failure is None and not cpp._tools_found, "probed at construction"
+        assert not cpp.cache_root().exists()
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            bn.prune_neurons([1]); bn.freeze_free_neurons(0)
+            bn(torch.randn(4, 4, 2, 2)); bn(torch.randn(4, 4, 2, 2))
+        assert sum("C++ CPU backend is unavailable" in str(w.message) for w in caught) == 1, caught
+        print("ok")
+    """)
+    env = {**os.environ, "CXX": "/nonexistent/c++", "EIDETIC_CACHE": str(tmp_path / "cache")}
+    env.pop("EIDETIC_BACKEND", None)
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_one_cache_folder(monkeypatch, tmp_path):
+    from python_layers import scenarios
+    monkeypatch.delenv("EIDETIC_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpp.cache_root() == tmp_path / "xdg" / "eidetic" == scenarios._cache_dir()
+    monkeypatch.setenv("EIDETIC_CACHE", str(tmp_path / "mine"))
+    assert cpp.cache_root() == tmp_path / "mine" == scenarios._cache_dir()
+
+
+# ----- batch norm per channel -------------------------------------------------------------------------------
+
+def test_cumulative_average_restarts_for_recycled_channels():
+    bn = EideticBatchNorm1d(2, momentum=None)
+    bn(torch.zeros(2, 2))
+    bn.prune_neurons([1])
+    bn.freeze_free_neurons(0)
+    bn.recycle_pruned_neurons()
+    bn(torch.tensor([[0.0, 4.0], [0.0, 6.0]]))
+    fresh = nn.BatchNorm1d(2, momentum=None)
+    fresh(torch.tensor([[0.0, 4.0], [0.0, 6.0]]))
+    assert bn.running_mean[1] == fresh.running_mean[1] == 5.0
+    assert bn.running_var[1] == fresh.running_var[1] == 2.0
+    assert bn.running_mean[0] == 0.0 and bn.running_var[0] == 0.0  # frozen: unchanged
+    bn(torch.tensor([[1.0, 8.0], [3.0, 10.0]]))
+    fresh(torch.tensor([[1.0, 8.0], [3.0, 10.0]]))
+    torch.testing.assert_close(bn.running_mean[1], fresh.running_mean[1])
+    torch.testing.assert_close(bn.running_var[1], fresh.running_var[1])
+    # the per-channel count is state: it survives a state dict round trip and renumbering
+    copy_ = EideticBatchNorm1d(2, momentum=None)
+    copy_.load_state_dict(bn.state_dict())
+    assert torch.equal(copy_.recycled_at_batch, bn.recycled_at_batch)
+    old = {k: v for k, v in bn.state_dict().items() if k != "recycled_at_batch"}
+    legacy = EideticBatchNorm1d(2, momentum=None)
+    legacy.load_state_dict(old)  # checkpoints without the per-channel count still load
+    assert legacy.recycled_at_batch.eq(0).all()
+
+
+@pytest.mark.parametrize("state", ["fresh", "frozen"])
+def test_one_value_per_channel_is_an_error_in_training(state):
+    bn = EideticBatchNorm2d(3)
+    if state == "frozen":
+        _finished(bn)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    for x in (torch.randn(1, 3), torch.randn(1, 3, 1, 1)):
+        layer = bn if x.dim() == 4 else EideticBatchNorm1d(3)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            layer(x)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a refused batch"
+    bn.eval()
+    assert bn(torch.randn(1, 3, 1, 1)).shape == (1, 3, 1, 1)  # eval uses running statistics: fine
