@@ -100,6 +100,11 @@ def masked_linear(x, weight, bias, in_task, out_task, out_min_task=None, taylor_
     what = "masked_linear"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{what}: weight must be a 2-D tensor [out, in]")
+    cast = autocast_dtype(x)
+    if cast is not None:  # as F.linear under torch.autocast: input, weight and bias in the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_linear(x.to(cast), weight.to(cast), None if bias is None else bias.to(cast), in_task,
+                                 out_task, out_min_task, taylor_score)
     out_f, in_f = weight.shape
     check_input(x, "x", weight, -1, in_f, 1, what)
     _check_param(bias, "bias", (out_f,), weight, what)
@@ -145,6 +150,11 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
     what = "masked_conv2d"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{what}: weight must be a 4-D tensor [C_out, C_in, kh, kw]")
+    cast = autocast_dtype(x)
+    if cast is not None:  # as F.conv2d under torch.autocast
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_conv2d(x.to(cast), weight.to(cast), None if bias is None else bias.to(cast), in_task,
+                                 out_task, stride, padding, dilation, out_min_task, taylor_score)
     out_c, in_c = weight.shape[:2]
     check_input(x, "x", weight, 1, in_c, 4, what)
     if x.dim() != 4:

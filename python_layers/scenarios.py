@@ -11,7 +11,8 @@ Layouts read (the standard ones)
     CIFAR-10     ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` pickles when present (the canonical copy);
                  else ``cifar10_yoongikim_jpg.tar.xz`` (``train|test/<class>/NNNN.jpg``, class folders in
                  alphabetical order = CIFAR-10 label order), decoded once with Pillow and cached as ``.npy`` under
-                 ``$EIDETIC_CACHE`` (default ``~/.cache/eidetic``). Results on it are "CIFAR-10 (JPEG copy)".
+                 the cache folder (``$EIDETIC_CACHE``, else ``$XDG_CACHE_HOME/eidetic``, else
+                 ``~/.cache/eidetic``). Results on it are "CIFAR-10 (JPEG copy)".
     CIFAR-100    ``cifar-100-python/{train,test}`` pickles (fine labels).
     The CIFAR pickles are read with Python's ``pickle``, which can run code hidden in a file: use copies from a
     trusted source (the datasets' own site, or a copy you made from it).
@@ -44,12 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eidetic_kernels.cpp import cache_root
+
 __all__ = ["DataNotFoundError", "ImageSet", "TaskData", "Scenario", "InMemoryLoader", "build_scenario",
            "data_roots", "find_data_file", "load_mnist", "load_cifar10", "load_cifar100", "SCENARIOS",
            "MNIST_MEAN", "MNIST_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD"]
 
 DATA_ENV = "EIDETIC_DATA"
-CACHE_ENV = "EIDETIC_CACHE"
 
 # Standard normalisation constants (training-set statistics, as torchvision examples use them).
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -122,11 +124,7 @@ def find_data_file(names, subdirs, what: str, data_root=None, is_dir: bool = Fal
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "eidetic"
+    return cache_root()  # the one cache folder of eidetic: $EIDETIC_CACHE, else the XDG cache
 
 
 # ----------------------------------------------------------------------------------------------------------------

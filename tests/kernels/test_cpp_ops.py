@@ -7,7 +7,7 @@ once with EIDETIC_BACKEND=reference and once with EIDETIC_BACKEND=cpp.
 Tolerances: fp32 rtol 1e-4 / atol 1e-5, fp64 rtol 1e-10 / atol 1e-12 (same math, other order).
 Taylor scores are compared in float32 (the reference computes them in float32).
 
-The build is cached (``$EIDETIC_CACHE`` or ~/.cache/eidetic); the first test here builds it once.
+The build is cached (``cpp.cache_root()``: $EIDETIC_CACHE, else the XDG cache); the first test here builds it once.
 Where there is no C++ compiler at all these tests are skipped; a compiler that fails is a failure.
 The fallback test runs in subprocesses with a broken compiler path and a fresh cache folder.
 """

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.testing._internal.common_modules import module_db
 
 import eidetic_kernels as ek
-from eidetic_kernels import cpp
+from eidetic_kernels import backends, cpp
 from eidetic_kernels.layers import EideticBatchNorm1d, EideticBatchNorm2d, EideticConv2d, EideticLinear
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,6 +198,18 @@ def test_autocast_cpu_bfloat16_runs_where_the_twins_run(state):
     assert twin[0].weight.grad.dtype == torch.float32
 
 
+def test_autocast_functional_ops():
+    from eidetic_kernels.functional import masked_conv2d, masked_linear
+    task = torch.tensor([0, ek.FREE, ek.PRUNED], dtype=torch.int16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = masked_linear(torch.randn(4, 5), torch.randn(3, 5), torch.randn(3), torch.zeros(5, dtype=torch.int16),
+                          task)
+        z = masked_conv2d(torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3), None, torch.zeros(2, dtype=torch.int16),
+                          task)
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert y[:, 2].eq(0).all() and z[:, 2].eq(0).all()
+
+
 def test_autocast_graph_tracer():
     from python_layers.network import EideticNetwork
     torch.manual_seed(0)
@@ -242,15 +254,20 @@ def test_caches_built_in_any_grad_mode_serve_training(kind, mode):
 
 # ----- double backward -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["default", "reference"])
+TRITON_ON_CPU = backends._triton_usable(torch.device("cpu")) is None  # the interpreter (TRITON_INTERPRET=1)
+
+
+@pytest.mark.parametrize("backend", ["default", "reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_ON_CPU, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])
 @pytest.mark.parametrize("kind", ["linear", "conv", "bn1d", "bn2d"])
 def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypatch):
     """gradgradcheck through a layer holding FREE, frozen and PRUNED neurons (gradient penalties, as the
-    twins support); on the default CPU engine batch norm runs the C++ op."""
-    if backend == "reference":
-        monkeypatch.setenv("EIDETIC_BACKEND", "reference")
-    else:
+    twins support); on the default CPU engine batch norm runs the C++ op; the fused ops differentiate a
+    readable forward when ``create_graph=True`` (ops/double_backward.py)."""
+    if backend == "default":
         monkeypatch.delenv("EIDETIC_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("EIDETIC_BACKEND", backend)
     torch.manual_seed(0)
     layer, shape = {"linear": (lambda: EideticLinear(4, 4), (3, 4)),
                     "conv": (lambda: EideticConv2d(2, 4, 3, padding=1), (2, 2, 4, 4)),
@@ -263,6 +280,8 @@ def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypat
     layer.prune_neurons([2])  # 1 FREE, 2 PRUNED
     x = torch.randn(shape, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda inp: layer(inp), (x,))
+    if backend != "default":
+        assert layer.last_backend == backend
     penalty_grads = []
     for _ in range(2):
         layer.weight.grad = None
@@ -314,7 +333,7 @@ def test_building_layers_probes_no_cpp_toolchain(tmp_path):
         import warnings
         warnings.simplefilter("error")  # any warning while building is a failure
         import torch
-        from eidetic_kernels import cpp
+        from eidetic_kernels import backends, cpp
         from eidetic_kernels.layers import EideticBatchNorm2d, EideticConv2d, EideticLinear
         EideticLinear(3, 2); EideticConv2d(3, 4, 3); bn = EideticBatchNorm2d(4)
         assert cpp._module is None and cpp._failure is None and not cpp._tools_found, "probed at construction"

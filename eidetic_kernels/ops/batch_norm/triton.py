@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..double_backward import graph_grads
+from . import reference
 from ..triton_common import FREE_C, PRUNED_C, any_true, interpreting, is_frozen_state, reduction_blocks
 
 
@@ -324,7 +326,10 @@ def _bn_dx_kernel(
 # ----- host functions ------------------------------------------------------------------------------
 
 def _as_ncs(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    spatial = 1
+    for d in t.shape[2:]:
+        spatial *= d
+    return t.reshape(t.shape[0], t.shape[1], spatial)  # not -1: an empty batch leaves it ambiguous
 
 
 def _launch_shape(C: int, S: int, L: int):
@@ -497,6 +502,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_stats = rm is not None
     ctx.has_w, ctx.has_b = tw is not None, tb is not None
     ctx.taylor = taylor_score is not None
+    ctx.eps = eps
+    # frozen channels normalise with running statistics that never change: kept for a double backward
+    ctx.running = None if rm is None else (rm.detach().clone(), rv.detach().clone())
     ctx.save_for_backward(x, mean_used, invstd, tw, fw, tb, fb, task, slot, taylor_score)
 
 
@@ -508,6 +516,12 @@ def _backward(ctx, grad, *_stat_grads):
     nothing = (None,) * 12
     if not (need_dx or need_dw or need_db or ctx.taylor):
         return nothing
+    if torch.is_grad_enabled():  # create_graph=True: gradients as a graph, from the reference formula
+        rm, rv = (None, None) if ctx.running is None else (t.clone() for t in ctx.running)
+        with torch.enable_grad():
+            y = reference.batch_norm(x, rm, rv, tw, fw, tb, fb, task, slot, ctx.use_batch, 0.0, ctx.eps, taylor_score)
+        dx, dw, db = graph_grads(y, (x, tw, tb), (need_dx, need_dw, need_db), grad)
+        return (dx, None, None, dw, None, db) + nothing[6:]
     dx, dw, db = _bn_backward_op(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, ctx.use_batch,
                                  ctx.has_stats, taylor_score, need_dx, need_dw or need_db)
     return (dx if need_dx else None, None, None, dw if need_dw else None, None,
@@ -520,6 +534,9 @@ _bn_op.register_autograd(_backward, setup_context=_setup_context)
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
                channel_task, slot, training, momentum, eps, taylor_score=None):
     """Backend entry point (signature of reference.batch_norm)."""
+    if x.numel() == 0:  # no program to launch: torch's semantics for an empty batch, through the reference
+        return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
+                                    frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
     has_stats = running_mean is not None
     use_batch = bool(training) or not has_stats
     y, _, _, bmean, bvar = _bn_op(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..double_backward import dense_weight, graph_grads, trainable_bias
+from ..taylor import attach_taylor_hook
 from ..triton_common import (FREE_C, acc_type, PRUNED_C, add_taylor, any_true, dot_in_fp32, dot_precision,
                              frozen_or_dummy, gemm_blocks, input_live, is_frozen_state, window_of)
 
@@ -322,16 +324,24 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = tb is not None
     ctx.taylor = taylor_score is not None
     # the Taylor score reads a copy of the output: in-place ops after the layer may change the output itself
-    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, in_task, out_task,
+    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, tb, in_task, out_task,
                           out_min_task, slot, taylor_score)
 
 
 def _backward(ctx, grad):
-    x, y, tw, fw, in_task, out_task, out_min_task, slot, taylor_score = ctx.saved_tensors
+    x, y, tw, fw, tb, in_task, out_task, out_min_task, slot, taylor_score = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
     if not (need_dx or need_dw or ctx.taylor):
         return None, None, None, None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: gradients as a graph (see ops/double_backward.py)
+        with torch.enable_grad():
+            w = dense_weight(tw, fw, in_task, out_task, out_min_task, slot)
+            y_graph = attach_taylor_hook(F.linear(x, w, trainable_bias(tb, fw.shape[0], out_task, slot)),
+                                         taylor_score, -1)
+        dx, dw, db = graph_grads(y_graph, (x, tw, tb), (need_dx, ctx.needs_input_grad[1],
+                                                         ctx.has_bias and ctx.needs_input_grad[3]), grad)
+        return (dx, dw, None, db) + (None,) * 6
     dx, dw, db = _linear_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, in_task, out_task,
                                      out_min_task, slot, taylor_score, need_dx, need_dw)
     return (dx if need_dx else None, dw if ctx.needs_input_grad[1] else None, None,
