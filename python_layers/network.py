@@ -394,6 +394,20 @@ class EideticNetwork(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # training and routing (python_layers.trainer / python_layers.routing)
     # ------------------------------------------------------------------------------------------------
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What ``DistributedDataParallel`` leaves alone (it reads this when it wraps the network): parameters
+        that cannot get a gradient (the empty trainable storage of finished heads, layers the user froze) and
+        every buffer (neuron states are the same on every process by construction; running statistics are
+        synchronised by the trainer after each epoch; gloo cannot even send the int16 states)."""
+        names = [name for name, p in self.named_parameters() if p.numel() == 0 or not p.requires_grad]
+        names += [name for name, _ in self.named_buffers()]
+        return names + list(getattr(self, "_ddp_ignore_extra", []))
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names) -> None:
+        self._ddp_ignore_extra = list(names)
+
     def train_task(self, loader, optimizer, pruning: str = "l2", step: float = 0.05, stop_threshold: float = 0.01,
                    max_epochs: int = 50, patience: int = 5, recovery_epochs: int = 5, **kwargs):
         """Train the current task, prune it iteratively, freeze it (see python_layers.trainer)."""

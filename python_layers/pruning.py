@@ -153,24 +153,32 @@ def select_neurons(scores: torch.Tensor, state: torch.Tensor, count: int) -> tor
 
 
 @torch.no_grad()
-def prune_step(groups, method: str, step: float, task_free: dict) -> dict:
+def prune_step(groups, method: str, step: float, task_free: dict, decide=None) -> dict:
     """Prune one step in every group; returns {group name: LongTensor of neurons pruned}.
 
     ``task_free[name]``: the group's FREE count when the task's pruning began. An empty dict means
-    nothing was left to prune anywhere (every group is down to one FREE neuron).
+    nothing was left to prune anywhere (every group is down to one FREE neuron). ``decide`` (optional) maps
+    the chosen {group name: neurons} to the ones to prune: many processes pass one that broadcasts rank 0's
+    choice (``python_layers.distributed.broadcast_object``), so every process prunes the same neurons.
     """
     if not 0 < step <= 1:
         raise ValueError(f"step must be a share in (0, 1], got {step!r}")
-    pruned = {}
-    plans = []
+    chosen = {}
     for group in groups:  # score everything first: pruning one group changes its consumers' live inputs
         count = prune_counts(group, step, task_free[group.name])
         if count:
-            plans.append((group, select_neurons(group_scores(group, method), group.task_state, count)))
-    for group, neurons in plans:
-        if neurons.numel():
-            group.prune(neurons)
-            pruned[group.name] = neurons
+            neurons = select_neurons(group_scores(group, method), group.task_state, count)
+            if neurons.numel():
+                chosen[group.name] = neurons.cpu()
+    if decide is not None:
+        chosen = decide(chosen)
+    by_name = {g.name: g for g in groups}
+    pruned = {}
+    for name, neurons in chosen.items():
+        group = by_name[name]
+        neurons = neurons.to(group.task_state.device)
+        group.prune(neurons)
+        pruned[name] = neurons
     return pruned
 
 

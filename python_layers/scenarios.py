@@ -373,6 +373,17 @@ class InMemoryLoader:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.on_epoch_end = on_epoch_end
         self.epochs_completed = 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> "InMemoryLoader":
+        """Read only this process's share of every batch: rows ``rank::world`` of each global batch (the last
+        batch padded with its own first rows to a multiple of ``world``, as DistributedSampler pads). Every
+        process draws the same permutation from the same generator, so together they read each global batch
+        once and the global batch size does not depend on ``world``. Returns self."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        self.rank, self.world = int(rank), int(world)
+        return self
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -389,6 +400,9 @@ class InMemoryLoader:
             rows = order[start:start + self.batch_size]
             if self.drop_last and rows.numel() < self.batch_size:
                 break
+            if self.world > 1:
+                padded = torch.arange(rows.numel() + (-rows.numel() % self.world)) % rows.numel()
+                rows = rows[padded][self.rank::self.world]
             x, y = self.data.batch(rows)
             if self.augment:
                 x = self._augment(x)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from eidetic_kernels import rebind_optimizer
 
+from . import distributed as dist_mod
 from . import pruning as pruning_mod
 from .pruning import frozen_share, pruned_share
 
@@ -279,7 +280,7 @@ def _check_batch_of_one(model, loader, device, norms) -> None:
 
 
 def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool = True, taylor_layers=(),
-              groups=()) -> tuple[float, float]:
+              groups=(), distributed: bool = False) -> tuple[float, float]:
     """One training epoch of the current task; returns (mean loss, training accuracy).
 
     The accuracy is the share of correctly classified training samples seen during the epoch
@@ -292,6 +293,9 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
 
     Raises ValueError when the loader yields no batch, or when a batch of one sample would reach a BatchNorm
     with one value per channel (before that forward pass: the model is left as the previous step left it).
+
+    ``distributed``: ``model`` is a DistributedDataParallel wrapper and ``loader`` this process's shard; the
+    loss, accuracy and Taylor scores returned or kept are sums over every process (``python_layers.distributed``).
     """
     model.train()
     for layer in taylor_layers:
@@ -326,6 +330,12 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             bar.update()
             if bar.refresh_due():
                 bar.show(float(loss_sum) / seen, int(correct) / seen)
+        if distributed:
+            totals = torch.stack([loss_sum.double(), correct.double(),
+                                  torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)]) \
+                if loss_sum is not None else torch.zeros(3, dtype=torch.float64, device=device)
+            dist_mod.all_reduce_sum(totals, *[layer.taylor_score for layer in taylor_layers])
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         if seen == 0:
             raise ValueError(_EMPTY_LOADER)
         result = (float(loss_sum) / seen, int(correct) / seen)
@@ -368,8 +378,15 @@ def _check_optimizer(model, optimizer, task) -> None:
 def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float = 0.05,
                stop_threshold: float = 0.01, max_epochs: int = 50, patience: int = 5, recovery_epochs: int = 5,
                progress: bool = True, device=None, max_prune_steps: int | None = None, callback=None,
-               resume_state: dict | None = None) -> list[dict]:
+               resume_state: dict | None = None, distributed: bool = False) -> list[dict]:
     """Train, prune, freeze and recycle the current task of ``model`` (an ``EideticNetwork``).
+
+    Many processes (``torchrun``): pass the network wrapped in ``DistributedDataParallel``, or the network
+    with ``distributed=True``, in an initialised process group; every process calls ``train_task`` with the
+    same arguments and its copy of the loader. The trainer shards the loader (``distributed.shard``), builds
+    its own DDP wrapper for the task (Parameters are replaced when a task finishes, so a wrapper never
+    outlives one), sums loss, accuracy and Taylor scores over the processes before every decision, prunes
+    the neurons rank 0 chooses, and leaves every process with bit-identical weights and neuron states.
 
     ``loader`` yields (inputs, class labels of the task); ``optimizer`` holds the model's trainable
     parameters (a fresh one per task, or one reused: its state for storage that shrank is dropped).
@@ -390,6 +407,11 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     Save the model, the optimizer, the RNG and loader states with ``state`` then; later, load them and call
     ``train_task(..., resume_state=state)`` with the same arguments to continue exactly from there.
     """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model, distributed = model.module, True  # the trainer wraps the network itself, once per task
+    if distributed and not dist_mod.active():
+        raise ValueError("distributed=True needs an initialised process group of more than one process "
+                         "(torchrun ... and torch.distributed.init_process_group, or eidetic train --nproc N)")
     task = getattr(model, "current_task", None)
     if task is None:
         raise ValueError("no task is prepared: call model.prepare_for_task(t, num_classes) before train_task")
@@ -405,7 +427,7 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
         model.ensure_graph(_peek(loader).to(device))  # the graph is traced from a real batch
     _check_batch_of_one(model, loader, device, _batch_norms(model))
     run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
-                   callback)
+                   callback, distributed)
     try:
         if resume_state is None:
             run.train(max_epochs, patience)  # step 1
@@ -423,10 +445,18 @@ class _TaskRun:
     """The state of one train_task call: what a checkpoint inside the task must hold."""
 
     def __init__(self, model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress,
-                 device, callback):
+                 device, callback, distributed=False):
         self.model, self.loader, self.optimizer, self.task = model, loader, optimizer, task
+        self.distributed = distributed
+        # what a training step runs: a DDP wrapper (built after the task's Parameters exist) or the network
+        self.trained = dist_mod.wrap(model) if distributed else model
+        if distributed:
+            self.loader = dist_mod.shard(loader)
+            self.progress = progress and dist_mod.rank() == 0
         self.method, self.step, self.stop_threshold = pruning, step, stop_threshold
-        self.recovery_epochs, self.progress, self.device, self.callback = recovery_epochs, progress, device, callback
+        self.recovery_epochs, self.device, self.callback = recovery_epochs, device, callback
+        if not distributed:
+            self.progress = progress
         self.groups = list(model.groups)
         self.taylor_layers = []
         if pruning == "taylor":
@@ -444,8 +474,13 @@ class _TaskRun:
     # ----- one epoch, and checkpoints --------------------------------------------------------------------
     def epoch(self, phase: str, prune_step: int, desc: str) -> tuple[float, float]:
         self.epochs += 1
-        loss, acc = run_epoch(self.model, self.loader, self.optimizer, self.device, desc, self.progress,
-                              self.taylor_layers, self.groups)
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch, the same on every rank
+            sampler.set_epoch(self.epochs)
+        loss, acc = run_epoch(self.trained, self.loader, self.optimizer, self.device, desc, self.progress,
+                              self.taylor_layers, self.groups, self.distributed)
+        if self.distributed:
+            dist_mod.sync_running_stats(self.model)
         if not math.isfinite(loss):
             warnings.warn(f"task {self.task}: the training loss is {loss} in epoch {self.epochs} ({phase}); "
                           "lower the learning rate", stacklevel=4)
@@ -503,7 +538,8 @@ class _TaskRun:
             cap = min(cap, int(max_prune_steps))
         last_good = snapshot(self.model, self.optimizer)
         for s in range(self.steps_done + 1, cap + 1):
-            if not pruning_mod.prune_step(self.groups, self.method, self.step, self.task_free):
+            decide = dist_mod.broadcast_object if self.distributed else None  # rank 0 chooses for everyone
+            if not pruning_mod.prune_step(self.groups, self.method, self.step, self.task_free, decide):
                 self.stop_reason = "nothing left to prune"
                 return
             self.model.sync()
@@ -535,6 +571,8 @@ class _TaskRun:
         """Freeze the survivors, recycle the pruned, cut recycled -> frozen synapses (model.finish_task)."""
         kept = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
         finish_task(self.model, self.optimizer)
+        if self.distributed:  # recycled neurons were re-initialised from each process's generator
+            dist_mod.broadcast_state(self.model)
         pruned, frozen = _shares(self.model.groups)
         self.history.append(dict(task=self.task, phase="finish", epoch=self.epochs, step=None, loss=self.kept_loss,
                                  train_accuracy=self.kept_acc, best_train_accuracy=self.best_acc,

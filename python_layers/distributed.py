@@ -1,0 +1,167 @@
+"""Training on many processes with ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Every rank holds the whole network; ``DistributedDataParallel`` averages the gradients of each step, so
+every rank applies the same update and keeps bit-identical weights. What Eidetic Learning adds on top:
+
+* decisions: training loss and accuracy are summed over the ranks before any decision, Taylor scores too;
+  the neurons each pruning step removes are chosen on rank 0 and broadcast (``broadcast_object``), so every
+  rank prunes, restores, freezes and recycles the same neurons;
+* batch norm: DDP's per-step buffer broadcast is off (it would send every frozen weight each step); the
+  running statistics are broadcast from rank 0 after every epoch instead (the same values DDP's default keeps);
+* the wrapper: state changes install new Parameters (``finish_task``), so the trainer builds a fresh DDP
+  wrapper for every ``train_task`` call; Parameters that cannot get a gradient (empty trainable storage of
+  finished heads, parameters the user froze) and all buffers are excluded from it, so nothing relies on
+  DDP's unused-parameter detection;
+* data: each rank reads ``1/world`` of every global batch (``shard``), so the global batch and the averaged
+  gradient do not depend on the number of processes.
+
+All of it is a no-op in a single process (``active()`` is False).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["active", "rank", "world_size", "init_from_env", "wrap", "all_reduce_sum", "broadcast_object",
+           "sync_running_stats", "broadcast_state", "state_hash", "check_same", "shard"]
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), once.
+
+    Backend: NCCL for CUDA devices, gloo otherwise. Returns whether this process is one of many.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return active()
+
+
+def wrap(model: torch.nn.Module) -> DistributedDataParallel:
+    """A DDP wrapper of ``model`` for one task's training (see the module docstring for what it leaves out)."""
+    ignore = [name for name, p in model.named_parameters() if p.numel() == 0 or not p.requires_grad]
+    ignore += [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    device = next((p.device for p in model.parameters() if p.numel()), torch.device("cpu"))
+    ids = [device] if device.type == "cuda" else None
+    # no buffer sync on each forward (all buffers are ignored anyway); the keyword was renamed in torch 2.13
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False, **sync)
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (the same result on every rank)."""
+    if not active():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` as rank ``src`` has it (any picklable value), on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def sync_running_stats(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank the batch-norm running statistics of rank ``src`` (frozen channels are equal anyway)."""
+    if not active():
+        return
+    for name, buf in model.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("running_mean", "running_var", "num_batches_tracked") and buf is not None:
+            dist.broadcast(buf, src=src)
+
+
+@torch.no_grad()
+def broadcast_state(model: torch.nn.Module, src: int = 0) -> None:
+    """Every parameter and buffer as rank ``src`` has it (after a state change that drew random numbers:
+    recycled neurons are re-initialised from each process's own generator)."""
+    if not active():
+        return
+    for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+        # floating tensors only: integer state (neuron states, counts) follows from the same decisions
+        if t.numel() and t.is_floating_point():
+            dist.broadcast(t.data, src=src)
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state dict (weights, neuron states, running statistics), bit for bit."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            buf = io.BytesIO()
+            torch.save(value, buf)
+            h.update(buf.getvalue())
+    return h.hexdigest()
+
+
+def check_same(value: str, what: str) -> None:
+    """Raise RuntimeError on every rank unless all ranks pass the same ``value`` (e.g. a config hash)."""
+    if not active():
+        return
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        ranks = ", ".join(f"rank {r}: {v[:12]}" for r, v in enumerate(values))
+        raise RuntimeError(f"the processes disagree on {what} ({ranks}); launch every rank with the same "
+                           "configuration and seed")
+
+
+def shard(loader):
+    """The loader this rank reads: ``loader.shard(rank, world)`` when it can shard itself (InMemoryLoader:
+    1/world of every global batch); a torch DataLoader is rebuilt with a ``DistributedSampler`` (the same
+    shuffling on every rank, per-rank batch = batch_size / world); anything else is an error."""
+    if not active():
+        return loader
+    if hasattr(loader, "shard"):
+        return loader.shard(rank(), world_size())
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+    if isinstance(loader, DataLoader):
+        if isinstance(loader.sampler, DistributedSampler):
+            return loader
+        world = world_size()
+        if loader.batch_size is None or loader.batch_size % world:
+            raise ValueError(f"the DataLoader's batch_size ({loader.batch_size}) must be a multiple of the "
+                             f"{world} processes: each reads batch_size / {world} samples of every global batch")
+        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank(),
+                                     shuffle=isinstance(loader.sampler, RandomSampler), drop_last=loader.drop_last)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size // world, sampler=sampler,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                          drop_last=loader.drop_last)
+    raise TypeError(f"cannot shard a {type(loader).__name__} over {world_size()} processes: give train_task a torch "
+                    "DataLoader (it gets a DistributedSampler) or a loader with a shard(rank, world) method")

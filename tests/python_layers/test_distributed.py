@@ -1,0 +1,102 @@
+"""Training on 2 processes (gloo, CPU): every rank holds bit-identical weights and neuron states after every
+epoch, pruning step and finished task; finished tasks never change under DDP; bad launches fail fast."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+from python_layers import EideticNetwork
+from python_layers import distributed as dist_mod
+from python_layers.trainer import train_task
+from tests.python_layers.synthetic import CLASSES, make_tasks, mlp_body
+
+WORLD = 2
+
+
+def _init(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def _train_worker(rank: int, init_file: str, out: str, pruning: str, wrap: bool) -> None:
+    _init(rank, init_file)
+    try:
+        torch.manual_seed(0)
+        tasks = make_tasks(num_tasks=3, seed=3)
+        probe = torch.cat([x[::8] for _, x, _ in tasks])
+        model = EideticNetwork(*mlp_body(width=16))
+        hashes, snapshots = [], {}
+
+        def record(event):
+            hashes.append((event["event"], dist_mod.state_hash(model)))
+
+        for t, (batches, _, _) in enumerate(tasks):
+            model.prepare_for_task(t, CLASSES)
+            loader = DataLoader(TensorDataset(batches.x, batches.y), batch_size=16, shuffle=True,
+                                generator=torch.Generator().manual_seed(t))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.05)
+            # the user's own DDP wrapper, or the network with distributed=True
+            target = torch.nn.parallel.DistributedDataParallel(model) if wrap else model
+            train_task(target, loader, optimizer, pruning=pruning, step=0.25, stop_threshold=0.1, max_epochs=4,
+                       patience=2, recovery_epochs=2, progress=False, callback=record, distributed=not wrap)
+            hashes.append(("task", dist_mod.state_hash(model)))
+            model.eval()
+            with torch.no_grad():
+                snapshots[t] = model(probe, task=t).clone()
+                for s in range(t):  # the no-forgetting check under DDP, with AdamW weight decay
+                    assert torch.equal(model(probe, task=s), snapshots[s]), f"task {s} changed after task {t}"
+        torch.save({"hashes": hashes, "states": [layer.task_state.clone() for layer in model.body_layers().values()]},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pruning, wrap", [("taylor", False), ("l2", True)])
+def test_ranks_stay_bit_identical_and_nothing_is_forgotten(pruning, wrap, tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_train_worker, args=(init_file, str(tmp_path), pruning, wrap), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert len(r0["hashes"]) == len(r1["hashes"]) > 6
+    kinds = {kind for kind, _ in r0["hashes"]}
+    assert {"epoch", "prune_step", "task"} <= kinds
+    for (kind, a), (_, b) in zip(r0["hashes"], r1["hashes"]):
+        assert a == b, f"the ranks' states differ after a {kind} event"
+    for a, b in zip(r0["states"], r1["states"]):
+        assert torch.equal(a, b)
+    assert any(bool((s == 2).any()) for s in r0["states"]), "task 2 froze neurons"
+
+
+def _config_worker(rank: int, init_file: str, out: str) -> None:
+    _init(rank, init_file)
+    try:
+        dist_mod.check_same("seed=0" if rank == 0 else "seed=1", "the run configuration")
+    except RuntimeError as exc:
+        with open(os.path.join(out, f"err{rank}.txt"), "w") as f:
+            f.write(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_configs_fail_fast(tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_config_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        message = (tmp_path / f"err{r}.txt").read_text()
+        assert "disagree on the run configuration" in message and "same configuration and seed" in message
+
+
+def test_single_process_is_unchanged():
+    assert not dist_mod.active() and dist_mod.rank() == 0 and dist_mod.world_size() == 1
+    loader = [1, 2]
+    assert dist_mod.shard(loader) is loader
+    with pytest.raises(ValueError, match="initialised process group"):
+        model = EideticNetwork(*mlp_body(width=8))
+        model.prepare_for_task(0, CLASSES)
+        model.train_task(make_tasks(1)[0][0], torch.optim.SGD(model.parameters(), lr=0.1), distributed=True,
+                         progress=False)
