@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import inspect
 import json
 import math
@@ -43,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+from . import distributed as dist_mod
 
 __all__ = ["main", "train", "load_config", "default_config", "OPTIONS", "ConfigError"]
 
@@ -412,6 +415,8 @@ class Run:
         self.log = log
         self.checkpoint_path = self.out / "checkpoint.pt"
         self.session_start = time.perf_counter()
+        self.distributed = dist_mod.active()  # torchrun (eidetic train --nproc N): rank 0 writes every file
+        self.writer = dist_mod.rank() == 0
         self.crash_after = int(os.environ[CRASH_ENV]) if os.environ.get(CRASH_ENV) else None
 
     # ----- building --------------------------------------------------------------------------------------------
@@ -478,9 +483,12 @@ class Run:
             f"task {state['next_task'] - 1} end" if in_task is None else
             f"task {in_task['task']} step {in_task['trainer_state'].get('steps_done')}")
         payload = {"run": state, "model": model_state, "router": router, "rng": rng_state()}
-        tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path)  # a kill mid-write leaves the previous checkpoint intact
+        if self.writer:
+            tmp = self.checkpoint_path.with_name("checkpoint.pt.tmp")
+            torch.save(payload, tmp)
+            os.replace(tmp, self.checkpoint_path)  # a kill mid-write leaves the previous checkpoint intact
+        if self.distributed:
+            dist_mod.barrier()  # no process runs ahead of a checkpoint being written (or of a simulated kill)
         if self.crash_after is not None and state["checkpoints_written"] == self.crash_after:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -547,8 +555,9 @@ class Run:
                      f" (checkpoint {state['checkpoints_written']})")
         else:
             state = self.fresh_state()
-            with open(self.out / "config.yaml", "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False)
+            if self.writer:
+                with open(self.out / "config.yaml", "w") as f:
+                    yaml.safe_dump(cfg, f, sort_keys=False)
         step_checkpoints = _trainer_supports_resume()
         if not step_checkpoints and not resume:
             self.log("note: the trainer offers no callback/resume_state hook: checkpoints are written after every "
@@ -595,7 +604,10 @@ class Run:
         offset = state["epochs_done"]
         kwargs = dict(pruning=None if cfg["pruning"] == "none" else cfg["pruning"], step=cfg["step"],
                       stop_threshold=cfg["stop_threshold"], max_epochs=cfg["max_epochs"], patience=cfg["patience"],
-                      recovery_epochs=cfg["recovery_epochs"], progress=cfg["progress"], device=self.device)
+                      recovery_epochs=cfg["recovery_epochs"], progress=cfg["progress"] and self.writer,
+                      device=self.device)
+        if self.distributed:
+            kwargs["distributed"] = True
         if cfg["max_prune_steps"] is not None:
             kwargs["max_prune_steps"] = cfg["max_prune_steps"]
         seen_epochs = {r["epoch"] for r in state["history"] if r.get("task") == t and r.get("phase") in
@@ -676,6 +688,8 @@ class Run:
         if "epochs" in params:
             kwargs["epochs"] = cfg["router_epochs"]
         routing.fit_router(self.model, loaders, **kwargs)
+        if self.distributed:  # every process fits the same router; rank 0's copy is the one all keep
+            dist_mod.broadcast_state(self.model.router)
 
     def _summary_line(self, state, t, seconds, epochs, finish) -> str:
         row = state["accuracy_matrix"][t][:t + 1]
@@ -727,10 +741,13 @@ class Run:
                          "test_sizes": [len(t.test) for t in self.scenario.tasks], **self.scenario.notes},
             "checkpoint_granularity": "pruning step" if _trainer_supports_resume() else "task",
             "wall_seconds": wall,
+            "processes": dist_mod.world_size(),
             "config": self.cfg,
             "versions": versions(self.device),
         }
         results = metrics.to_jsonable(results)
+        if not self.writer:
+            return results
         _write_json(self.out / "results.json", results)
         self._write_history_csv(state["history"])
         results["plots"] = {k: str(v) for k, v in plot_run(results, state["history"], state["evaluations"],
@@ -781,10 +798,28 @@ def train(cfg: dict, out_dir, resume: bool = False, log=print) -> dict:
         raise ConfigError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it, or choose "
                           "another --out")
     threads = torch.get_num_threads()
+    if dist_mod.init_from_env(_resolve_device(cfg["device"])):
+        # every process must train the same run: compare the config (seed included) before anything else
+        dist_mod.check_same(hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+                            "the run configuration (config file, overrides and seed)")
+        if dist_mod.rank() != 0:
+            log = _quiet
     try:
         return Run(cfg, out, log).run(resume)
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) keep their own setting
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0 (rank 0 speaks for the run)."""
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``eidetic train --nproc N ...``: the same command on N local processes through ``torchrun --standalone``
+    (gloo on CPU, NCCL on GPU); returns torchrun's exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "python_layers.cli", *argv]
+    return subprocess.call(cmd)
 
 
 def export(run_dir, task: int, out, log=print) -> dict:
@@ -877,6 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in RUN_DIR from its last checkpoint (same final results as an "
                          "uninterrupted run)")
+    tr.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="train on N processes of this machine (torchrun --standalone; gloo on CPU, NCCL on GPU); "
+                         "for several machines run torchrun yourself (see the README)")
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. lr=2e-4")
     ex = sub.add_parser("export", help="save one finished task as a plain torch.nn module",
                         description="Save finished task T of a run as a plain torch.nn module of compact layers "
@@ -902,6 +940,13 @@ def main(argv=None) -> int:
     if args.command != "train":
         parser.print_help()
         return 2
+    if args.nproc < 1:
+        print("eidetic: error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+        return launch(args.nproc, rest)
     try:
         overrides = parse_overrides(args.overrides)
         config_path = args.config
@@ -914,6 +959,8 @@ def main(argv=None) -> int:
     except (ConfigError, DataNotFoundError) as exc:
         print(f"eidetic: error: {exc}", file=sys.stderr)
         return 2
+    if dist_mod.rank() != 0:
+        return 0  # rank 0 prints the run's results
     print(format_matrix(results["accuracy_matrix"], "accuracy matrix, true task id (oracle)"))
     if results["config"]["router"] != "none":
         print(format_matrix(results["routed_accuracy_matrix"],

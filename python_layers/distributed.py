@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["active", "rank", "world_size", "init_from_env", "wrap", "all_reduce_sum", "broadcast_object",
+__all__ = ["active", "rank", "world_size", "init_from_env", "wrap", "all_reduce_sum", "barrier", "broadcast_object",
            "sync_running_stats", "broadcast_state", "state_hash", "check_same", "shard"]
 
 
@@ -79,6 +79,12 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         return
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if active():
+        dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):

@@ -2,6 +2,7 @@
 epoch, pruning step and finished task; finished tasks never change under DDP; bad launches fail fast."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -100,3 +101,37 @@ def test_single_process_is_unchanged():
         model.prepare_for_task(0, CLASSES)
         model.train_task(make_tasks(1)[0][0], torch.optim.SGD(model.parameters(), lr=0.1), distributed=True,
                          progress=False)
+
+
+# ----- the CLI: eidetic train --nproc N -------------------------------------------------------------------------
+
+def _states(checkpoint):
+    return {k: v for k, v in torch.load(checkpoint, weights_only=True)["model"].items() if k.endswith("task_state")}
+
+
+def test_cli_two_processes_then_kill_and_resume_with_one(tmp_path):
+    """``--nproc 2`` trains the same run as one process (ACC within half a point, BWT exactly 0); a 2-process run
+    killed inside a task and resumed with 1 process ends with the neuron states of the uninterrupted 2-process
+    run (the global batch does not depend on the number of processes)."""
+    from python_layers import cli
+    from tests.python_layers.test_cli import TINY, _run_cli
+    args = [*TINY, "pruning=l2", "dropout=0.0"]
+    one = _run_cli(["train", "--out", str(tmp_path / "one"), *args])
+    two = _run_cli(["train", "--nproc", "2", "--out", str(tmp_path / "two"), *args])
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert b["processes"] == 2 and b["bwt"] == 0.0
+    assert abs(a["acc"] - b["acc"]) <= 0.005
+    log = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["run"]["checkpoint_log"]
+    kill_at = [i + 1 for i, entry in enumerate(log) if entry.startswith("task 1 step")][-1]
+    killed = _run_cli(["train", "--nproc", "2", "--out", str(tmp_path / "killed"), *args], {cli.CRASH_ENV: str(kill_at)})
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "results.json").exists()
+    resumed = _run_cli(["train", "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole, again = _states(tmp_path / "two" / "checkpoint.pt"), _states(tmp_path / "killed" / "checkpoint.pt")
+    assert whole.keys() == again.keys()
+    for k in whole:
+        assert torch.equal(whole[k], again[k]), k
+    c = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert c["bwt"] == 0.0 and abs(c["acc"] - b["acc"]) <= 0.005
