@@ -32,6 +32,7 @@ bench: setup
 	$(PY) -m pytest -q benchmarks/test_cpu_bench.py --benchmark-only --benchmark-columns=min,median,iqr,rounds --benchmark-json=benchmarks/results/last-cpu.json
 	$(PY) -m benchmarks.cpu_report benchmarks/results/last-cpu.json
 	$(PY) -m benchmarks.tasks_curve
+	$(PY) -m benchmarks.distributed_scaling
 	$(PY) -m benchmarks.plot
 
 clean:
