@@ -1,10 +1,22 @@
 """Task routing: predict without a task id (paper Section 3, "task routing").
 
 ``fit_router(model, loaders)`` trains a task classifier on the paper's meta-task dataset: the inputs of
-every finished task labelled with their task id. It reads the body's features *in the view of all
-finished tasks* (``view_task = last finished task``: FREE and PRUNED neurons are not computed and read as
-exact zeros), computed once under ``torch.no_grad`` in eval mode, so it touches no neuron of the body and
-no head; only the router's own parameters train.
+every finished task labelled with their task id. It reads the body *in the view of all finished tasks*
+(``view_task = last finished task``: FREE and PRUNED neurons are not computed and read as exact zeros),
+computed once under ``torch.no_grad`` in eval mode, so it touches no neuron of the body and no head; only the
+router's own parameters train.
+
+What the router reads: the body features (the heads' input) and the activations of every Linear/Conv2d layer
+of the body (outputs before their nonlinearity; a conv output is averaged over its spatial positions), all
+from the same single pass. Measured on Split MNIST (configs/demo.yaml, 5000 router inputs per task): a linear
+classifier on the last layer's features fits its own training set only to 93.6% task accuracy (3 tasks; 90.8%
+with 5): the body was trained to tell the classes *within* each task apart, so the tasks are not linearly
+separable in its last layer. Every layer plus a two-hidden-layer MLP reaches 98.7-99.0% task accuracy (3
+tasks; ~97.7% with 5), about what an MLP on the raw pixels of those inputs reaches, so the rest is the size of
+the router's data set; each head's confidence (max softmax, entropy) as extra input added nothing.
+
+``TaskRouter`` = a linear layer on the standardised features (the original router) plus, when fitted with
+``hidden > 0``, that MLP on the standardised layer activations; their logits add.
 
 ``predict(model, x, router)`` runs the body once in that view and applies every finished head to the same
 features. That is exact: a neuron of task s reads only neurons of tasks <= s, so its value in the view of
@@ -21,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eidetic_kernels import EideticConv2d, EideticLinear
+
 from .trainer import _model_device
 
 __all__ = ["TaskRouter", "fit_router", "predict", "ROUTERS"]
@@ -28,21 +42,70 @@ __all__ = ["TaskRouter", "fit_router", "predict", "ROUTERS"]
 ROUTERS = ("learned", "entropy")
 
 
-class TaskRouter(nn.Module):
-    """Standardise the features, then a linear layer: logits over the finished tasks."""
+def _mlp(input_dim: int, hidden: int, num_tasks: int, like: torch.Tensor) -> nn.Sequential:
+    kw = dict(device=like.device, dtype=like.dtype)
+    return nn.Sequential(nn.Linear(input_dim, hidden, **kw), nn.ReLU(), nn.Linear(hidden, hidden, **kw), nn.ReLU(),
+                         nn.Linear(hidden, num_tasks, **kw))
 
-    def __init__(self, feature_dim: int, num_tasks: int):
+
+class TaskRouter(nn.Module):
+    """Logits over the finished tasks: a linear layer on the standardised body features, plus (``input_dim > 0``)
+    an MLP with two hidden layers of ``hidden`` units on the standardised layer activations (see the module
+    docstring); the two add.
+
+    ``TaskRouter(feature_dim, num_tasks)`` is the linear router alone; ``load_state_dict`` re-creates the MLP
+    (and its input statistics) with the sizes the state dict holds, so a router saved with its state dict is
+    rebuilt from ``(feature_dim, num_tasks)`` alone.
+    """
+
+    def __init__(self, feature_dim: int, num_tasks: int, input_dim: int = 0, hidden: int = 256):
         super().__init__()
         self.linear = nn.Linear(feature_dim, num_tasks)
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_scale", torch.ones(feature_dim))
+        self.mlp: nn.Sequential | None = None
+        self._set_mlp(int(input_dim), int(hidden))
+
+    def _set_mlp(self, input_dim: int, hidden: int) -> None:
+        like = self.linear.weight
+        if input_dim > 0 and hidden > 0:
+            self.mlp = _mlp(input_dim, hidden, self.num_tasks, like)
+            self.mlp.requires_grad_(like.requires_grad)
+        else:
+            self.mlp, input_dim = None, 0
+        self.register_buffer("input_mean", torch.zeros(input_dim, device=like.device, dtype=like.dtype))
+        self.register_buffer("input_scale", torch.ones(input_dim, device=like.device, dtype=like.dtype))
 
     @property
     def num_tasks(self) -> int:
         return self.linear.out_features
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((features - self.feature_mean) / self.feature_scale)
+    @property
+    def input_dim(self) -> int:
+        """Width of the layer activations the MLP reads; 0: no MLP (linear router on the features only)."""
+        return 0 if self.mlp is None else self.mlp[0].in_features
+
+    def forward(self, features: torch.Tensor, activations: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.linear((features - self.feature_mean) / self.feature_scale)
+        if self.mlp is not None:
+            if activations is None:
+                raise ValueError(f"this router reads the body's layer activations ({self.input_dim} values) too: "
+                                 "pass them (python_layers.routing.predict does)")
+            logits = logits + self.mlp((activations - self.input_mean) / self.input_scale)
+        return logits
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the MLP's sizes come from the state dict (its children load after this, into the right shapes)
+        first, last = state_dict.get(prefix + "mlp.0.weight"), state_dict.get(prefix + "mlp.4.weight")
+        if first is not None and last is not None:
+            hidden, input_dim = first.shape
+            if (input_dim, hidden) != (self.input_dim, 0 if self.mlp is None else self.mlp[0].out_features):
+                self._set_mlp(int(input_dim), int(hidden))
+        elif first is None and self.mlp is not None:  # a linear-only router (or an older checkpoint)
+            self._set_mlp(0, 0)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 def _finished(model) -> int:
@@ -79,16 +142,50 @@ class _EvalMode:
         self.no_grad.__exit__(*exc)
 
 
-def _features(model, x, num_finished):
-    return model.features(x, view_task=num_finished - 1)
+def _router_layers(model) -> list:
+    """The body's Linear/Conv2d layers, in the network's order (none for a model without ``body_layers``)."""
+    layers = model.body_layers() if hasattr(model, "body_layers") else {}
+    return [m for m in layers.values() if isinstance(m, (EideticLinear, EideticConv2d))]
+
+
+def _features(model, x, num_finished, activations: bool = False):
+    """(features, activations or None) of one body pass in the view of every finished task.
+
+    activations: [B, sum of the layers' output channels + feature_dim], each Linear/Conv2d output of the body
+    (a conv output averaged over its spatial positions; a layer called twice gives both calls), then the features.
+    """
+    if not activations:
+        return model.features(x, view_task=num_finished - 1), None
+    seen = []
+
+    def hook(module, args, output):
+        seen.append(output.flatten(2).mean(-1) if output.dim() > 2 else output)
+
+    handles = [m.register_forward_hook(hook) for m in _router_layers(model)]
+    try:
+        f = model.features(x, view_task=num_finished - 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return f, torch.cat([a.float() for a in seen] + [f.float()], 1)
+
+
+def _standardise(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> None:
+    mean.copy_(values.mean(0))
+    # constant (e.g. never-live) values keep scale 1: they carry nothing and must not blow up
+    std = values.std(0, correction=0) if values.shape[0] > 1 else torch.ones_like(values[0])
+    scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
 def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: int = 256,
-               weight_decay: float = 1e-4, device=None, generator: torch.Generator | None = None) -> list[dict]:
+               weight_decay: float = 0.05, hidden: int = 256, label_smoothing: float = 0.1, device=None,
+               generator: torch.Generator | None = None) -> list[dict]:
     """Train ``model.router`` to tell the finished tasks apart; returns per-epoch {epoch, loss, accuracy}.
 
     ``loaders[t]`` (a list or a dict, one per finished task 0..T-1) yields task t's inputs (``x`` or
     ``(x, ...)`` batches; the labels are ignored: the target is ``t``).
+    ``hidden``: width of the MLP on the layer activations (0: the linear router on the features alone).
+    Training: AdamW with a one-cycle learning rate peaking at ``lr``, tasks weighted equally, label smoothing.
     """
     num_finished = _finished(model)
     if isinstance(loaders, dict):
@@ -104,44 +201,50 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(hidden, int) or hidden < 0:
+        raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
     device = torch.device(device) if device is not None else _model_device(model)
 
-    # The meta-task dataset, as features: the body is fixed, so they are computed once.
-    feats, targets = [], []
+    # The meta-task dataset, as features and layer activations: the body is fixed, so they are computed once.
+    feats, acts, targets = [], [], []
     with _EvalMode(model):
         for t in range(num_finished):
             for batch in loaders[t]:
-                f = _features(model, _inputs(batch).to(device), num_finished)
+                f, a = _features(model, _inputs(batch).to(device), num_finished, activations=hidden > 0)
                 feats.append(f.float())
+                if a is not None:
+                    acts.append(a)
                 targets.append(torch.full((f.shape[0],), t, dtype=torch.long, device=device))
     if not feats:
         raise ValueError("the routing loaders yielded no batch")
     feats, targets = torch.cat(feats), torch.cat(targets)
-    if not bool(torch.isfinite(feats).all()):
+    acts = torch.cat(acts) if acts else None
+    if not bool(torch.isfinite(feats).all()) or (acts is not None and not bool(torch.isfinite(acts).all())):
         raise ValueError("the features of the finished tasks are not finite; the router cannot be trained on them")
 
-    router = TaskRouter(feats.shape[1], num_finished).to(device)
+    router = TaskRouter(feats.shape[1], num_finished, 0 if acts is None else acts.shape[1], hidden).to(device)
     with torch.no_grad():
-        router.feature_mean.copy_(feats.mean(0))
-        # constant (e.g. never-live) features keep scale 1: they carry nothing and must not blow up
-        std = feats.std(0, correction=0) if feats.shape[0] > 1 else torch.ones_like(feats[0])
-        router.feature_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        _standardise(feats, router.feature_mean, router.feature_scale)
+        if acts is not None:
+            _standardise(acts, router.input_mean, router.input_scale)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    n = feats.shape[0]
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * -(-n // batch_size))
     # balance the tasks: a task with more samples must not become the router's default answer
     counts = torch.bincount(targets, minlength=num_finished).float()
     class_weight = counts.sum() / (num_finished * counts.clamp_min(1))
     history = []
-    n = feats.shape[0]
     for e in range(epochs):
         order = torch.randperm(n, generator=generator).to(device)
         loss_sum, correct = 0.0, 0
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
-            logits = router(feats[idx])
-            loss = F.cross_entropy(logits, targets[idx], weight=class_weight)
+            logits = router(feats[idx], None if acts is None else acts[idx])
+            loss = F.cross_entropy(logits, targets[idx], weight=class_weight, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             loss_sum += float(loss.detach()) * idx.numel()
             correct += int((logits.detach().argmax(-1) == targets[idx]).sum())
         history.append(dict(epoch=e + 1, loss=loss_sum / n, accuracy=correct / n))
@@ -169,10 +272,12 @@ def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tens
             raise ValueError(f"the router was fitted on {learned.num_tasks} tasks but {num_finished} are finished; "
                              "call model.fit_router(loaders) again")
     with _EvalMode(model):
-        features = _features(model, x, num_finished)  # one pass of the body
+        # one pass of the body (with the layer activations when the router reads them)
+        features, activations = _features(model, x, num_finished,
+                                          activations=router == "learned" and learned.mlp is not None)
         logits = _head_logits(model, features, num_finished)
         if router == "learned":
-            tasks = learned(features.float()).argmax(-1)
+            tasks = learned(features.float(), activations).argmax(-1)
         else:
             entropies = []
             for z in logits:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from python_layers import EideticNetwork
-from python_layers.routing import TaskRouter
+from python_layers.routing import TaskRouter, _features
 from tests.python_layers.synthetic import CLASSES, make_tasks, mlp_body
 from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
 
@@ -61,7 +61,8 @@ def test_predict_matches_per_task_forwards(trained, router):
         logits = reference_heads(model, x)
         tasks, classes = model.predict(x, router=router)
         if router == "learned":
-            expect_tasks = model.router(model.features(x, view_task=NUM_TASKS - 1)).argmax(-1)
+            features, activations = _features(model, x, NUM_TASKS, activations=True)
+            expect_tasks = model.router(features, activations).argmax(-1)
         else:
             entropy = []
             for z in logits:
@@ -135,3 +136,57 @@ def test_the_router_travels_with_the_state_dict(trained):
     for router in ("learned", "entropy"):
         for a, b in zip(loaded.predict(x, router=router), model.predict(x, router=router)):
             assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Split MNIST (the shared data): the learned router against the true task id
+# ------------------------------------------------------------------------------------------------------------------
+def split_mnist_gap(num_tasks: int, samples_per_task: int, width: int = 200):
+    """(oracle ACC, routed ACC): a 784-width-width MLP trained task after task with light pruning, the router
+    fitted on the same ``samples_per_task`` training inputs of each task, both measured on the whole test set."""
+    from python_layers.models import build_body
+    from python_layers.scenarios import DataNotFoundError, InMemoryLoader, build_scenario
+    try:
+        scenario = build_scenario("split_mnist", num_tasks, seed=0, train_samples_per_task=samples_per_task)
+    except DataNotFoundError as exc:
+        pytest.skip(f"MNIST not found ($EIDETIC_DATA or ../shared/data): {exc}")
+    torch.manual_seed(0)
+    body, feature_dim = build_body("mlp", scenario.input_shape, [width, width], 0.0)
+    model = EideticNetwork(body, feature_dim)
+    for t, task in enumerate(scenario.tasks):
+        model.prepare_for_task(t, 2)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                      weight_decay=0.01)
+        model.train_task(InMemoryLoader(task.train, 128, shuffle=True, seed=t), optimizer, pruning="l2", step=0.2,
+                         stop_threshold=0.01, max_epochs=3, patience=1, recovery_epochs=1, max_prune_steps=2,
+                         progress=False)
+    model.fit_router([InMemoryLoader(task.train, 1000, shuffle=False, task_label=t)
+                      for t, task in enumerate(scenario.tasks)], generator=torch.Generator().manual_seed(0))
+    model.eval()
+    oracle, routed = [], []
+    with torch.no_grad():
+        for t, task in enumerate(scenario.tasks):
+            x, y = task.test.batch(torch.arange(len(task.test)))
+            oracle.append(float((model(x, task=t).argmax(-1) == y).float().mean()))
+            tasks, classes = model.predict(x)
+            routed.append(float(((tasks == t) & (classes == y)).float().mean()))
+    return sum(oracle) / num_tasks, sum(routed) / num_tasks
+
+
+def test_split_mnist_3_tasks_routed_within_one_point_of_the_oracle():
+    # measured: oracle 0.9943, routed 0.9858 (gap 0.86 points); the linear router on the last layer alone
+    # (hidden=0, the former router) routes at 0.9521 here (gap 4.2 points). ~6,000 test images: one point is
+    # ~60 of them, the router's seed moves the gap by ~0.1-0.15 points.
+    oracle, routed = split_mnist_gap(3, 6000)
+    assert oracle >= 0.98, f"the body itself is off: oracle ACC {oracle:.4f}"
+    assert oracle - routed <= 0.01, f"routed ACC {routed:.4f} vs oracle {oracle:.4f}"
+
+
+@pytest.mark.slow
+def test_split_mnist_5_tasks_routed_close_to_the_oracle():
+    # 5 tasks do NOT reach one point: measured oracle 0.9890, routed 0.9663 (gap 2.3 points; the former linear
+    # router: 0.8822, gap 10.7). With 5,000 router inputs per task an MLP on the raw pixels tells the 5 digit
+    # pairs apart no better (~97.5% task accuracy): the limit is the router's data, not what it reads.
+    oracle, routed = split_mnist_gap(5, 5000)
+    assert oracle >= 0.98, f"the body itself is off: oracle ACC {oracle:.4f}"
+    assert oracle - routed <= 0.03, f"routed ACC {routed:.4f} vs oracle {oracle:.4f}"
