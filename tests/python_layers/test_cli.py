@@ -114,8 +114,24 @@ def test_resume_after_a_kill_gives_the_same_results(tmp_path):
     assert wa["run"]["history"] == wb["run"]["history"]  # every epoch's loss and accuracy, exactly
 
 
-def test_resume_errors(tmp_path):
-    assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume", *TINY]) == 2
+def test_resume_without_a_checkpoint_starts_the_run_from_its_config(tmp_path, capsys):
+    # no checkpoint and no config anywhere: a clear error
+    assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint.pt" in err and "--config" in err
+    # a config on the command line: the run starts and ends as a plain start does
+    assert cli.main(["train", "--out", str(tmp_path / "fresh"), *TINY]) == 0
+    assert cli.main(["train", "--out", str(tmp_path / "started"), "--resume", *TINY]) == 0
+    assert "holds no checkpoint.pt yet; starting the run" in capsys.readouterr().out
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    started = json.loads((tmp_path / "started" / "results.json").read_text())
+    assert _comparable(started) == _comparable(fresh)
+    # a run killed before its first checkpoint holds only config.yaml: --resume alone starts it from that
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.yaml").write_text((tmp_path / "fresh" / "config.yaml").read_text())
+    assert cli.main(["train", "--out", str(early), "--resume"]) == 0
+    assert _comparable(json.loads((early / "results.json").read_text())) == _comparable(fresh)
 
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):

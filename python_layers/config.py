@@ -1,0 +1,215 @@
+"""The experiment config of ``eidetic train``: one schema, read from a YAML file and ``key=value`` overrides.
+
+``Config`` is the schema: every key with its type, default and help text (``eidetic --help`` prints it through
+``keys_help``). ``load_config`` merges the schema's defaults, the file and the overrides with OmegaConf (types
+checked and converted on merge), applies each key's range check and returns a plain dict, the form the run, its
+``config.yaml`` and its checkpoints hold. Every problem is a ``ConfigError`` naming the key.
+"""
+import dataclasses
+import json
+import re
+import textwrap
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Literal, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+__all__ = ["Config", "ConfigError", "OPTIONS", "KEYS", "RESUME_MAY_CHANGE", "default_config", "load_config",
+           "parse_overrides", "keys_help"]
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+def _key(default, help: str, check: Optional[tuple[str, Callable]] = None):
+    """A schema field: ``default``, ``help`` (shown by ``eidetic --help``) and an optional range check
+    ``(words, predicate)``: a value for which ``predicate`` is false is the ConfigError "KEY must be WORDS, got
+    VALUE" (None, where the key allows it, is not checked)."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
+
+
+_AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
+_NON_EMPTY = ("a non-empty list of integers", lambda v: len(v) > 0)
+
+
+@dataclass
+class Config:
+    """Every config key of ``eidetic train`` (a YAML mapping of these keys, or ``key=value`` overrides)."""
+
+    scenario: Literal["permuted_mnist", "split_mnist", "split_cifar10", "split_cifar100", "synthetic"] = _key(
+        "split_mnist",
+        "the task sequence: permuted_mnist (task 0 unpermuted), split_mnist (5 x 2 digits), split_cifar10 "
+        "(5 x 2 classes), split_cifar100 (100/classes_per_task tasks), synthetic (tiny Gaussian clusters, for tests)")
+    tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them)")
+    classes_per_task: Optional[int] = _key(None, "classes per task of the split scenarios (default 2; "
+                                                 "split_cifar100: 10)")
+    train_samples_per_task: Optional[int] = _key(
+        None, "keep a fixed, seeded subset of each task's training set (quick runs; default: all)")
+    test_samples_per_task: Optional[int] = _key(None, "the same for each task's test set (default: all)")
+    augment: bool = _key(False, "random 4-pixel crop + horizontal flip of training images (CIFAR)")
+    data_root: Optional[str] = _key(
+        None, "folder searched first for the data files (then $EIDETIC_DATA, then ../shared/data)")
+    model: Literal["mlp", "convnet", "resnet"] = _key(
+        "mlp",
+        "the body: mlp (Flatten, Linear-ReLU-Dropout per width), convnet (Conv3x3-BN-ReLU-MaxPool per width but the "
+        "last, then Linear(last width)), resnet (CIFAR ResNet, projection skip in every block)")
+    widths: Optional[List[int]] = _key(
+        None,
+        "layer widths: mlp hidden widths (default [400, 400]); convnet conv channels then the fully connected width "
+        "(default [32, 64, 256]); resnet channels per stage (default [64, 128, 256, 512])", _NON_EMPTY)
+    blocks: Optional[List[int]] = _key(None, "resnet: basic blocks per stage (default 2 each, ResNet-18)",
+                                       _NON_EMPTY)
+    dropout: float = _key(0.0, "dropout probability after each hidden layer (0: none)",
+                          ("in [0, 1)", lambda v: 0 <= v < 1))
+    forward_transfer: bool = _key(
+        True, "new tasks may read the frozen neurons of earlier tasks (false: disjoint subnetworks)")
+    pruning: Literal["l1", "l2", "taylor", "none"] = _key(
+        "l2",
+        "neuron importance for iterative pruning: l1 / l2 (norm of incoming weights) or taylor (first-order Taylor "
+        "score from the backward passes); none: no pruning, every free neuron freezes for the task")
+    step: float = _key(0.05, "share of the task's free neurons pruned per pruning step, in every layer",
+                       ("in (0, 1]", lambda v: 0 < v <= 1))
+    stop_threshold: float = _key(
+        0.01, "stop pruning once training accuracy stays more than this (absolute, 0.01 = 1 point) below the best")
+    max_epochs: int = _key(50, "cap on training epochs per task before pruning", _AT_LEAST_ONE)
+    patience: int = _key(5, "stop training a task after this many epochs without a better training accuracy",
+                         _AT_LEAST_ONE)
+    recovery_epochs: int = _key(5, "cap on recovery epochs after each pruning step", _AT_LEAST_ONE)
+    max_prune_steps: Optional[int] = _key(None, "cap on pruning steps per task (default: until nothing is left)")
+    lr: float = _key(1e-3, "AdamW learning rate (a fresh optimizer per task)")
+    weight_decay: float = _key(0.01, "AdamW weight decay")
+    batch_size: int = _key(256, "training batch size", _AT_LEAST_ONE)
+    eval_batch_size: int = _key(1000, "batch size for test-set evaluation", _AT_LEAST_ONE)
+    seed: int = _key(0, "seeds the weights, the batch order, dropout and the permutations")
+    device: str = _key("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    threads: Optional[int] = _key(None, "torch CPU threads (default: torch's choice)")
+    router: Literal["learned", "entropy", "none"] = _key(
+        "learned",
+        "task routing for the no-task-id accuracy: learned (a task classifier on the body's features, fitted after "
+        "every task on router_samples_per_task training inputs of each finished task), entropy (the head with the "
+        "least normalised entropy), none")
+    router_samples_per_task: int = _key(2000, "training inputs per finished task for the learned router",
+                                        _AT_LEAST_ONE)
+    router_epochs: int = _key(30, "epochs of the learned router's training", _AT_LEAST_ONE)
+    eval_every_epoch: bool = _key(
+        True, "measure the task in training on its test set after every epoch (for the task-accuracy figure)")
+    progress: bool = _key(True, "progress bars while training")
+
+
+OPTIONS = dataclasses.fields(Config)  # the schema's fields in order: .name, .type, .default, .metadata["help"]
+KEYS = tuple(f.name for f in OPTIONS)
+_FIELD = {f.name: f for f in OPTIONS}
+# keys that may change on --resume without changing the results
+RESUME_MAY_CHANGE = frozenset({"progress", "device", "threads", "data_root"})
+
+
+def default_config() -> dict:
+    """Every key with its default, as a plain dict."""
+    return OmegaConf.to_container(OmegaConf.structured(Config))
+
+
+def parse_overrides(pairs) -> dict:
+    """``["lr=2e-4", "widths=[100,100]", "tasks="]`` -> ``{"lr": 0.0002, "widths": [100, 100], "tasks": None}``.
+
+    Values are YAML (OmegaConf's dotlist); an empty value is null. Raises ConfigError for a pair without ``=``
+    and for an unknown key. Types are checked by ``load_config``.
+    """
+    pairs = list(pairs or [])
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value (e.g. lr=2e-4 or widths=[100,100])")
+        key = pair.split("=", 1)[0].strip()
+        if key not in _FIELD:
+            raise ConfigError(f"unknown config key {key!r} in override {pair!r}; valid keys: {', '.join(KEYS)}")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([p.strip() for p in pairs]))
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(f"overrides {' '.join(pairs)}: {exc}") from None
+
+
+def load_config(path=None, overrides=None) -> dict:
+    """The config of a run: the schema's defaults, then the YAML file at ``path`` (if any), then ``overrides``
+    (a dict, e.g. from ``parse_overrides``). Returns a plain dict of every key.
+
+    Raises ConfigError for a missing or unreadable file, a file that is not a mapping, an unknown key, a value of
+    the wrong type, a value outside its choices or its range.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge(cfg, _read(Path(path)), f" (in {path})")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.create(dict(overrides)), "")
+    try:
+        out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config key {exc.full_key}: {exc.msg}") from None
+    for key, value in out.items():
+        check = _FIELD[key].metadata["check"]
+        if check is not None and value is not None and not check[1](value):
+            raise ConfigError(f"{key} must be {check[0]}, got {value}")
+    return out
+
+
+def _read(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, DictConfig):
+        found = type(OmegaConf.to_container(loaded)).__name__
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {found}")
+    return loaded
+
+
+def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
+    # every unknown key at once, with the valid ones (OmegaConf would name only the first)
+    unknown = sorted(str(k) for k in source if k not in _FIELD)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}{where}; valid keys: {', '.join(KEYS)} "
+                          "(see eidetic --help)")
+    try:
+        return OmegaConf.merge(cfg, source)
+    except ValidationError as exc:
+        key = re.split(r"[.\[]", str(exc.full_key or ""))[0]
+        if key not in _FIELD:
+            raise ConfigError(f"config{where}: {exc.msg}") from None
+        raise ConfigError(_type_error(_FIELD[key], OmegaConf.to_container(source)[key]) + where) from None
+
+
+def _type_error(field: dataclasses.Field, value) -> str:
+    kind, optional = _unwrap_optional(field.type)
+    if value is None and not optional:
+        return f"{field.name} may not be empty (null); default is {field.default!r}"
+    if typing.get_origin(kind) is Literal:
+        return f"{field.name} must be one of {', '.join(typing.get_args(kind))}; got {value!r}"
+    return f"{field.name} must be {_kind_words(kind)}, got {value!r}"
+
+
+def _unwrap_optional(kind) -> tuple[object, bool]:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
+def _kind_words(kind) -> str:
+    if typing.get_origin(kind) in (list, List):
+        return "a list of integers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def keys_help(width: int = 110) -> str:
+    """The config keys for ``eidetic --help``: name, default and help text of every field of ``Config``."""
+    lines = ["config keys (in FILE.yaml, or as key=value overrides on the command line; overrides win):"]
+    for f in OPTIONS:
+        default = "unset" if f.default is None else json.dumps(f.default)
+        lines.append(f"  {f.name} (default {default})")
+        lines.append(textwrap.fill(f.metadata["help"], width, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
