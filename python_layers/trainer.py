@@ -378,7 +378,8 @@ def _check_optimizer(model, optimizer, task) -> None:
 def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float = 0.05,
                stop_threshold: float = 0.01, max_epochs: int = 50, patience: int = 5, recovery_epochs: int = 5,
                progress: bool = True, device=None, max_prune_steps: int | None = None, callback=None,
-               resume_state: dict | None = None, distributed: bool = False) -> list[dict]:
+               resume_state: dict | None = None, distributed: bool = False,
+               prune_lr_factor: float = 1.0) -> list[dict]:
     """Train, prune, freeze and recycle the current task of ``model`` (an ``EideticNetwork``).
 
     Many processes (``torchrun``): pass the network wrapped in ``DistributedDataParallel``, or the network
@@ -392,6 +393,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     parameters (a fresh one per task, or one reused: its state for storage that shrank is dropped).
     ``pruning`` is "l1", "l2", "taylor" or None (no pruning: every FREE neuron freezes for the task).
     ``max_prune_steps`` caps the pruning steps (default: enough to exhaust every group).
+    ``prune_lr_factor`` multiplies the optimizer's learning rates once, when pruning starts (the paper's
+    Permuted MNIST setting halves it then, Section 4); 1.0 leaves them. Raises ValueError outside (0, 1].
 
     Returns the history: one dict per epoch with ``task``, ``phase`` ("train", "recover"), ``epoch``
     (1-based, counted over the whole call), ``step`` (pruning step, 0 while training), ``loss``,
@@ -416,6 +419,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     if task is None:
         raise ValueError("no task is prepared: call model.prepare_for_task(t, num_classes) before train_task")
     _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs)
+    if not (isinstance(prune_lr_factor, (int, float)) and 0 < prune_lr_factor <= 1):
+        raise ValueError(f"prune_lr_factor must be in (0, 1], got {prune_lr_factor!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     _check_optimizer(model, optimizer, task)
     try:
@@ -428,6 +433,7 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     _check_batch_of_one(model, loader, device, _batch_norms(model))
     run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
                    callback, distributed)
+    run.prune_lr_factor = float(prune_lr_factor)
     try:
         if resume_state is None:
             run.train(max_epochs, patience)  # step 1
@@ -470,6 +476,8 @@ class _TaskRun:
         self.steps_done = 0
         self.task_free = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
         self.stop_reason = "no pruning"
+        self.prune_lr_factor = 1.0
+        self.lr_scaled = False  # the learning rates were multiplied by prune_lr_factor (once per task)
 
     # ----- one epoch, and checkpoints --------------------------------------------------------------------
     def epoch(self, phase: str, prune_step: int, desc: str) -> tuple[float, float]:
@@ -497,7 +505,7 @@ class _TaskRun:
             return
         state = dict(version=1, task=self.task, pruning=self.method, step_share=self.step, steps_done=self.steps_done,
                      epochs=self.epochs, best_acc=self.best_acc, kept_loss=self.kept_loss, kept_acc=self.kept_acc,
-                     task_free=dict(self.task_free),
+                     task_free=dict(self.task_free), lr_scaled=self.lr_scaled,
                      taylor=[layer.taylor_score.clone() for layer in self.taylor_layers])
         self.callback({"event": "prune_step", "step": self.steps_done, "trainer_state": state, "record": None})
 
@@ -510,6 +518,7 @@ class _TaskRun:
                              f"(it used pruning={state['pruning']!r}, step={state['step_share']!r})")
         self.steps_done, self.epochs, self.best_acc = state["steps_done"], state["epochs"], state["best_acc"]
         self.kept_loss, self.kept_acc, self.task_free = state["kept_loss"], state["kept_acc"], dict(state["task_free"])
+        self.lr_scaled = bool(state.get("lr_scaled", False))  # a resumed optimizer already holds scaled rates
         for layer, score in zip(self.taylor_layers, state["taylor"]):
             layer.taylor_score.copy_(score)
 
@@ -536,7 +545,11 @@ class _TaskRun:
         cap = sum(max(0, n - 1) for n in self.task_free.values())
         if max_prune_steps is not None:
             cap = min(cap, int(max_prune_steps))
-        last_good = snapshot(self.model, self.optimizer)
+        if not self.lr_scaled and self.prune_lr_factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.prune_lr_factor
+        self.lr_scaled = True
+        last_good = snapshot(self.model, self.optimizer)  # after the scaling: a restore keeps the pruning rate
         for s in range(self.steps_done + 1, cap + 1):
             decide = dist_mod.broadcast_object if self.distributed else None  # rank 0 chooses for everyone
             if not pruning_mod.prune_step(self.groups, self.method, self.step, self.task_free, decide):

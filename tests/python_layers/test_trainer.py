@@ -291,3 +291,18 @@ def test_tracing_the_graph_from_a_batch_draws_no_randomness(tasks):
     assert x.shape[1:] == (1, 8, 8)
     assert torch.equal(loader.state_dict()["generator"], before_loader)
     assert torch.equal(torch.random.get_rng_state(), before_torch)
+
+
+def test_learning_rate_is_scaled_once_when_pruning_starts(tasks):
+    """prune_lr_factor: the rates halve when pruning starts, once, also through restores and a resume."""
+    model, optimizer = new_model()
+    states = []
+    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=0.0, max_epochs=2, patience=1,
+                     recovery_epochs=1, progress=False, prune_lr_factor=0.5,
+                     callback=lambda e: states.append(e.get("trainer_state")))
+    assert [g["lr"] for g in optimizer.param_groups] == [LR * 0.5] * len(optimizer.param_groups)
+    saved = [s for s in states if s is not None]
+    assert saved[0]["lr_scaled"] is False and all(s["lr_scaled"] for s in saved[1:])
+    with pytest.raises(ValueError, match="prune_lr_factor"):
+        model2, opt2 = new_model()
+        model2.train_task(tasks[0][0], opt2, prune_lr_factor=0.0, progress=False)
