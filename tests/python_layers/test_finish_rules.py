@@ -178,6 +178,30 @@ def expect_resnet(model):
     assert features_of(model) == [(out, 16, 1)]
 
 
+class BottleneckBody(nn.Module):
+    """A stem and one bottleneck block of python_layers.models (1x1 -> 3x3 -> 1x1, projection skip)."""
+
+    def __init__(self):
+        super().__init__()
+        from python_layers.models import BottleneckBlock
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.block = BottleneckBlock(8, 4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.block(torch.relu(self.stem_bn(self.stem(x))))).flatten(1)
+
+
+def expect_bottleneck(model):
+    out = fs("block.conv3", "block.bn3", "block.shortcut_conv", "block.shortcut_bn")
+    assert groups_of(model) == {fs("stem", "stem_bn"), fs("block.conv1", "block.bn1"),
+                                fs("block.conv2", "block.bn2"), out}
+    assert reads(model, "body.block.shortcut_conv") == [(fs("stem", "stem_bn"), 8, 1)]
+    assert reads(model, "body.block.conv3") == [(fs("block.conv2", "block.bn2"), 4, 1)]
+    assert features_of(model) == [(out, 16, 1)]
+
+
 def expect_cat(model):
     assert groups_of(model) == {fs("fc1"), fs("fc2")}
     assert reads(model, "body.fc2") == [(fs("fc1"), 12, 1), (fs("fc1"), 12, 1)]
@@ -209,6 +233,7 @@ CASES = {
     "mlp": (mlp_body, (1, 8, 8), 16, True, expect_mlp, ()),
     "cnn_bn_pool": (cnn_body, (1, 8, 8), 16, True, expect_cnn, (conv,)),
     "resnet": (ResNetBody, (1, 8, 8), 16, True, expect_resnet, (conv,)),
+    "bottleneck": (BottleneckBody, (1, 8, 8), 16, True, expect_bottleneck, (conv,)),
     "cat": (CatBody, (1, 8, 8), 16, True, expect_cat, ()),
     "input_bn1d": (InputBN1dBody, (16,), 16, True, expect_input_bn1d, ()),
     "input_bn2d": (InputBN2dBody, (3, 8, 8), 16, True, expect_input_bn2d, (conv,)),
