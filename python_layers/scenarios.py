@@ -48,7 +48,7 @@ import torch
 from eidetic_kernels.cpp import cache_root
 
 __all__ = ["DataNotFoundError", "ImageSet", "TaskData", "Scenario", "InMemoryLoader", "build_scenario",
-           "data_roots", "find_data_file", "load_mnist", "load_cifar10", "load_cifar100", "SCENARIOS",
+           "data_roots", "find_data_file", "load_mnist", "load_cifar10", "load_cifar100", "load_imagenette", "SCENARIOS",
            "MNIST_MEAN", "MNIST_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD"]
 
 DATA_ENV = "EIDETIC_DATA"
@@ -57,6 +57,9 @@ DATA_ENV = "EIDETIC_DATA"
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENETTE_FOLDERS = ("imagenette2-160", "imagenette2-320", "imagenette2", "imagenette")
+IMAGENETTE_SIZE = 64  # pixels per side after resizing (shorter side) and centre cropping
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -291,6 +294,61 @@ def load_cifar100(split: str, data_root=None) -> tuple[torch.Tensor, torch.Tenso
                                 "the pickles 'train' and 'test')")
     x, y = _pickled_images(_unpickle(path), path, b"fine_labels")
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _decode_image_folder(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every ``<class>/<file>`` image under ``folder`` (class folders sorted: label = position), resized so the
+    shorter side is ``size`` and centre-cropped to ``size`` x ``size``: (uint8 [N, 3, size, size], int64 [N])."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - pillow is a dev dependency
+        raise ImportError("decoding Imagenette needs Pillow: pip install pillow") from exc
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    files = [(c, f) for c in classes for f in sorted((folder / c).iterdir())
+             if f.suffix.lower() in (".jpeg", ".jpg", ".png")]
+    if not files:
+        raise DataNotFoundError(f"{folder}: no <class>/*.JPEG images inside (the Imagenette layout is "
+                                "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
+    x = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    y = np.empty(len(files), dtype=np.int64)
+    for k, (c, f) in enumerate(files):
+        img = Image.open(f).convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        x[k] = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1)
+        y[k] = classes.index(c)
+    return x, y, classes
+
+
+def load_imagenette(split: str, data_root=None, size: int = IMAGENETTE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Imagenette ``split`` ("train", or "test" = its ``val`` folder) as (uint8 [N, 3, size, size], int64 [N]).
+
+    Reads the class-folder layout of the official archives (``imagenette2-160/{train,val}/<wnid>/*.JPEG``; also
+    ``imagenette2-320``, ``imagenette2``, ``imagenette``), decoded once and cached as ``.npy`` under the cache
+    folder. Raises DataNotFoundError naming the folders looked for when none is there.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = find_data_file(IMAGENETTE_FOLDERS, ["imagenette"], "Imagenette (class folders train/ and val/)",
+                          data_root, is_dir=True)
+    folder = root / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise DataNotFoundError(f"Imagenette {split}: {folder} is missing (the archive holds train/ and val/)")
+    count = sum(1 for c in folder.iterdir() if c.is_dir() for _ in c.iterdir())
+    key = hashlib.sha1(f"{folder.resolve()}:{count}:{size}".encode()).hexdigest()[:12]
+    cache = _cache_dir() / f"imagenette_{key}"
+    px, py = cache / "x.npy", cache / "y.npy"
+    if not (px.is_file() and py.is_file()):
+        x, y, _ = _decode_image_folder(folder, size)
+        cache.mkdir(parents=True, exist_ok=True)
+        for arr, p in ((x, px), (y, py)):
+            tmp = p.with_name(p.name + f".tmp{os.getpid()}.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, p)  # atomic: a concurrent reader never sees half a file
+    return torch.from_numpy(np.load(px)), torch.from_numpy(np.load(py))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,6 +595,16 @@ def split_cifar100(num_tasks=None, seed=0, data_root=None, classes_per_task=10, 
     return Scenario("split_cifar100", tasks, (3, 32, 32), "CIFAR-100")
 
 
+def split_imagenette(num_tasks=5, seed=0, data_root=None, classes_per_task=2, **_) -> Scenario:
+    x_tr, y_tr = load_imagenette("train", data_root)
+    x_te, y_te = load_imagenette("test", data_root)
+    cpt = int(classes_per_task or 2)
+    num_tasks = _check_num_tasks("split_imagenette", num_tasks, 10 // cpt)
+    tasks = _split_tasks("split Imagenette", x_tr, y_tr, x_te, y_te, IMAGENET_MEAN, IMAGENET_STD, cpt, num_tasks,
+                         10 // cpt)
+    return Scenario("split_imagenette", tasks, (3, IMAGENETTE_SIZE, IMAGENETTE_SIZE), "Imagenette")
+
+
 def synthetic(num_tasks=3, seed=0, classes_per_task=2, train_per_class=96, test_per_class=48, **_) -> Scenario:
     """Gaussian clusters drawn from the seed, quantised to uint8 1x8x8 images: easy, tiny, for tests."""
     g = torch.Generator().manual_seed(10_007 + seed)
@@ -555,9 +623,9 @@ def synthetic(num_tasks=3, seed=0, classes_per_task=2, train_per_class=96, test_
 
 
 SCENARIOS = {"permuted_mnist": permuted_mnist, "split_mnist": split_mnist, "split_cifar10": split_cifar10,
-             "split_cifar100": split_cifar100, "synthetic": synthetic}
+             "split_cifar100": split_cifar100, "split_imagenette": split_imagenette, "synthetic": synthetic}
 _ALIASES = {"pmnist": "permuted_mnist", "smnist": "split_mnist", "cifar10": "split_cifar10",
-            "cifar100": "split_cifar100"}
+            "cifar100": "split_cifar100", "imagenette": "split_imagenette"}
 
 
 def build_scenario(name: str, num_tasks: int | None = None, seed: int = 0, data_root=None,

@@ -300,3 +300,41 @@ def test_on_epoch_end_runs_after_the_last_batch_of_full_passes_only():
     per_epoch = len(loader)
     assert events == (["batch"] * per_epoch + [("end", 1)]) + (["batch"] * per_epoch + [("end", 2)])
     assert loader.state_dict()["epochs_completed"] == 2
+
+
+def _write_imagenette(root, per_class=2):
+    """A tiny imagenette2-160 tree: 10 wnid folders per split, flat-colour JPEGs of odd sizes."""
+    from PIL import Image
+    colors = {}
+    for split, n in (("train", per_class), ("val", 1)):
+        for c in range(10):
+            folder = root / "imagenette2-160" / split / f"n0{c:07d}"
+            folder.mkdir(parents=True)
+            for k in range(n):
+                color = (20 * c + 5, 200 - 15 * c, 30 + 7 * k)
+                Image.new("RGB", (90 + 10 * k, 70), color).save(folder / f"img{k}.JPEG", quality=95)
+                colors[(split, c, k)] = color
+    return colors
+
+
+def test_imagenette_class_folders_decoded_resized_and_cached(data_dir, tmp_path, monkeypatch):
+    (data_dir / "imagenette").mkdir()
+    colors = _write_imagenette(data_dir / "imagenette")
+    x, y = sc.load_imagenette("train")
+    size = sc.IMAGENETTE_SIZE
+    assert x.shape == (20, 3, size, size) and x.dtype == torch.uint8
+    assert y.tolist() == [c for c in range(10) for _ in range(2)]  # wnid folders sorted = labels
+    for i, (c, k) in enumerate((c, k) for c in range(10) for k in range(2)):
+        color = torch.tensor(colors[("train", c, k)]).view(3, 1, 1).float()
+        assert (x[i].float() - color).abs().max() <= 6
+    scenario = sc.build_scenario("split_imagenette", 5)
+    assert scenario.input_shape == (3, size, size) and scenario.num_tasks == 5
+    assert len(scenario.tasks[0].test) == 2  # val: one image per class, two classes per task
+    monkeypatch.setattr(sc, "_decode_image_folder", lambda *_: (_ for _ in ()).throw(AssertionError("cached")))
+    x2, _ = sc.load_imagenette("train")
+    assert torch.equal(x, x2)
+
+
+def test_imagenette_missing_names_the_folders(data_dir):
+    with pytest.raises(sc.DataNotFoundError, match="imagenette2-160 or imagenette2-320"):
+        sc.load_imagenette("train")
