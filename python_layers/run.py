@@ -166,6 +166,9 @@ def baseline_accuracy(model, scenario, batch_size: int, device, seed: int) -> li
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
 class Run:
     """One ``eidetic train`` run: its config, RUN_DIR, model and records; checkpoints and resume."""
 
@@ -427,7 +430,10 @@ class Run:
             kwargs["generator"] = torch.Generator().manual_seed(cfg["seed"] * 1000 + 800 + t)
         if "epochs" in params:
             kwargs["epochs"] = cfg["router_epochs"]
-        routing.fit_router(self.model, loaders, **kwargs)
+        # the router's initial weights draw from the run's RNG: forked, so the tasks after it train on the same
+        # random numbers whatever the router's size
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            routing.fit_router(self.model, loaders, **kwargs)
         if self.distributed:  # every process fits the same router; rank 0's copy is the one all keep
             dist_mod.broadcast_state(self.model.router)
 
