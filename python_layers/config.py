@@ -41,10 +41,12 @@ _NON_EMPTY = ("a non-empty list of integers", lambda v: len(v) > 0)
 class Config:
     """Every config key of ``eidetic train`` (a YAML mapping of these keys, or ``key=value`` overrides)."""
 
-    scenario: Literal["permuted_mnist", "split_mnist", "split_cifar10", "split_cifar100", "synthetic"] = _key(
+    scenario: Literal["permuted_mnist", "split_mnist", "split_cifar10", "split_cifar100", "split_imagenette",
+                      "synthetic"] = _key(
         "split_mnist",
         "the task sequence: permuted_mnist (task 0 unpermuted), split_mnist (5 x 2 digits), split_cifar10 "
-        "(5 x 2 classes), split_cifar100 (100/classes_per_task tasks), synthetic (tiny Gaussian clusters, for tests)")
+        "(5 x 2 classes), split_cifar100 (100/classes_per_task tasks), split_imagenette (5 x 2 classes, 64x64), "
+        "synthetic (tiny Gaussian clusters, for tests)")
     tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them)")
     classes_per_task: Optional[int] = _key(None, "classes per task of the split scenarios (default 2; "
                                                  "split_cifar100: 10)")
@@ -54,16 +56,17 @@ class Config:
     augment: bool = _key(False, "random 4-pixel crop + horizontal flip of training images (CIFAR)")
     data_root: Optional[str] = _key(
         None, "folder searched first for the data files (then $EIDETIC_DATA, then ../shared/data)")
-    model: Literal["mlp", "convnet", "resnet"] = _key(
+    model: Literal["mlp", "convnet", "resnet", "resnet50"] = _key(
         "mlp",
         "the body: mlp (Flatten, Linear-ReLU-Dropout per width), convnet (Conv3x3-BN-ReLU-MaxPool per width but the "
-        "last, then Linear(last width)), resnet (CIFAR ResNet, projection skip in every block)")
+        "last, then Linear(last width)), resnet (CIFAR ResNet, basic blocks, projection skip in every block), "
+        "resnet50 (CIFAR ResNet, bottleneck blocks, projection skip in every block)")
     widths: Optional[List[int]] = _key(
         None,
         "layer widths: mlp hidden widths (default [400, 400]); convnet conv channels then the fully connected width "
         "(default [32, 64, 256]); resnet channels per stage (default [64, 128, 256, 512])", _NON_EMPTY)
-    blocks: Optional[List[int]] = _key(None, "resnet: basic blocks per stage (default 2 each, ResNet-18)",
-                                       _NON_EMPTY)
+    blocks: Optional[List[int]] = _key(None, "resnet: basic blocks per stage (default 2 each, ResNet-18); resnet50: "
+                                             "bottleneck blocks per stage (default [3, 4, 6, 3])", _NON_EMPTY)
     dropout: float = _key(0.0, "dropout probability after each hidden layer (0: none)",
                           ("in [0, 1)", lambda v: 0 <= v < 1))
     forward_transfer: bool = _key(
@@ -81,8 +84,14 @@ class Config:
                          _AT_LEAST_ONE)
     recovery_epochs: int = _key(5, "cap on recovery epochs after each pruning step", _AT_LEAST_ONE)
     max_prune_steps: Optional[int] = _key(None, "cap on pruning steps per task (default: until nothing is left)")
-    lr: float = _key(1e-3, "AdamW learning rate (a fresh optimizer per task)")
-    weight_decay: float = _key(0.01, "AdamW weight decay")
+    optimizer: Literal["adamw", "adam"] = _key(
+        "adamw", "the optimizer, a fresh one per task: adamw (decoupled weight decay) or adam (weight decay added "
+                 "to the gradient, as torch.optim.Adam)")
+    lr: float = _key(1e-3, "learning rate", ("> 0", lambda v: v > 0))
+    prune_lr_factor: float = _key(
+        1.0, "multiplies the learning rate once, when a task's pruning starts (the paper's Permuted MNIST setting "
+             "halves it: 0.5)", ("in (0, 1]", lambda v: 0 < v <= 1))
+    weight_decay: float = _key(0.01, "weight decay of the optimizer (0: none)", (">= 0", lambda v: v >= 0))
     batch_size: int = _key(256, "training batch size", _AT_LEAST_ONE)
     eval_batch_size: int = _key(1000, "batch size for test-set evaluation", _AT_LEAST_ONE)
     seed: int = _key(0, "seeds the weights, the batch order, dropout and the permutations")

@@ -1,6 +1,6 @@
 """One ``eidetic train`` run: train a scenario's tasks in order, measure, checkpoint, resume, write the outputs.
 
-A run trains the scenario's tasks in order with a fresh AdamW per task, measures after every task the test
+A run trains the scenario's tasks in order with a fresh optimizer per task (AdamW, or Adam), measures after every task the test
 accuracy of every task so far (with the true task id, and through the router without it), and writes into
 RUN_DIR:
 
@@ -226,8 +226,9 @@ class Run:
                               on_epoch_end=on_epoch_end)
 
     def _optimizer(self):
-        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg["lr"],
-                                 weight_decay=self.cfg["weight_decay"])
+        cls = torch.optim.Adam if self.cfg["optimizer"] == "adam" else torch.optim.AdamW
+        return cls([p for p in self.model.parameters() if p.requires_grad], lr=self.cfg["lr"],
+                   weight_decay=self.cfg["weight_decay"])
 
     # ----- checkpoints -----------------------------------------------------------------------------------------
     def _model_state(self):
@@ -351,6 +352,8 @@ class Run:
                       device=self.device)
         if self.distributed:
             kwargs["distributed"] = True
+        if cfg["prune_lr_factor"] != 1.0:
+            kwargs["prune_lr_factor"] = cfg["prune_lr_factor"]
         if cfg["max_prune_steps"] is not None:
             kwargs["max_prune_steps"] = cfg["max_prune_steps"]
         seen_epochs = {r["epoch"] for r in state["history"] if r.get("task") == t and r.get("phase") in

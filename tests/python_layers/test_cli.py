@@ -195,3 +195,17 @@ def test_conv_bodies_run_through_the_cli(tmp_path, model, extra):
     assert cli.main(args) == 0
     results = json.loads((tmp_path / model / "results.json").read_text())
     assert results["bwt"] == 0 and not math.isnan(results["acc"])
+
+
+def test_adam_and_prune_lr_factor_reach_the_trainer(tmp_path, monkeypatch):
+    from python_layers import trainer
+    seen = []
+    real = trainer.train_task
+
+    def spy(model, loader, optimizer, **kwargs):
+        seen.append((type(optimizer).__name__, kwargs.get("prune_lr_factor", 1.0)))
+        return real(model, loader, optimizer, **kwargs)
+    monkeypatch.setattr(trainer, "train_task", spy)
+    out = tmp_path / "adam"
+    assert cli.main(["train", "--out", str(out), *TINY, "tasks=1", "optimizer=adam", "prune_lr_factor=0.5"]) == 0
+    assert seen == [("Adam", 0.5)]

@@ -1,6 +1,9 @@
 """The config schema of `eidetic train`: defaults, types, choices and ranges, error messages that name the key,
 and the help text generated from the schema."""
+from pathlib import Path
+
 import pytest
+import torch
 import yaml
 
 from python_layers import config
@@ -109,3 +112,43 @@ def test_override_syntax():
     with pytest.raises(ConfigError, match="unknown config key 'lr.x'"):
         parse_overrides(["lr.x=1"])
 
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_builds_its_body(path):
+    from python_layers.models import build_body
+    cfg = load_config(path)
+    shape = {"permuted_mnist": (1, 28, 28), "split_mnist": (1, 28, 28), "split_cifar10": (3, 32, 32),
+             "split_cifar100": (3, 32, 32), "split_imagenette": (3, 64, 64), "synthetic": (1, 8, 8)}[cfg["scenario"]]
+    with torch.device("meta"):  # shapes only: no memory for the big paper networks
+        body, feature_dim = build_body(cfg["model"], shape, cfg["widths"], cfg["dropout"], cfg["blocks"])
+    assert feature_dim > 0 and sum(p.numel() for p in body.parameters()) > 0
+
+
+def test_paper_configs_follow_the_paper():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    pmnist = load_config(root / "pmnist_paper.yaml")
+    assert (pmnist["optimizer"], pmnist["weight_decay"], pmnist["widths"], pmnist["dropout"]) == ("adam", 0.0,
+                                                                                               [2000, 2000], 0.1)
+    assert (pmnist["batch_size"], pmnist["pruning"], pmnist["step"], pmnist["stop_threshold"]) == (256, "taylor",
+                                                                                                 0.05, 0.001)
+    assert (pmnist["patience"], pmnist["recovery_epochs"], pmnist["lr"], pmnist["prune_lr_factor"]) == (10, 5, 2e-4,
+                                                                                                      0.5)
+    cifar = load_config(root / "split_cifar100_resnet.yaml")
+    assert (cifar["model"], cifar["tasks"], cifar["batch_size"], cifar["lr"], cifar["pruning"]) == (
+        "resnet50", 5, 256, 1e-4, "l2")
+
+
+@pytest.mark.parametrize("name, files", [("split_cifar100_resnet", "cifar-100-python"),
+                                         ("imagenette_resnet18", "imagenette2-160")])
+def test_paper_configs_without_their_data_name_the_files(name, files, tmp_path, monkeypatch):
+    from python_layers import scenarios
+    from python_layers.scenarios import DataNotFoundError, build_scenario
+    monkeypatch.setenv("EIDETIC_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(scenarios, "_shared_data_candidates", lambda: [tmp_path / "no-shared"])
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
+    with pytest.raises(DataNotFoundError, match=files):
+        build_scenario(cfg["scenario"], cfg["tasks"], classes_per_task=cfg["classes_per_task"])
