@@ -43,8 +43,8 @@ def _default_cflags() -> str:
 
 CFLAGS = tuple(os.environ.get("EIDETIC_CPP_CFLAGS", _default_cflags()).split())
 # Ops with a C++ implementation; each wins on benchmarks/cpp_bench.py, so each is the CPU default.
-# (linear and conv2d were measured and removed: their ATen matrix products dominate, so fusing the
-# backward epilogues lost or tied, 0.8-1.0x the reference.)
+# (linear and conv2d have none: their ATen matrix products dominate, and fused backward epilogues measure
+# 0.8-1.0x the reference.)
 CPP_OPS = ("batch_norm",)
 
 _lock = threading.Lock()

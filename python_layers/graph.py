@@ -345,7 +345,7 @@ class LayerGraph:
                     for src, count, repeat in items]
 
         inputs = {n: (layer(n), segs(items)) for n, items in spec["inputs"]}
-        # graphs saved before renumbering existed were never renumbered: keep their positions
+        # a spec without the key comes from a first-version checkpoint: that graph keeps its neurons' positions
         blocked = spec.get("renumber_blocked_by", "the checkpoint predates task-major renumbering")
         graph = cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]), renumber_blocked_by=blocked)
         shape = spec.get("input_shape")

@@ -15,7 +15,7 @@ separable in its last layer. Every layer plus a two-hidden-layer MLP reaches 98.
 tasks; ~97.7% with 5), about what an MLP on the raw pixels of those inputs reaches, so the rest is the size of
 the router's data set; each head's confidence (max softmax, entropy) as extra input added nothing.
 
-``TaskRouter`` = a linear layer on the standardised features (the original router) plus, when fitted with
+``TaskRouter`` = a linear layer on the standardised features plus, when fitted with
 ``hidden > 0``, that MLP on the standardised layer activations; their logits add.
 
 ``predict(model, x, router)`` runs the body once in that view and applies every finished head to the same

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole GPU check in one script: the test suite on the Triton backend, then the GPU benchmark
+# (benchmarks/gpu.py), whose CSV and summary go to benchmarks/results/ named with the GPU and the date.
+#
+#   benchmarks/gpu_check.sh            # on a CUDA machine; commit the CSV/.md it writes
+#   benchmarks/gpu_check.sh --quick    # anywhere: the Triton kernel tests under the interpreter on CPU
+#                                      # tensors, then the benchmark's tiny shapes (a smoke run, no numbers)
+#
+# PY (default: .venv/bin/python when it exists, else python) picks the interpreter. Exit status: the first
+# failing step's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+fi
+quick=0
+case "${1:-}" in
+  --quick) quick=1 ;;
+  "") ;;
+  *) echo "usage: benchmarks/gpu_check.sh [--quick]" >&2; exit 2 ;;
+esac
+started=$(date +%s)
+export EIDETIC_BACKEND=triton
+if [ "$quick" = 1 ]; then
+  export TRITON_INTERPRET=1
+  echo "== kernel tests, Triton interpreter (CPU) =="
+  "$PY" -m pytest -q -x tests/kernels -m "triton and not slow" -p no:cacheprovider
+  echo "== benchmark smoke run (tiny shapes) =="
+  "$PY" -m benchmarks.gpu --quick
+else
+  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device here; use --quick for the interpreter smoke run" >&2
+    exit 2
+  fi
+  "$PY" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)"
+  echo "== test suite, EIDETIC_BACKEND=triton =="
+  "$PY" -m pytest -q -x tests -p no:cacheprovider
+  echo "== benchmark =="
+  "$PY" -m benchmarks.gpu --out-dir benchmarks/results
+fi
+echo "gpu_check: done in $(( $(date +%s) - started )) s"
