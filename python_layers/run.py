@@ -111,6 +111,23 @@ def _write_json(path: Path, data) -> None:
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def _my_share(batches):
+    """This process's rows of every batch (all of them in a single process): many processes evaluate a test
+    set together, each a strided 1/N of every batch, and ``_total`` sums their counts."""
+    rank, world = dist_mod.rank(), dist_mod.world_size()
+    for x, y in batches:
+        yield (x, y) if world == 1 else (x[rank::world], y[rank::world])
+
+
+def _total(count: int, device) -> int:
+    """``count`` summed over the processes (the same number on every rank)."""
+    if not dist_mod.active():
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist_mod.all_reduce_sum(t)
+    return int(t)
+
+
 def evaluate(model, data, task: int, batch_size: int, device) -> float:
     """Test accuracy of ``task`` with its true task id (head ``task``)."""
     from .scenarios import InMemoryLoader
@@ -119,11 +136,11 @@ def evaluate(model, data, task: int, batch_size: int, device) -> float:
     model.eval()
     correct = 0
     try:
-        for x, y in InMemoryLoader(data, batch_size, shuffle=False, device=device):
+        for x, y in _my_share(InMemoryLoader(data, batch_size, shuffle=False, device=device)):
             correct += int((model(x, task=task).argmax(-1) == y).sum())
     finally:
         model.train(was_training)
-    return correct / max(1, len(data))
+    return _total(correct, device) / max(1, len(data))
 
 
 @torch.no_grad()
@@ -132,10 +149,10 @@ def evaluate_routed(model, data, task: int, batch_size: int, device, router: str
     from .scenarios import InMemoryLoader
 
     correct = 0
-    for x, y in InMemoryLoader(data, batch_size, shuffle=False, device=device):
+    for x, y in _my_share(InMemoryLoader(data, batch_size, shuffle=False, device=device)):
         tasks, classes = model.predict(x, router=router)
         correct += int(((tasks == task) & (classes == y)).sum())
-    return correct / max(1, len(data))
+    return _total(correct, device) / max(1, len(data))
 
 
 @torch.no_grad()
@@ -152,7 +169,7 @@ def baseline_accuracy(model, scenario, batch_size: int, device, seed: int) -> li
         for task in scenario.tasks:
             head = None
             correct = 0
-            for x, y in InMemoryLoader(task.test, batch_size, shuffle=False, device=device):
+            for x, y in _my_share(InMemoryLoader(task.test, batch_size, shuffle=False, device=device)):
                 f = model.features(x).float()
                 if head is None:
                     bound = 1 / math.sqrt(f.shape[1])
@@ -160,7 +177,7 @@ def baseline_accuracy(model, scenario, batch_size: int, device, seed: int) -> li
                     b = (torch.rand(task.num_classes, generator=g) * 2 - 1) * bound
                     head = (w.to(f.device), b.to(f.device))
                 correct += int(((f @ head[0].T + head[1]).argmax(-1) == y).sum())
-            out.append(correct / max(1, len(task.test)))
+            out.append(_total(correct, device) / max(1, len(task.test)))
     finally:
         model.train(was_training)
     return out
