@@ -78,3 +78,46 @@ def test_compiled_layer_matches_eager(monkeypatch, kind, backend):
         if step == 0:  # a state change between steps: the compiled layer must follow it
             for layer in (eager, twin):
                 layer.unprune_neurons([4])
+
+
+def test_compiled_network_training_step_matches_eager(monkeypatch):
+    """A whole EideticNetwork training step on this backend: the network (forward and backward, one finished
+    task, a FREE/PRUNED mix in training) under torch.compile(fullgraph=True), AdamW with weight decay compiled
+    as torch compiles optimizers (torch.optim graph-breaks around step by design, pytorch#104053): the same loss
+    and parameters as eager within fp32 tolerance."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from python_layers import EideticNetwork
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU())
+    model = EideticNetwork(body, 12).to(DEVICE)
+    model.prepare_for_task(0, 3)
+    x, y = torch.randn(8, 1, 4, 4, device=DEVICE), torch.randint(0, 3, (8,), device=DEVICE)
+    model.train_task([(x, y)], torch.optim.AdamW(model.parameters(), lr=1e-2), pruning="l2", step=0.25,
+                     max_epochs=1, patience=1, recovery_epochs=1, max_prune_steps=1, progress=False)
+    model.prepare_for_task(1, 3)
+    model.body[1].prune_neurons([int((model.body[1].neuron_task == ek.FREE).nonzero()[0])])
+    eager, twin = copy.deepcopy(model), copy.deepcopy(model)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_c = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    step_c = torch.compile(opt_c.step, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        xi = torch.randn(8, 1, 4, 4, generator=g).to(DEVICE)
+        yi = torch.randint(0, 3, (8,), generator=g).to(DEVICE)
+        opt_e.zero_grad()
+        loss_e = F.cross_entropy(eager(xi), yi)
+        loss_e.backward()
+        opt_e.step()
+        opt_c.zero_grad()
+        loss_c = F.cross_entropy(compiled(xi), yi)
+        loss_c.backward()
+        step_c()
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert eager.body[1].last_backend == "triton"
