@@ -173,6 +173,7 @@ def split_mnist_gap(num_tasks: int, samples_per_task: int, width: int = 200):
     return sum(oracle) / num_tasks, sum(routed) / num_tasks
 
 
+@pytest.mark.trains_on_mnist
 def test_split_mnist_3_tasks_routed_within_one_point_of_the_oracle():
     # measured: oracle 0.9943, routed 0.9858 (gap 0.86 points); the linear router on the last layer alone
     # (hidden=0, the former router) routes at 0.9521 here (gap 4.2 points). ~6,000 test images: one point is
@@ -183,6 +184,7 @@ def test_split_mnist_3_tasks_routed_within_one_point_of_the_oracle():
 
 
 @pytest.mark.slow
+@pytest.mark.trains_on_mnist
 def test_split_mnist_5_tasks_routed_close_to_the_oracle():
     # 5 tasks do NOT reach one point: measured oracle 0.9890, routed 0.9663 (gap 2.3 points; the former linear
     # router: 0.8822, gap 10.7). With 5,000 router inputs per task an MLP on the raw pixels tells the 5 digit
