@@ -432,8 +432,7 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
         model.ensure_graph(_peek(loader).to(device))  # the graph is traced from a real batch
     _check_batch_of_one(model, loader, device, _batch_norms(model))
     run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
-                   callback, distributed)
-    run.prune_lr_factor = float(prune_lr_factor)
+                   callback, distributed, float(prune_lr_factor))
     try:
         if resume_state is None:
             run.train(max_epochs, patience)  # step 1
@@ -451,18 +450,16 @@ class _TaskRun:
     """The state of one train_task call: what a checkpoint inside the task must hold."""
 
     def __init__(self, model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress,
-                 device, callback, distributed=False):
+                 device, callback, distributed=False, prune_lr_factor=1.0):
         self.model, self.loader, self.optimizer, self.task = model, loader, optimizer, task
         self.distributed = distributed
         # what a training step runs: a DDP wrapper (built after the task's Parameters exist) or the network
         self.trained = dist_mod.wrap(model) if distributed else model
         if distributed:
             self.loader = dist_mod.shard(loader)
-            self.progress = progress and dist_mod.rank() == 0
+        self.progress = progress and dist_mod.rank() == 0  # rank 0 speaks for every process
         self.method, self.step, self.stop_threshold = pruning, step, stop_threshold
         self.recovery_epochs, self.device, self.callback = recovery_epochs, device, callback
-        if not distributed:
-            self.progress = progress
         self.groups = list(model.groups)
         self.taylor_layers = []
         if pruning == "taylor":
@@ -476,7 +473,7 @@ class _TaskRun:
         self.steps_done = 0
         self.task_free = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
         self.stop_reason = "no pruning"
-        self.prune_lr_factor = 1.0
+        self.prune_lr_factor = prune_lr_factor
         self.lr_scaled = False  # the learning rates were multiplied by prune_lr_factor (once per task)
 
     # ----- one epoch, and checkpoints --------------------------------------------------------------------
