@@ -81,6 +81,34 @@ def write_csv(rows: list[dict], out_dir: Path, prefix: str, machine: str, date: 
     return path
 
 
+def replace_rows(path: Path, rows: list[dict], suite: str, section: str, marker: str) -> None:
+    """Put ``rows`` (suite ``suite``) into the run's CSV at ``path`` in place of that suite's earlier rows, and
+    ``section`` (a markdown table whose first line starts with ``marker``) into its .md in place of the earlier
+    section, leaving every other suite and section as it is."""
+    with open(path, newline="") as f:
+        kept = [r for r in csv.DictReader(f) if r.get("suite") != suite]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in kept + rows:
+            writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) and k in ("value", "min", "iqr")
+                                 else r.get(k, "")) for k in COLUMNS})
+    md = path.with_suffix(".md")
+    if not md.exists():
+        return
+    lines = md.read_text().rstrip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(marker)), None)
+    if start is None:
+        lines += [""] + section.rstrip().splitlines()
+    else:  # the old section: its title, then lines up to the end of its table
+        end, in_table = start + 1, False
+        while end < len(lines) and not (in_table and not lines[end].startswith("|")):
+            in_table |= lines[end].startswith("|")
+            end += 1
+        lines[start:end] = section.rstrip().splitlines()
+    md.write_text("\n".join(lines) + "\n")
+
+
 def _fmt_ratio(x) -> str:
     return "" if x in ("", None) else f"{float(x):.2f}"
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.cpu_report import COLUMNS
+from benchmarks.cpu_report import replace_rows
 from benchmarks.plot import newest_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,23 +71,12 @@ def main(argv=None) -> Path:
                      "provider": "eidetic", "frozen_share": "", "tasks": args.tasks, "dtype": "float32",
                      "backend": "reference", "metric": "samples_per_s", "value": f"{sps:.1f}", "min": "", "iqr": "",
                      "rounds": 1, "ratio_to_nn": round(sps / base, 4), "ratio_to_torch_prune": ""})
-    kept = [r for r in existing if r.get("suite") != "processes"]  # a rerun replaces the rows
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in kept + rows:
-            writer.writerow({k: r.get(k, "") for k in COLUMNS})
     lines = ["Processes (configs/pmnist_small.yaml, training samples per second; ratio to 1 process x 2 threads; "
              "ACC of each run beside):", "", "| layout | samples/s | ratio | ACC |", "|---|---|---|---|"]
     for (processes, threads, sps, results), r in zip(measured, rows):
         lines.append(f"| {r['shape']} | {sps:.0f} | {sps / base:.2f} | {results['acc']:.4f} |")
     table = "\n".join(lines) + "\n"
-    md = path.with_suffix(".md")
-    if md.exists():
-        text = md.read_text()
-        marker = "Processes (configs/pmnist_small.yaml"
-        text = text[:text.index(marker)].rstrip() + "\n\n" if marker in text else text.rstrip() + "\n\n"
-        md.write_text(text + table)
+    replace_rows(path, rows, "processes", table, "Processes (configs/pmnist_small.yaml")  # a rerun replaces them
     print(table)
     print(f"appended {len(rows)} rows to {path}")
     return path

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cpu_report import COLUMNS, tasks_summary
+from benchmarks.cpu_report import replace_rows, tasks_summary
 from benchmarks.plot import newest_csv
 from benchmarks.providers import (TASK_MODELS, backend_of, finished_network, make_optimizer, model_input,
                                   train_step, training_step_bytes)
@@ -106,20 +106,8 @@ def main(argv=None) -> Path:
                 r.update({k: head.get(k, "") for k in ("date", "machine", "logical_cpus", "load_1min", "torch",
                                                         "triton", "threads")})
                 rows.append(r)
-    kept = [r for r in existing if r.get("suite") != "tasks"]  # a rerun replaces the curve
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in kept + rows:
-            writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) and k in ("value", "min", "iqr")
-                                 else r.get(k, "")) for k in COLUMNS})
     table = "\n".join(tasks_summary(rows))
-    md = path.with_suffix(".md")
-    if md.exists():
-        text = md.read_text()
-        marker = "Task after task"
-        text = text[:text.index(marker)].rstrip() + "\n\n" if marker in text else text.rstrip() + "\n\n"
-        md.write_text(text + table + "\n")
+    replace_rows(path, rows, "tasks", table, "Task after task")  # a rerun replaces the curve
     print(table)
     print(f"appended {len(rows)} rows to {path}")
     return path

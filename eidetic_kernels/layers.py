@@ -368,6 +368,18 @@ class EideticLayer(nn.Module):
         return expand_rows(self.frozen_weight, self.input_task, self.task_state, self.min_input_task,
                            self._n_frozen, tuple(self.weight.shape[2:]))
 
+    def _product(self, input: torch.Tensor) -> torch.Tensor:
+        """Linear and Conv2d: ``_run`` on the input and the four storages, in the autocast dtype when autocast
+        is on (as the torch.nn twins); eagerly inside torch.compile on an engine that plans on the host."""
+        if torch.compiler.is_compiling() and not backends.traceable(input.device):
+            return _run_eagerly(self, input)
+        storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
+        cast = autocast_dtype(input)
+        if cast is not None:
+            with torch.autocast(input.device.type, enabled=False):
+                return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
+        return self._run(input, *storages)
+
     # ----- Taylor importance -----------------------------------------------------------------
     def enable_taylor(self, enabled: bool = True) -> None:
         """Accumulate the Taylor score of each neuron during backward while enabled."""
@@ -528,14 +540,7 @@ class EideticLinear(EideticLayer):
 
         Under ``torch.autocast`` the product runs in the autocast dtype, as ``nn.Linear`` does.
         Raises TypeError/ValueError for a wrong dtype, device or feature size."""
-        if torch.compiler.is_compiling() and not backends.traceable(input.device):
-            return _run_eagerly(self, input)
-        storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
-        cast = autocast_dtype(input)
-        if cast is not None:
-            with torch.autocast(input.device.type, enabled=False):
-                return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
-        return self._run(input, *storages)
+        return self._product(input)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         check_input(x, "input", weight, -1, self.in_features, 1, self._name())
@@ -598,14 +603,7 @@ class EideticConv2d(EideticLayer):
         Raises TypeError/ValueError for a wrong dtype, device, rank or channel count."""
         if isinstance(input, torch.Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d accepts
             return self.forward(input.unsqueeze(0)).squeeze(0)
-        if torch.compiler.is_compiling() and not backends.traceable(input.device):
-            return _run_eagerly(self, input)
-        storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
-        cast = autocast_dtype(input)
-        if cast is not None:
-            with torch.autocast(input.device.type, enabled=False):
-                return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
-        return self._run(input, *storages)
+        return self._product(input)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         if isinstance(x, torch.Tensor) and x.dim() != 4:

@@ -297,12 +297,14 @@ def test_learning_rate_is_scaled_once_when_pruning_starts(tasks):
     """prune_lr_factor: the rates halve when pruning starts, once, also through restores and a resume."""
     model, optimizer = new_model()
     states = []
-    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=0.0, max_epochs=2, patience=1,
-                     recovery_epochs=1, progress=False, prune_lr_factor=0.5,
+    # every step is kept (threshold 1), so the rates would be halved twice if the scaling were per step
+    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=1.0, max_epochs=2, patience=1,
+                     recovery_epochs=1, max_prune_steps=2, progress=False, prune_lr_factor=0.5,
                      callback=lambda e: states.append(e.get("trainer_state")))
     assert [g["lr"] for g in optimizer.param_groups] == [LR * 0.5] * len(optimizer.param_groups)
     saved = [s for s in states if s is not None]
-    assert saved[0]["lr_scaled"] is False and all(s["lr_scaled"] for s in saved[1:])
+    assert len(saved) == 3  # training done, then pruning steps 1 and 2
+    assert saved[0]["lr_scaled"] is False and saved[1]["lr_scaled"] and saved[2]["lr_scaled"]
     with pytest.raises(ValueError, match="prune_lr_factor"):
         model2, opt2 = new_model()
         model2.train_task(tasks[0][0], opt2, prune_lr_factor=0.0, progress=False)
