@@ -17,6 +17,15 @@ training) frozen blocks are constants to autograd altogether, and the trainable 
 for inputs that come from FREE producers (``_TrainableBlockOp``): every other input can reach no trainable
 parameter. That is exact for every parameter gradient and Taylor score; it is not the full gradient of
 the layer's input (``autograd.grad`` on activations, saliency), hence an opt-in.
+
+Merged training product (convolutions on the CPU, ``DenseOp.merge_share``): in that mode, inside a network
+(task-major rows, no view), a layer whose live synapses are a large share of its weight runs as ONE product
+whose constant weight holds every block's synapses and zeros elsewhere, built per call. oneDNN runs a
+convolution over 3-13 output channels far below the efficiency of the whole layer's, so after a few tasks
+the per-block convolutions cost more than the whole layer; one product costs what ``nn.Conv2d`` does.
+The zeros multiply frozen features only (a frozen row never reads a FREE input), never free capacity, and
+the frozen rows' outputs computed this way feed the task being trained only: finished tasks' views always
+run block by block, so their bits do not depend on this choice. (FlopCounterMode counts the whole product.)
 """
 from __future__ import annotations
 
@@ -27,6 +36,10 @@ from typing import Callable
 import torch
 
 from ..state import Block, Table
+
+# Training merges the blocks of a convolution into one product where that pays (``DenseOp.merge_share``).
+# Tests set it to False to compare with the block-by-block product.
+MERGE_IN_TRAINING = True
 
 # Output assembly on the CPU: with at least this many contiguous elements per (sample, neuron),
 # scattering each block's output (index_add_) beats one gather from their concatenation.
@@ -45,6 +58,12 @@ class DenseOp:
     # other inputs are at least this share of its window; below it one fused backward over the window
     # (dX for every input) is cheaper. 0: always split (GEMMs); convolutions pay per backward call.
     split_backward_share: float = 0.0
+    # (x, grad_y, weight) -> (grad_x, grad_w, grad_b) in one call, for the fused backward; None: two calls
+    fused_grad: Callable | None = None
+    # training with frozen blocks as constants: one product over the whole layer (a weight assembled
+    # with zeros on the synapses that do not exist) instead of one per block, once the live synapses are
+    # at least this share of the layer's. 0: never (GEMMs: narrow products run near full efficiency).
+    merge_share: float = 0.0
 
 
 def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, frozen_weight: torch.Tensor,
@@ -60,6 +79,8 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dim = op.dim % x.dim()
     kernel = tuple(weight.shape[2:])
     grad_x = torch.is_grad_enabled() and x.requires_grad
+    if constant_frozen and _merge_pays(table, op, x.shape[dim]):
+        return _merged_forward(x, weight, bias, frozen_weight, frozen_bias, table, op, dim, grad_x)
     parts = []
     for blk in table.blocks:
         if blk.frozen:
@@ -70,11 +91,15 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _assemble(x, weight, parts, table, op, dim)
 
 
-def _window(x: torch.Tensor, blk: Block, dim: int) -> torch.Tensor:
-    """The block's inputs along ``dim`` (of the input, or of the weight's columns): a slice or a gather."""
+def _window(x: torch.Tensor, blk: Block, dim: int, write: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's inputs along ``dim`` (of the input, or of the weight's columns): a slice or a gather.
+    With ``write``: copy ``write`` into those positions of ``x`` instead (in place)."""
     if blk.cols is None or blk.col_range is not None:
         a, b = blk.col_range
-        return x if (a, b) == (0, x.shape[dim]) else x.narrow(dim, a, b - a)
+        view = x if (a, b) == (0, x.shape[dim]) else x.narrow(dim, a, b - a)
+        return view if write is None else view.copy_(write)
+    if write is not None:
+        return x.index_copy_(dim, blk.cols, write)
     return x.index_select(dim, blk.cols)
 
 
@@ -131,6 +156,70 @@ def _split_pays(blk: Block, width: int, op: DenseOp) -> bool:
     return constant_share >= op.split_backward_share
 
 
+def _merge_pays(table: Table, op: DenseOp, n_in: int) -> bool:
+    """One product over the whole layer instead of one per block (training, frozen blocks constant)?
+
+    Only for the layout a network trains in (rows task-major, one trainable block after the frozen ones,
+    no tail) and when the live synapses are at least ``op.merge_share`` of the layer's: a convolution
+    over few output channels runs far below the efficiency of one over all of them, so past that share
+    the zeros cost less than the narrow products. The frozen rows' outputs computed this way feed the
+    task being trained only: a finished task's own outputs (its view) always run block by block.
+    """
+    if not MERGE_IN_TRAINING or not op.merge_share or table.out_index is not None or table.tail or table.n_in != n_in:
+        return False
+    frozen = [b for b in table.blocks if b.frozen]
+    trainable = [b for b in table.blocks if not b.frozen]
+    if not frozen or len(trainable) != 1 or trainable[0].slots is not None or table.blocks[-1].frozen:
+        return False
+    live = sum(b.rows.numel() * b.width for b in table.blocks)
+    return live >= op.merge_share * table.n_out * table.n_in
+
+
+def _merged_forward(x, weight, bias, frozen_weight, frozen_bias, table: Table, op: DenseOp, dim: int,
+                    grad_x: bool):
+    """The layer as one product (see ``_merge_pays``): a constant weight [n_out, n_in, *kernel] holding each
+    frozen block's synapses and the trainable block's (dead ones 0), built per call (no weight-sized tensor
+    is kept). Gradients as with ``_TrainableBlockOp``: dW/db of the trainable rows, dX of the inputs from
+    FREE producers only."""
+    kernel = tuple(weight.shape[2:])
+    k = math.prod(kernel)
+    w_full = weight.new_zeros((table.n_out, table.n_in) + kernel)
+    has_bias = bias is not None or frozen_bias is not None
+    b_full = weight.new_zeros(table.n_out) if has_bias else None
+    fw = frozen_weight.detach()
+    row = 0
+    for blk in table.blocks:
+        n = blk.rows.numel()
+        if blk.frozen:
+            if blk.width:
+                w = fw.narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
+                _window(w_full.narrow(0, row, n), blk, 1, write=w)
+            if frozen_bias is not None:
+                b_full.narrow(0, row, n).copy_(frozen_bias.detach().narrow(0, blk.bias_start, n))
+        else:
+            trainable, row_trainable = blk, row
+            if blk.width:
+                w = _window(weight.detach(), blk, 1)
+                if blk.dead is not None:
+                    w = w.index_fill(1, blk.dead, 0)
+                _window(w_full.narrow(0, row, n), blk, 1, write=w)
+            if bias is not None:
+                b_full.narrow(0, row, n).copy_(bias.detach())
+        row += n
+    x_train = None
+    if grad_x and trainable.train_pos.numel():
+        xw = _window(x, trainable, dim)
+        if trainable.train_range is not None:
+            a, e = trainable.train_range
+            x_train = xw.narrow(dim, a, e - a)
+        else:
+            x_train = xw.index_select(dim, trainable.train_pos)
+    y = _MergedOp.apply(x.detach(), x_train, weight, bias, w_full, b_full, trainable, row_trainable, op, dim)
+    if trainable.zero_rows is not None:
+        y = y.index_fill_(dim, trainable.zero_rows + row_trainable, 0)
+    return y
+
+
 def _bias_only(x, n: int, kernel, b, op: DenseOp, dim: int):
     """Outputs of ``n`` rows with no live input: their bias (differentiable as ``b`` is)."""
     x_shape = list(x.shape)
@@ -150,6 +239,18 @@ def _assemble(x, weight, parts, table: Table, op: DenseOp, dim: int):
         n_kernel = tuple(weight.shape[2:])
         return _bias_only(x, table.n_out, n_kernel, None, op, dim)
     if table.out_index is None:
+        if table.tail and not (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
+            # a view's outputs (a finished task's prefix, zeros after): written once into the full width
+            shape = list(parts[0].shape)
+            covered = sum(p.shape[dim] for p in parts)
+            shape[dim] = covered + table.tail
+            out = parts[0].new_empty(shape)
+            start = 0
+            for p in parts:
+                out.narrow(dim, start, p.shape[dim]).copy_(p)
+                start += p.shape[dim]
+            out.narrow(dim, covered, table.tail).zero_()
+            return out
         if table.tail:
             shape = list(parts[0].shape)
             shape[dim] = table.tail
@@ -201,6 +302,53 @@ class _TrainableBlockOp(torch.autograd.Function):
             grad_w, grad_b = op.weight_grad(x, grad, weight)
             grad_b = grad_b if ctx.has_bias else None
         return None, grad_x, grad_w, grad_b, None, None, None
+
+
+class _MergedOp(torch.autograd.Function):
+    """The whole layer as one product with a constant weight ``w_full`` (``_merged_forward``). Backward:
+    dW and db of the trainable block's rows (``row0`` on), dX of ``x_train`` (its inputs from FREE
+    producers) only."""
+
+    @staticmethod
+    def forward(ctx, x, x_train, weight, bias, w_full, b_full, blk, row0, op, dim):
+        ctx.save_for_backward(x, weight)
+        ctx.blk, ctx.row0, ctx.op, ctx.dim, ctx.has_bias = blk, row0, op, dim, bias is not None
+        ctx.x_train_shape = None if x_train is None else x_train.shape
+        return op.forward(x, w_full, b_full)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        blk, op, dim = ctx.blk, ctx.op, ctx.dim
+        g = grad.narrow(dim, ctx.row0, blk.rows.numel()).contiguous()
+        xw, w = _window(x, blk, dim), _window(weight, blk, 1)
+        if blk.dead is not None:  # dead inputs are never read: no gradient on their synapses
+            w = w.index_fill(1, blk.dead, 0)
+        grad_x = grad_w = grad_b = None
+        need_x, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        if need_x and op.fused_grad is not None and not _split_pays(blk, xw.shape[dim], op):
+            gx, grad_w, grad_b = op.fused_grad(xw, g, w)
+            grad_x = gx.index_select(dim, blk.train_pos) if blk.train_range is None else \
+                gx.narrow(dim, blk.train_range[0], blk.train_range[1] - blk.train_range[0])
+        else:
+            if need_x:
+                if blk.train_range is not None:
+                    a, e = blk.train_range
+                    w_train = w.narrow(1, a, e - a)
+                else:
+                    w_train = w.index_select(1, blk.train_pos)
+                grad_x = op.input_grad(g, w_train, ctx.x_train_shape)
+            if need_w:
+                grad_w, grad_b = op.weight_grad(xw, g, w)
+        if grad_w is not None:
+            if blk.dead is not None:
+                grad_w = grad_w.index_fill(1, blk.dead, 0)
+            if grad_w.shape != weight.shape:  # the window's columns of the trainable storage
+                full = grad_w.new_zeros(weight.shape)
+                _window(full, blk, 1, write=grad_w)
+                grad_w = full
+        grad_b = grad_b if ctx.has_bias else None
+        return None, grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class _Assemble(torch.autograd.Function):

@@ -31,7 +31,15 @@ def conv_op(stride: tuple, padding: tuple, dilation: tuple) -> DenseOp:
             list(dilation), False, [0, 0], 1, [False, True, True])
         return dw, db
 
-    return DenseOp(forward=forward, input_grad=input_grad, weight_grad=weight_grad, dim=1, split_backward_share=0.5)
+    def fused_grad(x, grad_out, weight):  # dX, dW, db in one call
+        return torch.ops.aten.convolution_backward(
+            grad_out, x.contiguous(), weight.contiguous(), [weight.shape[0]], list(stride), list(padding),
+            list(dilation), False, [0, 0], 1, [True, True, True])
+
+    # merge_share: a convolution over a few output channels runs far below the efficiency of the whole
+    # layer's on the CPU (oneDNN), so training merges the blocks once they hold 40% of the synapses
+    return DenseOp(forward=forward, input_grad=input_grad, weight_grad=weight_grad, dim=1, split_backward_share=0.5,
+                   fused_grad=fused_grad, merge_share=0.4)
 
 
 def _pair(v):

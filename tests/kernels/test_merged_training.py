@@ -1,0 +1,124 @@
+"""Training merges a convolution's blocks into one product (``ops/blocks.py``, ``DenseOp.merge_share``).
+
+The merged product computes the same function as the block-by-block one: on networks with finished tasks
+(task-major layout, forward transfer on and off), mid-task with PRUNED neurons (dead inputs, zeroed rows)
+and with Taylor scores, the outputs, every parameter gradient and the Taylor scores of FREE neurons
+must match the block-by-block product (fp32: atol = rtol = 1e-5; fp64: 1e-10). Finished tasks never run
+it: their views are checked bit for bit in ``tests/python_layers/test_finish_rules.py``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eidetic_kernels import FREE
+from eidetic_kernels.ops import blocks
+from python_layers import EideticNetwork
+from tests.python_layers.synthetic import TinyResNet, single_thread  # noqa: F401  (autouse fixture)
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                         nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16, (3, 8, 8)
+
+
+def resnet():
+    return TinyResNet(stem=10, width=12), 12, (1, 8, 8)
+
+
+def finished(body_fn, tasks, share, forward_transfer, dtype, seed):
+    """A network with ``tasks`` finished tasks, each keeping ``share`` of every group at random positions,
+    then some FREE neurons of the next task pruned (so the trainable blocks have dead inputs and zero rows)."""
+    torch.manual_seed(seed)
+    body, dim, in_shape = body_fn()
+    net = EideticNetwork(body.to(dtype), dim)
+    net.ensure_graph(torch.zeros((2,) + in_shape, dtype=dtype))
+    g = torch.Generator().manual_seed(seed)
+    for t in range(tasks + 1):
+        net.prepare_for_task(t, 4, forward_transfer=forward_transfer)
+        net.to(dtype)
+        for group in net.groups:
+            if group.input_normalizer:
+                continue
+            free = (group.task_state == FREE).nonzero().flatten()
+            keep = max(1, round(share * group.size))
+            drop = free[torch.randperm(free.numel(), generator=g)[keep:]]
+            if t == tasks:  # the task being trained: a few PRUNED neurons, most stay FREE
+                drop = drop[: drop.numel() // 3]
+            group.prune(drop)
+        if t < tasks:
+            net.finish_task(generator=g)
+    return net, in_shape
+
+
+def run(net, x, y, taylor):
+    for layer in net.body_layers().values():
+        if hasattr(layer, "enable_taylor"):
+            layer.enable_taylor(False)  # scores accumulate: start each run from zero
+            layer.enable_taylor(taylor)
+    net.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(False)
+    out = net(x)
+    F.cross_entropy(out, y).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    # Taylor scores of the neurons being trained (frozen neurons are never pruned: their scores are not
+    # read, and block by block they are a side effect of dX into frozen features)
+    scores = {n: l.taylor_score[l.task_state == FREE].clone() for n, l in net.body_layers().items()
+              if getattr(l, "taylor_score", None) is not None}
+    return out.detach(), grads, scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("taylor", [False, True])
+@pytest.mark.parametrize("forward_transfer", [True, False])
+@pytest.mark.parametrize("tasks", [1, 3])
+@pytest.mark.parametrize("body", [cnn, resnet], ids=["cnn", "resnet"])
+def test_merged_training_product_matches_blocks(body, tasks, forward_transfer, taylor, dtype, monkeypatch):
+    net, in_shape = finished(body, tasks, 0.2, forward_transfer, dtype, seed=tasks)
+    net.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((6,) + in_shape, generator=g, dtype=dtype)
+    y = torch.randint(4, (6,), generator=g)
+    calls = []
+    merged_forward = blocks._merged_forward
+    monkeypatch.setattr(blocks, "_merged_forward", lambda *a: calls.append(1) or merged_forward(*a))
+    state = copy.deepcopy(net.state_dict())
+    out_m, grads_m, scores_m = run(net, x, y, taylor)
+    net.load_state_dict(state)  # running statistics as before
+    monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
+    n_merged = len(calls)
+    out_b, grads_b, scores_b = run(net, x, y, taylor)
+    assert len(calls) == n_merged
+    if forward_transfer:
+        assert n_merged > 0, "the merged product never ran: the test compares nothing"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out_m, out_b, atol=tol, rtol=tol)
+    assert grads_m.keys() == grads_b.keys()
+    for name in grads_b:
+        torch.testing.assert_close(grads_m[name], grads_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert scores_m.keys() == scores_b.keys()
+    for name in scores_b:
+        torch.testing.assert_close(scores_m[name], scores_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_merged_training_keeps_finished_tasks_and_free_capacity_apart():
+    """NaN in the trainable storage reaches no frozen row of the merged product's output (the zeros on
+    synapses that do not exist multiply frozen features only)."""
+    net, in_shape = finished(cnn, 3, 0.2, True, torch.float32, seed=0)
+    net.train()
+    x = torch.randn((4,) + in_shape)
+    conv = net.body[0]
+    with torch.no_grad():
+        conv.weight.fill_(float("nan"))
+        conv.bias.fill_(float("nan"))
+    out = conv(x)
+    frozen = (conv.task_state != FREE) & (conv.task_state >= 0)
+    assert bool(frozen.any())
+    assert torch.isfinite(out[:, frozen]).all()
