@@ -736,7 +736,8 @@ class _EideticBatchNorm(EideticLayer):
         if cumulative:
             old = (self.running_mean.clone(), self.running_var.clone())
         y = fn(x.float() if low else x, *running, self.weight, self.frozen_weight, self.bias, self.frozen_bias,
-               out_task, self.slot, batch_stats, factor, self.eps, self.taylor_score)
+               out_task, self.slot, batch_stats, factor, self.eps, self.taylor_score,
+               constant_frozen=self.constant_frozen)
         if cumulative:
             self._cumulative_average(old, out_task)
         return y.to(x.dtype) if low else y

@@ -122,3 +122,29 @@ def test_merged_training_keeps_finished_tasks_and_free_capacity_apart():
     frozen = (conv.task_state != FREE) & (conv.task_state >= 0)
     assert bool(frozen.any())
     assert torch.isfinite(out[:, frozen]).all()
+
+
+@pytest.mark.parametrize("body", [cnn, resnet], ids=["cnn", "resnet"])
+def test_constant_frozen_training_gives_the_exact_parameter_gradients(body):
+    """The whole frozen-constant mode (merged convolutions, batch norms giving frozen channels no input
+    gradient) against ``exact_activation_grads=True`` (every block computed with its full input gradient):
+    the same loss and every parameter gradient (fp64)."""
+    net, in_shape = finished(body, 3, 0.2, True, torch.float64, seed=5)
+    net.train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((6,) + in_shape, generator=g, dtype=torch.float64)
+    y = torch.randint(4, (6,), generator=g)
+    state = copy.deepcopy(net.state_dict())
+    results = {}
+    for exact in (False, True):
+        net.load_state_dict(state)
+        net.exact_activation_grads = exact
+        results[exact] = run(net, x, y, taylor=True)
+    out_c, grads_c, scores_c = results[False]
+    out_e, grads_e, scores_e = results[True]
+    torch.testing.assert_close(out_c, out_e, atol=1e-10, rtol=1e-10)
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-10, rtol=1e-10, msg=name)
+    for name in scores_e:
+        torch.testing.assert_close(scores_c[name], scores_e[name], atol=1e-10, rtol=1e-10, msg=name)

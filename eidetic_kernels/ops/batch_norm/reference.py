@@ -12,7 +12,10 @@ Without running statistics (track_running_stats=False) every live channel uses b
 Backend signature: batch_norm(x, running_mean [C] | None, running_var [C] | None,
 trainable_weight [n_trainable] | None, frozen_weight [n_frozen] | None, trainable_bias, frozen_bias,
 channel_task int16[C], slot int32[C], training: bool, momentum: float, eps: float,
-taylor_score float32[C] | None) -> y, same shape as x. Mutates running_mean/var (FREE channels only).
+taylor_score float32[C] | None, constant_frozen: bool) -> y, same shape as x. Mutates running_mean/var
+(FREE channels only). ``constant_frozen`` (a network training with frozen blocks as constants, see
+``ops/blocks.py``) allows a backend to give frozen channels no input gradient: none of it can reach a
+trainable parameter then. This reference computes it anyway.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def gather_affine(trainable, frozen, channel_task, slot):
 
 
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
-               channel_task, slot, training, momentum, eps, taylor_score=None):
+               channel_task, slot, training, momentum, eps, taylor_score=None, constant_frozen=False):
     weight = gather_affine(trainable_weight, frozen_weight, channel_task, slot)
     bias = gather_affine(trainable_bias, frozen_bias, channel_task, slot)
     has_stats = running_mean is not None

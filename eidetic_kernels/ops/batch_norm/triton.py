@@ -532,8 +532,8 @@ _bn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
-               channel_task, slot, training, momentum, eps, taylor_score=None):
-    """Backend entry point (signature of reference.batch_norm)."""
+               channel_task, slot, training, momentum, eps, taylor_score=None, constant_frozen=False):
+    """Backend entry point (signature of reference.batch_norm; the ``constant_frozen`` hint is not used)."""
     if x.numel() == 0:  # no program to launch: torch's semantics for an empty batch, through the reference
         return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
                                     frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
