@@ -51,7 +51,7 @@ def _exercise(dtype: torch.dtype) -> None:
     from eidetic_kernels.ops.batch_norm import triton as bn
     from eidetic_kernels.ops.conv2d import triton as conv
     from eidetic_kernels.ops.linear import triton as lin
-    from eidetic_kernels.state import FREE, PRUNED, storage_slots
+    from eidetic_kernels.state import FREE, PRUNED, compact_rows, make_table, storage_slots
 
     lin.DENSE_SHORTCUT = conv.DENSE_SHORTCUT = False
     task = torch.tensor([0, FREE, 1, PRUNED, FREE, 0], dtype=torch.int16)
@@ -64,7 +64,12 @@ def _exercise(dtype: torch.dtype) -> None:
         tb = torch.randn(3, dtype=dtype, requires_grad=True) if bias else None
         fw, fb = torch.randn(n_frozen, 5, dtype=dtype), torch.randn(n_frozen, dtype=dtype) if bias else None
         x = torch.randn(4, 5, dtype=dtype, requires_grad=True)
-        lin.linear(x, tw, fw, tb, fb, in_task, task, lo, slot, None, torch.zeros(6)).sum().backward()
+        table = make_table(in_task, task, lo)
+        fw_c = compact_rows(torch.randn(6, 5, dtype=dtype), table.frozen_blocks)  # linear: compact frozen rows
+        for constant_frozen in (False, True):
+            lin.linear(x, tw, tb, fw_c, fb, table, torch.zeros(6), constant_frozen).sum().backward()
+        with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in
+            lin.linear(x, tw, tb, fw_c, fb, table, None).sum().backward()
         twc = torch.randn(3, 5, 3, 3, dtype=dtype, requires_grad=True)
         fwc = torch.randn(n_frozen, 5, 3, 3, dtype=dtype)
         xc = torch.randn(2, 5, 6, 6, dtype=dtype, requires_grad=True)

@@ -1,6 +1,8 @@
 """Triton masked_linear against the dense-mask spec (naive.py, run in float64), under the interpreter on CPU.
 
 Each case draws fresh random states, storages and inputs; sizes are odd and not multiples of the tiles.
+Cases hold full-width storages with rows by slot (the layout the spec reads); ``kern`` hands the kernels
+the range table and the compact frozen storage built from them, as a layer stores it.
 Tolerances per dtype are in TOL; fp32 uses exact ("ieee") dot products, so it matches tightly.
 """
 import pytest
@@ -11,7 +13,8 @@ triton = pytest.importorskip("triton")
 from eidetic_kernels.ops import triton_common  # noqa: E402
 from eidetic_kernels.ops.linear import naive  # noqa: E402
 from eidetic_kernels.ops.linear import triton as tri  # noqa: E402
-from eidetic_kernels.state import FREE, PRUNED, assemble_rows, is_frozen, storage_slots  # noqa: E402
+from eidetic_kernels.state import (FREE, PRUNED, assemble_rows, compact_rows, is_frozen, make_table,  # noqa: E402
+                                   storage_slots)
 
 pytestmark = pytest.mark.triton
 
@@ -24,6 +27,24 @@ class ref:
         w = assemble_rows(tw, fw, out_task, slot)
         b = None if tb is None else assemble_rows(tb, fb, out_task, slot)
         return naive.masked_linear(x, w, b, in_task, out_task, lo, taylor_score)
+
+
+class kern:
+    """The Triton backend on the same case: range table from the states, frozen rows stored compactly."""
+
+    @staticmethod
+    def linear(x, tw, fw, tb, fb, in_task, out_task, lo, slot, plan=None, taylor_score=None):
+        table = make_table(in_task, out_task, lo)
+        blocks = table.frozen_blocks
+        by_neuron = assemble_rows(tw.detach(), fw, out_task, slot)
+        fw_c = compact_rows(by_neuron, blocks)
+        fb_c = None
+        if tb is not None:
+            b = assemble_rows(tb.detach(), fb, out_task, slot)
+            fb_c = torch.cat([b[blk.rows] for blk in blocks]) if blocks else tb.new_empty(0)
+        return tri.linear(x, tw, tb, fw_c, fb_c, table, taylor_score)
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-2, rtol=2e-2),
        torch.bfloat16: dict(atol=1.5e-1, rtol=5e-2)}
@@ -99,11 +120,12 @@ def kernels_only(monkeypatch):
 @pytest.mark.parametrize("kind", ["mixed", "all_free", "all_frozen", "all_pruned", "free_pruned"])
 def test_matches_reference(kind, dtype):
     c = make_case(37, 45, 29, kind, dtype, seed=sum(map(ord, kind)))
-    got = run(tri, c)
+    got = run(kern, c)
     want = run(ref, c, dtype=torch.float64)
     if kind == "all_pruned":
         assert torch.equal(got[0], torch.zeros_like(got[0]))
-        assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[2], torch.zeros_like(got[2]))
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+        assert got[2] is None  # no row is computed: the trainable storage gets no gradient
         got, want = got[:1], want[:1]
     assert_close(got, want, dtype)
 
@@ -115,7 +137,7 @@ def test_small_tiles_many_windows_per_tile(dtype):
     blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     with triton_common.override_blocks("fwd", **blocks), triton_common.override_blocks("dx", **blocks), \
             triton_common.override_blocks("dw", **blocks):
-        got = run(tri, c)
+        got = run(kern, c)
     assert_close(got, run(ref, c, dtype=torch.float64), dtype)
 
 
@@ -124,7 +146,7 @@ def test_noncontiguous_3d_input_and_stride0_grad():
     base = torch.randn(7, 4, 2 * 33, device=DEVICE)
     x = base[:, :, ::2].transpose(0, 1)  # [4, 7, 33], non-contiguous
     assert not x.is_contiguous()
-    got = run(tri, c, x=x, grad="sum")
+    got = run(kern, c, x=x, grad="sum")
     want = run(ref, c, x=x, dtype=torch.float64, grad="sum")
     assert got[0].shape == (4, 7, 19)
     assert_close(got, want, torch.float32)
@@ -132,7 +154,7 @@ def test_noncontiguous_3d_input_and_stride0_grad():
 
 def test_no_bias_and_no_taylor():
     c = make_case(21, 17, 23, "mixed", torch.float32, bias=False, seed=7)
-    got = run(tri, c, taylor=False)
+    got = run(kern, c, taylor=False)
     assert_close(got, run(ref, c, dtype=torch.float64, taylor=False), torch.float32)
 
 
@@ -140,7 +162,7 @@ def test_frozen_storage_gets_no_gradient_and_pruned_rows_get_zero():
     c = make_case(13, 19, 31, "mixed", torch.float32, seed=11)
     fw = c["fw"].clone().requires_grad_()
     tw = c["tw"].clone().requires_grad_()
-    y = tri.linear(c["x"], tw, fw, c["tb"], c["fb"], c["in_task"], c["out_task"], c["lo"], c["slot"])
+    y = kern.linear(c["x"], tw, fw, c["tb"], c["fb"], c["in_task"], c["out_task"], c["lo"], c["slot"])
     y.sum().backward()
     assert fw.grad is None
     pruned_rows = c["slot"][c["out_task"] == PRUNED].long()
@@ -149,7 +171,7 @@ def test_frozen_storage_gets_no_gradient_and_pruned_rows_get_zero():
 
 def test_nan_in_dead_inputs_and_weights_stays_out_of_live_outputs():
     c = make_case(17, 29, 37, "mixed", torch.float32, seed=13)
-    clean = run(tri, c, taylor=False)[0]
+    clean = run(kern, c, taylor=False)[0]
     x = c["x"].clone()
     # inputs from FREE or PRUNED producers: dead for every frozen neuron (and PRUNED ones for all)
     x[:, (c["in_task"] == FREE) | (c["in_task"] == PRUNED)] = float("nan")
@@ -161,7 +183,7 @@ def test_nan_in_dead_inputs_and_weights_stays_out_of_live_outputs():
         dead = (c["in_task"] == PRUNED) | (c["in_task"] < lo) | (c["in_task"] > t)
         fw[c["slot"][i].long(), dead] = float("inf")
     tw[c["slot"][c["out_task"] == PRUNED].long()] = float("nan")
-    y = tri.linear(x, tw, fw, c["tb"], c["fb"], c["in_task"], c["out_task"], c["lo"], c["slot"])
+    y = kern.linear(x, tw, fw, c["tb"], c["fb"], c["in_task"], c["out_task"], c["lo"], c["slot"])
     assert torch.equal(y[:, frozen], clean[:, frozen]), "a frozen output changed or saw a NaN"
     pruned = c["out_task"] == PRUNED
     assert torch.equal(y[:, pruned], torch.zeros_like(y[:, pruned]))
@@ -170,14 +192,14 @@ def test_nan_in_dead_inputs_and_weights_stays_out_of_live_outputs():
 def test_frozen_outputs_are_bit_stable_when_everything_else_changes():
     c = make_case(19, 27, 41, "mixed", torch.float32, seed=17)
     frozen = is_frozen(c["out_task"])
-    before = tri.linear(c["x"], c["tw"], c["fw"], c["tb"], c["fb"], c["in_task"], c["out_task"], c["lo"], c["slot"])
+    before = kern.linear(c["x"], c["tw"], c["fw"], c["tb"], c["fb"], c["in_task"], c["out_task"], c["lo"], c["slot"])
     # retrain FREE rows, change FREE inputs, prune/unprune trainable neurons: frozen outputs stay bit-equal
     out_task = c["out_task"].clone()
     trainable = (~frozen).nonzero().flatten()
     out_task[trainable] = torch.where(out_task[trainable] == FREE, PRUNED, FREE).to(torch.int16)
     x = c["x"].clone()
     x[:, c["in_task"] == FREE] = torch.randn_like(x[:, c["in_task"] == FREE]) * 1e6
-    after = tri.linear(x, torch.randn_like(c["tw"]), c["fw"], torch.randn_like(c["tb"]), c["fb"], c["in_task"],
+    after = kern.linear(x, torch.randn_like(c["tw"]), c["fw"], torch.randn_like(c["tb"]), c["fb"], c["in_task"],
                        out_task, c["lo"], c["slot"])
     assert torch.equal(before[:, frozen], after[:, frozen])
 
@@ -185,9 +207,9 @@ def test_frozen_outputs_are_bit_stable_when_everything_else_changes():
 def test_dense_shortcut_matches_kernels(monkeypatch):
     c = make_case(23, 31, 17, "all_free", torch.float32, seed=19)
     monkeypatch.setattr(tri, "DENSE_SHORTCUT", True)
-    short = run(tri, c, taylor=False)
+    short = run(kern, c, taylor=False)
     monkeypatch.setattr(tri, "DENSE_SHORTCUT", False)
-    assert_close(short, run(tri, c, taylor=False), torch.float32)
+    assert_close(short, run(kern, c, taylor=False), torch.float32)
 
 
 def test_layer_runs_triton_backend(monkeypatch):

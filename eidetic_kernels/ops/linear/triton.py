@@ -1,262 +1,533 @@
-"""masked_linear, Triton backend: y = x·(W⊙M)ᵀ + b with M computed in the kernels from the states.
+"""masked_linear, Triton backend: the block-triangular product of ``state.make_table`` in one launch per pass.
 
-Backend signature (see reference.py): linear(x, trainable_weight, frozen_weight, trainable_bias,
-frozen_bias, in_task, out_task, out_min_task, slot, plan, taylor_score) -> y.
+Backend signature (as reference.py): linear(x [*, in], weight [n_trainable, in], bias [n_trainable] | None,
+frozen_weight (flat compact storage), frozen_bias [n_frozen] | None, table, taylor_score float32[out] | None,
+constant_frozen: bool) -> y [*, out], where ``table`` is a ``state.Table`` or the ``LinearTiles`` built
+from it (layers cache those; see ``layer_tiles``).
 
-Kernels:
-* forward: tile [BLOCK_M batch rows, BLOCK_N neurons]; each neuron's row is read from the trainable
-  or the frozen storage at ``slot[i]``; for each input window present in the tile the dead inputs
-  are selected away (masked loads) and only that window's rows keep the result. PRUNED -> exactly 0.
-* dX: tile [BLOCK_M, BLOCK_K inputs], loop over neurons; per window, gradients of other rows are
-  selected away and only inputs live for the window keep the product.
-* dW/db: tile [BLOCK_N neurons, BLOCK_K inputs], loop over the batch; only FREE rows are computed
-  (a tile without FREE rows costs no FLOPs), PRUNED rows of the trainable storage get 0.
-* Taylor score (when asked): |Σ a·g| / batch per neuron, in the same backward op.
+The tile table (``build_tiles``, host-built once per state change and view) lists:
+* programs (``prog`` int32[P, 6]: kind, first row entry, rows, gather flag, column start, width): one per
+  (block, run of at most ROWS of its rows). Kind 0 reads the frozen compact storage (row r of the block at
+  ``offset + r*width``, its weights in column order), kind 1 the trainable storage (row ``slot*in``, weight
+  column = input column), kind 2 writes zeros (PRUNED neurons, and those a view cannot see). A block's
+  inputs are the slice ``[start, start + width)`` or, gather flag set, ``cols[start:start + width]``;
+  only live inputs are listed, so a dead input is never read.
+* row entries (``rows`` int64[R, 3]: output neuron, element offset of the row in its storage, bias index);
+  PRUNED rows of the trainable block are not computed: they sit in kind-2 programs.
+* dW programs (``dw_prog`` int32[Pw, 2]: trainable program, first column): one per (trainable program,
+  COLS columns of its width).
+* dX programs, one per COLS input columns (``dx_prog`` int32[Q, 2]: first segment, segments), each summing
+  over segments (``dx_seg`` int32[S, 7]: kind, first row entry, rows, columns [lo, hi), shift, map start):
+  the blocks that read some of its columns, in table order; weight column = input column - shift, or
+  ``dx_map[start + c - c0]`` (-1: not read) for scattered windows.
+* ``work`` int64[3] (on the CPU): multiply-adds per sample scheduled by forward, dX and dW.
 
-Registered as custom ops (``eidetic::triton_linear`` and its backward) so layers run under
-torch.compile(fullgraph=True).
+Kernels (fixed tile sizes per (kernel, dtype); no autotuning, no split-K; a block's tiles depend on the
+block alone, so a finished block's summation order never changes):
+* forward: program (M tile, table program): one K loop over its block's window, bias, then a select:
+  kind-2 rows are exactly 0.
+* dX: program (M tile, column tile): for each segment, the rows of its block in ROWS chunks; a column the
+  segment does not read keeps its accumulator (a select, so a NaN gradient of a row cannot reach an input
+  that row does not read). Frozen blocks give no dX when frozen blocks are constants (``constant_frozen``),
+  and the trainable block then gives dX only for inputs from FREE producers.
+* dW/db: program (dW program): the trainable rows of one tile against its columns, reduced over the batch;
+  dead columns and PRUNED rows are never written (zero).
+* Taylor score (when asked): |Σ a·g| / batch per neuron, in the backward op, from a copy of the output.
+* ``COUNT`` (constexpr, off by default): each program atomically adds the multiply-adds it issues on
+  valid elements (batch rows x block rows x columns per dot) to an int64 counter; ``count_work`` turns
+  it on. The registered flop formulas give 2x the same numbers from ``work``.
+
+Registered as custom ops (``eidetic::triton_linear``, its backward, and ``eidetic::triton_linear_tiles``
+that builds a table inside a compiled graph) so layers run under torch.compile(fullgraph=True).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
-from ..double_backward import dense_weight, graph_grads, trainable_bias
+from ...state import Table, make_table
+from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
-from ..triton_common import (FREE_C, acc_type, PRUNED_C, add_taylor, any_true, dot_in_fp32, dot_precision,
-                             frozen_or_dummy, gemm_blocks, input_live, is_frozen_state, window_of)
+from ..triton_common import acc_type, add_taylor, dot_in_fp32, dot_precision, frozen_or_dummy, gemm_blocks
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
 DENSE_SHORTCUT = True
 
+KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO = 0, 1, 2
+_PROG, _ROW, _SEG = 6, 3, 7  # fields per program, row entry, dX segment
+
 
 @triton.jit
 def _linear_fwd_kernel(
     x_ptr,  # [M, K] by strides
-    wt_ptr, wf_ptr,  # trainable [n_trainable, K], frozen [n_frozen, K] storages
+    wt_ptr, wf_ptr,  # trainable storage [n_trainable, K] contiguous, frozen compact storage (flat)
     bt_ptr, bf_ptr,  # biases (unused without HAS_BIAS)
-    in_task_ptr,  # int16[K]
-    out_task_ptr, out_min_ptr, slot_ptr,  # int16[N], int16[N], int32[N]
+    prog_ptr,  # int32[P, 6]
+    rows_ptr,  # int64[R, 3]
+    cols_ptr,  # int32[C]
     y_ptr,  # [M, N] contiguous
-    M, N, K,
-    s_xm, s_xk, s_wtn, s_wfn,  # storages are contiguous along K
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    work_ptr,  # int64[1] (COUNT only)
+    M, N, s_xm, s_xk,
+    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    p = prog_ptr + tl.program_id(1) * 6
+    kind = tl.load(p)
+    row0 = tl.load(p + 1)
+    n_rows = tl.load(p + 2)
+    gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
+    start = tl.load(p + 4)
+    width = tl.load(p + 5)
+    frozen = kind == 0
+    compute = kind != 2
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M
-    m_n = o_n < N
-    task = tl.load(out_task_ptr + o_n, mask=m_n, other=PRUNED_C).to(tl.int32)
-    lo = tl.load(out_min_ptr + o_n, mask=m_n, other=0).to(tl.int32)
-    slot = tl.load(slot_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    frozen = is_frozen_state(task)
-    # each row's base pointer in the storage its state selects
-    p_row = tl.where(frozen, wf_ptr + slot * s_wfn, wt_ptr + slot * s_wtn)
+    o_r = tl.arange(0, BLOCK_N)
+    m_r = o_r < n_rows
+    p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+    out_row = tl.load(p_row, mask=m_r, other=0)
+    w_row = tl.load(p_row + 1, mask=m_r, other=0)
+    w_base = tl.where(frozen, wf_ptr, wt_ptr)
 
-    out = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    remaining = task != PRUNED_C
-    while any_true(remaining):
-        in_w, t, lmin = window_of(remaining, task, lo)
-        remaining = remaining & (~in_w)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < K
-            it = tl.load(in_task_ptr + o_k, mask=m_k, other=PRUNED_C).to(tl.int32)
-            live_k = m_k & input_live(it, t, lmin)
-            # masked loads are selects: a dead input or weight is never read, so never multiplied
-            x = tl.load(x_ptr + o_m[:, None] * s_xm + o_k[None, :] * s_xk,
-                        mask=m_m[:, None] & live_k[None, :], other=0.0)
-            w = tl.load(p_row[:, None] + o_k[None, :],
-                        mask=in_w[:, None] & live_k[None, :], other=0.0)
-            if DOT_FP32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-        out = tl.where(in_w[None, :], acc, out)  # rows of other windows may hold NaN here: dropped
-
-    live = task != PRUNED_C
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    macs = tl.full([], 0, tl.int64)
+    for k0 in range(0, width, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < width
+        # the block's live inputs only: a slice, or its gather list; nothing else is ever read
+        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
+        w_col = tl.where(frozen, o_k, col)  # compact storage: k-th live input; trainable: input column
+        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
+                    mask=m_m[:, None] & m_k[None, :], other=0.0)
+        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
     if HAS_BIAS:
-        p_b = tl.where(frozen, bf_ptr + slot, bt_ptr + slot)
-        b = tl.load(p_b, mask=live, other=0.0).to(ACC)
-        out = out + b[None, :]
-    out = tl.where(live[None, :], out, 0.0)  # PRUNED: exactly 0
-    tl.store(y_ptr + o_m[:, None] * N + o_n[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=m_m[:, None] & m_n[None, :])
+        b_row = tl.load(p_row + 2, mask=m_r, other=0)
+        b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
+        acc = acc + b.to(ACC)[None, :]
+    out = tl.where(compute, acc, 0.0)  # kind 2 (PRUNED, or not in the view): exactly 0
+    tl.store(y_ptr + o_m[:, None] * N + out_row[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=m_m[:, None] & m_r[None, :])
+    if COUNT:
+        tl.atomic_add(work_ptr, macs)
 
 
 @triton.jit
 def _linear_dx_kernel(
     g_ptr,  # [M, N] by strides (may be stride 0)
-    wt_ptr, wf_ptr,
-    in_task_ptr, out_task_ptr, out_min_ptr, slot_ptr,
+    wt_ptr, wf_ptr,  # storages as in the forward
+    rows_ptr,  # int64[R, 3]
+    dx_prog_ptr,  # int32[Q, 2]
+    seg_ptr,  # int32[S, 7]
+    map_ptr,  # int32[*]
     dx_ptr,  # [M, K] contiguous
-    M, N, K,
-    s_gm, s_gn, s_wtn, s_wfn,
-    PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    work_ptr,  # int64[1] (COUNT only)
+    M, K, s_gm, s_gn,
+    COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_c = tl.program_id(1)
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_m = o_m < M
-    m_k = o_k < K
-    it = tl.load(in_task_ptr + o_k, mask=m_k, other=PRUNED_C).to(tl.int32)
+    o_t = tl.arange(0, BLOCK_K)
+    o_c = pid_c * BLOCK_K + o_t
+    m_c = o_c < K
+    seg0 = tl.load(dx_prog_ptr + pid_c * 2)
+    n_seg = tl.load(dx_prog_ptr + pid_c * 2 + 1)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
-    for n0 in range(0, N, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        task = tl.load(out_task_ptr + o_n, mask=m_n, other=PRUNED_C).to(tl.int32)
-        lo = tl.load(out_min_ptr + o_n, mask=m_n, other=0).to(tl.int32)
-        slot = tl.load(slot_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-        frozen = is_frozen_state(task)
-        p_row = tl.where(frozen, wf_ptr + slot * s_wfn, wt_ptr + slot * s_wtn)
-        remaining = task != PRUNED_C
-        while any_true(remaining):
-            in_w, t, lmin = window_of(remaining, task, lo)
-            remaining = remaining & (~in_w)
-            live_k = m_k & input_live(it, t, lmin)
-            g = tl.load(g_ptr + o_m[:, None] * s_gm + o_n[None, :] * s_gn,
-                        mask=m_m[:, None] & in_w[None, :], other=0.0)
-            w = tl.load(p_row[:, None] + o_k[None, :],
-                        mask=in_w[:, None] & live_k[None, :], other=0.0)
+    macs = tl.full([], 0, tl.int64)
+    for s in range(seg0, seg0 + n_seg):
+        q = seg_ptr + s * 7
+        frozen = tl.load(q) == 0
+        row0 = tl.load(q + 1)
+        n_rows = tl.load(q + 2)
+        c_lo = tl.load(q + 3)
+        c_hi = tl.load(q + 4)
+        shift = tl.load(q + 5)
+        map0 = tl.load(q + 6)
+        use_map = map0 >= 0
+        mapped = tl.load(map_ptr + map0 + o_t, mask=m_c & (o_t * 0 + map0 >= 0), other=-1)
+        w_col = tl.where(use_map, mapped, o_c - shift)
+        live = m_c & tl.where(use_map, mapped >= 0, (o_c >= c_lo) & (o_c < c_hi))
+        w_base = tl.where(frozen, wf_ptr, wt_ptr)
+        for n0 in range(0, n_rows, BLOCK_N):
+            o_r = n0 + tl.arange(0, BLOCK_N)
+            m_r = o_r < n_rows
+            p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+            out_row = tl.load(p_row, mask=m_r, other=0)
+            w_row = tl.load(p_row + 1, mask=m_r, other=0)
+            g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
+                        mask=m_m[:, None] & m_r[None, :], other=0.0)
+            w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & live[None, :], other=0.0)
             if DOT_FP32:
                 g = g.to(tl.float32)
                 w = w.to(tl.float32)
-            acc = tl.where(live_k[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
-    tl.store(dx_ptr + o_m[:, None] * K + o_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_m[:, None] & m_k[None, :])
+            acc = tl.where(live[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
+            if COUNT:
+                macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
+                         * tl.sum(live.to(tl.int64), axis=0))
+    tl.store(dx_ptr + o_m[:, None] * K + o_c[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_m[:, None] & m_c[None, :])
+    if COUNT:
+        tl.atomic_add(work_ptr, macs)
 
 
 @triton.jit
 def _linear_dw_kernel(
     g_ptr,  # [M, N] by strides
     x_ptr,  # [M, K] by strides
-    in_task_ptr, out_task_ptr, out_min_ptr, slot_ptr,
-    dw_ptr,  # [n_trainable, K] contiguous
-    db_ptr,  # [n_trainable] (unused without HAS_BIAS)
-    M, N, K,
-    s_gm, s_gn, s_xm, s_xk,
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    prog_ptr,  # int32[P, 6]
+    dw_prog_ptr,  # int32[Pw, 2]
+    rows_ptr,  # int64[R, 3]
+    cols_ptr,  # int32[C]
+    dw_ptr,  # [n_trainable, K] contiguous, zero-filled
+    db_ptr,  # [n_trainable] zero-filled (unused without HAS_BIAS)
+    work_ptr,  # int64[1] (COUNT only)
+    M, s_gm, s_gn, s_xm, s_xk,
+    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_n = o_n < N
-    m_k = o_k < K
-    task = tl.load(out_task_ptr + o_n, mask=m_n, other=0).to(tl.int32)  # padding rows act frozen: skipped
-    trainable = m_n & (~is_frozen_state(task))
-    if any_true(trainable):  # a tile of frozen rows has nothing to write and nothing to compute
-        lo = tl.load(out_min_ptr + o_n, mask=m_n, other=0).to(tl.int32)
-        slot = tl.load(slot_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-        it = tl.load(in_task_ptr + o_k, mask=m_k, other=PRUNED_C).to(tl.int32)
-        dw = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
-        db = tl.zeros([BLOCK_N], dtype=ACC)
-        remaining = m_n & (task == FREE_C)  # PRUNED rows keep 0
-        while any_true(remaining):
-            in_w, t, lmin = window_of(remaining, task, lo)
-            remaining = remaining & (~in_w)
-            live_k = m_k & input_live(it, t, lmin)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
-            acc_b = tl.zeros([BLOCK_N], dtype=ACC)
-            for m0 in range(0, M, BLOCK_M):
-                o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-                m_m = o_m < M
-                g = tl.load(g_ptr + o_m[:, None] * s_gm + o_n[None, :] * s_gn,
-                            mask=m_m[:, None] & in_w[None, :], other=0.0)
-                x = tl.load(x_ptr + o_m[:, None] * s_xm + o_k[None, :] * s_xk,
-                            mask=m_m[:, None] & live_k[None, :], other=0.0)
-                if HAS_BIAS:
-                    acc_b += tl.sum(g.to(ACC), axis=0)
-                if DOT_FP32:
-                    g = g.to(tl.float32)
-                    x = x.to(tl.float32)
-                acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
-            dw = tl.where(in_w[:, None], acc, dw)
-            db = tl.where(in_w, acc_b, db)
-        tl.store(dw_ptr + slot[:, None] * K + o_k[None, :], dw.to(dw_ptr.dtype.element_ty),
-                 mask=trainable[:, None] & m_k[None, :])
+    d = dw_prog_ptr + tl.program_id(0) * 2
+    p = prog_ptr + tl.load(d) * 6
+    k0 = tl.load(d + 1)
+    row0 = tl.load(p + 1)
+    n_rows = tl.load(p + 2)
+    gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
+    start = tl.load(p + 4)
+    width = tl.load(p + 5)
+    o_r = tl.arange(0, BLOCK_N)
+    m_r = o_r < n_rows
+    p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+    out_row = tl.load(p_row, mask=m_r, other=0)
+    w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * K: dW has the trainable storage's layout
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < width
+    m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+    col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_N], dtype=ACC)
+    macs = tl.full([], 0, tl.int64)
+    for m0 in range(0, M, BLOCK_M):
+        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_m = o_m < M
+        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
+                    mask=m_m[:, None] & m_r[None, :], other=0.0)
+        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
+                    mask=m_m[:, None] & m_k[None, :], other=0.0)
         if HAS_BIAS:
-            if pid_k == 0:
-                tl.store(db_ptr + slot, db.to(db_ptr.dtype.element_ty), mask=trainable)
+            acc_b += tl.sum(g.to(ACC), axis=0)
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    tl.store(dw_ptr + w_row[:, None] + col[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=m_r[:, None] & m_k[None, :])
+    if HAS_BIAS:
+        if k0 == 0:
+            b_row = tl.load(p_row + 2, mask=m_r, other=0)
+            tl.store(db_ptr + b_row, acc_b.to(db_ptr.dtype.element_ty), mask=m_r)
+    if COUNT:
+        tl.atomic_add(work_ptr, macs)
+
+
+# ----- tile tables ---------------------------------------------------------------------------------
+
+class LinearTiles(NamedTuple):
+    """A layer's tile table for one view (see the module docstring); ``tensors`` in ``TILE_NAMES`` order,
+    ``n_out`` the layer's output neurons; ``trainable``: whether a trainable row is computed.
+
+    ``dense``: the layer is a plain nn.Linear (every neuron FREE, every input live), which the dense
+    shortcut hands to torch's GEMM."""
+
+    tensors: tuple
+    n_out: int
+    dense: bool = False
+    trainable: bool = True  # False: no trainable row is computed (a view), so the storage gets no gradient
+
+
+TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work")
+
+
+def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
+    """(ROWS, COLS) of the tables for ``dtype``: rows per forward/dW program, input columns per dX program."""
+    return gemm_blocks("fwd", dtype)["BLOCK_N"], gemm_blocks("dx", dtype)["BLOCK_K"]
+
+
+def _block_columns(blk, n_in: int) -> torch.Tensor:
+    """Int64[width] on the CPU: the input columns a block reads, ascending (its compact weight order)."""
+    if blk.cols is not None:
+        return blk.cols.cpu().long()
+    a, b = blk.col_range
+    cols = torch.arange(a, b)
+    if blk.dead is not None:
+        keep = torch.ones(b - a, dtype=torch.bool)
+        keep[blk.dead.cpu().long()] = False
+        cols = cols[keep]
+    return cols
+
+
+def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: int,
+                device: torch.device | None = None) -> LinearTiles:
+    """The tile table of ``table`` (a layer's range table for one view) for tiles of ``rows_tile`` rows and
+    ``cols_tile`` dX columns; tensors on ``device`` (default: where the table's rows are), ``work`` on the
+    CPU. ``constant_frozen``: frozen blocks give no dX and the trainable block dX for inputs from FREE
+    producers only (the layer's mode of the same name)."""
+    n_in, n_out = table.n_in, table.n_out
+    if device is None:
+        device = table.blocks[0].rows.device if table.blocks else torch.device("cpu")
+    prog, rows, cols, dw_prog = [], [], [], []
+    n_cols = n_entries = 0
+    covered = torch.zeros(n_out, dtype=torch.bool)
+    work = [0, 0, 0]
+    dx_blocks = []  # (kind, first row entry, rows, dX columns, their weight columns)
+    for blk in table.blocks:
+        out = blk.rows.cpu().long()
+        read = _block_columns(blk, n_in)
+        width = read.numel()
+        if blk.frozen:
+            kind = KIND_FROZEN
+            r = torch.arange(out.numel())
+            w_row, b_row = blk.offset + r * blk.width, blk.bias_start + r
+            w_col = torch.arange(width)
+            dx_cols = None if constant_frozen else read
+        else:
+            kind = KIND_TRAINABLE
+            slots = torch.arange(out.numel()) if blk.slots is None else blk.slots.cpu().long()
+            if blk.zero_rows is not None:  # PRUNED rows: not computed, written 0 by kind-2 programs
+                keep = torch.ones(out.numel(), dtype=torch.bool)
+                keep[blk.zero_rows.cpu().long()] = False
+                out, slots = out[keep], slots[keep]
+            w_row, b_row = slots * n_in, slots
+            w_col = read
+            dx_cols = read
+            if constant_frozen:  # inputs from FREE producers: the only ones a gradient is wanted for
+                window = blk.cols.cpu().long() if blk.cols is not None else torch.arange(*blk.col_range)
+                free = torch.zeros(n_in, dtype=torch.bool)
+                free[window[blk.train_pos.cpu().long()]] = True
+                dx_cols = read[free[read]]
+        n = out.numel()
+        if n == 0:
+            continue
+        covered[out] = True
+        if width and int(read[-1]) - int(read[0]) != width - 1:
+            gather, start = 1, n_cols
+            cols.append(read)
+            n_cols += width
+        else:
+            gather, start = 0, int(read[0]) if width else 0
+        rows.append(torch.stack([out, w_row, b_row], 1))
+        for t0 in range(0, n, rows_tile):
+            if kind == KIND_TRAINABLE:
+                dw_prog.extend([len(prog), k0] for k0 in range(0, max(width, 1), cols_tile))
+            prog.append([kind, n_entries + t0, min(rows_tile, n - t0), gather, start, width])
+        work[0] += n * width
+        if kind == KIND_TRAINABLE:
+            work[2] += n * width
+        if dx_cols is not None and dx_cols.numel():
+            pos = torch.zeros(n_in, dtype=torch.long)
+            pos[read] = w_col
+            dx_blocks.append((kind, n_entries, n, dx_cols, pos[dx_cols]))
+            work[1] += n * dx_cols.numel()
+        n_entries += n
+    zero = (~covered).nonzero().flatten()
+    if zero.numel():
+        z = torch.zeros_like(zero)
+        rows.append(torch.stack([zero, z, z], 1))
+        for t0 in range(0, zero.numel(), rows_tile):
+            prog.append([KIND_ZERO, n_entries + t0, min(rows_tile, zero.numel() - t0), 0, 0, 0])
+        n_entries += zero.numel()
+    # dX: per column tile, the blocks reading some of its columns, in table order
+    n_tiles = -(-n_in // cols_tile)
+    per_tile = [[] for _ in range(n_tiles)]
+    maps, n_map = [], 0
+    for kind, row0, n, dx_cols, w_col in dx_blocks:
+        tile = dx_cols // cols_tile
+        bounds = torch.searchsorted(tile, torch.arange(n_tiles + 1))
+        for t in torch.unique_consecutive(tile).tolist():
+            a, b = int(bounds[t]), int(bounds[t + 1])
+            c, w = dx_cols[a:b], w_col[a:b]
+            lo, hi = int(c[0]), int(c[-1]) + 1
+            shift = int(c[0] - w[0])
+            if hi - lo == c.numel() and bool((c - w == shift).all()):
+                per_tile[t].append([kind, row0, n, lo, hi, shift, -1])
+            else:
+                m = torch.full((cols_tile,), -1, dtype=torch.long)
+                m[c - t * cols_tile] = w
+                maps.append(m)
+                per_tile[t].append([kind, row0, n, 0, 0, 0, n_map])
+                n_map += cols_tile
+    dx_prog, segs = [], []
+    for s in per_tile:
+        dx_prog.append([len(segs), len(s)])
+        segs.extend(s)
+
+    def i32(data, cols):  # at least one row: every pointer argument is valid
+        t = torch.tensor(data, dtype=torch.int32).reshape(-1, cols) if data else torch.zeros((0, cols), dtype=torch.int32)
+        return (t if t.numel() else torch.zeros((1, cols), dtype=torch.int32)).to(device)
+
+    rows_t = torch.cat(rows).long() if rows else torch.zeros((1, _ROW), dtype=torch.long)
+    cols_t = torch.cat(cols).int() if cols else torch.zeros(1, dtype=torch.int32)
+    map_t = torch.cat(maps).int() if maps else torch.zeros(1, dtype=torch.int32)
+    prog_t = torch.tensor(prog, dtype=torch.int32).reshape(-1, _PROG) if prog else torch.zeros((0, _PROG), dtype=torch.int32)
+    dw_t = torch.tensor(dw_prog, dtype=torch.int32).reshape(-1, 2) if dw_prog else torch.zeros((0, 2), dtype=torch.int32)
+    dx_prog_t = torch.tensor(dx_prog, dtype=torch.int32).reshape(n_tiles, 2)  # one program per column tile
+    tensors = (prog_t.to(device), rows_t.to(device), cols_t.to(device), dw_t.to(device), dx_prog_t.to(device),
+               i32(segs, _SEG), map_t.to(device), torch.tensor(work, dtype=torch.int64))
+    return LinearTiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog))
+
+
+@torch.library.custom_op("eidetic::triton_linear_tiles", mutates_args=())
+def _tiles_op(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor, view_task: int,
+              constant_frozen: bool, rows_tile: int, cols_tile: int) -> list[torch.Tensor]:
+    table = make_table(in_task, out_task, out_min_task, None if view_task < 0 else view_task)
+    return list(build_tiles(table, constant_frozen, rows_tile, cols_tile, out_task.device).tensors)
+
+
+@_tiles_op.register_fake
+def _(in_task, out_task, out_min_task, view_task, constant_frozen, rows_tile, cols_tile):
+    ctx = torch.library.get_ctx()
+    dev = out_task.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    return [out_task.new_empty((ctx.new_dynamic_size(), _PROG), **i32),
+            out_task.new_empty((ctx.new_dynamic_size(), _ROW), dtype=torch.int64, device=dev),
+            out_task.new_empty((ctx.new_dynamic_size(),), **i32),
+            out_task.new_empty((ctx.new_dynamic_size(), 2), **i32),
+            out_task.new_empty(((in_task.shape[0] + cols_tile - 1) // cols_tile, 2), **i32),
+            out_task.new_empty((ctx.new_dynamic_size(), _SEG), **i32),
+            out_task.new_empty((ctx.new_dynamic_size(),), **i32),
+            out_task.new_empty((3,), dtype=torch.int64, device="cpu")]
+
+
+def layer_tiles(plans: dict, table_fn, in_task, out_task, out_min_task, view_task: int | None,
+                constant_frozen: bool, dtype: torch.dtype) -> LinearTiles:
+    """A layer's tile table for its current view, cached in ``plans`` (the layer's plan cache, cleared at
+    every state change). Eager: built on the host from ``table_fn()`` (the layer's cached range table).
+    Inside a compiled graph a cached table is an input of the graph; a missing one is built by the
+    ``eidetic::triton_linear_tiles`` op when the graph runs, and cached as well."""
+    rows_tile, cols_tile = tile_shape(dtype)
+    key = ("triton linear tiles", view_task, bool(constant_frozen), rows_tile, cols_tile)
+    tiles = plans.get(key)
+    if tiles is None:
+        if torch.compiler.is_compiling():
+            tiles = LinearTiles(tuple(_tiles_op(in_task, out_task, out_min_task, -1 if view_task is None else
+                                                view_task, bool(constant_frozen), rows_tile, cols_tile)),
+                                out_task.shape[0])
+        else:
+            tiles = build_tiles(table_fn(), constant_frozen, rows_tile, cols_tile, out_task.device)
+        plans[key] = tiles
+    return tiles
 
 
 # ----- host functions ------------------------------------------------------------------------------
 
-def _zeros_min_task(out_task):
-    return torch.zeros_like(out_task)
+def _blocks(kind: str, dtype: torch.dtype) -> dict:
+    """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the table's ROWS and COLS, and dW
+    tiles are the forward's row tiles."""
+    cfg = dict(gemm_blocks(kind, dtype))
+    rows_tile, cols_tile = tile_shape(dtype)
+    if kind == "dw":
+        cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
+    return cfg
 
 
-def linear_forward(x2, tw, fw, tb, fb, in_task, out_task, out_min_task, slot, out=None) -> torch.Tensor:
-    """x2 [M, K] -> y [M, N] (contiguous; written into ``out`` when given) through the forward kernel."""
-    M, K = x2.shape
-    N = out_task.numel()
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
-    if M == 0 or N == 0:
+_COUNTER: list = []  # the int64 counter the kernels add their work to, while ``count_work`` is active
+
+
+@contextlib.contextmanager
+def count_work(counter: torch.Tensor):
+    """Compile the kernels with their work counter while active: each program atomically adds the
+    multiply-adds it issues on valid elements to ``counter`` (int64[1], on the device of the inputs)."""
+    _COUNTER.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTER.pop()
+
+
+def _counter(like: torch.Tensor):
+    return (True, _COUNTER[-1]) if _COUNTER else (False, like)
+
+
+def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, out=None) -> torch.Tensor:
+    """x2 [M, K] -> y [M, n_out] (contiguous; written into ``out`` when given), every neuron written."""
+    prog, rows, cols = tiles[0], tiles[1], tiles[2]
+    M = x2.shape[0]
+    y = torch.empty((M, n_out), dtype=x2.dtype, device=x2.device) if out is None else out
+    if M == 0 or prog.shape[0] == 0:
         return y
     tw = tw.contiguous()
     fw = frozen_or_dummy(fw, tw).contiguous()
-    if tb is not None:
+    has_bias = tb is not None
+    if has_bias:
         tb = tb.contiguous()
         fb = frozen_or_dummy(fb, tb).contiguous()
-    cfg = gemm_blocks("fwd", x2.dtype)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    has_bias = tb is not None
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    cfg = _blocks("fwd", x2.dtype)
+    count, work = _counter(rows)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
     _linear_fwd_kernel[grid](
-        x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, in_task, out_task, out_min_task, slot, y,
-        M, N, K, x2.stride(0), x2.stride(1), tw.stride(0), fw.stride(0),
-        HAS_BIAS=has_bias, ACC=acc_type(x2.dtype), PREC=dot_precision(x2.dtype, x2.device), DOT_FP32=dot_in_fp32(x2.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
+        M, n_out, x2.stride(0), x2.stride(1),
+        HAS_BIAS=has_bias, COUNT=count, PREC=dot_precision(x2.dtype, x2.device), ACC=acc_type(x2.dtype),
+        DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
-def linear_input_grad(g2, tw, fw, in_task, out_task, out_min_task, slot, K) -> torch.Tensor:
-    M, N = g2.shape
+def linear_input_grad(g2, tw, fw, tiles, K) -> torch.Tensor:
+    """dX [M, K] (a fresh tensor, every element written) from the output gradient g2 [M, N]."""
+    rows, dx_prog, dx_seg, dx_map = tiles[1], tiles[4], tiles[5], tiles[6]
+    M = g2.shape[0]
     dx = torch.empty((M, K), dtype=g2.dtype, device=g2.device)
     if M == 0 or K == 0:
         return dx
     tw = tw.contiguous()
     fw = frozen_or_dummy(fw, tw).contiguous()
-    cfg = gemm_blocks("dx", g2.dtype)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (triton.cdiv(M, BM), triton.cdiv(K, BK))
+    cfg = _blocks("dx", g2.dtype)
+    count, work = _counter(rows)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), dx_prog.shape[0])
     _linear_dx_kernel[grid](
-        g2, tw, fw, in_task, out_task, out_min_task, slot, dx, M, N, K,
-        g2.stride(0), g2.stride(1), tw.stride(0), fw.stride(0),
-        ACC=acc_type(g2.dtype), PREC=dot_precision(g2.dtype, g2.device), DOT_FP32=dot_in_fp32(g2.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        g2, tw, fw, rows, dx_prog, dx_seg, dx_map, dx, work, M, K, g2.stride(0), g2.stride(1),
+        COUNT=count, PREC=dot_precision(g2.dtype, g2.device), ACC=acc_type(g2.dtype), DOT_FP32=dot_in_fp32(g2.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx
 
 
-def linear_weight_grad(g2, x2, n_trainable, has_bias, in_task, out_task, out_min_task, slot):
-    M, N = g2.shape
-    K = x2.shape[1]
+def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles):
+    """(dW [n_trainable, K], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows and dead
+    synapses."""
+    prog, rows, cols, dw_prog = tiles[0], tiles[1], tiles[2], tiles[3]
+    M, K = x2.shape
     dw = torch.zeros((n_trainable, K), dtype=x2.dtype, device=x2.device)
     db = torch.zeros((n_trainable,) if has_bias else (0,), dtype=x2.dtype, device=x2.device)
-    if n_trainable == 0:
+    if n_trainable == 0 or M == 0 or dw_prog.shape[0] == 0:
         return dw, db
-    if M == 0 or K == 0:
-        return dw.zero_(), db.zero_()
-    cfg = gemm_blocks("dw", x2.dtype)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
-    _linear_dw_kernel[grid](
-        g2, x2, in_task, out_task, out_min_task, slot, dw, db if has_bias else dw, M, N, K,
-        g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
-        HAS_BIAS=has_bias, ACC=acc_type(x2.dtype), PREC=dot_precision(x2.dtype, x2.device), DOT_FP32=dot_in_fp32(x2.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = _blocks("dw", x2.dtype)
+    count, work = _counter(rows)
+    _linear_dw_kernel[(dw_prog.shape[0],)](
+        g2, x2, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work,
+        M, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
+        HAS_BIAS=has_bias, COUNT=count, PREC=dot_precision(x2.dtype, x2.device), ACC=acc_type(x2.dtype),
+        DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw, db
 
 
@@ -264,43 +535,64 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def dense_from_tiles(tw, fw, tb, fb, tiles, n_out: int, n_in: int):
+    """(W [n_out, n_in], b [n_out] | None) that the tiles compute, zeros on dead synapses and on kind-2 rows;
+    differentiable w.r.t. ``tw``/``tb`` only (frozen storage read detached). For double backward (eager)."""
+    prog, rows, cols = (t.cpu() for t in tiles[:3])
+    dev = tw.device
+    w = tw.new_zeros((n_out, n_in))
+    b = None if tb is None else tb.new_zeros((n_out,))
+    flat_t, flat_f = tw.reshape(-1), fw.detach().reshape(-1)
+    for kind, row0, n, gather, start, width in prog.tolist():
+        if kind == KIND_ZERO or n == 0:
+            continue
+        entries = rows[row0:row0 + n]
+        out = entries[:, 0].to(dev)
+        k = torch.arange(width)
+        col = cols[start:start + width].long() if gather else start + k
+        if width:
+            w_col = k if kind == KIND_FROZEN else col
+            index = (entries[:, 1:2] + w_col[None, :]).to(dev)
+            vals = (flat_f if kind == KIND_FROZEN else flat_t)[index]
+            w = w.index_put((out[:, None], col.to(dev)[None, :]), vals)
+        if b is not None:
+            src = fb.detach() if kind == KIND_FROZEN else tb
+            b = b.index_put((out,), src[entries[:, 2].to(dev)])
+    return w, b
+
+
 # ----- custom ops ----------------------------------------------------------------------------------
 
 @torch.library.custom_op("eidetic::triton_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, trainable_weight: torch.Tensor, frozen_weight: torch.Tensor,
-               trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor],
-               in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor, slot: torch.Tensor,
-               taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
+               trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor], tiles: list[torch.Tensor],
+               n_out: int, taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
     # allocated at its final shape and returned as is: a view of it would forbid in-place ops after the layer
-    y = x.new_empty((*x.shape[:-1], out_task.numel()))
-    linear_forward(_flat(x), trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task,
-                   out_min_task, slot, out=y.view(-1, out_task.numel()))
+    y = x.new_empty((*x.shape[:-1], n_out))
+    linear_forward(_flat(x), trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out,
+                   out=y.view(-1, n_out))
     return y
 
 
 @_linear_op.register_fake
-def _(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task, out_min_task, slot,
-      taylor_score):
-    return x.new_empty((*x.shape[:-1], out_task.shape[0]))
+def _(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, taylor_score):
+    return x.new_empty((*x.shape[:-1], n_out))
 
 
 @torch.library.custom_op("eidetic::triton_linear_backward", mutates_args=("taylor_score",))
 def _linear_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, trainable_weight: torch.Tensor,
-                        frozen_weight: torch.Tensor, has_bias: bool, in_task: torch.Tensor,
-                        out_task: torch.Tensor, out_min_task: torch.Tensor, slot: torch.Tensor,
+                        frozen_weight: torch.Tensor, has_bias: bool, tiles: list[torch.Tensor],
                         taylor_score: Optional[torch.Tensor], need_input_grad: bool,
                         need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g2 = _flat(grad)
     x2 = _flat(x)
     K = x.shape[-1]
     if need_input_grad:
-        dx = linear_input_grad(g2, trainable_weight, frozen_weight, in_task, out_task, out_min_task, slot, K)
-        dx = dx.view(x.shape)
+        dx = linear_input_grad(g2, trainable_weight, frozen_weight, tiles, K).view(x.shape)
     else:
         dx = x.new_empty((0,))
     if need_weight_grad:
-        dw, db = linear_weight_grad(g2, x2, trainable_weight.shape[0], has_bias, in_task, out_task, out_min_task,
-                                    slot)
+        dw, db = linear_weight_grad(g2, x2, trainable_weight.shape[0], has_bias, tiles)
     else:
         dw, db = x.new_empty((0,)), x.new_empty((0,))
     if taylor_score is not None:
@@ -311,52 +603,73 @@ def _linear_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tr
 
 
 @_linear_backward_op.register_fake
-def _(grad, x, y, trainable_weight, frozen_weight, has_bias, in_task, out_task, out_min_task, slot, taylor_score,
-      need_input_grad, need_weight_grad):
+def _(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, taylor_score, need_input_grad, need_weight_grad):
     dx = x.new_empty(x.shape if need_input_grad else (0,))
     dw = x.new_empty(trainable_weight.shape if need_weight_grad else (0,))
     db = x.new_empty((trainable_weight.shape[0],) if need_weight_grad and has_bias else (0,))
     return dx, dw, db
 
 
+def _samples(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+@register_flop_formula(torch.ops.eidetic.triton_linear, get_raw=True)
+def _linear_flops(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, taylor_score,
+                  out_val=None, **kwargs) -> int:
+    """2 x the multiply-adds the forward kernel schedules: samples x Σ_blocks rows x window width."""
+    return 2 * _samples(x) * int(tiles[7][0])
+
+
+@register_flop_formula(torch.ops.eidetic.triton_linear_backward, get_raw=True)
+def _linear_backward_flops(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, taylor_score,
+                           need_input_grad, need_weight_grad, out_val=None, **kwargs) -> int:
+    """2 x the multiply-adds the dX and dW kernels schedule (each only when launched)."""
+    work = tiles[7]
+    return 2 * _samples(x) * (int(work[1]) * bool(need_input_grad) + int(work[2]) * bool(need_weight_grad))
+
+
 def _setup_context(ctx, inputs, output):
-    x, tw, fw, tb, fb, in_task, out_task, out_min_task, slot, taylor_score = inputs
+    x, tw, fw, tb, fb, tiles, n_out, taylor_score = inputs
     ctx.has_bias = tb is not None
     ctx.taylor = taylor_score is not None
+    ctx.n_tiles = len(tiles)
+    ctx.n_out = n_out
     # the Taylor score reads a copy of the output: in-place ops after the layer may change the output itself
-    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, tb, in_task, out_task,
-                          out_min_task, slot, taylor_score)
+    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, tb, fb, taylor_score, *tiles)
 
 
 def _backward(ctx, grad):
-    x, y, tw, fw, tb, in_task, out_task, out_min_task, slot, taylor_score = ctx.saved_tensors
+    x, y, tw, fw, tb, fb, taylor_score, *tiles = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
+    rest = (None, [None] * ctx.n_tiles, None, None)  # frozen bias, tiles, n_out, taylor_score
     if not (need_dx or need_dw or ctx.taylor):
-        return None, None, None, None, None, None, None, None, None, None
+        return (None,) * 4 + rest
     if torch.is_grad_enabled():  # create_graph=True: gradients as a graph (see ops/double_backward.py)
         with torch.enable_grad():
-            w = dense_weight(tw, fw, in_task, out_task, out_min_task, slot)
-            y_graph = attach_taylor_hook(F.linear(x, w, trainable_bias(tb, fw.shape[0], out_task, slot)),
-                                         taylor_score, -1)
+            w, b = dense_from_tiles(tw, fw, tb, fb, tiles, ctx.n_out, x.shape[-1])
+            y_graph = attach_taylor_hook(F.linear(x, w, b), taylor_score, -1)
         dx, dw, db = graph_grads(y_graph, (x, tw, tb), (need_dx, ctx.needs_input_grad[1],
                                                          ctx.has_bias and ctx.needs_input_grad[3]), grad)
-        return (dx, dw, None, db) + (None,) * 6
-    dx, dw, db = _linear_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, in_task, out_task,
-                                     out_min_task, slot, taylor_score, need_dx, need_dw)
+        return (dx, dw, None, db) + rest
+    dx, dw, db = _linear_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, tiles, taylor_score,
+                                     need_dx, need_dw)
     return (dx if need_dx else None, dw if ctx.needs_input_grad[1] else None, None,
-            db if ctx.has_bias and ctx.needs_input_grad[3] else None, None, None, None, None, None, None)
+            db if ctx.has_bias and ctx.needs_input_grad[3] else None) + rest
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task, out_min_task,
-           slot, plan=None, taylor_score=None):
-    """Backend entry point (signature of reference.linear); ``plan`` is only used for the dense shortcut."""
-    if (DENSE_SHORTCUT and taylor_score is None and plan is not None and plan.all_trainable_dense):
-        return F.linear(x, trainable_weight, trainable_bias)
-    if out_min_task is None:
-        out_min_task = _zeros_min_task(out_task)
-    return _linear_op(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task,
-                      out_min_task, slot, taylor_score)
+def linear(x, weight, bias, frozen_weight, frozen_bias, table, taylor_score=None, constant_frozen=False):
+    """Backend entry point (signature of reference.linear). ``table``: the layer's ``state.Table`` for its
+    view, or its ``LinearTiles`` (``layer_tiles``); y [*, out] is a fresh tensor."""
+    if isinstance(table, Table):
+        rows_tile, cols_tile = tile_shape(x.dtype)
+        table = build_tiles(table, constant_frozen, rows_tile, cols_tile, x.device)
+    if DENSE_SHORTCUT and taylor_score is None and table.dense:
+        return F.linear(x, weight, bias)
+    if not table.trainable:  # as the reference: storages no computed row reads get no gradient (None)
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return _linear_op(x, weight, frozen_weight, bias, frozen_bias, list(table.tensors), table.n_out, taylor_score)
