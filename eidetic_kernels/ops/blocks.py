@@ -103,6 +103,12 @@ def _window(x: torch.Tensor, blk: Block, dim: int, write: torch.Tensor | None = 
     return x.index_select(dim, blk.cols)
 
 
+def _into_window(full: torch.Tensor, blk: Block, dim: int, values: torch.Tensor) -> torch.Tensor:
+    """``full`` with ``values`` written at the block's window along ``dim`` (in place); returns ``full``."""
+    _window(full, blk, dim, write=values)
+    return full
+
+
 def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool):
     n, k = blk.rows.numel(), math.prod(kernel)
     w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
@@ -206,15 +212,9 @@ def _merged_forward(x, weight, bias, frozen_weight, frozen_bias, table: Table, o
             if bias is not None:
                 b_full.narrow(0, row, n).copy_(bias.detach())
         row += n
-    x_train = None
-    if grad_x and trainable.train_pos.numel():
-        xw = _window(x, trainable, dim)
-        if trainable.train_range is not None:
-            a, e = trainable.train_range
-            x_train = xw.narrow(dim, a, e - a)
-        else:
-            x_train = xw.index_select(dim, trainable.train_pos)
-    y = _MergedOp.apply(x.detach(), x_train, weight, bias, w_full, b_full, trainable, row_trainable, op, dim)
+    # dX only where it can reach a trainable parameter: inputs from FREE producers
+    need_x = grad_x and trainable.train_pos.numel() > 0
+    y = _MergedOp.apply(x if need_x else x.detach(), weight, bias, w_full, b_full, trainable, row_trainable, op, dim)
     if trainable.zero_rows is not None:
         y = y.index_fill_(dim, trainable.zero_rows + row_trainable, 0)
     return y
@@ -306,14 +306,14 @@ class _TrainableBlockOp(torch.autograd.Function):
 
 class _MergedOp(torch.autograd.Function):
     """The whole layer as one product with a constant weight ``w_full`` (``_merged_forward``). Backward:
-    dW and db of the trainable block's rows (``row0`` on), dX of ``x_train`` (its inputs from FREE
-    producers) only."""
+    dW and db of the trainable block's rows (``row0`` on) and dX through them only: a gradient of the
+    input's full shape, nonzero only on the trainable block's inputs (its frozen inputs get the part of
+    their gradient that flows through trainable rows, which reaches no trainable parameter either)."""
 
     @staticmethod
-    def forward(ctx, x, x_train, weight, bias, w_full, b_full, blk, row0, op, dim):
+    def forward(ctx, x, weight, bias, w_full, b_full, blk, row0, op, dim):
         ctx.save_for_backward(x, weight)
         ctx.blk, ctx.row0, ctx.op, ctx.dim, ctx.has_bias = blk, row0, op, dim, bias is not None
-        ctx.x_train_shape = None if x_train is None else x_train.shape
         return op.forward(x, w_full, b_full)
 
     @staticmethod
@@ -325,11 +325,11 @@ class _MergedOp(torch.autograd.Function):
         if blk.dead is not None:  # dead inputs are never read: no gradient on their synapses
             w = w.index_fill(1, blk.dead, 0)
         grad_x = grad_w = grad_b = None
-        need_x, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if need_x and op.fused_grad is not None and not _split_pays(blk, xw.shape[dim], op):
+            # one call: dX of the whole window (its frozen inputs' share costs less than a second call)
             gx, grad_w, grad_b = op.fused_grad(xw, g, w)
-            grad_x = gx.index_select(dim, blk.train_pos) if blk.train_range is None else \
-                gx.narrow(dim, blk.train_range[0], blk.train_range[1] - blk.train_range[0])
+            grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
         else:
             if need_x:
                 if blk.train_range is not None:
@@ -337,18 +337,24 @@ class _MergedOp(torch.autograd.Function):
                     w_train = w.narrow(1, a, e - a)
                 else:
                     w_train = w.index_select(1, blk.train_pos)
-                grad_x = op.input_grad(g, w_train, ctx.x_train_shape)
+                shape = list(x.shape)
+                shape[dim] = w_train.shape[1]
+                g_train = op.input_grad(g, w_train, shape)
+                gx = x.new_zeros(xw.shape)  # the window's gradient: 0 but on its inputs from FREE producers
+                if blk.train_range is not None:
+                    gx.narrow(dim, a, e - a).copy_(g_train)
+                else:
+                    gx.index_copy_(dim, blk.train_pos, g_train)
+                grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
             if need_w:
                 grad_w, grad_b = op.weight_grad(xw, g, w)
         if grad_w is not None:
             if blk.dead is not None:
                 grad_w = grad_w.index_fill(1, blk.dead, 0)
             if grad_w.shape != weight.shape:  # the window's columns of the trainable storage
-                full = grad_w.new_zeros(weight.shape)
-                _window(full, blk, 1, write=grad_w)
-                grad_w = full
+                grad_w = _into_window(grad_w.new_zeros(weight.shape), blk, 1, grad_w)
         grad_b = grad_b if ctx.has_bias else None
-        return None, grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class _Assemble(torch.autograd.Function):
