@@ -70,6 +70,15 @@ def _exercise(dtype: torch.dtype) -> None:
             lin.linear(x, tw, tb, fw_c, fb, table, torch.zeros(6), constant_frozen).sum().backward()
         with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in
             lin.linear(x, tw, tb, fw_c, fb, table, None).sum().backward()
+        # task-major states (a network's layout): every window a slice, the kernels without their gather paths
+        major = make_table(torch.tensor([0, 0, 1, FREE, FREE], dtype=torch.int16),
+                           torch.tensor([0, 1, FREE, FREE, PRUNED, FREE], dtype=torch.int16), lo)
+        fw_m = compact_rows(torch.randn(6, 5, dtype=dtype), major.frozen_blocks)
+        fb_m = torch.randn(2, dtype=dtype) if bias else None
+        tw_m = torch.randn(4, 5, dtype=dtype, requires_grad=True)
+        tb_m = torch.randn(4, dtype=dtype, requires_grad=True) if bias else None
+        for constant_frozen in (False, True):
+            lin.linear(x, tw_m, tb_m, fw_m, fb_m, major, torch.zeros(6), constant_frozen).sum().backward()
         twc = torch.randn(3, 5, 3, 3, dtype=dtype, requires_grad=True)
         fwc = torch.randn(n_frozen, 5, 3, 3, dtype=dtype)
         xc = torch.randn(2, 5, 6, 6, dtype=dtype, requires_grad=True)

@@ -66,6 +66,37 @@ _PROG, _ROW, _SEG = 6, 3, 7  # fields per program, row entry, dX segment
 
 
 @triton.jit
+def _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen, start, width, s_xm, s_xk,
+                GATHER: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x[rows, window] · W[block rows, window]ᵀ over the block's whole window.
+
+    The window is the block's live inputs only (the slice ``start:start + width``, or ``cols[start:]``):
+    nothing else is ever read. Weight column: the k-th live input in the compact frozen storage, the input
+    column itself in the trainable storage."""
+    w_start = tl.where(frozen, 0, start)
+    for k0 in range(0, width, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < width
+        if GATHER:
+            col = tl.load(cols_ptr + start + o_k, mask=m_k, other=0)
+            w_col = tl.where(frozen, o_k, col)
+        else:
+            col = start + o_k
+            w_col = w_start + o_k
+        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
+                    mask=m_m[:, None] & m_k[None, :], other=0.0)
+        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    return acc, macs
+
+
+@triton.jit
 def _linear_fwd_kernel(
     x_ptr,  # [M, K] by strides
     wt_ptr, wf_ptr,  # trainable storage [n_trainable, K] contiguous, frozen compact storage (flat)
@@ -76,7 +107,7 @@ def _linear_fwd_kernel(
     y_ptr,  # [M, N] contiguous
     work_ptr,  # int64[1] (COUNT only)
     M, N, s_xm, s_xk,
-    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -100,22 +131,18 @@ def _linear_fwd_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    for k0 in range(0, width, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < width
-        # the block's live inputs only: a slice, or its gather list; nothing else is ever read
-        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
-        w_col = tl.where(frozen, o_k, col)  # compact storage: k-th live input; trainable: input column
-        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
-                    mask=m_m[:, None] & m_k[None, :], other=0.0)
-        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-        if COUNT:
-            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    # two specialisations of the one K loop: a slice keeps its loads contiguous (vectorised on a GPU); the
+    # gather loop is compiled only for tables that have one (SCATTERED)
+    if SCATTERED:
+        if gather != 0:
+            acc, macs = _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen,
+                                    start, width, s_xm, s_xk, True, COUNT, PREC, DOT_FP32, BLOCK_K)
+        else:
+            acc, macs = _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen,
+                                    start, width, s_xm, s_xk, False, COUNT, PREC, DOT_FP32, BLOCK_K)
+    else:
+        acc, macs = _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen, start,
+                                width, s_xm, s_xk, False, COUNT, PREC, DOT_FP32, BLOCK_K)
     if HAS_BIAS:
         b_row = tl.load(p_row + 2, mask=m_r, other=0)
         b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
@@ -125,6 +152,39 @@ def _linear_fwd_kernel(
              mask=m_m[:, None] & m_r[None, :])
     if COUNT:
         tl.atomic_add(work_ptr, macs)
+
+
+@triton.jit
+def _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr, o_m, m_m, o_c, m_c, row0, n_rows, c_lo, c_hi, shift,
+                s_gm, s_gn, USE_MAP: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, DOT_FP32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_K] += g[:, block rows] · W[block rows, columns o_c] over one block's rows.
+
+    Columns the block does not read (outside [c_lo, c_hi), or -1 in the map) keep their accumulator: a
+    select, so a NaN gradient of a row cannot reach an input that row does not read."""
+    if USE_MAP:
+        w_col = tl.load(map_ptr + tl.arange(0, BLOCK_K), mask=m_c, other=-1)
+        live = m_c & (w_col >= 0)
+    else:
+        w_col = o_c - shift
+        live = m_c & (o_c >= c_lo) & (o_c < c_hi)
+    for n0 in range(0, n_rows, BLOCK_N):
+        o_r = n0 + tl.arange(0, BLOCK_N)
+        m_r = o_r < n_rows
+        p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+        out_row = tl.load(p_row, mask=m_r, other=0)
+        w_row = tl.load(p_row + 1, mask=m_r, other=0)
+        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
+                    mask=m_m[:, None] & m_r[None, :], other=0.0)
+        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & live[None, :], other=0.0)
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.where(live[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
+        if COUNT:
+            macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
+                     * tl.sum(live.to(tl.int64), axis=0))
+    return acc, macs
 
 
 @triton.jit
@@ -138,15 +198,14 @@ def _linear_dx_kernel(
     dx_ptr,  # [M, K] contiguous
     work_ptr,  # int64[1] (COUNT only)
     M, K, s_gm, s_gn,
-    COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < M
-    o_t = tl.arange(0, BLOCK_K)
-    o_c = pid_c * BLOCK_K + o_t
+    o_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
     m_c = o_c < K
     seg0 = tl.load(dx_prog_ptr + pid_c * 2)
     n_seg = tl.load(dx_prog_ptr + pid_c * 2 + 1)
@@ -161,27 +220,20 @@ def _linear_dx_kernel(
         c_hi = tl.load(q + 4)
         shift = tl.load(q + 5)
         map0 = tl.load(q + 6)
-        use_map = map0 >= 0
-        mapped = tl.load(map_ptr + map0 + o_t, mask=m_c & (o_t * 0 + map0 >= 0), other=-1)
-        w_col = tl.where(use_map, mapped, o_c - shift)
-        live = m_c & tl.where(use_map, mapped >= 0, (o_c >= c_lo) & (o_c < c_hi))
         w_base = tl.where(frozen, wf_ptr, wt_ptr)
-        for n0 in range(0, n_rows, BLOCK_N):
-            o_r = n0 + tl.arange(0, BLOCK_N)
-            m_r = o_r < n_rows
-            p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
-            out_row = tl.load(p_row, mask=m_r, other=0)
-            w_row = tl.load(p_row + 1, mask=m_r, other=0)
-            g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
-                        mask=m_m[:, None] & m_r[None, :], other=0.0)
-            w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & live[None, :], other=0.0)
-            if DOT_FP32:
-                g = g.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.where(live[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
-            if COUNT:
-                macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
-                         * tl.sum(live.to(tl.int64), axis=0))
+        if SCATTERED:
+            if map0 >= 0:
+                acc, macs = _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr + map0, o_m, m_m, o_c, m_c,
+                                        row0, n_rows, c_lo, c_hi, shift, s_gm, s_gn, True, COUNT, PREC, DOT_FP32,
+                                        BLOCK_N, BLOCK_K)
+            else:
+                acc, macs = _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr, o_m, m_m, o_c, m_c, row0,
+                                        n_rows, c_lo, c_hi, shift, s_gm, s_gn, False, COUNT, PREC, DOT_FP32,
+                                        BLOCK_N, BLOCK_K)
+        else:
+            acc, macs = _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr, o_m, m_m, o_c, m_c, row0,
+                                    n_rows, c_lo, c_hi, shift, s_gm, s_gn, False, COUNT, PREC, DOT_FP32, BLOCK_N,
+                                    BLOCK_K)
     tl.store(dx_ptr + o_m[:, None] * K + o_c[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_m[:, None] & m_c[None, :])
     if COUNT:
@@ -189,40 +241,17 @@ def _linear_dx_kernel(
 
 
 @triton.jit
-def _linear_dw_kernel(
-    g_ptr,  # [M, N] by strides
-    x_ptr,  # [M, K] by strides
-    prog_ptr,  # int32[P, 6]
-    dw_prog_ptr,  # int32[Pw, 2]
-    rows_ptr,  # int64[R, 3]
-    cols_ptr,  # int32[C]
-    dw_ptr,  # [n_trainable, K] contiguous, zero-filled
-    db_ptr,  # [n_trainable] zero-filled (unused without HAS_BIAS)
-    work_ptr,  # int64[1] (COUNT only)
-    M, s_gm, s_gn, s_xm, s_xk,
-    HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    d = dw_prog_ptr + tl.program_id(0) * 2
-    p = prog_ptr + tl.load(d) * 6
-    k0 = tl.load(d + 1)
-    row0 = tl.load(p + 1)
-    n_rows = tl.load(p + 2)
-    gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
-    start = tl.load(p + 4)
-    width = tl.load(p + 5)
-    o_r = tl.arange(0, BLOCK_N)
-    m_r = o_r < n_rows
-    p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
-    out_row = tl.load(p_row, mask=m_r, other=0)
-    w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * K: dW has the trainable storage's layout
+def _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows, start, k0, width, M, s_gm, s_gn,
+               s_xm, s_xk, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr,
+               ACC: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K] += g[:, rows]ᵀ · x[:, columns k0.. of the window], acc_b += Σ_batch g[:, rows];
+    returns them with the columns' input indices and mask (the window as in ``_fwd_k_loop``)."""
     o_k = k0 + tl.arange(0, BLOCK_K)
     m_k = o_k < width
-    m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-    col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
-    acc_b = tl.zeros([BLOCK_N], dtype=ACC)
-    macs = tl.full([], 0, tl.int64)
+    if GATHER:
+        col = tl.load(cols_ptr + start + o_k, mask=m_k, other=0)
+    else:
+        col = start + o_k
     for m0 in range(0, M, BLOCK_M):
         o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         m_m = o_m < M
@@ -238,6 +267,53 @@ def _linear_dw_kernel(
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
         if COUNT:
             macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    return acc, acc_b, macs, col, m_k
+
+
+@triton.jit
+def _linear_dw_kernel(
+    g_ptr,  # [M, N] by strides
+    x_ptr,  # [M, K] by strides
+    prog_ptr,  # int32[P, 6]
+    dw_prog_ptr,  # int32[Pw, 2]
+    rows_ptr,  # int64[R, 3]
+    cols_ptr,  # int32[C]
+    dw_ptr,  # [n_trainable, K] contiguous, zero-filled
+    db_ptr,  # [n_trainable] zero-filled (unused without HAS_BIAS)
+    work_ptr,  # int64[1] (COUNT only)
+    M, s_gm, s_gn, s_xm, s_xk,
+    HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    d = dw_prog_ptr + tl.program_id(0) * 2
+    p = prog_ptr + tl.load(d) * 6
+    k0 = tl.load(d + 1)
+    row0 = tl.load(p + 1)
+    n_rows = tl.load(p + 2)
+    gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
+    start = tl.load(p + 4)
+    width = tl.load(p + 5)
+    o_r = tl.arange(0, BLOCK_N)
+    m_r = o_r < n_rows
+    p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+    out_row = tl.load(p_row, mask=m_r, other=0)
+    w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * K: dW has the trainable storage's layout
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_N], dtype=ACC)
+    macs = tl.full([], 0, tl.int64)
+    if SCATTERED:
+        if gather != 0:
+            acc, acc_b, macs, col, m_k = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows,
+                                                    start, k0, width, M, s_gm, s_gn, s_xm, s_xk, True, HAS_BIAS,
+                                                    COUNT, PREC, ACC, DOT_FP32, BLOCK_M, BLOCK_K)
+        else:
+            acc, acc_b, macs, col, m_k = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows,
+                                                    start, k0, width, M, s_gm, s_gn, s_xm, s_xk, False, HAS_BIAS,
+                                                    COUNT, PREC, ACC, DOT_FP32, BLOCK_M, BLOCK_K)
+    else:
+        acc, acc_b, macs, col, m_k = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows,
+                                                start, k0, width, M, s_gm, s_gn, s_xm, s_xk, False, HAS_BIAS,
+                                                COUNT, PREC, ACC, DOT_FP32, BLOCK_M, BLOCK_K)
     tl.store(dw_ptr + w_row[:, None] + col[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=m_r[:, None] & m_k[None, :])
     if HAS_BIAS:
@@ -252,7 +328,8 @@ def _linear_dw_kernel(
 
 class LinearTiles(NamedTuple):
     """A layer's tile table for one view (see the module docstring); ``tensors`` in ``TILE_NAMES`` order,
-    ``n_out`` the layer's output neurons; ``trainable``: whether a trainable row is computed.
+    ``n_out`` the layer's output neurons; ``trainable``: whether a trainable row is computed;
+    ``scattered``: whether a window is a gather list or a dX segment a column map.
 
     ``dense``: the layer is a plain nn.Linear (every neuron FREE, every input live), which the dense
     shortcut hands to torch's GEMM."""
@@ -261,6 +338,7 @@ class LinearTiles(NamedTuple):
     n_out: int
     dense: bool = False
     trainable: bool = True  # False: no trainable row is computed (a view), so the storage gets no gradient
+    scattered: bool = True  # some window is a gather or some dX segment a map (kernels compile those paths)
 
 
 TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work")
@@ -391,7 +469,8 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
     dx_prog_t = torch.tensor(dx_prog, dtype=torch.int32).reshape(n_tiles, 2)  # one program per column tile
     tensors = (prog_t.to(device), rows_t.to(device), cols_t.to(device), dw_t.to(device), dx_prog_t.to(device),
                i32(segs, _SEG), map_t.to(device), torch.tensor(work, dtype=torch.int64))
-    return LinearTiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog))
+    return LinearTiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog),
+                       scattered=bool(cols) or bool(maps))
 
 
 @torch.library.custom_op("eidetic::triton_linear_tiles", mutates_args=())
@@ -466,7 +545,7 @@ def _counter(like: torch.Tensor):
     return (True, _COUNTER[-1]) if _COUNTER else (False, like)
 
 
-def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, out=None) -> torch.Tensor:
+def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -> torch.Tensor:
     """x2 [M, K] -> y [M, n_out] (contiguous; written into ``out`` when given), every neuron written."""
     prog, rows, cols = tiles[0], tiles[1], tiles[2]
     M = x2.shape[0]
@@ -485,13 +564,13 @@ def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, out=None) -> torch.Tensor:
     _linear_fwd_kernel[grid](
         x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
         M, n_out, x2.stride(0), x2.stride(1),
-        HAS_BIAS=has_bias, COUNT=count, PREC=dot_precision(x2.dtype, x2.device), ACC=acc_type(x2.dtype),
-        DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device),
+        ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
-def linear_input_grad(g2, tw, fw, tiles, K) -> torch.Tensor:
+def linear_input_grad(g2, tw, fw, tiles, K, scattered=True) -> torch.Tensor:
     """dX [M, K] (a fresh tensor, every element written) from the output gradient g2 [M, N]."""
     rows, dx_prog, dx_seg, dx_map = tiles[1], tiles[4], tiles[5], tiles[6]
     M = g2.shape[0]
@@ -505,13 +584,14 @@ def linear_input_grad(g2, tw, fw, tiles, K) -> torch.Tensor:
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), dx_prog.shape[0])
     _linear_dx_kernel[grid](
         g2, tw, fw, rows, dx_prog, dx_seg, dx_map, dx, work, M, K, g2.stride(0), g2.stride(1),
-        COUNT=count, PREC=dot_precision(g2.dtype, g2.device), ACC=acc_type(g2.dtype), DOT_FP32=dot_in_fp32(g2.dtype),
+        SCATTERED=scattered, COUNT=count, PREC=dot_precision(g2.dtype, g2.device), ACC=acc_type(g2.dtype),
+        DOT_FP32=dot_in_fp32(g2.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx
 
 
-def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles):
+def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
     """(dW [n_trainable, K], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows and dead
     synapses."""
     prog, rows, cols, dw_prog = tiles[0], tiles[1], tiles[2], tiles[3]
@@ -525,14 +605,14 @@ def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles):
     _linear_dw_kernel[(dw_prog.shape[0],)](
         g2, x2, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work,
         M, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
-        HAS_BIAS=has_bias, COUNT=count, PREC=dot_precision(x2.dtype, x2.device), ACC=acc_type(x2.dtype),
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device), ACC=acc_type(x2.dtype),
         DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw, db
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit rows: -1 is ambiguous with 0 features
 
 
 def dense_from_tiles(tw, fw, tb, fb, tiles, n_out: int, n_in: int):
@@ -566,33 +646,33 @@ def dense_from_tiles(tw, fw, tb, fb, tiles, n_out: int, n_in: int):
 @torch.library.custom_op("eidetic::triton_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, trainable_weight: torch.Tensor, frozen_weight: torch.Tensor,
                trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor], tiles: list[torch.Tensor],
-               n_out: int, taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
+               n_out: int, scattered: bool, taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
     # allocated at its final shape and returned as is: a view of it would forbid in-place ops after the layer
     y = x.new_empty((*x.shape[:-1], n_out))
-    linear_forward(_flat(x), trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out,
-                   out=y.view(-1, n_out))
+    linear_forward(_flat(x), trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, scattered,
+                   out=y.view(math.prod(x.shape[:-1]), n_out))
     return y
 
 
 @_linear_op.register_fake
-def _(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, taylor_score):
+def _(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, scattered, taylor_score):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
 @torch.library.custom_op("eidetic::triton_linear_backward", mutates_args=("taylor_score",))
 def _linear_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, trainable_weight: torch.Tensor,
-                        frozen_weight: torch.Tensor, has_bias: bool, tiles: list[torch.Tensor],
+                        frozen_weight: torch.Tensor, has_bias: bool, tiles: list[torch.Tensor], scattered: bool,
                         taylor_score: Optional[torch.Tensor], need_input_grad: bool,
                         need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g2 = _flat(grad)
     x2 = _flat(x)
     K = x.shape[-1]
     if need_input_grad:
-        dx = linear_input_grad(g2, trainable_weight, frozen_weight, tiles, K).view(x.shape)
+        dx = linear_input_grad(g2, trainable_weight, frozen_weight, tiles, K, scattered).view(x.shape)
     else:
         dx = x.new_empty((0,))
     if need_weight_grad:
-        dw, db = linear_weight_grad(g2, x2, trainable_weight.shape[0], has_bias, tiles)
+        dw, db = linear_weight_grad(g2, x2, trainable_weight.shape[0], has_bias, tiles, scattered)
     else:
         dw, db = x.new_empty((0,)), x.new_empty((0,))
     if taylor_score is not None:
@@ -603,7 +683,8 @@ def _linear_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, tr
 
 
 @_linear_backward_op.register_fake
-def _(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, taylor_score, need_input_grad, need_weight_grad):
+def _(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, scattered, taylor_score, need_input_grad,
+      need_weight_grad):
     dx = x.new_empty(x.shape if need_input_grad else (0,))
     dw = x.new_empty(trainable_weight.shape if need_weight_grad else (0,))
     db = x.new_empty((trainable_weight.shape[0],) if need_weight_grad and has_bias else (0,))
@@ -615,14 +696,14 @@ def _samples(x: torch.Tensor) -> int:
 
 
 @register_flop_formula(torch.ops.eidetic.triton_linear, get_raw=True)
-def _linear_flops(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, taylor_score,
-                  out_val=None, **kwargs) -> int:
+def _linear_flops(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, scattered,
+                  taylor_score, out_val=None, **kwargs) -> int:
     """2 x the multiply-adds the forward kernel schedules: samples x Σ_blocks rows x window width."""
     return 2 * _samples(x) * int(tiles[7][0])
 
 
 @register_flop_formula(torch.ops.eidetic.triton_linear_backward, get_raw=True)
-def _linear_backward_flops(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, taylor_score,
+def _linear_backward_flops(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, scattered, taylor_score,
                            need_input_grad, need_weight_grad, out_val=None, **kwargs) -> int:
     """2 x the multiply-adds the dX and dW kernels schedule (each only when launched)."""
     work = tiles[7]
@@ -630,11 +711,11 @@ def _linear_backward_flops(grad, x, y, trainable_weight, frozen_weight, has_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, tw, fw, tb, fb, tiles, n_out, taylor_score = inputs
+    x, tw, fw, tb, fb, tiles, n_out, scattered, taylor_score = inputs
     ctx.has_bias = tb is not None
     ctx.taylor = taylor_score is not None
     ctx.n_tiles = len(tiles)
-    ctx.n_out = n_out
+    ctx.n_out, ctx.scattered = n_out, scattered
     # the Taylor score reads a copy of the output: in-place ops after the layer may change the output itself
     ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, tb, fb, taylor_score, *tiles)
 
@@ -643,7 +724,7 @@ def _backward(ctx, grad):
     x, y, tw, fw, tb, fb, taylor_score, *tiles = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
-    rest = (None, [None] * ctx.n_tiles, None, None)  # frozen bias, tiles, n_out, taylor_score
+    rest = (None, [None] * ctx.n_tiles, None, None, None)  # frozen bias, tiles, n_out, scattered, taylor_score
     if not (need_dx or need_dw or ctx.taylor):
         return (None,) * 4 + rest
     if torch.is_grad_enabled():  # create_graph=True: gradients as a graph (see ops/double_backward.py)
@@ -653,8 +734,8 @@ def _backward(ctx, grad):
         dx, dw, db = graph_grads(y_graph, (x, tw, tb), (need_dx, ctx.needs_input_grad[1],
                                                          ctx.has_bias and ctx.needs_input_grad[3]), grad)
         return (dx, dw, None, db) + rest
-    dx, dw, db = _linear_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, tiles, taylor_score,
-                                     need_dx, need_dw)
+    dx, dw, db = _linear_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, tiles, ctx.scattered,
+                                     taylor_score, need_dx, need_dw)
     return (dx if need_dx else None, dw if ctx.needs_input_grad[1] else None, None,
             db if ctx.has_bias and ctx.needs_input_grad[3] else None) + rest
 
@@ -672,4 +753,5 @@ def linear(x, weight, bias, frozen_weight, frozen_bias, table, taylor_score=None
         return F.linear(x, weight, bias)
     if not table.trainable:  # as the reference: storages no computed row reads get no gradient (None)
         weight, bias = weight.detach(), None if bias is None else bias.detach()
-    return _linear_op(x, weight, frozen_weight, bias, frozen_bias, list(table.tensors), table.n_out, taylor_score)
+    return _linear_op(x, weight, frozen_weight, bias, frozen_bias, list(table.tensors), table.n_out, table.scattered,
+                      taylor_score)
