@@ -589,6 +589,15 @@ def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0 (rank 0 speaks for the run)."""
 
 
+def _export_program(module: torch.nn.Module, example: torch.Tensor):
+    """``torch.export`` of an exported task that takes any batch size (the example's batch size where the
+    body's ops tie the batch to it, e.g. a reshape to a fixed size)."""
+    try:
+        return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception:  # noqa: BLE001 - some bodies specialise the batch: fall back to the example's size
+        return torch.export.export(module, (example,))
+
+
 def export(run_dir, task: int, out, log=print) -> dict:
     """``eidetic export``: task ``task`` of the run in ``run_dir`` as a plain torch.nn module saved to ``out``
     (``torch.save``; plus ``out`` with suffix ``.pt2`` from ``torch.export`` where the body allows).
@@ -628,7 +637,7 @@ def export(run_dir, task: int, out, log=print) -> dict:
               "network_parameters_and_buffers": sum(t.numel() for t in list(model.parameters()) +
                                                     list(model.buffers()) if t.dtype.is_floating_point)}
     try:
-        program = torch.export.export(module, (batches[0][0],))
+        program = _export_program(module, batches[0][0])
         torch.export.save(program, out.with_suffix(".pt2"))
         report["torch_export"] = str(out.with_suffix(".pt2"))
     except Exception as exc:  # noqa: BLE001 - the body's ops decide; the torch.save file is the export

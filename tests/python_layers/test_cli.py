@@ -65,6 +65,12 @@ def test_end_to_end_outputs(tmp_path):
     assert report["max_abs_logit_diff"] < 1e-4 and report["parameters"] < report["network_parameters_and_buffers"]
     module = torch.load(tmp_path / "task1.pt", weights_only=False)
     assert not any(type(m).__module__.startswith(("eidetic_kernels", "python_layers")) for m in module.modules())
+    program = torch.export.load(report["torch_export"])  # any batch size, not only the example's
+    example = program.example_inputs[0][0]
+    for batch in (1, 5):
+        x = torch.randn((batch,) + tuple(example.shape[1:]))
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), module(x))
     assert cli.main(["export", "--run", str(out), "--task", "3", "--out", str(tmp_path / "x.pt")]) == 2
     assert all(sum(v.values()) == 16 for v in groups.values())
     lines = (out / "history.csv").read_text().splitlines()
