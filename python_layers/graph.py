@@ -21,6 +21,8 @@ naming the op; ``declare_graph`` then states the coupling by hand.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass
@@ -823,13 +825,19 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     modes = [(m, m.training) for m in owner.modules()]
     owner.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints a traceback of any failure before raising; the error below says it once
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except GraphError:
         raise
     except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None:  # ShapeProp wraps what the body raised: report that
+            cause = cause.__cause__
+        if isinstance(cause, (TypeError, ValueError)) and cause is not exc:
+            raise cause  # the body refused the input (wrong dtype, size, ...): the same error as on any batch
         raise GraphError(f"running the traced body on the example batch {tuple(example_input.shape)} failed "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({type(cause).__name__}: {cause})") from exc
     finally:
         for m, mode in modes:
             m.training = mode

@@ -252,6 +252,19 @@ def test_untraceable_body_is_a_clear_error(body, fragment):
     assert "declare_graph" in str(info.value)
 
 
+def test_a_bad_first_batch_raises_what_the_layer_raises(capfd):
+    """The batch that traces the graph gets the same error as any later batch: the layer's own TypeError /
+    ValueError (what to cast, which size), not a tracing error, and no traceback printed on the way."""
+    model = EideticNetwork(nn.Sequential(nn.Linear(8, 32), nn.ReLU()), 32)
+    model.prepare_for_task(0, 2)
+    with pytest.raises(TypeError, match="float64 but the weights are torch.float32"):
+        model(torch.randn(4, 8, dtype=torch.float64), task=0)
+    with pytest.raises(ValueError, match=r"shape\[-1\] == 8, got shape \(4, 9\)"):
+        model(torch.randn(4, 9), task=0)
+    assert "Traceback" not in capfd.readouterr().err
+    assert model(torch.randn(4, 8), task=0).shape == (4, 2)
+
+
 def test_raw_input_residual_and_misaligned_add_are_errors():
     class RawSkip(nn.Module):
         def __init__(self):
