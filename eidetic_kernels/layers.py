@@ -55,7 +55,13 @@ _warned_eager_under_compile = False
 @torch.compiler.disable
 def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     """A layer on an engine that plans on the host (reference, C++), called inside ``torch.compile``: run
-    eagerly (the compiled graph breaks around the layer), with one warning per process."""
+    eagerly (the compiled graph breaks around the layer), with one warning per process. ``torch.export`` wants
+    one graph without breaks, which the host-side planning cannot be part of: a clear error."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            f"{layer._name()}: torch.export cannot capture Eidetic layers on the CPU engine (the reference/C++ "
+            "backends plan on the host). Export a finished task instead: EideticNetwork.export(task) returns a "
+            "plain torch.nn module that torch.export accepts; or run on the Triton backend")
     global _warned_eager_under_compile
     if not _warned_eager_under_compile:
         _warned_eager_under_compile = True

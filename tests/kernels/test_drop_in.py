@@ -326,6 +326,21 @@ def test_compile_on_cpu_engine_whatever_the_cache_state(state, monkeypatch):
     torch.testing.assert_close(model[1].running_mean, eager[1].running_mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [lambda: EideticLinear(4, 2), lambda: EideticConv2d(3, 4, 3),
+                                  lambda: EideticBatchNorm2d(3)], ids=["linear", "conv2d", "batch_norm"])
+def test_torch_export_on_cpu_engine_is_a_clear_error(make, monkeypatch):
+    """torch.export needs one graph without breaks: on the host-planning engine that is a RuntimeError that
+    names what to export instead (not a recursion through the eager fallback)."""
+    monkeypatch.delenv("EIDETIC_BACKEND", raising=False)
+    from eidetic_kernels import backends
+    layer = make().eval()
+    x = torch.randn(2, 4) if isinstance(layer, EideticLinear) else torch.randn(2, 3, 5, 5)
+    if backends.traceable(x.device):
+        pytest.skip("this engine is traceable: torch.export captures it")
+    with pytest.raises(RuntimeError, match=r"torch.export cannot capture .* EideticNetwork.export\(task\)"):
+        torch.export.export(nn.Sequential(layer), (x,))
+
+
 # ----- construction probes nothing; one cache folder -------------------------------------------------------
 
 def test_building_layers_probes_no_cpp_toolchain(tmp_path):
