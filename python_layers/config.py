@@ -161,6 +161,9 @@ def load_config(path=None, overrides=None) -> dict:
         check = _FIELD[key].metadata["check"]
         if check is not None and value is not None and not check[1](value):
             raise ConfigError(f"{key} must be {check[0]}, got {value}")
+    if out["pruning"] == "none" and out["tasks"] != 1:
+        raise ConfigError("pruning=none freezes every free neuron for the first task and leaves none for the next: "
+                          "use tasks=1, or a pruning method (l1, l2, taylor)")
     return out
 
 

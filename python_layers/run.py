@@ -44,6 +44,7 @@ from . import distributed as dist_mod
 from .checkpoints import (CHECKPOINT_FORMAT, CRASH_ENV, CRASH_EXIT_CODE, read_checkpoint, rng_state, seed_everything,
                           set_rng_state, write_checkpoint)
 from .config import RESUME_MAY_CHANGE, ConfigError, load_config
+from .network import CapacityError
 
 __all__ = ["Run", "train", "export", "evaluate", "evaluate_routed", "baseline_accuracy", "versions",
            "resolve_device", "trainer_supports_resume"]
@@ -212,9 +213,15 @@ class Run:
         options = {}
         if cfg["classes_per_task"] is not None:
             options["classes_per_task"] = cfg["classes_per_task"]
-        self.scenario = build_scenario(cfg["scenario"], cfg["tasks"], seed=cfg["seed"], data_root=cfg["data_root"],
-                                       train_samples_per_task=cfg["train_samples_per_task"],
-                                       test_samples_per_task=cfg["test_samples_per_task"], **options)
+        try:
+            self.scenario = build_scenario(cfg["scenario"], cfg["tasks"], seed=cfg["seed"],
+                                           data_root=cfg["data_root"],
+                                           train_samples_per_task=cfg["train_samples_per_task"],
+                                           test_samples_per_task=cfg["test_samples_per_task"], **options)
+        except ValueError as exc:  # a scenario refusing the config's values (e.g. more tasks than it has)
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(str(exc)) from None
         if self.device.type == "cuda":
             self.scenario.to(self.device)  # the whole data set on the GPU: batches are gathered there
         self.num_tasks = self.scenario.num_tasks
@@ -343,7 +350,16 @@ class Run:
 
         loader = self._loader(t, on_epoch_end if cfg["eval_every_epoch"] else None)
         if in_task is None:
-            model.prepare_for_task(t, task.num_classes, forward_transfer=cfg["forward_transfer"])
+            try:
+                model.prepare_for_task(t, task.num_classes, forward_transfer=cfg["forward_transfer"])
+            except CapacityError as exc:
+                if self.writer:
+                    self._write_history_csv(state["history"])
+                raise ConfigError(
+                    f"task {t} cannot start: {exc}. Task {t - 1} kept every free neuron there: no pruning step stayed "
+                    f"within stop_threshold={cfg['stop_threshold']} of its best training accuracy. Tasks "
+                    f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv); start again with "
+                    f"a larger stop_threshold, a smaller step or wider layers") from None
             if t == 0:
                 state["baseline_accuracy"] = baseline_accuracy(model, self.scenario, cfg["eval_batch_size"],
                                                                self.device, cfg["seed"])

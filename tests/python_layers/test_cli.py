@@ -149,6 +149,41 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "EIDETIC_DATA" in err and str(tmp_path / "empty") in err and "../shared/data" in err
 
 
+def test_a_task_without_capacity_left_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """A task that kept every free neuron leaves the next one nothing: one error line saying what to change,
+    and the finished task's checkpoint and history are on disk."""
+    from python_layers import CapacityError, EideticNetwork
+    prepare = EideticNetwork.prepare_for_task
+
+    def full_after_task_0(self, task, *args, **kwargs):
+        if task == 1:
+            raise CapacityError("layer body.layers.0 has no FREE neuron left for task 1")
+        return prepare(self, task, *args, **kwargs)
+
+    monkeypatch.setattr(EideticNetwork, "prepare_for_task", full_after_task_0)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "task 1 cannot start" in err and "stop_threshold" in err and "Traceback" not in err
+    assert (out / "checkpoint.pt").exists() and (out / "history.csv").read_text().count("\n") > 1
+
+
+def test_config_values_a_scenario_refuses_are_config_errors(tmp_path, monkeypatch, capsys):
+    with pytest.raises(cli.ConfigError, match="pruning=none.*tasks=1"):
+        cli.load_config(None, {"pruning": "none", "tasks": 3})
+    assert cli.load_config(None, {"pruning": "none", "tasks": 1})["pruning"] == "none"
+    from python_layers import scenarios
+
+    def refuse(name, num_tasks, **kwargs):  # what a scenario does with more tasks than it has
+        scenarios._check_num_tasks(name, num_tasks, 5)
+
+    monkeypatch.setattr(scenarios, "build_scenario", refuse)
+    assert cli.main(["train", "--out", str(tmp_path / "r"), "scenario=split_mnist", "tasks=7",
+                     "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "eidetic: error: scenario split_mnist has at most 5 tasks, asked for 7" in err and "Traceback" not in err
+
+
 def test_config_parsing(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("scenario: permuted_mnist\nlr: 2e-4\nwidths: [2000, 2000]\npruning: taylor\n")
