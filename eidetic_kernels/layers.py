@@ -489,7 +489,9 @@ class EideticLayer(nn.Module):
             state_dict[kb] = torch.cat([by_neuron[b.rows.to(bias.device)] for b in blocks]) if blocks else bias
 
     def _name(self) -> str:
-        return type(self).__name__
+        """The layer in error messages: its class, and its name in the model when it has one."""
+        where = getattr(self, "qualified_name", None)
+        return f"{type(self).__name__} '{where}'" if where else type(self).__name__
 
 
 def describe_state(state: int) -> str:
@@ -834,9 +836,12 @@ def convert(model: nn.Module, _path: str = "") -> nn.Module:
     cls = _CONVERSIONS.get(type(model))
     if cls is not None:
         try:
-            return cls.from_module(model)
+            twin = cls.from_module(model)
         except ValueError as exc:
             raise ValueError(f"cannot convert {_path or type(model).__name__}: {exc}") from exc
+        if _path:
+            twin.qualified_name = _path  # error messages name the layer as the model does
+        return twin
     for name, child in list(model.named_children()):
         new = convert(child, f"{_path}.{name}" if _path else name)
         if new is not child:

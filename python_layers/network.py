@@ -135,6 +135,7 @@ class EideticNetwork(nn.Module):
         stray = []
         for name, module in self._body_modules():
             if isinstance(module, EideticLayer):
+                module.qualified_name = name  # error messages name the layer as the network does
                 continue
             stray += [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
         if stray:
@@ -169,6 +170,7 @@ class EideticNetwork(nn.Module):
         self._check_capacity(task, bool(forward_transfer))
         like = self._reference_tensor()
         head = EideticLinear(self.feature_dim, num_classes, device=like.device, dtype=like.dtype)
+        head.qualified_name = f"heads.{task}"
         self.heads.append(head)
         self.current_task = task
         self.forward_transfer[task] = bool(forward_transfer)
@@ -468,6 +470,7 @@ class EideticNetwork(nn.Module):
             if i < len(self.heads) and self.heads[i].out_features == num_classes:
                 continue
             head = EideticLinear(self.feature_dim, num_classes, device=like.device, dtype=like.dtype)
+            head.qualified_name = f"heads.{i}"
             if i < len(self.heads):
                 self.heads[i] = head
             else:

@@ -259,7 +259,7 @@ def test_a_bad_first_batch_raises_what_the_layer_raises(capfd):
     model.prepare_for_task(0, 2)
     with pytest.raises(TypeError, match="float64 but the weights are torch.float32"):
         model(torch.randn(4, 8, dtype=torch.float64), task=0)
-    with pytest.raises(ValueError, match=r"shape\[-1\] == 8, got shape \(4, 9\)"):
+    with pytest.raises(ValueError, match=r"EideticLinear 'body.0' expects input.shape\[-1\] == 8, got shape \(4, 9\)"):
         model(torch.randn(4, 9), task=0)
     assert "Traceback" not in capfd.readouterr().err
     assert model(torch.randn(4, 8), task=0).shape == (4, 2)
