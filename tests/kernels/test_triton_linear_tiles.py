@@ -291,6 +291,24 @@ def test_finished_tasks_are_bit_stable_across_later_training(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_nan_in_a_networks_trainable_storage_never_reaches_a_finished_task(monkeypatch):
+    """Inside a network (task-major, slices only): every trainable storage (body layers and the new task's
+    head) poisoned with NaN and inf leaves every finished task's logits bit-identical."""
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    model = _network(3, seed=4).eval()
+    x = torch.randn(8, 784, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        clean = [model(x, task=t).clone() for t in range(3)]
+        for layer in _eidetic_layers(model):
+            layer.weight.view(-1)[::2] = float("nan")
+            layer.weight.view(-1)[1::2] = float("inf")
+            if layer.bias is not None:
+                layer.bias.fill_(float("nan"))
+        for t in range(3):
+            assert torch.equal(model(x, task=t), clean[t])
+        assert torch.isnan(model(x, task=3)).any()  # the poisoned trainable task does see it
+
+
 # ----- work accounting ----------------------------------------------------------------------------------
 
 def _eidetic_flops(counter):

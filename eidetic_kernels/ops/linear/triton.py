@@ -19,11 +19,13 @@ The tile table (``build_tiles``, host-built once per state change and view) list
 * dX programs, one per COLS input columns (``dx_prog`` int32[Q, 2]: first segment, segments), each summing
   over segments (``dx_seg`` int32[S, 7]: kind, first row entry, rows, columns [lo, hi), shift, map start):
   the blocks that read some of its columns, in table order; weight column = input column - shift, or
-  ``dx_map[start + c - c0]`` (-1: not read) for scattered windows.
+  ``dx_map[map start + c - c0]`` (-1: not read) for scattered windows.
 * ``work`` int64[3] (on the CPU): multiply-adds per sample scheduled by forward, dX and dW.
 
 Kernels (fixed tile sizes per (kernel, dtype); no autotuning, no split-K; a block's tiles depend on the
-block alone, so a finished block's summation order never changes):
+block alone, so a finished block's summation order never changes). ``SCATTERED`` (constexpr) compiles
+the gather and column-map paths only for tables that have one (a network's task-major layers have none),
+so slices keep contiguous loads:
 * forward: program (M tile, table program): one K loop over its block's window, bias, then a select:
   kind-2 rows are exactly 0.
 * dX: program (M tile, column tile): for each segment, the rows of its block in ROWS chunks; a column the
@@ -38,7 +40,10 @@ block alone, so a finished block's summation order never changes):
   it on. The registered flop formulas give 2x the same numbers from ``work``.
 
 Registered as custom ops (``eidetic::triton_linear``, its backward, and ``eidetic::triton_linear_tiles``
-that builds a table inside a compiled graph) so layers run under torch.compile(fullgraph=True).
+that builds a table inside a compiled graph) so layers run under torch.compile(fullgraph=True). With
+``create_graph=True`` the backward differentiates F.linear on the dense weight the tiles compute
+(``dense_from_tiles``). A plain nn.Linear (every neuron FREE, every input live) without Taylor scores is
+handed to torch's GEMM (``DENSE_SHORTCUT``).
 """
 from __future__ import annotations
 
@@ -63,37 +68,6 @@ DENSE_SHORTCUT = True
 
 KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO = 0, 1, 2
 _PROG, _ROW, _SEG = 6, 3, 7  # fields per program, row entry, dX segment
-
-
-@triton.jit
-def _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen, start, width, s_xm, s_xk,
-                GATHER: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, DOT_FP32: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x[rows, window] · W[block rows, window]ᵀ over the block's whole window.
-
-    The window is the block's live inputs only (the slice ``start:start + width``, or ``cols[start:]``):
-    nothing else is ever read. Weight column: the k-th live input in the compact frozen storage, the input
-    column itself in the trainable storage."""
-    w_start = tl.where(frozen, 0, start)
-    for k0 in range(0, width, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < width
-        if GATHER:
-            col = tl.load(cols_ptr + start + o_k, mask=m_k, other=0)
-            w_col = tl.where(frozen, o_k, col)
-        else:
-            col = start + o_k
-            w_col = w_start + o_k
-        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
-                    mask=m_m[:, None] & m_k[None, :], other=0.0)
-        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-        if COUNT:
-            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
-    return acc, macs
 
 
 @triton.jit
@@ -128,21 +102,30 @@ def _linear_fwd_kernel(
     out_row = tl.load(p_row, mask=m_r, other=0)
     w_row = tl.load(p_row + 1, mask=m_r, other=0)
     w_base = tl.where(frozen, wf_ptr, wt_ptr)
+    w_start = tl.where(frozen, 0, start)  # compact storage: the k-th live input; trainable: the input column
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    # two specialisations of the one K loop: a slice keeps its loads contiguous (vectorised on a GPU); the
-    # gather loop is compiled only for tables that have one (SCATTERED)
-    if SCATTERED:
-        if gather != 0:
-            acc, macs = _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen,
-                                    start, width, s_xm, s_xk, True, COUNT, PREC, DOT_FP32, BLOCK_K)
+    for k0 in range(0, width, BLOCK_K):  # the block's whole window, once
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < width
+        # the block's live inputs only (a slice, or its gather list): nothing else is ever read
+        if SCATTERED:  # compiled only for tables with a gather list; slices keep contiguous loads otherwise
+            m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+            col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
+            w_col = tl.where(frozen, o_k, col)
         else:
-            acc, macs = _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen,
-                                    start, width, s_xm, s_xk, False, COUNT, PREC, DOT_FP32, BLOCK_K)
-    else:
-        acc, macs = _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, w_row, m_r, n_rows, frozen, start,
-                                width, s_xm, s_xk, False, COUNT, PREC, DOT_FP32, BLOCK_K)
+            col = start + o_k
+            w_col = w_start + o_k
+        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
+                    mask=m_m[:, None] & m_k[None, :], other=0.0)
+        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
     if HAS_BIAS:
         b_row = tl.load(p_row + 2, mask=m_r, other=0)
         b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
@@ -152,39 +135,6 @@ def _linear_fwd_kernel(
              mask=m_m[:, None] & m_r[None, :])
     if COUNT:
         tl.atomic_add(work_ptr, macs)
-
-
-@triton.jit
-def _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr, o_m, m_m, o_c, m_c, row0, n_rows, c_lo, c_hi, shift,
-                s_gm, s_gn, USE_MAP: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, DOT_FP32: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_K] += g[:, block rows] · W[block rows, columns o_c] over one block's rows.
-
-    Columns the block does not read (outside [c_lo, c_hi), or -1 in the map) keep their accumulator: a
-    select, so a NaN gradient of a row cannot reach an input that row does not read."""
-    if USE_MAP:
-        w_col = tl.load(map_ptr + tl.arange(0, BLOCK_K), mask=m_c, other=-1)
-        live = m_c & (w_col >= 0)
-    else:
-        w_col = o_c - shift
-        live = m_c & (o_c >= c_lo) & (o_c < c_hi)
-    for n0 in range(0, n_rows, BLOCK_N):
-        o_r = n0 + tl.arange(0, BLOCK_N)
-        m_r = o_r < n_rows
-        p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
-        out_row = tl.load(p_row, mask=m_r, other=0)
-        w_row = tl.load(p_row + 1, mask=m_r, other=0)
-        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
-                    mask=m_m[:, None] & m_r[None, :], other=0.0)
-        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & live[None, :], other=0.0)
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.where(live[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
-        if COUNT:
-            macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
-                     * tl.sum(live.to(tl.int64), axis=0))
-    return acc, macs
 
 
 @triton.jit
@@ -205,13 +155,14 @@ def _linear_dx_kernel(
     pid_c = tl.program_id(1)
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < M
-    o_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_t = tl.arange(0, BLOCK_K)
+    o_c = pid_c * BLOCK_K + o_t
     m_c = o_c < K
     seg0 = tl.load(dx_prog_ptr + pid_c * 2)
     n_seg = tl.load(dx_prog_ptr + pid_c * 2 + 1)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    for s in range(seg0, seg0 + n_seg):
+    for s in range(seg0, seg0 + n_seg):  # the blocks reading some of these columns, in table order
         q = seg_ptr + s * 7
         frozen = tl.load(q) == 0
         row0 = tl.load(q + 1)
@@ -219,55 +170,39 @@ def _linear_dx_kernel(
         c_lo = tl.load(q + 3)
         c_hi = tl.load(q + 4)
         shift = tl.load(q + 5)
-        map0 = tl.load(q + 6)
-        w_base = tl.where(frozen, wf_ptr, wt_ptr)
-        if SCATTERED:
-            if map0 >= 0:
-                acc, macs = _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr + map0, o_m, m_m, o_c, m_c,
-                                        row0, n_rows, c_lo, c_hi, shift, s_gm, s_gn, True, COUNT, PREC, DOT_FP32,
-                                        BLOCK_N, BLOCK_K)
-            else:
-                acc, macs = _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr, o_m, m_m, o_c, m_c, row0,
-                                        n_rows, c_lo, c_hi, shift, s_gm, s_gn, False, COUNT, PREC, DOT_FP32,
-                                        BLOCK_N, BLOCK_K)
+        in_range = (o_c >= c_lo) & (o_c < c_hi)
+        if SCATTERED:  # a column map (-1: not read) for segments that have one
+            map0 = tl.load(q + 6)
+            m_map = m_c & (o_t * 0 + map0 >= 0)  # a block-shaped mask (the interpreter wants one)
+            mapped = tl.load(map_ptr + map0 + o_t, mask=m_map, other=-1)
+            w_col = tl.where(m_map, mapped, o_c - shift)
+            live = m_c & tl.where(m_map, mapped >= 0, in_range)
         else:
-            acc, macs = _dx_segment(acc, macs, g_ptr, w_base, rows_ptr, map_ptr, o_m, m_m, o_c, m_c, row0,
-                                    n_rows, c_lo, c_hi, shift, s_gm, s_gn, False, COUNT, PREC, DOT_FP32, BLOCK_N,
-                                    BLOCK_K)
+            w_col = o_c - shift
+            live = m_c & in_range
+        w_base = tl.where(frozen, wf_ptr, wt_ptr)
+        for n0 in range(0, n_rows, BLOCK_N):
+            o_r = n0 + tl.arange(0, BLOCK_N)
+            m_r = o_r < n_rows
+            p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+            out_row = tl.load(p_row, mask=m_r, other=0)
+            w_row = tl.load(p_row + 1, mask=m_r, other=0)
+            g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
+                        mask=m_m[:, None] & m_r[None, :], other=0.0)
+            w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & live[None, :], other=0.0)
+            if DOT_FP32:
+                g = g.to(tl.float32)
+                w = w.to(tl.float32)
+            # columns the block does not read keep their sum (a select: a NaN gradient of a row cannot reach
+            # an input that row does not read)
+            acc = tl.where(live[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
+            if COUNT:
+                macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
+                         * tl.sum(live.to(tl.int64), axis=0))
     tl.store(dx_ptr + o_m[:, None] * K + o_c[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_m[:, None] & m_c[None, :])
     if COUNT:
         tl.atomic_add(work_ptr, macs)
-
-
-@triton.jit
-def _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows, start, k0, width, M, s_gm, s_gn,
-               s_xm, s_xk, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr,
-               ACC: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_K] += g[:, rows]ᵀ · x[:, columns k0.. of the window], acc_b += Σ_batch g[:, rows];
-    returns them with the columns' input indices and mask (the window as in ``_fwd_k_loop``)."""
-    o_k = k0 + tl.arange(0, BLOCK_K)
-    m_k = o_k < width
-    if GATHER:
-        col = tl.load(cols_ptr + start + o_k, mask=m_k, other=0)
-    else:
-        col = start + o_k
-    for m0 in range(0, M, BLOCK_M):
-        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_m = o_m < M
-        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
-                    mask=m_m[:, None] & m_r[None, :], other=0.0)
-        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
-                    mask=m_m[:, None] & m_k[None, :], other=0.0)
-        if HAS_BIAS:
-            acc_b += tl.sum(g.to(ACC), axis=0)
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
-        if COUNT:
-            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
-    return acc, acc_b, macs, col, m_k
 
 
 @triton.jit
@@ -298,22 +233,31 @@ def _linear_dw_kernel(
     p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
     out_row = tl.load(p_row, mask=m_r, other=0)
     w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * K: dW has the trainable storage's layout
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < width
+    if SCATTERED:
+        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
+    else:
+        col = start + o_k
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     acc_b = tl.zeros([BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    if SCATTERED:
-        if gather != 0:
-            acc, acc_b, macs, col, m_k = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows,
-                                                    start, k0, width, M, s_gm, s_gn, s_xm, s_xk, True, HAS_BIAS,
-                                                    COUNT, PREC, ACC, DOT_FP32, BLOCK_M, BLOCK_K)
-        else:
-            acc, acc_b, macs, col, m_k = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows,
-                                                    start, k0, width, M, s_gm, s_gn, s_xm, s_xk, False, HAS_BIAS,
-                                                    COUNT, PREC, ACC, DOT_FP32, BLOCK_M, BLOCK_K)
-    else:
-        acc, acc_b, macs, col, m_k = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, cols_ptr, out_row, m_r, n_rows,
-                                                start, k0, width, M, s_gm, s_gn, s_xm, s_xk, False, HAS_BIAS,
-                                                COUNT, PREC, ACC, DOT_FP32, BLOCK_M, BLOCK_K)
+    for m0 in range(0, M, BLOCK_M):
+        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_m = o_m < M
+        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
+                    mask=m_m[:, None] & m_r[None, :], other=0.0)
+        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
+                    mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if HAS_BIAS:
+            acc_b += tl.sum(g.to(ACC), axis=0)
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
     tl.store(dw_ptr + w_row[:, None] + col[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=m_r[:, None] & m_k[None, :])
     if HAS_BIAS:
