@@ -105,6 +105,10 @@ class Config:
     router_samples_per_task: int = _key(2000, "training inputs per finished task for the learned router",
                                         _AT_LEAST_ONE)
     router_epochs: int = _key(30, "epochs of the learned router's training", _AT_LEAST_ONE)
+    router_flip: bool = _key(
+        False, "the learned router also trains on each input mirrored left-right and averages its task "
+               "probabilities over an input and its mirror (two body passes per prediction; images whose class "
+               "survives a mirror, e.g. CIFAR, not digits)")
     eval_every_epoch: bool = _key(
         True, "measure the task in training on its test set after every epoch (for the task-accuracy figure)")
     progress: bool = _key(True, "progress bars while training")

@@ -6,22 +6,29 @@ every finished task labelled with their task id. It reads the body *in the view 
 computed once under ``torch.no_grad`` in eval mode, so it touches no neuron of the body and no head; only the
 router's own parameters train.
 
-What the router reads: the body features (the heads' input) and the activations of every Linear/Conv2d layer
-of the body (outputs before their nonlinearity; a conv output is averaged over its spatial positions), all
-from the same single pass. Measured on Split MNIST (configs/demo.yaml, 5000 router inputs per task): a linear
-classifier on the last layer's features fits its own training set only to 93.6% task accuracy (3 tasks; 90.8%
-with 5): the body was trained to tell the classes *within* each task apart, so the tasks are not linearly
-separable in its last layer. Every layer plus a two-hidden-layer MLP reaches 98.7-99.0% task accuracy (3
-tasks; ~97.7% with 5), about what an MLP on the raw pixels of those inputs reaches, so the rest is the size of
-the router's data set; each head's confidence (max softmax, entropy) as extra input added nothing.
+What the router reads: the body features (the heads' input) and a summary of every Linear, Conv2d and
+BatchNorm2d output of the body (``_summaries``: a Linear output as it is; a conv output's mean and standard
+deviation over positions; relu(BatchNorm2d output) averaged and the BatchNorm2d output's maximum over positions),
+all from the same single pass. The body was trained to tell the classes *within* each task apart, so the tasks
+are not linearly separable in its last layer: on Split MNIST (configs/demo.yaml, 5 tasks, 10,000 router inputs
+per task) a linear router on the features routes 90.8% of the test images to their task, every layer plus a
+two-hidden-layer MLP 98.4% (routed ACC 0.9815 against 0.9972 with the task id). Measured on cached activations
+(``benchmarks/router_study.py``, results in ``benchmarks/results/routing/``), what moves the routed accuracy is
+the router's data: on Split CIFAR-10 (configs/split_cifar10_cpu.yaml) 6,000 instead of 2,000 inputs per task
+add 16-17 points, the spread and maximum over positions 3.5, each input's mirror (``flip``) 2.4; a wider or longer
+trained MLP, an ensemble of routers, extra random crops, Gaussian (LDA/QDA) task models and adding each head's
+confidence (max softmax, logsumexp, entropy; z-scored per head) to the router's log-probability add nothing
+or lose.
 
 ``TaskRouter`` = a linear layer on the standardised features plus, when fitted with
-``hidden > 0``, that MLP on the standardised layer activations; their logits add.
+``hidden > 0``, that MLP on the standardised layer summaries; their logits add. Fitted with ``flip=True`` it
+also trains on each input mirrored left-right and ``predict`` averages its task probabilities over an input
+and its mirror.
 
-``predict(model, x, router)`` runs the body once in that view and applies every finished head to the same
+``predict(model, x, router)`` runs the body once in that view (twice for a ``flip`` router) and applies every finished head to the same
 features. That is exact: a neuron of task s reads only neurons of tasks <= s, so its value in the view of
 the last task equals its value in the view of task s, and head t reads only features of tasks <= t.
-``router="learned"`` picks the task with the router's largest logit; ``router="entropy"`` picks the head
+``router="learned"`` picks the task with the router's largest logit (probability, averaged with the mirror's); ``router="entropy"`` picks the head
 whose softmax has the lowest entropy divided by log(number of classes) (so heads with different class
 counts are comparable; a one-class head counts as maximally uncertain). Needs no training.
 """
@@ -33,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eidetic_kernels import EideticConv2d, EideticLinear
+from eidetic_kernels import EideticBatchNorm2d, EideticConv2d, EideticLinear
 
 from .trainer import _model_device
 
@@ -63,6 +70,8 @@ class TaskRouter(nn.Module):
         self.linear = nn.Linear(feature_dim, num_tasks)
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_scale", torch.ones(feature_dim))
+        # whether predict also reads each input mirrored left-right and averages the two task probabilities
+        self.register_buffer("flip", torch.tensor(False))
         self.mlp: nn.Sequential | None = None
         self._set_mlp(int(input_dim), int(hidden))
 
@@ -104,8 +113,13 @@ class TaskRouter(nn.Module):
                 self._set_mlp(int(input_dim), int(hidden))
         elif first is None and self.mlp is not None:  # a linear-only router (or an older checkpoint)
             self._set_mlp(0, 0)
+        had_flip = prefix + "flip" in state_dict
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if not had_flip:  # a router saved without the flag reads inputs as they are
+            self.flip.fill_(False)
+            if prefix + "flip" in missing_keys:
+                missing_keys.remove(prefix + "flip")
 
 
 def _finished(model) -> int:
@@ -143,23 +157,40 @@ class _EvalMode:
 
 
 def _router_layers(model) -> list:
-    """The body's Linear/Conv2d layers, in the network's order (none for a model without ``body_layers``)."""
+    """The body's Linear, Conv2d and BatchNorm2d layers, in the network's order (none for a model without
+    ``body_layers``)."""
     layers = model.body_layers() if hasattr(model, "body_layers") else {}
-    return [m for m in layers.values() if isinstance(m, (EideticLinear, EideticConv2d))]
+    return [m for m in layers.values() if isinstance(m, (EideticLinear, EideticConv2d, EideticBatchNorm2d))]
+
+
+def _summaries(module, output: torch.Tensor) -> list[torch.Tensor]:
+    """What the router reads of one layer's output, each [B, channels] float32: a Linear output as it is; a conv
+    output's mean and standard deviation over positions; a BatchNorm2d output's mean of relu(output) (what the
+    following ReLU passes on) and its maximum over positions. Positions are averaged away because the router
+    must not depend on the image size; the spread and the maximum keep some of what the mean alone loses
+    (measured on Split CIFAR-10, ``benchmarks/router_study.py``: 3.5 points of routed accuracy)."""
+    o = output.float()
+    if o.dim() <= 2:
+        return [o]
+    flat = o.flatten(2)
+    if isinstance(module, EideticBatchNorm2d):
+        return [flat.clamp_min(0).mean(-1), flat.amax(-1)]
+    return [flat.mean(-1), flat.std(-1, correction=0)]
 
 
 def _features(model, x, num_finished, activations: bool = False):
     """(features, activations or None) of one body pass in the view of every finished task.
 
-    activations: [B, sum of the layers' output channels + feature_dim], each Linear/Conv2d output of the body
-    (a conv output averaged over its spatial positions; a layer called twice gives both calls), then the features.
+    features: [B, feature_dim] in the body's dtype. activations: float32 [B, D], the ``_summaries`` of every
+    Linear, Conv2d and BatchNorm2d output of the body in call order (a layer called twice gives both calls), then
+    the features; D = Linear widths + 2 x (conv and BatchNorm2d channels) + feature_dim.
     """
     if not activations:
         return model.features(x, view_task=num_finished - 1), None
     seen = []
 
     def hook(module, args, output):
-        seen.append(output.flatten(2).mean(-1) if output.dim() > 2 else output)
+        seen.extend(_summaries(module, output))
 
     handles = [m.register_forward_hook(hook) for m in _router_layers(model)]
     try:
@@ -178,14 +209,19 @@ def _standardise(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) 
 
 
 def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: int = 256,
-               weight_decay: float = 0.05, hidden: int = 256, label_smoothing: float = 0.1, device=None,
-               generator: torch.Generator | None = None) -> list[dict]:
+               weight_decay: float = 0.05, hidden: int = 256, label_smoothing: float = 0.1, flip: bool = False,
+               device=None, generator: torch.Generator | None = None) -> list[dict]:
     """Train ``model.router`` to tell the finished tasks apart; returns per-epoch {epoch, loss, accuracy}.
 
     ``loaders[t]`` (a list or a dict, one per finished task 0..T-1) yields task t's inputs (``x`` or
     ``(x, ...)`` batches; the labels are ignored: the target is ``t``).
     ``hidden``: width of the MLP on the layer activations (0: the linear router on the features alone).
+    ``flip``: the router also trains on every input mirrored left-right (``x.flip(-1)``, so images
+    ``[B, C, H, W]`` only; for data whose label survives the mirror, e.g. photographs), and ``predict`` averages
+    its task probabilities over the input and its mirror (two body passes).
     Training: AdamW with a one-cycle learning rate peaking at ``lr``, tasks weighted equally, label smoothing.
+    Raises ValueError for a loader list that does not match the finished tasks, bad sizes, no batch, non-finite
+    features, and ``flip`` with inputs that are not ``[B, C, H, W]``.
     """
     num_finished = _finished(model)
     if isinstance(loaders, dict):
@@ -203,6 +239,7 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not isinstance(hidden, int) or hidden < 0:
         raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
+    flip = bool(flip)
     device = torch.device(device) if device is not None else _model_device(model)
 
     # The meta-task dataset, as features and layer activations: the body is fixed, so they are computed once.
@@ -210,11 +247,15 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     with _EvalMode(model):
         for t in range(num_finished):
             for batch in loaders[t]:
-                f, a = _features(model, _inputs(batch).to(device), num_finished, activations=hidden > 0)
-                feats.append(f.float())
-                if a is not None:
-                    acts.append(a)
-                targets.append(torch.full((f.shape[0],), t, dtype=torch.long, device=device))
+                x = _inputs(batch).to(device)
+                if flip and x.dim() != 4:
+                    raise ValueError(f"flip=True mirrors images [B, C, H, W]; task {t}'s inputs are {tuple(x.shape)}")
+                for view in (x, x.flip(-1)) if flip else (x,):
+                    f, a = _features(model, view, num_finished, activations=hidden > 0)
+                    feats.append(f.float())
+                    if a is not None:
+                        acts.append(a)
+                    targets.append(torch.full((f.shape[0],), t, dtype=torch.long, device=device))
     if not feats:
         raise ValueError("the routing loaders yielded no batch")
     feats, targets = torch.cat(feats), torch.cat(targets)
@@ -223,6 +264,7 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
         raise ValueError("the features of the finished tasks are not finite; the router cannot be trained on them")
 
     router = TaskRouter(feats.shape[1], num_finished, 0 if acts is None else acts.shape[1], hidden).to(device)
+    router.flip.fill_(flip)
     with torch.no_grad():
         _standardise(feats, router.feature_mean, router.feature_scale)
         if acts is not None:
@@ -260,7 +302,10 @@ def _head_logits(model, features, num_finished) -> list[torch.Tensor]:
 
 
 def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tensor, torch.Tensor]:
-    """(tasks, classes), LongTensor[B] each: each sample's routed task and its class under that head."""
+    """(tasks, classes), LongTensor[B] each: each sample's routed task and its class under that head.
+
+    Raises ValueError for an unknown ``router``, no finished task, and ``"learned"`` without a router fitted on
+    every finished task."""
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
     num_finished = _finished(model)
@@ -277,7 +322,12 @@ def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tens
                                           activations=router == "learned" and learned.mlp is not None)
         logits = _head_logits(model, features, num_finished)
         if router == "learned":
-            tasks = learned(features.float(), activations).argmax(-1)
+            scores = learned(features.float(), activations)
+            if bool(learned.flip):  # the mirror's probabilities too (the classes come from the input as it is)
+                mirrored, mirrored_activations = _features(model, x.flip(-1), num_finished,
+                                                           activations=learned.mlp is not None)
+                scores = scores.softmax(-1) + learned(mirrored.float(), mirrored_activations).softmax(-1)
+            tasks = scores.argmax(-1)
         else:
             entropies = []
             for z in logits:

@@ -466,6 +466,8 @@ class Run:
             kwargs["generator"] = torch.Generator().manual_seed(cfg["seed"] * 1000 + 800 + t)
         if "epochs" in params:
             kwargs["epochs"] = cfg["router_epochs"]
+        if cfg["router_flip"]:
+            kwargs["flip"] = True
         # the router's initial weights draw from the run's RNG: forked, so the tasks after it train on the same
         # random numbers whatever the router's size
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

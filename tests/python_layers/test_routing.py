@@ -6,7 +6,7 @@ import torch
 
 from python_layers import EideticNetwork
 from python_layers.routing import TaskRouter, _features
-from tests.python_layers.synthetic import CLASSES, make_tasks, mlp_body
+from tests.python_layers.synthetic import CLASSES, cnn_body, make_tasks, mlp_body
 from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
 
 NUM_TASKS = 3
@@ -136,6 +136,72 @@ def test_the_router_travels_with_the_state_dict(trained):
     for router in ("learned", "entropy"):
         for a, b in zip(loaded.predict(x, router=router), model.predict(x, router=router)):
             assert torch.equal(a, b)
+
+
+def test_the_router_reads_each_layers_summaries():
+    # cnn_body: Conv(8) -> BN(8) -> ReLU -> MaxPool -> Flatten -> Linear(24) -> ReLU, features 24. The router reads
+    # the conv output's mean and spread over positions (2 x 8), relu(BN output) averaged and the BN output's
+    # maximum (2 x 8), the Linear output (24) and the features (24).
+    torch.manual_seed(0)
+    model = EideticNetwork(*cnn_body())
+    tasks = make_tasks(num_tasks=1, seed=3)
+    model.prepare_for_task(0, CLASSES)
+    model.train_task(tasks[0][0], torch.optim.AdamW(model.parameters(), lr=5e-3), pruning=None, max_epochs=1,
+                     progress=False)
+    x = tasks[0][1][:5]
+    model.eval()
+    with torch.no_grad():
+        features, activations = _features(model, x, 1, activations=True)
+        conv = model.body[0](x)
+        bn = model.body[1](conv)
+        linear = model.body[5](model.body[4](model.body[3](model.body[2](bn))))
+    expect = torch.cat([conv.flatten(2).mean(-1), conv.flatten(2).std(-1, correction=0),
+                        bn.clamp_min(0).flatten(2).mean(-1), bn.flatten(2).amax(-1), linear, features], 1)
+    assert activations.shape == (5, 80)
+    torch.testing.assert_close(activations, expect)
+
+
+def test_a_flip_router_averages_an_input_and_its_mirror(trained):
+    model, tasks, _, x, _, _ = trained
+    model = copy.deepcopy(model)
+    model.fit_router([loader for loader, _, _ in tasks], epochs=3, flip=True,
+                     generator=torch.Generator().manual_seed(0))
+    assert bool(model.router.flip)
+    model.eval()
+    first_layer = next(layer for _, layer in model.groups[0].members)
+    calls = []
+    handle = first_layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        tasks_f, classes_f = model.predict(x, router="learned")
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the input and its mirror
+    with torch.no_grad():
+        probs = sum(model.router(*_features(model, view, NUM_TASKS, activations=True)).softmax(-1)
+                    for view in (x, x.flip(-1)))
+        logits = reference_heads(model, x)
+    assert torch.equal(tasks_f, probs.argmax(-1))
+    assert torch.equal(classes_f, torch.stack([logits[int(t)][i].argmax() for i, t in enumerate(tasks_f)]))
+    # the flag travels with the state dict; a router state without it (an older checkpoint) reads no mirror
+    torch.manual_seed(5)
+    loaded = EideticNetwork(*mlp_body())
+    loaded.load_state_dict(model.state_dict())
+    assert bool(loaded.router.flip) and torch.equal(loaded.predict(x)[0], tasks_f)
+    state = {k: v for k, v in model.router.state_dict().items() if k != "flip"}
+    router = TaskRouter(model.router.linear.in_features, NUM_TASKS)
+    router.load_state_dict(state)
+    assert not bool(router.flip)
+
+
+def test_flip_needs_images():
+    model = EideticNetwork(*mlp_body())
+    tasks = make_tasks(num_tasks=1, seed=4)
+    model.prepare_for_task(0, CLASSES)
+    model.train_task(tasks[0][0], torch.optim.AdamW(model.parameters(), lr=5e-3), pruning=None, max_epochs=1,
+                     progress=False)
+    flat = [tasks[0][1].flatten(1)]  # [B, 64]: nothing to mirror
+    with pytest.raises(ValueError, match=r"flip=True mirrors images \[B, C, H, W\]"):
+        model.fit_router([flat], flip=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
