@@ -401,18 +401,19 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
         dx_prog.append([len(segs), len(s)])
         segs.extend(s)
 
-    def i32(data, cols):  # at least one row: every pointer argument is valid
-        t = torch.tensor(data, dtype=torch.int32).reshape(-1, cols) if data else torch.zeros((0, cols), dtype=torch.int32)
-        return (t if t.numel() else torch.zeros((1, cols), dtype=torch.int32)).to(device)
+    def table_of(data, fields, dtype=torch.int32, pad=False):
+        t = torch.tensor(data, dtype=dtype).reshape(-1, fields) if data else torch.zeros((0, fields), dtype=dtype)
+        if pad and not data:  # a valid pointer argument even when nothing is read through it
+            t = torch.zeros((1, fields), dtype=dtype)
+        return t.to(device)
 
-    rows_t = torch.cat(rows).long() if rows else torch.zeros((1, _ROW), dtype=torch.long)
-    cols_t = torch.cat(cols).int() if cols else torch.zeros(1, dtype=torch.int32)
-    map_t = torch.cat(maps).int() if maps else torch.zeros(1, dtype=torch.int32)
-    prog_t = torch.tensor(prog, dtype=torch.int32).reshape(-1, _PROG) if prog else torch.zeros((0, _PROG), dtype=torch.int32)
-    dw_t = torch.tensor(dw_prog, dtype=torch.int32).reshape(-1, 2) if dw_prog else torch.zeros((0, 2), dtype=torch.int32)
-    dx_prog_t = torch.tensor(dx_prog, dtype=torch.int32).reshape(n_tiles, 2)  # one program per column tile
-    tensors = (prog_t.to(device), rows_t.to(device), cols_t.to(device), dw_t.to(device), dx_prog_t.to(device),
-               i32(segs, _SEG), map_t.to(device), torch.tensor(work, dtype=torch.int64))
+    def cat_of(parts, dtype, empty=(1,)):  # never empty: a valid pointer argument
+        return (torch.cat(parts) if parts else torch.zeros(empty, dtype=torch.long)).to(device, dtype)
+
+    tensors = (table_of(prog, _PROG), cat_of(rows, torch.int64, (1, _ROW)), cat_of(cols, torch.int32),
+               table_of(dw_prog, 2),
+               table_of(dx_prog, 2), table_of(segs, _SEG, pad=True), cat_of(maps, torch.int32),
+               torch.tensor(work, dtype=torch.int64))
     return LinearTiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog),
                        scattered=bool(cols) or bool(maps))
 
