@@ -550,7 +550,8 @@ def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
     _linear_dw_kernel[(dw_prog.shape[0],)](
         g2, x2, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work,
         M, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
-        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device), ACC=acc_type(x2.dtype),
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device),
+        ACC=acc_type(x2.dtype),
         DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw, db
