@@ -85,7 +85,7 @@ def plot(path: Path) -> Path:
     if not rows:
         raise SystemExit(f"{path} has no torch-prune/eidetic rows")
     task_rows = [r for r in rows if r.get("suite") == "tasks" and r["metric"] == "time_ms"]
-    rows = [r for r in rows if r.get("suite") != "tasks"]
+    rows = [r for r in rows if r.get("suite") in ("layer", "e2e")]  # the processes suite has its own table
     shares = sorted({r["frozen_share"] for r in rows}, key=float)
     time_rows = [r for r in rows if r["metric"] == "time_ms"]
     panels = []
