@@ -165,9 +165,37 @@ class EideticLayer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._state_changed()  # cached plans hold tensors on the old device
+        on_meta = self.task_state.is_meta
         out = super()._apply(fn, *args, **kwargs)
+        if on_meta and not self.task_state.is_meta:
+            self._materialized()
         backends.preload(self.task_state.device)  # torch.compile cannot trace the backend's import
         return out
+
+    @torch.no_grad()
+    def _materialized(self) -> None:
+        """After ``to_empty`` from the meta device: the state buffers hold whatever the new memory held. A
+        layer built on meta has no finished task: every neuron FREE, every input task 0. Its weights stay
+        uninitialised, as torch.nn's do, until ``reset_parameters()``."""
+        if any(t.numel() for _, _, t in self._split_pairs()):
+            raise RuntimeError(f"{self._name()}: frozen neurons' weights do not survive the meta device; load "
+                               "them from a state dict instead")
+        self.task_state.fill_(FREE)
+        for name in ("min_input_task", "input_task"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).zero_()
+        if getattr(self, "recycled_at_batch", None) is not None:
+            self.recycled_at_batch.zero_()
+        self._state_changed()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise the trainable storage (FREE and PRUNED neurons) as the torch.nn twin's
+        ``reset_parameters`` does, drawing from torch's default generator in the same order (a fresh layer
+        gets the twin's values under the same seed). Frozen neurons keep their weights: a finished task never
+        changes."""
+        rows = self.weight.shape[0] if self.weight is not None else 0
+        self._reinit_rows(torch.arange(rows, device=self.task_state.device), None)
 
     def _indices(self, neurons) -> torch.Tensor:
         idx = torch.as_tensor(neurons, device=self.task_state.device)
@@ -681,6 +709,28 @@ class _EideticBatchNorm(EideticLayer):
                     getattr(new, name).copy_(src)
         _adopt(new, module)
         return new
+
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """torch.nn's ``reset_running_stats`` for the channels that are not frozen (a frozen channel normalises
+        with its statistics for good); ``num_batches_tracked`` restarts at 0."""
+        if not self.track_running_stats:
+            return
+        live = ~is_frozen(self.task_state)
+        self.running_mean.masked_fill_(live, 0.0)
+        self.running_var.masked_fill_(live, 1.0)
+        self.num_batches_tracked.zero_()
+        self.recycled_at_batch.zero_()
+        self._any_recycled = False
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """torch.nn's ``reset_parameters`` (running statistics, weight 1, bias 0) for the channels that are not
+        frozen; frozen channels keep their statistics and affine parameters."""
+        self.reset_running_stats()
+        for t, value in ((self.weight, 1.0), (self.bias, 0.0)):
+            if t is not None:
+                t.data.fill_(value)
 
     @torch.no_grad()
     def _reinit_rows(self, slots, generator):

@@ -341,6 +341,56 @@ def test_torch_export_on_cpu_engine_is_a_clear_error(make, monkeypatch):
         torch.export.export(nn.Sequential(layer), (x,))
 
 
+# ----- reset_parameters and the meta device ---------------------------------------------------------------
+
+RESET_CASES = [(lambda **kw: nn.Linear(6, 5, **kw), lambda **kw: EideticLinear(6, 5, **kw), (3, 6)),
+         (lambda **kw: nn.Conv2d(3, 4, 3, **kw), lambda **kw: EideticConv2d(3, 4, 3, **kw), (2, 3, 6, 6)),
+         (lambda **kw: nn.BatchNorm2d(4, **kw), lambda **kw: EideticBatchNorm2d(4, **kw), (5, 4, 3, 3))]
+
+
+@pytest.mark.parametrize("make_nn, make_eid, shape", RESET_CASES, ids=["linear", "conv2d", "batch_norm"])
+def test_reset_parameters_and_meta_initialisation_as_torch_nn(make_nn, make_eid, shape):
+    """reset_parameters draws what the twin draws under the same seed; a layer built on the meta device,
+    materialised with to_empty and reset (what FSDP-style initialisation does) equals the twin built the
+    same way, forward and running statistics."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for make in (make_nn, make_eid):
+        torch.manual_seed(3)
+        fresh = make()
+        fresh.reset_parameters()
+        meta = make(device="meta").to_empty(device="cpu")
+        torch.manual_seed(3)
+        meta.reset_parameters()
+        outs.append([fresh(x), meta(x)] + [getattr(m, "running_mean", None) for m in (fresh, meta)])
+    for want, got in zip(outs[0], outs[1]):
+        if want is not None:
+            assert torch.equal(want, got)
+
+
+def test_reset_parameters_keeps_frozen_neurons():
+    torch.manual_seed(0)
+    layer = EideticConv2d(3, 6, 3)
+    layer.prune_neurons([4, 5])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    bn = EideticBatchNorm2d(6)
+    bn.prune_neurons([4, 5])
+    bn(torch.randn(4, 6, 5, 5))
+    bn.freeze_free_neurons(0)
+    frozen = (layer.frozen_weight.clone(), layer.frozen_bias.clone(), bn.running_mean[:4].clone(),
+              bn.frozen_weight.clone())
+    before = layer.weight.detach().clone()
+    layer.reset_parameters()
+    bn.reset_parameters()
+    assert torch.equal(layer.frozen_weight, frozen[0]) and torch.equal(layer.frozen_bias, frozen[1])
+    assert torch.equal(bn.running_mean[:4], frozen[2]) and torch.equal(bn.frozen_weight, frozen[3])
+    assert not torch.equal(layer.weight, before)  # the trainable rows were drawn again
+    assert bool((bn.running_mean[4:] == 0).all()) and bool((bn.running_var[4:] == 1).all())
+    with pytest.raises(RuntimeError, match="meta device"):
+        layer.to("meta").to_empty(device="cpu")
+
+
 # ----- construction probes nothing; one cache folder -------------------------------------------------------
 
 def test_building_layers_probes_no_cpp_toolchain(tmp_path):
