@@ -87,10 +87,17 @@ def _shared_data_candidates() -> list[Path]:
 
 
 def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched, in order: ``data_root`` if given, ``$EIDETIC_DATA`` if set, then ``../shared/data``."""
+    """Folders searched, in order: ``data_root`` if given, ``$EIDETIC_DATA`` if set, then ``../shared/data``.
+
+    Raises DataNotFoundError when ``data_root`` is given but is not a folder: a mistyped path must not fall
+    back to other data silently."""
     roots = []
     if data_root:
-        roots.append(Path(data_root).expanduser())
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise DataNotFoundError(f"data_root={root} is not a folder; give the folder that holds the data sets "
+                                    f"(or leave data_root unset to search ${DATA_ENV}, then ../shared/data)")
+        roots.append(root)
     env = os.environ.get(DATA_ENV)
     if env:
         roots.append(Path(env).expanduser())

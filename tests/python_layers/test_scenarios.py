@@ -143,6 +143,12 @@ def test_missing_env_says_not_set(tmp_path, monkeypatch):
         sc.load_cifar100("train")
 
 
+def test_a_data_root_that_is_not_a_folder_is_an_error(data_dir, tmp_path):
+    """A mistyped data_root never falls back to $EIDETIC_DATA's data silently."""
+    with pytest.raises(sc.DataNotFoundError, match=r"data_root=.*typo is not a folder"):
+        sc.load_mnist("train", tmp_path / "typo")
+
+
 def test_shared_data_found_from_package_location(monkeypatch, tmp_path):
     monkeypatch.delenv("EIDETIC_DATA", raising=False)
     monkeypatch.chdir(tmp_path)  # the cwd does not matter: the package location finds ../shared/data
