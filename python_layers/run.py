@@ -481,7 +481,7 @@ class Run:
         kept = (finish or {}).get("kept") or {}
         sizes = self._group_sizes()
         kept_share = (sum(kept.values()) / max(1, sum(sizes.values()))) if kept and sizes else None
-        parts = [f"task {t + 1}/{self.num_tasks} done in {seconds:.1f}s ({epochs} epochs)",
+        parts = [f"task {t} ({t + 1} of {self.num_tasks}) done in {seconds:.1f}s ({epochs} epochs)",
                  f"test acc {row[t]:.4f}"]
         if routed[t] is not None:
             parts.append(f"routed {routed[t]:.4f}")
