@@ -2,6 +2,7 @@
 
     python -m benchmarks.router_study extract --run RUN_DIR --cache FILE.pt [--samples N] [--flip]
     python -m benchmarks.router_study compare --cache FILE.pt [--out FILE.json] [--only NAME ...]
+    python -m benchmarks.router_study refit --run RUN_DIR [--out FILE.json] [KEY=VALUE ...]
 
 ``extract`` loads RUN_DIR's last checkpoint (an ``eidetic train`` run), runs its body once, in the view of every
 finished task, over (a) each task's router data, exactly the inputs ``Run._fit_router`` uses
@@ -13,6 +14,11 @@ layer several summaries of its output (see ``_summaries``), the body features an
 accuracy and the routed accuracy on the test sets (a sample counts when its task and its class are right), next
 to ACC with the true task id. The routing data are the same training inputs the run's router reads; no data
 reach the body.
+
+``refit`` loads RUN_DIR's last checkpoint (read only), fits the run's own router again with the config keys given
+(e.g. ``router_input=both``) exactly as ``Run._fit_router`` does after the last task, and reports ACC with the
+task id, routed ACC through that router, and the seconds the fit took: a router the product runs, measured on a
+body trained once.
 """
 from __future__ import annotations
 
@@ -289,6 +295,33 @@ def compare(cache: Path, only: list[str] | None, out: Path | None, seeds: int, p
     return report
 
 
+def refit(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
+    from python_layers.config import load_config, parse_overrides
+    from python_layers.run import Run, evaluate, evaluate_routed
+
+    cfg = load_config(run_dir / "config.yaml", dict(parse_overrides(pairs), progress=False))
+    torch.set_num_threads(cfg["threads"] or 1)
+    run = Run(cfg, run_dir, log=lambda *a: None)
+    run.build()
+    run.load_checkpoint()
+    T = run.model.num_finished_tasks
+    t0 = time.perf_counter()
+    run._fit_router(T - 1)
+    fit_seconds = time.perf_counter() - t0
+    tasks = run.scenario.tasks[:T]
+    bs = cfg["eval_batch_size"]
+    oracle = [evaluate(run.model, task.test, j, bs, run.device) for j, task in enumerate(tasks)]
+    routed_ = [evaluate_routed(run.model, task.test, j, bs, run.device, "learned") for j, task in enumerate(tasks)]
+    report = {"run": str(run_dir), "overrides": pairs, "num_tasks": T, "oracle_acc": sum(oracle) / T,
+              "routed_acc": sum(routed_) / T, "oracle_per_task": oracle, "routed_per_task": routed_,
+              "gap_points": 100 * (sum(oracle) - sum(routed_)) / T, "fit_seconds": fit_seconds,
+              "load_average": list(__import__("os").getloadavg())}
+    print(json.dumps(report))
+    if out is not None:
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -303,9 +336,15 @@ def main(argv=None):
     c.add_argument("--only", nargs="*", default=None)
     c.add_argument("--seeds", type=int, default=1)
     c.add_argument("--per-task", type=int, default=None, help="use the first N router inputs of each task")
+    r = sub.add_parser("refit")
+    r.add_argument("--run", type=Path, required=True)
+    r.add_argument("--out", type=Path, default=None)
+    r.add_argument("pairs", nargs="*", help="config overrides KEY=VALUE, e.g. router_input=both")
     a = p.parse_args(argv)
     if a.cmd == "extract":
         extract(a.run, a.cache, a.samples, a.flip)
+    elif a.cmd == "refit":
+        refit(a.run, a.pairs, a.out)
     else:
         compare(a.cache, a.only, a.out, a.seeds, a.per_task)
 

@@ -109,6 +109,13 @@ class Config:
         False, "the learned router also trains on each input mirrored left-right and averages its task "
                "probabilities over an input and its mirror (two body passes per prediction; images whose class "
                "survives a mirror, e.g. CIFAR, not digits)")
+    router_input: Literal["body", "input", "both"] = _key(
+        "body", "what the learned router reads: body (the body's features and every layer's activations, in the "
+                "view of all finished tasks), input (the raw input images through the router's own small CNN, "
+                "conv 16-32 5x5 + FC 128; images [C, H, W] only), both (the two trained apart, their task "
+                "log-probabilities added)")
+    router_input_epochs: int = _key(3, "epochs of the learned router's CNN on the raw input (router_input: input or "
+                                       "both)", _AT_LEAST_ONE)
     eval_every_epoch: bool = _key(
         True, "measure the task in training on its test set after every epoch (for the task-accuracy figure)")
     progress: bool = _key(True, "progress bars while training")

@@ -44,9 +44,11 @@ from eidetic_kernels import EideticBatchNorm2d, EideticConv2d, EideticLinear
 
 from .trainer import _model_device
 
-__all__ = ["TaskRouter", "fit_router", "predict", "ROUTERS"]
+__all__ = ["TaskRouter", "fit_router", "predict", "ROUTERS", "ROUTER_INPUTS"]
 
 ROUTERS = ("learned", "entropy")
+# what the learned router reads: the body (features and layer activations), the raw input (its own CNN), both
+ROUTER_INPUTS = ("body", "input", "both")
 
 
 def _mlp(input_dim: int, hidden: int, num_tasks: int, like: torch.Tensor) -> nn.Sequential:
@@ -55,25 +57,46 @@ def _mlp(input_dim: int, hidden: int, num_tasks: int, like: torch.Tensor) -> nn.
                          nn.Linear(hidden, num_tasks, **kw))
 
 
-class TaskRouter(nn.Module):
-    """Logits over the finished tasks: a linear layer on the standardised body features, plus (``input_dim > 0``)
-    an MLP with two hidden layers of ``hidden`` units on the standardised layer activations (see the module
-    docstring); the two add.
+_CONV_GRID = 7  # the conv router's last map is pooled to 7 x 7 (28 x 28 MNIST after two 2 x 2 pools: as it is)
 
-    ``TaskRouter(feature_dim, num_tasks)`` is the linear router alone; ``load_state_dict`` re-creates the MLP
-    (and its input statistics) with the sizes the state dict holds, so a router saved with its state dict is
-    rebuilt from ``(feature_dim, num_tasks)`` alone.
+
+def _conv(in_channels: int, num_tasks: int, like: torch.Tensor) -> nn.Sequential:
+    """The router's own small CNN on the raw input [B, in_channels, H, W] -> task logits [B, num_tasks]:
+    conv 5x5 (16) -> ReLU -> max pool 2 -> conv 5x5 (32) -> ReLU -> max pool 2 -> average pool to 7 x 7 ->
+    Linear(128) -> ReLU -> Linear(num_tasks)."""
+    kw = dict(device=like.device, dtype=like.dtype)
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 5, padding=2, **kw), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 5, padding=2, **kw), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.AdaptiveAvgPool2d(_CONV_GRID), nn.Flatten(),
+                         nn.Linear(32 * _CONV_GRID * _CONV_GRID, 128, **kw), nn.ReLU(), nn.Linear(128, num_tasks, **kw))
+
+
+class TaskRouter(nn.Module):
+    """Logits over the finished tasks from what it reads: the body (``reads_body``: a linear layer on the
+    standardised body features plus, when ``input_dim > 0``, an MLP with two hidden layers of ``hidden`` units
+    on the standardised layer activations, see the module docstring; the two add) and/or the raw input
+    (``conv``, when ``in_channels > 0``: its own small CNN on the input standardised per channel, ``_conv``).
+    Reading both, the scores are the sum of the two task log-probabilities (each reader trained on its own).
+
+    ``TaskRouter(feature_dim, num_tasks)`` is the linear router alone; ``load_state_dict`` re-creates the MLP,
+    the CNN and their input statistics with the sizes the state dict holds, so a router saved with its state dict
+    is rebuilt from ``(feature_dim, num_tasks)`` alone; a state dict without ``reads_body`` (an older checkpoint)
+    reads the body.
     """
 
-    def __init__(self, feature_dim: int, num_tasks: int, input_dim: int = 0, hidden: int = 256):
+    def __init__(self, feature_dim: int, num_tasks: int, input_dim: int = 0, hidden: int = 256,
+                 in_channels: int = 0, reads_body: bool = True):
         super().__init__()
         self.linear = nn.Linear(feature_dim, num_tasks)
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_scale", torch.ones(feature_dim))
         # whether predict also reads each input mirrored left-right and averages the two task probabilities
         self.register_buffer("flip", torch.tensor(False))
+        self.register_buffer("reads_body", torch.tensor(bool(reads_body)))
         self.mlp: nn.Sequential | None = None
         self._set_mlp(int(input_dim), int(hidden))
+        self.conv: nn.Sequential | None = None
+        self._set_conv(int(in_channels))
 
     def _set_mlp(self, input_dim: int, hidden: int) -> None:
         like = self.linear.weight
@@ -85,6 +108,18 @@ class TaskRouter(nn.Module):
         self.register_buffer("input_mean", torch.zeros(input_dim, device=like.device, dtype=like.dtype))
         self.register_buffer("input_scale", torch.ones(input_dim, device=like.device, dtype=like.dtype))
 
+    def _set_conv(self, in_channels: int) -> None:
+        like = self.linear.weight
+        if in_channels > 0:
+            self.conv = _conv(in_channels, self.num_tasks, like)
+            self.conv.requires_grad_(like.requires_grad)
+            self.register_buffer("pixel_mean", torch.zeros(in_channels, device=like.device, dtype=like.dtype))
+            self.register_buffer("pixel_scale", torch.ones(in_channels, device=like.device, dtype=like.dtype))
+        else:  # None buffers are not in the state dict: a router without the CNN saves what it always did
+            self.conv = None
+            self.register_buffer("pixel_mean", None)
+            self.register_buffer("pixel_scale", None)
+
     @property
     def num_tasks(self) -> int:
         return self.linear.out_features
@@ -94,7 +129,13 @@ class TaskRouter(nn.Module):
         """Width of the layer activations the MLP reads; 0: no MLP (linear router on the features only)."""
         return 0 if self.mlp is None else self.mlp[0].in_features
 
-    def forward(self, features: torch.Tensor, activations: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def in_channels(self) -> int:
+        """Channels of the raw input the CNN reads; 0: no CNN (the router reads the body only)."""
+        return 0 if self.conv is None else self.conv[0].in_channels
+
+    def body_logits(self, features: torch.Tensor, activations: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, num_tasks] from the body features [B, feature_dim] and layer activations [B, input_dim] (float32)."""
         logits = self.linear((features - self.feature_mean) / self.feature_scale)
         if self.mlp is not None:
             if activations is None:
@@ -103,9 +144,28 @@ class TaskRouter(nn.Module):
             logits = logits + self.mlp((activations - self.input_mean) / self.input_scale)
         return logits
 
+    def input_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, num_tasks] from the raw input x [B, in_channels, H, W] through the router's CNN."""
+        if x is None or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"this router reads the raw input [B, {self.in_channels}, H, W] through its own CNN: "
+                             f"pass it (python_layers.routing.predict does), got "
+                             f"{None if x is None else tuple(x.shape)}")
+        x = x.to(self.pixel_mean.dtype)
+        return self.conv((x - self.pixel_mean.view(1, -1, 1, 1)) / self.pixel_scale.view(1, -1, 1, 1))
+
+    def forward(self, features: torch.Tensor, activations: torch.Tensor | None = None,
+                x: torch.Tensor | None = None) -> torch.Tensor:
+        """Task scores [B, num_tasks] (argmax = the routed task): the body logits, the CNN's logits, or with both
+        the sum of their log-softmaxes. ``x``: the raw input, needed when the router has a CNN."""
+        if self.conv is None:
+            return self.body_logits(features, activations)
+        if not bool(self.reads_body):
+            return self.input_logits(x)
+        return self.body_logits(features, activations).log_softmax(-1) + self.input_logits(x).log_softmax(-1)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # the MLP's sizes come from the state dict (its children load after this, into the right shapes)
+        # the MLP's and CNN's sizes come from the state dict (their children load after this, into the right shapes)
         first, last = state_dict.get(prefix + "mlp.0.weight"), state_dict.get(prefix + "mlp.4.weight")
         if first is not None and last is not None:
             hidden, input_dim = first.shape
@@ -113,13 +173,19 @@ class TaskRouter(nn.Module):
                 self._set_mlp(int(input_dim), int(hidden))
         elif first is None and self.mlp is not None:  # a linear-only router (or an older checkpoint)
             self._set_mlp(0, 0)
-        had_flip = prefix + "flip" in state_dict
+        conv = state_dict.get(prefix + "conv.0.weight")
+        in_channels = 0 if conv is None else int(conv.shape[1])
+        if in_channels != self.in_channels:
+            self._set_conv(in_channels)
+        defaults = {name: default for name, default in (("flip", False), ("reads_body", True))
+                    if prefix + name not in state_dict}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if not had_flip:  # a router saved without the flag reads inputs as they are
-            self.flip.fill_(False)
-            if prefix + "flip" in missing_keys:
-                missing_keys.remove(prefix + "flip")
+        # a router saved without a flag (an older checkpoint) reads the inputs as they are, through the body
+        for name, default in defaults.items():
+            getattr(self, name).fill_(default)
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
 
 
 def _finished(model) -> int:
@@ -208,20 +274,57 @@ def _standardise(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) 
     scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
+def _one_cycle(parameters, lr: float, weight_decay: float, steps: int):
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+
+
+def _train(logits_of, parameters, n: int, targets: torch.Tensor, class_weight: torch.Tensor, epochs: int,
+           batch_size: int, lr: float, weight_decay: float, label_smoothing: float, generator, device) -> list[dict]:
+    """Minimise the weighted, smoothed cross entropy of ``logits_of(index)`` against ``targets[index]``."""
+    optimizer, schedule = _one_cycle(parameters, lr, weight_decay, epochs * -(-n // batch_size))
+    history = []
+    for e in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            logits = logits_of(idx)
+            loss = F.cross_entropy(logits, targets[idx], weight=class_weight, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += float(loss.detach()) * idx.numel()
+            correct += int((logits.detach().argmax(-1) == targets[idx]).sum())
+        history.append(dict(epoch=e + 1, loss=loss_sum / n, accuracy=correct / n))
+    return history
+
+
 def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: int = 256,
                weight_decay: float = 0.05, hidden: int = 256, label_smoothing: float = 0.1, flip: bool = False,
+               reads: str = "body", conv_epochs: int = 3, conv_lr: float = 3e-3, conv_batch_size: int = 128,
                device=None, generator: torch.Generator | None = None) -> list[dict]:
-    """Train ``model.router`` to tell the finished tasks apart; returns per-epoch {epoch, loss, accuracy}.
+    """Train ``model.router`` to tell the finished tasks apart; returns per-epoch {epoch, loss, accuracy} (of the
+    body reader, then of the CNN, each with ``reader`` "body" or "input").
 
     ``loaders[t]`` (a list or a dict, one per finished task 0..T-1) yields task t's inputs (``x`` or
     ``(x, ...)`` batches; the labels are ignored: the target is ``t``).
+    ``reads`` (one of ``ROUTER_INPUTS``): "body" reads the body features and layer activations; "input" reads the
+    raw input [B, C, H, W] through the router's own CNN (``_conv``); "both" trains the two readers apart and
+    adds their task log-probabilities. The CNN is the router's own: it reads the same inputs, never the body's
+    weights, and its training touches no neuron of the body.
     ``hidden``: width of the MLP on the layer activations (0: the linear router on the features alone).
     ``flip``: the router also trains on every input mirrored left-right (``x.flip(-1)``, so images
     ``[B, C, H, W]`` only; for data whose label survives the mirror, e.g. photographs), and ``predict`` averages
     its task probabilities over the input and its mirror (two body passes).
-    Training: AdamW with a one-cycle learning rate peaking at ``lr``, tasks weighted equally, label smoothing.
-    Raises ValueError for a loader list that does not match the finished tasks, bad sizes, no batch, non-finite
-    features, and ``flip`` with inputs that are not ``[B, C, H, W]``.
+    Training: AdamW with a one-cycle learning rate peaking at ``lr`` (the body reader, ``epochs`` over cached
+    float32 features, batch ``batch_size``) or ``conv_lr`` (the CNN, ``conv_epochs`` over the float32 inputs,
+    batch ``conv_batch_size``), tasks weighted equally, label smoothing. With one finished task the CNN is not
+    trained (there is nothing to tell apart).
+    Raises ValueError for a loader list that does not match the finished tasks, bad sizes, an unknown ``reads``,
+    no batch, non-finite features, and ``flip`` or ``reads`` "input"/"both" with inputs that are not
+    ``[B, C, H, W]``.
     """
     num_finished = _finished(model)
     if isinstance(loaders, dict):
@@ -234,62 +337,70 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     if missing or extra:
         raise ValueError(f"fit_router needs one loader per finished task 0..{num_finished - 1}; "
                          + (f"missing tasks {missing}" if missing else f"got loaders for unfinished tasks {extra}"))
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("conv_epochs", conv_epochs),
+                        ("conv_batch_size", conv_batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not isinstance(hidden, int) or hidden < 0:
         raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
+    if reads not in ROUTER_INPUTS:
+        raise ValueError(f"reads must be one of {ROUTER_INPUTS}, got {reads!r}")
     flip = bool(flip)
+    reads_body, reads_input = reads in ("body", "both"), reads in ("input", "both")
     device = torch.device(device) if device is not None else _model_device(model)
 
-    # The meta-task dataset, as features and layer activations: the body is fixed, so they are computed once.
-    feats, acts, targets = [], [], []
+    # The meta-task dataset, as features and layer activations (and the raw inputs for the CNN): the body is
+    # fixed, so they are computed once.
+    feats, acts, images, targets = [], [], [], []
     with _EvalMode(model):
         for t in range(num_finished):
             for batch in loaders[t]:
                 x = _inputs(batch).to(device)
                 if flip and x.dim() != 4:
                     raise ValueError(f"flip=True mirrors images [B, C, H, W]; task {t}'s inputs are {tuple(x.shape)}")
+                if reads_input and x.dim() != 4:
+                    raise ValueError(f"reads={reads!r}: the router's CNN reads images [B, C, H, W]; task {t}'s "
+                                     f"inputs are {tuple(x.shape)}")
                 for view in (x, x.flip(-1)) if flip else (x,):
-                    f, a = _features(model, view, num_finished, activations=hidden > 0)
+                    f, a = _features(model, view, num_finished, activations=reads_body and hidden > 0)
                     feats.append(f.float())
                     if a is not None:
                         acts.append(a)
+                    if reads_input:
+                        images.append(view.float())
                     targets.append(torch.full((f.shape[0],), t, dtype=torch.long, device=device))
     if not feats:
         raise ValueError("the routing loaders yielded no batch")
     feats, targets = torch.cat(feats), torch.cat(targets)
     acts = torch.cat(acts) if acts else None
+    images = torch.cat(images) if images else None
     if not bool(torch.isfinite(feats).all()) or (acts is not None and not bool(torch.isfinite(acts).all())):
         raise ValueError("the features of the finished tasks are not finite; the router cannot be trained on them")
 
-    router = TaskRouter(feats.shape[1], num_finished, 0 if acts is None else acts.shape[1], hidden).to(device)
+    router = TaskRouter(feats.shape[1], num_finished, 0 if acts is None else acts.shape[1], hidden,
+                        0 if images is None else images.shape[1], reads_body).to(device)
     router.flip.fill_(flip)
     with torch.no_grad():
         _standardise(feats, router.feature_mean, router.feature_scale)
         if acts is not None:
             _standardise(acts, router.input_mean, router.input_scale)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+        if images is not None:
+            _standardise(images.transpose(0, 1).flatten(1).T, router.pixel_mean, router.pixel_scale)
     n = feats.shape[0]
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * -(-n // batch_size))
     # balance the tasks: a task with more samples must not become the router's default answer
     counts = torch.bincount(targets, minlength=num_finished).float()
     class_weight = counts.sum() / (num_finished * counts.clamp_min(1))
     history = []
-    for e in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        loss_sum, correct = 0.0, 0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            logits = router(feats[idx], None if acts is None else acts[idx])
-            loss = F.cross_entropy(logits, targets[idx], weight=class_weight, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += float(loss.detach()) * idx.numel()
-            correct += int((logits.detach().argmax(-1) == targets[idx]).sum())
-        history.append(dict(epoch=e + 1, loss=loss_sum / n, accuracy=correct / n))
+    if reads_body:
+        body = [router.linear] + ([router.mlp] if router.mlp is not None else [])
+        history += [dict(r, reader="body") for r in _train(
+            lambda idx: router.body_logits(feats[idx], None if acts is None else acts[idx]),
+            [p for m in body for p in m.parameters()], n, targets, class_weight, epochs, batch_size, lr,
+            weight_decay, label_smoothing, generator, device)]
+    if reads_input and num_finished > 1:
+        history += [dict(r, reader="input") for r in _train(
+            lambda idx: router.input_logits(images[idx]), list(router.conv.parameters()), n, targets, class_weight,
+            conv_epochs, conv_batch_size, conv_lr, weight_decay, label_smoothing, generator, device)]
     router.requires_grad_(False)  # it is done: keep it out of later tasks' optimizers
     model.router = router
     return history
@@ -322,11 +433,14 @@ def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tens
                                           activations=router == "learned" and learned.mlp is not None)
         logits = _head_logits(model, features, num_finished)
         if router == "learned":
-            scores = learned(features.float(), activations)
+            reads_input = learned.conv is not None
+            scores = learned(features.float(), activations, x if reads_input else None)
             if bool(learned.flip):  # the mirror's probabilities too (the classes come from the input as it is)
-                mirrored, mirrored_activations = _features(model, x.flip(-1), num_finished,
+                mirror = x.flip(-1)
+                mirrored, mirrored_activations = _features(model, mirror, num_finished,
                                                            activations=learned.mlp is not None)
-                scores = scores.softmax(-1) + learned(mirrored.float(), mirrored_activations).softmax(-1)
+                scores = (scores.softmax(-1)
+                          + learned(mirrored.float(), mirrored_activations, mirror if reads_input else None).softmax(-1))
             tasks = scores.argmax(-1)
         else:
             entropies = []

@@ -468,6 +468,9 @@ class Run:
             kwargs["epochs"] = cfg["router_epochs"]
         if cfg["router_flip"]:
             kwargs["flip"] = True
+        if cfg["router_input"] != "body":
+            kwargs["reads"] = cfg["router_input"]
+            kwargs["conv_epochs"] = cfg["router_input_epochs"]
         # the router's initial weights draw from the run's RNG: forked, so the tasks after it train on the same
         # random numbers whatever the router's size
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -204,12 +204,75 @@ def test_flip_needs_images():
         model.fit_router([flat], flip=True)
 
 
+@pytest.mark.parametrize("reads", ["input", "both"])
+def test_a_router_reading_the_raw_input(trained, reads):
+    model, tasks, _, x, task_ids, _ = trained
+    model = copy.deepcopy(model)
+    body_and_heads = {k: v.clone() for k, v in model.state_dict().items()
+                      if isinstance(v, torch.Tensor) and not k.startswith("router.")}
+    history = model.fit_router([loader for loader, _, _ in tasks], epochs=3, reads=reads, conv_epochs=10,
+                               generator=torch.Generator().manual_seed(0))
+    assert [r["reader"] for r in history] == ["body"] * 3 * (reads == "both") + ["input"] * 10
+    router = model.router
+    assert router.in_channels == 1 and bool(router.reads_body) == (reads == "both")
+    assert not any(p.requires_grad for p in router.parameters())
+    after = model.state_dict()
+    for k, v in body_and_heads.items():
+        assert torch.equal(after[k], v), k
+    model.eval()
+    with torch.no_grad():
+        tasks_r, classes_r = model.predict(x)
+        features, activations = _features(model, x, NUM_TASKS, activations=True)
+        conv = router.input_logits(x)
+        expect = conv if reads == "input" else router.body_logits(features, activations).log_softmax(-1) + \
+            conv.log_softmax(-1)
+        logits = reference_heads(model, x)
+    assert torch.equal(tasks_r, expect.argmax(-1))
+    assert torch.equal(classes_r, torch.stack([logits[int(t)][i].argmax() for i, t in enumerate(tasks_r)]))
+    assert float((tasks_r == task_ids).float().mean()) >= TASK_CHANCE + ROUTER_MARGIN
+    # the CNN and its input statistics travel with the state dict
+    torch.manual_seed(5)
+    loaded = EideticNetwork(*mlp_body())
+    loaded.load_state_dict(model.state_dict())
+    assert loaded.router.in_channels == 1 and torch.equal(loaded.predict(x)[0], tasks_r)
+    assert torch.equal(loaded.router.pixel_scale, router.pixel_scale)
+
+
+def test_a_router_state_without_the_input_reader_reads_the_body(trained):
+    # an older checkpoint: no reads_body flag, no CNN; a router that had a CNN sheds it when loading one
+    model = trained[0]
+    state = {k: v for k, v in model.router.state_dict().items() if k != "reads_body"}
+    router = TaskRouter(model.router.linear.in_features, NUM_TASKS, in_channels=1, reads_body=False)
+    router.load_state_dict(state)
+    assert bool(router.reads_body) and router.conv is None and router.in_channels == 0
+    assert "pixel_mean" not in router.state_dict()
+    features, activations = _features(model, trained[3][:4], NUM_TASKS, activations=True)
+    with torch.no_grad():
+        assert torch.equal(router(features, activations), model.router(features, activations))
+
+
+def test_input_router_errors_are_clear(trained):
+    model, tasks, _, x, _, _ = trained
+    loaders = [loader for loader, _, _ in tasks]
+    with pytest.raises(ValueError, match="reads must be one of"):
+        model.fit_router(loaders, reads="pixels")
+    with pytest.raises(ValueError, match="conv_epochs must be an int >= 1"):
+        model.fit_router(loaders, reads="input", conv_epochs=0)
+    flat = [[x[:8].flatten(1)] for _ in range(NUM_TASKS)]
+    with pytest.raises(ValueError, match=r"the router's CNN reads images \[B, C, H, W\]"):
+        model.fit_router(flat, reads="both")
+    router = TaskRouter(model.router.linear.in_features, NUM_TASKS, in_channels=1)
+    with pytest.raises(ValueError, match="raw input"):
+        router(torch.zeros(2, router.linear.in_features))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Split MNIST (the shared data): the learned router against the true task id
 # ------------------------------------------------------------------------------------------------------------------
-def split_mnist_gap(num_tasks: int, samples_per_task: int, width: int = 200):
+def split_mnist_gap(num_tasks: int, samples_per_task: int, width: int = 200, reads: str = "body"):
     """(oracle ACC, routed ACC): a 784-width-width MLP trained task after task with light pruning, the router
-    fitted on the same ``samples_per_task`` training inputs of each task, both measured on the whole test set."""
+    (reading ``reads``: body, input or both) fitted on the same ``samples_per_task`` training inputs of each task,
+    both measured on the whole test set."""
     from python_layers.models import build_body
     from python_layers.scenarios import DataNotFoundError, InMemoryLoader, build_scenario
     try:
@@ -227,7 +290,8 @@ def split_mnist_gap(num_tasks: int, samples_per_task: int, width: int = 200):
                          stop_threshold=0.01, max_epochs=3, patience=1, recovery_epochs=1, max_prune_steps=2,
                          progress=False)
     model.fit_router([InMemoryLoader(task.train, 1000, shuffle=False, task_label=t)
-                      for t, task in enumerate(scenario.tasks)], generator=torch.Generator().manual_seed(0))
+                      for t, task in enumerate(scenario.tasks)], reads=reads,
+                     generator=torch.Generator().manual_seed(0))
     model.eval()
     oracle, routed = [], []
     with torch.no_grad():
