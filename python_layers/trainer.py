@@ -254,6 +254,20 @@ def _loader_yields_batch_of_one(loader) -> bool:
     return False
 
 
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    """Class labels of an epoch's first batch against the head (one host sync per epoch): a label outside
+    [0, num_classes) is a ValueError naming the head's size, before any weight moves."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {y.dtype} of shape "
+                         f"{tuple(y.shape)}")
+    if not y.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one read
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels range over [{lo}, {hi}] but the task's head has {num_classes} classes "
+                         f"(prepare_for_task(task, num_classes)): map the task's classes to 0..{num_classes - 1}")
+
+
 def _check_batch_of_one(model, loader, device, norms) -> None:
     """Before any training: when the loader will yield a batch of one sample, run one sample through the model
     in training mode (no gradient; buffers, modes and RNG states put back) and raise the ValueError of
@@ -315,6 +329,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = _forward(model, x, norms, i + 1)
+            if i == 0:
+                _check_labels(y, logits.shape[-1])
             loss = F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()

@@ -66,6 +66,19 @@ def test_an_empty_loader_is_a_clear_error(traced):
             model.train_task(loader, optimizer, **KW)
 
 
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: y + CLASSES, r"labels range over \[\d+, \d+\] but the task's head has 3 classes"),
+    (lambda y: y.float(), "1-D integer tensor of class indices"),
+])
+def test_labels_outside_the_head_are_a_clear_error_before_any_step(labels, message):
+    model, optimizer = new_model(mlp_body)
+    x, y = samples(8)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        model.train_task([(x, labels(y))], optimizer, **KW)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no step was taken
+
+
 # ----- a batch of one sample ---------------------------------------------------------------------------------
 def test_a_last_batch_of_one_with_batchnorm_is_refused_before_training():
     """5 samples, batch_size 2: the last batch holds one sample, which BatchNorm1d cannot normalise in training
