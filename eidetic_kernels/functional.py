@@ -71,11 +71,7 @@ def _split_call(op: str, x, weight, bias, in_task, out_task, out_min_task, taylo
     n = out_task.numel()
     if out_min_task is None:
         out_min_task = torch.zeros(n, dtype=STATE_DTYPE, device=weight.device)
-    name, fn = backends.get(op, x.device)
-    if name != "reference" and op != "linear":  # full-width storages, rows found by slot (the identity here)
-        slot = torch.arange(n, dtype=torch.int32, device=weight.device)
-        return fn(x, weight, weight.detach(), bias, None if bias is None else bias.detach(), in_task, out_task,
-                  out_min_task, slot, *conv_args, None, taylor_score)
+    _, fn = backends.get(op, x.device)
     table = make_table(in_task, out_task, out_min_task)
     frozen = is_frozen(out_task)
     if bool(frozen.any()):

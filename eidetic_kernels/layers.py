@@ -650,14 +650,18 @@ class EideticConv2d(EideticLayer):
                              f"got {tuple(x.shape)}")
         check_input(x, "input", weight, 1, self.in_channels, 4, self._name())
         self.last_backend, fn = backends.get("conv2d", x.device)
-        if self.last_backend == "reference":
-            return fn(x, weight, bias, frozen_weight, frozen_bias, self._table(), self.stride,
-                      self.padding, self.dilation, self.taylor_score, self.constant_frozen)
-        # Triton kernels read full-width frozen rows until they run the range table
-        in_task, out_task, lo = self._view_states()
-        table = None if torch.compiler.is_compiling() else self._table()  # only its dense-layer flag is read
-        return fn(x, weight, self._full_frozen_weight().to(weight.dtype), bias, frozen_bias, in_task, out_task, lo,
-                  self.slot, self.stride, self.padding, self.dilation, table, self.taylor_score)
+        plan = self._table() if self.last_backend == "reference" else self._conv_tiles(x.dtype)
+        return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.stride, self.padding, self.dilation,
+                  self.taylor_score, self.constant_frozen)
+
+    def _conv_tiles(self, dtype: torch.dtype):
+        """The Triton backend's tile table for the current view and dtype (``ops/tiles.layer_tiles``), cached
+        with the range tables until a state changes."""
+        from .ops.tiles import layer_tiles  # triton is optional: imported when this backend runs
+
+        with _ordinary_tensors():
+            return layer_tiles(self._plans, self._table, self.input_task, self.task_state, self.min_input_task,
+                               self.view_task, self.constant_frozen, dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

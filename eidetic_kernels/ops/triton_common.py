@@ -10,6 +10,7 @@
 * block sizes: fixed per (kind, dtype, device), never autotuned, so a frozen neuron's summation
   order cannot change between runs (autotuning could pick another tile size in another process).
   Under the interpreter tiles are big (few programs: each one costs Python time, not FLOPs).
+* ``count_work``: compiles the kernels' work counters in (a constexpr ``COUNT``, off by default).
 """
 from __future__ import annotations
 
@@ -105,6 +106,27 @@ def frozen_or_dummy(frozen: torch.Tensor | None, trainable: torch.Tensor | None)
     if frozen is None or frozen.numel() == 0:
         return trainable
     return frozen
+
+
+# ----- work counter ------------------------------------------------------------------------------
+
+_COUNTER: list = []  # the int64 counter the kernels add their work to, while ``count_work`` is active
+
+
+@contextlib.contextmanager
+def count_work(counter: torch.Tensor):
+    """Compile the kernels with their work counter while active: each program atomically adds the
+    multiply-adds it issues on valid elements to ``counter`` (int64[1], on the device of the inputs)."""
+    _COUNTER.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTER.pop()
+
+
+def _counter(like: torch.Tensor):
+    return (True, _COUNTER[-1]) if _COUNTER else (False, like)
+
 
 
 # ----- device helpers ---------------------------------------------------------------------------

@@ -79,11 +79,20 @@ def _exercise(dtype: torch.dtype) -> None:
         tb_m = torch.randn(4, dtype=dtype, requires_grad=True) if bias else None
         for constant_frozen in (False, True):
             lin.linear(x, tw_m, tb_m, fw_m, fb_m, major, torch.zeros(6), constant_frozen).sum().backward()
+        # conv2d on the same tables (columns are input channels), compact frozen rows [rows, width, 3, 3]
         twc = torch.randn(3, 5, 3, 3, dtype=dtype, requires_grad=True)
-        fwc = torch.randn(n_frozen, 5, 3, 3, dtype=dtype)
+        fwc = compact_rows(torch.randn(6, 5, 3, 3, dtype=dtype), table.frozen_blocks)
         xc = torch.randn(2, 5, 6, 6, dtype=dtype, requires_grad=True)
-        conv.conv2d(xc, twc, fwc, tb, fb, in_task, task, lo, slot, (1, 1), (1, 1), (1, 1), None,
-                    torch.zeros(6)).sum().backward()
+        for constant_frozen in (False, True):
+            conv.conv2d(xc, twc, tb, fwc, fb, table, (1, 1), (1, 1), (1, 1), torch.zeros(6),
+                        constant_frozen).sum().backward()
+        with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in
+            conv.conv2d(xc, twc, tb, fwc, fb, table, (2, 1), (1, 0), (1, 2), None).sum().backward()
+        twc_m = torch.randn(4, 5, 3, 3, dtype=dtype, requires_grad=True)
+        fwc_m = compact_rows(torch.randn(6, 5, 3, 3, dtype=dtype), major.frozen_blocks)
+        for constant_frozen in (False, True):
+            conv.conv2d(xc, twc_m, tb_m, fwc_m, fb_m, major, (1, 1), (1, 1), (1, 1), torch.zeros(6),
+                        constant_frozen).sum().backward()
     for training in (True, False):
         for stats in (True, False):
             xb = torch.randn(4, 6, 3, 3, dtype=dtype, requires_grad=True)

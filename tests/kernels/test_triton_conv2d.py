@@ -1,6 +1,8 @@
 """Triton masked_conv2d (implicit GEMM) against the dense-mask spec (naive.py, run in float64), under the interpreter.
 
-Odd spatial sizes and channel counts, several stride/padding/dilation geometries; tolerances in TOL.
+Odd spatial sizes and channel counts, several stride/padding/dilation geometries; tolerances in TOL. Cases hold
+full-width storages with rows by slot (the layout the spec reads); ``kern`` hands the kernels the range table
+and the compact frozen storage built from them, as a layer stores it.
 """
 import pytest
 import torch
@@ -10,7 +12,8 @@ triton = pytest.importorskip("triton")
 from eidetic_kernels.ops import triton_common  # noqa: E402
 from eidetic_kernels.ops.conv2d import naive  # noqa: E402
 from eidetic_kernels.ops.conv2d import triton as tri  # noqa: E402
-from eidetic_kernels.state import FREE, PRUNED, assemble_rows, is_frozen, storage_slots  # noqa: E402
+from eidetic_kernels.state import (FREE, PRUNED, assemble_rows, compact_rows, is_frozen, make_table,  # noqa: E402
+                                   storage_slots)
 
 from .test_triton_linear import DEVICE, DTYPES, TOL, assert_close, random_states  # noqa: E402
 
@@ -26,6 +29,24 @@ class ref:
         w = assemble_rows(tw, fw, out_task, slot)
         b = None if tb is None else assemble_rows(tb, fb, out_task, slot)
         return naive.masked_conv2d(x, w, b, in_task, out_task, stride, padding, dilation, lo, taylor_score)
+
+
+class kern:
+    """The Triton backend on the same case: range table from the states, frozen rows stored compactly."""
+
+    @staticmethod
+    def conv2d(x, tw, fw, tb, fb, in_task, out_task, lo, slot, stride, padding, dilation, plan=None,
+               taylor_score=None):
+        table = make_table(in_task, out_task, lo)
+        blocks = table.frozen_blocks
+        fw_c = compact_rows(assemble_rows(tw.detach(), fw, out_task, slot), blocks)
+        fb_c = None
+        if tb is not None:
+            b = assemble_rows(tb.detach(), fb, out_task, slot)
+            fb_c = torch.cat([b[blk.rows] for blk in blocks]) if blocks else tb.new_empty(0)
+        return tri.conv2d(x, tw, tb, fw_c, fb_c, table, stride, padding, dilation, taylor_score)
+
+
 GEOMETRIES = {  # (kernel, stride, padding, dilation)
     "3x3_s1_p1": ((3, 3), (1, 1), (1, 1), (1, 1)),
     "3x2_s2_p12_d12": ((3, 2), (2, 1), (1, 2), (1, 2)),
@@ -77,16 +98,17 @@ def kernels_only(monkeypatch):
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_geometries_match_reference(geometry):
     c = make_case(2, 5, 11, 9, 7, geometry, "mixed", torch.float32, seed=len(geometry))
-    assert_close(run(tri, c), run(ref, c, dtype=torch.float64), torch.float32)
+    assert_close(run(kern, c), run(ref, c, dtype=torch.float64), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["mixed", "all_free", "all_frozen", "all_pruned"])
 def test_states_match_reference(kind, dtype):
     c = make_case(2, 6, 7, 8, 9, "3x2_s2_p12_d12", kind, dtype, seed=sum(map(ord, kind)))
-    got = run(tri, c)
+    got = run(kern, c)
     if kind == "all_pruned":  # (the reference's empty conv cannot run this case)
-        assert all(torch.equal(t, torch.zeros_like(t)) for t in got[:4])
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in got[:2])
+        assert got[2] is None and got[3] is None  # no row is computed: the trainable storage gets no gradient
         return
     assert_close(got, run(ref, c, dtype=torch.float64), dtype)
 
@@ -98,7 +120,7 @@ def test_small_tiles_noncontiguous_input_stride0_grad_no_bias():
     blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     with triton_common.override_blocks("fwd", **blocks), triton_common.override_blocks("dx", **blocks), \
             triton_common.override_blocks("dw", **blocks):
-        got = run(tri, c, x=x, grad="sum")
+        got = run(kern, c, x=x, grad="sum")
     assert_close(got, run(ref, c, x=x, dtype=torch.float64, grad="sum"), torch.float32)
 
 
@@ -106,7 +128,7 @@ def test_nan_in_dead_input_channels_stays_out_and_frozen_bits_are_stable():
     c = make_case(2, 7, 6, 7, 11, "3x3_s1_p1", "mixed", torch.float32, seed=29)
     args = lambda x, tw, tb, task: (x, tw, c["fw"], tb, c["fb"], c["in_task"], task, c["lo"], c["slot"],  # noqa: E731
                                     c["stride"], c["padding"], c["dilation"])
-    clean = tri.conv2d(*args(c["x"], c["tw"], c["tb"], c["out_task"]))
+    clean = kern.conv2d(*args(c["x"], c["tw"], c["tb"], c["out_task"]))
     frozen = is_frozen(c["out_task"])
     x = c["x"].clone()
     x[:, (c["in_task"] == FREE) | (c["in_task"] == PRUNED)] = float("nan")
@@ -114,7 +136,7 @@ def test_nan_in_dead_input_channels_stays_out_and_frozen_bits_are_stable():
     trainable = (~frozen).nonzero().flatten()
     out_task[trainable] = torch.where(out_task[trainable] == FREE, PRUNED, FREE).to(torch.int16)
     tw = torch.full_like(c["tw"], float("nan"))
-    y = tri.conv2d(*args(x, tw, torch.randn_like(c["tb"]), out_task))
+    y = kern.conv2d(*args(x, tw, torch.randn_like(c["tb"]), out_task))
     assert torch.equal(y[:, frozen], clean[:, frozen])
     pruned = out_task == PRUNED
     assert torch.equal(y[:, pruned], torch.zeros_like(y[:, pruned]))

@@ -1,224 +1,310 @@
-"""masked_conv2d, Triton backend: an implicit GEMM over NCHW (no unfold tensor in memory).
+"""masked_conv2d, Triton backend: an implicit GEMM over NCHW (no unfold tensor in memory) on the layer's tile
+table (``ops/tiles.py``), one launch per pass.
 
-Backend signature (see reference.py): conv2d(x, trainable_weight, frozen_weight, trainable_bias,
-frozen_bias, in_task, out_task, out_min_task, slot, stride, padding, dilation, plan, taylor_score) -> y.
+Backend signature (as reference.py): conv2d(x [N, C_in, H, W], weight [n_trainable, C_in, kh, kw], bias
+[n_trainable] | None, frozen_weight (flat compact storage), frozen_bias [n_frozen] | None, table, stride,
+padding, dilation, taylor_score float32[C_out] | None, constant_frozen: bool) -> y [N, C_out, H', W'], where
+``table`` is a ``state.Table`` or the ``Tiles`` built from it (layers cache those; see ``tiles.layer_tiles``).
+Padding must be explicit integers (ValueError for a string).
 
-GEMM view: rows m = (n, oh, ow), columns = output channels, reduction k = (ci, kh, kw); the input
-patch element of (m, k) is gathered straight from x with bounds masks for the zero padding. The
-mask rule, windows, storage selection and NaN-safety are those of the linear kernels
-(``ops/triton_common.py``): a synapse ci -> co is live by the states of ci and co.
-* dX: rows (n, ih, iw), columns ci, reduction (co, kh, kw); a (co, kh, kw) contributes to ih when
-  ih + pad - kh·dil is a multiple of the stride inside the output.
-* dW/db: FREE rows only, tiles without FREE rows skipped; PRUNED rows of the trainable storage get 0.
-* Taylor score: |Σ_{n,h,w} a·g| / N per output channel.
+The table's columns are input channels; a weight (row entry e, column c, kernel position kk) lies at element
+``(e.offset + c)·kh·kw + kk`` of its storage: frozen block b is ``[rows, width, kh, kw]`` at element
+``offset·kh·kw`` of the flat frozen storage, the trainable storage ``[n_trainable, C_in, kh, kw]``.
+
+Kernels (fixed tile sizes per (kernel, dtype); no autotuning, no split-K; a block's tiles depend on the block
+alone, so a finished block's summation order never changes):
+* forward: program (M tile over the N·H'·W' output positions, table program): one K loop over the block's
+  live input channels x kernel positions; input patches are gathered straight from x with bounds masks for
+  the zero padding; bias, then a select: kind-2 rows (PRUNED, or not in the view) are exactly 0.
+* dX: program (M tile over the N·H·W input positions, COLS input channels): for each segment (a block
+  reading some of these channels), its rows in chunks, each kernel position one dot; (ih, iw) receives
+  from (oh, ow) when ih + pad - kh·dil is a multiple of the stride inside the output. A channel the segment
+  does not read keeps its sum (a select). Frozen blocks give no dX with ``constant_frozen``, and the
+  trainable block then gives dX only for inputs from FREE producers.
+* dW/db: program (dW program): the trainable rows of one tile against its COLS channels x kernel positions,
+  reduced over the output positions; dead channels and PRUNED rows are never written (zero).
+* Taylor score (when asked): |Σ_{n,h,w} a·g| / N per output channel, in the backward op, from a copy of the
+  output (in-place ops after the layer stay allowed).
+* ``COUNT`` (constexpr, off by default; ``triton_common.count_work``): each program atomically adds the
+  multiply-adds it issues on valid positions (positions x rows x channels x kernel positions per dot). The
+  registered flop formulas give 2x the same numbers from the table's ``work``: forward N·H'·W'·kh·kw·work[0],
+  dX N·H·W·kh·kw·work[1], dW N·H'·W'·kh·kw·work[2].
+
+Registered as custom ops (``eidetic::triton_conv2d`` and its backward) so layers run under
+torch.compile(fullgraph=True). With ``create_graph=True`` the backward differentiates F.conv2d on the dense
+weight the tiles compute (``tiles.dense_from_tiles``). A plain nn.Conv2d (every neuron FREE, every input
+live) without Taylor scores is handed to torch's conv (``DENSE_SHORTCUT``).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
-from ..double_backward import dense_weight, graph_grads, trainable_bias
+from ...state import Table
+from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
-from ..triton_common import (FREE_C, acc_type, PRUNED_C, add_taylor, any_true, dot_in_fp32, dot_precision,
-                             frozen_or_dummy, gemm_blocks, input_live, is_frozen_state, window_of)
+from ..tiles import build_tiles, dense_from_tiles, tile_shape
+from ..triton_common import (_counter, acc_type, add_taylor, dot_in_fp32, dot_precision, frozen_or_dummy,
+                             gemm_blocks)
 
-DENSE_SHORTCUT = True  # all FREE, all inputs live, no Taylor: torch's own conv (see linear/triton.py)
+# Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own conv (the layer *is* nn.Conv2d
+# then). Tests set it to False to run the kernels on that case too.
+DENSE_SHORTCUT = True
 
 
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,  # [N, C_in, H, W] by strides
-    wt_ptr, wf_ptr,  # [n_trainable, C_in*KH*KW], [n_frozen, C_in*KH*KW] contiguous rows
-    bt_ptr, bf_ptr,
-    in_task_ptr, out_task_ptr, out_min_ptr, slot_ptr,
+    wt_ptr, wf_ptr,  # trainable storage [n_trainable, C_in, KH, KW] contiguous, frozen compact storage (flat)
+    bt_ptr, bf_ptr,  # biases (unused without HAS_BIAS)
+    prog_ptr,  # int32[P, 6]
+    rows_ptr,  # int64[R, 3]
+    cols_ptr,  # int32[C]
     y_ptr,  # [N, C_out, OH, OW] contiguous
-    C_out, H, W, OH, OW, M, K,
+    work_ptr,  # int64[1] (COUNT only)
+    C_out, H, W, OH, OW, M,  # M = N*OH*OW
     s_xn, s_xc, s_xh, s_xw,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    KK: tl.constexpr = KH * KW
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    p = prog_ptr + tl.program_id(1) * 6
+    kind = tl.load(p)
+    row0 = tl.load(p + 1)
+    n_rows = tl.load(p + 2)
+    gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
+    start = tl.load(p + 4)
+    width = tl.load(p + 5)
+    frozen = kind == 0
+    compute = kind != 2
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M
-    m_n = o_n < C_out
     n_i = o_m // (OH * OW)
     r = o_m % (OH * OW)
     ih0 = (r // OW) * SH - PH
     iw0 = (r % OW) * SW - PW
-    task = tl.load(out_task_ptr + o_n, mask=m_n, other=PRUNED_C).to(tl.int32)
-    lo = tl.load(out_min_ptr + o_n, mask=m_n, other=0).to(tl.int32)
-    slot = tl.load(slot_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    frozen = is_frozen_state(task)
-    p_row = tl.where(frozen, wf_ptr + slot * K, wt_ptr + slot * K)
+    o_r = tl.arange(0, BLOCK_N)
+    m_r = o_r < n_rows
+    p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+    out_row = tl.load(p_row, mask=m_r, other=0)
+    w_row = tl.load(p_row + 1, mask=m_r, other=0)
+    w_base = tl.where(frozen, wf_ptr, wt_ptr)
+    w_start = tl.where(frozen, 0, start)  # compact storage: the c-th live channel; trainable: the channel
 
-    out = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    remaining = task != PRUNED_C
-    while any_true(remaining):
-        in_w, t, lmin = window_of(remaining, task, lo)
-        remaining = remaining & (~in_w)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            o_k = k0 + tl.arange(0, BLOCK_K)
-            m_k = o_k < K
-            ci = o_k // (KH * KW)
-            kk = o_k % (KH * KW)
-            it = tl.load(in_task_ptr + ci, mask=m_k, other=PRUNED_C).to(tl.int32)
-            live_k = m_k & input_live(it, t, lmin)
-            ih = ih0[:, None] + (kk // KW)[None, :] * DH
-            iw = iw0[:, None] + (kk % KW)[None, :] * DW
-            m_x = (m_m[:, None] & live_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            x = tl.load(x_ptr + n_i[:, None] * s_xn + ci[None, :] * s_xc + ih * s_xh + iw * s_xw,
-                        mask=m_x, other=0.0)
-            w = tl.load(p_row[:, None] + o_k[None, :], mask=in_w[:, None] & live_k[None, :], other=0.0)
-            if DOT_FP32:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-        out = tl.where(in_w[None, :], acc, out)
-
-    live = task != PRUNED_C
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    macs = tl.full([], 0, tl.int64)
+    for k0 in range(0, width * KK, BLOCK_K):  # the block's whole window x kernel positions, once
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < width * KK
+        c = o_k // KK
+        kk = o_k % KK
+        # the block's live channels only (a slice, or its gather list): nothing else is ever read
+        if SCATTERED:
+            m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+            col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
+            w_col = tl.where(frozen, c, col)
+        else:
+            col = start + c
+            w_col = w_start + c
+        ih = ih0[:, None] + (kk // KW)[None, :] * DH
+        iw = iw0[:, None] + (kk % KW)[None, :] * DW
+        m_x = m_m[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x = tl.load(x_ptr + n_i[:, None] * s_xn + col.to(tl.int64)[None, :] * s_xc + ih * s_xh + iw * s_xw,
+                    mask=m_x, other=0.0)
+        w = tl.load(w_base + (w_row[:, None] + w_col[None, :]) * KK + kk[None, :],
+                    mask=m_r[:, None] & m_k[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
     if HAS_BIAS:
-        p_b = tl.where(frozen, bf_ptr + slot, bt_ptr + slot)
-        b = tl.load(p_b, mask=live, other=0.0).to(ACC)
-        out = out + b[None, :]
-    out = tl.where(live[None, :], out, 0.0)
-    p_y = y_ptr + n_i[:, None] * (C_out * OH * OW) + o_n[None, :].to(tl.int64) * (OH * OW) + r[:, None]
-    tl.store(p_y, out.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        b_row = tl.load(p_row + 2, mask=m_r, other=0)
+        b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
+        acc = acc + b.to(ACC)[None, :]
+    out = tl.where(compute, acc, 0.0)  # kind 2 (PRUNED, or not in the view): exactly 0
+    p_y = y_ptr + n_i[:, None] * (C_out * OH * OW) + out_row[None, :] * (OH * OW) + r[:, None]
+    tl.store(p_y, out.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+    if COUNT:
+        tl.atomic_add(work_ptr, macs)
 
 
 @triton.jit
 def _conv_dx_kernel(
-    g_ptr,  # [N, C_out, OH, OW] by strides
-    wt_ptr, wf_ptr,
-    in_task_ptr, out_task_ptr, out_min_ptr, slot_ptr,
+    g_ptr,  # [N, C_out, OH, OW] by strides (may be stride 0)
+    wt_ptr, wf_ptr,  # storages as in the forward
+    rows_ptr,  # int64[R, 3]
+    dx_prog_ptr,  # int32[Q, 2]
+    seg_ptr,  # int32[S, 7]
+    map_ptr,  # int32[*]
     dx_ptr,  # [N, C_in, H, W] contiguous
-    C_in, H, W, OH, OW, M, KR, K,  # M = N*H*W, KR = C_out*KH*KW, K = C_in*KH*KW (weight row length)
+    work_ptr,  # int64[1] (COUNT only)
+    C_in, H, W, OH, OW, M,  # M = N*H*W
     s_gn, s_gc, s_gh, s_gw,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_N: input channels
+    SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_N: rows, BLOCK_K: channels
 ):
+    KK: tl.constexpr = KH * KW
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    o_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M
-    m_c = o_c < C_in
     n_i = o_m // (H * W)
     r = o_m % (H * W)
-    ih = (r // W).to(tl.int32)
-    iw = (r % W).to(tl.int32)
-    it = tl.load(in_task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for k0 in range(0, KR, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < KR
-        co = o_k // (KH * KW)
-        kk = o_k % (KH * KW)
-        kh = kk // KW
-        kw = kk % KW
-        task = tl.load(out_task_ptr + co, mask=m_k, other=PRUNED_C).to(tl.int32)
-        lo = tl.load(out_min_ptr + co, mask=m_k, other=0).to(tl.int32)
-        slot = tl.load(slot_ptr + co, mask=m_k, other=0).to(tl.int64)
-        frozen = is_frozen_state(task)
-        p_row = tl.where(frozen, wf_ptr + slot * K, wt_ptr + slot * K) + kk  # + ci * KH*KW below
-        oh_s = ih[:, None] + PH - kh[None, :] * DH
-        ow_s = iw[:, None] + PW - kw[None, :] * DW
-        oh = oh_s // SH
-        ow = ow_s // SW
-        m_g = ((oh_s >= 0) & (ow_s >= 0) & (oh_s - oh * SH == 0) & (ow_s - ow * SW == 0)
-               & (oh < OH) & (ow < OW) & m_m[:, None])
-        remaining = m_k & (task != PRUNED_C)
-        while any_true(remaining):
-            in_w, t, lmin = window_of(remaining, task, lo)
-            remaining = remaining & (~in_w)
-            live_c = m_c & input_live(it, t, lmin)
-            g = tl.load(g_ptr + n_i[:, None] * s_gn + co[None, :].to(tl.int64) * s_gc + oh * s_gh + ow * s_gw,
-                        mask=m_g & in_w[None, :], other=0.0)
-            w = tl.load(p_row[:, None] + o_c[None, :] * (KH * KW), mask=in_w[:, None] & live_c[None, :],
-                        other=0.0)
-            if DOT_FP32:
-                g = g.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.where(live_c[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
+    ih = r // W
+    iw = r % W
+    o_t = tl.arange(0, BLOCK_K)
+    o_c = pid_c * BLOCK_K + o_t
+    m_c = o_c < C_in
+    seg0 = tl.load(dx_prog_ptr + pid_c * 2)
+    n_seg = tl.load(dx_prog_ptr + pid_c * 2 + 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
+    macs = tl.full([], 0, tl.int64)
+    for s in range(seg0, seg0 + n_seg):  # the blocks reading some of these channels, in table order
+        q = seg_ptr + s * 7
+        frozen = tl.load(q) == 0
+        row0 = tl.load(q + 1)
+        n_rows = tl.load(q + 2)
+        c_lo = tl.load(q + 3)
+        c_hi = tl.load(q + 4)
+        shift = tl.load(q + 5)
+        in_range = (o_c >= c_lo) & (o_c < c_hi)
+        if SCATTERED:  # a channel map (-1: not read) for segments that have one
+            map0 = tl.load(q + 6)
+            m_map = m_c & (o_t * 0 + map0 >= 0)  # a block-shaped mask (the interpreter wants one)
+            mapped = tl.load(map_ptr + map0 + o_t, mask=m_map, other=-1)
+            w_col = tl.where(m_map, mapped, o_c - shift)
+            live = m_c & tl.where(m_map, mapped >= 0, in_range)
+        else:
+            w_col = o_c - shift
+            live = m_c & in_range
+        w_base = tl.where(frozen, wf_ptr, wt_ptr)
+        for n0 in range(0, n_rows, BLOCK_N):
+            o_r = n0 + tl.arange(0, BLOCK_N)
+            m_r = o_r < n_rows
+            p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+            out_row = tl.load(p_row, mask=m_r, other=0)
+            w_row = tl.load(p_row + 1, mask=m_r, other=0)
+            for kk in range(0, KK):
+                oh_s = ih + PH - (kk // KW) * DH
+                ow_s = iw + PW - (kk % KW) * DW
+                oh = oh_s // SH
+                ow = ow_s // SW
+                m_g = (m_m & (oh_s >= 0) & (ow_s >= 0) & (oh_s - oh * SH == 0) & (ow_s - ow * SW == 0)
+                       & (oh < OH) & (ow < OW))
+                g = tl.load(g_ptr + (n_i * s_gn + oh * s_gh + ow * s_gw)[:, None] + out_row[None, :] * s_gc,
+                            mask=m_g[:, None] & m_r[None, :], other=0.0)
+                w = tl.load(w_base + (w_row[:, None] + w_col[None, :]) * KK + kk,
+                            mask=m_r[:, None] & live[None, :], other=0.0)
+                if DOT_FP32:
+                    g = g.to(tl.float32)
+                    w = w.to(tl.float32)
+                # channels the block does not read keep their sum (a select: a NaN gradient of a row cannot
+                # reach an input that row does not read)
+                acc = tl.where(live[None, :], tl.dot(g, w, acc, input_precision=PREC), acc)
+                if COUNT:
+                    macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
+                             * tl.sum(live.to(tl.int64), axis=0))
     p_dx = dx_ptr + n_i[:, None] * (C_in * H * W) + o_c[None, :].to(tl.int64) * (H * W) + r[:, None]
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_c[None, :])
+    if COUNT:
+        tl.atomic_add(work_ptr, macs)
 
 
 @triton.jit
 def _conv_dw_kernel(
     g_ptr,  # [N, C_out, OH, OW] by strides
     x_ptr,  # [N, C_in, H, W] by strides
-    in_task_ptr, out_task_ptr, out_min_ptr, slot_ptr,
-    dw_ptr,  # [n_trainable, K] contiguous
-    db_ptr,
-    C_out, H, W, OH, OW, M, K,
+    prog_ptr,  # int32[P, 6]
+    dw_prog_ptr,  # int32[Pw, 2]
+    rows_ptr,  # int64[R, 3]
+    cols_ptr,  # int32[C]
+    dw_ptr,  # [n_trainable, C_in, KH, KW] contiguous, zero-filled
+    db_ptr,  # [n_trainable] zero-filled (unused without HAS_BIAS)
+    work_ptr,  # int64[1] (COUNT only)
+    H, W, OH, OW, M,  # M = N*OH*OW
     s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, COLS: tl.constexpr,  # COLS: channels per dW program (the table's)
+    HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_n = o_n < C_out
-    m_k = o_k < K
-    task = tl.load(out_task_ptr + o_n, mask=m_n, other=0).to(tl.int32)  # padding rows act frozen
-    trainable = m_n & (~is_frozen_state(task))
-    if any_true(trainable):
-        lo = tl.load(out_min_ptr + o_n, mask=m_n, other=0).to(tl.int32)
-        slot = tl.load(slot_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-        ci = o_k // (KH * KW)
-        kk = o_k % (KH * KW)
-        it = tl.load(in_task_ptr + ci, mask=m_k, other=PRUNED_C).to(tl.int32)
-        dw = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
-        db = tl.zeros([BLOCK_N], dtype=ACC)
-        remaining = m_n & (task == FREE_C)
-        while any_true(remaining):
-            in_w, t, lmin = window_of(remaining, task, lo)
-            remaining = remaining & (~in_w)
-            live_k = m_k & input_live(it, t, lmin)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
+    KK: tl.constexpr = KH * KW
+    d = dw_prog_ptr + tl.program_id(0) * 2
+    p = prog_ptr + tl.load(d) * 6
+    c0 = tl.load(d + 1)
+    row0 = tl.load(p + 1)
+    n_rows = tl.load(p + 2)
+    gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
+    start = tl.load(p + 4)
+    width = tl.load(p + 5)
+    o_r = tl.arange(0, BLOCK_N)
+    m_r = o_r < n_rows
+    p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
+    out_row = tl.load(p_row, mask=m_r, other=0)
+    w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * C_in: dW has the trainable storage's layout
+    macs = tl.full([], 0, tl.int64)
+    if HAS_BIAS:
+        if c0 == 0:  # db once per row tile (also for a block without live inputs)
             acc_b = tl.zeros([BLOCK_N], dtype=ACC)
             for m0 in range(0, M, BLOCK_M):
                 o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
                 m_m = o_m < M
                 n_i = o_m // (OH * OW)
                 r = o_m % (OH * OW)
-                oh = r // OW
-                ow = r % OW
-                g = tl.load(g_ptr + n_i[:, None] * s_gn + o_n[None, :].to(tl.int64) * s_gc
-                            + (oh * s_gh + ow * s_gw)[:, None],
-                            mask=m_m[:, None] & in_w[None, :], other=0.0)
-                ih = (oh * SH - PH)[:, None] + (kk // KW)[None, :] * DH
-                iw = (ow * SW - PW)[:, None] + (kk % KW)[None, :] * DW
-                m_x = m_m[:, None] & live_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x = tl.load(x_ptr + n_i[:, None] * s_xn + ci[None, :] * s_xc + ih * s_xh + iw * s_xw,
-                            mask=m_x, other=0.0)
-                if HAS_BIAS:
-                    acc_b += tl.sum(g.to(ACC), axis=0)
-                if DOT_FP32:
-                    g = g.to(tl.float32)
-                    x = x.to(tl.float32)
-                acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
-            dw = tl.where(in_w[:, None], acc, dw)
-            db = tl.where(in_w, acc_b, db)
-        tl.store(dw_ptr + slot[:, None] * K + o_k[None, :], dw.to(dw_ptr.dtype.element_ty),
-                 mask=trainable[:, None] & m_k[None, :])
-        if HAS_BIAS:
-            if pid_k == 0:
-                tl.store(db_ptr + slot, db.to(db_ptr.dtype.element_ty), mask=trainable)
+                g = tl.load(g_ptr + (n_i * s_gn + (r // OW) * s_gh + (r % OW) * s_gw)[:, None]
+                            + out_row[None, :] * s_gc, mask=m_m[:, None] & m_r[None, :], other=0.0)
+                acc_b += tl.sum(g.to(ACC), axis=0)
+            b_row = tl.load(p_row + 2, mask=m_r, other=0)
+            tl.store(db_ptr + b_row, acc_b.to(db_ptr.dtype.element_ty), mask=m_r)
+    k_end = tl.minimum(c0 + COLS, width) * KK
+    for j0 in range(c0 * KK, k_end, BLOCK_K):  # this program's channels x kernel positions, in dW tiles
+        o_k = j0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < k_end
+        c = o_k // KK
+        kk = o_k % KK
+        if SCATTERED:
+            m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+            col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
+        else:
+            col = start + c
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
+        for m0 in range(0, M, BLOCK_M):
+            o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            m_m = o_m < M
+            n_i = o_m // (OH * OW)
+            r = o_m % (OH * OW)
+            oh = r // OW
+            ow = r % OW
+            g = tl.load(g_ptr + (n_i * s_gn + oh * s_gh + ow * s_gw)[:, None] + out_row[None, :] * s_gc,
+                        mask=m_m[:, None] & m_r[None, :], other=0.0)
+            ih = (oh * SH - PH)[:, None] + (kk // KW)[None, :] * DH
+            iw = (ow * SW - PW)[:, None] + (kk % KW)[None, :] * DW
+            m_x = m_m[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x = tl.load(x_ptr + n_i[:, None] * s_xn + col.to(tl.int64)[None, :] * s_xc + ih * s_xh + iw * s_xw,
+                        mask=m_x, other=0.0)
+            if DOT_FP32:
+                g = g.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
+            if COUNT:
+                macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+        tl.store(dw_ptr + (w_row[:, None] + col[None, :]) * KK + kk[None, :], acc.to(dw_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & m_k[None, :])
+    if COUNT:
+        tl.atomic_add(work_ptr, macs)
 
 
 # ----- host functions ------------------------------------------------------------------------------
@@ -227,113 +313,137 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _geometry(stride, padding, dilation):
-    return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1])
+def _geometry(stride, padding, dilation, kernel_size):
+    return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+                KH=kernel_size[0], KW=kernel_size[1])
 
 
-def conv_forward(x, tw, fw, tb, fb, in_task, out_task, out_min_task, slot, kernel_size, stride, padding, dilation):
+def _blocks(kind: str, dtype: torch.dtype) -> dict:
+    """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the table's ROWS and COLS, and dW
+    tiles are the forward's row tiles against COLS flattened (channel, kernel position) columns."""
+    cfg = dict(gemm_blocks(kind, dtype))
+    rows_tile, cols_tile = tile_shape(dtype)
+    if kind == "dw":
+        cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
+    return cfg
+
+
+def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, dilation,
+                 scattered=True) -> torch.Tensor:
+    """x [N, C_in, H, W] -> y [N, n_out, H', W'] (a fresh contiguous tensor), every output channel written."""
+    prog, rows, cols = tiles[0], tiles[1], tiles[2]
     N, C_in, H, W = x.shape
     KH, KW = kernel_size
-    C_out = out_task.numel()
     OH = _out_size(H, KH, stride[0], padding[0], dilation[0])
     OW = _out_size(W, KW, stride[1], padding[1], dilation[1])
-    y = torch.empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device)
-    M, K = N * OH * OW, C_in * KH * KW
-    if y.numel() == 0:
+    y = torch.empty((N, n_out, OH, OW), dtype=x.dtype, device=x.device)
+    M = N * OH * OW
+    if M == 0 or prog.shape[0] == 0:
         return y
-    tw = tw.reshape(tw.shape[0], K).contiguous()
-    fw = frozen_or_dummy(fw, tw).reshape(-1, K).contiguous()
+    tw = tw.contiguous()
+    fw = frozen_or_dummy(fw, tw).contiguous()
     has_bias = tb is not None
     if has_bias:
         tb = tb.contiguous()
         fb = frozen_or_dummy(fb, tb).contiguous()
-    cfg = gemm_blocks("fwd", x.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C_out, cfg["BLOCK_N"]))
+    cfg = _blocks("fwd", x.dtype)
+    count, work = _counter(rows)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
     _conv_fwd_kernel[grid](
-        x, tw, fw, tb if has_bias else tw, fb if has_bias else tw, in_task, out_task, out_min_task, slot, y,
-        C_out, H, W, OH, OW, M, K, *x.stride(), **_geometry(stride, padding, dilation), KH=KH, KW=KW,
-        HAS_BIAS=has_bias, ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype, x.device), DOT_FP32=dot_in_fp32(x.dtype), **cfg)
+        x, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
+        n_out, H, W, OH, OW, M, *x.stride(), **_geometry(stride, padding, dilation, kernel_size),
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x.dtype, x.device),
+        ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
-def conv_input_grad(g, tw, fw, in_task, out_task, out_min_task, slot, x_shape, kernel_size, stride, padding,
-                    dilation):
+def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dilation,
+                    scattered=True) -> torch.Tensor:
+    """dX [N, C_in, H, W] (a fresh tensor, every element written) from the output gradient g [N, C_out, H', W']."""
+    rows, dx_prog, dx_seg, dx_map = tiles[1], tiles[4], tiles[5], tiles[6]
     N, C_in, H, W = x_shape
-    KH, KW = kernel_size
-    C_out, OH, OW = g.shape[1:]
+    OH, OW = g.shape[2:]
     dx = torch.empty(x_shape, dtype=g.dtype, device=g.device)
-    K = C_in * KH * KW
+    M = N * H * W
     if dx.numel() == 0:
         return dx
-    tw = tw.reshape(tw.shape[0], K).contiguous()
-    fw = frozen_or_dummy(fw, tw).reshape(-1, K).contiguous()
-    cfg = gemm_blocks("dx", g.dtype)
-    M = N * H * W
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C_in, cfg["BLOCK_N"]))
+    tw = tw.contiguous()
+    fw = frozen_or_dummy(fw, tw).contiguous()
+    cfg = _blocks("dx", g.dtype)
+    count, work = _counter(rows)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), dx_prog.shape[0])
     _conv_dx_kernel[grid](
-        g, tw, fw, in_task, out_task, out_min_task, slot, dx, C_in, H, W, OH, OW, M, C_out * KH * KW, K,
-        *g.stride(), **_geometry(stride, padding, dilation), KH=KH, KW=KW,
-        ACC=acc_type(g.dtype), PREC=dot_precision(g.dtype, g.device), DOT_FP32=dot_in_fp32(g.dtype), **cfg)
+        g, tw, fw, rows, dx_prog, dx_seg, dx_map, dx, work, C_in, H, W, OH, OW, M, *g.stride(),
+        **_geometry(stride, padding, dilation, kernel_size), SCATTERED=scattered, COUNT=count,
+        PREC=dot_precision(g.dtype, g.device), ACC=acc_type(g.dtype), DOT_FP32=dot_in_fp32(g.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx
 
 
-def conv_weight_grad(g, x, n_trainable, has_bias, in_task, out_task, out_min_task, slot, kernel_size, stride,
-                     padding, dilation):
-    N, C_in, H, W = x.shape
-    KH, KW = kernel_size
-    C_out, OH, OW = g.shape[1:]
-    K = C_in * KH * KW
-    dw = torch.zeros((n_trainable, C_in, KH, KW), dtype=x.dtype, device=x.device)
+def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, dilation, scattered=True):
+    """(dW [n_trainable, C_in, kh, kw], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows
+    and dead synapses."""
+    prog, rows, cols, dw_prog = tiles[0], tiles[1], tiles[2], tiles[3]
+    n_trainable = trainable_shape[0]
+    dw = torch.zeros(trainable_shape, dtype=x.dtype, device=x.device)
     db = torch.zeros((n_trainable,) if has_bias else (0,), dtype=x.dtype, device=x.device)
-    if n_trainable == 0:
+    H, W = x.shape[2:]
+    OH, OW = g.shape[2:]
+    M = x.shape[0] * OH * OW
+    if n_trainable == 0 or M == 0 or dw_prog.shape[0] == 0:
         return dw, db
-    M = N * OH * OW
-    if M == 0 or K == 0:
-        return dw.zero_(), db.zero_()
-    cfg = gemm_blocks("dw", x.dtype)
-    grid = (triton.cdiv(C_out, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    _conv_dw_kernel[grid](
-        g, x, in_task, out_task, out_min_task, slot, dw, db if has_bias else dw, C_out, H, W, OH, OW, M, K,
-        *g.stride(), *x.stride(), **_geometry(stride, padding, dilation), KH=KH, KW=KW,
-        HAS_BIAS=has_bias, ACC=acc_type(x.dtype), PREC=dot_precision(x.dtype, x.device), DOT_FP32=dot_in_fp32(x.dtype), **cfg)
+    cfg = _blocks("dw", x.dtype)
+    count, work = _counter(rows)
+    _conv_dw_kernel[(dw_prog.shape[0],)](
+        g, x, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work, H, W, OH, OW, M,
+        *g.stride(), *x.stride(), **_geometry(stride, padding, dilation, trainable_shape[2:]),
+        COLS=tile_shape(x.dtype)[1], HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
+        PREC=dot_precision(x.dtype, x.device), ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw, db
 
 
 # ----- custom ops ----------------------------------------------------------------------------------
 
+def _out_shape(x, trainable_weight, n_out, stride, padding, dilation):
+    KH, KW = trainable_weight.shape[2:]
+    return (x.shape[0], n_out, _out_size(x.shape[2], KH, stride[0], padding[0], dilation[0]),
+            _out_size(x.shape[3], KW, stride[1], padding[1], dilation[1]))
+
+
 @torch.library.custom_op("eidetic::triton_conv2d", mutates_args=())
 def _conv_op(x: torch.Tensor, trainable_weight: torch.Tensor, frozen_weight: torch.Tensor,
-             trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor], in_task: torch.Tensor,
-             out_task: torch.Tensor, out_min_task: torch.Tensor, slot: torch.Tensor, stride: list[int],
-             padding: list[int], dilation: list[int], taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
-    return conv_forward(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task,
-                        out_min_task, slot, tuple(trainable_weight.shape[2:]), stride, padding, dilation)
+             trainable_bias: Optional[torch.Tensor], frozen_bias: Optional[torch.Tensor], tiles: list[torch.Tensor],
+             n_out: int, scattered: bool, stride: list[int], padding: list[int], dilation: list[int],
+             taylor_score: Optional[torch.Tensor]) -> torch.Tensor:
+    return conv_forward(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out,
+                        tuple(trainable_weight.shape[2:]), stride, padding, dilation, scattered)
 
 
 @_conv_op.register_fake
-def _(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task, out_min_task, slot,
-      stride, padding, dilation, taylor_score):
-    KH, KW = trainable_weight.shape[2:]
-    OH = _out_size(x.shape[2], KH, stride[0], padding[0], dilation[0])
-    OW = _out_size(x.shape[3], KW, stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], out_task.shape[0], OH, OW))
+def _(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, scattered, stride, padding,
+      dilation, taylor_score):
+    return x.new_empty(_out_shape(x, trainable_weight, n_out, stride, padding, dilation))
 
 
 @torch.library.custom_op("eidetic::triton_conv2d_backward", mutates_args=("taylor_score",))
 def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, trainable_weight: torch.Tensor,
-                      frozen_weight: torch.Tensor, has_bias: bool, in_task: torch.Tensor, out_task: torch.Tensor,
-                      out_min_task: torch.Tensor, slot: torch.Tensor, stride: list[int], padding: list[int],
-                      dilation: list[int], taylor_score: Optional[torch.Tensor], need_input_grad: bool,
+                      frozen_weight: torch.Tensor, has_bias: bool, tiles: list[torch.Tensor], scattered: bool,
+                      stride: list[int], padding: list[int], dilation: list[int],
+                      taylor_score: Optional[torch.Tensor], need_input_grad: bool,
                       need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ks = tuple(trainable_weight.shape[2:])
     if need_input_grad:
-        dx = conv_input_grad(grad, trainable_weight, frozen_weight, in_task, out_task, out_min_task, slot, x.shape,
-                             ks, stride, padding, dilation)
+        dx = conv_input_grad(grad, trainable_weight, frozen_weight, tiles, x.shape, ks, stride, padding, dilation,
+                             scattered)
     else:
         dx = x.new_empty((0,))
     if need_weight_grad:
-        dw, db = conv_weight_grad(grad, x, trainable_weight.shape[0], has_bias, in_task, out_task, out_min_task,
-                                  slot, ks, stride, padding, dilation)
+        dw, db = conv_weight_grad(grad, x, tuple(trainable_weight.shape), has_bias, tiles, stride, padding,
+                                  dilation, scattered)
     else:
         dw, db = x.new_empty((0,)), x.new_empty((0,))
     if taylor_score is not None:
@@ -343,58 +453,93 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, trai
 
 
 @_conv_backward_op.register_fake
-def _(grad, x, y, trainable_weight, frozen_weight, has_bias, in_task, out_task, out_min_task, slot, stride,
-      padding, dilation, taylor_score, need_input_grad, need_weight_grad):
+def _(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, scattered, stride, padding, dilation,
+      taylor_score, need_input_grad, need_weight_grad):
     dx = x.new_empty(x.shape if need_input_grad else (0,))
     dw = x.new_empty(trainable_weight.shape if need_weight_grad else (0,))
     db = x.new_empty((trainable_weight.shape[0],) if need_weight_grad and has_bias else (0,))
     return dx, dw, db
 
 
+def _kernel_positions(trainable_weight) -> int:
+    return math.prod(trainable_weight.shape[2:])
+
+
+@register_flop_formula(torch.ops.eidetic.triton_conv2d, get_raw=True)
+def _conv_flops(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, tiles, n_out, scattered, stride,
+                padding, dilation, taylor_score, out_val=None, **kwargs) -> int:
+    """2 x the multiply-adds the forward kernel schedules: N·H'·W' x kh·kw x Σ_blocks rows x window width."""
+    _, _, OH, OW = _out_shape(x, trainable_weight, n_out, stride, padding, dilation)
+    return 2 * x.shape[0] * OH * OW * _kernel_positions(trainable_weight) * int(tiles[7][0])
+
+
+@register_flop_formula(torch.ops.eidetic.triton_conv2d_backward, get_raw=True)
+def _conv_backward_flops(grad, x, y, trainable_weight, frozen_weight, has_bias, tiles, scattered, stride, padding,
+                         dilation, taylor_score, need_input_grad, need_weight_grad, out_val=None, **kwargs) -> int:
+    """2 x the multiply-adds the dX (over N·H·W input positions) and dW (over N·H'·W' output positions) kernels
+    schedule, each only when launched."""
+    work = tiles[7]
+    kk = _kernel_positions(trainable_weight)
+    dx = x.shape[0] * x.shape[2] * x.shape[3] * int(work[1]) * bool(need_input_grad)
+    dw = grad.shape[0] * grad.shape[2] * grad.shape[3] * int(work[2]) * bool(need_weight_grad)
+    return 2 * kk * (dx + dw)
+
+
 def _setup_context(ctx, inputs, output):
-    x, tw, fw, tb, fb, in_task, out_task, out_min_task, slot, stride, padding, dilation, taylor_score = inputs
+    x, tw, fw, tb, fb, tiles, n_out, scattered, stride, padding, dilation, taylor_score = inputs
     ctx.has_bias = tb is not None
     ctx.taylor = taylor_score is not None
+    ctx.n_tiles = len(tiles)
+    ctx.n_out, ctx.scattered = n_out, scattered
     ctx.geometry = (stride, padding, dilation)
     # the Taylor score reads a copy of the output: in-place ops after the layer may change the output itself
-    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, tb, in_task, out_task,
-                          out_min_task, slot, taylor_score)
+    ctx.save_for_backward(x, output.detach().clone() if ctx.taylor else None, tw, fw, tb, fb, taylor_score, *tiles)
 
 
 def _backward(ctx, grad):
-    x, y, tw, fw, tb, in_task, out_task, out_min_task, slot, taylor_score = ctx.saved_tensors
+    x, y, tw, fw, tb, fb, taylor_score, *tiles = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     need_dw = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[3])
-    nothing = (None,) * 13
+    # frozen bias, tiles, n_out, scattered, stride, padding, dilation, taylor_score
+    rest = (None, [None] * ctx.n_tiles) + (None,) * 6
     if not (need_dx or need_dw or ctx.taylor):
-        return nothing
+        return (None,) * 4 + rest
     if torch.is_grad_enabled():  # create_graph=True: gradients as a graph (see ops/double_backward.py)
         with torch.enable_grad():
-            w = dense_weight(tw, fw, in_task, out_task, out_min_task, slot)
-            y_graph = attach_taylor_hook(F.conv2d(x, w, trainable_bias(tb, fw.shape[0], out_task, slot),
-                                                  *ctx.geometry), taylor_score, 1)
+            w, b = dense_from_tiles(tw, fw, tb, fb, tiles, ctx.n_out, x.shape[1], tuple(tw.shape[2:]))
+            y_graph = attach_taylor_hook(F.conv2d(x, w, b, *ctx.geometry), taylor_score, 1)
         dx, dw, db = graph_grads(y_graph, (x, tw, tb), (need_dx, ctx.needs_input_grad[1],
                                                          ctx.has_bias and ctx.needs_input_grad[3]), grad)
-        return (dx, dw, None, db) + nothing[4:]
-    dx, dw, db = _conv_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, in_task, out_task,
-                                   out_min_task, slot, *ctx.geometry, taylor_score, need_dx, need_dw)
+        return (dx, dw, None, db) + rest
+    dx, dw, db = _conv_backward_op(grad, x, y if ctx.taylor else x, tw, fw, ctx.has_bias, tiles, ctx.scattered,
+                                   *ctx.geometry, taylor_score, need_dx, need_dw)
     return (dx if need_dx else None, dw if ctx.needs_input_grad[1] else None, None,
-            db if ctx.has_bias and ctx.needs_input_grad[3] else None) + nothing[4:]
+            db if ctx.has_bias and ctx.needs_input_grad[3] else None) + rest
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def conv2d(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task, out_min_task, slot,
-           stride, padding, dilation, plan=None, taylor_score=None):
-    """Backend entry point (signature of reference.conv2d); ``plan`` is only used for the dense shortcut."""
+def _pair(v) -> list[int]:
+    return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
+def conv2d(x, weight, bias, frozen_weight, frozen_bias, table, stride, padding, dilation, taylor_score=None,
+           constant_frozen=False):
+    """Backend entry point (signature of reference.conv2d). ``table``: the layer's ``state.Table`` for its view,
+    or its ``Tiles`` (``tiles.layer_tiles``); y [N, C_out, H', W'] is a fresh tensor. Raises ValueError for a
+    string padding."""
     if isinstance(padding, str):
         raise ValueError(f"the Triton conv2d takes explicit integer padding, got {padding!r} "
                          "(EideticConv2d resolves 'same'/'valid' to ints)")
-    stride, padding, dilation = (list(stride), list(padding), list(dilation))
-    if DENSE_SHORTCUT and taylor_score is None and plan is not None and plan.all_trainable_dense:
-        return F.conv2d(x, trainable_weight, trainable_bias, stride, padding, dilation)
-    if out_min_task is None:
-        out_min_task = torch.zeros_like(out_task)
-    return _conv_op(x, trainable_weight, frozen_weight, trainable_bias, frozen_bias, in_task, out_task,
-                    out_min_task, slot, stride, padding, dilation, taylor_score)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if isinstance(table, Table):
+        rows_tile, cols_tile = tile_shape(x.dtype)
+        table = build_tiles(table, constant_frozen, rows_tile, cols_tile, x.device)
+    if DENSE_SHORTCUT and taylor_score is None and table.dense:
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    if not table.trainable:  # as the reference: storages no computed row reads get no gradient (None)
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return _conv_op(x, weight, frozen_weight, bias, frozen_bias, list(table.tensors), table.n_out, table.scattered,
+                    stride, padding, dilation, taylor_score)
+

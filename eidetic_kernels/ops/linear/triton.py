@@ -47,9 +47,8 @@ handed to torch's GEMM (``DENSE_SHORTCUT``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,17 +56,19 @@ import triton
 import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
-from ...state import Table, make_table
+from ...state import Table
 from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
-from ..triton_common import acc_type, add_taylor, dot_in_fp32, dot_precision, frozen_or_dummy, gemm_blocks
+from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
+                     dense_from_tiles, layer_tiles, tile_shape)
+from ..tiles import Tiles as LinearTiles
+from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision,
+                             frozen_or_dummy, gemm_blocks)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
 DENSE_SHORTCUT = True
 
-KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO = 0, 1, 2
-_PROG, _ROW, _SEG = 6, 3, 7  # fields per program, row entry, dX segment
 
 
 @triton.jit
@@ -268,198 +269,6 @@ def _linear_dw_kernel(
         tl.atomic_add(work_ptr, macs)
 
 
-# ----- tile tables ---------------------------------------------------------------------------------
-
-class LinearTiles(NamedTuple):
-    """A layer's tile table for one view (see the module docstring); ``tensors`` in ``TILE_NAMES`` order,
-    ``n_out`` the layer's output neurons; ``trainable``: whether a trainable row is computed;
-    ``scattered``: whether a window is a gather list or a dX segment a column map.
-
-    ``dense``: the layer is a plain nn.Linear (every neuron FREE, every input live), which the dense
-    shortcut hands to torch's GEMM."""
-
-    tensors: tuple
-    n_out: int
-    dense: bool = False
-    trainable: bool = True  # False: no trainable row is computed (a view), so the storage gets no gradient
-    scattered: bool = True  # some window is a gather or some dX segment a map (kernels compile those paths)
-
-
-TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work")
-
-
-def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
-    """(ROWS, COLS) of the tables for ``dtype``: rows per forward/dW program, input columns per dX program."""
-    return gemm_blocks("fwd", dtype)["BLOCK_N"], gemm_blocks("dx", dtype)["BLOCK_K"]
-
-
-def _block_columns(blk, n_in: int) -> torch.Tensor:
-    """Int64[width] on the CPU: the input columns a block reads, ascending (its compact weight order)."""
-    if blk.cols is not None:
-        return blk.cols.cpu().long()
-    a, b = blk.col_range
-    cols = torch.arange(a, b)
-    if blk.dead is not None:
-        keep = torch.ones(b - a, dtype=torch.bool)
-        keep[blk.dead.cpu().long()] = False
-        cols = cols[keep]
-    return cols
-
-
-def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: int,
-                device: torch.device | None = None) -> LinearTiles:
-    """The tile table of ``table`` (a layer's range table for one view) for tiles of ``rows_tile`` rows and
-    ``cols_tile`` dX columns; tensors on ``device`` (default: where the table's rows are), ``work`` on the
-    CPU. ``constant_frozen``: frozen blocks give no dX and the trainable block dX for inputs from FREE
-    producers only (the layer's mode of the same name)."""
-    n_in, n_out = table.n_in, table.n_out
-    if device is None:
-        device = table.blocks[0].rows.device if table.blocks else torch.device("cpu")
-    prog, rows, cols, dw_prog = [], [], [], []
-    n_cols = n_entries = 0
-    covered = torch.zeros(n_out, dtype=torch.bool)
-    work = [0, 0, 0]
-    dx_blocks = []  # (kind, first row entry, rows, dX columns, their weight columns)
-    for blk in table.blocks:
-        out = blk.rows.cpu().long()
-        read = _block_columns(blk, n_in)
-        width = read.numel()
-        if blk.frozen:
-            kind = KIND_FROZEN
-            r = torch.arange(out.numel())
-            w_row, b_row = blk.offset + r * blk.width, blk.bias_start + r
-            w_col = torch.arange(width)
-            dx_cols = None if constant_frozen else read
-        else:
-            kind = KIND_TRAINABLE
-            slots = torch.arange(out.numel()) if blk.slots is None else blk.slots.cpu().long()
-            if blk.zero_rows is not None:  # PRUNED rows: not computed, written 0 by kind-2 programs
-                keep = torch.ones(out.numel(), dtype=torch.bool)
-                keep[blk.zero_rows.cpu().long()] = False
-                out, slots = out[keep], slots[keep]
-            w_row, b_row = slots * n_in, slots
-            w_col = read
-            dx_cols = read
-            if constant_frozen:  # inputs from FREE producers: the only ones a gradient is wanted for
-                window = blk.cols.cpu().long() if blk.cols is not None else torch.arange(*blk.col_range)
-                free = torch.zeros(n_in, dtype=torch.bool)
-                free[window[blk.train_pos.cpu().long()]] = True
-                dx_cols = read[free[read]]
-        n = out.numel()
-        if n == 0:
-            continue
-        covered[out] = True
-        if width and int(read[-1]) - int(read[0]) != width - 1:
-            gather, start = 1, n_cols
-            cols.append(read)
-            n_cols += width
-        else:
-            gather, start = 0, int(read[0]) if width else 0
-        rows.append(torch.stack([out, w_row, b_row], 1))
-        for t0 in range(0, n, rows_tile):
-            if kind == KIND_TRAINABLE:
-                dw_prog.extend([len(prog), k0] for k0 in range(0, max(width, 1), cols_tile))
-            prog.append([kind, n_entries + t0, min(rows_tile, n - t0), gather, start, width])
-        work[0] += n * width
-        if kind == KIND_TRAINABLE:
-            work[2] += n * width
-        if dx_cols is not None and dx_cols.numel():
-            pos = torch.zeros(n_in, dtype=torch.long)
-            pos[read] = w_col
-            dx_blocks.append((kind, n_entries, n, dx_cols, pos[dx_cols]))
-            work[1] += n * dx_cols.numel()
-        n_entries += n
-    zero = (~covered).nonzero().flatten()
-    if zero.numel():
-        z = torch.zeros_like(zero)
-        rows.append(torch.stack([zero, z, z], 1))
-        for t0 in range(0, zero.numel(), rows_tile):
-            prog.append([KIND_ZERO, n_entries + t0, min(rows_tile, zero.numel() - t0), 0, 0, 0])
-        n_entries += zero.numel()
-    # dX: per column tile, the blocks reading some of its columns, in table order
-    n_tiles = -(-n_in // cols_tile)
-    per_tile = [[] for _ in range(n_tiles)]
-    maps, n_map = [], 0
-    for kind, row0, n, dx_cols, w_col in dx_blocks:
-        tile = dx_cols // cols_tile
-        bounds = torch.searchsorted(tile, torch.arange(n_tiles + 1))
-        for t in torch.unique_consecutive(tile).tolist():
-            a, b = int(bounds[t]), int(bounds[t + 1])
-            c, w = dx_cols[a:b], w_col[a:b]
-            lo, hi = int(c[0]), int(c[-1]) + 1
-            shift = int(c[0] - w[0])
-            if hi - lo == c.numel() and bool((c - w == shift).all()):
-                per_tile[t].append([kind, row0, n, lo, hi, shift, -1])
-            else:
-                m = torch.full((cols_tile,), -1, dtype=torch.long)
-                m[c - t * cols_tile] = w
-                maps.append(m)
-                per_tile[t].append([kind, row0, n, 0, 0, 0, n_map])
-                n_map += cols_tile
-    dx_prog, segs = [], []
-    for s in per_tile:
-        dx_prog.append([len(segs), len(s)])
-        segs.extend(s)
-
-    def table_of(data, fields, dtype=torch.int32, pad=False):
-        t = torch.tensor(data, dtype=dtype).reshape(-1, fields) if data else torch.zeros((0, fields), dtype=dtype)
-        if pad and not data:  # a valid pointer argument even when nothing is read through it
-            t = torch.zeros((1, fields), dtype=dtype)
-        return t.to(device)
-
-    def cat_of(parts, dtype, empty=(1,)):  # never empty: a valid pointer argument
-        return (torch.cat(parts) if parts else torch.zeros(empty, dtype=torch.long)).to(device, dtype)
-
-    tensors = (table_of(prog, _PROG), cat_of(rows, torch.int64, (1, _ROW)), cat_of(cols, torch.int32),
-               table_of(dw_prog, 2),
-               table_of(dx_prog, 2), table_of(segs, _SEG, pad=True), cat_of(maps, torch.int32),
-               torch.tensor(work, dtype=torch.int64))
-    return LinearTiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog),
-                       scattered=bool(cols) or bool(maps))
-
-
-@torch.library.custom_op("eidetic::triton_linear_tiles", mutates_args=())
-def _tiles_op(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torch.Tensor, view_task: int,
-              constant_frozen: bool, rows_tile: int, cols_tile: int) -> list[torch.Tensor]:
-    table = make_table(in_task, out_task, out_min_task, None if view_task < 0 else view_task)
-    return list(build_tiles(table, constant_frozen, rows_tile, cols_tile, out_task.device).tensors)
-
-
-@_tiles_op.register_fake
-def _(in_task, out_task, out_min_task, view_task, constant_frozen, rows_tile, cols_tile):
-    ctx = torch.library.get_ctx()
-    dev = out_task.device
-    i32 = dict(dtype=torch.int32, device=dev)
-    return [out_task.new_empty((ctx.new_dynamic_size(), _PROG), **i32),
-            out_task.new_empty((ctx.new_dynamic_size(), _ROW), dtype=torch.int64, device=dev),
-            out_task.new_empty((ctx.new_dynamic_size(),), **i32),
-            out_task.new_empty((ctx.new_dynamic_size(), 2), **i32),
-            out_task.new_empty(((in_task.shape[0] + cols_tile - 1) // cols_tile, 2), **i32),
-            out_task.new_empty((ctx.new_dynamic_size(), _SEG), **i32),
-            out_task.new_empty((ctx.new_dynamic_size(),), **i32),
-            out_task.new_empty((3,), dtype=torch.int64, device="cpu")]
-
-
-def layer_tiles(plans: dict, table_fn, in_task, out_task, out_min_task, view_task: int | None,
-                constant_frozen: bool, dtype: torch.dtype) -> LinearTiles:
-    """A layer's tile table for its current view, cached in ``plans`` (the layer's plan cache, cleared at
-    every state change). Eager: built on the host from ``table_fn()`` (the layer's cached range table).
-    Inside a compiled graph a cached table is an input of the graph; a missing one is built by the
-    ``eidetic::triton_linear_tiles`` op when the graph runs, and cached as well."""
-    rows_tile, cols_tile = tile_shape(dtype)
-    key = ("triton linear tiles", view_task, bool(constant_frozen), rows_tile, cols_tile)
-    tiles = plans.get(key)
-    if tiles is None:
-        if torch.compiler.is_compiling():
-            tiles = LinearTiles(tuple(_tiles_op(in_task, out_task, out_min_task, -1 if view_task is None else
-                                                view_task, bool(constant_frozen), rows_tile, cols_tile)),
-                                out_task.shape[0])
-        else:
-            tiles = build_tiles(table_fn(), constant_frozen, rows_tile, cols_tile, out_task.device)
-        plans[key] = tiles
-    return tiles
-
-
 # ----- host functions ------------------------------------------------------------------------------
 
 def _blocks(kind: str, dtype: torch.dtype) -> dict:
@@ -470,24 +279,6 @@ def _blocks(kind: str, dtype: torch.dtype) -> dict:
     if kind == "dw":
         cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
     return cfg
-
-
-_COUNTER: list = []  # the int64 counter the kernels add their work to, while ``count_work`` is active
-
-
-@contextlib.contextmanager
-def count_work(counter: torch.Tensor):
-    """Compile the kernels with their work counter while active: each program atomically adds the
-    multiply-adds it issues on valid elements to ``counter`` (int64[1], on the device of the inputs)."""
-    _COUNTER.append(counter)
-    try:
-        yield counter
-    finally:
-        _COUNTER.pop()
-
-
-def _counter(like: torch.Tensor):
-    return (True, _COUNTER[-1]) if _COUNTER else (False, like)
 
 
 def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -> torch.Tensor:
@@ -559,32 +350,6 @@ def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # explicit rows: -1 is ambiguous with 0 features
-
-
-def dense_from_tiles(tw, fw, tb, fb, tiles, n_out: int, n_in: int):
-    """(W [n_out, n_in], b [n_out] | None) that the tiles compute, zeros on dead synapses and on kind-2 rows;
-    differentiable w.r.t. ``tw``/``tb`` only (frozen storage read detached). For double backward (eager)."""
-    prog, rows, cols = (t.cpu() for t in tiles[:3])
-    dev = tw.device
-    w = tw.new_zeros((n_out, n_in))
-    b = None if tb is None else tb.new_zeros((n_out,))
-    flat_t, flat_f = tw.reshape(-1), fw.detach().reshape(-1)
-    for kind, row0, n, gather, start, width in prog.tolist():
-        if kind == KIND_ZERO or n == 0:
-            continue
-        entries = rows[row0:row0 + n]
-        out = entries[:, 0].to(dev)
-        k = torch.arange(width)
-        col = cols[start:start + width].long() if gather else start + k
-        if width:
-            w_col = k if kind == KIND_FROZEN else col
-            index = (entries[:, 1:2] + w_col[None, :]).to(dev)
-            vals = (flat_f if kind == KIND_FROZEN else flat_t)[index]
-            w = w.index_put((out[:, None], col.to(dev)[None, :]), vals)
-        if b is not None:
-            src = fb.detach() if kind == KIND_FROZEN else tb
-            b = b.index_put((out,), src[entries[:, 2].to(dev)])
-    return w, b
 
 
 # ----- custom ops ----------------------------------------------------------------------------------
