@@ -99,7 +99,7 @@ class Config:
     threads: Optional[int] = _key(None, "torch CPU threads (default: torch's choice)")
     router: Literal["learned", "entropy", "none"] = _key(
         "learned",
-        "task routing for the no-task-id accuracy: learned (a task classifier on the body's features, fitted after "
+        "task routing for the no-task-id accuracy: learned (a task classifier on what router_input names, fitted after "
         "every task on router_samples_per_task training inputs of each finished task), entropy (the head with the "
         "least normalised entropy), none")
     router_samples_per_task: int = _key(2000, "training inputs per finished task for the learned router",
