@@ -1,12 +1,9 @@
 """Pieces shared by the Triton backends of linear, conv2d and batch_norm.
 
-* ``window_of``: the rows of a tile that share one input window (same task and min input task).
-  Every GEMM-like kernel loops over the windows present in its tile, selects (never multiplies)
-  the inputs that window may read, and keeps a row's result only from its own window's pass. So a
-  NaN or Inf in a dead input can never reach a live output (0 * NaN = NaN is never computed into
-  a kept value), and a row's bits depend only on its own window, weights and live inputs.
-* ``row_pointer``: each neuron's row lives in the trainable or the frozen storage, picked by its
-  state, at ``slot[i]``; the kernels select the pointer, no dense weight is assembled.
+* The GEMM-like kernels (linear, conv2d) run on a layer's tile table (``ops/tiles.py``): each program
+  reads one block's live inputs and rows only, and rows it must not compute are written 0 by a select
+  (never a product with a 0/1 mask), so a NaN or Inf in a dead input or in free capacity can never reach
+  a frozen output, and a row's bits depend only on its own block.
 * block sizes: fixed per (kind, dtype, device), never autotuned, so a frozen neuron's summation
   order cannot change between runs (autotuning could pick another tile size in another process).
   Under the interpreter tiles are big (few programs: each one costs Python time, not FLOPs).
@@ -130,24 +127,6 @@ def _counter(like: torch.Tensor):
 
 
 # ----- device helpers ---------------------------------------------------------------------------
-
-@triton.jit
-def window_of(remaining, row_task, row_min):
-    """The first window still to do among ``remaining`` rows: (rows in it, its task, its min input task).
-
-    A window is a (task, min_input_task) pair; both are in [0, FREE] for a live row, so the pair packs
-    into one int32 key and the smallest key picks the next window.
-    """
-    key = row_task * 65536 + row_min
-    first = tl.min(tl.where(remaining, key, 2147483647), axis=0)
-    return remaining & (key == first), first // 65536, first % 65536
-
-
-@triton.jit
-def input_live(in_task, task, min_task):
-    """Bool: which inputs (states ``in_task``) a neuron of window (task, min_task) reads."""
-    return (in_task != PRUNED_C) & (in_task >= min_task) & (in_task <= task)
-
 
 @triton.jit
 def is_frozen_state(task):
