@@ -20,7 +20,7 @@ trained MLP, an ensemble of routers, extra random crops, Gaussian (LDA/QDA) task
 confidence (max softmax, logsumexp, entropy; z-scored per head) to the router's log-probability add nothing
 or lose.
 
-What the body reads is bound by what the body was trained for: a router can also read the raw input through its
+What a router reads of the body is bound by what the body was trained for: it can also read the raw input through its
 own small CNN (``reads="input"``, config ``router_input``; ``_conv``), trained on the same router inputs, never
 touching the body. On the same Split MNIST body (5 tasks, 10,000 inputs per task) it routes 0.9898 (gap 0.74
 points; 3 epochs, ~70 s on one busy CPU thread), the body reader 0.9804, both (``reads="both"``: each trained
@@ -447,8 +447,8 @@ def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tens
                 mirror = x.flip(-1)
                 mirrored, mirrored_activations = _features(model, mirror, num_finished,
                                                            activations=learned.mlp is not None)
-                scores = (scores.softmax(-1)
-                          + learned(mirrored.float(), mirrored_activations, mirror if reads_input else None).softmax(-1))
+                mirrored_scores = learned(mirrored.float(), mirrored_activations, mirror if reads_input else None)
+                scores = scores.softmax(-1) + mirrored_scores.softmax(-1)
             tasks = scores.argmax(-1)
         else:
             entropies = []
