@@ -194,6 +194,38 @@ def test_nan_and_inf_in_free_capacity_never_reach_a_frozen_output(monkeypatch):
     layer.view_task = None
 
 
+def test_compiled_views_and_state_changes_match_eager(monkeypatch):
+    """torch.compile(fullgraph=True): tables missing from the cache are built inside the graph (the tiles
+    op), cached ones are graph inputs; views, frozen-constant mode and a state change between calls give
+    eager's outputs and gradients."""
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    torch._dynamo.reset()
+    eager = scattered_layer(7, 9, "split_free", seed=21, geometry="3x2_s21_p12_d12")
+    eager.constant_frozen = True
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(21)
+    for change in range(2):
+        for view in (None, 0, 2):
+            eager.view_task = twin.view_task = view
+            x = torch.randn(2, 7, 5, 6, generator=gen).to(DEVICE)
+            outs = []
+            for module, layer in ((eager, eager), (compiled, twin)):
+                xi = x.clone().requires_grad_()
+                y = module(xi)
+                y.square().sum().backward()
+                outs.append((y.detach(), xi.grad, None if layer.weight.grad is None else layer.weight.grad.clone()))
+                layer.zero_grad(set_to_none=True)
+            (y_e, dx_e, dw_e), (y_c, dx_c, dw_c) = outs
+            assert torch.equal(y_c, y_e)
+            torch.testing.assert_close(dx_c, dx_e, atol=1e-6, rtol=1e-6)
+            if dw_e is not None:
+                torch.testing.assert_close(dw_c, dw_e, atol=1e-6, rtol=1e-6)
+        for layer in (eager, twin):  # a state change: cached tables are dropped, the graph must follow
+            layer.view_task = None
+            layer.prune_neurons((layer.task_state == FREE).nonzero().flatten()[:1])
+
+
 # ----- layers inside an EideticNetwork (task-major) -----------------------------------------------------
 
 def _network(tasks, seed=0, share=0.2):
