@@ -75,9 +75,9 @@ def write_csv(rows: list[dict], out_dir: Path, prefix: str, machine: str, date: 
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r[k], float) and k in ("value", "min", "iqr") else r[k])
-                        for k in COLUMNS})
+        for r in rows:  # a column a suite does not use (e.g. ``tasks`` outside the tasks suite) stays empty
+            w.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) and k in ("value", "min", "iqr")
+                            else r.get(k, "")) for k in COLUMNS})
     return path
 
 
