@@ -169,3 +169,31 @@ def add_taylor(score: torch.Tensor, a3: torch.Tensor, g3: torch.Tensor, divisor:
     taylor_kernel[(triton.cdiv(C, block_c),)](
         a3, g3, score, B, C, S, *a3.stride(), *g3.stride(), 1.0 / max(divisor, 1),
         BLOCK_R=block_r, BLOCK_C=block_c)
+
+
+@triton.jit
+def dx_segment(seg_ptr, s, map_ptr, o_t, o_c, m_c, SCATTERED: tl.constexpr):
+    """Segment ``s`` of a dX tile table (``ops/tiles.py``: kind, first row entry, rows, inputs [lo, hi), shift,
+    map start) for a program's input columns ``o_c`` (``o_t``: their offsets in the tile, ``m_c``: in range).
+
+    Returns (frozen block?, first row entry, rows, weight column of each input column, which of the columns
+    the block reads). A column outside [lo, hi), or -1 in the map of a scattered window (``SCATTERED``), is
+    not read: the kernels keep its sum by a select."""
+    q = seg_ptr + s * 7
+    frozen = tl.load(q) == 0
+    row0 = tl.load(q + 1)
+    n_rows = tl.load(q + 2)
+    c_lo = tl.load(q + 3)
+    c_hi = tl.load(q + 4)
+    shift = tl.load(q + 5)
+    in_range = (o_c >= c_lo) & (o_c < c_hi)
+    if SCATTERED:
+        map0 = tl.load(q + 6)
+        m_map = m_c & (o_t * 0 + map0 >= 0)  # a block-shaped mask (the interpreter wants one)
+        mapped = tl.load(map_ptr + map0 + o_t, mask=m_map, other=-1)
+        w_col = tl.where(m_map, mapped, o_c - shift)
+        live = m_c & tl.where(m_map, mapped >= 0, in_range)
+    else:
+        w_col = o_c - shift
+        live = m_c & in_range
+    return frozen, row0, n_rows, w_col, live

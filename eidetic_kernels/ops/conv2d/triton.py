@@ -50,7 +50,7 @@ from ...state import Table
 from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
 from ..tiles import build_tiles, dense_from_tiles, tile_shape
-from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision,
+from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision, dx_segment,
                              frozen_or_dummy, gemm_blocks, interpreting)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own conv (the layer *is* nn.Conv2d
@@ -173,23 +173,7 @@ def _conv_dx_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
     for s in range(seg0, seg0 + n_seg):  # the blocks reading some of these channels, in table order
-        q = seg_ptr + s * 7
-        frozen = tl.load(q) == 0
-        row0 = tl.load(q + 1)
-        n_rows = tl.load(q + 2)
-        c_lo = tl.load(q + 3)
-        c_hi = tl.load(q + 4)
-        shift = tl.load(q + 5)
-        in_range = (o_c >= c_lo) & (o_c < c_hi)
-        if SCATTERED:  # a channel map (-1: not read) for segments that have one
-            map0 = tl.load(q + 6)
-            m_map = m_c & (o_t * 0 + map0 >= 0)  # a block-shaped mask (the interpreter wants one)
-            mapped = tl.load(map_ptr + map0 + o_t, mask=m_map, other=-1)
-            w_col = tl.where(m_map, mapped, o_c - shift)
-            live = m_c & tl.where(m_map, mapped >= 0, in_range)
-        else:
-            w_col = o_c - shift
-            live = m_c & in_range
+        frozen, row0, n_rows, w_col, live = dx_segment(seg_ptr, s, map_ptr, o_t, o_c, m_c, SCATTERED)
         w_base = tl.where(frozen, wf_ptr, wt_ptr)
         for n0 in range(0, n_rows, BLOCK_N):
             o_r = n0 + tl.arange(0, BLOCK_N)

@@ -62,7 +62,7 @@ from ..taylor import attach_taylor_hook
 from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
                      dense_from_tiles, layer_tiles, tile_shape)
 from ..tiles import Tiles as LinearTiles
-from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision,
+from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dx_segment,
                              frozen_or_dummy, gemm_blocks)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
@@ -164,23 +164,7 @@ def _linear_dx_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
     for s in range(seg0, seg0 + n_seg):  # the blocks reading some of these columns, in table order
-        q = seg_ptr + s * 7
-        frozen = tl.load(q) == 0
-        row0 = tl.load(q + 1)
-        n_rows = tl.load(q + 2)
-        c_lo = tl.load(q + 3)
-        c_hi = tl.load(q + 4)
-        shift = tl.load(q + 5)
-        in_range = (o_c >= c_lo) & (o_c < c_hi)
-        if SCATTERED:  # a column map (-1: not read) for segments that have one
-            map0 = tl.load(q + 6)
-            m_map = m_c & (o_t * 0 + map0 >= 0)  # a block-shaped mask (the interpreter wants one)
-            mapped = tl.load(map_ptr + map0 + o_t, mask=m_map, other=-1)
-            w_col = tl.where(m_map, mapped, o_c - shift)
-            live = m_c & tl.where(m_map, mapped >= 0, in_range)
-        else:
-            w_col = o_c - shift
-            live = m_c & in_range
+        frozen, row0, n_rows, w_col, live = dx_segment(seg_ptr, s, map_ptr, o_t, o_c, m_c, SCATTERED)
         w_base = tl.where(frozen, wf_ptr, wt_ptr)
         for n0 in range(0, n_rows, BLOCK_N):
             o_r = n0 + tl.arange(0, BLOCK_N)
