@@ -5,22 +5,9 @@ frozen_weight (flat compact storage), frozen_bias [n_frozen] | None, table, tayl
 constant_frozen: bool) -> y [*, out], where ``table`` is a ``state.Table`` or the ``LinearTiles`` built
 from it (layers cache those; see ``layer_tiles``).
 
-The tile table (``build_tiles``, host-built once per state change and view) lists:
-* programs (``prog`` int32[P, 6]: kind, first row entry, rows, gather flag, column start, width): one per
-  (block, run of at most ROWS of its rows). Kind 0 reads the frozen compact storage (row r of the block at
-  ``offset + r*width``, its weights in column order), kind 1 the trainable storage (row ``slot*in``, weight
-  column = input column), kind 2 writes zeros (PRUNED neurons, and those a view cannot see). A block's
-  inputs are the slice ``[start, start + width)`` or, gather flag set, ``cols[start:start + width]``;
-  only live inputs are listed, so a dead input is never read.
-* row entries (``rows`` int64[R, 3]: output neuron, element offset of the row in its storage, bias index);
-  PRUNED rows of the trainable block are not computed: they sit in kind-2 programs.
-* dW programs (``dw_prog`` int32[Pw, 2]: trainable program, first column): one per (trainable program,
-  COLS columns of its width).
-* dX programs, one per COLS input columns (``dx_prog`` int32[Q, 2]: first segment, segments), each summing
-  over segments (``dx_seg`` int32[S, 7]: kind, first row entry, rows, columns [lo, hi), shift, map start):
-  the blocks that read some of its columns, in table order; weight column = input column - shift, or
-  ``dx_map[map start + c - c0]`` (-1: not read) for scattered windows.
-* ``work`` int64[3] (on the CPU): multiply-adds per sample scheduled by forward, dX and dW.
+The tile table (``ops/tiles.py``: ``build_tiles``, host-built once per state change and view) lists one
+program per (block, run of rows), the row entries, the dW programs and the dX segments; its docstring gives
+their layout.
 
 Kernels (fixed tile sizes per (kernel, dtype); no autotuning, no split-K; a block's tiles depend on the
 block alone, so a finished block's summation order never changes). ``SCATTERED`` (constexpr) compiles
