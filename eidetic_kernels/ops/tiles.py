@@ -19,6 +19,9 @@ kernels multiply the channel offsets by kh*kw and add the kernel position). It l
   ``dx_map[map start + c - c0]`` (-1: not read) for scattered windows.
 * ``work`` int64[3] (on the CPU): (row, column) pairs scheduled by forward, dX and dW; the ops multiply them
   by their samples (and kernel positions) in their flop formulas.
+* ``shape`` int64[2] (on the CPU): (ROWS, COLS) the table is laid out for. The kernels launch with these
+  tiles whatever dtype they run in: under ``torch.autocast`` an op gets a table built for its inputs' dtype
+  and runs in the autocast dtype, whose own tile shape may differ.
 
 ``eidetic::triton_linear_tiles`` builds a table inside a compiled graph (``layer_tiles``).
 """
@@ -51,12 +54,18 @@ class Tiles(NamedTuple):
     scattered: bool = True  # some window is a gather or some dX segment a map (kernels compile those paths)
 
 
-TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work")
+TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work", "shape")
 
 
 def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
     """(ROWS, COLS) of the tables for ``dtype``: rows per forward/dW program, input columns per dX program."""
     return gemm_blocks("fwd", dtype)["BLOCK_N"], gemm_blocks("dx", dtype)["BLOCK_K"]
+
+
+def table_shape(tiles) -> tuple[int, int]:
+    """(ROWS, COLS) a table (its tensors, ``TILE_NAMES`` order) was built for: the kernels' launch tiles."""
+    rows_tile, cols_tile = tiles[8].tolist()
+    return int(rows_tile), int(cols_tile)
 
 
 def _block_columns(blk, n_in: int) -> torch.Tensor:
@@ -75,9 +84,9 @@ def _block_columns(blk, n_in: int) -> torch.Tensor:
 def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: int,
                 device: torch.device | None = None) -> Tiles:
     """The tile table of ``table`` (a layer's range table for one view) for tiles of ``rows_tile`` rows and
-    ``cols_tile`` dX columns; tensors on ``device`` (default: where the table's rows are), ``work`` on the
-    CPU. ``constant_frozen``: frozen blocks give no dX and the trainable block dX for inputs from FREE
-    producers only (the layer's mode of the same name)."""
+    ``cols_tile`` dX columns; tensors on ``device`` (default: where the table's rows are), ``work`` and
+    ``shape`` on the CPU. ``constant_frozen``: frozen blocks give no dX and the trainable block dX for inputs
+    from FREE producers only (the layer's mode of the same name)."""
     n_in, n_out = table.n_in, table.n_out
     if device is None:
         device = table.blocks[0].rows.device if table.blocks else torch.device("cpu")
@@ -179,7 +188,7 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
     tensors = (table_of(prog, _PROG), cat_of(rows, torch.int64, (1, _ROW)), cat_of(cols, torch.int32),
                table_of(dw_prog, 2),
                table_of(dx_prog, 2), table_of(segs, _SEG, pad=True), cat_of(maps, torch.int32),
-               torch.tensor(work, dtype=torch.int64))
+               torch.tensor(work, dtype=torch.int64), torch.tensor([rows_tile, cols_tile], dtype=torch.int64))
     return Tiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog),
                        scattered=bool(cols) or bool(maps))
 
@@ -203,7 +212,8 @@ def _(in_task, out_task, out_min_task, view_task, constant_frozen, rows_tile, co
             out_task.new_empty(((in_task.shape[0] + cols_tile - 1) // cols_tile, 2), **i32),
             out_task.new_empty((ctx.new_dynamic_size(), _SEG), **i32),
             out_task.new_empty((ctx.new_dynamic_size(),), **i32),
-            out_task.new_empty((3,), dtype=torch.int64, device="cpu")]
+            out_task.new_empty((3,), dtype=torch.int64, device="cpu"),
+            out_task.new_empty((2,), dtype=torch.int64, device="cpu")]
 
 
 def layer_tiles(plans: dict, table_fn, in_task, out_task, out_min_task, view_task: int | None,

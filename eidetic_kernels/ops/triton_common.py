@@ -126,6 +126,44 @@ def _counter(like: torch.Tensor):
 
 
 
+# ----- autocast ----------------------------------------------------------------------------------
+
+_AUTOCAST_LIBS: list = []  # the registrations live as long as their Library objects
+
+
+def register_autocast(qualname: str, cast: tuple[int, ...]) -> None:
+    """Register the autocast kernels (CPU and CUDA) of custom op ``qualname`` ("namespace::name").
+
+    Under ``torch.autocast(device)`` the positional arguments at the indices ``cast`` are cast to the
+    autocast dtype read when the op is called (``torch.get_autocast_dtype``), when eligible as ATen casts
+    its lower-precision ops' arguments (linear, convolution): floating tensors on the autocast device, not
+    float64. The op then runs below autocast with those arguments; the others (states, tiles, Taylor
+    scores, which accumulate in float32) pass unchanged. ``cast=()`` registers an op that runs in its
+    inputs' dtypes, as ATen's batch norm (on no autocast list for CPU or CUDA) does."""
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, device_type=device_type, below=below):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(_autocast_cast(a, device_type, dtype) if i in cast else a for i, a in enumerate(args))
+            with torch._C._ExcludeDispatchKeyGuard(below):
+                return op(*args)
+
+        lib.impl(name, kernel, key)
+    op = getattr(getattr(torch.ops, namespace), name).default
+    _AUTOCAST_LIBS.append(lib)
+
+
+def _autocast_cast(t, device_type: str, dtype: torch.dtype):
+    if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == device_type):
+        return t.to(dtype)
+    return t
+
+
 # ----- device helpers ---------------------------------------------------------------------------
 
 @triton.jit

@@ -5,8 +5,9 @@ compiler makes (register pressure, shared memory, unsupported ops on a target) t
 
 Run in a fresh interpreter without TRITON_INTERPRET. Every backend entry point (linear, conv2d, batch_norm:
 forward and backward, Taylor scores on, bias on and off, training and eval) is called on small CPU tensors
-of each dtype (fp32, fp16, bf16) with ``JITFunction.run`` replaced by a recorder: each launch the host code
-makes (its argument types, constexprs, warps and stages) is recorded instead of run. Each distinct launch is
+of each dtype (fp32, fp16, bf16; linear and conv2d also under ``torch.autocast`` from fp32) with
+``JITFunction.run`` replaced by a recorder: each launch the host code makes (its argument types, constexprs,
+warps and stages) is recorded instead of run. Each distinct launch is
 then compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", sm, 32))`` down to a cubin, and
 ptxas (Triton's own) reports registers and spills. Prints one line per compiled kernel; exits 1 on any
 failure.
@@ -93,6 +94,14 @@ def _exercise(dtype: torch.dtype) -> None:
         for constant_frozen in (False, True):
             conv.conv2d(xc, twc_m, tb_m, fwc_m, fb_m, major, (1, 1), (1, 1), (1, 1), torch.zeros(6),
                         constant_frozen).sum().backward()
+    if dtype != torch.float32:
+        # under autocast the ops get float32 inputs and a table built for float32's tiles, and run in ``dtype``
+        # with those tiles (``tiles.table_shape``)
+        x32, tw32, fw32 = x.detach().float(), tw.detach().float(), fw_c.float()
+        with torch.autocast("cpu", dtype):
+            lin.linear(x32.requires_grad_(), tw32.requires_grad_(), None, fw32, None, table, None).sum().backward()
+            conv.conv2d(xc.detach().float().requires_grad_(), twc.detach().float().requires_grad_(), None,
+                        fwc.float(), None, table, (1, 1), (1, 1), (1, 1), None).sum().backward()
     for training in (True, False):
         for stats in (True, False):
             xb = torch.randn(4, 6, 3, 3, dtype=dtype, requires_grad=True)

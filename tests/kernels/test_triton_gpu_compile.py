@@ -46,6 +46,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
         # a network's task-major tables compile without the gather/map paths, scattered ones with them
         variants = {e["constexprs"].get("SCATTERED") for e in report if e["kernel"] == kernel}
         assert {"True", "False"} <= variants, (kernel, variants)
+    for kernel in ("_linear_dx_kernel", "_conv_dx_kernel"):
+        # 16-bit runs on a float32 table (autocast) launch with float32's COLS, beside their own
+        for target in ("sm_90", "sm_80"):
+            cols = {e["constexprs"]["BLOCK_K"] for e in report
+                    if e["kernel"] == kernel and e["target"] == target and "*bf16" in e["dtypes"]}
+            assert len(cols) == 2, (kernel, target, cols)
     worst = sorted(report, key=lambda e: -e["spill_bytes"])[:5]
     print("most spilling:", [(e["kernel"], e["target"], e["dtypes"][0], e["spill_bytes"]) for e in worst])
     print("most shared memory:", max((e["shared_bytes"], e["kernel"], e["target"]) for e in report))

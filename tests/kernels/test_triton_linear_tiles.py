@@ -156,7 +156,7 @@ def test_tiles_follow_the_live_synapses():
     for view in (None, 0, 1, 2):
         layer.view_task = view
         tiles = layer._linear_tiles(torch.float32)
-        prog, rows, _, _, _, _, _, work = (t.cpu() for t in tiles.tensors)
+        prog, rows, work = (tiles.tensors[tri.TILE_NAMES.index(name)].cpu() for name in ("prog", "rows", "work"))
         out_task = view_states(layer.task_state, view).cpu()
         in_task = view_states(layer.input_task, view).cpu()
         live = live_synapses(in_task, out_task, layer.min_input_task.cpu())

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ..double_backward import graph_grads
 from . import reference
-from ..triton_common import FREE_C, PRUNED_C, any_true, interpreting, is_frozen_state, reduction_blocks
+from ..triton_common import (FREE_C, PRUNED_C, any_true, interpreting, is_frozen_state, reduction_blocks,
+                             register_autocast)
 
 
 @triton.jit
@@ -529,6 +530,8 @@ def _backward(ctx, grad, *_stat_grads):
 
 
 _bn_op.register_autograd(_backward, setup_context=_setup_context)
+# under torch.autocast: the input's dtype, as F.batch_norm (no cast; statistics in float32 either way)
+register_autocast("eidetic::triton_batch_norm", cast=())
 
 
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,

@@ -49,9 +49,9 @@ from torch.utils.flop_counter import register_flop_formula
 from ...state import Table
 from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
-from ..tiles import build_tiles, dense_from_tiles, tile_shape
+from ..tiles import build_tiles, dense_from_tiles, table_shape, tile_shape
 from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision, dx_segment,
-                             frozen_or_dummy, gemm_blocks, interpreting)
+                             frozen_or_dummy, gemm_blocks, interpreting, register_autocast)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own conv (the layer *is* nn.Conv2d
 # then). Tests set it to False to run the kernels on that case too.
@@ -302,15 +302,20 @@ def _geometry(stride, padding, dilation, kernel_size):
                 KH=kernel_size[0], KW=kernel_size[1])
 
 
-def _blocks(kind: str, dtype: torch.dtype) -> dict:
-    """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the table's ROWS and COLS, and dW
-    tiles are the forward's row tiles against COLS flattened (channel, kernel position) columns. On a GPU the
+def _blocks(kind: str, dtype: torch.dtype, tiles) -> dict:
+    """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the ROWS and COLS the table was built
+    for (``table_shape``: under autocast, another dtype's), and dW tiles are the forward's row tiles against
+    COLS flattened (channel, kernel position) columns. On a GPU the
     dX kernel reads its rows in chunks of at most 32 and dW its positions in chunks of 16: both gather their
     tiles with per-element offsets, and wider chunks spill registers (ptxas, fp32 on sm_80: dX 36.9 KB at 128
     rows, 1.4 KB at 32; dW 15.5 KB at 32 positions, 56 bytes at 16)."""
     cfg = dict(gemm_blocks(kind, dtype))
-    rows_tile, cols_tile = tile_shape(dtype)
-    if kind == "dw":
+    rows_tile, cols_tile = table_shape(tiles)
+    if kind == "fwd":
+        cfg["BLOCK_N"] = rows_tile
+    elif kind == "dx":
+        cfg["BLOCK_K"] = cols_tile
+    else:
         cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
     if not interpreting() and kind not in _BLOCK_OVERRIDE:
         if kind == "dx":
@@ -338,7 +343,7 @@ def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, 
     if has_bias:
         tb = tb.contiguous()
         fb = frozen_or_dummy(fb, tb).contiguous()
-    cfg = _blocks("fwd", x.dtype)
+    cfg = _blocks("fwd", x.dtype, tiles)
     count, work = _counter(rows)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
     _conv_fwd_kernel[grid](
@@ -362,7 +367,7 @@ def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dil
         return dx
     tw = tw.contiguous()
     fw = frozen_or_dummy(fw, tw).contiguous()
-    cfg = _blocks("dx", g.dtype)
+    cfg = _blocks("dx", g.dtype, tiles)
     count, work = _counter(rows)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), dx_prog.shape[0])
     _conv_dx_kernel[grid](
@@ -386,12 +391,12 @@ def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, di
     M = x.shape[0] * OH * OW
     if n_trainable == 0 or M == 0 or dw_prog.shape[0] == 0:
         return dw, db
-    cfg = _blocks("dw", x.dtype)
+    cfg = _blocks("dw", x.dtype, tiles)
     count, work = _counter(rows)
     _conv_dw_kernel[(dw_prog.shape[0],)](
         g, x, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work, H, W, OH, OW, M,
         *g.stride(), *x.stride(), **_geometry(stride, padding, dilation, trainable_shape[2:]),
-        COLS=tile_shape(x.dtype)[1], HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
+        COLS=table_shape(tiles)[1], HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
         PREC=dot_precision(x.dtype, x.device), ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -510,6 +515,8 @@ def _backward(ctx, grad):
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
+# under torch.autocast: input, weights and biases in the autocast dtype, as F.conv2d; the output in it too
+register_autocast("eidetic::triton_conv2d", cast=(0, 1, 2, 3, 4))
 
 
 def _pair(v) -> list[int]:

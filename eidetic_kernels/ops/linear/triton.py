@@ -47,10 +47,10 @@ from ...state import Table
 from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
 from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
-                     dense_from_tiles, layer_tiles, tile_shape)
+                     dense_from_tiles, layer_tiles, table_shape, tile_shape)
 from ..tiles import Tiles as LinearTiles
 from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dx_segment,
-                             frozen_or_dummy, gemm_blocks)
+                             frozen_or_dummy, gemm_blocks, register_autocast)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
@@ -242,12 +242,17 @@ def _linear_dw_kernel(
 
 # ----- host functions ------------------------------------------------------------------------------
 
-def _blocks(kind: str, dtype: torch.dtype) -> dict:
+def _blocks(kind: str, dtype: torch.dtype, tiles) -> dict:
     """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the table's ROWS and COLS, and dW
-    tiles are the forward's row tiles."""
+    tiles are the forward's row tiles (``table_shape``: the shape the table was built for, which under
+    autocast may be another dtype's)."""
     cfg = dict(gemm_blocks(kind, dtype))
-    rows_tile, cols_tile = tile_shape(dtype)
-    if kind == "dw":
+    rows_tile, cols_tile = table_shape(tiles)
+    if kind == "fwd":
+        cfg["BLOCK_N"] = rows_tile
+    elif kind == "dx":
+        cfg["BLOCK_K"] = cols_tile
+    else:
         cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
     return cfg
 
@@ -265,7 +270,7 @@ def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -
     if has_bias:
         tb = tb.contiguous()
         fb = frozen_or_dummy(fb, tb).contiguous()
-    cfg = _blocks("fwd", x2.dtype)
+    cfg = _blocks("fwd", x2.dtype, tiles)
     count, work = _counter(rows)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
     _linear_fwd_kernel[grid](
@@ -286,7 +291,7 @@ def linear_input_grad(g2, tw, fw, tiles, K, scattered=True) -> torch.Tensor:
         return dx
     tw = tw.contiguous()
     fw = frozen_or_dummy(fw, tw).contiguous()
-    cfg = _blocks("dx", g2.dtype)
+    cfg = _blocks("dx", g2.dtype, tiles)
     count, work = _counter(rows)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), dx_prog.shape[0])
     _linear_dx_kernel[grid](
@@ -307,7 +312,7 @@ def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
     db = torch.zeros((n_trainable,) if has_bias else (0,), dtype=x2.dtype, device=x2.device)
     if n_trainable == 0 or M == 0 or dw_prog.shape[0] == 0:
         return dw, db
-    cfg = _blocks("dw", x2.dtype)
+    cfg = _blocks("dw", x2.dtype, tiles)
     count, work = _counter(rows)
     _linear_dw_kernel[(dw_prog.shape[0],)](
         g2, x2, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work,
@@ -423,6 +428,8 @@ def _backward(ctx, grad):
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
+# under torch.autocast: input, weights and biases in the autocast dtype, as F.linear; the output in it too
+register_autocast("eidetic::triton_linear", cast=(0, 1, 2, 3, 4))
 
 
 def linear(x, weight, bias, frozen_weight, frozen_bias, table, taylor_score=None, constant_frozen=False):
