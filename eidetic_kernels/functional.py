@@ -12,24 +12,34 @@ import torch
 from . import backends
 from .state import STATE_DTYPE, check_state_vector, compact_rows, is_frozen, make_table
 
-__all__ = ["masked_linear", "masked_conv2d", "masked_batch_norm"]
+__all__ = ["masked_linear", "masked_conv2d", "masked_batch_norm", "InputError", "InputTypeError"]
+
+
+class InputError(ValueError, RuntimeError):
+    """An input of the wrong shape or device. Also a RuntimeError, which torch.nn raises for the same input,
+    so code written for the twins (``except RuntimeError``) catches it too."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An input of the wrong type or dtype. Also a RuntimeError, which torch.nn raises for a dtype mismatch."""
 
 
 def check_input(x: torch.Tensor, name: str, like: torch.Tensor, feature_dim: int, features: int,
                 min_dim: int, what: str) -> None:
-    """Shape/dtype/device checks shared by the functional ops and the layers (no host sync)."""
+    """Shape/dtype/device checks shared by the functional ops and the layers (no host sync). Raises
+    InputError (a ValueError and a RuntimeError) or InputTypeError (a TypeError and a RuntimeError)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < min_dim:
-        raise ValueError(f"{what} expects {name} with at least {min_dim} dims, got shape {tuple(x.shape)}")
+        raise InputError(f"{what} expects {name} with at least {min_dim} dims, got shape {tuple(x.shape)}")
     if x.shape[feature_dim] != features:
-        raise ValueError(f"{what} expects {name}.shape[{feature_dim}] == {features}, got shape {tuple(x.shape)}")
+        raise InputError(f"{what} expects {name}.shape[{feature_dim}] == {features}, got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
-        raise TypeError(f"{what} expects a floating-point {name}, got {x.dtype}")
+        raise InputTypeError(f"{what} expects a floating-point {name}, got {x.dtype}")
     if x.dtype != like.dtype:
-        raise TypeError(f"{what}: {name} is {x.dtype} but the weights are {like.dtype}; cast one to the other")
+        raise InputTypeError(f"{what}: {name} is {x.dtype} but the weights are {like.dtype}; cast one to the other")
     if x.device != like.device:
-        raise ValueError(f"{what}: {name} is on {x.device} but the weights are on {like.device}; move one")
+        raise InputError(f"{what}: {name} is on {x.device} but the weights are on {like.device}; move one")
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

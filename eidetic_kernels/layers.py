@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import backends
-from .functional import autocast_dtype, check_input, conv_padding
+from .functional import InputError, autocast_dtype, check_input, conv_padding
 from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
                     expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, new_state, storage_slots,
@@ -575,7 +575,8 @@ class EideticLinear(EideticLayer):
         """y [*, out] = input [*, in] · Wᵀ + b over the live synapses (frozen rows from the frozen storage).
 
         Under ``torch.autocast`` the product runs in the autocast dtype, as ``nn.Linear`` does.
-        Raises TypeError/ValueError for a wrong dtype, device or feature size."""
+        Raises InputTypeError/InputError (TypeError/ValueError, and RuntimeError as nn.Linear raises) for a
+        wrong dtype, device or feature size."""
         return self._product(input)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
@@ -639,14 +640,15 @@ class EideticConv2d(EideticLayer):
         """y [N, out, H', W'] (or [out, H', W'] for an unbatched [C, H, W] input, as nn.Conv2d).
 
         Under ``torch.autocast`` the convolution runs in the autocast dtype, as ``nn.Conv2d`` does.
-        Raises TypeError/ValueError for a wrong dtype, device, rank or channel count."""
+        Raises InputTypeError/InputError (TypeError/ValueError, and RuntimeError as nn.Conv2d raises) for a
+        wrong dtype, device, rank or channel count."""
         if isinstance(input, torch.Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d accepts
             return self.forward(input.unsqueeze(0)).squeeze(0)
         return self._product(input)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         if isinstance(x, torch.Tensor) and x.dim() != 4:
-            raise ValueError(f"{self._name()} expects input of shape [N, C, H, W] or [C, H, W], "
+            raise InputError(f"{self._name()} expects input of shape [N, C, H, W] or [C, H, W], "
                              f"got {tuple(x.shape)}")
         check_input(x, "input", weight, 1, self.in_channels, 4, self._name())
         self.last_backend, fn = backends.get("conv2d", x.device)

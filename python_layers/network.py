@@ -12,6 +12,7 @@ capacity, not even NaN or inf, can reach a finished task's logits.
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLi
 from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
 from .pruning import fixed_by_user
 
-__all__ = ["EideticNetwork", "CapacityError"]
+__all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
 
 # attributes of the network that are not part of the body
 _NON_BODY = ("heads", "router")
@@ -29,6 +30,10 @@ _NON_BODY = ("heads", "router")
 
 class CapacityError(RuntimeError):
     """A new task finds some layer without any free neuron."""
+
+
+class CapacityWarning(UserWarning):
+    """A finished task left some layer without any free neuron: a next task could not start."""
 
 
 class EideticNetwork(nn.Module):
@@ -180,25 +185,31 @@ class EideticNetwork(nn.Module):
         return head
 
     def _check_capacity(self, task: int, forward_transfer: bool = True) -> None:
-        """Every layer with weights (Linear/Conv) needs a FREE neuron. A batch norm shares its neurons with its
-        layer; one over the raw input is exempt (later tasks read its frozen channels like the raw input). So is
-        a layer the user froze (``requires_grad=False``: never pruned, all frozen with task 0) when the task
-        reads earlier tasks' features (forward transfer)."""
-        full = [name for name, layer in self.body_layers().items()
-                if isinstance(layer, (EideticLinear, EideticConv2d)) and not bool((layer.task_state == FREE).any())
-                and not (forward_transfer and fixed_by_user(layer))]
+        """Raises CapacityError when a layer has no FREE neuron for ``task`` (see ``_layers_without_capacity``)."""
+        full = self._layers_without_capacity(forward_transfer)
         if full:
-            if self.graph is not None:  # name each group once (members share states)
-                seen = []
-                for name in full:
-                    g = self.graph.group_of(name).name
-                    if g not in seen:
-                        seen.append(g)
-                full = seen
             raise CapacityError(
                 f"task {task} cannot start: no free neuron left in {', '.join(full)} (every neuron is frozen for an "
                 "earlier task, and frozen neurons are never taken). Widen these layers (more neurons) or prune "
                 "earlier tasks harder (larger step / stop_threshold)")
+
+    def _layers_without_capacity(self, forward_transfer: bool = True) -> list[str]:
+        """Names (neuron groups once the graph exists) of the layers a next task could not train: every layer
+        with weights (Linear/Conv) needs a FREE neuron. A batch norm shares its neurons with its layer; one over
+        the raw input is exempt (later tasks read its frozen channels like the raw input). So is a layer the
+        user froze (``requires_grad=False``: never pruned, all frozen with task 0) when the task reads earlier
+        tasks' features (forward transfer)."""
+        full = [name for name, layer in self.body_layers().items()
+                if isinstance(layer, (EideticLinear, EideticConv2d)) and not bool((layer.task_state == FREE).any())
+                and not (forward_transfer and fixed_by_user(layer))]
+        if full and self.graph is not None:  # name each group once (members share states)
+            seen = []
+            for name in full:
+                g = self.graph.group_of(name).name
+                if g not in seen:
+                    seen.append(g)
+            full = seen
+        return full
 
     def _apply_forward_transfer(self, task: int) -> None:
         lo = 0 if self.forward_transfer.get(task, True) else task
@@ -244,6 +255,12 @@ class EideticNetwork(nn.Module):
         self.current_task = None
         self.num_finished_tasks += 1
         self.sync()
+        full = self._layers_without_capacity()
+        if full:  # said now, while the run can still react, rather than when the next task cannot start
+            warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
+                          "for a next task. Prune before finishing (train_task prunes; or group.prune / "
+                          "layer.prune_neurons) to keep capacity, or widen these layers", CapacityWarning,
+                          stacklevel=2)
         return frozen
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from . import distributed as dist_mod
 from .checkpoints import (CHECKPOINT_FORMAT, CRASH_ENV, CRASH_EXIT_CODE, read_checkpoint, rng_state, seed_everything,
                           set_rng_state, write_checkpoint)
 from .config import RESUME_MAY_CHANGE, ConfigError, load_config
-from .network import CapacityError
+from .network import CapacityError, CapacityWarning
 
 __all__ = ["Run", "train", "export", "evaluate", "evaluate_routed", "baseline_accuracy", "versions",
            "resolve_device", "trainer_supports_resume"]
@@ -416,7 +417,10 @@ class Run:
             if resume_state is not None:
                 kwargs["resume_state"] = resume_state
 
-        history = model.train_task(loader, optimizer, **kwargs)
+        with warnings.catch_warnings():
+            if t == self.num_tasks - 1:  # the last task may keep every neuron left
+                warnings.simplefilter("ignore", CapacityWarning)
+            history = model.train_task(loader, optimizer, **kwargs)
 
         # records the callback did not see (all of them without the hook; the closing ones with it)
         finish = None

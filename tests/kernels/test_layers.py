@@ -236,6 +236,21 @@ def test_bad_inputs_are_clear_errors():
         EideticBatchNorm1d(3)(torch.randn(3, 3, 2, 2))
 
 
+@pytest.mark.parametrize("make,twin,bad", [
+    (lambda: EideticLinear(5, 3), lambda: nn.Linear(5, 3), torch.randn(2, 4)),
+    (lambda: EideticLinear(5, 3), lambda: nn.Linear(5, 3), torch.randn(2, 5, dtype=torch.float64)),
+    (lambda: EideticConv2d(3, 4, 3), lambda: nn.Conv2d(3, 4, 3), torch.randn(2, 2, 8, 8)),
+    (lambda: EideticConv2d(3, 4, 3), lambda: nn.Conv2d(3, 4, 3), torch.randn(8, 8)),
+    (lambda: EideticConv2d(3, 4, 3), lambda: nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8, dtype=torch.float64)),
+])
+def test_bad_inputs_raise_what_the_twin_raises(make, twin, bad):
+    """Code written for the torch.nn twin catches the layer's error with the same except clause."""
+    with pytest.raises(Exception) as twin_error:
+        twin()(bad)
+    with pytest.raises(type(twin_error.value)):
+        make()(bad)
+
+
 def test_frozen_neurons_are_never_pruned_and_tasks_freeze_in_order():
     lin = EideticLinear(4, 6)
     lin.prune_neurons([0, 1])

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eidetic_kernels import FREE, PRUNED, EideticLinear
-from python_layers import CapacityError, EideticNetwork, GraphError
+from python_layers import CapacityError, CapacityWarning, EideticNetwork, GraphError
 
 from .test_graph import ResNet, cnn
 
@@ -149,7 +149,8 @@ def test_capacity_error_names_the_layer():
     model.prepare_for_task(0, 2)
     model(x)
     model.groups[0].prune([0, 1])  # group "body.3" keeps no free neuron after task 0
-    model.finish_task()
+    with pytest.warns(CapacityWarning, match=r"task 0 kept every neuron left in body\.3:"):  # said at once
+        model.finish_task()
     with pytest.raises(CapacityError) as info:
         model.prepare_for_task(1, 2)
     msg = str(info.value)
@@ -342,3 +343,4 @@ def test_router_travels_with_the_state_dict():
     del model.router
     fresh.load_state_dict(model.state_dict())
     assert getattr(fresh, "router", None) is None
+
