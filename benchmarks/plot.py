@@ -64,11 +64,14 @@ def _panel(ax, rows: list[dict], title: str, shares: list[str], xlabel_of, targe
 
 def _tasks_panel(ax, rows: list[dict]) -> None:
     """eidetic/nn against the number of finished tasks, one line per model and pass."""
-    lines = sorted({(r["layer"], r["pass"]) for r in rows})
-    for layer, pss in lines:
+    lines = sorted({(r["layer"], r["shape"], r["pass"]) for r in rows})
+    for layer, shape, pss in lines:
         points = sorted((int(r["tasks"]), float(r["ratio_to_nn"])) for r in rows
-                        if (r["layer"], r["pass"]) == (layer, pss) and r["ratio_to_nn"] not in ("", None))
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{layer} {pss}")
+                        if (r["layer"], r["shape"], r["pass"]) == (layer, shape, pss)
+                        and r["ratio_to_nn"] not in ("", None))
+        kept = "kept" in shape  # the allocator setting (benchmarks.tasks_curve): dashed when freed memory is kept
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ls="--" if kept else "-",
+                label=f"{layer} {pss}{' (mem kept)' if kept else ''}")
     ax.axhline(1.0, color="black", lw=0.8)
     for target in (0.25, 0.5, 1.0):
         ax.axhline(target, color="gray", lw=0.6, ls="--")
@@ -76,7 +79,7 @@ def _tasks_panel(ax, rows: list[dict]) -> None:
     ax.set_xlabel("finished tasks (10% of every layer each)", fontsize=8)
     ax.set_ylabel("eidetic / nn time", fontsize=8)
     ax.set_title("task after task: next task's training step, task-0 evaluation", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
 
 
