@@ -802,12 +802,28 @@ class _EideticBatchNorm(EideticLayer):
         running = (self.running_mean, self.running_var) if use_running else (None, None)
         if cumulative:
             old = (self.running_mean.clone(), self.running_var.clone())
+        extra = {"plan": self._channel_order(out_task)} if self.last_backend == "triton" else {}
         y = fn(x.float() if low else x, *running, self.weight, self.frozen_weight, self.bias, self.frozen_bias,
                out_task, self.slot, batch_stats, factor, self.eps, self.taylor_score,
-               constant_frozen=self.constant_frozen)
+               constant_frozen=self.constant_frozen, **extra)
         if cumulative:
             self._cumulative_average(old, out_task)
         return y.to(x.dtype) if low else y
+
+    def _channel_order(self, out_task: torch.Tensor):
+        """The Triton backend's channel order for the current view (``ops/batch_norm/triton.channel_order``),
+        cached with the range tables until a state changes; inside a compiled graph a missing one is built by
+        an op of the graph."""
+        from .ops.batch_norm.triton import channel_order  # triton is optional: imported when this backend runs
+
+        key = ("bn channel order", self.view_task)
+        plan = self._plans.get(key)
+        if plan is None:
+            with _ordinary_tensors():
+                plan = channel_order(out_task)
+            if not torch.compiler.is_compiling():
+                self._plans[key] = plan
+        return plan
 
     def _recycled_any(self) -> bool:
         if self._any_recycled is None:

@@ -111,6 +111,14 @@ def _exercise(dtype: torch.dtype) -> None:
             rv = torch.ones(6, dtype=torch.float32) if stats else None
             bn.batch_norm(xb, rm, rv, tw, torch.randn(n_frozen, dtype=dtype), tb, torch.randn(n_frozen, dtype=dtype),
                           task, slot, training, 0.1, 1e-5, torch.zeros(6)).sum().backward()
+    xb = torch.randn(4, 6, 3, 3, dtype=dtype, requires_grad=True)
+    with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in, frozen as constants
+        bn.batch_norm(xb, torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
+                      torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, None,
+                      constant_frozen=True).sum().backward()
+    x2 = torch.randn(8, 6, dtype=dtype, requires_grad=True)  # [N, C]: channels side by side in a program
+    bn.batch_norm(x2, torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
+                  torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, torch.zeros(6)).sum().backward()
 
 
 def _signature(kernel: JITFunction, args: tuple, kwargs: dict):

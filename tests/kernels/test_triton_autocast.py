@@ -116,13 +116,15 @@ def test_batch_norm_op_runs_in_its_input_dtype(dtype):
     """As F.batch_norm under autocast: an fp32 input stays fp32, a bf16 input (fp32 parameters and statistics)
     gives bf16; nothing is cast, so the output equals the op's outside autocast."""
     x, rm, rv, tw, fw, tb, fb, task, slot = _bn_args(dtype)
+    order = bn.channel_order(task)
     with torch.autocast(DEVICE, torch.bfloat16):
-        y, mean, invstd, _, _ = torch.ops.eidetic.triton_batch_norm(x, rm, rv, tw, fw, tb, fb, task, slot, True,
-                                                                     1e-5, None)
+        y, mean, invstd, _, _ = torch.ops.eidetic.triton_batch_norm(x, rm, rv, tw, fw, tb, fb, task, slot, *order,
+                                                                     True, 1e-5, False, None)
         twin = F.batch_norm(x, rm.clone(), rv.clone(), torch.ones(6, device=DEVICE), None, True)
     assert y.dtype == twin.dtype == dtype
     assert mean.dtype == invstd.dtype == torch.float32
-    plain = torch.ops.eidetic.triton_batch_norm(x, rm, rv, tw, fw, tb, fb, task, slot, True, 1e-5, None)[0]
+    plain = torch.ops.eidetic.triton_batch_norm(x, rm, rv, tw, fw, tb, fb, task, slot, *order, True, 1e-5, False,
+                                                None)[0]
     assert torch.equal(y, plain)
 
 

@@ -149,3 +149,72 @@ def test_layer_runs_triton_backend(monkeypatch, cls):
     torch.testing.assert_close(y, layers[1](x), **TOL[torch.float32])
     torch.testing.assert_close(layers[0].running_mean, layers[1].running_mean, **TOL[torch.float32])
     torch.testing.assert_close(layers[0].running_var, layers[1].running_var, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("stats", [True, False], ids=["stats", "nostats"])
+@pytest.mark.parametrize("shape", [(5, 7, 6, 5), (37, 9)], ids=["4d", "2d"])
+def test_constant_frozen_gives_frozen_channels_no_input_gradient(shape, stats):
+    """``constant_frozen`` (as the C++ backend): frozen channels get dx = 0 and no Taylor score; everything
+    else is the reference's."""
+    c = make_case(shape, "mixed", torch.float32, stats=stats, seed=17)
+    frozen = is_frozen(c["task"])
+    assert bool(frozen.any())
+    x = c["x"].detach().requires_grad_()
+    tw, tb = c["tw"].detach().requires_grad_(), c["tb"].detach().requires_grad_()
+    score = torch.zeros(c["task"].numel(), device=DEVICE)
+    rm = None if c["rm"] is None else c["rm"].clone()
+    rv = None if c["rv"] is None else c["rv"].clone()
+    y = tri.batch_norm(x, rm, rv, tw, c["fw"], tb, c["fb"], c["task"], c["slot"], True, 0.1, 1e-5, score,
+                       constant_frozen=True)
+    (y * c["g"]).sum().backward()
+    want = run(ref, c, True, dtype=torch.float64)
+    got = [y.detach(), x.grad, tw.grad, tb.grad, rm, rv, score]
+    assert torch.equal(got[1][:, frozen], torch.zeros_like(got[1][:, frozen]))
+    assert torch.equal(score[frozen], torch.zeros_like(score[frozen]))
+    want[1][:, frozen] = 0
+    want[6][frozen] = 0
+    assert_close(got, want, torch.float32, names=NAMES)
+
+
+def test_channel_order_puts_free_then_frozen_then_pruned():
+    task = torch.tensor([FREE, 0, PRUNED, 1, FREE, 0, PRUNED], dtype=torch.int16, device=DEVICE)
+    order, counts = tri.channel_order(task)
+    assert order.tolist() == [0, 4, 1, 3, 5, 2, 6]
+    assert counts.tolist() == [2, 3, 2] and counts.device.type == "cpu"
+
+
+def _work(layer, x, backward=False):
+    counter = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with triton_common.count_work(counter):
+        y = layer(x)
+        if backward:
+            y.sum().backward()
+    return int(counter)
+
+
+@pytest.mark.parametrize("cls", ["EideticBatchNorm2d", "EideticBatchNorm1d"])
+def test_work_follows_the_channels_that_need_it(monkeypatch, cls):
+    """A task-major layer of 100 channels, task 0 owning the first 10, 90 FREE: evaluating task 0 reads 10%
+    of what evaluating every channel reads; a training step with frozen channels as constants reads x for
+    the normalisation of every channel and for the statistics, reduction and dx of the FREE ones only."""
+    import eidetic_kernels as ek
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    torch.manual_seed(0)
+    layer = getattr(ek, cls)(100).to(DEVICE)
+    layer.prune_neurons(list(range(10, 100)))
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    x = torch.randn((4, 100, 3, 5) if cls.endswith("2d") else (60, 100), device=DEVICE)
+    L = x.numel() // 100
+    layer.eval()
+    assert _work(layer, x) == 100 * L
+    layer.view_task = 0
+    y = layer(x)
+    assert _work(layer, x) == 10 * L
+    assert torch.equal(y[:, 10:], torch.zeros_like(y[:, 10:]))
+    layer.view_task = None
+    layer.train()
+    layer.constant_frozen = True
+    assert _work(layer, x.requires_grad_(), backward=True) == (90 + 100 + 90 + 90) * L
+    layer.constant_frozen = False  # frozen channels' dx (running statistics: no reduction for them)
+    assert _work(layer, x, backward=True) == (90 + 100 + 90 + 100) * L
