@@ -3,6 +3,7 @@
     python -m benchmarks.router_study extract --run RUN_DIR --cache FILE.pt [--samples N] [--flip]
     python -m benchmarks.router_study compare --cache FILE.pt [--out FILE.json] [--only NAME ...]
     python -m benchmarks.router_study refit --run RUN_DIR [--out FILE.json] [KEY=VALUE ...]
+    python -m benchmarks.router_study sequence --run RUN_DIR [--out FILE.json] [KEY=VALUE ...]
 
 ``extract`` loads RUN_DIR's last checkpoint (an ``eidetic train`` run), runs its body once, in the view of every
 finished task, over (a) each task's router data, exactly the inputs ``Run._fit_router`` uses
@@ -19,6 +20,13 @@ reach the body.
 (e.g. ``router_input=both``) exactly as ``Run._fit_router`` does after the last task, and reports ACC with the
 task id, routed ACC through that router, and the seconds the fit took: a router the product runs, measured on a
 body trained once.
+
+``sequence`` does what a run does with its router, on the trained body of RUN_DIR: for t = 0, 1, ..., fits the
+router on tasks 0..t exactly as ``Run._fit_router(t)`` (warm starts, epochs of the last fit, all config keys
+given) with the network seen as having finished tasks 0..t, and measures row t of the routed accuracy matrix.
+That is the run's own sequence of routers: in the view of tasks 0..t the trained body and heads 0..t compute
+what they computed right after task t (a neuron of task s reads only neurons of tasks <= s). Reports the routed
+matrix, routed ACC, the gap and each fit's seconds.
 """
 from __future__ import annotations
 
@@ -322,6 +330,46 @@ def refit(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
     return report
 
 
+def sequence(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
+    from python_layers.config import load_config, parse_overrides
+    from python_layers.run import Run, evaluate, evaluate_routed
+
+    cfg = load_config(run_dir / "config.yaml", dict(parse_overrides(pairs), progress=False))
+    torch.set_num_threads(cfg["threads"] or 1)
+    run = Run(cfg, run_dir, log=lambda *a: None)
+    run.build()
+    run.load_checkpoint()
+    model = run.model
+    T = model.num_finished_tasks
+    if getattr(model, "router", None) is not None:
+        del model.router  # the run's own router: the sequence fits its routers from the first task on
+    tasks = run.scenario.tasks[:T]
+    bs = cfg["eval_batch_size"]
+    oracle = [evaluate(model, task.test, j, bs, run.device) for j, task in enumerate(tasks)]
+    rows, fits = [], []
+    t0 = time.perf_counter()
+    try:
+        for t in range(T):
+            model.num_finished_tasks = t + 1  # the network as it was right after task t
+            fits.append(run._fit_router(t))
+            rows.append([evaluate_routed(model, task.test, j, bs, run.device, "learned")
+                         for j, task in enumerate(tasks[:t + 1])])
+            print(f"task {t}: fit {fits[-1]['seconds']:.0f} s, routed {sum(rows[-1]) / (t + 1):.4f} "
+                  f"[{', '.join(f'{a:.4f}' for a in rows[-1])}]", flush=True)
+    finally:
+        model.num_finished_tasks = T
+    routed_ = rows[-1]
+    report = {"run": str(run_dir), "overrides": pairs, "num_tasks": T, "oracle_acc": sum(oracle) / T,
+              "routed_acc": sum(routed_) / T, "oracle_per_task": oracle, "routed_per_task": routed_,
+              "gap_points": 100 * (sum(oracle) - sum(routed_)) / T, "routed_accuracy_matrix": rows,
+              "router_fits": fits, "fit_seconds": sum(f["seconds"] for f in fits),
+              "seconds": time.perf_counter() - t0, "load_average": list(__import__("os").getloadavg())}
+    print(json.dumps({k: v for k, v in report.items() if k not in ("router_fits",)}))
+    if out is not None:
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -340,11 +388,17 @@ def main(argv=None):
     r.add_argument("--run", type=Path, required=True)
     r.add_argument("--out", type=Path, default=None)
     r.add_argument("pairs", nargs="*", help="config overrides KEY=VALUE, e.g. router_input=both")
+    q = sub.add_parser("sequence")
+    q.add_argument("--run", type=Path, required=True)
+    q.add_argument("--out", type=Path, default=None)
+    q.add_argument("pairs", nargs="*", help="config overrides KEY=VALUE, e.g. router_warm_start=true")
     a = p.parse_args(argv)
     if a.cmd == "extract":
         extract(a.run, a.cache, a.samples, a.flip)
     elif a.cmd == "refit":
         refit(a.run, a.pairs, a.out)
+    elif a.cmd == "sequence":
+        sequence(a.run, a.pairs, a.out)
     else:
         compare(a.cache, a.only, a.out, a.seeds, a.per_task)
 

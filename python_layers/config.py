@@ -116,6 +116,17 @@ class Config:
                 "log-probabilities added)")
     router_input_epochs: int = _key(3, "epochs of the learned router's CNN on the raw input (router_input: input or "
                                        "both)", _AT_LEAST_ONE)
+    router_input_crop: int = _key(
+        0, "the learned router's CNN trains on a random crop of each router input padded by this many zero pixels "
+           "per side (a new position every epoch; 0: the inputs as they are)", (">= 0", lambda v: v >= 0))
+    router_input_epochs_last: Optional[int] = _key(
+        None, "epochs of the CNN's fit after the scenario's last task, the router the final routed ACC comes from "
+              "(default: router_input_epochs); the fits after earlier tasks, whose routers give the earlier rows "
+              "of routed_accuracy_matrix, train router_input_epochs", _AT_LEAST_ONE)
+    router_warm_start: bool = _key(
+        False, "the learned router fitted after task t starts from the one fitted after task t-1 (its weights; the "
+               "new task's output row fresh) and trains on every finished task's router inputs again; none of them "
+               "reaches the body")
     eval_every_epoch: bool = _key(
         True, "measure the task in training on its test set after every epoch (for the task-accuracy figure)")
     progress: bool = _key(True, "progress bars while training")

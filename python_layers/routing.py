@@ -31,9 +31,12 @@ below the CNN alone.
 ``hidden > 0``, that MLP on the standardised layer summaries; their logits add. With a CNN, the CNN's logits alone
 (``reads="input"``) or the sum of the two readers' log-softmaxes (``reads="both"``). Fitted with ``flip=True`` it
 also trains on each input mirrored left-right and ``predict`` averages its task probabilities over an input
-and its mirror.
+and its mirror. A router reading the input alone needs no body pass to be fitted. ``fit_router(..., init=router)``
+warm-starts from the router fitted after the previous task (config ``router_warm_start``): its weights, a fresh
+output row for the new task, then training on every finished task's inputs again.
 
-``predict(model, x, router)`` runs the body once in that view (twice for a ``flip`` router) and applies every finished head to the same
+``predict(model, x, router)`` runs the body once in that view (twice for a ``flip`` router reading the body; a
+CNN-only router reads the mirror through its CNN alone) and applies every finished head to the same
 features. That is exact: a neuron of task s reads only neurons of tasks <= s, so its value in the view of
 the last task equals its value in the view of task s, and head t reads only features of tasks <= t.
 ``router="learned"`` picks the task with the router's largest logit (probability, averaged with the mirror's); ``router="entropy"`` picks the head
@@ -282,6 +285,51 @@ def _standardise(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) 
     scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
+def _feature_dim(model, x: torch.Tensor, num_finished: int) -> int:
+    """Width of the body features (the router's linear layer keeps that shape whatever it reads)."""
+    if isinstance(getattr(model, "feature_dim", None), int):
+        return model.feature_dim
+    with _EvalMode(model):
+        return int(_features(model, x, num_finished)[0].shape[1])
+
+
+def _warm_start(router: TaskRouter, init: TaskRouter) -> None:
+    """Copy ``init``'s weights into ``router`` (fewer tasks, the same readers and sizes): every layer as it is,
+    the output layers' rows of ``init``'s tasks; the rows of the new tasks keep their fresh init."""
+    sizes = lambda r: dict(reads_body=bool(r.reads_body), feature_dim=r.linear.in_features, layer_inputs=r.input_dim,
+                           hidden=0 if r.mlp is None else r.mlp[0].out_features, in_channels=r.in_channels)
+    mine, theirs = sizes(router), sizes(init)
+    if mine != theirs:
+        diff = ", ".join(f"{k} {theirs[k]} (this fit: {mine[k]})" for k in mine if mine[k] != theirs[k])
+        raise ValueError(f"init: the router to start from reads otherwise or has other sizes: {diff}")
+    if not 1 <= init.num_tasks < router.num_tasks:
+        raise ValueError(f"init: the router to start from was fitted on {init.num_tasks} tasks; it must have fewer "
+                         f"than the {router.num_tasks} finished now")
+    # the layers with one row per task: the linear layer on the features, the MLP's and the CNN's last
+    outputs = {"linear"} | {f"{name}.{len(seq) - 1}" for name, seq in (("mlp", router.mlp), ("conv", router.conv))
+                            if seq is not None}
+    theirs = dict(init.named_parameters())
+    for name, p in router.named_parameters():
+        q = theirs[name].to(device=p.device, dtype=p.dtype)
+        if name.rsplit(".", 1)[0] in outputs:
+            p[:q.shape[0]].copy_(q)
+        else:
+            p.copy_(q)
+
+
+def _random_crop(x: torch.Tensor, pad: int, generator) -> torch.Tensor:
+    """[B, C, H, W] -> each input's own random H x W window of it padded by ``pad`` zeros (``pad`` 0: ``x``)."""
+    if pad == 0:
+        return x
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    return padded[torch.arange(b, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
 def _one_cycle(parameters, lr: float, weight_decay: float, steps: int):
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
@@ -312,7 +360,8 @@ def _train(logits_of, parameters, n: int, targets: torch.Tensor, class_weight: t
 def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: int = 256,
                weight_decay: float = 0.05, hidden: int = 256, label_smoothing: float = 0.1, flip: bool = False,
                reads: str = "body", conv_epochs: int = 3, conv_lr: float = 3e-3, conv_batch_size: int = 128,
-               device=None, generator: torch.Generator | None = None) -> list[dict]:
+               crop: int = 0, init: TaskRouter | None = None, device=None,
+               generator: torch.Generator | None = None) -> list[dict]:
     """Train ``model.router`` to tell the finished tasks apart; returns per-epoch {epoch, loss, accuracy} (of the
     body reader, then of the CNN, each with ``reader`` "body" or "input").
 
@@ -330,9 +379,16 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     float32 features, batch ``batch_size``) or ``conv_lr`` (the CNN, ``conv_epochs`` over the float32 inputs,
     batch ``conv_batch_size``), tasks weighted equally, label smoothing. With one finished task the CNN is not
     trained (there is nothing to tell apart).
+    ``crop``: the CNN trains on a random crop of each input padded by ``crop`` zero pixels on every side (a
+    fresh position per input and epoch, the input's size kept; 0: the inputs as they are); it predicts on the
+    inputs as they are.
+    ``init``: warm start from a router fitted on fewer tasks with the same readers and sizes (the router after
+    the previous task): every weight starts from it, the output rows of the new tasks from a fresh init; the
+    input statistics are measured again on this fit's inputs. The router still trains on every finished task's
+    inputs; the body never sees them.
     Raises ValueError for a loader list that does not match the finished tasks, bad sizes, an unknown ``reads``,
-    no batch, non-finite features, and ``flip`` or ``reads`` "input"/"both" with inputs that are not
-    ``[B, C, H, W]``.
+    no batch, non-finite features, ``flip`` or ``reads`` "input"/"both" with inputs that are not
+    ``[B, C, H, W]``, and an ``init`` router that reads otherwise, has other sizes or as many tasks or more.
     """
     num_finished = _finished(model)
     if isinstance(loaders, dict):
@@ -349,8 +405,9 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
                         ("conv_batch_size", conv_batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not isinstance(hidden, int) or hidden < 0:
-        raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
+    for name, value in (("hidden", hidden), ("crop", crop)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if reads not in ROUTER_INPUTS:
         raise ValueError(f"reads must be one of {ROUTER_INPUTS}, got {reads!r}")
     flip = bool(flip)
@@ -358,7 +415,7 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     device = torch.device(device) if device is not None else _model_device(model)
 
     # The meta-task dataset, as features and layer activations (and the raw inputs for the CNN): the body is
-    # fixed, so they are computed once.
+    # fixed, so they are computed once; a router reading the input alone needs no body pass.
     feats, acts, images, targets = [], [], [], []
     with _EvalMode(model):
         for t in range(num_finished):
@@ -370,31 +427,38 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
                     raise ValueError(f"reads={reads!r}: the router's CNN reads images [B, C, H, W]; task {t}'s "
                                      f"inputs are {tuple(x.shape)}")
                 for view in (x, x.flip(-1)) if flip else (x,):
-                    f, a = _features(model, view, num_finished, activations=reads_body and hidden > 0)
-                    feats.append(f.float())
-                    if a is not None:
-                        acts.append(a)
+                    if reads_body:
+                        f, a = _features(model, view, num_finished, activations=hidden > 0)
+                        feats.append(f.float())
+                        if a is not None:
+                            acts.append(a)
                     if reads_input:
                         images.append(view.float())
-                    targets.append(torch.full((f.shape[0],), t, dtype=torch.long, device=device))
-    if not feats:
+                    targets.append(torch.full((view.shape[0],), t, dtype=torch.long, device=device))
+    if not targets:
         raise ValueError("the routing loaders yielded no batch")
-    feats, targets = torch.cat(feats), torch.cat(targets)
+    targets = torch.cat(targets)
+    feats = torch.cat(feats) if feats else None
     acts = torch.cat(acts) if acts else None
     images = torch.cat(images) if images else None
-    if not bool(torch.isfinite(feats).all()) or (acts is not None and not bool(torch.isfinite(acts).all())):
+    if (feats is not None and not bool(torch.isfinite(feats).all())) or \
+            (acts is not None and not bool(torch.isfinite(acts).all())):
         raise ValueError("the features of the finished tasks are not finite; the router cannot be trained on them")
 
-    router = TaskRouter(feats.shape[1], num_finished, 0 if acts is None else acts.shape[1], hidden,
+    feature_dim = feats.shape[1] if feats is not None else _feature_dim(model, images[:1], num_finished)
+    router = TaskRouter(feature_dim, num_finished, 0 if acts is None else acts.shape[1], hidden,
                         0 if images is None else images.shape[1], reads_body).to(device)
     router.flip.fill_(flip)
     with torch.no_grad():
-        _standardise(feats, router.feature_mean, router.feature_scale)
+        if init is not None:
+            _warm_start(router, init)
+        if feats is not None:
+            _standardise(feats, router.feature_mean, router.feature_scale)
         if acts is not None:
             _standardise(acts, router.input_mean, router.input_scale)
         if images is not None:
             _standardise(images.transpose(0, 1).flatten(1).T, router.pixel_mean, router.pixel_scale)
-    n = feats.shape[0]
+    n = targets.shape[0]
     # balance the tasks: a task with more samples must not become the router's default answer
     counts = torch.bincount(targets, minlength=num_finished).float()
     class_weight = counts.sum() / (num_finished * counts.clamp_min(1))
@@ -407,7 +471,8 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
             weight_decay, label_smoothing, generator, device)]
     if reads_input and num_finished > 1:
         history += [dict(r, reader="input") for r in _train(
-            lambda idx: router.input_logits(images[idx]), list(router.conv.parameters()), n, targets, class_weight,
+            lambda idx: router.input_logits(_random_crop(images[idx], crop, generator)),
+            list(router.conv.parameters()), n, targets, class_weight,
             conv_epochs, conv_batch_size, conv_lr, weight_decay, label_smoothing, generator, device)]
     router.requires_grad_(False)  # it is done: keep it out of later tasks' optimizers
     model.router = router
@@ -445,8 +510,10 @@ def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tens
             scores = learned(features.float(), activations, x if reads_input else None)
             if bool(learned.flip):  # the mirror's probabilities too (the classes come from the input as it is)
                 mirror = x.flip(-1)
-                mirrored, mirrored_activations = _features(model, mirror, num_finished,
-                                                           activations=learned.mlp is not None)
+                mirrored, mirrored_activations = features, None  # a CNN-only router reads no body features
+                if learned.conv is None or bool(learned.reads_body):
+                    mirrored, mirrored_activations = _features(model, mirror, num_finished,
+                                                               activations=learned.mlp is not None)
                 mirrored_scores = learned(mirrored.float(), mirrored_activations, mirror if reads_input else None)
                 scores = scores.softmax(-1) + mirrored_scores.softmax(-1)
             tasks = scores.argmax(-1)

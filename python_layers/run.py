@@ -6,7 +6,9 @@ RUN_DIR:
 
 * ``results.json``: ``accuracy_matrix`` R[i][j] (test accuracy on task j after training task i; j = i + 1 is
   task j's fresh head before any training on it, later columns are null), ``routed_accuracy_matrix`` (same,
-  through the router: right only when both the task and the class are right), ``acc``, ``bwt``, ``fwt``,
+  through the router fitted after task i: right only when both the task and the class are right;
+  ``router_fits``: what each fit of the learned router did), ``entropy_routed_accuracy_matrix`` and
+  ``entropy_routed_acc`` (the same through entropy routing), ``acc``, ``bwt``, ``fwt``,
   ``forgetting`` (definitions in ``python_layers.metrics``), ``routed_acc``, ``baseline_accuracy`` (the
   untrained network, for FWT), ``capacity`` (neurons per task per layer group), ``wall_seconds``, ``config``,
   ``versions``, and per task its time, kept neurons and why pruning stopped;
@@ -240,8 +242,9 @@ class Run:
         return {"format": CHECKPOINT_FORMAT, "config": self.cfg, "next_task": 0, "in_task": None,
                 "accuracy_matrix": [[None] * T for _ in range(T)],
                 "routed_accuracy_matrix": [[None] * T for _ in range(T)],
+                "entropy_routed_accuracy_matrix": [[None] * T for _ in range(T)],
                 "baseline_accuracy": None, "history": [], "evaluations": [], "task_start_epochs": [],
-                "epochs_done": 0, "tasks": [], "elapsed_seconds": 0.0, "checkpoints_written": 0,
+                "epochs_done": 0, "tasks": [], "router_fits": [], "elapsed_seconds": 0.0, "checkpoints_written": 0,
                 "checkpoint_log": []}
 
     def _loader(self, task: int, on_epoch_end=None):
@@ -440,24 +443,37 @@ class Run:
             state["accuracy_matrix"][t][j] = acc
             state["evaluations"].append({"global_epoch": state["epochs_done"], "task": j, "test_accuracy": acc,
                                          "training_task": t})
+        router_fit = None
         if cfg["router"] != "none":
             if cfg["router"] == "learned":
-                self._fit_router(t)
+                router_fit = self._fit_router(t)
+            entropy = state.setdefault("entropy_routed_accuracy_matrix", [[None] * self.num_tasks
+                                                                          for _ in range(self.num_tasks)])
             for j in range(t + 1):
                 state["routed_accuracy_matrix"][t][j] = evaluate_routed(
                     model, self.scenario.tasks[j].test, j, cfg["eval_batch_size"], self.device, cfg["router"])
+                # entropy routing needs no training: measured next to the learned router, for comparison
+                entropy[t][j] = state["routed_accuracy_matrix"][t][j] if cfg["router"] == "entropy" else \
+                    evaluate_routed(model, self.scenario.tasks[j].test, j, cfg["eval_batch_size"], self.device,
+                                    "entropy")
         seconds = task_seconds_before + time.perf_counter() - task_clock
         state["tasks"].append({"task": t, "name": task.name, "seconds": seconds, "epochs": epochs,
                                "train_accuracy": None if finish is None else finish.get("train_accuracy"),
                                "kept_neurons": None if finish is None else finish.get("kept"),
                                "stop_reason": None if finish is None else finish.get("stop_reason")})
+        if router_fit is not None:
+            state.setdefault("router_fits", []).append(router_fit)
         state["next_task"] = t + 1
         self.log(self._summary_line(state, t, seconds, epochs, finish))
         self.save_checkpoint(state, None)
 
-    def _fit_router(self, t: int) -> None:
+    def _fit_router(self, t: int) -> dict:
+        """Fit the learned router on tasks 0..t (row t of ``routed_accuracy_matrix`` routes through it); returns
+        what the fit did: seconds, epochs of each reader, whether it started from the previous task's router, and
+        the last epoch's loss and accuracy on its own inputs per reader."""
         from .scenarios import InMemoryLoader
         cfg = self.cfg
+        clock = time.perf_counter()
         loaders = []
         for j in range(t + 1):
             data = self.scenario.tasks[j].train.subset(cfg["router_samples_per_task"], cfg["seed"] * 1000 + 700 + j)
@@ -472,15 +488,27 @@ class Run:
             kwargs["epochs"] = cfg["router_epochs"]
         if cfg["router_flip"]:
             kwargs["flip"] = True
+        conv_epochs = None
         if cfg["router_input"] != "body":
             kwargs["reads"] = cfg["router_input"]
-            kwargs["conv_epochs"] = cfg["router_input_epochs"]
+            last = t == self.num_tasks - 1 and cfg["router_input_epochs_last"] is not None
+            conv_epochs = kwargs["conv_epochs"] = cfg["router_input_epochs_last" if last else "router_input_epochs"]
+            if cfg["router_input_crop"]:
+                kwargs["crop"] = cfg["router_input_crop"]
+        previous = getattr(self.model, "router", None)
+        warm = bool(cfg["router_warm_start"] and previous is not None and previous.num_tasks == t)
+        if warm:  # the router fitted after task t-1 (restored with the checkpoint on resume)
+            kwargs["init"] = previous
         # the router's initial weights draw from the run's RNG: forked, so the tasks after it train on the same
         # random numbers whatever the router's size
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            routing.fit_router(self.model, loaders, **kwargs)
+            history = routing.fit_router(self.model, loaders, **kwargs)
         if self.distributed:  # every process fits the same router; rank 0's copy is the one all keep
             dist_mod.broadcast_state(self.model.router)
+        last_epochs = {r.get("reader", "body"): {"loss": r["loss"], "accuracy": r["accuracy"]} for r in history}
+        return {"after_task": t, "seconds": time.perf_counter() - clock,
+                "epochs": cfg["router_epochs"] if cfg["router_input"] != "input" else None,
+                "input_epochs": conv_epochs if t > 0 else None, "warm_start": warm, "last_epoch": last_epochs}
 
     def _summary_line(self, state, t, seconds, epochs, finish) -> str:
         row = state["accuracy_matrix"][t][:t + 1]
@@ -509,12 +537,16 @@ class Run:
         routed = state["routed_accuracy_matrix"]
         routed_summary = (metrics.summarize(metrics.as_matrix(routed)) if self.cfg["router"] != "none"
                           else {"acc": None, "bwt": None, "forgetting": None})
+        entropy = state.get("entropy_routed_accuracy_matrix")
+        entropy_acc = (metrics.summarize(metrics.as_matrix(entropy))["acc"]
+                       if self.cfg["router"] != "none" and entropy and None not in entropy[-1] else None)
         wall = state["elapsed_seconds"] + (time.perf_counter() - self.session_start)
         results = {
             "accuracy_matrix": R, "routed_accuracy_matrix": routed,
             "acc": summary["acc"], "bwt": summary["bwt"], "fwt": summary["fwt"],
             "forgetting": summary["forgetting"], "forgetting_per_task": metrics.forgetting_per_task(R),
             "routed_acc": routed_summary["acc"], "routed_bwt": routed_summary["bwt"],
+            "entropy_routed_accuracy_matrix": entropy, "entropy_routed_acc": entropy_acc,
             "baseline_accuracy": state["baseline_accuracy"],
             "metric_definitions": {
                 "acc": "mean_j R[T-1][j] (Lopez-Paz & Ranzato 2017)",
@@ -522,9 +554,13 @@ class Run:
                 "fwt": "1/(T-1) sum_{j>=1} (R[j-1][j] - b[j]); R[j-1][j]: task j's fresh head before training on "
                        "it; b[j]: untrained network, fresh head (Lopez-Paz & Ranzato 2017)",
                 "forgetting": "mean_{j<T-1} (max_{j<=l<=T-2} R[l][j] - R[T-1][j]) (Chaudhry et al. 2018)",
-                "routed": "a sample counts when the router picks its task and that head its class"},
+                "routed": "a sample counts when the router picks its task and that head its class; row i routes "
+                          "through the router fitted after task i (router_fits[i] with router=learned)",
+                "entropy_routed": "the same through entropy routing (the head with the least normalised "
+                                  "entropy), whatever the config's router"},
             "capacity": self.model.capacity(),
             "tasks": state["tasks"],
+            "router_fits": state.get("router_fits", []),
             "task_start_epochs": state["task_start_epochs"],
             "scenario": {"name": self.scenario.name, "source": self.scenario.source, "num_tasks": self.num_tasks,
                          "input_shape": list(self.scenario.input_shape),

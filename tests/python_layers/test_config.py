@@ -69,6 +69,10 @@ def test_an_empty_file_is_all_defaults(tmp_path):
     ({"dropout": 1}, "dropout must be in [0, 1), got 1"),
     ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
     ({"router_epochs": -1}, "router_epochs must be >= 1, got -1"),
+    ({"router_input_epochs_last": 0}, "router_input_epochs_last must be >= 1, got 0"),
+    ({"router_input_epochs_last": 2.5}, "router_input_epochs_last must be an integer, got 2.5"),
+    ({"router_warm_start": "sometimes"}, "router_warm_start must be true or false, got 'sometimes'"),
+    ({"router_input_crop": -1}, "router_input_crop must be >= 0, got -1"),
 ])
 def test_bad_values_are_errors_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -79,6 +83,19 @@ def test_bad_values_are_errors_naming_the_key(overrides, message):
 def test_optional_keys_take_null():
     cfg = load_config(None, {"tasks": None, "widths": None, "data_root": None, "threads": 2})
     assert cfg["tasks"] is None and cfg["widths"] is None and cfg["threads"] == 2
+
+
+def test_router_fit_keys():
+    defaults = config.default_config()
+    assert defaults["router_input_epochs_last"] is None and defaults["router_warm_start"] is False
+    assert defaults["router_input_crop"] == 0
+    cfg = load_config(None, parse_overrides(["router_input_epochs_last=8", "router_warm_start=true",
+                                             "router_input_crop=4"]))
+    assert cfg["router_input_epochs_last"] == 8 and cfg["router_warm_start"] is True and cfg["router_input_crop"] == 4
+    assert load_config(None, parse_overrides(["router_input_epochs_last="]))["router_input_epochs_last"] is None
+    text = " ".join(config.keys_help().split())
+    assert "router_input_epochs_last (default unset)" in text and "router_warm_start (default false)" in text
+    assert "router_input_crop (default 0)" in text
 
 
 def test_file_errors_name_the_file(tmp_path):

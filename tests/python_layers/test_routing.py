@@ -266,6 +266,136 @@ def test_input_router_errors_are_clear(trained):
         router(torch.zeros(2, router.linear.in_features))
 
 
+def test_a_cnn_router_fits_and_mirrors_without_extra_body_passes(trained):
+    model, tasks, _, x, task_ids, _ = trained
+    model = copy.deepcopy(model)
+    first_layer = next(layer for _, layer in model.groups[0].members)
+    calls = []
+    handle = first_layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model.fit_router([loader for loader, _, _ in tasks], reads="input", flip=True, conv_epochs=3,
+                         generator=torch.Generator().manual_seed(0))
+        assert calls == []  # the router reads the input alone: its data need no body pass
+        model.eval()
+        tasks_r, _ = model.predict(x)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the heads' pass; the mirror goes through the router's CNN only
+    router = model.router
+    assert router.linear.in_features == model.feature_dim and bool(router.flip) and not bool(router.reads_body)
+    with torch.no_grad():
+        probs = router.input_logits(x).softmax(-1) + router.input_logits(x.flip(-1)).softmax(-1)
+    assert torch.equal(tasks_r, probs.argmax(-1))
+    assert float((tasks_r == task_ids).float().mean()) >= TASK_CHANCE + ROUTER_MARGIN
+
+
+@pytest.mark.parametrize("reads", ["body", "input", "both"])
+def test_warm_start_copies_the_previous_router_and_adds_fresh_rows(reads):
+    from python_layers.routing import _warm_start
+    reads_body, in_channels, hidden = reads != "input", 0 if reads == "body" else 3, 16
+    torch.manual_seed(0)
+    old = TaskRouter(10, 2, input_dim=12 if reads_body else 0, hidden=hidden, in_channels=in_channels,
+                     reads_body=reads_body)
+    new = TaskRouter(10, 3, input_dim=12 if reads_body else 0, hidden=hidden, in_channels=in_channels,
+                     reads_body=reads_body)
+    fresh = {k: v.clone() for k, v in new.named_parameters()}
+    with torch.no_grad():
+        _warm_start(new, old)
+    theirs = dict(old.named_parameters())
+    rows = {"linear.weight", "linear.bias", "mlp.4.weight", "mlp.4.bias", "conv.10.weight", "conv.10.bias"}
+    assert rows & set(fresh) and (reads == "body") == ("conv.0.weight" not in fresh)
+    for name, p in new.named_parameters():
+        if name in rows:  # one row per task: the old tasks' rows copied, the new task's row as it was
+            assert torch.equal(p[:2], theirs[name]) and torch.equal(p[2:], fresh[name][2:]), name
+        else:
+            assert torch.equal(p, theirs[name]), name
+    with pytest.raises(ValueError, match="fewer than the 3 finished now"):
+        _warm_start(new, new)
+    other = TaskRouter(10, 2, input_dim=12 if reads_body else 0, hidden=hidden, in_channels=1 if in_channels else 0,
+                       reads_body=reads_body)
+    if in_channels:
+        with pytest.raises(ValueError, match=r"reads otherwise or has other sizes: in_channels 1 \(this fit: 3\)"):
+            _warm_start(new, other)
+
+
+def test_random_crops_are_windows_of_the_zero_padded_input():
+    from python_layers.routing import _random_crop
+    x = torch.randn(16, 2, 6, 5)
+    assert _random_crop(x, 0, None) is x
+    out = _random_crop(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for b in range(16):
+        found = [(i, j) for i in range(5) for j in range(5) if torch.equal(padded[b, :, i:i + 6, j:j + 5], out[b])]
+        assert found, b
+        offsets.add(found[0])
+    assert len(offsets) > 4  # each input its own position
+    assert torch.equal(out, _random_crop(x, 2, torch.Generator().manual_seed(0)))  # drawn from the generator
+
+
+def test_a_cnn_router_trains_on_crops(trained):
+    model, tasks, _, x, task_ids, _ = trained
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)  # the CNN's initial weights
+    model.fit_router([loader for loader, _, _ in tasks], reads="input", conv_epochs=20, crop=1,
+                     generator=torch.Generator().manual_seed(0))
+    model.eval()
+    tasks_r, _ = model.predict(x)
+    assert float((tasks_r == task_ids).float().mean()) >= TASK_CHANCE + ROUTER_MARGIN
+    with pytest.raises(ValueError, match="crop must be an int >= 0, got -1"):
+        model.fit_router([loader for loader, _, _ in tasks], reads="input", crop=-1)
+
+
+def test_fit_router_warm_starts_from_the_previous_tasks_router(trained):
+    model, tasks, _, x, task_ids, _ = trained
+    model = copy.deepcopy(model)
+    loaders = [loader for loader, _, _ in tasks]
+    model.num_finished_tasks = 2  # the network as it was after task 1 (tasks 0 and 1 read the same neurons)
+    try:
+        model.fit_router(loaders[:2], reads="input", conv_epochs=3, generator=torch.Generator().manual_seed(0))
+    finally:
+        model.num_finished_tasks = NUM_TASKS
+    previous = model.router
+    before = {k: v.clone() for k, v in previous.state_dict().items()}
+    history = model.fit_router(loaders, reads="input", conv_epochs=5, init=previous,
+                               generator=torch.Generator().manual_seed(0))
+    assert [r["reader"] for r in history] == ["input"] * 5 and model.router is not previous
+    assert all(torch.equal(v, previous.state_dict()[k]) for k, v in before.items())  # read, not changed
+    model.eval()
+    tasks_r, _ = model.predict(x)
+    assert float((tasks_r == task_ids).float().mean()) >= TASK_CHANCE + ROUTER_MARGIN
+    with pytest.raises(ValueError, match="fitted on 3 tasks; it must have fewer than the 3 finished now"):
+        model.fit_router(loaders, reads="input", init=model.router)
+    with pytest.raises(ValueError, match="reads otherwise or has other sizes: reads_body False"):
+        model.fit_router(loaders, reads="both", init=previous)
+
+
+def test_a_run_warm_starts_its_router_and_fits_the_last_one_longer(tmp_path, monkeypatch):
+    from python_layers import routing
+    from python_layers.config import load_config
+    from python_layers.run import train
+    seen = []
+    real = routing.fit_router
+
+    def spy(model, loaders, **kwargs):
+        seen.append((len(loaders), kwargs.get("init") is not None, kwargs.get("conv_epochs"), kwargs.get("crop")))
+        return real(model, loaders, **kwargs)
+    monkeypatch.setattr(routing, "fit_router", spy)
+    cfg = load_config(None, dict(scenario="synthetic", tasks=3, widths=[16, 16], max_epochs=2, patience=1,
+                                 recovery_epochs=1, step=0.25, max_prune_steps=1, batch_size=32, lr=1e-2, threads=1,
+                                 progress=False, router_input="input", router_flip=True, router_warm_start=True,
+                                 router_input_epochs=1, router_input_epochs_last=2, router_input_crop=2))
+    results = train(cfg, tmp_path / "run", log=lambda *a: None)
+    assert seen == [(1, False, 1, 2), (2, True, 1, 2), (3, True, 2, 2)]
+    fits = results["router_fits"]
+    assert [(f["after_task"], f["warm_start"], f["input_epochs"], f["epochs"]) for f in fits] == [
+        (0, False, None, None), (1, True, 1, None), (2, True, 2, None)]
+    assert all(f["seconds"] > 0 for f in fits) and set(fits[2]["last_epoch"]) == {"input"}
+    for key in ("routed_accuracy_matrix", "entropy_routed_accuracy_matrix"):
+        assert all(v is not None for i, row in enumerate(results[key]) for v in row[:i + 1]), key
+    assert results["entropy_routed_acc"] == pytest.approx(sum(results["entropy_routed_accuracy_matrix"][2]) / 3)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Split MNIST (the shared data): the learned router against the true task id
 # ------------------------------------------------------------------------------------------------------------------
