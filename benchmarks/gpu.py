@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 import math
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -276,6 +277,10 @@ def e2e_rows(name: str, batch: int, dtype, device, quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> Path | None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few runs (smoke test; runs on a CPU)")
@@ -306,17 +311,22 @@ def main(argv=None) -> Path | None:
 
     started, load_start = time.time(), load_average()
     rows = []
-    for dtype in dtypes:
-        for case in layer_cases:
-            if only and case.kind not in only:
-                continue
-            print(f"  layer {case.kind} {case.shape} {dtype}", flush=True)
-            rows += layer_rows(case, dtype, device, args.quick)
-        for name, batch in e2e_batch.items():
-            if only and name not in only:
-                continue
-            print(f"  e2e {name} batch {batch} {dtype}", flush=True)
-            rows += e2e_rows(name, batch, dtype, device, args.quick)
+    # a run stopped early (Ctrl-C, or SIGTERM from `timeout`) still writes the rows it measured
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for dtype in dtypes:
+            for case in layer_cases:
+                if only and case.kind not in only:
+                    continue
+                print(f"  layer {case.kind} {case.shape} {dtype}", flush=True)
+                rows += layer_rows(case, dtype, device, args.quick)
+            for name, batch in e2e_batch.items():
+                if only and name not in only:
+                    continue
+                print(f"  e2e {name} batch {batch} {dtype}", flush=True)
+                rows += e2e_rows(name, batch, dtype, device, args.quick)
+    except KeyboardInterrupt:
+        print(f"benchmarks.gpu: stopped early; writing the {len(rows)} rows measured so far", flush=True)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat()[:19]
     common = {"date": date, "machine": machine, "logical_cpus": os.cpu_count(),
               "load_1min": f"{load_start} -> {load_average()}", "torch": torch.__version__,

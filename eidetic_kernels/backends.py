@@ -58,7 +58,11 @@ def available(name: str, device: torch.device, op: str) -> str | None:
     return f"unknown backend {name!r}"
 
 
-def select(op: str, device: torch.device) -> str:
+def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on ``device`` (and ``dtype``, when given): EIDETIC_BACKEND when set, else
+    Triton on CUDA, C++ for the CPU ops it wins, the reference otherwise. float64 linear and conv2d on a GPU
+    run on the reference backend even when Triton is asked for: Triton's fp64 ``tl.dot`` does not compile
+    on every release (3.6 rejects it), and cuBLAS/cuDNN compute fp64 exactly. Raises BackendUnavailable."""
     forced = os.environ.get("EIDETIC_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKEND_NAMES:
@@ -67,20 +71,30 @@ def select(op: str, device: torch.device) -> str:
         why = available(forced, device, op)
         if why is not None:
             raise BackendUnavailable(f"EIDETIC_BACKEND={forced} cannot run {op}: {why}")
+        if forced == "triton" and _fp64_gemm_on_gpu(op, device, dtype):
+            return "reference"
         return forced
     if device.type == "cuda" and _triton_usable(device) is None:
-        return "triton"
+        return "reference" if _fp64_gemm_on_gpu(op, device, dtype) else "triton"
     if device.type == "cpu" and op in CPU_DEFAULT_CPP_OPS and _cpp_usable(op) is None:
         return "cpp"
     return "reference"
 
 
-def traceable(device: torch.device) -> bool:
-    """Whether ``torch.compile`` can trace the ops on ``device``: only the Triton backend (custom ops, no
-    host-side planning) can; the reference and C++ engines plan on the host and run eagerly under it."""
+def _fp64_gemm_on_gpu(op: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    return dtype == torch.float64 and op in ("linear", "conv2d") and device.type == "cuda"
+
+
+def traceable(device: torch.device, op: str | None = None, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``torch.compile`` can trace ``op`` on ``device`` (and ``dtype``): only the Triton backend (custom
+    ops, no host-side planning) can; the reference and C++ engines plan on the host and run eagerly under it."""
+    return select(op or "linear", device, dtype) == "triton" if _selectable(device) else False
+
+
+def _selectable(device: torch.device) -> bool:
     forced = os.environ.get("EIDETIC_BACKEND", "").strip().lower()
     if forced:
-        return forced == "triton"
+        return forced == "triton" and available("triton", device, "linear") is None
     return device.type == "cuda" and _triton_usable(device) is None
 
 
@@ -112,9 +126,9 @@ def implementation(op: str, name: str):
     return fn
 
 
-def get(op: str, device: torch.device):
-    """(backend name, function) for ``op`` on ``device``."""
-    name = select(op, device)
+def get(op: str, device: torch.device, dtype: torch.dtype | None = None):
+    """(backend name, function) for ``op`` on ``device`` (and ``dtype``: see ``select``)."""
+    name = select(op, device, dtype)
     fn = _cache.get((name, op))
     if fn is None:
         fn = _cache[(name, op)] = implementation(op, name)

@@ -81,7 +81,7 @@ def _split_call(op: str, x, weight, bias, in_task, out_task, out_min_task, taylo
     n = out_task.numel()
     if out_min_task is None:
         out_min_task = torch.zeros(n, dtype=STATE_DTYPE, device=weight.device)
-    _, fn = backends.get(op, x.device)
+    _, fn = backends.get(op, x.device, x.dtype)
     table = make_table(in_task, out_task, out_min_task)
     frozen = is_frozen(out_task)
     if bool(frozen.any()):

@@ -405,7 +405,7 @@ class EideticLayer(nn.Module):
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         """Linear and Conv2d: ``_run`` on the input and the four storages, in the autocast dtype when autocast
         is on (as the torch.nn twins); eagerly inside torch.compile on an engine that plans on the host."""
-        if torch.compiler.is_compiling() and not backends.traceable(input.device):
+        if torch.compiler.is_compiling() and not backends.traceable(input.device, self._op, input.dtype):
             return _run_eagerly(self, input)
         storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
         cast = autocast_dtype(input)
@@ -547,6 +547,7 @@ def _reinit_linear_like(layer: EideticLayer, slots: torch.Tensor, generator) -> 
 class EideticLinear(EideticLayer):
     """nn.Linear with per-neuron task state (see module docstring)."""
 
+    _op = "linear"  # the backend op (``backends``)
     _split_names = ("weight", "bias")
     _compact = True
     _version = 2  # state-dict format: 2 = compact frozen rows (first-version checkpoints are upgraded on load)
@@ -581,7 +582,7 @@ class EideticLinear(EideticLayer):
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         check_input(x, "input", weight, -1, self.in_features, 1, self._name())
-        self.last_backend, fn = backends.get("linear", x.device)
+        self.last_backend, fn = backends.get("linear", x.device, x.dtype)
         plan = self._table() if self.last_backend == "reference" else self._linear_tiles(x.dtype)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.taylor_score, self.constant_frozen)
 
@@ -602,6 +603,7 @@ class EideticLinear(EideticLayer):
 class EideticConv2d(EideticLayer):
     """nn.Conv2d (groups=1, zero padding) with per-output-channel task state."""
 
+    _op = "conv2d"  # the backend op (``backends``)
     _split_names = ("weight", "bias")
     _compact = True
     _version = 2  # state-dict format: 2 = compact frozen rows (first-version checkpoints are upgraded on load)
@@ -651,7 +653,7 @@ class EideticConv2d(EideticLayer):
             raise InputError(f"{self._name()} expects input of shape [N, C, H, W] or [C, H, W], "
                              f"got {tuple(x.shape)}")
         check_input(x, "input", weight, 1, self.in_channels, 4, self._name())
-        self.last_backend, fn = backends.get("conv2d", x.device)
+        self.last_backend, fn = backends.get("conv2d", x.device, x.dtype)
         plan = self._table() if self.last_backend == "reference" else self._conv_tiles(x.dtype)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.stride, self.padding, self.dilation,
                   self.taylor_score, self.constant_frozen)

@@ -70,7 +70,10 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _check_step(optimizer, args, kwargs) -> None:
-    if optimizer.__dict__.get("_eidetic_checked") == _generation:
+    # inside torch.compile the check runs on every trace and its result is not cached: dynamo cannot store
+    # into an optimizer's __dict__ from a hook (torch 2.11 refuses the mutation)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and optimizer.__dict__.get("_eidetic_checked") == _generation:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -81,7 +84,8 @@ def _check_step(optimizer, args, kwargs) -> None:
                     "loading a checkpoint of another shape does too), so stepping it would train nothing. Call "
                     "eidetic_kernels.rebind_optimizer(optimizer) (train_task does this for the optimizer it is "
                     "given), or build a new optimizer over model.parameters()")
-    optimizer.__dict__["_eidetic_checked"] = _generation
+    if not compiling:
+        optimizer.__dict__["_eidetic_checked"] = _generation
 
 
 register_optimizer_step_pre_hook(_check_step)

@@ -9,6 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # fp32 results are compared with tight tolerances: no TF32 in the references (cuDNN allows it by
+    # default) nor in the kernels (they follow the same flags, as the torch.nn twins do)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 # Tiny shapes: one thread is faster than two fighting over two cores, and timings stay steady in CI.
 torch.set_num_threads(1)

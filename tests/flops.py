@@ -75,7 +75,7 @@ def mlp_twin(sizes) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_finished_mlp(width: int = 1024, tasks: int = 8, share: float = 0.1, seed: int = 0):
+def make_finished_mlp(width: int = 1024, tasks: int = 8, share: float = 0.1, seed: int = 0, device=None):
     """(EideticNetwork over a 784-W-W MLP body with ``tasks`` finished tasks, plain twin 784-W-W-10).
 
     No training: for each task t, ``prepare_for_task(t, 10)``, then in every neuron group prune FREE neurons
@@ -84,6 +84,7 @@ def make_finished_mlp(width: int = 1024, tasks: int = 8, share: float = 0.1, see
     out task-major; ``model.neuron_positions`` maps their first, scattered indices). Built by
     ``benchmarks.providers.finished_network``. Finally ``prepare_for_task(tasks,
     10)``, so a training step of task ``tasks`` can be counted (``model(x)`` trains the new task).
+    ``device``: where the network is built and lives (default CPU; the twin stays on the CPU).
     """
     from benchmarks.providers import finished_network
 
@@ -96,6 +97,7 @@ def make_finished_mlp(width: int = 1024, tasks: int = 8, share: float = 0.1, see
         raise ValueError(f"{tasks} tasks keeping {keep} of {width} neurons each leave no free neuron for task "
                          f"{tasks}; use a smaller share or more width")
     torch.manual_seed(seed)  # the body's initial weights
-    model = finished_network(mlp_twin([INPUT_DIM, width, width, CLASSES]), (INPUT_DIM,), tasks, share, seed)
+    model = finished_network(mlp_twin([INPUT_DIM, width, width, CLASSES]).to(device), (INPUT_DIM,), tasks, share,
+                             seed)
     twin = mlp_twin([INPUT_DIM, width, width, CLASSES])
     return model, twin

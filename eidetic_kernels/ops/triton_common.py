@@ -28,9 +28,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 dot precision: exact ("ieee") unless torch allows TF32 matmuls on this GPU, as nn.Linear does."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+def dot_precision(dtype: torch.dtype, device: torch.device, conv: bool = False) -> str:
+    """fp32 dot precision: exact ("ieee") unless torch allows TF32 on this GPU for the twin's op, as the twin
+    does: ``torch.backends.cuda.matmul.allow_tf32`` for linear (off by default), ``torch.backends.cudnn.
+    allow_tf32`` for conv2d (on by default, so nn.Conv2d and EideticConv2d both run fp32 convolutions in TF32)."""
+    allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
+    if dtype == torch.float32 and device.type == "cuda" and allowed:
         return "tf32"
     if dtype in (torch.float32, torch.float64):
         return "ieee"

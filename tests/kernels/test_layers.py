@@ -335,6 +335,20 @@ def test_backend_selection_and_clear_errors(monkeypatch):
     assert lin.last_backend == "reference"
 
 
+@pytest.mark.parametrize("forced", ["", "triton"])
+def test_float64_products_on_a_gpu_run_on_the_reference_backend(monkeypatch, forced):
+    """Triton's fp64 dot does not compile on every release (3.6 rejects it): float64 linear and conv2d on a
+    GPU run on cuBLAS/cuDNN through the reference backend, batch norm and other dtypes stay on Triton."""
+    monkeypatch.setenv("EIDETIC_BACKEND", forced)
+    monkeypatch.setattr(backends, "_triton_usable", lambda device: None if device.type == "cuda" else "no GPU")
+    cuda = torch.device("cuda")
+    for op in ("linear", "conv2d"):
+        assert backends.select(op, cuda, torch.float64) == "reference"
+        assert backends.select(op, cuda, torch.float32) == "triton"
+        assert backends.traceable(cuda, op, torch.float32) and not backends.traceable(cuda, op, torch.float64)
+    assert backends.select("batch_norm", cuda, torch.float64) == "triton"
+
+
 @pytest.mark.parametrize("make, shape", [(lambda: EideticLinear(6, 7), (4, 6)),
                                          (lambda: EideticConv2d(6, 7, 3, padding=1), (2, 6, 5, 4))])
 def test_gradcheck_in_both_gradient_modes(make, shape):

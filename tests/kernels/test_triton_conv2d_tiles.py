@@ -236,7 +236,7 @@ def _network(tasks, seed=0, share=0.2):
     torch.manual_seed(seed)
     twin = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, stride=2, padding=1),
                          nn.ReLU(), nn.Flatten(), nn.Linear(12 * 4 * 4, 5))
-    return finished_network(twin, (3, 8, 8), tasks, share, seed).to(DEVICE)
+    return finished_network(twin.to(DEVICE), (3, 8, 8), tasks, share, seed)
 
 
 def _convs(model):

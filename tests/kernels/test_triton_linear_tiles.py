@@ -229,8 +229,8 @@ def test_compiled_views_and_state_changes_match_eager(monkeypatch):
 
 def _network(tasks, width=96, share=0.1, seed=0):
     torch.manual_seed(seed)
-    model, _ = make_finished_mlp(width=width, tasks=tasks, share=share, seed=seed)
-    return model.to(DEVICE)
+    model, _ = make_finished_mlp(width=width, tasks=tasks, share=share, seed=seed, device=DEVICE)
+    return model
 
 
 def _eidetic_layers(model):

@@ -349,7 +349,7 @@ def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, 
     _conv_fwd_kernel[grid](
         x, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
         n_out, H, W, OH, OW, M, *x.stride(), **_geometry(stride, padding, dilation, kernel_size),
-        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x.dtype, x.device),
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x.dtype, x.device, conv=True),
         ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
@@ -373,7 +373,7 @@ def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dil
     _conv_dx_kernel[grid](
         g, tw, fw, rows, dx_prog, dx_seg, dx_map, dx, work, C_in, H, W, OH, OW, M, *g.stride(),
         **_geometry(stride, padding, dilation, kernel_size), SCATTERED=scattered, COUNT=count,
-        PREC=dot_precision(g.dtype, g.device), ACC=acc_type(g.dtype), DOT_FP32=dot_in_fp32(g.dtype),
+        PREC=dot_precision(g.dtype, g.device, conv=True), ACC=acc_type(g.dtype), DOT_FP32=dot_in_fp32(g.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dx
@@ -397,7 +397,7 @@ def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, di
         g, x, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work, H, W, OH, OW, M,
         *g.stride(), *x.stride(), **_geometry(stride, padding, dilation, trainable_shape[2:]),
         COLS=table_shape(tiles)[1], HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
-        PREC=dot_precision(x.dtype, x.device), ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype),
+        PREC=dot_precision(x.dtype, x.device, conv=True), ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw, db
