@@ -309,8 +309,8 @@ class EideticLayer(nn.Module):
                                                           ["running_mean", "running_var", "recycled_at_batch"])
         for name in per_neuron:
             t = getattr(self, name, None)
-            if t is not None:
-                t.copy_(t[perm])
+            if t is not None:  # through .data, as batch norm's own forward updates its statistics: a graph
+                t.data.copy_(t[perm])  # kept from before (torch saves the statistics) still backpropagates
         self._state_changed()
 
     @torch.no_grad()
@@ -748,8 +748,8 @@ class _EideticBatchNorm(EideticLayer):
             self.bias.data.index_fill_(0, slots, 0.0)
         if self.running_mean is not None:
             channels = (self.task_state == PRUNED).nonzero().flatten()
-            self.running_mean.index_fill_(0, channels, 0.0)
-            self.running_var.index_fill_(0, channels, 1.0)
+            self.running_mean.data.index_fill_(0, channels, 0.0)  # .data: see permute_neurons
+            self.running_var.data.index_fill_(0, channels, 1.0)
             if self.num_batches_tracked is not None:
                 self.recycled_at_batch.index_fill_(0, channels, int(self.num_batches_tracked))
                 self._any_recycled = True

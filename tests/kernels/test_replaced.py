@@ -24,6 +24,23 @@ def test_graph_kept_alive_across_freeze_does_not_break_backward():
     kept.sum().backward()  # the old graph still runs on the old Parameter's values
 
 
+def test_graph_kept_across_finish_task_with_frozen_batch_norm_channels():
+    """A loss computed before ``finish_task`` backpropagates after it: batch norm keeps its own copies of the
+    neuron states its backward reads (finish_task rewrites the layer's states in place)."""
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 6)
+    x, y = torch.randn(4, 3, 5, 5), torch.randint(3, (4,))
+    for task in range(2):  # the second task trains with frozen channels: the masked batch norm runs
+        model.prepare_for_task(task, 3)
+        loss = nn.functional.cross_entropy(model(x), y)
+        for g in model.groups:
+            g.prune([i for i in range(6) if int(g.task_state[i]) == ek.FREE][:2])
+        model.finish_task()
+        loss.backward()
+        assert model.body[0].weight.grad is None  # the kept graph fed the replaced Parameter, not the new one
+
+
 def _network():
     torch.manual_seed(0)
     model = EideticNetwork(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()), 5)

@@ -26,6 +26,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
         y, mean, invstd = ext.bn_forward(x, running_mean, running_var, trainable_weight, frozen_weight,
                                          trainable_bias, frozen_bias, channel_task, slot, use_batch_stats,
                                          momentum, eps)
+        # copies of the states: finish_task rewrites the layer's in place, and a graph kept across it must
+        # still backpropagate as it was built
+        channel_task, slot = channel_task.clone(), slot.clone()
         ctx.save_for_backward(x, mean, invstd, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
                               channel_task, slot)
         ctx.use_batch_stats = use_batch_stats

@@ -615,7 +615,10 @@ def _setup_context(ctx, inputs, output):
     ctx.constant_frozen = constant_frozen
     # frozen channels normalise with running statistics that never change: kept for a double backward
     ctx.running = None if rm is None else (rm.detach().clone(), rv.detach().clone())
-    ctx.save_for_backward(x, mean_used, invstd, tw, fw, tb, fb, task, slot, order, counts, taylor_score)
+    # copies of the states: finish_task rewrites the layer's in place, and a graph kept across it must still
+    # backpropagate as it was built
+    ctx.save_for_backward(x, mean_used, invstd, tw, fw, tb, fb, task.clone(), slot.clone(), order, counts,
+                          taylor_score)
 
 
 def _backward(ctx, grad, *_stat_grads):
