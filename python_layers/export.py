@@ -194,6 +194,9 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
     Raises ValueError for a task that is not finished, GraphError when the body cannot be exported (it ties a
     constant to feature positions, or its code assumes full widths) or the check fails.
     """
+    if not model.num_finished_tasks:
+        raise ValueError(f"no task is finished yet: export a task after model.finish_task() (train_task ends "
+                         f"with it), got task={task!r}")
     if not isinstance(task, int) or not 0 <= task < model.num_finished_tasks:
         raise ValueError(f"task must be a finished task (0..{model.num_finished_tasks - 1}), got {task!r}")
     graph = model.graph

@@ -816,6 +816,24 @@ def trace_fx(owner: nn.Module, fn: Callable) -> fx.GraphModule:
     return gm
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+@contextlib.contextmanager
+def _without_forward_hooks(owner: nn.Module):
+    """The user's forward hooks stay silent during the shape pass: the batch it runs is the user's real forward's,
+    which fires them once (as torch.nn would), not twice."""
+    saved = [(m, name, getattr(m, name)) for m in owner.modules() for name in _HOOK_DICTS if hasattr(m, name)]
+    for m, name, hooks in saved:
+        setattr(m, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
 def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) -> LayerGraph:
     """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
     if not isinstance(example_input, torch.Tensor):
@@ -826,7 +844,7 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     owner.eval()
     try:
         # ShapeProp prints a traceback of any failure before raising; the error below says it once
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), _without_forward_hooks(owner):
             ShapeProp(gm).propagate(example_input)
     except GraphError:
         raise

@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from eidetic_kernels import rebind_optimizer
+from eidetic_kernels import PRUNED, rebind_optimizer
 
 from . import distributed as dist_mod
 from . import pruning as pruning_mod
@@ -447,6 +447,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     if getattr(model, "graph", None) is None:
         model.ensure_graph(_peek(loader).to(device))  # the graph is traced from a real batch
     _check_batch_of_one(model, loader, device, _batch_norms(model))
+    if resume_state is None:
+        _warn_pruned_left(model, task)
     run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
                    callback, distributed, float(prune_lr_factor))
     try:
@@ -460,6 +462,22 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
         for layer in run.taylor_layers:
             layer.enable_taylor(False)
     return run.finish()  # steps 3-5
+
+
+def _warn_pruned_left(model, task: int) -> None:
+    """PRUNED neurons before training starts come from an earlier train_task of this task that stopped (an
+    exception, Ctrl-C) after pruning: this call trains without them until finish_task recycles them. Said,
+    with the way back, rather than silently training with less capacity."""
+    groups = getattr(model, "groups", None) or []
+    left = {g.name: int((g.task_state == PRUNED).sum()) for g in groups if not g.input_normalizer}
+    left = {name: n for name, n in left.items() if n}
+    if left:
+        listed = ", ".join(f"{name}: {n}" for name, n in left.items())
+        warnings.warn(f"task {task} starts training with PRUNED neurons ({listed}), left by an earlier train_task "
+                      "of this task that stopped after pruning; they stay out of this task until finish_task "
+                      "recycles them. To train with them, call group.unprune((group.task_state == PRUNED)"
+                      ".nonzero().flatten()) for each of model.groups first, or continue the stopped call "
+                      "exactly with train_task(..., resume_state=...)", stacklevel=3)
 
 
 class _TaskRun:

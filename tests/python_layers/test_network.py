@@ -344,3 +344,18 @@ def test_router_travels_with_the_state_dict():
     fresh.load_state_dict(model.state_dict())
     assert getattr(fresh, "router", None) is None
 
+
+
+def test_forward_hooks_fire_once_per_forward_including_the_first():
+    """The first forward traces the body on its batch: the user's hooks fire for the real forward only, as
+    with torch.nn."""
+    body = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    calls = []
+    body[0].register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+    body[0].register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    model = EideticNetwork(body, 6)
+    model.prepare_for_task(0, 2)
+    model(torch.randn(3, 4))
+    assert calls == ["pre", (3, 6)]
+    model(torch.randn(5, 4))
+    assert calls == ["pre", (3, 6), "pre", (5, 6)]

@@ -1,6 +1,7 @@
 """train_task: the paper's steps, their stopping rules, the restore of the last good state, the history."""
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -180,6 +181,26 @@ def test_max_prune_steps_caps_the_pruning(tasks):
     assert history[-1]["stop_reason"] == "max_prune_steps reached"
     for row in model.capacity().values():
         assert row["task 0"] == 18
+
+
+def test_a_train_task_stopped_after_pruning_is_said_when_the_task_trains_again(tasks):
+    """A train_task interrupted after a pruning step leaves PRUNED neurons in the current task: the next call
+    warns, naming the groups, instead of training with less capacity silently; unpruning first is silent."""
+    model, optimizer = new_model()
+    model(next(iter(tasks[0][0]))[0])  # the graph
+    for g in model.groups:
+        g.prune([0, 1])  # what a stopped pruning step leaves
+    kwargs = dict(pruning=None, max_epochs=1, patience=1, progress=False)
+    with pytest.warns(UserWarning, match=r"starts training with PRUNED neurons \(body\.1: 2, body\.4: 2\)"):
+        model.train_task(tasks[0][0], optimizer, **kwargs)
+    model, optimizer = new_model()
+    model(next(iter(tasks[0][0]))[0])
+    for g in model.groups:
+        g.prune([0, 1])
+        g.unprune((g.task_state == PRUNED).nonzero().flatten())  # the way back the warning names
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*starts training with PRUNED")
+        model.train_task(tasks[0][0], optimizer, **kwargs)
 
 
 def test_a_reused_optimizer_keeps_working(tasks):
