@@ -122,7 +122,10 @@ def _exercise(dtype: torch.dtype) -> None:
 
 
 def _signature(kernel: JITFunction, args: tuple, kwargs: dict):
-    sig, constexprs = {}, {}
+    """(signature, constexprs, launch options, attributes) of a recorded launch, specialised as the JIT
+    specialises it (an integer equal to 1 becomes a constant; 16-aligned pointers and integers divisible by 16
+    carry that divisibility, which is what lets the compiler vectorise loads)."""
+    sig, constexprs, attrs = {}, {}, {}
     values = dict(zip(kernel.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
     for param in kernel.params:
@@ -132,10 +135,17 @@ def _signature(kernel: JITFunction, args: tuple, kwargs: dict):
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
             sig[name] = "*" + _TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:  # as the JIT specialises an aligned pointer
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             sig[name] = "i1"
+        elif isinstance(value, int) and value == 1 and param.num not in kernel.do_not_specialize:
+            sig[name] = "constexpr"  # as the JIT specialises an integer equal to 1
+            constexprs[name] = 1
         elif isinstance(value, int):
             sig[name] = "i64" if abs(value) >= 2 ** 31 else "i32"
+            if value % 16 == 0 and param.num not in kernel.do_not_specialize:
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             sig[name] = "fp32"
         elif value is None:
@@ -144,7 +154,7 @@ def _signature(kernel: JITFunction, args: tuple, kwargs: dict):
         else:
             raise TypeError(f"{kernel.__name__}: argument {name} of type {type(value).__name__}")
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    return sig, constexprs, options
+    return sig, constexprs, options, attrs
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
@@ -167,6 +177,16 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     return {"registers": max(regs) if regs else None, "spill_bytes": max(spills) if spills else 0}
 
 
+def _load_report(ptx: str) -> dict:
+    """How the kernel reads global memory: scalar loads, vector loads (128/64-bit) and asynchronous copies
+    (cp.async, what software pipelining issues). A GEMM whose operand loads stay scalar runs far below the
+    tensor cores' rate, whatever its tile sizes; the counts show it without a GPU (with the JIT's
+    specialisation of these small launches' values, see ``_signature``)."""
+    return {"loads_scalar": len(re.findall(r"ld\.global(?:\.[A-Za-z0-9_:]+)*?\.(?:b|u|s|f)\d+\s", ptx)),
+            "loads_vector": len(re.findall(r"ld\.global(?:\.[A-Za-z0-9_:]+)*?\.v[248]\.", ptx)),
+            "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="90,80", help="comma-separated SM versions (default 90,80)")
@@ -177,7 +197,7 @@ def main(argv=None) -> int:
         _exercise(dtype)
     seen, report, failures = set(), [], 0
     for kernel, kargs, kwargs in launches:
-        sig, constexprs, options = _signature(kernel, kargs, kwargs)
+        sig, constexprs, options, attrs = _signature(kernel, kargs, kwargs)
         key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
                tuple(sorted(options.items())))
         if key in seen:
@@ -189,10 +209,10 @@ def main(argv=None) -> int:
                      "dtypes": sorted({v for v in sig.values() if v.startswith("*")}),
                      "constexprs": {k: str(v) for k, v in constexprs.items()}}
             try:
-                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                                           target=GPUTarget("cuda", arch, 32), options=options)
                 entry.update(ok=True, shared_bytes=compiled.metadata.shared, seconds=round(time.perf_counter() - start, 2),
-                             **_ptxas_report(compiled.asm["ptx"], arch))
+                             **_ptxas_report(compiled.asm["ptx"], arch), **_load_report(compiled.asm["ptx"]))
             except Exception as exc:  # noqa: BLE001 - reported and counted
                 failures += 1
                 entry.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:500]}")

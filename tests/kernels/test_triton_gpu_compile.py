@@ -55,3 +55,10 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     worst = sorted(report, key=lambda e: -e["spill_bytes"])[:5]
     print("most spilling:", [(e["kernel"], e["target"], e["dtypes"][0], e["spill_bytes"]) for e in worst])
     print("most shared memory:", max((e["shared_bytes"], e["kernel"], e["target"]) for e in report))
+    # how the GEMM kernels read their operands at the GPU tiles (scalar loads: far below tensor-core rate)
+    for e in report:
+        if e["target"] == "sm_90" and e["kernel"].endswith(("fwd_kernel", "dx_kernel", "dw_kernel")):
+            assert e["loads_scalar"] + e["loads_vector"] + e["cp_async"] > 0, e
+    print("global loads (sm_90, scalar/vector/cp.async):",
+          sorted({(e["kernel"], e["loads_scalar"], e["loads_vector"], e["cp_async"]) for e in report
+                  if e["target"] == "sm_90"}))
