@@ -40,8 +40,11 @@ from eidetic_kernels.state import FREE, PRUNED, STATE_DTYPE
 
 __all__ = ["GraphError", "NeuronGroup", "LayerGraph", "Segment", "trace_body", "trace_module", "declare_graph"]
 
-_DECLARE_HINT = ("If the body is right as written, declare its coupling by hand with "
-                 "python_layers.declare_graph(...) and pass it as EideticNetwork(body, feature_dim, graph=...).")
+_DECLARE_HINT = ("If the body is right as written and the op keeps each neuron's features its own, declare its "
+                 "coupling by hand with python_layers.declare_graph(...) and pass it as EideticNetwork(body, "
+                 "feature_dim, graph=...); an op that mixes features across neurons (softmax or a norm over "
+                 "features, a mean over channels) cannot be made safe that way: a finished task's output would "
+                 "change with later tasks' neurons.")
 
 
 class GraphError(RuntimeError):
@@ -595,8 +598,13 @@ class _Propagator:
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
             raise GraphError(f"{name} is a plain {type(module).__name__}; convert the body first with "
                              "eidetic_kernels.convert(body) (EideticNetwork does this for you)")
-        raise GraphError(f"the tracer cannot follow module {name} ({type(module).__name__}): it may mix features "
-                         f"or hold parameters outside Eidetic layers. {_DECLARE_HINT}")
+        if any(True for _ in module.parameters(recurse=False)):
+            raise GraphError(f"{name} is a {type(module).__name__}, a layer with parameters that EideticNetwork does "
+                             "not support: its weights would belong to no task and change with every later task. "
+                             "Supported layers: Linear, Conv2d (groups=1), BatchNorm1d/2d; parameter-free modules "
+                             "(activations, pooling, dropout, flatten) may sit between them")
+        raise GraphError(f"the tracer cannot follow module {name} ({type(module).__name__}): it may mix features. "
+                         f"{_DECLARE_HINT}")
 
     def call_function(self, node):
         fn = node.target

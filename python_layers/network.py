@@ -137,17 +137,21 @@ class EideticNetwork(nn.Module):
             new = convert(child, name)
             if new is not child:
                 setattr(self, name, new)
-        stray = []
+        stray, kinds = [], []
         for name, module in self._body_modules():
             if isinstance(module, EideticLayer):
                 module.qualified_name = name  # error messages name the layer as the network does
                 continue
-            stray += [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            stray += own
+            if own and type(module).__name__ not in kinds:
+                kinds.append(type(module).__name__)
         if stray:
             raise GraphError(
-                f"parameters outside Eidetic layers: {stray[:5]}{' ...' if len(stray) > 5 else ''}. Every task would "
-                "train them and change finished tasks' outputs; use Linear/Conv2d/BatchNorm layers (converted to "
-                "Eidetic layers) or register fixed values as buffers")
+                f"parameters outside Eidetic layers: {stray[:5]}{' ...' if len(stray) > 5 else ''} (in "
+                f"{', '.join(kinds)}, which EideticNetwork does not support). Every task would train them and change "
+                "finished tasks' outputs; use Linear/Conv2d (groups=1)/BatchNorm1d/2d layers (converted to Eidetic "
+                "layers), or register fixed values as buffers")
 
     # ------------------------------------------------------------------------------------------------
     # tasks
