@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -303,48 +304,57 @@ def compare(cache: Path, only: list[str] | None, out: Path | None, seeds: int, p
     return report
 
 
-def refit(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
+def _trained_run(run_dir: Path, pairs: list[str]):
+    """RUN_DIR's ``Run`` with its last checkpoint loaded (config overrides ``pairs`` applied)."""
     from python_layers.config import load_config, parse_overrides
-    from python_layers.run import Run, evaluate, evaluate_routed
+    from python_layers.run import Run
 
     cfg = load_config(run_dir / "config.yaml", dict(parse_overrides(pairs), progress=False))
     torch.set_num_threads(cfg["threads"] or 1)
     run = Run(cfg, run_dir, log=lambda *a: None)
     run.build()
     run.load_checkpoint()
-    T = run.model.num_finished_tasks
-    t0 = time.perf_counter()
-    run._fit_router(T - 1)
-    fit_seconds = time.perf_counter() - t0
-    tasks = run.scenario.tasks[:T]
-    bs = cfg["eval_batch_size"]
-    oracle = [evaluate(run.model, task.test, j, bs, run.device) for j, task in enumerate(tasks)]
-    routed_ = [evaluate_routed(run.model, task.test, j, bs, run.device, "learned") for j, task in enumerate(tasks)]
+    return run
+
+
+def _report(run_dir: Path, pairs: list[str], oracle: list, routed_: list, out: Path | None, **extra) -> dict:
+    """Oracle and routed accuracy of the last row, the gap in points, ``extra``; printed and written to ``out``."""
+    T = len(oracle)
     report = {"run": str(run_dir), "overrides": pairs, "num_tasks": T, "oracle_acc": sum(oracle) / T,
               "routed_acc": sum(routed_) / T, "oracle_per_task": oracle, "routed_per_task": routed_,
-              "gap_points": 100 * (sum(oracle) - sum(routed_)) / T, "fit_seconds": fit_seconds,
-              "load_average": list(__import__("os").getloadavg())}
-    print(json.dumps(report))
+              "gap_points": 100 * (sum(oracle) - sum(routed_)) / T, **extra,
+              "load_average": list(os.getloadavg())}
+    print(json.dumps({k: v for k, v in report.items() if k != "router_fits"}))
     if out is not None:
         out.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
-def sequence(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
-    from python_layers.config import load_config, parse_overrides
-    from python_layers.run import Run, evaluate, evaluate_routed
+def refit(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
+    from python_layers.run import evaluate, evaluate_routed
 
-    cfg = load_config(run_dir / "config.yaml", dict(parse_overrides(pairs), progress=False))
-    torch.set_num_threads(cfg["threads"] or 1)
-    run = Run(cfg, run_dir, log=lambda *a: None)
-    run.build()
-    run.load_checkpoint()
+    run = _trained_run(run_dir, pairs)
+    T = run.model.num_finished_tasks
+    t0 = time.perf_counter()
+    run._fit_router(T - 1)
+    fit_seconds = time.perf_counter() - t0
+    tasks = run.scenario.tasks[:T]
+    bs = run.cfg["eval_batch_size"]
+    oracle = [evaluate(run.model, task.test, j, bs, run.device) for j, task in enumerate(tasks)]
+    routed_ = [evaluate_routed(run.model, task.test, j, bs, run.device, "learned") for j, task in enumerate(tasks)]
+    return _report(run_dir, pairs, oracle, routed_, out, fit_seconds=fit_seconds)
+
+
+def sequence(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
+    from python_layers.run import evaluate, evaluate_routed
+
+    run = _trained_run(run_dir, pairs)
     model = run.model
     T = model.num_finished_tasks
     if getattr(model, "router", None) is not None:
         del model.router  # the run's own router: the sequence fits its routers from the first task on
     tasks = run.scenario.tasks[:T]
-    bs = cfg["eval_batch_size"]
+    bs = run.cfg["eval_batch_size"]
     oracle = [evaluate(model, task.test, j, bs, run.device) for j, task in enumerate(tasks)]
     rows, fits = [], []
     t0 = time.perf_counter()
@@ -358,16 +368,8 @@ def sequence(run_dir: Path, pairs: list[str], out: Path | None) -> dict:
                   f"[{', '.join(f'{a:.4f}' for a in rows[-1])}]", flush=True)
     finally:
         model.num_finished_tasks = T
-    routed_ = rows[-1]
-    report = {"run": str(run_dir), "overrides": pairs, "num_tasks": T, "oracle_acc": sum(oracle) / T,
-              "routed_acc": sum(routed_) / T, "oracle_per_task": oracle, "routed_per_task": routed_,
-              "gap_points": 100 * (sum(oracle) - sum(routed_)) / T, "routed_accuracy_matrix": rows,
-              "router_fits": fits, "fit_seconds": sum(f["seconds"] for f in fits),
-              "seconds": time.perf_counter() - t0, "load_average": list(__import__("os").getloadavg())}
-    print(json.dumps({k: v for k, v in report.items() if k not in ("router_fits",)}))
-    if out is not None:
-        out.write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return _report(run_dir, pairs, oracle, rows[-1], out, routed_accuracy_matrix=rows, router_fits=fits,
+                   fit_seconds=sum(f["seconds"] for f in fits), seconds=time.perf_counter() - t0)
 
 
 def main(argv=None):

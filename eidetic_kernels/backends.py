@@ -88,14 +88,10 @@ def _fp64_gemm_on_gpu(op: str, device: torch.device, dtype: torch.dtype | None) 
 def traceable(device: torch.device, op: str | None = None, dtype: torch.dtype | None = None) -> bool:
     """Whether ``torch.compile`` can trace ``op`` on ``device`` (and ``dtype``): only the Triton backend (custom
     ops, no host-side planning) can; the reference and C++ engines plan on the host and run eagerly under it."""
-    return select(op or "linear", device, dtype) == "triton" if _selectable(device) else False
-
-
-def _selectable(device: torch.device) -> bool:
-    forced = os.environ.get("EIDETIC_BACKEND", "").strip().lower()
-    if forced:
-        return forced == "triton" and available("triton", device, "linear") is None
-    return device.type == "cuda" and _triton_usable(device) is None
+    try:
+        return select(op or "linear", device, dtype) == "triton"
+    except BackendUnavailable:  # the call itself says why
+        return False
 
 
 _cache: dict[tuple[str, str], object] = {}

@@ -67,6 +67,16 @@ def _order_channels(order_ptr, lo, hi, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _store_zeros(out_ptr, o_c, m_c, start, end, C, S, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Exact zeros into values [start, end) of channels ``o_c`` of a contiguous [N, C, S] output (nothing read)."""
+    for e0 in range(start, end, BLOCK_E):
+        o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+        m = (o_e < end)[:, None] & m_c[None, :]
+        tl.store(out_ptr + (o_e // S)[:, None] * (C * S) + o_c[None, :] * S + (o_e % S)[:, None],
+                 tl.zeros([BLOCK_E, BLOCK_C], dtype=out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _bn_stats_kernel(
     x_ptr,  # [N, C, S] by strides
     order_ptr,  # int32[C]: channel order (FREE, frozen, PRUNED); this launch reduces entries [lo, hi)
@@ -205,11 +215,7 @@ def _bn_norm_kernel(
     end = tl.minimum(start + CHUNK, L)
     macs = tl.full([], 0, tl.int64)
     if ZERO:
-        for e0 in range(start, end, BLOCK_E):
-            o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
-            m = (o_e < end)[:, None] & m_c[None, :]
-            tl.store(y_ptr + (o_e // S)[:, None] * (C * S) + o_c[None, :] * S + (o_e % S)[:, None],
-                     tl.zeros([BLOCK_E, BLOCK_C], dtype=y_ptr.dtype.element_ty), mask=m)
+        _store_zeros(y_ptr, o_c, m_c, start, end, C, S, BLOCK_E, BLOCK_C)
     else:
         task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
         slot = tl.load(slot_ptr + o_c, mask=m_c, other=0).to(tl.int64)
@@ -338,11 +344,7 @@ def _bn_dx_kernel(
     end = tl.minimum(start + CHUNK, L)
     macs = tl.full([], 0, tl.int64)
     if ZERO:
-        for e0 in range(start, end, BLOCK_E):
-            o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
-            m = (o_e < end)[:, None] & m_c[None, :]
-            tl.store(dx_ptr + (o_e // S)[:, None] * (C * S) + o_c[None, :] * S + (o_e % S)[:, None],
-                     tl.zeros([BLOCK_E, BLOCK_C], dtype=dx_ptr.dtype.element_ty), mask=m)
+        _store_zeros(dx_ptr, o_c, m_c, start, end, C, S, BLOCK_E, BLOCK_C)
     else:
         task = tl.load(task_ptr + o_c, mask=m_c, other=PRUNED_C).to(tl.int32)
         slot = tl.load(slot_ptr + o_c, mask=m_c, other=0).to(tl.int64)
