@@ -29,8 +29,8 @@ from . import backends
 from .functional import InputError, autocast_dtype, check_input, conv_padding
 from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
-                    expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, new_state, storage_slots,
-                    view_states)
+                    expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, narrow_table, new_state,
+                    storage_slots, view_states)
 
 __all__ = ["EideticLinear", "EideticConv2d", "EideticBatchNorm1d", "EideticBatchNorm2d", "EideticLayer",
            "convert"]
@@ -81,6 +81,8 @@ class EideticLayer(nn.Module):
     _split_names: tuple[str, ...] = ()
     _has_inputs = True  # False for batch norm: its channels are its neurons' own outputs
     _compact = False  # frozen weight rows stored compactly (Linear/Conv); bias and BN entries stay per neuron
+    # prefix-width evaluation (``narrow_width``): EideticNetwork turns it on, with a view, for a finished task
+    narrow = False
 
     # ----- construction -------------------------------------------------------------------
     def _init_state(self, n_out: int, n_in: int | None, device) -> None:
@@ -368,20 +370,55 @@ class EideticLayer(nn.Module):
         self._plans.clear()
 
     # ----- evaluation views ------------------------------------------------------------------
-    def _table(self):
-        """The range table (``state.make_table``) of the current view; cached per view until a state changes."""
+    def _table(self, n_in: int | None = None):
+        """The range table (``state.make_table``) of the current view; cached per view until a state changes.
+        ``n_in``: the view at prefix width (``narrow``) reading the first ``n_in`` inputs (``state.narrow_table``)."""
         key = self.view_task
         table = self._plans.get(key)
         if table is None:
             with _ordinary_tensors():
                 table = make_table(self.input_task, self.task_state, self.min_input_task, key)
             self._plans[key] = table
-        return table
+        if n_in is None:
+            return table
+        narrow_key = ("narrow table", key, n_in)
+        narrow = self._plans.get(narrow_key)
+        if narrow is None:
+            narrow = self._plans[narrow_key] = narrow_table(table, self.narrow_width(), n_in, self._name())
+        return narrow
+
+    def narrow_width(self) -> int | None:
+        """The number n of neurons the current view (a finished task, ``view_task``) computes when they are the
+        layer's first n, as in the task-major layout of an ``EideticNetwork``; None when they are not (or no
+        view is set). With ``narrow`` on, the layer then reads and writes activations of that prefix width:
+        the view's products unchanged, its zero tail not written (``EideticNetwork.forward``)."""
+        key = ("narrow width", self.view_task)
+        if key not in self._plans:
+            n = None
+            if self.view_task is not None:
+                with _ordinary_tensors():
+                    seen = (self.task_state >= 0) & (self.task_state <= self.view_task)
+                    n = int(seen.sum())
+                    if not bool(seen[:n].all()):
+                        n = None
+            self._plans[key] = n
+        return self._plans[key]
+
+    def _narrow_input(self, x, dim: int) -> int | None:
+        """Prefix-width evaluation: the input width (``x.shape[dim]``, at most the layer's), else None."""
+        if not self.narrow or not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        return x.shape[dim]
 
     def _view_states(self):
         """(in_task, out_task, out_min_task) as the current view sees them (traceable)."""
         key = self.view_task
-        out_task = view_states(self.task_state, key)
+        if key is None or torch.compiler.is_compiling():
+            out_task = view_states(self.task_state, key)
+        else:  # a finished task's view: cached until a state changes
+            out_task = self._plans.get(("view states", key))
+            if out_task is None:
+                out_task = self._plans[("view states", key)] = view_states(self.task_state, key)
         if not self._has_inputs:
             return None, out_task, None
         return view_states(self.input_task, key), out_task, self.min_input_task
@@ -581,19 +618,20 @@ class EideticLinear(EideticLayer):
         return self._product(input)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
-        check_input(x, "input", weight, -1, self.in_features, 1, self._name())
+        n_in = self._narrow_input(x, -1)
+        check_input(x, "input", weight, -1, self.in_features if n_in is None else n_in, 1, self._name())
         self.last_backend, fn = backends.get("linear", x.device, x.dtype)
-        plan = self._table() if self.last_backend == "reference" else self._linear_tiles(x.dtype)
+        plan = self._table(n_in) if self.last_backend == "reference" else self._linear_tiles(x.dtype, n_in)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.taylor_score, self.constant_frozen)
 
-    def _linear_tiles(self, dtype: torch.dtype):
+    def _linear_tiles(self, dtype: torch.dtype, n_in: int | None = None):
         """The Triton backend's tile table for the current view and dtype (``ops/linear/triton.layer_tiles``),
         cached with the range tables until a state changes."""
         from .ops.linear.triton import layer_tiles  # triton is optional: imported when this backend runs
 
         with _ordinary_tensors():
-            return layer_tiles(self._plans, self._table, self.input_task, self.task_state, self.min_input_task,
-                               self.view_task, self.constant_frozen, dtype)
+            return layer_tiles(self._plans, lambda: self._table(n_in), self.input_task, self.task_state,
+                               self.min_input_task, self.view_task, self.constant_frozen, dtype, n_in)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -652,20 +690,21 @@ class EideticConv2d(EideticLayer):
         if isinstance(x, torch.Tensor) and x.dim() != 4:
             raise InputError(f"{self._name()} expects input of shape [N, C, H, W] or [C, H, W], "
                              f"got {tuple(x.shape)}")
-        check_input(x, "input", weight, 1, self.in_channels, 4, self._name())
+        n_in = self._narrow_input(x, 1)
+        check_input(x, "input", weight, 1, self.in_channels if n_in is None else n_in, 4, self._name())
         self.last_backend, fn = backends.get("conv2d", x.device, x.dtype)
-        plan = self._table() if self.last_backend == "reference" else self._conv_tiles(x.dtype)
+        plan = self._table(n_in) if self.last_backend == "reference" else self._conv_tiles(x.dtype, n_in)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.stride, self.padding, self.dilation,
                   self.taylor_score, self.constant_frozen)
 
-    def _conv_tiles(self, dtype: torch.dtype):
+    def _conv_tiles(self, dtype: torch.dtype, n_in: int | None = None):
         """The Triton backend's tile table for the current view and dtype (``ops/tiles.layer_tiles``), cached
         with the range tables until a state changes."""
         from .ops.tiles import layer_tiles  # triton is optional: imported when this backend runs
 
         with _ordinary_tensors():
-            return layer_tiles(self._plans, self._table, self.input_task, self.task_state, self.min_input_task,
-                               self.view_task, self.constant_frozen, dtype)
+            return layer_tiles(self._plans, lambda: self._table(n_in), self.input_task, self.task_state,
+                               self.min_input_task, self.view_task, self.constant_frozen, dtype, n_in)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -779,10 +818,15 @@ class _EideticBatchNorm(EideticLayer):
             return _run_eagerly(self, input)
         x = input
         self._check_input_dim(x)
+        # prefix-width evaluation: the view's channels only (a batch norm of the raw input reads its first ones)
+        n = self.narrow_width() if self.narrow else None
+        if n is not None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > n:
+            x = x.narrow(1, 0, n)
         like = self.running_mean if self.running_mean is not None else (self.weight if self.weight is not None else x)
         low = (x.dtype in (torch.float16, torch.bfloat16) and like.dtype == torch.float32
                and isinstance(x, torch.Tensor))
-        check_input(x, "input", like.to(x.dtype) if low else like, 1, self.num_features, 2, self._name())
+        check_input(x, "input", like.to(x.dtype) if low else like, 1, self.num_features if n is None else n, 2,
+                    self._name())
         batch_stats = self.training or self.running_mean is None
         if batch_stats:
             values = x.shape[0]
@@ -802,23 +846,28 @@ class _EideticBatchNorm(EideticLayer):
         _, out_task, _ = self._view_states()
         self.last_backend, fn = backends.get("batch_norm", x.device)
         running = (self.running_mean, self.running_var) if use_running else (None, None)
+        slot, taylor = self.slot, self.taylor_score
+        if n is not None:  # the first n channels: the view's, each with its own statistics and affine entries
+            out_task, slot = out_task[:n], slot[:n]
+            running = tuple(None if r is None else r[:n] for r in running)
+            taylor = None if taylor is None else taylor[:n]
         if cumulative:
             old = (self.running_mean.clone(), self.running_var.clone())
-        extra = {"plan": self._channel_order(out_task)} if self.last_backend == "triton" else {}
+        extra = {"plan": self._channel_order(out_task, n)} if self.last_backend == "triton" else {}
         y = fn(x.float() if low else x, *running, self.weight, self.frozen_weight, self.bias, self.frozen_bias,
-               out_task, self.slot, batch_stats, factor, self.eps, self.taylor_score,
+               out_task, slot, batch_stats, factor, self.eps, taylor,
                constant_frozen=self.constant_frozen, **extra)
         if cumulative:
             self._cumulative_average(old, out_task)
         return y.to(x.dtype) if low else y
 
-    def _channel_order(self, out_task: torch.Tensor):
+    def _channel_order(self, out_task: torch.Tensor, narrow: int | None = None):
         """The Triton backend's channel order for the current view (``ops/batch_norm/triton.channel_order``),
         cached with the range tables until a state changes; inside a compiled graph a missing one is built by
-        an op of the graph."""
+        an op of the graph. ``narrow``: the view at prefix width (its first ``narrow`` channels)."""
         from .ops.batch_norm.triton import channel_order  # triton is optional: imported when this backend runs
 
-        key = ("bn channel order", self.view_task)
+        key = ("bn channel order", self.view_task, narrow)
         plan = self._plans.get(key)
         if plan is None:
             with _ordinary_tensors():

@@ -20,6 +20,7 @@ keeps min_input_task 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,29 @@ def make_table(in_task: torch.Tensor, out_task: torch.Tensor, out_min_task: torc
                  tail=n_out - covered if identity else 0, frozen_numel=frozen_numel, n_frozen=n_frozen,
                  all_trainable_dense=dense,
                  zero_neurons=zero_neurons.to(dev) if zero_neurons.numel() else None)
+
+
+def narrow_table(table: Table, n_out: int | None, n_in: int, what: str = "layer") -> Table:
+    """``table`` (a finished task's view) at prefix width: outputs are the view's ``n_out`` neurons, the
+    first of the layer (the task-major layout of a network), and inputs only the first ``n_in`` features.
+
+    The blocks are the view's own, unchanged (same windows, storage offsets and products), so every output
+    is computed exactly as at full width; only the zero tail is not written. Raises RuntimeError when the
+    view's neurons are not a prefix or a block reads an input at or after ``n_in``."""
+    if n_out is None or table.out_index is not None or table.n_out - table.tail != n_out:
+        raise RuntimeError(f"{what}: the view's neurons are not the layer's first ones; prefix-width evaluation "
+                           "needs the task-major layout of an EideticNetwork")
+    for b in table.blocks:
+        if not b.frozen:
+            raise RuntimeError(f"{what}: prefix-width evaluation is for finished tasks' views only")
+        if b.col_range is not None:
+            end = b.col_range[1]
+        else:
+            end = int(b.cols.max()) + 1 if b.cols.numel() else 0
+        if end > n_in:
+            raise RuntimeError(f"{what}: the view reads input {end - 1} but gets only {n_in} features at prefix "
+                               "width")
+    return dataclasses.replace(table, n_out=n_out, n_in=n_in, tail=0, zero_neurons=None)
 
 
 def compact_rows(dense: torch.Tensor, blocks: list[Block]) -> torch.Tensor:

@@ -189,11 +189,16 @@ class LayerGraph:
     ``renumber_blocked_by``: why the neurons of this graph must keep their positions (None: they can be
     renumbered task-major, see ``renumber_task_major``): the body ties a constant to feature positions,
     or the graph was declared by hand without saying it may be renumbered.
+
+    ``narrow_blocked_by``: why a finished task cannot be evaluated at prefix width (None: it can, see
+    ``EideticNetwork.forward``): only a traced body whose computation does not depend on the size of its
+    feature dims can; a declared graph says nothing about the body's code.
     """
 
     def __init__(self, groups: list[NeuronGroup], inputs: dict[str, tuple[EideticLayer, list[Segment]]],
                  features: list[Segment], raw_input_layers: set[str], renumber_blocked_by: str | None = None):
         self.renumber_blocked_by = renumber_blocked_by
+        self.narrow_blocked_by: str | None = "the body was not traced"
         self.input_shape: tuple[int, ...] | None = None  # one sample's shape, when traced from a batch
         self.groups = groups
         for g in groups:
@@ -322,6 +327,7 @@ class LayerGraph:
             "features": segs(self.features),
             "raw_input_layers": sorted(layer_names[n] for n in self.raw_input_layers),
             "renumber_blocked_by": self.renumber_blocked_by,
+            "narrow_blocked_by": self.narrow_blocked_by,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
 
@@ -353,6 +359,7 @@ class LayerGraph:
         # a spec without the key comes from a first-version checkpoint: that graph keeps its neurons' positions
         blocked = spec.get("renumber_blocked_by", "the checkpoint predates task-major renumbering")
         graph = cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]), renumber_blocked_by=blocked)
+        graph.narrow_blocked_by = spec.get("narrow_blocked_by", "the checkpoint predates prefix-width evaluation")
         shape = spec.get("input_shape")
         graph.input_shape = None if shape is None else tuple(shape)
         return graph
@@ -470,6 +477,7 @@ class _Propagator:
         self.seen_layers: dict[int, str] = {}
         self.normalizers: set[int] = set()  # protos of batch norms over the raw input
         self.per_feature_constants: list[str] = []  # ops tying a constant to feature positions
+        self.narrow_blockers: list[str] = []  # ops that prefix-width evaluation would change
 
     # ----- union-find ------------------------------------------------------------------------------
     def new_proto(self, name: str, layer: EideticLayer) -> int:
@@ -551,7 +559,54 @@ class _Propagator:
         shape = self.shape(result)
         if shape is None or len(shape) != 2:
             raise GraphError(f"the body must return [N, feature_dim], got shape {shape}; flatten or pool it first")
+        for node in graph.nodes:
+            why = self.narrow_blocker(node)
+            if why is not None:
+                self.narrow_blockers.append(why)
         return prov
+
+    # ----- prefix-width evaluation -----------------------------------------------------------------
+    def _features_of_neurons(self, arg) -> bool:
+        v = self.value(arg) if isinstance(arg, fx.Node) else None
+        return isinstance(v, list) and any(s.source is not None for s in v)
+
+    def narrow_blocker(self, node) -> str | None:
+        """Why evaluating a finished task with activations of prefix width would change what ``node`` computes
+        (None: it would not). At prefix width a tensor of neurons keeps only the neurons of tasks <= t, so the
+        body must not depend on the feature dim's size: no size other than the batch's read from such a tensor,
+        reshapes that say -1 for the merged feature dim, no concatenation of features, no squeeze without a dim."""
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+            return None
+        x = node.args[0]
+        if not self._features_of_neurons(x):
+            if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+                tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+                if any(self._features_of_neurons(t) for t in tensors):
+                    return f"{_node_desc(node)} concatenates features"
+            return None
+        target = node.target
+        if node.op == "call_method" and target in ("size", "numel"):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return None if target == "size" and dim == 0 else f"{_node_desc(node)} reads the feature count"
+        if node.op == "call_function" and target is getattr and node.args[1:2] == ("shape",):
+            if all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+                return None
+            return f"{_node_desc(node)} reads the feature count"
+        if node.op == "call_function" and target in (len,):
+            return None
+        if (node.op == "call_method" and target in ("view", "reshape")) or \
+                (node.op == "call_function" and target is torch.reshape):
+            sizes = list(node.args[1:]) or list(node.kwargs.get("shape", ()))
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = list(sizes[0])
+            if len(sizes) >= 2 and sizes[1] == -1:
+                return None
+            return f"{_node_desc(node)} names the feature count (write -1 for the feature dim)"
+        if (node.op == "call_method" and target == "squeeze") or target is torch.squeeze:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dim is None or (isinstance(dim, int) and dim in (1, -len(self.shape(x) or ()) + 1)):
+                return f"{_node_desc(node)} may squeeze the feature dim"
+        return None
 
     def call_module(self, node):
         module = self.owner.get_submodule(node.target)
@@ -770,7 +825,9 @@ class _Propagator:
         if self.per_feature_constants:
             blocked = (f"{self.per_feature_constants[0]} combines the features with a constant holding one value "
                        "per feature")
-        return LayerGraph(list(groups.values()), inputs, resolve(features), raw_readers, renumber_blocked_by=blocked)
+        graph = LayerGraph(list(groups.values()), inputs, resolve(features), raw_readers, renumber_blocked_by=blocked)
+        graph.narrow_blocked_by = blocked or (self.narrow_blockers[0] if self.narrow_blockers else None)
+        return graph
 
 
 def _describe_proto(prop: _Propagator, segments: list[Segment]) -> str:

@@ -24,6 +24,21 @@ from .pruning import fixed_by_user
 
 __all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
+def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool, narrow: bool) -> None:
+    """A layer's per-forward mode. Plain attributes, written to the instance dict: nn.Module.__setattr__'s
+    bookkeeping (for parameters, buffers and submodules, which these never are) costs more than the
+    evaluation of a small layer, and this runs twice per layer per forward."""
+    d = layer.__dict__
+    d["view_task"], d["constant_frozen"], d["narrow"] = view_task, constant_frozen, narrow
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _module
+    return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
+
 # attributes of the network that are not part of the body
 _NON_BODY = ("heads", "router")
 
@@ -345,11 +360,10 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
-    def _set_view(self, view_task: int | None, constant_frozen: bool = False) -> None:
+    def _set_view(self, view_task: int | None, constant_frozen: bool = False, narrow: bool = False) -> None:
         layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
         for layer in layers:
-            layer.view_task = view_task
-            layer.constant_frozen = constant_frozen
+            _set_mode(layer, view_task, constant_frozen, narrow)
 
     def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
         """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed
@@ -385,9 +399,59 @@ class EideticNetwork(nn.Module):
             head.constant_frozen = False
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        """Logits of head ``task`` (default: the task being trained). Bit-stable once the task is finished."""
+        """Logits of head ``task`` (default: the task being trained). Bit-stable once the task is finished.
+
+        A finished task in eval mode runs at *prefix width* when the body allows it (``narrow_eval_blocked_by``
+        is None): neurons are task-major, so the neurons of tasks <= t are each layer's first ones, and every
+        activation inside the body keeps only them instead of a zero tail. The products are the view's own,
+        so the logits are those of ``logits(features(x, view_task=t), t)``, bit for bit; only work on the
+        zero tail is saved. ``features()`` and forward hooks always see full-width activations: a body module
+        with a forward hook, train mode, or a body that reads its feature sizes runs at full width.
+        """
         task = self._resolve_task(task)
-        return self.logits(self.features(x, view_task=self.view_for(task)), task)
+        view = self.view_for(task)
+        if view is not None and self.narrow_eval_blocked_by(x) is None:
+            return self._narrow_logits(x, task)
+        return self.logits(self.features(x, view_task=view), task)
+
+    def narrow_eval_blocked_by(self, x: torch.Tensor | None = None) -> str | None:
+        """Why ``forward`` evaluates finished tasks at full width (None: at prefix width; see ``forward``)."""
+        if self.graph is None:
+            if x is None:
+                return "the layer graph is not built yet"
+            self.ensure_graph(x)
+        if self.graph.narrow_blocked_by is not None:
+            return self.graph.narrow_blocked_by
+        if torch.compiler.is_compiling():
+            return "torch.compile traces the full-width graph"
+        if _global_hooks():
+            return "global module forward hooks are registered"
+        for name, module in self.named_modules():
+            if name.split(".")[0] == "router":
+                continue
+            if module.training:
+                return f"{name or 'the network'} is in train mode (model.eval() turns prefix width on)"
+            if name and any(getattr(module, h, None) for h in _HOOK_DICTS):
+                return f"{name or 'the network'} has forward hooks, which see full-width activations"
+        return None
+
+    def _narrow_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """``forward`` of finished task ``task`` at prefix width (every layer's ``narrow_width``)."""
+        head = self.heads[task]
+        layers = self._graph_layers + [head]
+        for layer in layers:
+            _set_mode(layer, task, False, False)
+        try:
+            if any(layer.narrow_width() is None for layer in layers):  # not task-major (cannot happen in a network
+                return self.logits(self.features(x, view_task=task), task)  # that renumbers): full width
+            self._constant_frozen = not self.exact_activation_grads and not (torch.is_grad_enabled()
+                                                                          and x.requires_grad)
+            for layer in layers:
+                _set_mode(layer, task, self._constant_frozen, True)
+            return head(self.forward_features(x))
+        finally:
+            for layer in layers:
+                _set_mode(layer, None, False, False)
 
     # ------------------------------------------------------------------------------------------------
     # reporting

@@ -82,10 +82,14 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if constant_frozen and _merge_pays(table, op, x.shape[dim]):
         return _merged_forward(x, weight, bias, frozen_weight, frozen_bias, table, op, dim, grad_x)
     parts = []
+    # a view (frozen blocks only) gives each product a contiguous window: GEMMs round strided and contiguous
+    # operands differently, and a finished task at prefix width (EideticNetwork.forward) reads the same
+    # window from a narrower tensor; copied, both give the same bits
+    view = all(blk.frozen for blk in table.blocks)
     for blk in table.blocks:
         if blk.frozen:
             parts.append(_frozen_block(x, frozen_weight, frozen_bias, blk, kernel, op, dim,
-                                       grad_x and not constant_frozen))
+                                       grad_x and not constant_frozen, contiguous=view))
         else:
             parts.append(_trainable_block(x, weight, bias, blk, op, dim, grad_x, constant_frozen))
     return _assemble(x, weight, parts, table, op, dim)
@@ -109,11 +113,14 @@ def _into_window(full: torch.Tensor, blk: Block, dim: int, values: torch.Tensor)
     return full
 
 
-def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool):
+def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool,
+                  contiguous: bool = False):
     n, k = blk.rows.numel(), math.prod(kernel)
     w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
     b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
     xw = _window(x, blk, dim)
+    if contiguous:
+        xw = xw.contiguous()
     if blk.width == 0:  # no live input: the outputs are the bias
         return _bias_only(x, n, kernel, b, op, dim)
     if not grad_x:

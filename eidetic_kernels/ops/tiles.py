@@ -217,16 +217,17 @@ def _(in_task, out_task, out_min_task, view_task, constant_frozen, rows_tile, co
 
 
 def layer_tiles(plans: dict, table_fn, in_task, out_task, out_min_task, view_task: int | None,
-                constant_frozen: bool, dtype: torch.dtype) -> Tiles:
+                constant_frozen: bool, dtype: torch.dtype, narrow: int | None = None) -> Tiles:
     """A layer's tile table for its current view, cached in ``plans`` (the layer's plan cache, cleared at
     every state change). Eager: built on the host from ``table_fn()`` (the layer's cached range table).
     Inside a compiled graph a cached table is an input of the graph; a missing one is built by the
-    ``eidetic::triton_linear_tiles`` op when the graph runs, and cached as well."""
+    ``eidetic::triton_linear_tiles`` op when the graph runs, and cached as well. ``narrow``: the view at
+    prefix width reading ``narrow`` inputs (``state.narrow_table``; eager only)."""
     rows_tile, cols_tile = tile_shape(dtype)
-    key = ("triton tiles", view_task, bool(constant_frozen), rows_tile, cols_tile)
+    key = ("triton tiles", view_task, bool(constant_frozen), rows_tile, cols_tile, narrow)
     tiles = plans.get(key)
     if tiles is None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and narrow is None:
             tiles = Tiles(tuple(_tiles_op(in_task, out_task, out_min_task, -1 if view_task is None else
                                                 view_task, bool(constant_frozen), rows_tile, cols_tile)),
                                 out_task.shape[0])
