@@ -42,6 +42,25 @@ def _default_cflags() -> str:
 
 
 CFLAGS = tuple(os.environ.get("EIDETIC_CPP_CFLAGS", _default_cflags()).split())
+
+
+def _openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compile, link) flags that make ``at::parallel_for`` in csrc/ run on torch's threads.
+
+    With ATen's OpenMP backend, ``at::parallel_for`` is an inline ``#pragma omp parallel``: compiled without
+    -fopenmp it runs on one thread. Built with -fopenmp against the libgomp torch itself loads (same SONAME, so
+    the process keeps one OpenMP runtime and one thread pool). Other backends or no libgomp beside torch:
+    no flags (one thread, as before)."""
+    if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
+        return (), ()
+    lib = Path(torch.__file__).resolve().parent / "lib"
+    gomp = sorted(lib.glob("libgomp*.so*"))
+    if not gomp or sys.platform != "linux":
+        return (), ()
+    return ("-fopenmp",), (f"-L{lib}", f"-l:{gomp[0].name}", f"-Wl,-rpath,{lib}")
+
+
+OPENMP_CFLAGS, OPENMP_LDFLAGS = _openmp_flags()
 # Ops with a C++ implementation; each wins on benchmarks/cpp_bench.py, so each is the CPU default.
 # (linear and conv2d have none: their ATen matrix products dominate, and fused backward epilogues measure
 # 0.8-1.0x the reference.)
@@ -78,7 +97,8 @@ def build_key() -> str:
     for path in _source_paths():
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    for part in (*CFLAGS, os.environ.get("CXX", "c++"), torch.__version__, sys.version, sys.platform):
+    for part in (*CFLAGS, *OPENMP_CFLAGS, *OPENMP_LDFLAGS, os.environ.get("CXX", "c++"), torch.__version__,
+                 sys.version, sys.platform):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -136,7 +156,8 @@ def _build():
     level = ext_logger.level
     ext_logger.setLevel(logging.ERROR)  # our own warning says it once; no duplicate compiler chatter
     try:
-        module = load(name=name, sources=[str(p) for p in _source_paths()], extra_cflags=list(CFLAGS),
+        module = load(name=name, sources=[str(p) for p in _source_paths()],
+                      extra_cflags=list(CFLAGS) + list(OPENMP_CFLAGS), extra_ldflags=list(OPENMP_LDFLAGS),
                       build_directory=str(folder), verbose=False)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
