@@ -41,6 +41,10 @@ from ..state import Block, Table
 # Tests set it to False to compare with the block-by-block product.
 MERGE_IN_TRAINING = True
 
+# Merged training product (``_MergedOp``): with trainable rows at least this share of the layer, the backward runs
+# on the whole output gradient (frozen rows' weights 0) instead of a copy of the trainable rows' part of it.
+_WHOLE_GRAD_SHARE = 0.5
+
 # Output assembly on the CPU: with at least this many contiguous elements per (sample, neuron),
 # scattering each block's output (index_add_) beats one gather from their concatenation.
 _LONG_BLOCK = 256
@@ -327,17 +331,33 @@ class _MergedOp(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         blk, op, dim = ctx.blk, ctx.op, ctx.dim
-        g = grad.narrow(dim, ctx.row0, blk.rows.numel()).contiguous()
+        n_rows, n_out = blk.rows.numel(), grad.shape[dim]
         xw, w = _window(x, blk, dim), _window(weight, blk, 1)
         if blk.dead is not None:  # dead inputs are never read: no gradient on their synapses
             w = w.index_fill(1, blk.dead, 0)
         grad_x = grad_w = grad_b = None
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if need_x and op.fused_grad is not None and not _split_pays(blk, xw.shape[dim], op):
+        fused = need_x and op.fused_grad is not None and not _split_pays(blk, xw.shape[dim], op)
+        if (fused or (need_w and not need_x)) and n_rows >= _WHOLE_GRAD_SHARE * n_out:
+            # the trainable rows are most of the layer: one call on the whole output gradient, with a weight
+            # whose frozen rows are 0 (dX flows through the trainable rows only; the frozen rows' dW is
+            # dropped), costs less than copying the trainable rows' gradient out of it
+            w_rows = w.new_zeros((n_out,) + tuple(w.shape[1:]))
+            w_rows.narrow(0, ctx.row0, n_rows).copy_(w)
+            if fused:
+                gx, gw, gb = op.fused_grad(xw, grad, w_rows)
+                grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
+            else:
+                gw, gb = op.weight_grad(xw, grad, w_rows)
+            grad_w = gw.narrow(0, ctx.row0, n_rows)
+            grad_b = None if gb is None else gb.narrow(0, ctx.row0, n_rows)
+        elif fused:
             # one call: dX of the whole window (its frozen inputs' share costs less than a second call)
+            g = grad.narrow(dim, ctx.row0, n_rows).contiguous()
             gx, grad_w, grad_b = op.fused_grad(xw, g, w)
             grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
         else:
+            g = grad.narrow(dim, ctx.row0, n_rows).contiguous()
             if need_x:
                 if blk.train_range is not None:
                     a, e = blk.train_range
