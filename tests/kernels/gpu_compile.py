@@ -54,7 +54,7 @@ def _exercise(dtype: torch.dtype) -> None:
     from eidetic_kernels.ops.linear import triton as lin
     from eidetic_kernels.state import FREE, PRUNED, compact_rows, make_table, storage_slots
 
-    lin.DENSE_SHORTCUT = conv.DENSE_SHORTCUT = False
+    lin.DENSE_SHORTCUT = conv.DENSE_SHORTCUT = bn.DENSE_SHORTCUT = False
     task = torch.tensor([0, FREE, 1, PRUNED, FREE, 0], dtype=torch.int16)
     slot = storage_slots(task).int()
     n_frozen = 3

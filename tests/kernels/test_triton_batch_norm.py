@@ -3,6 +3,8 @@
 Covers train/eval, with and without running statistics and affine parameters, [N, C], [N, C, L] and
 [N, C, H, W] inputs, the split reduction (forced with small blocks), fp32/fp16 (bf16 on GPU).
 """
+import copy
+
 import pytest
 import torch
 
@@ -18,6 +20,12 @@ from .test_triton_linear import DEVICE, DTYPES, TOL, assert_close  # noqa: E402
 pytestmark = pytest.mark.triton
 STATES = {"mixed": [FREE, 0, PRUNED, 1, FREE, 2], "all_free": [FREE], "all_frozen": [0, 1],
           "all_pruned": [PRUNED]}
+
+
+@pytest.fixture(autouse=True)
+def _kernels_for_every_state(monkeypatch):
+    """Run the kernels also where every channel is FREE (the layers hand that case to torch's op)."""
+    monkeypatch.setattr(tri, "DENSE_SHORTCUT", False)
 
 
 def make_case(shape, kind, dtype, affine=True, stats=True, seed=0):
@@ -218,3 +226,33 @@ def test_work_follows_the_channels_that_need_it(monkeypatch, cls):
     assert _work(layer, x.requires_grad_(), backward=True) == (90 + 100 + 90 + 90) * L
     layer.constant_frozen = False  # frozen channels' dx (running statistics: no reduction for them)
     assert _work(layer, x, backward=True) == (90 + 100 + 90 + 100) * L
+
+
+@pytest.mark.parametrize("cls", ["EideticBatchNorm2d", "EideticBatchNorm1d"])
+def test_every_channel_free_is_the_twin_bit_for_bit_and_one_frozen_channel_runs_the_kernels(monkeypatch, cls):
+    """DENSE_SHORTCUT: a layer whose channels are all FREE is nn.BatchNorm (torch's op, cuDNN on a GPU), in
+    training (outputs, gradients, running statistics) and eval; once a channel is frozen the kernels run."""
+    import eidetic_kernels as ek
+    monkeypatch.setattr(tri, "DENSE_SHORTCUT", True)
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")
+    torch.manual_seed(0)
+    twin = getattr(torch.nn, cls.replace("Eidetic", ""))(6).to(DEVICE)
+    layer = ek.convert(copy.deepcopy(twin))
+    launches = []
+    monkeypatch.setattr(tri, "_bn_op", lambda *a, _op=tri._bn_op: launches.append(1) or _op(*a))
+    x = torch.randn((8, 6, 5, 4) if cls.endswith("2d") else (8, 6), device=DEVICE)
+    for training in (True, False):
+        layer.train(training), twin.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = layer(xa), twin(xb)
+        assert torch.equal(ya, yb)
+        (ya * x).sum().backward()
+        (yb * x).sum().backward()
+        assert torch.equal(xa.grad, xb.grad) and torch.equal(layer.weight.grad, twin.weight.grad)
+        assert torch.equal(layer.running_mean, twin.running_mean)
+        assert torch.equal(layer.running_var, twin.running_var)
+    assert layer.last_backend == "triton" and launches == []
+    layer.prune_neurons([1])
+    layer.freeze_free_neurons(0)
+    layer(x)
+    assert launches

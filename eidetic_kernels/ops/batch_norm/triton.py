@@ -27,7 +27,8 @@ Per channel c of x viewed as [N, C, S] (L = N·S values per channel):
   and dx kernels add the (channel, value) elements of x they read to an int64 counter.
 Tiles are [BLOCK_E values, BLOCK_C channels]: one channel per program when S > 1 (contiguous rows of
 S), several channels side by side when S == 1 (BatchNorm1d on [N, C]).
-Under ``torch.autocast`` the op runs in its input's dtype, as F.batch_norm.
+Under ``torch.autocast`` the op runs in its input's dtype, as F.batch_norm. A layer whose channels are all
+FREE, without Taylor scores, is handed to torch's batch norm (``DENSE_SHORTCUT``), as linear and conv2d are.
 """
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ from ..double_backward import graph_grads
 from . import reference
 from ..triton_common import (FREE_C, PRUNED_C, _counter, interpreting, is_frozen_state, reduction_blocks,
                              register_autocast)
+
+
+# Dispatch a layer whose channels are all FREE (without Taylor scores) to torch's batch norm (the layer *is*
+# nn.BatchNorm then). Tests and the compile check set it to False to run the kernels on that case too.
+DENSE_SHORTCUT = True
 
 
 @triton.jit
@@ -659,6 +665,12 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
     has_stats = running_mean is not None
     use_batch = bool(training) or not has_stats
     order, counts = channel_order(channel_task) if plan is None else plan
+    if DENSE_SHORTCUT and taylor_score is None and not torch.compiler.is_compiling() and int(counts[0]) == x.shape[1]:
+        # every channel FREE: the layer is nn.BatchNorm, so torch's own op runs it (cuDNN on a GPU), bit for bit
+        # its twin; with any channel frozen the kernels below always run, so a frozen channel's bits never
+        # depend on the other channels' states
+        return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
+                                    frozen_bias, channel_task, slot, training, momentum, eps)
     y, _, _, bmean, bvar = _bn_op(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
                                   frozen_bias, channel_task, slot, order, counts, use_batch, float(eps),
                                   bool(constant_frozen), taylor_score)
