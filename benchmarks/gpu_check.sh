@@ -6,6 +6,11 @@
 #   benchmarks/gpu_check.sh --quick    # anywhere: the Triton kernel tests under the interpreter on CPU
 #                                      # tensors, then the benchmark's tiny layer shapes (a smoke run, no
 #                                      # numbers; about 4 minutes on 2 idle CPU cores)
+#   benchmarks/gpu_check.sh [--quick] -- --eidetic-backends triton   # arguments after -- go to the benchmark
+#
+# EIDETIC_BACKEND=triton applies to the test steps only. The benchmark chooses its backends itself: it times the
+# eidetic layers on Triton and on the reference backend in the same run (providers eidetic and eidetic-reference,
+# see benchmarks/README.md), forcing each row's backend; --eidetic-backends after -- limits them.
 #
 # PY (default: .venv/bin/python when it exists, else python) picks the interpreter. Exit status: the first
 # failing step's.
@@ -14,20 +19,25 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
+usage="usage: benchmarks/gpu_check.sh [--quick] [-- BENCHMARK_ARGS...]"
 quick=0
-case "${1:-}" in
-  --quick) quick=1 ;;
-  "") ;;
-  *) echo "usage: benchmarks/gpu_check.sh [--quick]" >&2; exit 2 ;;
-esac
+bench_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --) shift; bench_args=("$@"); break ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+  shift
+done
 started=$(date +%s)
-export EIDETIC_BACKEND=triton
 if [ "$quick" = 1 ]; then
   export TRITON_INTERPRET=1
-  echo "== kernel tests, Triton interpreter (CPU) =="
-  "$PY" -m pytest -q -x tests/kernels -m "triton and not slow" -p no:cacheprovider
-  echo "== benchmark smoke run (tiny layer shapes; the end-to-end models take too long in the interpreter) =="
-  "$PY" -m benchmarks.gpu --quick --only linear,conv2d,batchnorm2d
+  echo "== kernel tests, Triton interpreter (CPU), EIDETIC_BACKEND=triton =="
+  EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests/kernels -m "triton and not slow" -p no:cacheprovider
+  echo "== benchmark smoke run (tiny layer shapes, Triton interpreter + reference backend; the end-to-end models"
+  echo "   take too long in the interpreter) =="
+  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --quick --only linear,conv2d,batchnorm2d ${bench_args[@]+"${bench_args[@]}"}
 else
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device here; use --quick for the interpreter smoke run" >&2
@@ -35,8 +45,8 @@ else
   fi
   "$PY" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)"
   echo "== test suite, EIDETIC_BACKEND=triton =="
-  "$PY" -m pytest -q -x tests -p no:cacheprovider
-  echo "== benchmark =="
-  "$PY" -m benchmarks.gpu --out-dir benchmarks/results
+  EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests -p no:cacheprovider
+  echo "== benchmark (eidetic on Triton and on the reference backend) =="
+  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --out-dir benchmarks/results ${bench_args[@]+"${bench_args[@]}"}
 fi
 echo "gpu_check: done in $(( $(date +%s) - started )) s"
