@@ -404,6 +404,13 @@ class EideticLayer(nn.Module):
             self._plans[key] = n
         return self._plans[key]
 
+    def _taylor_view(self, n_in: int | None):
+        """The Taylor scores the op accumulates into: all of them, or at prefix width (``n_in`` given) the
+        view's neurons' (a view of the first ``narrow_width()``: the zero tail would add nothing)."""
+        if n_in is None or self.taylor_score is None:
+            return self.taylor_score
+        return self.taylor_score[:self.narrow_width()]
+
     def _narrow_input(self, x, dim: int) -> int | None:
         """Prefix-width evaluation: the input width (``x.shape[dim]``, at most the layer's), else None."""
         if not self.narrow or not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -622,7 +629,7 @@ class EideticLinear(EideticLayer):
         check_input(x, "input", weight, -1, self.in_features if n_in is None else n_in, 1, self._name())
         self.last_backend, fn = backends.get("linear", x.device, x.dtype)
         plan = self._table(n_in) if self.last_backend == "reference" else self._linear_tiles(x.dtype, n_in)
-        return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.taylor_score, self.constant_frozen)
+        return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self._taylor_view(n_in), self.constant_frozen)
 
     def _linear_tiles(self, dtype: torch.dtype, n_in: int | None = None):
         """The Triton backend's tile table for the current view and dtype (``ops/linear/triton.layer_tiles``),
@@ -695,7 +702,7 @@ class EideticConv2d(EideticLayer):
         self.last_backend, fn = backends.get("conv2d", x.device, x.dtype)
         plan = self._table(n_in) if self.last_backend == "reference" else self._conv_tiles(x.dtype, n_in)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.stride, self.padding, self.dilation,
-                  self.taylor_score, self.constant_frozen)
+                  self._taylor_view(n_in), self.constant_frozen)
 
     def _conv_tiles(self, dtype: torch.dtype, n_in: int | None = None):
         """The Triton backend's tile table for the current view and dtype (``ops/tiles.layer_tiles``), cached
