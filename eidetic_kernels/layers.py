@@ -627,7 +627,8 @@ class EideticLinear(EideticLayer):
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         n_in = self._narrow_input(x, -1)
         check_input(x, "input", weight, -1, self.in_features if n_in is None else n_in, 1, self._name())
-        self.last_backend, fn = backends.get("linear", x.device, x.dtype)
+        name, fn = backends.get("linear", x.device, x.dtype)
+        self.__dict__["last_backend"] = name  # a plain attribute, set per call: no nn.Module bookkeeping
         plan = self._table(n_in) if self.last_backend == "reference" else self._linear_tiles(x.dtype, n_in)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self._taylor_view(n_in), self.constant_frozen)
 
@@ -699,7 +700,8 @@ class EideticConv2d(EideticLayer):
                              f"got {tuple(x.shape)}")
         n_in = self._narrow_input(x, 1)
         check_input(x, "input", weight, 1, self.in_channels if n_in is None else n_in, 4, self._name())
-        self.last_backend, fn = backends.get("conv2d", x.device, x.dtype)
+        name, fn = backends.get("conv2d", x.device, x.dtype)
+        self.__dict__["last_backend"] = name  # a plain attribute, set per call: no nn.Module bookkeeping
         plan = self._table(n_in) if self.last_backend == "reference" else self._conv_tiles(x.dtype, n_in)
         return fn(x, weight, bias, frozen_weight, frozen_bias, plan, self.stride, self.padding, self.dilation,
                   self._taylor_view(n_in), self.constant_frozen)
@@ -851,7 +853,8 @@ class _EideticBatchNorm(EideticLayer):
                 factor = 1.0 if cumulative else 1.0 / float(self.num_batches_tracked)
         use_running = not self.training or self.track_running_stats
         _, out_task, _ = self._view_states()
-        self.last_backend, fn = backends.get("batch_norm", x.device)
+        name, fn = backends.get("batch_norm", x.device)
+        self.__dict__["last_backend"] = name  # a plain attribute, set per call: no nn.Module bookkeeping
         running = (self.running_mean, self.running_var) if use_running else (None, None)
         slot, taylor = self.slot, self.taylor_score
         if n is not None:  # the first n channels: the view's, each with its own statistics and affine entries

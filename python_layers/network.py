@@ -426,13 +426,17 @@ class EideticNetwork(nn.Module):
             return "torch.compile traces the full-width graph"
         if _global_hooks():
             return "global module forward hooks are registered"
-        for name, module in self.named_modules():
-            if name.split(".")[0] == "router":
-                continue
-            if module.training:
-                return f"{name or 'the network'} is in train mode (model.eval() turns prefix width on)"
-            if name and any(getattr(module, h, None) for h in _HOOK_DICTS):
-                return f"{name or 'the network'} has forward hooks, which see full-width activations"
+        # every module but the router (a walk over the children dicts: this runs on every forward)
+        router = self._modules.get("router")
+        stack = [self]
+        while stack:
+            module = stack.pop()
+            if module.training or (module is not self and any(getattr(module, h, None) for h in _HOOK_DICTS)):
+                name = next(n for n, m in self.named_modules() if m is module) or "the network"
+                if module.training:
+                    return f"{name} is in train mode (model.eval() turns prefix width on)"
+                return f"{name} has forward hooks, which see full-width activations"
+            stack.extend(m for m in module._modules.values() if m is not None and m is not router)
         return None
 
     def _narrow_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
