@@ -91,14 +91,19 @@ def _source_paths() -> list[Path]:
     return [SOURCE_DIR / name for name in SOURCES]
 
 
-def build_key() -> str:
+def _flags(openmp: bool) -> tuple[list[str], list[str]]:
+    """(compile, link) flags of a build, with or without OpenMP."""
+    return list(CFLAGS) + list(OPENMP_CFLAGS if openmp else ()), list(OPENMP_LDFLAGS if openmp else ())
+
+
+def build_key(openmp: bool = True) -> str:
     """Hash of everything the binary depends on: sources, flags, compiler name, torch and Python."""
     h = hashlib.sha256()
     for path in _source_paths():
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    for part in (*CFLAGS, *OPENMP_CFLAGS, *OPENMP_LDFLAGS, os.environ.get("CXX", "c++"), torch.__version__,
-                 sys.version, sys.platform):
+    cflags, ldflags = _flags(openmp)
+    for part in (*cflags, *ldflags, os.environ.get("CXX", "c++"), torch.__version__, sys.version, sys.platform):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -136,14 +141,14 @@ def _missing_tools() -> str | None:
     return None
 
 
-def _build():
+def _build(openmp: bool = True):
     """Compile (or reuse the cached build of) csrc/ and import it; raises with a clear message."""
     global build_seconds
     why = _missing_tools()
     if why is not None:
         raise RuntimeError(why)
     compiler = os.environ.get("CXX", "c++")
-    key = build_key()
+    key = build_key(openmp)
     name = f"eidetic_cpu_{key}"
     folder = cache_root() / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,9 +161,9 @@ def _build():
     level = ext_logger.level
     ext_logger.setLevel(logging.ERROR)  # our own warning says it once; no duplicate compiler chatter
     try:
-        module = load(name=name, sources=[str(p) for p in _source_paths()],
-                      extra_cflags=list(CFLAGS) + list(OPENMP_CFLAGS), extra_ldflags=list(OPENMP_LDFLAGS),
-                      build_directory=str(folder), verbose=False)
+        cflags, ldflags = _flags(openmp)
+        module = load(name=name, sources=[str(p) for p in _source_paths()], extra_cflags=cflags,
+                      extra_ldflags=ldflags, build_directory=str(folder), verbose=False)
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower()]
@@ -189,7 +194,15 @@ def load_module():
             try:
                 _module = _build()
             except Exception as exc:
-                _give_up(str(exc))
+                if not OPENMP_CFLAGS:
+                    _give_up(str(exc))
+                else:  # a compiler without OpenMP support: the same op on one thread beats the reference path
+                    try:
+                        _module = _build(openmp=False)
+                        warnings.warn(f"eidetic: the C++ CPU backend was built without OpenMP ({exc}); its batch "
+                                      "norm runs on one thread", CppBuildWarning, stacklevel=3)
+                    except Exception:
+                        _give_up(str(exc))
     if _module is None:
         raise RuntimeError(_failure)
     return _module

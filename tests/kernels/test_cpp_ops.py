@@ -290,3 +290,17 @@ def test_cached_build_is_reused():
     res = _python("from eidetic_kernels import cpp; cpp.load_module(); print('built', cpp.build_seconds)")
     assert res.returncode == 0, res.stderr
     assert "built None" in res.stdout
+
+
+def test_openmp_build_failure_falls_back_to_a_one_thread_build(tmp_path):
+    """csrc/ is built with OpenMP (ATen's at::parallel_for needs it to use torch's threads); a compiler that
+    cannot build it that way gets the same op built without it, with one warning saying so."""
+    if cpp.OPENMP_CFLAGS:
+        assert "-fopenmp" in cpp.OPENMP_CFLAGS and any("gomp" in f for f in cpp.OPENMP_LDFLAGS)
+    script = FALLBACK_SCRIPT.replace("from eidetic_kernels import cpp, FREE\n", "from eidetic_kernels import cpp, FREE\n"
+                                     "cpp.OPENMP_CFLAGS = ('-fopenmp', '-fno-such-flag-eidetic')\n")
+    script += "assert cpp._module is not None and cpp._failure is None\n"
+    script += "assert torch.equal(y[:, 1], (x[:, 1] - 0) / (1 + 1e-5) ** 0.5)\n"
+    res = _python(script, EIDETIC_CACHE=str(tmp_path / "cache"))
+    assert res.returncode == 0, res.stderr
+    assert "built without OpenMP" in res.stdout and "one thread" in res.stdout
