@@ -116,6 +116,11 @@ def _exercise(dtype: torch.dtype) -> None:
         bn.batch_norm(xb, torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
                       torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, None,
                       constant_frozen=True).sum().backward()
+    if dtype == torch.float32:  # rows of 32x32 values, as in a CNN: the specialisation that vectorises loads
+        xr = torch.randn(2, 6, 32, 32, dtype=dtype)
+        bn.batch_norm(xr.requires_grad_(), torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
+                      torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, None).backward(
+                          torch.randn_like(xr))
     x2 = torch.randn(8, 6, dtype=dtype, requires_grad=True)  # [N, C]: channels side by side in a program
     bn.batch_norm(x2, torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
                   torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, torch.zeros(6)).sum().backward()
