@@ -71,6 +71,11 @@ def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     return layer.forward(input)  # not layer(input): the compiled caller already ran the module's hooks
 
 
+class PrefixWidthMismatch(Exception):
+    """Raised by a layer evaluating at prefix width (``narrow``) on an input that is not the width it expects;
+    ``EideticNetwork.forward`` then evaluates at full width."""
+
+
 class EideticLayer(nn.Module):
     """Per-neuron state and split storage shared by every Eidetic layer.
 
@@ -81,8 +86,9 @@ class EideticLayer(nn.Module):
     _split_names: tuple[str, ...] = ()
     _has_inputs = True  # False for batch norm: its channels are its neurons' own outputs
     _compact = False  # frozen weight rows stored compactly (Linear/Conv); bias and BN entries stay per neuron
-    # prefix-width evaluation (``narrow_width``): EideticNetwork turns it on, with a view, for a finished task
-    narrow = False
+    # prefix-width evaluation (``narrow_width``): EideticNetwork sets it, with a view, for a finished task, to the
+    # input width the layer reads then (channels, for a batch norm); None: off
+    narrow: int | None = None
 
     # ----- construction -------------------------------------------------------------------
     def _init_state(self, n_out: int, n_in: int | None, device) -> None:
@@ -412,10 +418,14 @@ class EideticLayer(nn.Module):
         return self.taylor_score[:self.narrow_width()]
 
     def _narrow_input(self, x, dim: int) -> int | None:
-        """Prefix-width evaluation: the input width (``x.shape[dim]``, at most the layer's), else None."""
-        if not self.narrow or not isinstance(x, torch.Tensor) or x.dim() == 0:
+        """Prefix-width evaluation: the input width ``narrow`` (None when off). Raises PrefixWidthMismatch when
+        ``x`` is not that wide (an input of the wrong size: the network reruns it at full width, which raises
+        the error a full-width forward gives)."""
+        if self.narrow is None:
             return None
-        return x.shape[dim]
+        if not isinstance(x, torch.Tensor) or x.dim() <= max(dim, -1 - dim) or x.shape[dim] != self.narrow:
+            raise PrefixWidthMismatch(self._name())
+        return self.narrow
 
     def _view_states(self):
         """(in_task, out_task, out_min_task) as the current view sees them (traceable)."""
@@ -827,10 +837,12 @@ class _EideticBatchNorm(EideticLayer):
             return _run_eagerly(self, input)
         x = input
         self._check_input_dim(x)
-        # prefix-width evaluation: the view's channels only (a batch norm of the raw input reads its first ones)
-        n = self.narrow_width() if self.narrow else None
-        if n is not None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > n:
-            x = x.narrow(1, 0, n)
+        # prefix-width evaluation: the view's channels only, the first ``narrow`` ones
+        n = None
+        if self.narrow is not None:
+            n = self.narrow
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != n or self.narrow_width() != n:
+                raise PrefixWidthMismatch(self._name())
         like = self.running_mean if self.running_mean is not None else (self.weight if self.weight is not None else x)
         low = (x.dtype in (torch.float16, torch.bfloat16) and like.dtype == torch.float32
                and isinstance(x, torch.Tensor))

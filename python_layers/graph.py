@@ -91,6 +91,9 @@ class NeuronGroup:
         # batch norm applied directly to the raw input: its frozen channels stay readable by every later
         # task like the raw input itself (so a task may start with none of them free)
         self.input_normalizer = False
+        # its neurons are positions of the raw input (a batch norm over it, alone or coupled with a layer by a
+        # residual add): never renumbered, since the input cannot move with them
+        self.raw_positions = False
 
     # ----- reading -------------------------------------------------------------------------------
     @property
@@ -254,14 +257,14 @@ class LayerGraph:
 
         Called by ``finish_task`` before freezing: the FREE neurons become the task's block right after
         the earlier tasks' blocks, and the PRUNED ones the trailing FREE capacity. Groups that are already
-        in that order, and batch norms over the raw input (their channels are input positions), are left
-        out. Empty when ``renumber_blocked_by`` is set.
+        in that order, and groups whose neurons are raw input positions (a batch norm over the raw input,
+        also when a residual add couples it with a layer), are left out. Empty when ``renumber_blocked_by`` is set.
         """
         perms = {}
         if self.renumber_blocked_by is not None:
             return perms
         for g in self.groups:
-            if g.input_normalizer:
+            if g.input_normalizer or g.raw_positions:
                 continue
             state = g.members[0][1].task_state
             positions = ((state == FREE) | (state == PRUNED)).nonzero().flatten()
@@ -322,7 +325,8 @@ class LayerGraph:
         layer_names = {name: lname(name, layer) for name, layer in self.layers.items()}
         return {
             "groups": [{"name": g.name, "members": [lname(n, layer) for n, layer in g.members],
-                        "input_normalizer": g.input_normalizer} for g in self.groups],
+                        "input_normalizer": g.input_normalizer, "raw_positions": g.raw_positions}
+                       for g in self.groups],
             "inputs": [[lname(n, layer), segs(segments)] for n, (layer, segments) in self.inputs.items()],
             "features": segs(self.features),
             "raw_input_layers": sorted(layer_names[n] for n in self.raw_input_layers),
@@ -349,6 +353,7 @@ class LayerGraph:
             group = NeuronGroup(i, [(n, layer(n)) for n in g["members"]])
             group.name = g["name"]
             group.input_normalizer = bool(g.get("input_normalizer", False))
+            group.raw_positions = bool(g.get("raw_positions", group.input_normalizer))
             groups.append(group)
 
         def segs(items):
@@ -581,17 +586,27 @@ class _Propagator:
         if not self._features_of_neurons(x):
             if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
                 tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-                if any(self._features_of_neurons(t) for t in tensors):
+                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+                if dim % len(self.shape(node) or (0, 0)) == 1 and any(self._features_of_neurons(t) for t in tensors):
                     return f"{_node_desc(node)} concatenates features"
             return None
         target = node.target
+        ndim = len(self.shape(x) or ())
+
+        def batch_only(index) -> bool:  # a size of the batch dim: the same at any width
+            return isinstance(index, int) and index in (0, -ndim)
+
+        def batch_items(n) -> bool:  # every use of a size tuple reads its batch entry only
+            return all(u.op == "call_function" and u.target is operator.getitem and batch_only(u.args[1])
+                       for u in n.users)
+
         if node.op == "call_method" and target in ("size", "numel"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            return None if target == "size" and dim == 0 else f"{_node_desc(node)} reads the feature count"
-        if node.op == "call_function" and target is getattr and node.args[1:2] == ("shape",):
-            if all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+            if target == "size" and (batch_only(dim) or (dim is None and batch_items(node))):
                 return None
             return f"{_node_desc(node)} reads the feature count"
+        if node.op == "call_function" and target is getattr and node.args[1:2] == ("shape",):
+            return None if batch_items(node) else f"{_node_desc(node)} reads the feature count"
         if node.op == "call_function" and target in (len,):
             return None
         if (node.op == "call_method" and target in ("view", "reshape")) or \
@@ -675,6 +690,16 @@ class _Propagator:
             return self.reduce(node, node.args[0])
         if fn in _CAT_FUNCTIONS:
             return self.cat(node)
+        if fn is getattr and isinstance(self.value(node.args[0]), list):
+            # an attribute of a tensor of features: the same tensor (.data), a size (.shape) or a property; a
+            # transpose (.T, .mT) moves the feature dim, which the tracer does not follow
+            attr = node.args[1]
+            if attr in ("data",):
+                return self.value(node.args[0])
+            if attr in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_leaf"):
+                return _NONTENSOR
+            raise GraphError(f"{_node_desc(node)} reads .{attr} of a tensor of features; the tracer follows .data "
+                             f"and .shape only. {_DECLARE_HINT}")
         if fn is getattr or fn is len or (fn is operator.getitem and not isinstance(self.value(node.args[0]), list)):
             return _NONTENSOR if self.shape(node) is None else _CONST
         if fn is operator.getitem:
@@ -702,11 +727,19 @@ class _Propagator:
 
     # ----- op families -----------------------------------------------------------------------------
     def same_channels(self, node, arg):
-        """Pooling: batch and channel dims unchanged."""
+        """Pooling: batch and channel dims unchanged, over batched inputs only ([N, C, L] for a 1d pool,
+        [N, C, H, W] for a 2d one: torch reads anything else as unbatched, and pools over the features)."""
         prov = self.provenance(arg, node)
         a, b = self.shape(arg), self.shape(node)
         if a is None or b is None or a[:2] != b[:2]:
             raise GraphError(f"{_node_desc(node)} changes the channel dim ({a} -> {b}). {_DECLARE_HINT}")
+        target = type(self.owner.get_submodule(node.target)) if node.op == "call_module" else node.target
+        name = getattr(target, "__name__", str(target))
+        want = 3 if "1d" in name else 4
+        if len(a) != want:
+            raise GraphError(f"{_node_desc(node)} pools a {len(a)}-D tensor {a}: torch reads it as unbatched and pools "
+                             f"across the features (neurons), which would mix tasks; give it "
+                             f"{'[N, C, L]' if want == 3 else '[N, C, H, W]'}. {_DECLARE_HINT}")
         return prov
 
     def reshape(self, node, arg):
@@ -812,6 +845,7 @@ class _Propagator:
         for i, r in enumerate(roots):
             groups[r] = NeuronGroup(i, self.members[r])
             groups[r].input_normalizer = r in normalizer_roots and not groups[r].weight_members()
+            groups[r].raw_positions = r in normalizer_roots
 
         def resolve(segments):
             return [Segment(None if s.source is None else groups[self.find(s.source)], s.count, s.repeat)

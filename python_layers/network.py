@@ -18,16 +18,17 @@ import torch
 import torch.nn as nn
 
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
+from eidetic_kernels.layers import PrefixWidthMismatch
 
 from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
 from .pruning import fixed_by_user
 
 __all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool, narrow: bool) -> None:
+def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool, narrow: int | None) -> None:
     """A layer's per-forward mode. Plain attributes, written to the instance dict: nn.Module.__setattr__'s
     bookkeeping (for parameters, buffers and submodules, which these never are) costs more than the
     evaluation of a small layer, and this runs twice per layer per forward."""
@@ -37,7 +38,8 @@ def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool,
 
 def _global_hooks() -> bool:
     from torch.nn.modules import module as _module
-    return bool(getattr(_module, "_global_forward_hooks", None) or getattr(_module, "_global_forward_pre_hooks", None))
+    return any(getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                          "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 # attributes of the network that are not part of the body
 _NON_BODY = ("heads", "router")
@@ -360,10 +362,10 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
-    def _set_view(self, view_task: int | None, constant_frozen: bool = False, narrow: bool = False) -> None:
+    def _set_view(self, view_task: int | None, constant_frozen: bool = False) -> None:
         layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
         for layer in layers:
-            _set_mode(layer, view_task, constant_frozen, narrow)
+            _set_mode(layer, view_task, constant_frozen, None)
 
     def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
         """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed
@@ -405,8 +407,9 @@ class EideticNetwork(nn.Module):
         is None): neurons are task-major, so the neurons of tasks <= t are each layer's first ones, and every
         activation inside the body keeps only them instead of a zero tail. The products are the view's own,
         so the logits are those of ``logits(features(x, view_task=t), t)``, bit for bit; only work on the
-        zero tail is saved. ``features()`` and forward hooks always see full-width activations: a body module
-        with a forward hook, train mode, or a body that reads its feature sizes runs at full width.
+        zero tail is saved. ``features()`` and hooks always see full-width tensors: modules with hooks, train
+        mode, a subclass overriding ``features``/``logits``, or a body that reads its feature sizes run at full
+        width. Each layer checks the width it reads: an input of the wrong size raises the full-width error.
         """
         task = self._resolve_task(task)
         view = self.view_for(task)
@@ -414,8 +417,9 @@ class EideticNetwork(nn.Module):
             return self._narrow_logits(x, task)
         return self.logits(self.features(x, view_task=view), task)
 
-    def narrow_eval_blocked_by(self, x: torch.Tensor | None = None) -> str | None:
-        """Why ``forward`` evaluates finished tasks at full width (None: at prefix width; see ``forward``)."""
+    def narrow_eval_blocked_by(self, x: torch.Tensor | None = None, task: int | None = None) -> str | None:
+        """Why ``forward`` evaluates finished tasks at full width (None: at prefix width; see ``forward``).
+        With ``task`` (a finished task), also whether its neurons are every layer's first ones."""
         if self.graph is None:
             if x is None:
                 return "the layer graph is not built yet"
@@ -424,8 +428,15 @@ class EideticNetwork(nn.Module):
             return self.graph.narrow_blocked_by
         if torch.compiler.is_compiling():
             return "torch.compile traces the full-width graph"
+        cls = type(self)
+        if cls.features is not EideticNetwork.features or cls.logits is not EideticNetwork.logits:
+            return f"{cls.__name__} overrides features() or logits(), which forward() then calls at full width"
+        coupled = next((g.name for g in self.graph.groups if g.raw_positions and g.weight_members()), None)
+        if coupled is not None:
+            return (f"{coupled} is coupled with a batch norm of the raw input: its neurons are input positions, "
+                    "which prefix width does not narrow")
         if _global_hooks():
-            return "global module forward hooks are registered"
+            return "global module hooks are registered"
         # every module but the router (a walk over the children dicts: this runs on every forward)
         router = self._modules.get("router")
         stack = [self]
@@ -435,27 +446,68 @@ class EideticNetwork(nn.Module):
                 name = next(n for n, m in self.named_modules() if m is module) or "the network"
                 if module.training:
                     return f"{name} is in train mode (model.eval() turns prefix width on)"
-                return f"{name} has forward hooks, which see full-width activations"
+                return f"{name} has hooks, which see full-width activations and gradients"
             stack.extend(m for m in module._modules.values() if m is not None and m is not router)
+        if task is not None:
+            widths = self._narrow_widths(self._resolve_task(task))
+            if isinstance(widths, str):
+                return widths
         return None
 
-    def _narrow_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        """``forward`` of finished task ``task`` at prefix width (every layer's ``narrow_width``)."""
+    def _narrow_widths(self, task: int) -> dict | str:
+        """{layer: the input width it reads at prefix width (channels, for a batch norm)} for finished task
+        ``task``, or why its neurons are not every layer's first ones. Layers of raw-input groups (a batch norm
+        of the raw input) are left out: they run their full-width view."""
         head = self.heads[task]
         layers = self._graph_layers + [head]
         for layer in layers:
-            _set_mode(layer, task, False, False)
+            _set_mode(layer, task, False, None)
         try:
-            if any(layer.narrow_width() is None for layer in layers):  # not task-major (cannot happen in a network
-                return self.logits(self.features(x, view_task=task), task)  # that renumbers): full width
-            self._constant_frozen = not self.exact_activation_grads and not (torch.is_grad_enabled()
-                                                                          and x.requires_grad)
-            for layer in layers:
-                _set_mode(layer, task, self._constant_frozen, True)
-            return head(self.forward_features(x))
+            width = {}
+            for g in self.graph.groups:
+                if g.raw_positions:
+                    continue
+                n = g.members[0][1].narrow_width()
+                if n is None:
+                    return f"{g.name}'s neurons of tasks <= {task} are not its first ones"
+                width[id(g)] = n
+
+            def reads(segments):
+                return sum((s.count if s.source is None or s.source.raw_positions else width[id(s.source)])
+                           * s.repeat for s in segments)
+
+            widths = {layer: reads(segments) for layer, segments in self.graph.inputs.values()}
+            for g in self.graph.groups:
+                if not g.raw_positions:
+                    widths.update({layer: width[id(g)] for layer in g.layers if layer not in widths})
+            if head.narrow_width() is None:
+                return f"head {task}'s neurons are not all of task {task}"
+            widths[head] = reads(self.graph.features)
+            return widths
         finally:
             for layer in layers:
-                _set_mode(layer, None, False, False)
+                _set_mode(layer, None, False, None)
+
+    def _narrow_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """``forward`` of finished task ``task`` at prefix width (each layer reads the width ``_narrow_widths``
+        gives). An input of the wrong size, found by a layer at prefix width, runs at full width instead, where
+        it gets the error a full-width forward raises."""
+        widths = self._narrow_widths(task)
+        if isinstance(widths, str):
+            return self.logits(self.features(x, view_task=task), task)
+        head = self.heads[task]
+        self._constant_frozen = not self.exact_activation_grads and not (torch.is_grad_enabled() and x.requires_grad)
+        layers = self._graph_layers + [head]
+        for layer in layers:
+            _set_mode(layer, task, self._constant_frozen, widths.get(layer))
+        try:
+            return head(self.forward_features(x))
+        except PrefixWidthMismatch:
+            pass
+        finally:
+            for layer in layers:
+                _set_mode(layer, None, False, None)
+        return self.logits(self.features(x, view_task=task), task)
 
     # ------------------------------------------------------------------------------------------------
     # reporting

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eidetic_kernels import FREE
 from python_layers import EideticNetwork
 from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
 from tests.python_layers.test_export import BODIES, _trained
@@ -144,3 +145,133 @@ def test_layers_leave_prefix_width_when_the_body_raises(monkeypatch):
         model(x, task=0)
     layers = list(model.graph.layers.values()) + list(model.heads)
     assert not any(layer.narrow or layer.view_task is not None for layer in layers)
+
+
+def _finished_mlp(width_in=20, tasks=1):
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(width_in, 16), nn.ReLU(), nn.Linear(16, 8)), 8)
+    _finish_tasks(model, (width_in,), tasks=tasks)
+    return model.eval()
+
+
+def test_an_input_of_the_wrong_size_gets_the_full_width_error():
+    """A layer at prefix width checks the width it reads: too wide or too narrow an input, or a wrong image
+    size behind a flatten, raises what a full-width forward raises (it never gives logits)."""
+    model = _finished_mlp()
+    for bad in (torch.randn(2, 25), torch.randn(2, 12)):
+        with pytest.raises(ValueError, match=r"shape\[-1\] == 20"), torch.no_grad():
+            model(bad, task=0)
+    torch.manual_seed(0)
+    cnn = EideticNetwork(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 10)), 10)
+    _finish_tasks(cnn, (3, 7, 7), tasks=1)
+    cnn.eval()
+    with pytest.raises(ValueError), torch.no_grad():
+        cnn(torch.randn(2, 3, 9, 9), task=0)
+    with pytest.raises(ValueError), torch.no_grad():
+        cnn(torch.randn(2, 4, 7, 7), task=0)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 7, 7)
+        assert torch.equal(cnn(x, task=0), _full_width(cnn, x, 0))
+
+
+class _PoolsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(10, 16), nn.Linear(16, 8)
+
+    def forward(self, x):  # [N, 16] is an unbatched [C, L] to max_pool1d: it pools across the neurons
+        return self.l2(F.max_pool1d(self.l1(x), 3, stride=1, padding=1))
+
+
+class _DataMean(nn.Module):
+    def __init__(self, attr):
+        super().__init__()
+        self.attr = attr
+        self.l1, self.l2 = nn.Linear(10, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = F.relu(self.l1(x))
+        return self.l2(h - getattr(h, self.attr).mean())
+
+
+@pytest.mark.parametrize("body", [_PoolsFeatures, lambda: _DataMean("data"), lambda: _DataMean("T")],
+                         ids=["pool over features", ".data.mean()", ".T.mean()"])
+def test_ops_that_mix_neurons_through_unbatched_pooling_or_tensor_attributes_are_refused(body):
+    """At any width these would let later tasks' neurons reach a finished task's output."""
+    from python_layers import GraphError
+    model = EideticNetwork(body(), 8)
+    with pytest.raises(GraphError):
+        model(torch.randn(4, 10)) if model.current_task is not None else model.ensure_graph(torch.randn(4, 10))
+
+
+def test_a_batch_norm_of_the_raw_input_with_pruned_channels_keeps_prefix_width(monkeypatch):
+    """Its channels are input positions (never renumbered): it runs its full-width view, the layers after it
+    still run at prefix width."""
+    model, shape = _trained("input_bn")
+    bn = next(g for g in model.graph.groups if g.input_normalizer)
+    assert bn.raw_positions and bool((bn.task_state == -1).any() | (bn.task_state > 0).any())
+    model.eval()
+    x = torch.randn((16,) + shape)
+    calls = _count_narrow(model, monkeypatch)
+    with torch.no_grad():
+        for t in range(3):
+            assert model.narrow_eval_blocked_by(x, task=t) is None
+            assert torch.equal(model(x, task=t), _full_width(model, x, t))
+    assert calls == [0, 1, 2]
+
+
+class _InputSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn0, self.l1, self.l2 = nn.BatchNorm1d(12), nn.Linear(12, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        h = self.bn0(x)
+        return F.relu(self.l2(F.relu(self.l1(h)) + h))
+
+
+def test_a_layer_coupled_with_the_raw_inputs_batch_norm_keeps_its_positions():
+    """A residual add couples l1's neurons with raw input positions: finish_task must not renumber them (the
+    input cannot move), so the finished task computes what it trained; prefix width is off for such a body."""
+    torch.manual_seed(0)
+    model = EideticNetwork(_InputSkip(), 8)
+    model.prepare_for_task(0, 3)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        x = torch.randn(16, 12, generator=g) + torch.arange(12.0)
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.randint(3, (16,), generator=g)).backward()
+        opt.step()
+    for grp in model.groups:
+        free = (grp.task_state == FREE).nonzero().flatten()
+        grp.prune(free[::2])
+    probe = torch.randn(8, 12, generator=g) + torch.arange(12.0)
+    model.eval()
+    with torch.no_grad():
+        before = model(probe)
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe, task=0), before, rtol=1e-5, atol=1e-5)
+    assert "coupled with a batch norm of the raw input" in model.narrow_eval_blocked_by(probe)
+
+
+def test_backward_hooks_and_overridden_logits_run_at_full_width(monkeypatch):
+    model, shape = _trained("mlp", tasks=2)
+    model.eval()
+    x = torch.randn((4,) + shape)
+    layer = model.graph.layers["1"] if "1" in model.graph.layers else next(iter(model.graph.layers.values()))
+    handle = layer.register_full_backward_hook(lambda m, gi, go: None)
+    assert "hooks" in model.narrow_eval_blocked_by(x)
+    handle.remove()
+    assert model.narrow_eval_blocked_by(x) is None
+
+    class Scaled(EideticNetwork):
+        def logits(self, features, task=None):
+            return super().logits(features, task) / 10
+
+    model.__class__ = Scaled
+    assert "overrides" in model.narrow_eval_blocked_by(x)
+    with torch.no_grad():
+        assert torch.equal(model(x, task=0), _full_width(model, x, 0))
