@@ -338,26 +338,20 @@ class _MergedOp(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         fused = need_x and op.fused_grad is not None and not _split_pays(blk, xw.shape[dim], op)
-        if (fused or (need_w and not need_x)) and n_rows >= _WHOLE_GRAD_SHARE * n_out:
-            # the trainable rows are most of the layer: one call on the whole output gradient, with a weight
-            # whose frozen rows are 0 (dX flows through the trainable rows only; the frozen rows' dW is
-            # dropped), costs less than copying the trainable rows' gradient out of it
-            w_rows = w.new_zeros((n_out,) + tuple(w.shape[1:]))
-            w_rows.narrow(0, ctx.row0, n_rows).copy_(w)
-            if fused:
-                gx, gw, gb = op.fused_grad(xw, grad, w_rows)
-                grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
-            else:
-                gw, gb = op.weight_grad(xw, grad, w_rows)
-            grad_w = gw.narrow(0, ctx.row0, n_rows)
-            grad_b = None if gb is None else gb.narrow(0, ctx.row0, n_rows)
-        elif fused:
+        # the trainable rows are most of the layer: the products run on the whole output gradient, with a weight
+        # whose frozen rows are 0 (dX flows through the trainable rows only; the frozen rows' dW is dropped),
+        # which costs less than copying the trainable rows' gradient out of it
+        whole = (fused or (need_w and not need_x)) and n_rows >= _WHOLE_GRAD_SHARE * n_out
+        if whole:
+            g, w_use = grad, w.new_zeros((n_out,) + tuple(w.shape[1:]))
+            w_use.narrow(0, ctx.row0, n_rows).copy_(w)
+        else:
+            g, w_use = grad.narrow(dim, ctx.row0, n_rows).contiguous(), w
+        if fused:
             # one call: dX of the whole window (its frozen inputs' share costs less than a second call)
-            g = grad.narrow(dim, ctx.row0, n_rows).contiguous()
-            gx, grad_w, grad_b = op.fused_grad(xw, g, w)
+            gx, grad_w, grad_b = op.fused_grad(xw, g, w_use)
             grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
         else:
-            g = grad.narrow(dim, ctx.row0, n_rows).contiguous()
             if need_x:
                 if blk.train_range is not None:
                     a, e = blk.train_range
@@ -374,7 +368,10 @@ class _MergedOp(torch.autograd.Function):
                     gx.index_copy_(dim, blk.train_pos, g_train)
                 grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
             if need_w:
-                grad_w, grad_b = op.weight_grad(xw, g, w)
+                grad_w, grad_b = op.weight_grad(xw, g, w_use)
+        if whole:
+            grad_w = grad_w.narrow(0, ctx.row0, n_rows)
+            grad_b = None if grad_b is None else grad_b.narrow(0, ctx.row0, n_rows)
         if grad_w is not None:
             if blk.dead is not None:
                 grad_w = grad_w.index_fill(1, blk.dead, 0)

@@ -201,7 +201,7 @@ def test_ops_that_mix_neurons_through_unbatched_pooling_or_tensor_attributes_are
     from python_layers import GraphError
     model = EideticNetwork(body(), 8)
     with pytest.raises(GraphError):
-        model(torch.randn(4, 10)) if model.current_task is not None else model.ensure_graph(torch.randn(4, 10))
+        model.ensure_graph(torch.randn(4, 10))
 
 
 def test_a_batch_norm_of_the_raw_input_with_pruned_channels_keeps_prefix_width(monkeypatch):
@@ -261,7 +261,7 @@ def test_backward_hooks_and_overridden_logits_run_at_full_width(monkeypatch):
     model, shape = _trained("mlp", tasks=2)
     model.eval()
     x = torch.randn((4,) + shape)
-    layer = model.graph.layers["1"] if "1" in model.graph.layers else next(iter(model.graph.layers.values()))
+    layer = next(iter(model.graph.layers.values()))
     handle = layer.register_full_backward_hook(lambda m, gi, go: None)
     assert "hooks" in model.narrow_eval_blocked_by(x)
     handle.remove()

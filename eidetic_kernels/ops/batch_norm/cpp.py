@@ -92,17 +92,14 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
                                     frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
     if taylor_score is not None and not (taylor_score.dtype == torch.float32 and taylor_score.is_contiguous()):
         raise TypeError("taylor_score must be a contiguous float32 tensor (one entry per channel)")
+    fw = None if frozen_weight is None else frozen_weight.detach()
+    fb = None if frozen_bias is None else frozen_bias.detach()
+    task, slot = channel_task.to(torch.int16).contiguous(), slot.to(torch.int32).contiguous()
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                              for t in (x, trainable_weight, trainable_bias))):
         # nothing to differentiate (evaluation): the kernel alone, without the copies kept for a backward
-        return cpp.load_module().bn_forward(
-            x.contiguous(), running_mean, running_var, trainable_weight, None if frozen_weight is None else
-            frozen_weight.detach(), trainable_bias, None if frozen_bias is None else frozen_bias.detach(),
-            channel_task.to(torch.int16).contiguous(), slot.to(torch.int32).contiguous(), use_batch_stats,
-            float(momentum), float(eps))[0]
-    return _MaskedBatchNorm.apply(
-        x, trainable_weight, trainable_bias, running_mean, running_var,
-        None if frozen_weight is None else frozen_weight.detach(),
-        None if frozen_bias is None else frozen_bias.detach(),
-        channel_task.to(torch.int16).contiguous(), slot.to(torch.int32).contiguous(), use_batch_stats,
-        float(momentum), float(eps), taylor_score, bool(constant_frozen))
+        return cpp.load_module().bn_forward(x.contiguous(), running_mean, running_var, trainable_weight, fw,
+                                            trainable_bias, fb, task, slot, use_batch_stats, float(momentum),
+                                            float(eps))[0]
+    return _MaskedBatchNorm.apply(x, trainable_weight, trainable_bias, running_mean, running_var, fw, fb, task, slot,
+                                  use_batch_stats, float(momentum), float(eps), taylor_score, bool(constant_frozen))
