@@ -95,6 +95,29 @@ def reduction_blocks(kind: str) -> dict:
     return dict(BLOCK=1024, TARGET_PROGRAMS=4 * _sm_count())
 
 
+# dW: when a layer has too few dW tiles to fill the GPU, the reduction over samples (positions) is split into
+# ranges of at least this many; each range writes a float32 partial, summed in a fixed order after the kernel
+# (deterministic: no atomics). Only trainable rows' gradients are reduced this way: no finished task's bits
+# depend on it.
+_DW_MIN_RANGE = 1024
+
+
+def dw_split(programs: int, M: int, block_m: int) -> tuple[int, int]:
+    """(ranges, samples per range) of the dW reduction over ``M`` samples for ``programs`` dW tiles: one range
+    while the tiles fill the GPU (twice its SMs), else enough ranges to do so, each at least ``_DW_MIN_RANGE``
+    samples and a multiple of ``block_m``. The split depends on the shapes and the device only. Tests force a
+    split with ``override_blocks("dw_split", SPLIT=k)``; the interpreter runs one range."""
+    if "dw_split" in _BLOCK_OVERRIDE:
+        splits = _BLOCK_OVERRIDE["dw_split"]["SPLIT"]
+    elif interpreting() or M == 0:
+        splits = 1
+    else:
+        target = 2 * _sm_count()
+        splits = max(1, min(triton.cdiv(target, max(programs, 1)), triton.cdiv(M, _DW_MIN_RANGE)))
+    per = triton.cdiv(triton.cdiv(max(M, 1), splits), block_m) * block_m
+    return triton.cdiv(max(M, 1), per), per
+
+
 def _sm_count() -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count

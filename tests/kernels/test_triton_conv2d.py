@@ -124,6 +124,18 @@ def test_small_tiles_noncontiguous_input_stride0_grad_no_bias():
     assert_close(got, run(ref, c, x=x, dtype=torch.float64, grad="sum"), torch.float32)
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_weight_grad_split_over_positions_matches_reference(splits):
+    # dW/db reduced over ranges of output positions (what a GPU gets when a layer has few dW tiles): float32
+    # partials summed in order give the spec's gradients; ranges need not divide the positions evenly
+    c = make_case(3, 6, 7, 5, 9, "3x3_s1_p1", "mixed", torch.float32, seed=31 + splits)
+    blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    with triton_common.override_blocks("dw", **blocks), triton_common.override_blocks("dw_split", SPLIT=splits):
+        assert triton_common.dw_split(1, 3 * 7 * 5, 16)[0] > 1  # ranges of whole BLOCK_M tiles: 5 -> 4 here
+        got = run(kern, c)
+    assert_close(got, run(ref, c, dtype=torch.float64), torch.float32)
+
+
 def test_nan_in_dead_input_channels_stays_out_and_frozen_bits_are_stable():
     c = make_case(2, 7, 6, 7, 11, "3x3_s1_p1", "mixed", torch.float32, seed=29)
     args = lambda x, tw, tb, task: (x, tw, c["fw"], tb, c["fb"], c["in_task"], task, c["lo"], c["slot"],  # noqa: E731

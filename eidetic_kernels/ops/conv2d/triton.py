@@ -21,8 +21,10 @@ alone, so a finished block's summation order never changes):
   from (oh, ow) when ih + pad - kh·dil is a multiple of the stride inside the output. A channel the segment
   does not read keeps its sum (a select). Frozen blocks give no dX with ``constant_frozen``, and the
   trainable block then gives dX only for inputs from FREE producers.
-* dW/db: program (dW program): the trainable rows of one tile against its COLS channels x kernel positions,
-  reduced over the output positions; dead channels and PRUNED rows are never written (zero).
+* dW/db: program (dW program, BLOCK_K tile of its COLS channels x kernel positions, range of output
+  positions): the trainable rows of one tile against those columns, reduced over the range; dead channels
+  and PRUNED rows are never written (zero). One range unless the tiles are too few to fill the GPU
+  (``triton_common.dw_split``); then each range writes a float32 partial, summed in a fixed order.
 * Taylor score (when asked): |Σ_{n,h,w} a·g| / N per output channel, in the backward op, from a copy of the
   output (in-place ops after the layer stay allowed).
 * ``COUNT`` (constexpr, off by default; ``triton_common.count_work``): each program atomically adds the
@@ -51,7 +53,7 @@ from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
 from ..tiles import build_tiles, dense_from_tiles, table_shape, tile_shape
 from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision, dx_segment,
-                             frozen_or_dummy, gemm_blocks, interpreting, register_autocast)
+                             dw_split, frozen_or_dummy, gemm_blocks, interpreting, register_autocast)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own conv (the layer *is* nn.Conv2d
 # then). Tests set it to False to run the kernels on that case too.
@@ -215,10 +217,10 @@ def _conv_dw_kernel(
     dw_prog_ptr,  # int32[Pw, 2]
     rows_ptr,  # int64[R, 3]
     cols_ptr,  # int32[C]
-    dw_ptr,  # [n_trainable, C_in, KH, KW] contiguous, zero-filled
-    db_ptr,  # [n_trainable] zero-filled (unused without HAS_BIAS)
+    dw_ptr,  # [RANGES, n_trainable, C_in, KH, KW] contiguous, zero-filled
+    db_ptr,  # [RANGES, n_trainable] zero-filled (unused without HAS_BIAS)
     work_ptr,  # int64[1] (COUNT only)
-    H, W, OH, OW, M,  # M = N*OH*OW
+    H, W, OH, OW, M, M_RANGE, DW_NUMEL, N_TRAINABLE,  # M = N*OH*OW, reduced in ranges of M_RANGE
     s_gn, s_gc, s_gh, s_gw, s_xn, s_xc, s_xh, s_xw,
     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, COLS: tl.constexpr,  # COLS: channels per dW program (the table's)
@@ -229,6 +231,11 @@ def _conv_dw_kernel(
     d = dw_prog_ptr + tl.program_id(0) * 2
     p = prog_ptr + tl.load(d) * 6
     c0 = tl.load(d + 1)
+    part = tl.program_id(2)  # this program's range of output positions
+    m_lo = part * M_RANGE
+    m_hi = tl.minimum(M, m_lo + M_RANGE)
+    dw_ptr += part.to(tl.int64) * DW_NUMEL
+    db_ptr += part.to(tl.int64) * N_TRAINABLE
     row0 = tl.load(p + 1)
     n_rows = tl.load(p + 2)
     gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
@@ -241,11 +248,11 @@ def _conv_dw_kernel(
     w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * C_in: dW has the trainable storage's layout
     macs = tl.full([], 0, tl.int64)
     if HAS_BIAS:
-        if c0 == 0:  # db once per row tile (also for a block without live inputs)
+        if (c0 == 0) & (tl.program_id(1) == 0):  # db once per row tile (also for a block without live inputs)
             acc_b = tl.zeros([BLOCK_N], dtype=ACC)
-            for m0 in range(0, M, BLOCK_M):
+            for m0 in range(m_lo, m_hi, BLOCK_M):
                 o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-                m_m = o_m < M
+                m_m = o_m < m_hi
                 n_i = o_m // (OH * OW)
                 r = o_m % (OH * OW)
                 g = tl.load(g_ptr + (n_i * s_gn + (r // OW) * s_gh + (r % OW) * s_gw)[:, None]
@@ -253,8 +260,11 @@ def _conv_dw_kernel(
                 acc_b += tl.sum(g.to(ACC), axis=0)
             b_row = tl.load(p_row + 2, mask=m_r, other=0)
             tl.store(db_ptr + b_row, acc_b.to(db_ptr.dtype.element_ty), mask=m_r)
+    # this program's tile of the (channel, kernel position) columns: its dW program's COLS channels x kernel
+    # positions, one BLOCK_K tile per program along grid axis 1
     k_end = tl.minimum(c0 + COLS, width) * KK
-    for j0 in range(c0 * KK, k_end, BLOCK_K):  # this program's channels x kernel positions, in dW tiles
+    j0 = c0 * KK + tl.program_id(1) * BLOCK_K
+    if j0 < k_end:
         o_k = j0 + tl.arange(0, BLOCK_K)
         m_k = o_k < k_end
         c = o_k // KK
@@ -265,9 +275,9 @@ def _conv_dw_kernel(
         else:
             col = start + c
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(m_lo, m_hi, BLOCK_M):
             o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            m_m = o_m < M
+            m_m = o_m < m_hi
             n_i = o_m // (OH * OW)
             r = o_m % (OH * OW)
             oh = r // OW
@@ -381,25 +391,37 @@ def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dil
 
 def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, dilation, scattered=True):
     """(dW [n_trainable, C_in, kh, kw], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows
-    and dead synapses."""
+    and dead synapses. Programs: (dW program, BLOCK_K tile of its channels x kernel positions, range of output
+    positions); with more than one range (``dw_split``: too few tiles to fill the GPU) each range writes a
+    float32 partial and the partials are summed in order."""
     prog, rows, cols, dw_prog = tiles[0], tiles[1], tiles[2], tiles[3]
     n_trainable = trainable_shape[0]
-    dw = torch.zeros(trainable_shape, dtype=x.dtype, device=x.device)
-    db = torch.zeros((n_trainable,) if has_bias else (0,), dtype=x.dtype, device=x.device)
     H, W = x.shape[2:]
     OH, OW = g.shape[2:]
     M = x.shape[0] * OH * OW
     if n_trainable == 0 or M == 0 or dw_prog.shape[0] == 0:
-        return dw, db
+        return (torch.zeros(trainable_shape, dtype=x.dtype, device=x.device),
+                torch.zeros((n_trainable,) if has_bias else (0,), dtype=x.dtype, device=x.device))
     cfg = _blocks("dw", x.dtype, tiles)
+    cols_tile = table_shape(tiles)[1]
+    kk = math.prod(trainable_shape[2:])
+    col_tiles = triton.cdiv(cols_tile * kk, cfg["BLOCK_K"])
+    ranges, m_range = dw_split(dw_prog.shape[0] * col_tiles, M, cfg["BLOCK_M"])
+    part_dtype = x.dtype if ranges == 1 else torch.float32
+    dw = torch.zeros((ranges,) + tuple(trainable_shape), dtype=part_dtype, device=x.device)
+    db = torch.zeros((ranges, n_trainable) if has_bias else (0,), dtype=part_dtype, device=x.device)
     count, work = _counter(rows)
-    _conv_dw_kernel[(dw_prog.shape[0],)](
-        g, x, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work, H, W, OH, OW, M,
-        *g.stride(), *x.stride(), **_geometry(stride, padding, dilation, trainable_shape[2:]),
-        COLS=table_shape(tiles)[1], HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
+    _conv_dw_kernel[(dw_prog.shape[0], col_tiles, ranges)](
+        g, x, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work, H, W, OH, OW, M, m_range,
+        math.prod(trainable_shape), n_trainable, *g.stride(), *x.stride(),
+        **_geometry(stride, padding, dilation, trainable_shape[2:]),
+        COLS=cols_tile, HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
         PREC=dot_precision(x.dtype, x.device, conv=True), ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dw = dw[0] if ranges == 1 else dw.sum(0).to(x.dtype)
+    if has_bias:
+        db = db[0] if ranges == 1 else db.sum(0).to(x.dtype)
     return dw, db
 
 

@@ -19,8 +19,10 @@ so slices keep contiguous loads:
   segment does not read keeps its accumulator (a select, so a NaN gradient of a row cannot reach an input
   that row does not read). Frozen blocks give no dX when frozen blocks are constants (``constant_frozen``),
   and the trainable block then gives dX only for inputs from FREE producers.
-* dW/db: program (dW program): the trainable rows of one tile against its columns, reduced over the batch;
-  dead columns and PRUNED rows are never written (zero).
+* dW/db: program (dW program, range of the batch): the trainable rows of one tile against its columns, reduced
+  over the range; dead columns and PRUNED rows are never written (zero). One range unless the tiles are too
+  few to fill the GPU (``triton_common.dw_split``); then each range writes a float32 partial, summed in a
+  fixed order.
 * Taylor score (when asked): |Σ a·g| / batch per neuron, in the backward op, from a copy of the output.
 * ``COUNT`` (constexpr, off by default): each program atomically adds the multiply-adds it issues on
   valid elements (batch rows x block rows x columns per dot) to an int64 counter; ``count_work`` turns
@@ -49,8 +51,8 @@ from ..taylor import attach_taylor_hook
 from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
                      dense_from_tiles, layer_tiles, table_shape, tile_shape)
 from ..tiles import Tiles as LinearTiles
-from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dx_segment,
-                             frozen_or_dummy, gemm_blocks, register_autocast)
+from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dw_split,
+                             dx_segment, frozen_or_dummy, gemm_blocks, register_autocast)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
@@ -185,16 +187,21 @@ def _linear_dw_kernel(
     dw_prog_ptr,  # int32[Pw, 2]
     rows_ptr,  # int64[R, 3]
     cols_ptr,  # int32[C]
-    dw_ptr,  # [n_trainable, K] contiguous, zero-filled
-    db_ptr,  # [n_trainable] zero-filled (unused without HAS_BIAS)
+    dw_ptr,  # [RANGES, n_trainable, K] contiguous, zero-filled
+    db_ptr,  # [RANGES, n_trainable] zero-filled (unused without HAS_BIAS)
     work_ptr,  # int64[1] (COUNT only)
-    M, s_gm, s_gn, s_xm, s_xk,
+    M, M_RANGE, DW_NUMEL, N_TRAINABLE, s_gm, s_gn, s_xm, s_xk,  # the batch M reduced in ranges of M_RANGE
     HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     d = dw_prog_ptr + tl.program_id(0) * 2
     p = prog_ptr + tl.load(d) * 6
     k0 = tl.load(d + 1)
+    part = tl.program_id(1)  # this program's range of batch rows
+    m_lo = part * M_RANGE
+    m_hi = tl.minimum(M, m_lo + M_RANGE)
+    dw_ptr += part.to(tl.int64) * DW_NUMEL
+    db_ptr += part.to(tl.int64) * N_TRAINABLE
     row0 = tl.load(p + 1)
     n_rows = tl.load(p + 2)
     gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
@@ -215,9 +222,9 @@ def _linear_dw_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     acc_b = tl.zeros([BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_m = o_m < M
+        m_m = o_m < m_hi
         g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
                     mask=m_m[:, None] & m_r[None, :], other=0.0)
         x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
@@ -305,22 +312,29 @@ def linear_input_grad(g2, tw, fw, tiles, K, scattered=True) -> torch.Tensor:
 
 def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
     """(dW [n_trainable, K], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows and dead
-    synapses."""
+    synapses. With more than one range of the batch (``dw_split``: too few dW tiles to fill the GPU) each
+    range writes a float32 partial and the partials are summed in order."""
     prog, rows, cols, dw_prog = tiles[0], tiles[1], tiles[2], tiles[3]
     M, K = x2.shape
-    dw = torch.zeros((n_trainable, K), dtype=x2.dtype, device=x2.device)
-    db = torch.zeros((n_trainable,) if has_bias else (0,), dtype=x2.dtype, device=x2.device)
     if n_trainable == 0 or M == 0 or dw_prog.shape[0] == 0:
-        return dw, db
+        return (torch.zeros((n_trainable, K), dtype=x2.dtype, device=x2.device),
+                torch.zeros((n_trainable,) if has_bias else (0,), dtype=x2.dtype, device=x2.device))
     cfg = _blocks("dw", x2.dtype, tiles)
+    ranges, m_range = dw_split(dw_prog.shape[0], M, cfg["BLOCK_M"])
+    part_dtype = x2.dtype if ranges == 1 else torch.float32
+    dw = torch.zeros((ranges, n_trainable, K), dtype=part_dtype, device=x2.device)
+    db = torch.zeros((ranges, n_trainable) if has_bias else (0,), dtype=part_dtype, device=x2.device)
     count, work = _counter(rows)
-    _linear_dw_kernel[(dw_prog.shape[0],)](
+    _linear_dw_kernel[(dw_prog.shape[0], ranges)](
         g2, x2, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work,
-        M, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
+        M, m_range, n_trainable * K, n_trainable, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
         HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device),
         ACC=acc_type(x2.dtype),
         DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dw = dw[0] if ranges == 1 else dw.sum(0).to(x2.dtype)
+    if has_bias:
+        db = db[0] if ranges == 1 else db.sum(0).to(x2.dtype)
     return dw, db
 
 
