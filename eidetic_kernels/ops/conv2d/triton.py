@@ -14,14 +14,15 @@ The table's columns are input channels; a weight (row entry e, column c, kernel 
 Kernels (fixed tile sizes per (kernel, dtype); no autotuning, no split-K; a block's tiles depend on the block
 alone, so a finished block's summation order never changes):
 * forward: program (M tile over the N·H'·W' output positions, table program): one K loop over the block's
-  live input channels x kernel positions; input patches are gathered straight from x with bounds masks for
-  the zero padding; bias, then a select: kind-2 rows (PRUNED, or not in the view) are exactly 0.
+  kernel positions x live input channels (kernel position outside, so the input positions and their padding
+  mask are computed per output position, not per element); input patches are gathered straight from x with
+  bounds masks for the zero padding; bias, then a select: kind-2 rows (PRUNED, or not in the view) are exactly 0.
 * dX: program (M tile over the N·H·W input positions, COLS input channels): for each segment (a block
   reading some of these channels), its rows in chunks, each kernel position one dot; (ih, iw) receives
   from (oh, ow) when ih + pad - kh·dil is a multiple of the stride inside the output. A channel the segment
   does not read keeps its sum (a select). Frozen blocks give no dX with ``constant_frozen``, and the
   trainable block then gives dX only for inputs from FREE producers.
-* dW/db: program (dW program, BLOCK_K tile of its COLS channels x kernel positions, range of output
+* dW/db: program (dW program, kernel position x BLOCK_K tile of its COLS channels, range of output
   positions): the trainable rows of one tile against those columns, reduced over the range; dead channels
   and PRUNED rows are never written (zero). One range unless the tiles are too few to fill the GPU
   (``triton_common.dw_split``); then each range writes a float32 partial, summed in a fixed order.
@@ -104,32 +105,35 @@ def _conv_fwd_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    for k0 in range(0, width * KK, BLOCK_K):  # the block's whole window x kernel positions, once
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < width * KK
-        c = o_k // KK
-        kk = o_k % KK
-        # the block's live channels only (a slice, or its gather list): nothing else is ever read
-        if SCATTERED:
-            m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-            col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
-            w_col = tl.where(frozen, c, col)
-        else:
-            col = start + c
-            w_col = w_start + c
-        ih = ih0[:, None] + (kk // KW)[None, :] * DH
-        iw = iw0[:, None] + (kk % KW)[None, :] * DW
-        m_x = m_m[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x = tl.load(x_ptr + n_i[:, None] * s_xn + col.to(tl.int64)[None, :] * s_xc + ih * s_xh + iw * s_xw,
-                    mask=m_x, other=0.0)
-        w = tl.load(w_base + (w_row[:, None] + w_col[None, :]) * KK + kk[None, :],
-                    mask=m_r[:, None] & m_k[None, :], other=0.0)
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-        if COUNT:
-            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    x_n = n_i * s_xn
+    # the block's whole window x kernel positions, once: kernel position outside, channels inside, so the
+    # input positions and their padding mask are per output position only ([BLOCK_M], not [BLOCK_M, BLOCK_K])
+    for kk in range(0, KK):
+        ih = ih0 + (kk // KW) * DH
+        iw = iw0 + (kk % KW) * DW
+        m_p = m_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_p = x_n + ih * s_xh + iw * s_xw
+        for c0 in range(0, width, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            m_k = c < width
+            # the block's live channels only (a slice, or its gather list): nothing else is ever read
+            if SCATTERED:
+                m_g = m_k & (c * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+                col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
+                w_col = tl.where(frozen, c, col)
+            else:
+                col = start + c
+                w_col = w_start + c
+            x = tl.load(x_ptr + x_p[:, None] + col.to(tl.int64)[None, :] * s_xc,
+                        mask=m_p[:, None] & m_k[None, :], other=0.0)
+            w = tl.load(w_base + (w_row[:, None] + w_col[None, :]) * KK + kk,
+                        mask=m_r[:, None] & m_k[None, :], other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+            if COUNT:
+                macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
     if HAS_BIAS:
         b_row = tl.load(p_row + 2, mask=m_r, other=0)
         b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
@@ -260,17 +264,17 @@ def _conv_dw_kernel(
                 acc_b += tl.sum(g.to(ACC), axis=0)
             b_row = tl.load(p_row + 2, mask=m_r, other=0)
             tl.store(db_ptr + b_row, acc_b.to(db_ptr.dtype.element_ty), mask=m_r)
-    # this program's tile of the (channel, kernel position) columns: its dW program's COLS channels x kernel
-    # positions, one BLOCK_K tile per program along grid axis 1
-    k_end = tl.minimum(c0 + COLS, width) * KK
-    j0 = c0 * KK + tl.program_id(1) * BLOCK_K
-    if j0 < k_end:
-        o_k = j0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < k_end
-        c = o_k // KK
-        kk = o_k % KK
+    # this program's columns: one kernel position (grid axis 1 = kernel position x BLOCK_K channel tile of its
+    # dW program's COLS channels), so the input positions and their padding mask are per output position only
+    n_ct = (COLS + BLOCK_K - 1) // BLOCK_K
+    kk = tl.program_id(1) // n_ct
+    c_end = tl.minimum(c0 + COLS, width)
+    c_first = c0 + (tl.program_id(1) % n_ct) * BLOCK_K
+    c = c_first + tl.arange(0, BLOCK_K)
+    m_k = c < c_end
+    if c_first < c_end:
         if SCATTERED:
-            m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+            m_g = m_k & (c * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
             col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
         else:
             col = start + c
@@ -284,18 +288,18 @@ def _conv_dw_kernel(
             ow = r % OW
             g = tl.load(g_ptr + (n_i * s_gn + oh * s_gh + ow * s_gw)[:, None] + out_row[None, :] * s_gc,
                         mask=m_m[:, None] & m_r[None, :], other=0.0)
-            ih = (oh * SH - PH)[:, None] + (kk // KW)[None, :] * DH
-            iw = (ow * SW - PW)[:, None] + (kk % KW)[None, :] * DW
-            m_x = m_m[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x = tl.load(x_ptr + n_i[:, None] * s_xn + col.to(tl.int64)[None, :] * s_xc + ih * s_xh + iw * s_xw,
-                        mask=m_x, other=0.0)
+            ih = oh * SH - PH + (kk // KW) * DH
+            iw = ow * SW - PW + (kk % KW) * DW
+            m_p = m_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x = tl.load(x_ptr + (n_i * s_xn + ih * s_xh + iw * s_xw)[:, None] + col.to(tl.int64)[None, :] * s_xc,
+                        mask=m_p[:, None] & m_k[None, :], other=0.0)
             if DOT_FP32:
                 g = g.to(tl.float32)
                 x = x.to(tl.float32)
             acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
             if COUNT:
                 macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
-        tl.store(dw_ptr + (w_row[:, None] + col[None, :]) * KK + kk[None, :], acc.to(dw_ptr.dtype.element_ty),
+        tl.store(dw_ptr + (w_row[:, None] + col[None, :]) * KK + kk, acc.to(dw_ptr.dtype.element_ty),
                  mask=m_r[:, None] & m_k[None, :])
     if COUNT:
         tl.atomic_add(work_ptr, macs)
@@ -312,7 +316,7 @@ def _geometry(stride, padding, dilation, kernel_size):
                 KH=kernel_size[0], KW=kernel_size[1])
 
 
-def _blocks(kind: str, dtype: torch.dtype, tiles) -> dict:
+def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> dict:
     """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the ROWS and COLS the table was built
     for (``table_shape``: under autocast, another dtype's), and dW tiles are the forward's row tiles against
     COLS flattened (channel, kernel position) columns. On a GPU the
@@ -328,7 +332,12 @@ def _blocks(kind: str, dtype: torch.dtype, tiles) -> dict:
     else:
         cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
     if not interpreting() and kind not in _BLOCK_OVERRIDE:
-        if kind == "dx":
+        if kind == "fwd" and c_in is not None:
+            # the forward's dots span channels of one kernel position: a layer with few input channels (an RGB
+            # input) gets narrower ones. ``c_in`` is the layer's (its storage's), never a view's, so a
+            # finished block's tiles do not depend on the width it is evaluated at
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, triton.next_power_of_2(c_in)))
+        elif kind == "dx":
             cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
         elif kind == "dw":
             cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
@@ -353,7 +362,7 @@ def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, 
     if has_bias:
         tb = tb.contiguous()
         fb = frozen_or_dummy(fb, tb).contiguous()
-    cfg = _blocks("fwd", x.dtype, tiles)
+    cfg = _blocks("fwd", x.dtype, tiles, c_in=tw.shape[1])
     count, work = _counter(rows)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
     _conv_fwd_kernel[grid](
@@ -391,7 +400,7 @@ def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dil
 
 def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, dilation, scattered=True):
     """(dW [n_trainable, C_in, kh, kw], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows
-    and dead synapses. Programs: (dW program, BLOCK_K tile of its channels x kernel positions, range of output
+    and dead synapses. Programs: (dW program, kernel position x BLOCK_K tile of its channels, range of output
     positions); with more than one range (``dw_split``: too few tiles to fill the GPU) each range writes a
     float32 partial and the partials are summed in order."""
     prog, rows, cols, dw_prog = tiles[0], tiles[1], tiles[2], tiles[3]
@@ -404,8 +413,7 @@ def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, di
                 torch.zeros((n_trainable,) if has_bias else (0,), dtype=x.dtype, device=x.device))
     cfg = _blocks("dw", x.dtype, tiles)
     cols_tile = table_shape(tiles)[1]
-    kk = math.prod(trainable_shape[2:])
-    col_tiles = triton.cdiv(cols_tile * kk, cfg["BLOCK_K"])
+    col_tiles = math.prod(trainable_shape[2:]) * triton.cdiv(cols_tile, cfg["BLOCK_K"])  # kernel position x chunk
     ranges, m_range = dw_split(dw_prog.shape[0] * col_tiles, M, cfg["BLOCK_M"])
     part_dtype = x.dtype if ranges == 1 else torch.float32
     dw = torch.zeros((ranges,) + tuple(trainable_shape), dtype=part_dtype, device=x.device)
