@@ -26,9 +26,14 @@ the per-block convolutions cost more than the whole layer; one product costs wha
 The zeros multiply frozen features only (a frozen row never reads a FREE input), never free capacity, and
 the frozen rows' outputs computed this way feed the task being trained only: finished tasks' views always
 run block by block, so their bits do not depend on this choice. (FlopCounterMode counts the whole product.)
+
+Grouped frozen blocks (both ops, same mode): consecutive frozen blocks that read the same slice (every finished
+task's block of a first layer reads the whole raw input) run as one product over their adjacent storage, a
+view; ten products of a tenth of the rows cost more than one over all of them. Same argument: training only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -37,8 +42,9 @@ import torch
 
 from ..state import Block, Table
 
-# Training merges the blocks of a convolution into one product where that pays (``DenseOp.merge_share``).
-# Tests set it to False to compare with the block-by-block product.
+# Training merges the blocks of a convolution into one product where that pays (``DenseOp.merge_share``), and
+# runs consecutive frozen blocks that read the same slice as one product (``_same_window_runs``). Tests set it
+# to False to compare with the block-by-block product.
 MERGE_IN_TRAINING = True
 
 # Merged training product (``_MergedOp``): with trainable rows at least this share of the layer, the backward runs
@@ -90,13 +96,47 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # operands differently, and a finished task at prefix width (EideticNetwork.forward) reads the same
     # window from a narrower tensor; copied, both give the same bits
     view = all(blk.frozen for blk in table.blocks)
-    for blk in table.blocks:
+    grouped = MERGE_IN_TRAINING and constant_frozen and not view and table.out_index is None  # task-major rows
+    runs = _same_window_runs(table.blocks) if grouped else [[blk] for blk in table.blocks]
+    for run in runs:
+        blk = run[0]
         if blk.frozen:
+            if len(run) > 1:
+                blk = _merged_block(run)
             parts.append(_frozen_block(x, frozen_weight, frozen_bias, blk, kernel, op, dim,
                                        grad_x and not constant_frozen, contiguous=view))
         else:
             parts.append(_trainable_block(x, weight, bias, blk, op, dim, grad_x, constant_frozen))
     return _assemble(x, weight, parts, table, op, dim)
+
+
+def _same_window_runs(blocks: list[Block]) -> list[list[Block]]:
+    """The table's blocks in order, consecutive frozen blocks that read the same slice grouped: one product
+    serves them in training (frozen blocks constant). Their weights are adjacent in the compact storage (blocks
+    are stored in table order, each ``rows x width``), so the group's weight is a view, and its outputs are
+    the blocks' outputs in order. A network's first layer is the common case: every finished task reads the
+    whole raw input, and 8 products of a tenth of the rows cost more than one of eight tenths.
+
+    Only while training with frozen blocks as constants: their outputs then feed the task being trained, never
+    a finished task's view, which always runs block by block (so no finished task's bits depend on which
+    blocks are grouped)."""
+    runs: list[list[Block]] = []
+    for blk in blocks:
+        prev = runs[-1][-1] if runs else None
+        if (prev is not None and prev.frozen and blk.frozen and blk.cols is None and prev.cols is None
+                and blk.col_range == prev.col_range and blk.width == prev.width and blk.width > 0
+                and blk.offset == prev.offset + prev.rows.numel() * prev.width
+                and blk.bias_start == prev.bias_start + prev.rows.numel()):
+            runs[-1].append(blk)
+        else:
+            runs.append([blk])
+    return runs
+
+
+def _merged_block(run: list[Block]) -> Block:
+    """One frozen block standing for ``run`` (``_same_window_runs``): their rows, window, storage and bias."""
+    first = run[0]
+    return dataclasses.replace(first, rows=torch.cat([b.rows for b in run]))
 
 
 def _window(x: torch.Tensor, blk: Block, dim: int, write: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Training merges a convolution's blocks into one product (``ops/blocks.py``, ``DenseOp.merge_share``).
+"""Training merges a convolution's blocks into one product (``ops/blocks.py``, ``DenseOp.merge_share``), and runs
+consecutive frozen blocks that read the same slice as one product (``_same_window_runs``, linear and conv).
 
 The merged product computes the same function as the block-by-block one: on networks with finished tasks
 (task-major layout, forward transfer on and off), mid-task with PRUNED neurons (dead inputs, zeroed rows)
@@ -27,6 +28,10 @@ def cnn():
     return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
                          nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16, (3, 8, 8)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 16), nn.ReLU()), 16, (6,)
 
 
 def resnet():
@@ -158,3 +163,40 @@ def test_constant_frozen_training_gives_the_exact_parameter_gradients(body):
         torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-10, rtol=1e-10, msg=name)
     for name in scores_e:
         torch.testing.assert_close(scores_c[name], scores_e[name], atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("forward_transfer", [True, False])
+@pytest.mark.parametrize("body", [mlp, cnn], ids=["mlp", "cnn"])
+def test_grouped_frozen_blocks_match_blocks(body, forward_transfer, dtype, monkeypatch):
+    """Finished tasks' blocks of a first layer all read the raw input: training runs them as one product (their
+    storage is adjacent), with the block-by-block product's outputs and gradients; views never group them."""
+    net, in_shape = finished(body, 3, 0.2, forward_transfer, dtype, seed=7)
+    net.train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((6,) + in_shape, generator=g, dtype=dtype)
+    y = torch.randint(4, (6,), generator=g)
+    groups = []
+    runs = blocks._same_window_runs
+    monkeypatch.setattr(blocks, "_same_window_runs",
+                        lambda bl: groups.extend(len(r) for r in runs(bl) if len(r) > 1) or runs(bl))
+    monkeypatch.setattr(blocks, "_merge_pays", lambda *a: False)  # convolutions block by block, then grouped
+    state = copy.deepcopy(net.state_dict())
+    out_g, grads_g, _ = run(net, x, y, taylor=False)
+    assert 3 in groups, f"the three finished tasks' first-layer blocks were not grouped: {groups}"
+    net.load_state_dict(state)
+    monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
+    n_grouped = len(groups)
+    out_b, grads_b, _ = run(net, x, y, taylor=False)
+    assert len(groups) == n_grouped
+    tol = TOL[dtype]
+    torch.testing.assert_close(out_g, out_b, atol=tol, rtol=tol)
+    assert grads_g.keys() == grads_b.keys()
+    for name in grads_b:
+        torch.testing.assert_close(grads_g[name], grads_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", True)
+    net.eval()
+    with torch.no_grad():
+        for t in range(3):  # a finished task's view: block by block
+            net(x, task=t)
+    assert len(groups) == n_grouped
