@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one script: the test suite on the Triton backend, then the GPU benchmark
-# (benchmarks/gpu.py), whose CSV and summary go to benchmarks/results/ named with the GPU and the date.
+# (benchmarks/gpu.py), whose CSV and summary go to benchmarks/results/ named with the GPU and the date, then the
+# kernel profile (benchmarks/gpu_profile.py, a text file beside them).
 #
 #   benchmarks/gpu_check.sh            # on a CUDA machine; commit the CSV/.md it writes
 #   benchmarks/gpu_check.sh --quick    # anywhere: the Triton kernel tests under the interpreter on CPU
@@ -38,6 +39,8 @@ if [ "$quick" = 1 ]; then
   echo "== benchmark smoke run (tiny layer shapes, Triton interpreter + reference backend; the end-to-end models"
   echo "   take too long in the interpreter) =="
   env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --quick --only linear,conv2d,batchnorm2d ${bench_args[@]+"${bench_args[@]}"}
+  echo "== kernel profile smoke run (tiny shapes, reference backend) =="
+  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu_profile --quick --backends reference > /dev/null
 else
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device here; use --quick for the interpreter smoke run" >&2
@@ -48,5 +51,7 @@ else
   EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests -p no:cacheprovider
   echo "== benchmark (eidetic on Triton and on the reference backend) =="
   env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --out-dir benchmarks/results ${bench_args[@]+"${bench_args[@]}"}
+  echo "== kernel profile (benchmarks/gpu_profile.py: which kernels take the time, half of each layer frozen) =="
+  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu_profile > /dev/null
 fi
 echo "gpu_check: done in $(( $(date +%s) - started )) s"

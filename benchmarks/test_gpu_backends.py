@@ -125,3 +125,19 @@ def test_summary_puts_the_backends_side_by_side():
     assert "| 2.00 | 8.00 | 4.00 | 4.00 | 2.00 |" in body and "4.00!" in body  # the 90% reference row failed
     ratio = next(line for line in lines if line.startswith("Time (float32), eid-ref/eid"))
     assert "0.50 | 0.50 | 0.50! |" in lines[lines.index(ratio) + 4]
+
+
+def test_kernel_profile_smoke_run(tmp_path):
+    """benchmarks.gpu_profile --quick profiles nn and the eidetic layer on each backend asked for, and writes
+    one table per case."""
+    if torch.cuda.is_available():
+        pytest.skip("the quick run checks the CPU smoke run")
+    from benchmarks import gpu_profile
+    out = tmp_path / "profile.txt"
+    assert gpu_profile.main(["--quick", "--backends", "reference", "--out", str(out), "--steps", "2"]) == 0
+    text = out.read_text()
+    for case in gpu.QUICK_LAYER_CASES:
+        for provider in ("nn", "eidetic (reference)"):
+            assert f"== {case.kind} {case.shape} float32 {provider}" in text
+    assert "backend run: reference" in text and "FAILED" not in text
+
