@@ -19,7 +19,8 @@ kernels multiply the channel offsets by kh*kw and add the kernel position). It l
   ``dx_map[map start + c - c0]`` (-1: not read) for scattered windows.
 * ``work`` int64[3] (on the CPU): (row, column) pairs scheduled by forward, dX and dW; the ops multiply them
   by their samples (and kernel positions) in their flop formulas.
-* ``shape`` int64[2] (on the CPU): (ROWS, COLS) the table is laid out for. The kernels launch with these
+* ``shape`` int64[5] (on the CPU): (ROWS, COLS) the table is laid out for, then the alignment of its offsets
+  (``table_align``). The kernels launch with these
   tiles whatever dtype they run in: under ``torch.autocast`` an op gets a table built for its inputs' dtype
   and runs in the autocast dtype, whose own tile shape may differ.
 
@@ -64,8 +65,31 @@ def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
 
 def table_shape(tiles) -> tuple[int, int]:
     """(ROWS, COLS) a table (its tensors, ``TILE_NAMES`` order) was built for: the kernels' launch tiles."""
-    rows_tile, cols_tile = tiles[8].tolist()
+    rows_tile, cols_tile = tiles[8].tolist()[:2]
     return int(rows_tile), int(cols_tile)
+
+
+# Alignment (elements) the linear kernels may assume of a table's offsets: 16 covers a 16-byte vector of any
+# dtype the kernels run (4 fp32, 8 bf16/fp16).
+ALIGN = 16
+
+
+def _pow2_divisor(n: int) -> int:
+    """The largest power of two <= ``ALIGN`` dividing ``n`` (0 is divisible by all)."""
+    n = int(n)
+    return ALIGN if n == 0 else min(ALIGN, n & -n)
+
+
+def table_align(tiles) -> tuple[int, int, int]:
+    """(X, WT, WF): powers of two (<= ``ALIGN``) that divide, for every program of the table, the first input
+    column of its window when it is a slice (X; 1 when some window is a gather), every trainable row's element
+    offset and window start in the trainable storage (WT), and every frozen block's element offset and width in
+    the compact storage (WF). The linear kernels declare these with ``tl.multiple_of``, which with the K loop's
+    unmasked full tiles lets the compiler issue 16-byte loads (``cp.async``) instead of one per element: a
+    network's layers read prefix windows (start 0) and have input counts that are multiples of 16; a frozen
+    block's compact rows are aligned only when its width is."""
+    x, wt, wf = tiles[8].tolist()[2:5]
+    return int(x), int(wt), int(wf)
 
 
 def _block_columns(blk, n_in: int) -> torch.Tensor:
@@ -94,6 +118,7 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
     n_cols = n_entries = 0
     covered = torch.zeros(n_out, dtype=torch.bool)
     work = [0, 0, 0]
+    x_align, wt_align, wf_align = ALIGN, _pow2_divisor(n_in), ALIGN  # see ``table_align``
     dx_blocks = []  # (kind, first row entry, rows, dX columns, their weight columns)
     for blk in table.blocks:
         out = blk.rows.cpu().long()
@@ -130,6 +155,15 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
             n_cols += width
         else:
             gather, start = 0, int(read[0]) if width else 0
+        if width:
+            if gather:
+                x_align = 1
+            else:
+                x_align = min(x_align, _pow2_divisor(start))
+            if kind == KIND_FROZEN:
+                wf_align = min(wf_align, _pow2_divisor(blk.offset), _pow2_divisor(blk.width))
+            else:
+                wt_align = min(wt_align, _pow2_divisor(start) if not gather else 1)
         rows.append(torch.stack([out, w_row, b_row], 1))
         for t0 in range(0, n, rows_tile):
             if kind == KIND_TRAINABLE:
@@ -188,7 +222,8 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
     tensors = (table_of(prog, _PROG), cat_of(rows, torch.int64, (1, _ROW)), cat_of(cols, torch.int32),
                table_of(dw_prog, 2),
                table_of(dx_prog, 2), table_of(segs, _SEG, pad=True), cat_of(maps, torch.int32),
-               torch.tensor(work, dtype=torch.int64), torch.tensor([rows_tile, cols_tile], dtype=torch.int64))
+               torch.tensor(work, dtype=torch.int64),
+               torch.tensor([rows_tile, cols_tile, x_align, wt_align, wf_align], dtype=torch.int64))
     return Tiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog),
                        scattered=bool(cols) or bool(maps))
 

@@ -153,6 +153,52 @@ def test_weight_grad_split_over_the_batch_matches_reference(dtype):
     assert_close(got, run(ref, c, dtype=torch.float64), dtype)
 
 
+def task_major_case(M, K, rows, widths, dtype, seed):
+    """A network's layout: neurons of tasks 0.. then FREE ones (``rows`` per task, the last entry FREE), inputs
+    task-major too with ``widths[t]`` inputs of task t, forward transfer on (every window a prefix)."""
+    gen = torch.Generator().manual_seed(seed)
+    in_task = torch.full((K,), FREE, dtype=torch.int16)
+    out_task = torch.full((sum(rows),), FREE, dtype=torch.int16)
+    a = b = 0
+    for t, (n, w) in enumerate(zip(rows[:-1], widths)):
+        out_task[a:a + n], in_task[b:b + w] = t, t
+        a, b = a + n, b + w
+    lo = torch.zeros_like(out_task)
+    slot = storage_slots(out_task).to(torch.int32)
+    n_frozen = int(is_frozen(out_task).sum())
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
+    case = dict(x=rnd(M, K), tw=rnd(out_task.numel() - n_frozen, K), fw=rnd(n_frozen, K),
+                tb=rnd(out_task.numel() - n_frozen), fb=rnd(n_frozen), in_task=in_task, out_task=out_task, lo=lo,
+                slot=slot, g=rnd(M, out_task.numel()))
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+@pytest.mark.parametrize("widths, align", [((16, 16), (16, 16, 16)), ((5, 11), (16, 16, 1)), ((8, 8), (16, 16, 8))])
+def test_alignment_facts_of_task_major_tables(widths, align):
+    # the offsets the forward declares aligned (tiles.table_align): prefix windows start at 0, trainable rows
+    # at multiples of 64 inputs, frozen compact rows at multiples of their block's width; and the kernels
+    # (one loop for frozen rows and one for trainable ones when they differ) match the spec
+    c = task_major_case(37, 64, (16, 16, 32), widths, torch.float32, seed=sum(widths))
+    table = make_table(c["in_task"], c["out_task"], c["lo"])
+    tiles = tri.build_tiles(table, False, *tri.tile_shape(torch.float32))
+    assert not tiles.scattered
+    assert tri.table_align(tiles.tensors) == align
+    assert_close(run(kern, c), run(ref, c, dtype=torch.float64), torch.float32)
+
+
+def test_alignment_of_scattered_and_offset_windows():
+    gen = torch.Generator().manual_seed(3)
+    in_task, out_task, lo = random_states(29, 45, "mixed", gen)
+    tiles = tri.build_tiles(make_table(in_task, out_task, lo), False, 64, 64)
+    assert tiles.scattered and tri.table_align(tiles.tensors)[0] == 1  # gathered windows: no start declared
+    # forward transfer off: task 1's window starts after task 0's 6 inputs
+    c = task_major_case(9, 32, (4, 4, 8), (6, 10), torch.float32, seed=5)
+    lo = c["out_task"].clone()
+    lo[lo == FREE] = 0
+    tiles = tri.build_tiles(make_table(c["in_task"], c["out_task"], lo), False, 64, 64)
+    assert tri.table_align(tiles.tensors)[0] == 2
+
+
 def test_noncontiguous_3d_input_and_stride0_grad():
     c = make_case(4 * 7, 33, 19, "mixed", torch.float32, seed=5)
     base = torch.randn(7, 4, 2 * 33, device=DEVICE)

@@ -49,7 +49,7 @@ from ...state import Table
 from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
 from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
-                     dense_from_tiles, layer_tiles, table_shape, tile_shape)
+                     dense_from_tiles, layer_tiles, table_align, table_shape, tile_shape)
 from ..tiles import Tiles as LinearTiles
 from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dw_split,
                              dx_segment, frozen_or_dummy, gemm_blocks, register_autocast)
@@ -58,6 +58,62 @@ from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
 DENSE_SHORTCUT = True
 
+
+
+@triton.jit
+def _fwd_k_tile(acc, macs, k0, x_ptr, w_base, cols_ptr, o_m, m_m, s_xm, s_xk, w_row, m_r, n_rows, start, w_start,
+                width, frozen, gather, TAIL: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr,
+                PREC: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K tile of the window (columns ``k0 + [0, BLOCK_K)`` of it); only the ``TAIL`` tile masks
+    columns."""
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < width
+    # the block's live inputs only (a slice, or its gather list): nothing else is ever read
+    if SCATTERED:  # compiled only for tables with a gather list; slices keep contiguous loads otherwise
+        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
+        w_col = tl.where(frozen, o_k, col)
+    else:
+        col = start + o_k
+        w_col = w_start + o_k
+    p_x = x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk
+    p_w = w_base + w_row[:, None] + w_col[None, :]
+    if TAIL:
+        x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        w = tl.load(p_w, mask=m_r[:, None] & m_k[None, :], other=0.0)
+    else:
+        x = tl.load(p_x, mask=m_m[:, None], other=0.0)
+        w = tl.load(p_w, mask=m_r[:, None], other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+    if COUNT:
+        macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    return acc, macs
+
+
+@triton.jit
+def _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, s_xm, s_xk, p_row, m_r, n_rows, start, w_start, width,
+                frozen, gather, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr,
+                DOT_FP32: tl.constexpr, W_ALIGN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[:, window] @ W_block^T over the block's whole window: full BLOCK_K tiles without a column mask,
+    then one masked tail. ``W_ALIGN`` (``tiles.table_align``) divides the rows' storage offsets (loaded here:
+    ``tl.multiple_of`` marks the op that makes a value, so a hint on an argument would not survive inlining);
+    with unmasked tiles and an aligned window start the compiler then issues 16-byte loads, not one per element."""
+    w_row = tl.multiple_of(tl.load(p_row + 1, mask=m_r, other=0), W_ALIGN)
+    k_full = width - width % BLOCK_K
+    # the block's whole window, once: full tiles without a column mask (a mask that varies along a row keeps
+    # the loads element-wide), then the masked tail
+    for k0 in range(0, k_full, BLOCK_K):
+        acc, macs = _fwd_k_tile(acc, macs, k0, x_ptr, w_base, cols_ptr, o_m, m_m, s_xm, s_xk, w_row, m_r, n_rows,
+                                start, w_start, width, frozen, gather, False, SCATTERED, COUNT, PREC, DOT_FP32,
+                                BLOCK_K)
+    if k_full < width:
+        acc, macs = _fwd_k_tile(acc, macs, k_full, x_ptr, w_base, cols_ptr, o_m, m_m, s_xm, s_xk, w_row, m_r,
+                                n_rows, start, w_start, width, frozen, gather, True, SCATTERED, COUNT, PREC,
+                                DOT_FP32, BLOCK_K)
+    return acc, macs
 
 
 @triton.jit
@@ -72,7 +128,8 @@ def _linear_fwd_kernel(
     work_ptr,  # int64[1] (COUNT only)
     M, N, s_xm, s_xk,
     HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, X_ALIGN: tl.constexpr, WT_ALIGN: tl.constexpr, WF_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     p = prog_ptr + tl.program_id(1) * 6
@@ -90,32 +147,23 @@ def _linear_fwd_kernel(
     m_r = o_r < n_rows
     p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
     out_row = tl.load(p_row, mask=m_r, other=0)
-    w_row = tl.load(p_row + 1, mask=m_r, other=0)
-    w_base = tl.where(frozen, wf_ptr, wt_ptr)
-    w_start = tl.where(frozen, 0, start)  # compact storage: the k-th live input; trainable: the input column
+    if not SCATTERED:  # a slice's start (a gather list's start indexes the list): what X_ALIGN divides
+        start = tl.multiple_of(start, X_ALIGN)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    for k0 in range(0, width, BLOCK_K):  # the block's whole window, once
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < width
-        # the block's live inputs only (a slice, or its gather list): nothing else is ever read
-        if SCATTERED:  # compiled only for tables with a gather list; slices keep contiguous loads otherwise
-            m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-            col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
-            w_col = tl.where(frozen, o_k, col)
-        else:
-            col = start + o_k
-            w_col = w_start + o_k
-        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
-                    mask=m_m[:, None] & m_k[None, :], other=0.0)
-        w = tl.load(w_base + w_row[:, None] + w_col[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-        if COUNT:
-            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    # compact storage: the k-th live input of the block; trainable: the input column. Frozen and trainable
+    # rows may be aligned differently: one loop each then, so that each declares what holds for it
+    if WT_ALIGN == WF_ALIGN:
+        acc, macs = _fwd_k_loop(acc, macs, x_ptr, tl.where(frozen, wf_ptr, wt_ptr), cols_ptr, o_m, m_m, s_xm, s_xk,
+                                p_row, m_r, n_rows, start, tl.where(frozen, 0, start), width, frozen, gather,
+                                SCATTERED, COUNT, PREC, DOT_FP32, WT_ALIGN, BLOCK_K)
+    elif frozen:
+        acc, macs = _fwd_k_loop(acc, macs, x_ptr, wf_ptr, cols_ptr, o_m, m_m, s_xm, s_xk, p_row, m_r, n_rows, start,
+                                0, width, frozen, gather, SCATTERED, COUNT, PREC, DOT_FP32, WF_ALIGN, BLOCK_K)
+    else:
+        acc, macs = _fwd_k_loop(acc, macs, x_ptr, wt_ptr, cols_ptr, o_m, m_m, s_xm, s_xk, p_row, m_r, n_rows, start,
+                                start, width, frozen, gather, SCATTERED, COUNT, PREC, DOT_FP32, WT_ALIGN, BLOCK_K)
     if HAS_BIAS:
         b_row = tl.load(p_row + 2, mask=m_r, other=0)
         b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
@@ -180,6 +228,33 @@ def _linear_dx_kernel(
 
 
 @triton.jit
+def _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, out_row, m_r, n_rows, col, m_k, m_lo, m_hi, s_gm, s_gn, s_xm, s_xk,
+               MASK_K: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr,
+               ACC: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc += g[m_lo:m_hi, rows]^T @ x[m_lo:m_hi, cols] (and db's sum of g), in BLOCK_M steps; ``MASK_K``: some
+    of the columns lie past the window."""
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_m = o_m < m_hi
+        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
+                    mask=m_m[:, None] & m_r[None, :], other=0.0)
+        p_x = x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk
+        if MASK_K:
+            x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        else:
+            x = tl.load(p_x, mask=m_m[:, None], other=0.0)
+        if HAS_BIAS:
+            acc_b += tl.sum(g.to(ACC), axis=0)
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
+        if COUNT:
+            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    return acc, acc_b, macs
+
+
+@triton.jit
 def _linear_dw_kernel(
     g_ptr,  # [M, N] by strides
     x_ptr,  # [M, K] by strides
@@ -192,11 +267,12 @@ def _linear_dw_kernel(
     work_ptr,  # int64[1] (COUNT only)
     M, M_RANGE, DW_NUMEL, N_TRAINABLE, s_gm, s_gn, s_xm, s_xk,  # the batch M reduced in ranges of M_RANGE
     HAS_BIAS: tl.constexpr, SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, X_ALIGN: tl.constexpr, WT_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     d = dw_prog_ptr + tl.program_id(0) * 2
     p = prog_ptr + tl.load(d) * 6
-    k0 = tl.load(d + 1)
+    k0 = tl.multiple_of(tl.load(d + 1), BLOCK_K)  # the table's dW programs start every COLS = BLOCK_K columns
     part = tl.program_id(1)  # this program's range of batch rows
     m_lo = part * M_RANGE
     m_hi = tl.minimum(M, m_lo + M_RANGE)
@@ -206,12 +282,15 @@ def _linear_dw_kernel(
     n_rows = tl.load(p + 2)
     gather = tl.load(p + 3)  # 0: the slice, 1: the gather list
     start = tl.load(p + 4)
+    if not SCATTERED:  # a slice's start (a gather list's start indexes the list): what X_ALIGN divides
+        start = tl.multiple_of(start, X_ALIGN)
     width = tl.load(p + 5)
     o_r = tl.arange(0, BLOCK_N)
     m_r = o_r < n_rows
     p_row = rows_ptr + (row0 + o_r).to(tl.int64) * 3
     out_row = tl.load(p_row, mask=m_r, other=0)
-    w_row = tl.load(p_row + 1, mask=m_r, other=0)  # slot * K: dW has the trainable storage's layout
+    # slot * K: dW has the trainable storage's layout
+    w_row = tl.multiple_of(tl.load(p_row + 1, mask=m_r, other=0), WT_ALIGN)
     o_k = k0 + tl.arange(0, BLOCK_K)
     m_k = o_k < width
     if SCATTERED:
@@ -222,21 +301,14 @@ def _linear_dw_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     acc_b = tl.zeros([BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_m = o_m < m_hi
-        g = tl.load(g_ptr + o_m[:, None] * s_gm + out_row.to(tl.int64)[None, :] * s_gn,
-                    mask=m_m[:, None] & m_r[None, :], other=0.0)
-        x = tl.load(x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk,
-                    mask=m_m[:, None] & m_k[None, :], other=0.0)
-        if HAS_BIAS:
-            acc_b += tl.sum(g.to(ACC), axis=0)
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(tl.trans(g), x, acc, input_precision=PREC)
-        if COUNT:
-            macs += tl.sum(m_m.to(tl.int64), axis=0) * n_rows * tl.sum(m_k.to(tl.int64), axis=0)
+    # a program whose columns are all inside the window loads x without a column mask (one that varies along
+    # a row keeps the loads element-wide); the window's last, partial tile masks them
+    if k0 + BLOCK_K <= width:
+        acc, acc_b, macs = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, out_row, m_r, n_rows, col, m_k, m_lo, m_hi,
+                                      s_gm, s_gn, s_xm, s_xk, False, HAS_BIAS, COUNT, PREC, ACC, DOT_FP32, BLOCK_M)
+    else:
+        acc, acc_b, macs = _dw_m_loop(acc, acc_b, macs, g_ptr, x_ptr, out_row, m_r, n_rows, col, m_k, m_lo, m_hi,
+                                      s_gm, s_gn, s_xm, s_xk, True, HAS_BIAS, COUNT, PREC, ACC, DOT_FP32, BLOCK_M)
     tl.store(dw_ptr + w_row[:, None] + col[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=m_r[:, None] & m_k[None, :])
     if HAS_BIAS:
@@ -284,9 +356,16 @@ def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -
         x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
         M, n_out, x2.stride(0), x2.stride(1),
         HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device),
-        ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype), **_alignment(tiles, scattered),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y
+
+
+def _alignment(tiles, scattered: bool) -> dict:
+    """The forward's alignment constexprs (``tiles.table_align``); none on gathered windows."""
+    x, wt, wf = table_align(tiles)
+    return dict(X_ALIGN=1 if scattered else x, WT_ALIGN=wt, WF_ALIGN=wf)
 
 
 def linear_input_grad(g2, tw, fw, tiles, K, scattered=True) -> torch.Tensor:
@@ -329,8 +408,9 @@ def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
         g2, x2, prog, dw_prog, rows, cols, dw, db if has_bias else dw, work,
         M, m_range, n_trainable * K, n_trainable, g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
         HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device),
-        ACC=acc_type(x2.dtype),
-        DOT_FP32=dot_in_fp32(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype),
+        **{k: v for k, v in _alignment(tiles, scattered).items() if k != "WF_ALIGN"},
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dw = dw[0] if ranges == 1 else dw.sum(0).to(x2.dtype)
     if has_bias:
