@@ -110,11 +110,16 @@ class NeuronGroup:
         return [layer for layer in self.layers if isinstance(layer, (EideticLinear, EideticConv2d))]
 
     def check_consistent(self) -> None:
+        """Raises GraphError when the members' states differ (one member's state was changed alone, e.g. by
+        ``layer.prune_neurons`` on a layer coupled with a batch norm): the error names the neurons."""
         first = self.members[0][1].task_state
         for name, layer in self.members[1:]:
             if not torch.equal(layer.task_state, first):
-                raise GraphError(f"coupled layers {self.name} and {name} disagree on their neurons' states; "
-                                 "change states through NeuronGroup (prune/freeze/recycle), never one member")
+                differ = (layer.task_state != first).nonzero().flatten().tolist()
+                shown = ", ".join(str(i) for i in differ[:8]) + (", ..." if len(differ) > 8 else "")
+                raise GraphError(f"coupled layers {self.name} and {name} disagree on the states of neurons {shown}; "
+                                 "change states through the group, which changes every member (model.groups: "
+                                 "group.prune(idx), not layer.prune_neurons(idx) on one member)")
 
     # ----- state changes: every member at once, then the consumers' inputs -----------------------
     def _index(self, neurons) -> torch.Tensor:

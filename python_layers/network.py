@@ -253,6 +253,14 @@ class EideticNetwork(nn.Module):
         frozen = {}
         head = self.heads[task]
         if self.graph is not None:
+            # checked before anything changes: a group whose members disagree (a state changed on one member)
+            # would fail at the end, after freezing, and leave no way to start another task
+            for g in self.graph.groups:
+                try:
+                    g.check_consistent()
+                except GraphError as exc:
+                    raise GraphError(f"finish_task changed nothing: {exc}. Apply the same change to the other "
+                                     f"members (or undo it), then call finish_task again") from None
             # 0. renumber task-major: the task's survivors right after the earlier tasks' blocks, the pruned
             # neurons after them; finished neurons never move, readers move with their producers
             self._renumber_task_major()
@@ -281,7 +289,7 @@ class EideticNetwork(nn.Module):
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
                           "for a next task. Prune before finishing (train_task prunes; or group.prune / "
                           "layer.prune_neurons) to keep capacity, or widen these layers", CapacityWarning,
-                          stacklevel=2)
+                          stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
         return frozen
 
     @torch.no_grad()

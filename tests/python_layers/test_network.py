@@ -149,13 +149,38 @@ def test_capacity_error_names_the_layer():
     model.prepare_for_task(0, 2)
     model(x)
     model.groups[0].prune([0, 1])  # group "body.3" keeps no free neuron after task 0
-    with pytest.warns(CapacityWarning, match=r"task 0 kept every neuron left in body\.3:"):  # said at once
+    with pytest.warns(CapacityWarning, match=r"task 0 kept every neuron left in body\.3:") as record:  # at once
         model.finish_task()
+    assert record[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
     with pytest.raises(CapacityError) as info:
         model.prepare_for_task(1, 2)
     msg = str(info.value)
     assert "body.3" in msg and "body.0" not in msg and "Widen" in msg
     assert model.current_task is None and len(model.heads) == 1  # nothing was taken
+
+
+def test_finish_task_refuses_a_state_changed_on_one_coupled_member_and_changes_nothing():
+    """A conv pruned by hand, not its batch norm: finish_task says so before freezing anything, and once the
+    group makes the same change the task finishes and the next one starts."""
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 6), nn.ReLU())
+    model = EideticNetwork(body, 6)
+    x = torch.randn(4, 3, 5, 5)
+    model.prepare_for_task(0, 3)
+    model(x)
+    model.body[0].prune_neurons(torch.tensor([0, 1, 2]))
+    states = {name: layer.task_state.clone() for name, layer in model.body_layers().items()}
+    with pytest.raises(GraphError, match=r"finish_task changed nothing: coupled layers .* neurons 0, 1, 2;.*group"):
+        model.finish_task()
+    assert model.current_task == 0 and model.num_finished_tasks == 0
+    assert all(torch.equal(layer.task_state, states[name]) for name, layer in model.body_layers().items())
+    group = next(g for g in model.groups if g.name == "body.0")
+    model.body[1].prune_neurons(torch.tensor([0, 1, 2]))  # the batch norm now agrees
+    group.check_consistent()
+    next(g for g in model.groups if g.name == "body.5").prune([0, 1])  # capacity for task 1
+    model.finish_task()
+    model.prepare_for_task(1, 3)
+    assert model(x).shape == (4, 3)
 
 
 def test_task_id_errors():
