@@ -21,6 +21,7 @@ from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLi
 from eidetic_kernels.layers import PrefixWidthMismatch
 
 from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
+from .warn import user_stacklevel
 from .pruning import fixed_by_user
 
 __all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
@@ -289,7 +290,7 @@ class EideticNetwork(nn.Module):
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
                           "for a next task. Prune before finishing (train_task prunes; or group.prune / "
                           "layer.prune_neurons) to keep capacity, or widen these layers", CapacityWarning,
-                          stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
+                          stacklevel=user_stacklevel())
         return frozen
 
     @torch.no_grad()

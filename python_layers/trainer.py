@@ -34,6 +34,7 @@ from eidetic_kernels import PRUNED, rebind_optimizer
 
 from . import distributed as dist_mod
 from . import pruning as pruning_mod
+from .warn import user_stacklevel
 from .pruning import frozen_share, pruned_share
 
 try:  # progress bars are optional: without tqdm, every stream gets the plain line per epoch
@@ -457,11 +458,24 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
         else:
             run.resume(resume_state)
         if pruning is not None:
+            _warn_at_chance(model, task, run.best_acc, pruning)
             run.prune_with_recovery(max_prune_steps)  # step 2
     finally:
         for layer in run.taylor_layers:
             layer.enable_taylor(False)
     return run.finish()  # steps 3-5
+
+
+def _warn_at_chance(model, task: int, best_acc: float, pruning: str) -> None:
+    """A task whose training accuracy never rose above chance: pruning stops only when the accuracy falls below
+    its best, which it cannot, so nearly every neuron would be pruned. Said before pruning starts."""
+    classes = model.heads[task].out_features
+    chance = 1.0 / max(classes, 1)
+    if best_acc <= chance + 0.01:
+        warnings.warn(f"task {task}: the training accuracy never rose above chance (best {best_acc:.3f}, chance "
+                      f"1/{classes} = {chance:.3f}); {pruning!r} pruning will then keep almost no neuron for it, "
+                      "since accuracy cannot fall below its best. Check the labels (0..num_classes-1 of this "
+                      "task), the learning rate and max_epochs", stacklevel=user_stacklevel())
 
 
 def _warn_pruned_left(model, task: int) -> None:
@@ -477,7 +491,7 @@ def _warn_pruned_left(model, task: int) -> None:
                       "of this task that stopped after pruning; they stay out of this task until finish_task "
                       "recycles them. To train with them, call group.unprune((group.task_state == PRUNED)"
                       ".nonzero().flatten()) for each of model.groups first, or continue the stopped call "
-                      "exactly with train_task(..., resume_state=...)", stacklevel=3)
+                      "exactly with train_task(..., resume_state=...)", stacklevel=user_stacklevel())
 
 
 class _TaskRun:

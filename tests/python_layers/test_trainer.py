@@ -174,6 +174,23 @@ def test_pruning_ends_cleanly_when_nothing_is_left(tasks):
         assert row == {"task 0": 1, "free": 23, "pruned": 0}
 
 
+def test_a_task_at_chance_is_said_before_pruning(tasks, monkeypatch):
+    """Training accuracy that never rises above chance cannot fall below its best: pruning would keep almost
+    nothing. train_task says so before pruning (and not for a task that learns)."""
+    scripted_accuracy(monkeypatch, lambda phase, step, n: 1.0 / CLASSES)
+    model, optimizer = new_model()
+    with pytest.warns(UserWarning, match=r"task 0: the training accuracy never rose above chance") as record:
+        model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=0.01, max_epochs=2,
+                         patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
+    assert any(r.filename == __file__ for r in record)  # the caller's line
+    monkeypatch.undo()
+    model, optimizer = new_model(seed=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never rose above chance")
+        model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=0.01, max_epochs=3,
+                         patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
+
+
 def test_max_prune_steps_caps_the_pruning(tasks):
     model, optimizer = new_model()
     history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=1.0, max_epochs=1,
