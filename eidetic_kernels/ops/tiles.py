@@ -19,10 +19,11 @@ kernels multiply the channel offsets by kh*kw and add the kernel position). It l
   ``dx_map[map start + c - c0]`` (-1: not read) for scattered windows.
 * ``work`` int64[3] (on the CPU): (row, column) pairs scheduled by forward, dX and dW; the ops multiply them
   by their samples (and kernel positions) in their flop formulas.
-* ``shape`` int64[5] (on the CPU): (ROWS, COLS) the table is laid out for, then the alignment of its offsets
-  (``table_align``). The kernels launch with these
+* ``shape`` int64[2] (on the CPU): (ROWS, COLS) the table is laid out for. The kernels launch with these
   tiles whatever dtype they run in: under ``torch.autocast`` an op gets a table built for its inputs' dtype
   and runs in the autocast dtype, whose own tile shape may differ.
+* ``align`` int64[3] (on the CPU): how the table's offsets are aligned (``table_align``). A tensor of its own, so a
+  compiled graph cached before it existed cannot be reused with a table of another layout.
 
 ``eidetic::triton_linear_tiles`` builds a table inside a compiled graph (``layer_tiles``).
 """
@@ -55,7 +56,7 @@ class Tiles(NamedTuple):
     scattered: bool = True  # some window is a gather or some dX segment a map (kernels compile those paths)
 
 
-TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work", "shape")
+TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work", "shape", "align")
 
 
 def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
@@ -65,7 +66,7 @@ def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
 
 def table_shape(tiles) -> tuple[int, int]:
     """(ROWS, COLS) a table (its tensors, ``TILE_NAMES`` order) was built for: the kernels' launch tiles."""
-    rows_tile, cols_tile = tiles[8].tolist()[:2]
+    rows_tile, cols_tile = tiles[8].tolist()
     return int(rows_tile), int(cols_tile)
 
 
@@ -88,7 +89,7 @@ def table_align(tiles) -> tuple[int, int, int]:
     unmasked full tiles lets the compiler issue 16-byte loads (``cp.async``) instead of one per element: a
     network's layers read prefix windows (start 0) and have input counts that are multiples of 16; a frozen
     block's compact rows are aligned only when its width is."""
-    x, wt, wf = tiles[8].tolist()[2:5]
+    x, wt, wf = tiles[9].tolist()
     return int(x), int(wt), int(wf)
 
 
@@ -223,7 +224,8 @@ def build_tiles(table: Table, constant_frozen: bool, rows_tile: int, cols_tile: 
                table_of(dw_prog, 2),
                table_of(dx_prog, 2), table_of(segs, _SEG, pad=True), cat_of(maps, torch.int32),
                torch.tensor(work, dtype=torch.int64),
-               torch.tensor([rows_tile, cols_tile, x_align, wt_align, wf_align], dtype=torch.int64))
+               torch.tensor([rows_tile, cols_tile], dtype=torch.int64),
+               torch.tensor([x_align, wt_align, wf_align], dtype=torch.int64))
     return Tiles(tensors, n_out, dense=table.all_trainable_dense, trainable=bool(dw_prog),
                        scattered=bool(cols) or bool(maps))
 
@@ -248,7 +250,8 @@ def _(in_task, out_task, out_min_task, view_task, constant_frozen, rows_tile, co
             out_task.new_empty((ctx.new_dynamic_size(), _SEG), **i32),
             out_task.new_empty((ctx.new_dynamic_size(),), **i32),
             out_task.new_empty((3,), dtype=torch.int64, device="cpu"),
-            out_task.new_empty((2,), dtype=torch.int64, device="cpu")]
+            out_task.new_empty((2,), dtype=torch.int64, device="cpu"),
+            out_task.new_empty((3,), dtype=torch.int64, device="cpu")]
 
 
 def layer_tiles(plans: dict, table_fn, in_task, out_task, out_min_task, view_task: int | None,
