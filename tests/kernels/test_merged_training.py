@@ -183,6 +183,10 @@ def test_grouped_frozen_blocks_match_blocks(body, forward_transfer, dtype, monke
     monkeypatch.setattr(blocks, "_merge_pays", lambda *a: False)  # convolutions block by block, then grouped
     state = copy.deepcopy(net.state_dict())
     out_g, grads_g, _ = run(net, x, y, taylor=False)
+    layers = [layer for layer in net.body_layers().values() if type(layer).__name__ in ("EideticLinear",
+                                                                                         "EideticConv2d")]
+    if any(layer.last_backend != "reference" for layer in layers):
+        pytest.skip(f"the layers ran on {layers[0].last_backend}: grouping is the reference engine's")
     assert 3 in groups, f"the three finished tasks' first-layer blocks were not grouped: {groups}"
     net.load_state_dict(state)
     monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
