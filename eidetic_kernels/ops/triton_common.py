@@ -236,6 +236,22 @@ def add_taylor(score: torch.Tensor, a3: torch.Tensor, g3: torch.Tensor, divisor:
 
 
 @triton.jit
+def window_columns(o_k, m_k, start, w_start, gather, frozen, cols_ptr, SCATTERED: tl.constexpr):
+    """(input columns, weight columns) at offsets ``o_k`` of a program's window (``m_k``: inside it): the slice
+    ``start + o_k``, weights from ``w_start + o_k``; or, compiled with ``SCATTERED`` and the program's gather
+    flag set, its gather list ``cols[start + o_k]``, a frozen block's compact weights at ``o_k`` and the
+    trainable storage's at the input column. Only the block's live inputs are ever read."""
+    if SCATTERED:  # compiled only for tables with a gather list; slices keep contiguous loads otherwise
+        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
+        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
+        w_col = tl.where(frozen, o_k, col)
+    else:
+        col = start + o_k
+        w_col = w_start + o_k
+    return col, w_col
+
+
+@triton.jit
 def dx_segment(seg_ptr, s, map_ptr, o_t, o_c, m_c, SCATTERED: tl.constexpr):
     """Segment ``s`` of a dX tile table (``ops/tiles.py``: kind, first row entry, rows, inputs [lo, hi), shift,
     map start) for a program's input columns ``o_c`` (``o_t``: their offsets in the tile, ``m_c``: in range).

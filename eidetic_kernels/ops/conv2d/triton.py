@@ -54,7 +54,8 @@ from ..double_backward import graph_grads
 from ..taylor import attach_taylor_hook
 from ..tiles import build_tiles, dense_from_tiles, table_shape, tile_shape
 from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision, dx_segment,
-                             dw_split, frozen_or_dummy, gemm_blocks, interpreting, register_autocast)
+                             dw_split, frozen_or_dummy, gemm_blocks, interpreting, register_autocast,
+                             window_columns)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own conv (the layer *is* nn.Conv2d
 # then). Tests set it to False to run the kernels on that case too.
@@ -116,14 +117,7 @@ def _conv_fwd_kernel(
         for c0 in range(0, width, BLOCK_K):
             c = c0 + tl.arange(0, BLOCK_K)
             m_k = c < width
-            # the block's live channels only (a slice, or its gather list): nothing else is ever read
-            if SCATTERED:
-                m_g = m_k & (c * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-                col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
-                w_col = tl.where(frozen, c, col)
-            else:
-                col = start + c
-                w_col = w_start + c
+            col, w_col = window_columns(c, m_k, start, w_start, gather, frozen, cols_ptr, SCATTERED)
             x = tl.load(x_ptr + x_p[:, None] + col.to(tl.int64)[None, :] * s_xc,
                         mask=m_p[:, None] & m_k[None, :], other=0.0)
             w = tl.load(w_base + (w_row[:, None] + w_col[None, :]) * KK + kk,
@@ -273,11 +267,7 @@ def _conv_dw_kernel(
     c = c_first + tl.arange(0, BLOCK_K)
     m_k = c < c_end
     if c_first < c_end:
-        if SCATTERED:
-            m_g = m_k & (c * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-            col = tl.where(m_g, tl.load(cols_ptr + start + c, mask=m_g, other=0), start + c)
-        else:
-            col = start + c
+        col, _ = window_columns(c, m_k, start, start, gather, False, cols_ptr, SCATTERED)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
         for m0 in range(m_lo, m_hi, BLOCK_M):
             o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)

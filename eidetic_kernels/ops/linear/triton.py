@@ -52,7 +52,7 @@ from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_t
                      dense_from_tiles, layer_tiles, table_align, table_shape, tile_shape)
 from ..tiles import Tiles as LinearTiles
 from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dw_split,
-                             dx_segment, frozen_or_dummy, gemm_blocks, register_autocast)
+                             dx_segment, frozen_or_dummy, gemm_blocks, register_autocast, window_columns)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
@@ -68,14 +68,7 @@ def _fwd_k_tile(acc, macs, k0, x_ptr, w_base, cols_ptr, o_m, m_m, s_xm, s_xk, w_
     columns."""
     o_k = k0 + tl.arange(0, BLOCK_K)
     m_k = o_k < width
-    # the block's live inputs only (a slice, or its gather list): nothing else is ever read
-    if SCATTERED:  # compiled only for tables with a gather list; slices keep contiguous loads otherwise
-        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
-        w_col = tl.where(frozen, o_k, col)
-    else:
-        col = start + o_k
-        w_col = w_start + o_k
+    col, w_col = window_columns(o_k, m_k, start, w_start, gather, frozen, cols_ptr, SCATTERED)
     p_x = x_ptr + o_m[:, None] * s_xm + col.to(tl.int64)[None, :] * s_xk
     p_w = w_base + w_row[:, None] + w_col[None, :]
     if TAIL:
@@ -293,11 +286,7 @@ def _linear_dw_kernel(
     w_row = tl.multiple_of(tl.load(p_row + 1, mask=m_r, other=0), WT_ALIGN)
     o_k = k0 + tl.arange(0, BLOCK_K)
     m_k = o_k < width
-    if SCATTERED:
-        m_g = m_k & (o_k * 0 + gather > 0)  # a block-shaped mask (the interpreter wants one)
-        col = tl.where(m_g, tl.load(cols_ptr + start + o_k, mask=m_g, other=0), start + o_k)
-    else:
-        col = start + o_k
+    col, _ = window_columns(o_k, m_k, start, start, gather, False, cols_ptr, SCATTERED)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
     acc_b = tl.zeros([BLOCK_N], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
