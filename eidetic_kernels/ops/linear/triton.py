@@ -93,7 +93,7 @@ def _fwd_k_loop(acc, macs, x_ptr, w_base, cols_ptr, o_m, m_m, s_xm, s_xk, p_row,
     """acc += x[:, window] @ W_block^T over the block's whole window: full BLOCK_K tiles without a column mask,
     then one masked tail. ``W_ALIGN`` (``tiles.table_align``) divides the rows' storage offsets (loaded here:
     ``tl.multiple_of`` marks the op that makes a value, so a hint on an argument would not survive inlining);
-    with unmasked tiles and an aligned window start the compiler then issues 16-byte loads, not one per element."""
+    with unmasked tiles and an aligned window start the compiler issues 16-byte loads."""
     w_row = tl.multiple_of(tl.load(p_row + 1, mask=m_r, other=0), W_ALIGN)
     k_full = width - width % BLOCK_K
     # the block's whole window, once: full tiles without a column mask (a mask that varies along a row keeps
