@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eidetic_kernels import FREE
+from eidetic_kernels import FREE, backends
 from eidetic_kernels.ops import blocks
 from python_layers import EideticNetwork
 from tests.python_layers.synthetic import TinyResNet, single_thread  # noqa: F401  (autouse fixture)
@@ -44,6 +44,14 @@ def _require_reference_conv(net):
     convs = [layer for layer in net.body_layers().values() if type(layer).__name__ == "EideticConv2d"]
     if any(layer.last_backend != "reference" for layer in convs):
         pytest.skip(f"convolutions ran on {convs[0].last_backend}: the merged product is the reference engine's")
+
+
+def _skip_unless_reference(op, dtype):
+    """Skip before building a network when ``op`` will not run on the reference engine (EIDETIC_BACKEND):
+    building one under the Triton interpreter costs seconds, and the test would skip after it anyway."""
+    name = backends.select(op, torch.device("cpu"), dtype)
+    if name != "reference":
+        pytest.skip(f"{op} runs on {name}: merged and grouped products are the reference engine's")
 
 
 def finished(body_fn, tasks, share, forward_transfer, dtype, seed):
@@ -94,6 +102,7 @@ def run(net, x, y, taylor):
 @pytest.mark.parametrize("tasks", [1, 3])
 @pytest.mark.parametrize("body", [cnn, resnet], ids=["cnn", "resnet"])
 def test_merged_training_product_matches_blocks(body, tasks, forward_transfer, taylor, dtype, monkeypatch):
+    _skip_unless_reference("conv2d", dtype)
     net, in_shape = finished(body, tasks, 0.2, forward_transfer, dtype, seed=tasks)
     net.train()
     g = torch.Generator().manual_seed(1)
@@ -125,6 +134,7 @@ def test_merged_training_product_matches_blocks(body, tasks, forward_transfer, t
 def test_merged_training_keeps_finished_tasks_and_free_capacity_apart():
     """NaN in the trainable storage reaches no frozen row of the merged product's output (the zeros on
     synapses that do not exist multiply frozen features only)."""
+    _skip_unless_reference("conv2d", torch.float32)
     net, in_shape = finished(cnn, 3, 0.2, True, torch.float32, seed=0)
     net.train()
     x = torch.randn((4,) + in_shape)
@@ -171,6 +181,7 @@ def test_constant_frozen_training_gives_the_exact_parameter_gradients(body):
 def test_grouped_frozen_blocks_match_blocks(body, forward_transfer, dtype, monkeypatch):
     """Finished tasks' blocks of a first layer all read the raw input: training runs them as one product (their
     storage is adjacent), with the block-by-block product's outputs and gradients; views never group them."""
+    _skip_unless_reference("linear" if body is mlp else "conv2d", dtype)
     net, in_shape = finished(body, 3, 0.2, forward_transfer, dtype, seed=7)
     net.train()
     g = torch.Generator().manual_seed(2)
