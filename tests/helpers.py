@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from eidetic_kernels import FREE, PRUNED
+from eidetic_kernels import FREE, PRUNED, backends
 
 # fp32 / fp64 tolerances of the reference against the dense-mask computation (same math, other order)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12),
@@ -36,3 +36,11 @@ def dense_weight_for_grad(weight, out_task):
     """W whose gradient reaches FREE rows only (what the ops promise)."""
     free = (out_task == FREE).view(-1, *([1] * (weight.dim() - 1)))
     return torch.where(free, weight, weight.detach())
+
+
+def gradcheck_fast(op: str, dtype: torch.dtype = torch.float64) -> bool:
+    """``fast_mode`` for ``torch.autograd.gradcheck`` of ``op``: True when it runs on Triton (on the CPU, under the
+    interpreter, where one kernel call takes a good part of a second and full mode, one call per input
+    element, took 10 minutes for a small convolution). Fast mode checks a random projection of the Jacobian
+    (torch's own); the reference and C++ backends run full mode."""
+    return backends.select(op, torch.device("cpu"), dtype) == "triton"

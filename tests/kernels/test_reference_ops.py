@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from eidetic_kernels import FREE, PRUNED
 from eidetic_kernels.functional import masked_batch_norm, masked_conv2d, masked_linear
-from tests.helpers import TOL, dense_mask, dense_weight_for_grad, random_states
+from tests.helpers import TOL, dense_mask, dense_weight_for_grad, gradcheck_fast, random_states
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -163,13 +163,13 @@ def test_gradcheck_fp64():
     x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 5, generator=g, dtype=torch.float64)
     f, w_free = _frozen_constant_wrapper(lambda x, w: masked_linear(x, w, None, in_task, out_task), w, out_task)
-    assert torch.autograd.gradcheck(f, (x, w_free))
+    assert torch.autograd.gradcheck(f, (x, w_free), fast_mode=gradcheck_fast("linear"))
 
     xc = torch.randn(2, 5, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
     wc = torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)
     f, wc_free = _frozen_constant_wrapper(
         lambda x, w: masked_conv2d(x, w, None, in_task, out_task, stride=2, padding=1), wc, out_task)
-    assert torch.autograd.gradcheck(f, (xc, wc_free))
+    assert torch.autograd.gradcheck(f, (xc, wc_free), fast_mode=gradcheck_fast("conv2d"))
 
     xb = torch.randn(5, 6, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
     wb = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -182,7 +182,8 @@ def test_gradcheck_fp64():
         b_full = bb.detach().masked_scatter(free, b_free)
         return masked_batch_norm(x, rm.clone(), rv.clone(), w_full, b_full, out_task, True, 0.1, 1e-5)
     assert torch.autograd.gradcheck(bn, (xb, wb.detach()[free].clone().requires_grad_(),
-                                         bb.detach()[free].clone().requires_grad_()))
+                                         bb.detach()[free].clone().requires_grad_()),
+                                     fast_mode=gradcheck_fast("batch_norm"))
 
 
 def test_nan_in_dead_inputs_never_reaches_live_outputs():
