@@ -149,10 +149,10 @@ def test_merged_training_keeps_finished_tasks_and_free_capacity_apart():
     assert torch.isfinite(out[:, frozen]).all()
 
 
-@pytest.mark.parametrize("body", [cnn, resnet], ids=["cnn", "resnet"])
+@pytest.mark.parametrize("body", [mlp, cnn, resnet], ids=["mlp", "cnn", "resnet"])
 def test_constant_frozen_training_gives_the_exact_parameter_gradients(body):
     """The whole frozen-constant mode (merged convolutions, batch norms giving frozen channels no input
-    gradient) against ``exact_activation_grads=True`` (every block computed with its full input gradient):
+    gradient, heads giving frozen features none) against ``exact_activation_grads=True`` (every block computed with its full input gradient):
     the same loss and every parameter gradient (fp64)."""
     net, in_shape = finished(body, 3, 0.2, True, torch.float64, seed=5)
     net.train()
