@@ -279,7 +279,8 @@ def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypat
     layer.recycle_pruned_neurons()
     layer.prune_neurons([2])  # 1 FREE, 2 PRUNED
     x = torch.randn(shape, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda inp: layer(inp), (x,))
+    # fast mode under the interpreter (a random projection, torch's own): full mode took 80 s for the conv
+    assert torch.autograd.gradgradcheck(lambda inp: layer(inp), (x,), fast_mode=backend == "triton")
     if backend != "default":
         assert layer.last_backend == backend
     penalty_grads = []
