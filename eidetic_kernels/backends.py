@@ -14,6 +14,7 @@ import os
 import torch
 
 from . import cpp
+from .ops.blocks import functorch_active
 from .cpp import CPP_OPS
 
 BACKEND_NAMES = ("reference", "triton", "cpp")
@@ -62,8 +63,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
     """The backend that runs ``op`` on ``device`` (and ``dtype``, when given): EIDETIC_BACKEND when set, else
     Triton on CUDA, C++ for the CPU ops it wins, the reference otherwise. float64 linear and conv2d on a GPU
     run on the reference backend even when Triton is asked for: Triton's fp64 ``tl.dot`` does not compile
-    on every release (3.6 rejects it), and cuBLAS/cuDNN compute fp64 exactly. Raises BackendUnavailable."""
+    on every release (3.6 rejects it), and cuBLAS/cuDNN compute fp64 exactly. Inside ``torch.func`` transforms
+    (grad, vmap, jacrev, ...) every op runs on the reference backend, whatever is asked for: the Triton and C++
+    ops have no functorch rules, and the reference runs plain torch ops there (``ops/blocks.functorch_active``).
+    Raises BackendUnavailable."""
     forced = os.environ.get("EIDETIC_BACKEND", "").strip().lower()
+    if functorch_active():
+        return "reference"
     if forced:
         if forced not in BACKEND_NAMES:
             raise BackendUnavailable(

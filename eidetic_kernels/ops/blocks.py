@@ -86,6 +86,9 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     dim = op.dim % x.dim()
     grad_x = torch.is_grad_enabled() and x.requires_grad
+    plain = functorch_active()
+    if plain:  # the frozen-constant products are autograd Functions: exact mode, plain ops (see functorch_active)
+        constant_frozen = False
     if table.all_trainable_dense and not (constant_frozen and grad_x and _has_constant_inputs(table, x.shape[dim])):
         return op.forward(x, weight, bias)
     kernel = tuple(weight.shape[2:])
@@ -104,10 +107,20 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             if len(run) > 1:
                 blk = _merged_block(run)
             parts.append(_frozen_block(x, frozen_weight, frozen_bias, blk, kernel, op, dim,
-                                       grad_x and not constant_frozen, contiguous=view))
+                                       grad_x and not constant_frozen, contiguous=view, plain=plain))
         else:
             parts.append(_trainable_block(x, weight, bias, blk, op, dim, grad_x, constant_frozen))
-    return _assemble(x, weight, parts, table, op, dim)
+    return _assemble(x, weight, parts, table, op, dim, plain)
+
+
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jacrev, functional per-sample gradients, ...).
+
+    functorch runs an ``autograd.Function`` only when it defines ``setup_context`` and a vmap rule; this
+    module's Functions keep intermediate state on ``ctx`` instead. Inside a transform the layer therefore
+    runs plain differentiable torch ops: frozen blocks as ``op.forward`` on detached weights (the same
+    products, so the same outputs; gradients as exact mode gives them) and outputs assembled by a gather."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _has_constant_inputs(table: Table, n_in: int) -> bool:
@@ -165,7 +178,7 @@ def _into_window(full: torch.Tensor, blk: Block, dim: int, values: torch.Tensor)
 
 
 def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool,
-                  contiguous: bool = False):
+                  contiguous: bool = False, plain: bool = False):
     n, k = blk.rows.numel(), math.prod(kernel)
     w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
     b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
@@ -176,6 +189,8 @@ def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp
         return _bias_only(x, n, kernel, b, op, dim)
     if not grad_x:
         return op.forward(xw.detach(), w, b)
+    if plain:  # differentiable in x only: w and b are detached views of the frozen storage
+        return op.forward(xw, w, b)
     return _ConstantWeightOp.apply(xw, w, b, op)
 
 
@@ -292,7 +307,7 @@ def _bias_only(x, n: int, kernel, b, op: DenseOp, dim: int):
     return y + b.view(shape)
 
 
-def _assemble(x, weight, parts, table: Table, op: DenseOp, dim: int):
+def _assemble(x, weight, parts, table: Table, op: DenseOp, dim: int, plain: bool = False):
     if not parts:  # nothing computed: every output is exactly 0
         n_kernel = tuple(weight.shape[2:])
         return _bias_only(x, table.n_out, n_kernel, None, op, dim)
@@ -314,6 +329,10 @@ def _assemble(x, weight, parts, table: Table, op: DenseOp, dim: int):
             shape[dim] = table.tail
             parts = parts + [parts[0].new_zeros(shape)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    if plain:  # one gather from the concatenation and a zero column (``_Assemble``'s short-block path)
+        shape = list(parts[0].shape)
+        shape[dim] = 1
+        return torch.cat(list(parts) + [parts[0].new_zeros(shape)], dim).index_select(dim, table.out_index)
     return _Assemble.apply(dim, table, *parts)
 
 

@@ -474,3 +474,47 @@ def test_one_value_per_channel_is_an_error_in_training(state):
         assert torch.equal(v, before[k]), f"{k} changed by a refused batch"
     bn.eval()
     assert bn(torch.randn(1, 3, 1, 1)).shape == (1, 3, 1, 1)  # eval uses running statistics: fine
+
+
+# ----- torch.func transforms ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "bn2d"])
+def test_torch_func_transforms_give_what_autograd_gives(kind):
+    """``torch.func`` on a layer with frozen, FREE and PRUNED neurons (eval mode; in train mode the batch norm
+    twin's in-place statistics update refuses ``grad`` too): per-sample parameter gradients ``vmap(grad(...))``
+    (as Opacus-style training and influence functions use), the input gradient through ``grad``, and ``vmap``
+    of the layer itself equal standard autograd and plain calls sample by sample (fp64, 1e-10). Inside
+    transforms every backend runs the reference's plain torch ops (``ops/blocks.functorch_active``)."""
+    from torch.func import functional_call, grad, vmap
+    make, shape = {"linear": (lambda: EideticLinear(5, 6), (4, 5)),
+                   "conv": (lambda: EideticConv2d(3, 6, 3, padding=1), (4, 3, 5, 5)),
+                   "bn2d": (lambda: EideticBatchNorm2d(6), (4, 6, 3, 3))}[kind]
+    torch.manual_seed(0)
+    layer = make().double()
+    layer.prune_neurons([1, 2, 4])
+    layer.freeze_free_neurons(0)  # neurons 0, 3, 5 frozen: scattered
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([2])  # 1 and 4 FREE, 2 PRUNED
+    if kind == "bn2d":
+        with torch.no_grad():
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+    layer.eval()
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(p, xi):
+        return (functional_call(layer, p, (xi.unsqueeze(0),)) ** 2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    assert layer.last_backend == "reference"
+    tol = dict(atol=1e-10, rtol=1e-10)
+    for i in range(x.shape[0]):
+        expected = torch.autograd.grad(loss(dict(layer.named_parameters()), x[i]), list(layer.parameters()),
+                                       allow_unused=True, materialize_grads=True)
+        for (name, _), e in zip(layer.named_parameters(), expected):
+            torch.testing.assert_close(per_sample[name][i], e, **tol, msg=lambda m, name=name: f"{name}[{i}]: {m}")
+    xr = x.clone().requires_grad_()
+    (expected_x,) = torch.autograd.grad((layer(xr) ** 3).sum(), xr)
+    torch.testing.assert_close(grad(lambda xi: (layer(xi) ** 3).sum())(x), expected_x, **tol)
+    torch.testing.assert_close(vmap(layer)(x.unsqueeze(1)).squeeze(1), layer(x), **tol)
