@@ -10,10 +10,12 @@ import json
 import re
 import textwrap
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Literal, Optional
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
@@ -34,7 +36,20 @@ def _key(default, help: str, check: Optional[tuple[str, Callable]] = None):
 
 
 _AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
-_NON_EMPTY = ("a non-empty list of integers", lambda v: len(v) > 0)
+_POSITIVE_LIST = ("a non-empty list of positive integers", lambda v: len(v) > 0 and all(n >= 1 for n in v))
+
+
+def _device_string(value: str) -> bool:
+    if value == "auto":
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+_DEVICE = ("auto or a torch device (cpu, cuda, cuda:1, ...)", _device_string)
 
 
 @dataclass
@@ -47,12 +62,14 @@ class Config:
         "the task sequence: permuted_mnist (task 0 unpermuted), split_mnist (5 x 2 digits), split_cifar10 "
         "(5 x 2 classes), split_cifar100 (100/classes_per_task tasks), split_imagenette (5 x 2 classes, 64x64), "
         "synthetic (tiny Gaussian clusters, for tests)")
-    tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them)")
+    tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them)",
+                                _AT_LEAST_ONE)
     classes_per_task: Optional[int] = _key(None, "classes per task of the split scenarios (default 2; "
                                                  "split_cifar100: 10)")
     train_samples_per_task: Optional[int] = _key(
-        None, "keep a fixed, seeded subset of each task's training set (quick runs; default: all)")
-    test_samples_per_task: Optional[int] = _key(None, "the same for each task's test set (default: all)")
+        None, "keep a fixed, seeded subset of each task's training set (quick runs; default: all)", _AT_LEAST_ONE)
+    test_samples_per_task: Optional[int] = _key(None, "the same for each task's test set (default: all)",
+                                                _AT_LEAST_ONE)
     augment: bool = _key(False, "random 4-pixel crop + horizontal flip of training images (CIFAR)")
     data_root: Optional[str] = _key(
         None, "folder searched first for the data files (then $EIDETIC_DATA, then ../shared/data)")
@@ -64,9 +81,9 @@ class Config:
     widths: Optional[List[int]] = _key(
         None,
         "layer widths: mlp hidden widths (default [400, 400]); convnet conv channels then the fully connected width "
-        "(default [32, 64, 256]); resnet channels per stage (default [64, 128, 256, 512])", _NON_EMPTY)
+        "(default [32, 64, 256]); resnet channels per stage (default [64, 128, 256, 512])", _POSITIVE_LIST)
     blocks: Optional[List[int]] = _key(None, "resnet: basic blocks per stage (default 2 each, ResNet-18); resnet50: "
-                                             "bottleneck blocks per stage (default [3, 4, 6, 3])", _NON_EMPTY)
+                                             "bottleneck blocks per stage (default [3, 4, 6, 3])", _POSITIVE_LIST)
     dropout: float = _key(0.0, "dropout probability after each hidden layer (0: none)",
                           ("in [0, 1)", lambda v: 0 <= v < 1))
     forward_transfer: bool = _key(
@@ -78,12 +95,14 @@ class Config:
     step: float = _key(0.05, "share of the task's free neurons pruned per pruning step, in every layer",
                        ("in (0, 1]", lambda v: 0 < v <= 1))
     stop_threshold: float = _key(
-        0.01, "stop pruning once training accuracy stays more than this (absolute, 0.01 = 1 point) below the best")
+        0.01, "stop pruning once training accuracy stays more than this (absolute, 0.01 = 1 point) below the best",
+        ("in [0, 1]", lambda v: 0 <= v <= 1))
     max_epochs: int = _key(50, "cap on training epochs per task before pruning", _AT_LEAST_ONE)
     patience: int = _key(5, "stop training a task after this many epochs without a better training accuracy",
                          _AT_LEAST_ONE)
     recovery_epochs: int = _key(5, "cap on recovery epochs after each pruning step", _AT_LEAST_ONE)
-    max_prune_steps: Optional[int] = _key(None, "cap on pruning steps per task (default: until nothing is left)")
+    max_prune_steps: Optional[int] = _key(None, "cap on pruning steps per task (default: until nothing is left)",
+                                          (">= 0", lambda v: v >= 0))
     optimizer: Literal["adamw", "adam"] = _key(
         "adamw", "the optimizer, a fresh one per task: adamw (decoupled weight decay) or adam (weight decay added "
                  "to the gradient, as torch.optim.Adam)")
@@ -95,8 +114,8 @@ class Config:
     batch_size: int = _key(256, "training batch size", _AT_LEAST_ONE)
     eval_batch_size: int = _key(1000, "batch size for test-set evaluation", _AT_LEAST_ONE)
     seed: int = _key(0, "seeds the weights, the batch order, dropout and the permutations")
-    device: str = _key("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    threads: Optional[int] = _key(None, "torch CPU threads (default: torch's choice)")
+    device: str = _key("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...", _DEVICE)
+    threads: Optional[int] = _key(None, "torch CPU threads (default: torch's choice)", _AT_LEAST_ONE)
     router: Literal["learned", "entropy", "none"] = _key(
         "learned",
         "task routing for the no-task-id accuracy: learned (a task classifier on what router_input names, fitted after "
@@ -199,6 +218,9 @@ def _read(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         found = type(OmegaConf.to_container(loaded)).__name__
         raise ConfigError(f"{path} must hold a mapping of config keys, got {found}")
+    if not loaded:  # all defaults, as asked; said, since the defaults are a long run (all of split MNIST)
+        warnings.warn(f"{path} holds no config keys: running every default (eidetic train --help lists them)",
+                      stacklevel=2)
     return loaded
 
 

@@ -210,7 +210,7 @@ class Run:
         from .scenarios import build_scenario
 
         cfg = self.cfg
-        if cfg["threads"]:
+        if cfg["threads"] is not None:
             torch.set_num_threads(cfg["threads"])
         self.device = resolve_device(cfg["device"])
         options = {}
@@ -360,7 +360,7 @@ class Run:
                 if self.writer:
                     self._write_history_csv(state["history"])
                 raise ConfigError(
-                    f"task {t} cannot start: {exc}. Task {t - 1} kept every free neuron there: no pruning step stayed "
+                    f"{exc}. Task {t - 1} kept every free neuron there: no pruning step stayed "
                     f"within stop_threshold={cfg['stop_threshold']} of its best training accuracy. Tasks "
                     f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv); start again with "
                     f"a larger stop_threshold, a smaller step or wider layers") from None

@@ -617,7 +617,7 @@ def synthetic(num_tasks=3, seed=0, classes_per_task=2, train_per_class=96, test_
     g = torch.Generator().manual_seed(10_007 + seed)
     cpt = int(classes_per_task or 2)
     tasks = []
-    for t in range(int(num_tasks or 3)):
+    for t in range(3 if num_tasks is None else int(num_tasks)):
         centers = torch.rand(cpt, 1, 8, 8, generator=g) * 200 + 28
         sets = []
         for per_class in (train_per_class, test_per_class):

@@ -157,14 +157,14 @@ def test_a_task_without_capacity_left_is_a_clear_error(tmp_path, monkeypatch, ca
 
     def full_after_task_0(self, task, *args, **kwargs):
         if task == 1:
-            raise CapacityError("layer body.layers.0 has no FREE neuron left for task 1")
+            raise CapacityError("task 1 cannot start: no free neuron left in body.layers.0")
         return prepare(self, task, *args, **kwargs)
 
     monkeypatch.setattr(EideticNetwork, "prepare_for_task", full_after_task_0)
     out = tmp_path / "run"
     assert cli.main(["train", "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err
-    assert "task 1 cannot start" in err and "stop_threshold" in err and "Traceback" not in err
+    assert err.count("task 1 cannot start") == 1 and "stop_threshold" in err and "Traceback" not in err
     assert (out / "checkpoint.pt").exists() and (out / "history.csv").read_text().count("\n") > 1
 
 

@@ -43,10 +43,12 @@ def test_file_then_overrides_into_a_plain_dict(tmp_path):
     assert set(cfg) == set(config.KEYS)
 
 
-def test_an_empty_file_is_all_defaults(tmp_path):
+def test_an_empty_file_is_all_defaults_and_says_so(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert load_config(path) == config.default_config()
+    with pytest.warns(UserWarning, match="holds no config keys: running every default"):
+        assert load_config(path) == config.default_config()
+    assert load_config(None, {"device": "cuda:1"})["device"] == "cuda:1"
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -60,7 +62,16 @@ def test_an_empty_file_is_all_defaults(tmp_path):
     ({"progress": "maybe"}, "progress must be true or false, got 'maybe'"),
     ({"widths": [10, "x"]}, "widths must be a list of integers, got [10, 'x']"),
     ({"widths": 10}, "widths must be a list of integers, got 10"),
-    ({"widths": []}, "widths must be a non-empty list of integers, got []"),
+    ({"widths": []}, "widths must be a non-empty list of positive integers, got []"),
+    ({"widths": [16, -4]}, "widths must be a non-empty list of positive integers, got [16, -4]"),
+    ({"blocks": [0]}, "blocks must be a non-empty list of positive integers, got [0]"),
+    ({"tasks": 0}, "tasks must be >= 1, got 0"),
+    ({"threads": 0}, "threads must be >= 1, got 0"),
+    ({"train_samples_per_task": 0}, "train_samples_per_task must be >= 1, got 0"),
+    ({"test_samples_per_task": -1}, "test_samples_per_task must be >= 1, got -1"),
+    ({"stop_threshold": -1}, "stop_threshold must be in [0, 1], got -1"),
+    ({"max_prune_steps": -1}, "max_prune_steps must be >= 0, got -1"),
+    ({"device": "gpu"}, "device must be auto or a torch device (cpu, cuda, cuda:1, ...), got gpu"),
     ({"device": [1]}, "device must be a string, got [1]"),
     ({"lr": None}, "lr may not be empty (null); default is 0.001"),
     ({"router": None}, "router may not be empty (null); default is 'learned'"),
