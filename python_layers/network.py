@@ -184,7 +184,13 @@ class EideticNetwork(nn.Module):
             raise TypeError(f"task must be an int, got {type(task).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if task < 0:
+            raise ValueError(f"task ids are 0, 1, 2, ... in order: got {task}; the next task is "
+                             f"{self.num_finished_tasks}")
         if self.current_task is not None:
+            if task == self.current_task:
+                raise RuntimeError(f"task {task} is already prepared (and not finished): train it with "
+                                   "model.train_task(...), or call model.finish_task() to freeze it as it is")
             raise RuntimeError(f"task {self.current_task} is prepared but not finished; train it with "
                                f"model.train_task(...) (or call model.finish_task()) before preparing task {task}")
         if task < self.num_finished_tasks:

@@ -190,9 +190,13 @@ def test_task_id_errors():
         model(x)
     with pytest.raises(ValueError, match="next task is 0"):
         model.prepare_for_task(1, 2)
+    with pytest.raises(ValueError, match="task ids are 0, 1, 2, ... in order: got -1; the next task is 0"):
+        model.prepare_for_task(-1, 2)
     model.prepare_for_task(0, 2)
     with pytest.raises(RuntimeError, match="not finished"):
         model.prepare_for_task(1, 2)
+    with pytest.raises(RuntimeError, match="task 0 is already prepared"):
+        model.prepare_for_task(0, 2)
     with pytest.raises(ValueError, match="unknown task 3"):
         model(x, task=3)
     with pytest.raises(ValueError, match="not finished"):
