@@ -124,6 +124,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataNotFoundError) as exc:
         print(f"eidetic: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # checkpoints are replaced atomically at the run's save points: an interrupt loses only the work since
+        # the last one, and --resume continues from it with the same results
+        print(f"eidetic: interrupted; continue the run with: eidetic train --out {args.out} --resume",
+              file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     if dist_mod.rank() != 0:
         return 0  # rank 0 prints the run's results
     print(format_matrix(results["accuracy_matrix"], "accuracy matrix, true task id (oracle)"))

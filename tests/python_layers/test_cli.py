@@ -250,3 +250,14 @@ def test_adam_and_prune_lr_factor_reach_the_trainer(tmp_path, monkeypatch):
     out = tmp_path / "adam"
     assert cli.main(["train", "--out", str(out), *TINY, "tasks=1", "optimizer=adam", "prune_lr_factor=0.5"]) == 0
     assert seen == [("Adam", 0.5)]
+
+
+def test_an_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a run: one line with the --resume command and the shell's SIGINT status, not a traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "train", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert f"eidetic train --out {out} --resume" in err and "Traceback" not in err
