@@ -534,12 +534,6 @@ class EideticLayer(nn.Module):
                     replace_parameter(self, name, trainable.detach().new_empty(shape))
                 setattr(self, "frozen_" + name, frozen.new_empty(self._storage_shape("frozen_", name, n_frozen,
                                                                                      blocks, frozen)))
-        elif strict and prefix + "weight" in state_dict:
-            # most likely a torch.nn twin's state dict: say how to load one (the missing keys follow)
-            error_msgs.append(
-                f"{key} is missing: this looks like a torch.nn state dict. Load it into the torch.nn model and "
-                "convert that (ek.convert keeps its weights), or load it with strict=False into eidetic layers "
-                "that have no frozen neuron yet")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._state_changed()

@@ -518,22 +518,3 @@ def test_torch_func_transforms_give_what_autograd_gives(kind):
     (expected_x,) = torch.autograd.grad((layer(xr) ** 3).sum(), xr)
     torch.testing.assert_close(grad(lambda xi: (layer(xi) ** 3).sum())(x), expected_x, **tol)
     torch.testing.assert_close(vmap(layer)(x.unsqueeze(1)).squeeze(1), layer(x), **tol)
-
-
-def test_a_torch_nn_state_dict_loaded_strictly_says_how_to_load_it():
-    """A converted model given its torch.nn original's state dict (strict): the error names the way to load it,
-    and both ways it names work: strict=False into fresh layers, or loading before ``ek.convert``."""
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    trained = copy.deepcopy(plain)
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(1.0)
-    converted = ek.convert(copy.deepcopy(plain))
-    with pytest.raises(RuntimeError, match="0.task_state is missing: this looks like a torch.nn state dict"):
-        converted.load_state_dict(trained.state_dict())
-    converted.load_state_dict(trained.state_dict(), strict=False)
-    x = torch.randn(5, 3)
-    trained.eval(), converted.eval()
-    assert torch.equal(converted(x), trained(x))
-    assert torch.equal(ek.convert(copy.deepcopy(trained)).eval()(x), trained(x))
