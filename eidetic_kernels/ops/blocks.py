@@ -329,11 +329,17 @@ def _assemble(x, weight, parts, table: Table, op: DenseOp, dim: int, plain: bool
             shape[dim] = table.tail
             parts = parts + [parts[0].new_zeros(shape)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-    if plain:  # one gather from the concatenation and a zero column (``_Assemble``'s short-block path)
-        shape = list(parts[0].shape)
-        shape[dim] = 1
-        return torch.cat(list(parts) + [parts[0].new_zeros(shape)], dim).index_select(dim, table.out_index)
+    if plain:  # differentiable as it is (torch.func transforms cannot run ``_Assemble``)
+        return _gather_outputs(parts, table.out_index, dim)
     return _Assemble.apply(dim, table, *parts)
+
+
+def _gather_outputs(ys, out_index: torch.Tensor, dim: int) -> torch.Tensor:
+    """The layer's output from its blocks' outputs: one gather (``out_index``) from their concatenation and a zero
+    column, which every neuron no block computes reads."""
+    shape = list(ys[0].shape)
+    shape[dim] = 1
+    return torch.cat(list(ys) + [ys[0].new_zeros(shape)], dim).index_select(dim, out_index)
 
 
 class _ConstantWeightOp(torch.autograd.Function):
@@ -460,9 +466,8 @@ class _Assemble(torch.autograd.Function):
         block = 1  # contiguous elements per (sample, neuron)
         for n in shape[dim + 1:]:
             block *= n
-        if block < _LONG_BLOCK:  # short blocks: one gather from the concatenation and one zero column
-            shape[dim] = 1
-            return torch.cat(list(ys) + [ys[0].new_zeros(shape)], dim).index_select(dim, table.out_index)
+        if block < _LONG_BLOCK:  # short blocks: one gather
+            return _gather_outputs(ys, table.out_index, dim)
         shape[dim] = table.n_out
         out = ys[0].new_zeros(shape)  # long blocks: each neuron written once (exact, but -0.0 -> +0.0)
         for y, index in zip(ys, ctx.neurons):

@@ -85,10 +85,10 @@ def table_align(tiles) -> tuple[int, int, int]:
     """(X, WT, WF): powers of two (<= ``ALIGN``) that divide, for every program of the table, the first input
     column of its window when it is a slice (X; 1 when some window is a gather), every trainable row's element
     offset and window start in the trainable storage (WT), and every frozen block's element offset and width in
-    the compact storage (WF). The linear kernels declare these with ``tl.multiple_of``, which with the K loop's
-    unmasked full tiles lets the compiler issue 16-byte loads (``cp.async``) where all three are 16: a
-    network's layers read prefix windows (start 0) and have input counts that are multiples of 16; a frozen
-    block's compact rows are aligned only when its width is."""
+    the compact storage (WF). The linear kernels declare these with ``tl.multiple_of``; where all three are 16,
+    their K loops' unmasked full tiles load 16 bytes at a time. A network's layers read prefix windows (start
+    0) and have input counts that are multiples of 16; a frozen block's compact rows are aligned only when its
+    width is."""
     x, wt, wf = tiles[9].tolist()
     return int(x), int(wt), int(wf)
 

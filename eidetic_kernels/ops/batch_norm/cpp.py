@@ -14,7 +14,6 @@ import torch
 
 from ... import cpp
 from ...state import FREE
-from ..blocks import functorch_active
 from . import reference
 
 
@@ -75,8 +74,7 @@ def _differentiable_backward(ctx, dy, x, tw, fw, tb, fb, channel_task, slot):
 
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
                channel_task, slot, training, momentum, eps, taylor_score=None, constant_frozen=False):
-    if x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 or x.device.type != "cpu" or functorch_active():
-        # (inside torch.func transforms the kernel's autograd Function cannot run: the reference's torch ops do)
+    if x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 or x.device.type != "cpu":
         return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
                                     frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
     use_batch_stats = bool(training) or running_mean is None
