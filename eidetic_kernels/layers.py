@@ -498,6 +498,9 @@ class EideticLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "task_state"
+        if key not in state_dict and self._load_twin_state_dict(state_dict, prefix, local_metadata, strict,
+                                                                missing_keys, unexpected_keys, error_msgs):
+            return
         if key in state_dict:
             incoming = state_dict[key]
             try:
@@ -537,6 +540,35 @@ class EideticLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._state_changed()
+
+    def _load_twin_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> bool:
+        """A torch.nn twin's state dict (its keys, no ``task_state``): loaded as the twin loads it when no neuron
+        is frozen, the neuron states kept (a fresh layer's: all FREE), and the eidetic-only keys not asked
+        for; refused with frozen neurons, whose weights and statistics it would overwrite. False when no key
+        of this layer is in ``state_dict`` (nothing to load here: the usual missing-key report)."""
+        own = [name for name, p in self._parameters.items() if p is not None]
+        own += [name for name, b in self._buffers.items() if b is not None and name not in
+                self._non_persistent_buffers_set]
+        eidetic_only = {"task_state", "min_input_task", "input_task", "recycled_at_batch"} | {
+            "frozen_" + name for name in self._split_names}
+        twin = [name for name in own if name not in eidetic_only]
+        if not any(prefix + name in state_dict for name in twin):
+            return False
+        frozen = int(is_frozen(self.task_state).sum())
+        if frozen:
+            error_msgs.append(
+                f"{prefix[:-1] or 'the layer'}: this looks like a torch.nn {type(self).__name__[len('Eidetic'):]} state "
+                f"dict (no '{prefix}task_state'), and the layer has {frozen} frozen neurons whose weights it would "
+                "overwrite; nothing was loaded into it. Load the torch.nn state dict into the torch.nn module "
+                "before ek.convert, or into a layer with no frozen neuron")
+            return True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        missing_keys[:] = [k for k in missing_keys
+                           if not (k.startswith(prefix) and k[len(prefix):] in eidetic_only)]
+        self._state_changed()
+        return True
 
     def _storage_shape(self, kind: str, name: str, rows: int, blocks, like: torch.Tensor) -> tuple:
         if kind == "frozen_" and self._compact and name == "weight":

@@ -186,6 +186,45 @@ def test_state_dict_round_trip_is_exact():
         assert torch.equal(a(x), b(x))
 
 
+@pytest.mark.parametrize("index", range(10))
+def test_a_twins_state_dict_loads_strictly_where_no_neuron_is_frozen(index):
+    """A torch.nn state dict (pretrained weights, say) loads into the converted layer as into the twin: strict,
+    no eidetic key asked for, the same function afterwards; the neuron states stay (here: all FREE)."""
+    twin, x = _twins()[index]
+    twin.train()
+    twin(x)  # batch norms: running statistics that are not the defaults
+    twin.eval()
+    layer = ek.convert(copy.deepcopy(twin))
+    with torch.no_grad():  # the layer's own values, which the load must replace
+        for t in list(layer.parameters()) + [b for b in layer.buffers() if b.is_floating_point()]:
+            t.uniform_(-1, 1)
+    assert not layer.load_state_dict(twin.state_dict()).missing_keys
+    layer.eval()
+    assert torch.equal(layer(x), twin(x))
+    assert bool((layer.task_state == FREE).all())
+    # inside a module: the same, and a partial (strict=False) load reports only the twin's own missing keys
+    net = ek.convert(nn.Sequential(copy.deepcopy(twin), nn.ReLU()))
+    assert not net.load_state_dict(nn.Sequential(twin, nn.ReLU()).state_dict()).missing_keys
+    first = next(iter(twin.state_dict()))
+    result = net.load_state_dict({"0." + first: twin.state_dict()[first]}, strict=False)
+    assert sorted(result.missing_keys) == sorted("0." + k for k in twin.state_dict() if k != first)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_twins_state_dict_is_refused_where_neurons_are_frozen(strict):
+    g = torch.Generator().manual_seed(4)
+    for twin, layer in ((nn.Linear(9, 12), _freeze_some(EideticLinear(9, 12), g)),
+                        (nn.Conv2d(3, 10, 3), _freeze_some(EideticConv2d(3, 10, 3), g)),
+                        (nn.BatchNorm2d(10), _freeze_some(EideticBatchNorm2d(10), g))):
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        net = nn.Sequential(layer)
+        with pytest.raises(RuntimeError, match=r"0: this looks like a torch.nn \w+ state dict .* frozen neurons "
+                                                r"whose weights it would overwrite; nothing was loaded"):
+            net.load_state_dict(nn.Sequential(twin).state_dict(), strict=strict)
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
 def test_inputs_of_frozen_neurons_cannot_change():
     layer = EideticLinear(6, 4)
     layer.set_input_task(torch.tensor([0, 0, 1, FREE, PRUNED, 2], dtype=torch.int16))
