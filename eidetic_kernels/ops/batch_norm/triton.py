@@ -42,8 +42,8 @@ import triton.language as tl
 from ...state import FREE, PRUNED
 from ..double_backward import graph_grads
 from . import reference
-from ..triton_common import (FREE_C, PRUNED_C, _counter, interpreting, is_frozen_state, reduction_blocks,
-                             register_autocast)
+from ..triton_common import (_BLOCK_OVERRIDE, FREE_C, PRUNED_C, _counter, interpreting, is_frozen_state,
+                             reduction_blocks, register_autocast)
 
 
 # Dispatch a layer whose channels are all FREE (without Taylor scores) to torch's batch norm (the layer *is*
@@ -397,6 +397,10 @@ def _launch_shape(C: int, S: int, L: int):
     cfg = reduction_blocks("bn")
     block = cfg["BLOCK"]
     block_c = 1 if S > 1 else min(cfg.get("BLOCK_C", 32), triton.next_power_of_2(max(C, 1)))
+    if interpreting() and "bn" not in _BLOCK_OVERRIDE:
+        # the interpreter's cost is per operation: channels side by side in tall tiles, few programs
+        block_c = min(16, triton.next_power_of_2(max(C, 1)))
+        block = 4096 * block_c
     block_e = max(block // block_c, 16)
     c_tiles = triton.cdiv(C, block_c)
     split = max(1, min(triton.cdiv(cfg["TARGET_PROGRAMS"], c_tiles), triton.cdiv(L, block_e)))

@@ -306,6 +306,9 @@ def _geometry(stride, padding, dilation, kernel_size):
                 KH=kernel_size[0], KW=kernel_size[1])
 
 
+_INTERPRETER_BLOCK_M = 2048
+
+
 def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> dict:
     """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the ROWS and COLS the table was built
     for (``table_shape``: under autocast, another dtype's), and dW tiles are the forward's row tiles against
@@ -321,15 +324,20 @@ def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> di
         cfg["BLOCK_K"] = cols_tile
     else:
         cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
-    if not interpreting() and kind not in _BLOCK_OVERRIDE:
+    if interpreting() and kind not in _BLOCK_OVERRIDE:
+        # the interpreter's cost is per operation, not per element: a conv's M (N·H·W positions) runs in
+        # thousands, so few tall tiles beat many short ones (a three-task conv body trains ~6x faster).
+        # Fixed per kernel, like every tile size: a block's summation order still depends on the block alone
+        cfg["BLOCK_M"] = _INTERPRETER_BLOCK_M
+    if kind not in _BLOCK_OVERRIDE:
         if kind == "fwd" and c_in is not None:
             # the forward's dots span channels of one kernel position: a layer with few input channels (an RGB
             # input) gets narrower ones. ``c_in`` is the layer's (its storage's), never a view's, so a
             # finished block's tiles do not depend on the width it is evaluated at
             cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, triton.next_power_of_2(c_in)))
-        elif kind == "dx":
+        elif kind == "dx" and not interpreting():
             cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
-        elif kind == "dw":
+        elif kind == "dw" and not interpreting():
             cfg["BLOCK_M"] = min(cfg["BLOCK_M"], 16)
     return cfg
 
