@@ -850,8 +850,9 @@ class _EideticBatchNorm(EideticLayer):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "recycled_at_batch"
-        if self.recycled_at_batch is not None and key not in state_dict:
-            # checkpoints from before per-channel counts: every channel counts from the layer's first batch
+        if self.recycled_at_batch is not None and key not in state_dict and prefix + "task_state" in state_dict:
+            # this layer's checkpoint from before per-channel counts: every channel counts from the layer's first
+            # batch. (A dict without the layer's states, a partial load or a torch.nn twin's, leaves them.)
             state_dict[key] = torch.zeros_like(self.recycled_at_batch)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

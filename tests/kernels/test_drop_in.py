@@ -458,6 +458,15 @@ def test_cumulative_average_restarts_for_recycled_channels():
     legacy = EideticBatchNorm1d(2, momentum=None)
     legacy.load_state_dict(old)  # checkpoints without the per-channel count still load
     assert legacy.recycled_at_batch.eq(0).all()
+    # a load that holds none of the layer's states (partial, or a torch.nn twin's) leaves the counts alone
+    kept = bn.recycled_at_batch.clone()
+    assert kept.ne(0).any()
+    bn.load_state_dict({}, strict=False)
+    assert torch.equal(bn.recycled_at_batch, kept)
+    twin = {k: v for k, v in bn.state_dict().items() if k in nn.BatchNorm1d(2).state_dict()}
+    with pytest.raises(RuntimeError, match="frozen neurons"):  # refused (frozen channels): nothing loaded
+        bn.load_state_dict(twin, strict=False)
+    assert torch.equal(bn.recycled_at_batch, kept)
 
 
 @pytest.mark.parametrize("state", ["fresh", "frozen"])
