@@ -643,8 +643,8 @@ class EideticNetwork(nn.Module):
             num_tasks, feature_dim = state_dict[key].shape
             if router is None or tuple(router.linear.weight.shape) != (num_tasks, feature_dim):
                 from .routing import TaskRouter
-                like = self._reference_tensor()
-                router = TaskRouter(feature_dim, num_tasks).to(device=like.device, dtype=like.dtype)
+                like = self._reference_tensor()  # the device; the dtype is the saved router's own
+                router = TaskRouter(feature_dim, num_tasks).to(device=like.device, dtype=state_dict[key].dtype)
                 router.requires_grad_(False)  # as fit_router leaves it: never part of a task's training
                 self.router = router
         elif full and router is not None:

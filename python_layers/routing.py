@@ -45,6 +45,7 @@ counts are comparable; a one-class head counts as maximally uncertain). Needs no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -146,13 +147,15 @@ class TaskRouter(nn.Module):
         return 0 if self.conv is None else self.conv[0].in_channels
 
     def body_logits(self, features: torch.Tensor, activations: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, num_tasks] from the body features [B, feature_dim] and layer activations [B, input_dim] (float32)."""
-        logits = self.linear((features - self.feature_mean) / self.feature_scale)
+        """[B, num_tasks] from the body features [B, feature_dim] and layer activations [B, input_dim], computed in
+        the router's dtype."""
+        dtype = self.feature_mean.dtype  # the router's own (float32 as fit_router builds it), whatever the body's
+        logits = self.linear((features.to(dtype) - self.feature_mean) / self.feature_scale)
         if self.mlp is not None:
             if activations is None:
                 raise ValueError(f"this router reads the body's layer activations ({self.input_dim} values) too: "
                                  "pass them (python_layers.routing.predict does)")
-            logits = logits + self.mlp((activations - self.input_mean) / self.input_scale)
+            logits = logits + self.mlp((activations.to(dtype) - self.input_mean) / self.input_scale)
         return logits
 
     def input_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,6 +320,19 @@ def _warm_start(router: TaskRouter, init: TaskRouter) -> None:
             p.copy_(q)
 
 
+@contextlib.contextmanager
+def _seeded_from(generator: torch.Generator | None):
+    """Torch's global generator seeded from ``generator`` inside the block, and restored after (nothing done
+    for None): module constructors draw from the global generator only."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _random_crop(x: torch.Tensor, pad: int, generator) -> torch.Tensor:
     """[B, C, H, W] -> each input's own random H x W window of it padded by ``pad`` zeros (``pad`` 0: ``x``)."""
     if pad == 0:
@@ -386,6 +402,8 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     the previous task): every weight starts from it, the output rows of the new tasks from a fresh init; the
     input statistics are measured again on this fit's inputs. The router still trains on every finished task's
     inputs; the body never sees them.
+    ``generator``: draws the router's initial weights, the batch order and the crops (None: torch's global
+    generator), so two fits with equally seeded generators give the same router.
     Raises ValueError for a loader list that does not match the finished tasks, bad sizes, an unknown ``reads``,
     no batch, non-finite features, ``flip`` or ``reads`` "input"/"both" with inputs that are not
     ``[B, C, H, W]``, and an ``init`` router that reads otherwise, has other sizes or as many tasks or more.
@@ -419,8 +437,15 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     feats, acts, images, targets = [], [], [], []
     with _EvalMode(model):
         for t in range(num_finished):
+            if isinstance(loaders[t], torch.Tensor):
+                raise ValueError(f"loaders[{t}] must yield batches x [B, ...] or (x, ...) tuples; it is a tensor of "
+                                 f"shape {tuple(loaders[t].shape)}, whose iteration gives its rows: pass [X] or a "
+                                 "DataLoader instead")
             for batch in loaders[t]:
                 x = _inputs(batch).to(device)
+                if x.dim() < 2:
+                    raise ValueError(f"loaders[{t}] must yield batches x [B, ...] or (x, ...) tuples; it yielded a "
+                                     f"tensor of shape {tuple(x.shape)}")
                 if flip and x.dim() != 4:
                     raise ValueError(f"flip=True mirrors images [B, C, H, W]; task {t}'s inputs are {tuple(x.shape)}")
                 if reads_input and x.dim() != 4:
@@ -446,8 +471,9 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
         raise ValueError("the features of the finished tasks are not finite; the router cannot be trained on them")
 
     feature_dim = feats.shape[1] if feats is not None else _feature_dim(model, images[:1], num_finished)
-    router = TaskRouter(feature_dim, num_finished, 0 if acts is None else acts.shape[1], hidden,
-                        0 if images is None else images.shape[1], reads_body).to(device)
+    with _seeded_from(generator):  # the router's initial weights: from ``generator`` when one is given
+        router = TaskRouter(feature_dim, num_finished, 0 if acts is None else acts.shape[1], hidden,
+                            0 if images is None else images.shape[1], reads_body).to(device)
     router.flip.fill_(flip)
     with torch.no_grad():
         if init is not None:
@@ -488,10 +514,13 @@ def _head_logits(model, features, num_finished) -> list[torch.Tensor]:
 def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tensor, torch.Tensor]:
     """(tasks, classes), LongTensor[B] each: each sample's routed task and its class under that head.
 
-    Raises ValueError for an unknown ``router``, no finished task, and ``"learned"`` without a router fitted on
-    every finished task."""
+    Raises ValueError for an unknown ``router``, an input that is not a batch [B, ...], no finished task, and
+    ``"learned"`` without a router fitted on every finished task."""
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"predict expects a batch x [B, ...], got {got}; for one sample pass x.unsqueeze(0)")
     num_finished = _finished(model)
     learned = getattr(model, "router", None)
     if router == "learned":

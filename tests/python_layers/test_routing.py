@@ -126,6 +126,54 @@ def test_entropy_routing_needs_no_router_and_errors_are_clear(trained):
         later.predict(x[:3])
     tasks_e, _ = later.predict(x[:3], router="entropy")
     assert int(tasks_e.max()) < 4
+    # not batches: one sample, or tensors passed as loaders (iterating a tensor gives its rows)
+    with pytest.raises(ValueError, match=r"batch x \[B, \.\.\.\].*x.unsqueeze\(0\)"):
+        model.predict(x[0].flatten())
+    with pytest.raises(ValueError, match=r"loaders\[0\] must yield batches.*pass \[X\] or a DataLoader"):
+        model.fit_router([x for _, x, _ in tasks])
+    with pytest.raises(ValueError, match=r"loaders\[1\] must yield batches.*yielded a tensor of shape \(64,\)"):
+        model.fit_router([[x] for _, x, _ in tasks[:1]] + [[x.flatten(1)[0]] for _, x, _ in tasks[1:]])
+
+
+def test_a_seeded_generator_gives_the_same_router(trained):
+    model, tasks, _, _, _, _ = trained
+    routers = []
+    for _ in range(2):
+        torch.manual_seed(len(routers))  # the global generator differs between the fits: it must not matter
+        later = copy.deepcopy(model)
+        later.fit_router([[x] for _, x, _ in tasks], epochs=2, generator=torch.Generator().manual_seed(3))
+        routers.append(later.router.state_dict())
+    assert routers[0].keys() == routers[1].keys()
+    for k in routers[0]:
+        assert torch.equal(routers[0][k], routers[1][k]), k
+
+
+def test_a_bfloat16_networks_router_survives_a_reload():
+    """fit_router builds a float32 router whatever the body's dtype; a reload rebuilds it in the saved dtype, and
+    a router cast with the network (model.bfloat16()) computes in its own dtype."""
+    torch.manual_seed(0)
+    tasks = make_tasks(num_tasks=2, seed=22)
+    make = lambda: EideticNetwork(*(lambda body, width: (body.to(torch.bfloat16), width))(*mlp_body(dropout=0.0)))
+    model = make()
+    as_bf16 = lambda loader: [(x.to(torch.bfloat16), y) for x, y in loader]
+    for t, (loader, _, _) in enumerate(tasks):
+        model.prepare_for_task(t, CLASSES)
+        model.train_task(as_bf16(loader), torch.optim.AdamW(model.parameters(), lr=5e-3), pruning="l2", step=0.25,
+                         max_epochs=1, recovery_epochs=1, max_prune_steps=1, progress=False)
+    model.eval()
+    model.fit_router([as_bf16(loader) for loader, _, _ in tasks], epochs=1)
+    assert model.router.linear.weight.dtype == torch.float32
+    x = torch.cat([x for _, x, _ in tasks]).to(torch.bfloat16)
+    expected = model.predict(x)
+    loaded = make()
+    loaded.load_state_dict(model.state_dict())
+    loaded.eval()
+    assert loaded.router.linear.weight.dtype == torch.float32
+    for a, b in zip(loaded.predict(x), expected):
+        assert torch.equal(a, b)
+    loaded.router.bfloat16()
+    tasks_b, _ = loaded.predict(x)
+    assert tasks_b.shape == (x.shape[0],)
 
 
 def test_the_router_travels_with_the_state_dict(trained):
