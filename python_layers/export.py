@@ -17,6 +17,7 @@ tolerance of ``model(x, task=t)``; ``export_task`` checks that on a random batch
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -185,19 +186,35 @@ def _batch_norm(layer: _EideticBatchNorm, channels: torch.Tensor) -> nn.Module:
     return bn.eval()
 
 
-def export_task(model, task: int, example: torch.Tensor | None = None, rtol: float = 1e-4,
-                atol: float = 1e-4) -> fx.GraphModule:
+# the check's default tolerances (rtol = atol) by the logits' dtype: the blocks sum in another order than the
+# network's, so the two differ by a few roundings of that dtype
+CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def export_task(model, task: int, example: torch.Tensor | None = None, rtol: float | None = None,
+                atol: float | None = None) -> fx.GraphModule:
     """A plain torch.nn module (``torch.fx.GraphModule``) computing finished task ``task``'s logits.
 
+    task: an int (or an integer scalar: numpy, a one-element tensor), a finished task.
     example: an input batch to check the export with (default: random, of the shape the body was traced on);
-    rtol/atol: the tolerances of that check (fp32: the blocks sum in another order than the network's).
-    Raises ValueError for a task that is not finished, GraphError when the body cannot be exported (it ties a
-    constant to feature positions, or its code assumes full widths) or the check fails.
+    rtol/atol: the tolerances of that check (default: ``CHECK_TOLERANCE`` of the logits' dtype, 1e-4 in fp32).
+    Raises TypeError for a task that is not an integer, ValueError for a task that is not finished, GraphError
+    when the body cannot be exported (it ties a constant to feature positions, or its code assumes full
+    widths) or the check fails.
     """
     if not model.num_finished_tasks:
         raise ValueError(f"no task is finished yet: export a task after model.finish_task() (train_task ends "
                          f"with it), got task={task!r}")
-    if not isinstance(task, int) or not 0 <= task < model.num_finished_tasks:
+    if isinstance(task, torch.Tensor) and task.numel() == 1 and not task.dtype.is_floating_point:
+        task = int(task)
+    try:
+        if isinstance(task, bool):
+            raise TypeError
+        task = operator.index(task)
+    except TypeError:
+        raise TypeError(f"task must be an int, a finished task (0..{model.num_finished_tasks - 1}), got "
+                        f"{type(task).__name__}") from None
+    if not 0 <= task < model.num_finished_tasks:
         raise ValueError(f"task must be a finished task (0..{model.num_finished_tasks - 1}), got {task!r}")
     graph = model.graph
     if graph is None:
@@ -264,6 +281,9 @@ def _check(model, exported: nn.Module, task: int, example: torch.Tensor | None, 
     finally:
         for m, mode in modes:
             m.training = mode
+    default = CHECK_TOLERANCE.get(want.dtype, 1e-4)
+    rtol, atol = (default if t is None else t for t in (rtol, atol))
     if got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
         diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
-        raise GraphError(f"export: the compact module's logits differ from the network's (max |diff| {diff:.3g})")
+        raise GraphError(f"export: the compact module's logits differ from the network's (max |diff| {diff:.3g}, "
+                         f"rtol {rtol:g}, atol {atol:g}; pass looser rtol/atol if that is rounding)")

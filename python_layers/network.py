@@ -317,13 +317,15 @@ class EideticNetwork(nn.Module):
                 order = torch.arange(g.size) if order is None else order
                 self._neuron_order[g.name] = order[perms[id(g)].cpu()]
 
-    def export(self, task: int, example: torch.Tensor | None = None):
+    def export(self, task: int, example: torch.Tensor | None = None, rtol: float | None = None,
+               atol: float | None = None):
         """Finished task ``task`` as a plain torch.nn module (a ``torch.fx.GraphModule`` of compact Linear/Conv2d/
         BatchNorm layers and the body's own ops) that runs without eidetic: its weights are exactly the
         synapses the task uses. Checked against ``self(x, task=task)`` on ``example`` (default: a random
-        batch). See ``python_layers.export``."""
+        batch) within ``rtol``/``atol`` (default: by the logits' dtype, ``export.CHECK_TOLERANCE``). See
+        ``python_layers.export.export_task``."""
         from .export import export_task
-        return export_task(self, task, example)
+        return export_task(self, task, example, rtol, atol)
 
     def neuron_positions(self, group: str) -> torch.Tensor:
         """Int64[size]: the current position of each neuron of group ``group`` (a member layer's name, as in

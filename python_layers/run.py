@@ -653,15 +653,32 @@ def _quiet(*args, **kwargs) -> None:
 def _export_program(module: torch.nn.Module, example: torch.Tensor):
     """``torch.export`` of an exported task that takes any batch size (the example's batch size where the
     body's ops tie the batch to it, e.g. a reshape to a fixed size)."""
-    try:
-        return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    try:  # two samples: the program keeps its example inputs, and any batch size is allowed
+        return torch.export.export(module, (example[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception:  # noqa: BLE001 - some bodies specialise the batch: fall back to the example's size
         return torch.export.export(module, (example,))
 
 
+def _check_export_path(out: Path) -> None:
+    """Before any work: ``out`` names a file that can be written, and not the ``.pt2`` archive beside it."""
+    if out.suffix == ".pt2":
+        raise ConfigError(f"--out {out}: the torch.save file cannot end in .pt2, the torch.export archive is "
+                          f"written beside it under that suffix; use e.g. --out {out.with_suffix('.pt')}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the file to write, e.g. --out {out / 'task.pt'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"--out {out}: not writable")
+
+
 def export(run_dir, task: int, out, log=print) -> dict:
     """``eidetic export``: task ``task`` of the run in ``run_dir`` as a plain torch.nn module saved to ``out``
-    (``torch.save``; plus ``out`` with suffix ``.pt2`` from ``torch.export`` where the body allows).
+    (``torch.save``; plus ``out`` with suffix ``.pt2`` from ``torch.export`` where the body allows, its example
+    inputs two test samples). Raises ConfigError for a folder that holds no run, a task that is not finished and
+    an ``out`` that cannot be written or ends in ``.pt2``, before any work.
 
     Checks the module against the network on the task's whole test set; returns the report (also logged):
     test accuracy of both, share of test samples with the same argmax, max |logit difference|, parameters.
@@ -671,6 +688,7 @@ def export(run_dir, task: int, out, log=print) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} holds no run (config.yaml and checkpoint.pt); train one with eidetic train")
+    _check_export_path(out)
     run = Run(load_config(run_dir / "config.yaml"), run_dir, log)
     run.build()
     run.load_checkpoint()
@@ -690,21 +708,30 @@ def export(run_dir, task: int, out, log=print) -> dict:
             correct_model += int((a.argmax(-1) == y).sum())
             correct_module += int((b.argmax(-1) == y).sum())
     n = max(1, len(data))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(module, out)
+    try:
+        torch.save(module, out)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
+    router = getattr(model, "router", None)
+
+    def values(module):
+        return 0 if module is None else sum(t.numel() for t in list(module.parameters()) + list(module.buffers())
+                                            if t.dtype.is_floating_point)
     report = {"task": task, "out": str(out), "test_samples": len(data), "network_accuracy": correct_model / n,
               "export_accuracy": correct_module / n, "same_argmax": same / n, "max_abs_logit_diff": diff,
               "parameters": sum(p.numel() for p in module.parameters()),
-              "network_parameters_and_buffers": sum(t.numel() for t in list(model.parameters()) +
-                                                    list(model.buffers()) if t.dtype.is_floating_point)}
+              # the body and the heads (what the export is cut from); the task router apart
+              "network_parameters_and_buffers": values(model) - values(router),
+              "router_parameters_and_buffers": values(router)}
     try:
         program = _export_program(module, batches[0][0])
         torch.export.save(program, out.with_suffix(".pt2"))
         report["torch_export"] = str(out.with_suffix(".pt2"))
     except Exception as exc:  # noqa: BLE001 - the body's ops decide; the torch.save file is the export
         report["torch_export"] = f"not possible for this body ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-    log(f"task {task}: {report['parameters']} parameters (the network holds {report['network_parameters_and_buffers']}"
-        f" values); test accuracy {report['export_accuracy']:.4f} (network {report['network_accuracy']:.4f}); "
+    router_note = f", its task router {report['router_parameters_and_buffers']} more" if router is not None else ""
+    log(f"task {task}: {report['parameters']} parameters (the network's body and heads hold "
+        f"{report['network_parameters_and_buffers']} values{router_note}); test accuracy {report['export_accuracy']:.4f} (network {report['network_accuracy']:.4f}); "
         f"same argmax on {report['same_argmax']:.2%} of {len(data)} test samples; max |logit diff| "
         f"{diff:.2e}\nsaved {out}; torch.export: {report['torch_export']}")
     return report

@@ -469,6 +469,31 @@ def test_cumulative_average_restarts_for_recycled_channels():
     assert torch.equal(bn.recycled_at_batch, kept)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [False, True])
+def test_frozen_channels_in_low_precision_are_as_accurate_as_the_twin(dtype, training):
+    """A bf16/fp16 batch norm with frozen channels normalises in float32 and rounds once, as ATen does for the
+    twin: its error against the fp64 computation on the same (rounded) parameters is the twin's."""
+    torch.manual_seed(0)
+    twin = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        twin.running_mean.uniform_(-2, 2), twin.running_var.uniform_(0.5, 3)
+        twin.weight.uniform_(0.5, 2), twin.bias.uniform_(-1, 1)
+    twin.to(dtype)
+    bn = ek.convert(copy.deepcopy(twin))
+    bn.prune_neurons([6, 7])
+    bn.freeze_free_neurons(0)
+    bn.recycle_pruned_neurons()  # channels 0..5 frozen: running statistics, in training too
+    x = (torch.randn(16, 8, 5, 5) * 2 + 1).to(dtype)
+    exact = copy.deepcopy(twin).double().eval()(x.double())[:, :6]
+    bn.train(training)
+    twin.eval()  # frozen channels normalise with running statistics in both modes
+    with torch.no_grad():
+        err = (bn(x)[:, :6].double() - exact).abs().max().item()
+        err_twin = (twin(x)[:, :6].double() - exact).abs().max().item()
+    assert err <= err_twin * 1.01 + 1e-6, (err, err_twin)
+
+
 @pytest.mark.parametrize("state", ["fresh", "frozen"])
 def test_one_value_per_channel_is_an_error_in_training(state):
     bn = EideticBatchNorm2d(3)

@@ -72,6 +72,16 @@ def test_end_to_end_outputs(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), module(x))
     assert cli.main(["export", "--run", str(out), "--task", "3", "--out", str(tmp_path / "x.pt")]) == 2
+    # the routed run's router is counted apart from the body and heads; the program keeps two example samples
+    assert report["router_parameters_and_buffers"] > 0
+    assert example.shape[0] == 2
+    # --out: never the .pt2 archive's own name, never a folder; refused before any work (exit status 2)
+    for bad in (tmp_path / "task1.pt2", tmp_path):
+        assert cli.main(["export", "--run", str(out), "--task", "1", "--out", str(bad)]) == 2
+    with pytest.raises(cli.ConfigError, match=r"cannot end in \.pt2.*--out .*task1\.pt"):
+        cli.export(out, 1, tmp_path / "task1.pt2", log=lambda *_: None)
+    with pytest.raises(cli.ConfigError, match="is a folder"):
+        cli.export(out, 1, tmp_path, log=lambda *_: None)
     assert all(sum(v.values()) == 16 for v in groups.values())
     lines = (out / "history.csv").read_text().splitlines()
     assert lines[0].startswith("task,phase,epoch,global_epoch") and len(lines) > 6

@@ -9,6 +9,7 @@ accepts it. Bodies that tie a constant to feature positions are a clear error.
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -99,8 +100,40 @@ def test_export_errors_are_clear():
     model, _ = _trained("mlp", tasks=1)
     with pytest.raises(ValueError, match="finished task"):
         model.export(1)
+    with pytest.raises(TypeError, match="task must be an int"):
+        model.export(True)
+    for task in (np.int64(0), torch.tensor(0)):  # integer scalars, as model(x, task=...) takes them
+        assert sum(p.numel() for p in model.export(task).parameters()) == \
+            sum(p.numel() for p in model.export(0).parameters())
     torch.manual_seed(0)
     scaled = EideticNetwork(Scaled(), 12)
     _finish_tasks(scaled, (1, 8, 8), tasks=1)
     with pytest.raises(GraphError, match="one value per feature"):
         scaled.export(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_body_with_batch_norm_exports(dtype):
+    """The check's default tolerance follows the logits' dtype (a few roundings of it), and the frozen batch-norm
+    channels normalise in float32 as the twin does: the export matches in bf16/fp16 too."""
+    torch.manual_seed(0)
+    body, feature_dim, shape = cnn()
+    model = EideticNetwork(body.to(dtype), feature_dim)
+    g = torch.Generator().manual_seed(1)
+    model.prepare_for_task(0, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)  # (AdamW's eps underflows in fp16)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn((8,) + shape, generator=g).to(dtype)).float(),
+                        torch.randint(3, (8,), generator=g)).backward()
+        opt.step()
+    grp = model.groups[0]
+    grp.prune((grp.task_state == FREE).nonzero().flatten()[:3])
+    model.finish_task()
+    model.eval()
+    x = torch.randn((16,) + shape, generator=g).to(dtype)
+    exported = model.export(0, example=x)
+    with torch.no_grad():
+        got, want = exported(x), model(x, task=0)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2)

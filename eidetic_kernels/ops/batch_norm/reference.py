@@ -49,6 +49,11 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
         y = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps)
     else:
         shape = [1, -1] + [1] * (x.dim() - 2)
+        # float16/bfloat16 normalised in float32 and rounded once, as ATen's batch norm does (its opmath type)
+        out_dtype = x.dtype
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+            weight, bias = (None if t is None else t.float() for t in (weight, bias))
         if use_batch_stats:
             dims = [0] + list(range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=dims, correction=0)
@@ -59,16 +64,19 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
                 with torch.no_grad():
                     n = x.numel() // x.shape[1]
                     unbiased = var.detach() * (n / max(n - 1, 1))
-                    running_mean.copy_(torch.where(free, torch.lerp(running_mean, mean.detach(), momentum), running_mean))
-                    running_var.copy_(torch.where(free, torch.lerp(running_var, unbiased, momentum), running_var))
+                    running_mean.copy_(torch.where(free, torch.lerp(running_mean.to(mean.dtype), mean.detach(),
+                                                                    momentum), running_mean))
+                    running_var.copy_(torch.where(free, torch.lerp(running_var.to(unbiased.dtype), unbiased,
+                                                                   momentum), running_var))
                 var = var_used
         else:
             mean, var = running_mean, running_var
-        y = (x - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+        y = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype) + eps).view(shape)
         if weight is not None:
             y = y * weight.view(shape)
         if bias is not None:
             y = y + bias.view(shape)
         if not all_live:
             y = y.masked_fill(~live.view(shape), 0)
+        y = y.to(out_dtype)
     return attach_taylor_hook(y, taylor_score, 1)
