@@ -508,7 +508,9 @@ class EideticLayer(nn.Module):
             except (TypeError, ValueError) as exc:
                 error_msgs.append(f"{exc}; this layer has {self.num_neurons} neurons")
                 return
-            incoming = incoming.to(self.task_state.device, STATE_DTYPE)
+            # a layer built on the meta device (loaded with assign=True) plans on the incoming states' device
+            incoming = incoming.to(incoming.device if self.task_state.is_meta else self.task_state.device,
+                                   STATE_DTYPE)
             lo = in_task = None
             if self._has_inputs:
                 lo = state_dict.get(prefix + "min_input_task", self.min_input_task).to(incoming.device, STATE_DTYPE)
@@ -555,6 +557,12 @@ class EideticLayer(nn.Module):
         twin = [name for name in own if name not in eidetic_only]
         if not any(prefix + name in state_dict for name in twin):
             return False
+        if self.task_state.is_meta:
+            error_msgs.append(
+                f"{prefix[:-1] or 'the layer'}: this looks like a torch.nn {type(self).__name__[len('Eidetic'):]} "
+                "state dict (no neuron states), and the layer is on the meta device, where it has none either: "
+                "call to_empty(device=...) and reset_parameters() before loading it")
+            return True
         frozen = int(is_frozen(self.task_state).sum())
         if frozen:
             error_msgs.append(

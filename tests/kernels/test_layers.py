@@ -225,6 +225,26 @@ def test_a_twins_state_dict_is_refused_where_neurons_are_frozen(strict):
             assert torch.equal(v, before[k]), k
 
 
+def test_a_meta_layer_takes_a_state_dict_with_assign():
+    """Built on the meta device, a layer takes an eidetic state dict with ``assign=True`` (the states and the
+    storages of the dict, frozen ones included); a torch.nn twin's dict, which has no states, is a clear error."""
+    g = torch.Generator().manual_seed(5)
+    for make, x in ((lambda: EideticLinear(9, 12), torch.randn(4, 9)),
+                    (lambda: EideticConv2d(3, 10, 3), torch.randn(2, 3, 6, 6)),
+                    (lambda: EideticBatchNorm2d(10), torch.randn(4, 10, 3, 3))):
+        source = _freeze_some(make(), g).eval()
+        with torch.device("meta"):
+            layer = make()
+        layer.load_state_dict(source.state_dict(), assign=True)
+        assert torch.equal(layer.eval()(x), source(x))
+        with torch.device("meta"):
+            layer = make()
+        twin = {k: v for k, v in source.state_dict().items() if not k.startswith(("frozen_", "task_state",
+                                                                                   "min_input", "input_task"))}
+        with pytest.raises(RuntimeError, match=r"meta device.*to_empty\(device=\.\.\.\) and reset_parameters"):
+            layer.load_state_dict(twin, assign=True)
+
+
 def test_inputs_of_frozen_neurons_cannot_change():
     layer = EideticLinear(6, 4)
     layer.set_input_task(torch.tensor([0, 0, 1, FREE, PRUNED, 2], dtype=torch.int16))
