@@ -236,7 +236,6 @@ def test_help_explains_every_key(capsys):
     assert "--resume" in train_text and "--config" in train_text and "  router (default" in train_text
 
 
-@pytest.mark.trains_conv_body
 @pytest.mark.parametrize("model,extra", [("convnet", ["widths=[4,8]"]),
                                          ("resnet", ["widths=[4,8]", "blocks=[1,1]"])])
 def test_conv_bodies_run_through_the_cli(tmp_path, model, extra):

@@ -226,17 +226,15 @@ def expect_input_bn2d(model):
     assert features_of(model) == [(fs("fc"), 16, 1)]
 
 
-conv = pytest.mark.trains_conv_body
-
 # name: (body factory, input shape, feature_dim, forward_transfer, graph expectation, marks)
 CASES = {
     "mlp": (mlp_body, (1, 8, 8), 16, True, expect_mlp, ()),
-    "cnn_bn_pool": (cnn_body, (1, 8, 8), 16, True, expect_cnn, (conv,)),
-    "resnet": (ResNetBody, (1, 8, 8), 16, True, expect_resnet, (conv,)),
-    "bottleneck": (BottleneckBody, (1, 8, 8), 16, True, expect_bottleneck, (conv,)),
+    "cnn_bn_pool": (cnn_body, (1, 8, 8), 16, True, expect_cnn, ()),
+    "resnet": (ResNetBody, (1, 8, 8), 16, True, expect_resnet, ()),
+    "bottleneck": (BottleneckBody, (1, 8, 8), 16, True, expect_bottleneck, ()),
     "cat": (CatBody, (1, 8, 8), 16, True, expect_cat, ()),
     "input_bn1d": (InputBN1dBody, (16,), 16, True, expect_input_bn1d, ()),
-    "input_bn2d": (InputBN2dBody, (3, 8, 8), 16, True, expect_input_bn2d, (conv,)),
+    "input_bn2d": (InputBN2dBody, (3, 8, 8), 16, True, expect_input_bn2d, ()),
     "mlp_no_forward_transfer": (mlp_body, (1, 8, 8), 16, False, expect_mlp, ()),
 }
 
