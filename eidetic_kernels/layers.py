@@ -557,16 +557,17 @@ class EideticLayer(nn.Module):
         twin = [name for name in own if name not in eidetic_only]
         if not any(prefix + name in state_dict for name in twin):
             return False
+        where, twin_kind = prefix[:-1] or "the layer", type(self).__name__[len("Eidetic"):]
         if self.task_state.is_meta:
             error_msgs.append(
-                f"{prefix[:-1] or 'the layer'}: this looks like a torch.nn {type(self).__name__[len('Eidetic'):]} "
+                f"{where}: this looks like a torch.nn {twin_kind} "
                 "state dict (no neuron states), and the layer is on the meta device, where it has none either: "
                 "call to_empty(device=...) and reset_parameters() before loading it")
             return True
         frozen = int(is_frozen(self.task_state).sum())
         if frozen:
             error_msgs.append(
-                f"{prefix[:-1] or 'the layer'}: this looks like a torch.nn {type(self).__name__[len('Eidetic'):]} state "
+                f"{where}: this looks like a torch.nn {twin_kind} state "
                 f"dict (no '{prefix}task_state'), and the layer has {frozen} frozen neurons whose weights it would "
                 "overwrite; nothing was loaded into it. Load the torch.nn state dict into the torch.nn module "
                 "before ek.convert, or into a layer with no frozen neuron")

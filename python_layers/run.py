@@ -731,7 +731,8 @@ def export(run_dir, task: int, out, log=print) -> dict:
         report["torch_export"] = f"not possible for this body ({type(exc).__name__}: {str(exc).splitlines()[0]})"
     router_note = f", its task router {report['router_parameters_and_buffers']} more" if router is not None else ""
     log(f"task {task}: {report['parameters']} parameters (the network's body and heads hold "
-        f"{report['network_parameters_and_buffers']} values{router_note}); test accuracy {report['export_accuracy']:.4f} (network {report['network_accuracy']:.4f}); "
+        f"{report['network_parameters_and_buffers']} values{router_note}); test accuracy "
+        f"{report['export_accuracy']:.4f} (network {report['network_accuracy']:.4f}); "
         f"same argmax on {report['same_argmax']:.2%} of {len(data)} test samples; max |logit diff| "
         f"{diff:.2e}\nsaved {out}; torch.export: {report['torch_export']}")
     return report

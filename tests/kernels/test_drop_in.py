@@ -491,6 +491,9 @@ def test_frozen_channels_in_low_precision_are_as_accurate_as_the_twin(dtype, tra
     with torch.no_grad():
         err = (bn(x)[:, :6].double() - exact).abs().max().item()
         err_twin = (twin(x)[:, :6].double() - exact).abs().max().item()
+    if dtype == torch.bfloat16 and bn.last_backend == "triton" and x.device.type != "cuda":
+        pytest.skip("bf16 on the Triton backend: GPU only, as in the kernel tests (the interpreter's bf16 is not "
+                    "the GPU's)")
     assert err <= err_twin * 1.01 + 1e-6, (err, err_twin)
 
 
