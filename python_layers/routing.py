@@ -45,7 +45,6 @@ counts are comparable; a one-class head counts as maximally uncertain). Needs no
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -320,19 +319,6 @@ def _warm_start(router: TaskRouter, init: TaskRouter) -> None:
             p.copy_(q)
 
 
-@contextlib.contextmanager
-def _seeded_from(generator: torch.Generator | None):
-    """Torch's global generator seeded from ``generator`` inside the block, and restored after (nothing done
-    for None): module constructors draw from the global generator only."""
-    if generator is None:
-        yield
-        return
-    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _random_crop(x: torch.Tensor, pad: int, generator) -> torch.Tensor:
     """[B, C, H, W] -> each input's own random H x W window of it padded by ``pad`` zeros (``pad`` 0: ``x``)."""
     if pad == 0:
@@ -402,8 +388,9 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     the previous task): every weight starts from it, the output rows of the new tasks from a fresh init; the
     input statistics are measured again on this fit's inputs. The router still trains on every finished task's
     inputs; the body never sees them.
-    ``generator``: draws the router's initial weights, the batch order and the crops (None: torch's global
-    generator), so two fits with equally seeded generators give the same router.
+    ``generator``: draws the batch order and the crops (None: torch's global generator). The router's initial
+    weights draw from torch's global generator, as any module's: seed both (``torch.manual_seed`` and the
+    generator) for a fit that gives the same router again.
     Raises ValueError for a loader list that does not match the finished tasks, bad sizes, an unknown ``reads``,
     no batch, non-finite features, ``flip`` or ``reads`` "input"/"both" with inputs that are not
     ``[B, C, H, W]``, and an ``init`` router that reads otherwise, has other sizes or as many tasks or more.
@@ -471,9 +458,8 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
         raise ValueError("the features of the finished tasks are not finite; the router cannot be trained on them")
 
     feature_dim = feats.shape[1] if feats is not None else _feature_dim(model, images[:1], num_finished)
-    with _seeded_from(generator):  # the router's initial weights: from ``generator`` when one is given
-        router = TaskRouter(feature_dim, num_finished, 0 if acts is None else acts.shape[1], hidden,
-                            0 if images is None else images.shape[1], reads_body).to(device)
+    router = TaskRouter(feature_dim, num_finished, 0 if acts is None else acts.shape[1], hidden,
+                        0 if images is None else images.shape[1], reads_body).to(device)
     router.flip.fill_(flip)
     with torch.no_grad():
         if init is not None:
