@@ -17,7 +17,6 @@ tolerance of ``model(x, task=t)``; ``export_task`` checks that on a random batch
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.fx as fx
@@ -28,6 +27,7 @@ from eidetic_kernels.layers import _EideticBatchNorm
 from eidetic_kernels.state import live_inputs, make_table
 
 from .graph import GraphError, Segment, trace_fx
+from .network import task_index
 
 __all__ = ["export_task", "needed_neurons"]
 
@@ -205,15 +205,7 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
     if not model.num_finished_tasks:
         raise ValueError(f"no task is finished yet: export a task after model.finish_task() (train_task ends "
                          f"with it), got task={task!r}")
-    if isinstance(task, torch.Tensor) and task.numel() == 1 and not task.dtype.is_floating_point:
-        task = int(task)
-    try:
-        if isinstance(task, bool):
-            raise TypeError
-        task = operator.index(task)
-    except TypeError:
-        raise TypeError(f"task must be an int, a finished task (0..{model.num_finished_tasks - 1}), got "
-                        f"{type(task).__name__}") from None
+    task = task_index(task, f"export one of the finished tasks 0..{model.num_finished_tasks - 1}")
     if not 0 <= task < model.num_finished_tasks:
         raise ValueError(f"task must be a finished task (0..{model.num_finished_tasks - 1}), got {task!r}")
     graph = model.graph

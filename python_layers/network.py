@@ -29,6 +29,19 @@ __all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def task_index(task, hint: str) -> int:
+    """``task`` as an int: an int, or an integer scalar (numpy, a one-element integer tensor); a bool or anything
+    else is a TypeError that ends with ``hint``."""
+    if isinstance(task, torch.Tensor) and task.numel() == 1 and not task.dtype.is_floating_point:
+        task = int(task)
+    try:
+        if isinstance(task, bool):
+            raise TypeError
+        return operator.index(task)
+    except TypeError:
+        raise TypeError(f"task must be an int, got {type(task).__name__}; {hint}") from None
+
+
 def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool, narrow: int | None) -> None:
     """A layer's per-forward mode. Plain attributes, written to the instance dict: nn.Module.__setattr__'s
     bookkeeping (for parameters, buffers and submodules, which these never are) costs more than the
@@ -361,15 +374,7 @@ class EideticNetwork(nn.Module):
                                    if self.num_finished_tasks else
                                    "no task is prepared: call model.prepare_for_task(0, num_classes) first")
             return self.current_task
-        if isinstance(task, torch.Tensor) and task.numel() == 1 and not task.dtype.is_floating_point:
-            task = int(task)
-        try:
-            if isinstance(task, bool):
-                raise TypeError
-            task = operator.index(task)
-        except TypeError:
-            raise TypeError(f"task must be an int (one task for the whole batch), got {type(task).__name__}; "
-                            "to choose per sample, use model.predict(x)") from None
+        task = task_index(task, "one task for the whole batch (to choose per sample, use model.predict(x))")
         if not 0 <= task < len(self.heads):
             known = f"tasks 0..{len(self.heads) - 1} exist" if len(self.heads) else "no task exists yet"
             raise ValueError(f"unknown task {task}: {known} (prepare_for_task adds one)")
