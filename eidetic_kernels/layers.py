@@ -764,7 +764,7 @@ class EideticConv2d(EideticLayer):
 
         with _ordinary_tensors():
             return layer_tiles(self._plans, lambda: self._table(n_in), self.input_task, self.task_state,
-                               self.min_input_task, self.view_task, self.constant_frozen, dtype, n_in)
+                               self.min_input_task, self.view_task, self.constant_frozen, dtype, n_in, op="conv2d")
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

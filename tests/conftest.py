@@ -15,5 +15,10 @@ else:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.interpreter import speed_up_interpreter
+
+    speed_up_interpreter()
+
 # Tiny shapes: one thread is faster than two fighting over two cores, and timings stay steady in CI.
 torch.set_num_threads(1)

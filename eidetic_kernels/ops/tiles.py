@@ -59,9 +59,10 @@ class Tiles(NamedTuple):
 TILE_NAMES = ("prog", "rows", "cols", "dw_prog", "dx_prog", "dx_seg", "dx_map", "work", "shape", "align")
 
 
-def tile_shape(dtype: torch.dtype) -> tuple[int, int]:
-    """(ROWS, COLS) of the tables for ``dtype``: rows per forward/dW program, input columns per dX program."""
-    return gemm_blocks("fwd", dtype)["BLOCK_N"], gemm_blocks("dx", dtype)["BLOCK_K"]
+def tile_shape(dtype: torch.dtype, op: str = "linear") -> tuple[int, int]:
+    """(ROWS, COLS) of the tables for ``dtype`` and ``op`` ("linear" or "conv2d": the same on a GPU): rows per
+    forward/dW program, input columns per dX program."""
+    return gemm_blocks("fwd", dtype, op)["BLOCK_N"], gemm_blocks("dx", dtype, op)["BLOCK_K"]
 
 
 def table_shape(tiles) -> tuple[int, int]:
@@ -255,13 +256,14 @@ def _(in_task, out_task, out_min_task, view_task, constant_frozen, rows_tile, co
 
 
 def layer_tiles(plans: dict, table_fn, in_task, out_task, out_min_task, view_task: int | None,
-                constant_frozen: bool, dtype: torch.dtype, narrow: int | None = None) -> Tiles:
+                constant_frozen: bool, dtype: torch.dtype, narrow: int | None = None, op: str = "linear") -> Tiles:
     """A layer's tile table for its current view, cached in ``plans`` (the layer's plan cache, cleared at
     every state change). Eager: built on the host from ``table_fn()`` (the layer's cached range table).
     Inside a compiled graph a cached table is an input of the graph; a missing one is built by the
     ``eidetic::triton_linear_tiles`` op when the graph runs, and cached as well. ``narrow``: the view at
-    prefix width reading ``narrow`` inputs (``state.narrow_table``; eager only)."""
-    rows_tile, cols_tile = tile_shape(dtype)
+    prefix width reading ``narrow`` inputs (``state.narrow_table``; eager only). ``op``: "linear" or "conv2d"
+    (``tile_shape``)."""
+    rows_tile, cols_tile = tile_shape(dtype, op)
     key = ("triton tiles", view_task, bool(constant_frozen), rows_tile, cols_tile, narrow)
     tiles = plans.get(key)
     if tiles is None:

@@ -306,9 +306,6 @@ def _geometry(stride, padding, dilation, kernel_size):
                 KH=kernel_size[0], KW=kernel_size[1])
 
 
-_INTERPRETER_BLOCK_M = 2048
-
-
 def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> dict:
     """Launch configuration; the forward's BLOCK_N and the dX BLOCK_K are the ROWS and COLS the table was built
     for (``table_shape``: under autocast, another dtype's), and dW tiles are the forward's row tiles against
@@ -316,7 +313,7 @@ def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> di
     dX kernel reads its rows in chunks of at most 32 and dW its positions in chunks of 16: both gather their
     tiles with per-element offsets, and wider chunks spill registers (ptxas, fp32 on sm_80: dX 36.9 KB at 128
     rows, 1.4 KB at 32; dW 15.5 KB at 32 positions, 56 bytes at 16)."""
-    cfg = dict(gemm_blocks(kind, dtype))
+    cfg = dict(gemm_blocks(kind, dtype, "conv2d"))
     rows_tile, cols_tile = table_shape(tiles)
     if kind == "fwd":
         cfg["BLOCK_N"] = rows_tile
@@ -324,11 +321,6 @@ def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> di
         cfg["BLOCK_K"] = cols_tile
     else:
         cfg["BLOCK_N"], cfg["BLOCK_K"] = rows_tile, cols_tile
-    if interpreting() and kind not in _BLOCK_OVERRIDE:
-        # the interpreter's cost is per operation, not per element: a conv's M (N·H·W positions) runs in
-        # thousands, so few tall tiles beat many short ones (a three-task conv body trains ~6x faster).
-        # Fixed per kernel, like every tile size: a block's summation order still depends on the block alone
-        cfg["BLOCK_M"] = _INTERPRETER_BLOCK_M
     if kind not in _BLOCK_OVERRIDE:
         if kind == "fwd" and c_in is not None:
             # the forward's dots span channels of one kernel position: a layer with few input channels (an RGB
@@ -561,7 +553,7 @@ def conv2d(x, weight, bias, frozen_weight, frozen_bias, table, stride, padding, 
                          "(EideticConv2d resolves 'same'/'valid' to ints)")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if isinstance(table, Table):
-        rows_tile, cols_tile = tile_shape(x.dtype)
+        rows_tile, cols_tile = tile_shape(x.dtype, "conv2d")
         table = build_tiles(table, constant_frozen, rows_tile, cols_tile, x.device)
     if DENSE_SHORTCUT and taylor_score is None and table.dense:
         return F.conv2d(x, weight, bias, stride, padding, dilation)
