@@ -34,8 +34,12 @@ def speed_up_interpreter() -> bool:
     if getattr(patch_lang, "_skips_nested", False):
         return True
 
+    langs_of = {}  # a function's language modules: its globals are read once, not at every call
+
     def _patch_lang(fn):
-        langs = [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
         # a patched tl.load is the interpreter's wrapper, not the builtin: the enclosing launch patched it
         if langs and not any(is_builtin(getattr(lang, "load", None)) for lang in langs):
             return scope()
