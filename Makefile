@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.eidetic-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-plot clean
+.PHONY: setup test test-triton demo bench bench-plot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The whole suite on the Triton backend. Without a GPU the kernels run in the interpreter, one per core
+# (pytest-xdist, longest tests first: tests/python_layers/conftest.py); about 50 minutes on 2 cores.
+test-triton: setup
+	EIDETIC_BACKEND=triton $(PY) -m pytest -q -n 2 --maxschedchunk 1 --durations=20 tests $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m python_layers.demo
