@@ -13,8 +13,9 @@
 # eidetic layers on Triton and on the reference backend in the same run (providers eidetic and eidetic-reference,
 # see benchmarks/README.md), forcing each row's backend; --eidetic-backends after -- limits them.
 #
-# PY (default: .venv/bin/python when it exists, else python) picks the interpreter. Exit status: the first
-# failing step's.
+# PY (default: .venv/bin/python when it exists, else python) picks the interpreter. A failing step does not stop
+# the later ones (a GPU is lent rarely: the benchmark still runs after a failed test); the exit status is the
+# first failing step's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -32,15 +33,24 @@ while [ $# -gt 0 ]; do
   shift
 done
 started=$(date +%s)
+status=0
+step() {  # run one step; remember the first failure and go on
+  local rc=0
+  "$@" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "gpu_check: step failed (exit $rc): $*" >&2
+    if [ "$status" -eq 0 ]; then status=$rc; fi
+  fi
+}
 if [ "$quick" = 1 ]; then
   export TRITON_INTERPRET=1
   echo "== kernel tests, Triton interpreter (CPU), EIDETIC_BACKEND=triton =="
-  EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests/kernels -m "triton and not slow" -p no:cacheprovider
+  step env EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests/kernels -m "triton and not slow" -p no:cacheprovider
   echo "== benchmark smoke run (tiny layer shapes, Triton interpreter + reference backend; the end-to-end models"
   echo "   take too long in the interpreter) =="
-  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --quick --only linear,conv2d,batchnorm2d ${bench_args[@]+"${bench_args[@]}"}
+  step env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --quick --only linear,conv2d,batchnorm2d ${bench_args[@]+"${bench_args[@]}"}
   echo "== kernel profile smoke run (tiny shapes, reference backend) =="
-  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu_profile --quick --backends reference > /dev/null
+  step env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu_profile --quick --backends reference > /dev/null
 else
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device here; use --quick for the interpreter smoke run" >&2
@@ -48,10 +58,11 @@ else
   fi
   "$PY" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)"
   echo "== test suite, EIDETIC_BACKEND=triton =="
-  EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests -p no:cacheprovider
+  step env EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests -p no:cacheprovider
   echo "== benchmark (eidetic on Triton and on the reference backend) =="
-  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --out-dir benchmarks/results ${bench_args[@]+"${bench_args[@]}"}
+  step env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --out-dir benchmarks/results ${bench_args[@]+"${bench_args[@]}"}
   echo "== kernel profile (benchmarks/gpu_profile.py: which kernels take the time, half of each layer frozen) =="
-  env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu_profile > /dev/null
+  step env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu_profile > /dev/null
 fi
-echo "gpu_check: done in $(( $(date +%s) - started )) s"
+echo "gpu_check: done in $(( $(date +%s) - started )) s (exit $status)"
+exit "$status"
