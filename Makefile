@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # The whole suite on the Triton backend. Without a GPU the kernels run in the interpreter, one per core
-# (pytest-xdist, longest tests first: tests/python_layers/conftest.py); about 50 minutes on 2 cores.
+# (pytest-xdist, longest tests first: tests/python_layers/conftest.py); about an hour on 2 cores.
 test-triton: setup
 	EIDETIC_BACKEND=triton $(PY) -m pytest -q -n 2 --maxschedchunk 1 --durations=20 tests $(PYTEST_ARGS)
 

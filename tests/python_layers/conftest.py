@@ -1,6 +1,6 @@
 """Under ``EIDETIC_BACKEND=triton`` without a GPU every op runs in the Triton interpreter (a fraction of a
 millisecond per operation of each program), and the whole suite runs there: ``make test-triton`` (both cores,
-about 50 minutes on 2 cores). Two things differ from a run on a GPU or on the default CPU backends:
+about an hour on 2 cores). Two things differ from a run on a GPU or on the default CPU backends:
 
 * The tests that train on thousands of MNIST images (marker ``trains_on_mnist``) measure the task router's
   accuracy, which does not depend on the backend. Under the interpreter their body trains on the default CPU
