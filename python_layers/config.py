@@ -65,7 +65,8 @@ class Config:
     tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them)",
                                 _AT_LEAST_ONE)
     classes_per_task: Optional[int] = _key(None, "classes per task of the split scenarios (default 2; "
-                                                 "split_cifar100: 10)")
+                                                 "split_cifar100: 10; at most the scenario's classes)",
+                                           (">= 2 (a task of one class has nothing to learn)", lambda v: v >= 2))
     train_samples_per_task: Optional[int] = _key(
         None, "keep a fixed, seeded subset of each task's training set (quick runs; default: all)", _AT_LEAST_ONE)
     test_samples_per_task: Optional[int] = _key(None, "the same for each task's test set (default: all)",
@@ -205,6 +206,9 @@ def load_config(path=None, overrides=None) -> dict:
     if out["pruning"] == "none" and out["tasks"] != 1:
         raise ConfigError("pruning=none freezes every free neuron for the first task and leaves none for the next: "
                           "use tasks=1, or a pruning method (l1, l2, taylor)")
+    if out["max_prune_steps"] == 0 and out["tasks"] != 1:
+        raise ConfigError("max_prune_steps=0 prunes nothing: the first task freezes every free neuron and leaves "
+                          "none for the next; use tasks=1, or max_prune_steps >= 1 (unset: until nothing is left)")
     return out
 
 

@@ -547,7 +547,8 @@ class _Propagator:
                     continue
                 placeholders += 1
                 if len(shape) < 2:
-                    raise GraphError(f"the body input {node.name} has shape {shape}; expected [N, features, ...]")
+                    raise GraphError(f"the body input {node.name} has shape {shape}; expected a batch [N, features, ...] "
+                                     "(for one sample pass x.unsqueeze(0))")
                 self.env[node] = [Segment(None, shape[1], 1)]
             elif node.op == "get_attr":
                 self.env[node] = _CONST if self.shape(node) is not None else _NONTENSOR
@@ -643,6 +644,10 @@ class _Propagator:
             if isinstance(module, EideticLinear) and in_shape is not None and len(in_shape) != 2:
                 raise GraphError(f"{name} (EideticLinear) reads a {len(in_shape)}-D tensor {in_shape}; the tracer "
                                  f"follows linear layers over [N, features] only. {_DECLARE_HINT}")
+            if isinstance(module, EideticConv2d) and in_shape is not None and len(in_shape) == 3:
+                raise GraphError(f"{name} (EideticConv2d) reads an unbatched input {in_shape}; the layer graph is "
+                                 f"traced on the first batch the network sees, which must be batched [N, C, H, W] "
+                                 f"(for one sample pass x.unsqueeze(0)); unbatched inputs work once it is traced")
             if _width(prov) != n_in:
                 raise GraphError(f"{name} reads {n_in} features but the tracer found {_width(prov)} producers")
             self.inputs[name] = (module, prov)

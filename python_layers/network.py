@@ -614,9 +614,32 @@ class EideticNetwork(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # torch loads this module first, then its children, then runs the post-load hook: checked here, a
+        # state dict of another body is refused before any tensor or counter of this network changes
+        self._check_layer_sizes(state_dict, prefix)
+        self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _check_layer_sizes(self, state_dict, prefix: str) -> None:
+        """RuntimeError (as torch's size mismatch) when a body layer in ``state_dict`` has other sizes than this
+        network's: neurons, inputs or kernel. Heads and the router are rebuilt to the state dict's sizes."""
+        for name, module in self.named_modules():
+            if not isinstance(module, EideticLayer) or name.split(".")[0] in ("heads", "router"):
+                continue
+            checks = [("neurons", "task_state", lambda t: tuple(t.shape)),
+                      ("inputs", "input_task", lambda t: tuple(t.shape))]
+            if isinstance(module, (EideticLinear, EideticConv2d)):
+                checks.append(("inputs and kernel (weight.shape[1:])", "weight", lambda t: tuple(t.shape[1:])))
+            for what, key, size in checks:
+                saved, own = state_dict.get(f"{prefix}{name}.{key}"), getattr(module, key, None)
+                if isinstance(saved, torch.Tensor) and isinstance(own, torch.Tensor) and size(saved) != size(own):
+                    raise RuntimeError(
+                        f"Error(s) in loading state_dict for {type(self).__name__}: size mismatch for "
+                        f"{prefix}{name}: {what} {size(saved)} in the state dict, {size(own)} in this network. "
+                        f"Build the network with the body the state dict was saved from (the same widths and "
+                        f"kernel sizes); nothing was loaded.")
 
     def _match_heads(self, state_dict, prefix: str) -> None:
         """Re-create the heads the state dict holds (keeping existing ones of the right size, so an
@@ -666,6 +689,10 @@ class EideticNetwork(nn.Module):
 
 
 def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+    errors = module.__dict__.pop("_load_errors", None)
+    if errors:  # torch raises them next (size mismatches, ...): its message, not one from a half-loaded sync
+        module.__dict__.pop("_pending_graph", None)
+        return
     spec = module.__dict__.pop("_pending_graph", None)
     if spec is not None and module.graph is None:
         # the loaded states (min_input_task included) are already right: do not re-apply task settings

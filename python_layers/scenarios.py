@@ -546,11 +546,22 @@ def _split_tasks(prefix, x_train, y_train, x_test, y_test, mean, std, classes_pe
     return tasks
 
 
-def _check_num_tasks(name, num_tasks, max_tasks):
+def _check_classes_per_task(name, classes_per_task, default, num_classes=None):
+    """Classes per task of a split scenario: ``default`` for None; ValueError unless an int in [2, num_classes]
+    (a task of one class has nothing to learn)."""
+    cpt = default if classes_per_task is None else classes_per_task
+    top = "" if num_classes is None else f" and {num_classes} (its number of classes)"
+    if isinstance(cpt, bool) or not isinstance(cpt, int) or cpt < 2 or (num_classes is not None and cpt > num_classes):
+        raise ValueError(f"classes_per_task for scenario {name} must be an int between 2{top}, got {classes_per_task!r}")
+    return cpt
+
+
+def _check_num_tasks(name, num_tasks, max_tasks, classes_per_task=None):
     if num_tasks is None:
         return max_tasks
     if not 1 <= int(num_tasks) <= max_tasks:
-        raise ValueError(f"scenario {name} has at most {max_tasks} tasks, asked for {num_tasks}")
+        per = "" if classes_per_task is None else f" of {classes_per_task} classes (classes_per_task)"
+        raise ValueError(f"scenario {name} has at most {max_tasks} tasks{per}, asked for {num_tasks}")
     return int(num_tasks)
 
 
@@ -572,41 +583,41 @@ def permuted_mnist(num_tasks=10, seed=0, data_root=None, unpermuted_first=True, 
 
 
 def split_mnist(num_tasks=5, seed=0, data_root=None, classes_per_task=2, **_) -> Scenario:
+    cpt = _check_classes_per_task("split_mnist", classes_per_task, 2, 10)
     x_tr, y_tr = load_mnist("train", data_root)
     x_te, y_te = load_mnist("test", data_root)
-    cpt = int(classes_per_task or 2)
-    num_tasks = _check_num_tasks("split_mnist", num_tasks, 10 // cpt)
+    num_tasks = _check_num_tasks("split_mnist", num_tasks, 10 // cpt, cpt)
     tasks = _split_tasks("split MNIST", x_tr, y_tr, x_te, y_te, MNIST_MEAN, MNIST_STD, cpt, num_tasks, 10 // cpt)
     return Scenario("split_mnist", tasks, (1, 28, 28), "MNIST")
 
 
 def split_cifar10(num_tasks=5, seed=0, data_root=None, classes_per_task=2, **_) -> Scenario:
+    cpt = _check_classes_per_task("split_cifar10", classes_per_task, 2, 10)
     x_tr, y_tr, source = load_cifar10("train", data_root)
     x_te, y_te, _ = load_cifar10("test", data_root)
-    cpt = int(classes_per_task or 2)
-    num_tasks = _check_num_tasks("split_cifar10", num_tasks, 10 // cpt)
+    num_tasks = _check_num_tasks("split_cifar10", num_tasks, 10 // cpt, cpt)
     tasks = _split_tasks("split CIFAR-10", x_tr, y_tr, x_te, y_te, CIFAR10_MEAN, CIFAR10_STD, cpt, num_tasks,
                          10 // cpt)
     return Scenario("split_cifar10", tasks, (3, 32, 32), source)
 
 
 def split_cifar100(num_tasks=None, seed=0, data_root=None, classes_per_task=10, **_) -> Scenario:
-    x_tr, y_tr = load_cifar100("train", data_root)
-    x_te, y_te = load_cifar100("test", data_root)
-    cpt = int(classes_per_task or 10)
+    cpt = _check_classes_per_task("split_cifar100", classes_per_task, 10, 100)
     if 100 % cpt:
         raise ValueError(f"classes_per_task must divide 100 for split CIFAR-100, got {cpt}")
-    num_tasks = _check_num_tasks("split_cifar100", num_tasks, 100 // cpt)
+    x_tr, y_tr = load_cifar100("train", data_root)
+    x_te, y_te = load_cifar100("test", data_root)
+    num_tasks = _check_num_tasks("split_cifar100", num_tasks, 100 // cpt, cpt)
     tasks = _split_tasks("split CIFAR-100", x_tr, y_tr, x_te, y_te, CIFAR100_MEAN, CIFAR100_STD, cpt, num_tasks,
                          100 // cpt)
     return Scenario("split_cifar100", tasks, (3, 32, 32), "CIFAR-100")
 
 
 def split_imagenette(num_tasks=5, seed=0, data_root=None, classes_per_task=2, **_) -> Scenario:
+    cpt = _check_classes_per_task("split_imagenette", classes_per_task, 2, 10)
     x_tr, y_tr = load_imagenette("train", data_root)
     x_te, y_te = load_imagenette("test", data_root)
-    cpt = int(classes_per_task or 2)
-    num_tasks = _check_num_tasks("split_imagenette", num_tasks, 10 // cpt)
+    num_tasks = _check_num_tasks("split_imagenette", num_tasks, 10 // cpt, cpt)
     tasks = _split_tasks("split Imagenette", x_tr, y_tr, x_te, y_te, IMAGENET_MEAN, IMAGENET_STD, cpt, num_tasks,
                          10 // cpt)
     return Scenario("split_imagenette", tasks, (3, IMAGENETTE_SIZE, IMAGENETTE_SIZE), "Imagenette")
@@ -615,7 +626,7 @@ def split_imagenette(num_tasks=5, seed=0, data_root=None, classes_per_task=2, **
 def synthetic(num_tasks=3, seed=0, classes_per_task=2, train_per_class=96, test_per_class=48, **_) -> Scenario:
     """Gaussian clusters drawn from the seed, quantised to uint8 1x8x8 images: easy, tiny, for tests."""
     g = torch.Generator().manual_seed(10_007 + seed)
-    cpt = int(classes_per_task or 2)
+    cpt = _check_classes_per_task("synthetic", classes_per_task, 2)
     tasks = []
     for t in range(3 if num_tasks is None else int(num_tasks)):
         centers = torch.rand(cpt, 1, 8, 8, generator=g) * 200 + 28

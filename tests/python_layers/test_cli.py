@@ -182,6 +182,18 @@ def test_config_values_a_scenario_refuses_are_config_errors(tmp_path, monkeypatc
     with pytest.raises(cli.ConfigError, match="pruning=none.*tasks=1"):
         cli.load_config(None, {"pruning": "none", "tasks": 3})
     assert cli.load_config(None, {"pruning": "none", "tasks": 1})["pruning"] == "none"
+    with pytest.raises(cli.ConfigError, match=r"max_prune_steps=0 prunes nothing.*tasks=1, or max_prune_steps >= 1"):
+        cli.load_config(None, {"max_prune_steps": 0, "tasks": 3})
+    assert cli.load_config(None, {"max_prune_steps": 0, "tasks": 1})["max_prune_steps"] == 0
+    for bad in (0, 1, -2):
+        with pytest.raises(cli.ConfigError, match=rf"classes_per_task must be >= 2 .*got {bad}"):
+            cli.load_config(None, {"classes_per_task": bad})
+    # more classes than the scenario has: before any data is read, no traceback (it was an IndexError)
+    assert cli.main(["train", "--out", str(tmp_path / "c"), "scenario=split_mnist", "classes_per_task=11",
+                     "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "eidetic: error: classes_per_task for scenario split_mnist must be an int between 2 and 10" in err
+    assert "Traceback" not in err
     from python_layers import scenarios
 
     def refuse(name, num_tasks, **kwargs):  # what a scenario does with more tasks than it has

@@ -96,7 +96,7 @@ def test_exported_module_loads_with_torch_alone_and_torch_export_accepts_it(tmp_
         torch.testing.assert_close(program.module()(x), exported(x))
 
 
-def test_export_errors_are_clear():
+def test_export_errors_are_clear(capfd):
     model, _ = _trained("mlp", tasks=1)
     with pytest.raises(ValueError, match="finished task"):
         model.export(1)
@@ -110,6 +110,25 @@ def test_export_errors_are_clear():
     _finish_tasks(scaled, (1, 8, 8), tasks=1)
     with pytest.raises(GraphError, match="one value per feature"):
         scaled.export(0)
+    torch.manual_seed(0)
+    fixed = EideticNetwork(FixedView(), 12)
+    _finish_tasks(fixed, (1, 8, 8), tasks=1)
+    # the op that names a layer width, as README promises (and no traceback of fx's generated code printed)
+    with pytest.raises(GraphError, match=r"fails on a batch.*tensor method \.view\(\) \(node 'view'\) names the "
+                                         r"feature count \(write -1 for the feature dim\)"):
+        fixed.export(0)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+class FixedView(nn.Module):
+    """The LeNet habit: a reshape naming the feature count (4 channels x 4 x 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 12)
+
+    def forward(self, x):
+        return F.relu(self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).view(-1, 4 * 4 * 4)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

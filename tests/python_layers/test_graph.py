@@ -265,6 +265,29 @@ def test_a_bad_first_batch_raises_what_the_layer_raises(capfd):
     assert model(torch.randn(4, 8), task=0).shape == (4, 2)
 
 
+def test_an_unbatched_first_input_is_a_clear_error():
+    """The graph is traced on the first batch: one sample there (which a conv body runs, as nn.Conv2d takes
+    [C, H, W]) is named as such with the fix, for conv and MLP bodies; traced on a batch, the body then takes
+    unbatched inputs as its torch twin does."""
+    def conv_body():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(-3),
+                             nn.Linear(8, 16), nn.ReLU())
+
+    conv = EideticNetwork(conv_body(), 16)
+    conv.prepare_for_task(0, 2)
+    with pytest.raises(GraphError, match=r"body.0 \(EideticConv2d\) reads an unbatched input \(3, 8, 8\).*"
+                                         r"batched \[N, C, H, W\].*x.unsqueeze\(0\)"):
+        conv(torch.randn(3, 8, 8))
+    mlp = EideticNetwork(nn.Sequential(nn.Linear(64, 16), nn.ReLU()), 16)
+    mlp.prepare_for_task(0, 2)
+    with pytest.raises(GraphError, match=r"shape \(64,\); expected a batch \[N, features, \.\.\.\].*unsqueeze"):
+        mlp(torch.randn(64))
+    traced = EideticNetwork(conv_body(), 16)
+    traced.prepare_for_task(0, 2)
+    traced(torch.randn(2, 3, 8, 8))
+    assert traced(torch.randn(3, 8, 8)).shape == (2,)
+
+
 def test_raw_input_residual_and_misaligned_add_are_errors():
     class RawSkip(nn.Module):
         def __init__(self):

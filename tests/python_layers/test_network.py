@@ -240,6 +240,41 @@ def test_forward_transfer_off_reads_only_own_task():
     assert torch.equal(before, after)
 
 
+def test_a_state_dict_of_another_body_is_refused_before_anything_loads():
+    """A checkpoint of another width or kernel: torch's kind of size-mismatch error, naming the layer, raised before
+    any tensor, head or counter of the network changes (not an error from a half-loaded network)."""
+    def body(width, kernel=3):
+        return nn.Sequential(nn.Conv2d(3, width, kernel, padding=kernel // 2), nn.BatchNorm2d(width), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 6), nn.ReLU())
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 6, 6, generator=gen)
+    model = EideticNetwork(body(8), 6)
+    model.prepare_for_task(0, 3)
+    train_steps(model, x, torch.randint(3, (8,), generator=gen), 2, weight_decay=0.01)
+    prune_share(model, 0.3, gen)
+    model.finish_task()
+    saved = model.state_dict()
+    for other, match in ((body(4), r"size mismatch for body\.0: neurons \(8,\) in the state dict, \(4,\)"),
+                         (body(8, kernel=5), r"size mismatch for body\.0: inputs and kernel \(weight.shape\[1:\]\) "
+                                            r"\(3, 3, 3\) in the state dict, \(3, 5, 5\)")):
+        net = EideticNetwork(other, 6)
+        net.prepare_for_task(0, 3)
+        net(x)
+        before = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(RuntimeError, match=match + r".*nothing was loaded"):
+            net.load_state_dict(saved)
+        assert (net.num_finished_tasks, net.current_task, len(net.heads)) == (0, 0, 1)
+        after = net.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items())
+    fresh = EideticNetwork(body(8), 6)  # the right body still loads it
+    fresh.load_state_dict(saved)
+    fresh.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, task=0), model(x, task=0))
+
+
 def test_state_dict_round_trip_recreates_heads():
     model, shape = make("cnn")
     gen = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
 """Task routing: the learned router and entropy routing, checked against per-task forwards."""
 import copy
+import re
 
 import pytest
 import torch
@@ -129,6 +130,9 @@ def test_entropy_routing_needs_no_router_and_errors_are_clear(trained):
     # not batches: one sample, or tensors passed as loaders (iterating a tensor gives its rows)
     with pytest.raises(ValueError, match=r"batch x \[B, \.\.\.\].*x.unsqueeze\(0\)"):
         model.predict(x[0].flatten())
+    shape = ", ".join(map(str, x.shape[1:]))  # one sample of the traced rank: the traced batch's shape named
+    with pytest.raises(ValueError, match=rf"batch x \[B, {shape}\].*got {re.escape(str(tuple(x[0].shape)))}.*unsqueeze"):
+        model.predict(x[0])
     with pytest.raises(ValueError, match=r"loaders\[0\] must yield batches.*pass \[X\] or a DataLoader"):
         model.fit_router([x for _, x, _ in tasks])
     with pytest.raises(ValueError, match=r"loaders\[1\] must yield batches.*yielded a tensor of shape \(64,\)"):

@@ -235,6 +235,15 @@ def test_cifar100_pickles_and_split(data_dir):
         sc.build_scenario("split_cifar100", classes_per_task=7)
 
 
+@pytest.mark.parametrize("name, value, bound", [("split_mnist", 11, "between 2 and 10"), ("split_cifar10", 1, "between 2"),
+                                                ("split_cifar100", 101, "between 2 and 100"),
+                                                ("synthetic", 0, "between 2, got 0")])
+def test_classes_per_task_out_of_range_is_refused_before_any_data_loads(tmp_path, name, value, bound):
+    # an empty data root: the check comes first, so no data-not-found error
+    with pytest.raises(ValueError, match=f"classes_per_task for scenario {name} must be an int {bound}"):
+        sc.build_scenario(name, classes_per_task=value, data_root=tmp_path)
+
+
 # ----- loader -----------------------------------------------------------------------------------------------------
 def _epochs(loader, n):
     return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
