@@ -58,7 +58,9 @@ else
   fi
   "$PY" -c "import torch, triton; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__)"
   echo "== test suite, EIDETIC_BACKEND=triton =="
-  step env EIDETIC_BACKEND=triton "$PY" -m pytest -q -x tests -p no:cacheprovider
+  # up to 10 failures, not 1: a GPU is lent rarely, and each failure found there is news; the slowest tests are
+  # listed, for the next run's time budget
+  step env EIDETIC_BACKEND=triton "$PY" -m pytest -q --maxfail=10 --durations=15 tests -p no:cacheprovider
   echo "== benchmark (eidetic on Triton and on the reference backend) =="
   step env -u EIDETIC_BACKEND "$PY" -m benchmarks.gpu --out-dir benchmarks/results ${bench_args[@]+"${bench_args[@]}"}
   echo "== kernel profile (benchmarks/gpu_profile.py: which kernels take the time, half of each layer frozen) =="
