@@ -18,13 +18,14 @@ nothing is PRUNED in the steady state, because recycling turns the pruned neuron
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune_utils
 
-from eidetic_kernels import FREE, PRUNED, convert
+from eidetic_kernels import FREE, PRUNED, FreeInputsWarning, convert
 from eidetic_kernels.layers import EideticLayer
 from eidetic_kernels.state import is_frozen, live_synapses
 
@@ -162,7 +163,9 @@ def apply_eidetic_states(layer: EideticLayer, out_task: torch.Tensor, in_task: t
         stays_free = (~frozen).nonzero().flatten()
         if stays_free.numel():
             layer.prune_neurons(stays_free)
-        layer.freeze_free_neurons(FROZEN_TASK)
+        with warnings.catch_warnings():  # the FREE inputs here stand for a producer's FREE neurons, as meant
+            warnings.simplefilter("ignore", FreeInputsWarning)
+            layer.freeze_free_neurons(FROZEN_TASK)
         layer.recycle_pruned_neurons()
     if not torch.equal(layer.task_state, out_task.to(layer.task_state.dtype)):
         raise AssertionError("eidetic layer did not reach the requested states")

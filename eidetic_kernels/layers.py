@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import warnings
 from dataclasses import replace
 
@@ -69,6 +70,24 @@ def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
                       "torch.compile runs them eagerly and compiles the code around them; the Triton backend "
                       "compiles them too (CUDA, or EIDETIC_BACKEND=triton)", UserWarning, stacklevel=2)
     return layer.forward(input)  # not layer(input): the compiled caller already ran the module's hooks
+
+
+def _task_id(task, what: str = "task") -> int:
+    """An int task id in [0, MAX_TASK] (an integer scalar of numpy or torch is taken as its int; bools are not task
+    ids). ValueError otherwise."""
+    if not isinstance(task, bool) and not (isinstance(task, torch.Tensor) and task.is_floating_point()):
+        try:
+            value = operator.index(task)
+        except TypeError:
+            value = None
+        if value is not None and 0 <= value <= MAX_TASK:
+            return value
+    raise ValueError(f"{what} must be an int in [0, {MAX_TASK}], got {task!r}")
+
+
+class FreeInputsWarning(UserWarning):
+    """``freeze_free_neurons`` on a layer whose input states still say FREE: frozen neurons never read FREE inputs,
+    so the synapses from them are cut at the freeze (usually a producer not frozen or not wired yet)."""
 
 
 class PrefixWidthMismatch(Exception):
@@ -207,6 +226,8 @@ class EideticLayer(nn.Module):
 
     def _indices(self, neurons) -> torch.Tensor:
         idx = torch.as_tensor(neurons, device=self.task_state.device)
+        if idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"{self._name()}: neuron indices must be integers or a boolean mask, got {idx.dtype}")
         if idx.dtype == torch.bool:
             if idx.numel() != self.num_neurons:
                 raise ValueError(f"a boolean neuron mask needs {self.num_neurons} entries, got {idx.numel()}")
@@ -245,8 +266,7 @@ class EideticLayer(nn.Module):
         Tasks freeze in increasing order, each once per layer, so each task's rows stay one
         contiguous block of the frozen storage. Returns the number of neurons frozen.
         """
-        if not isinstance(task, int) or not 0 <= task <= MAX_TASK:
-            raise ValueError(f"task must be an int in [0, {MAX_TASK}], got {task!r}")
+        task = _task_id(task)
         frozen_tasks = self.task_state[is_frozen(self.task_state)]
         if frozen_tasks.numel() and int(frozen_tasks.max()) >= task:
             raise ValueError(f"{self._name()}: neurons of task {int(frozen_tasks.max())} are already frozen; "
@@ -255,6 +275,26 @@ class EideticLayer(nn.Module):
         n = int(free.sum())
         if n == 0:
             return 0
+        self._check_no_parametrization("freeze_free_neurons")
+        if self._has_inputs:
+            # a frozen neuron reads inputs of tasks <= its own only: a FREE input would be cut from it for good,
+            # and the function the task trained would change (the producer not frozen, or not wired, yet)
+            free_inputs = self.input_task == FREE
+            if bool(free_inputs.any()):
+                warnings.warn(
+                    f"{self._name()}: {int(free_inputs.sum())} inputs are FREE (input "
+                    f"{int(free_inputs.nonzero()[0, 0])} first); the neurons frozen now for task {task} never "
+                    f"read them, so if the task trained with them its outputs change here. If those inputs come "
+                    f"from neurons meant to freeze for task {task}: freeze their layer first, pass its states with "
+                    f"set_input_task(producer.neuron_task), then freeze this one (inputs from pruned neurons are "
+                    f"PRUNED, not FREE)", FreeInputsWarning, stacklevel=3)
+            late = free & (self.min_input_task > task)
+            if bool(late.any()):
+                i = int(late.nonzero()[0, 0])
+                raise ValueError(
+                    f"{self._name()}: FREE neuron {i} has min_input_task {int(self.min_input_task[i])} > {task}: "
+                    f"frozen for task {task} it would read no input. Call set_min_input_task(t) with t <= {task} "
+                    f"first (forward transfer off: t = the task being frozen). Nothing was changed")
         old_slot = self.slot.long()
         keep_slots = old_slot[self.task_state == PRUNED]
         self.task_state[free] = task
@@ -272,13 +312,32 @@ class EideticLayer(nn.Module):
         self._state_changed()
         return n
 
+    def _check_no_parametrization(self, what: str) -> None:
+        """TypeError for a layer whose weight is computed by a parametrization (``weight_norm``, ``spectral_norm``,
+        ``torch.nn.utils.parametrize``): state changes install new Parameters (frozen rows move to their own
+        storage), which such a weight does not follow. Raised before anything changes."""
+        from torch.nn.utils import parametrize
+
+        hooks = [type(h).__name__ for h in self._forward_pre_hooks.values()]
+        if parametrize.is_parametrized(self) or "WeightNorm" in hooks or "SpectralNorm" in hooks:
+            raise TypeError(f"{self._name()}: {what} cannot run on a layer with a parametrized weight (weight_norm, "
+                            f"spectral_norm, torch.nn.utils.parametrize): frozen neurons move to a storage of "
+                            f"their own, which a parametrization does not follow. Remove it "
+                            f"(torch.nn.utils.parametrize.remove_parametrizations, or torch.nn.utils."
+                            f"remove_weight_norm) before changing neuron states. Nothing was changed")
+
     @torch.no_grad()
     def recycle_pruned_neurons(self, generator: torch.Generator | None = None) -> int:
-        """PRUNED -> FREE with a fresh default init, for the next task. Returns how many."""
+        """PRUNED -> FREE with a fresh default init, for the next task. Returns how many.
+
+        Recycled neurons read every earlier task's inputs (their ``min_input_task`` is reset to 0): for a next
+        task without forward transfer, call ``set_min_input_task(next_task)`` after recycling. Layers reading
+        this one's outputs see the recycled neurons as FREE once told so (``set_input_task``)."""
         pruned = self.task_state == PRUNED
         n = int(pruned.sum())
         if n == 0:
             return 0
+        self._check_no_parametrization("recycle_pruned_neurons")
         slots = self.slot[pruned].long()
         for name, trainable, _ in self._split_pairs():  # fresh storage: a live graph keeps the old values
             replace_parameter(self, name, trainable.detach().clone())
@@ -298,6 +357,7 @@ class EideticLayer(nn.Module):
         per neuron moves along: states, trainable rows (new Parameters), running statistics, Taylor scores.
         Layers reading this layer's outputs must permute their inputs the same way (``permute_inputs``).
         """
+        self._check_no_parametrization("permute_neurons")
         perm = torch.as_tensor(perm, device=self.task_state.device).long()
         if perm.shape != (self.num_neurons,) or not torch.equal(torch.sort(perm).values,
                                                                  torch.arange(self.num_neurons, device=perm.device)):
@@ -328,6 +388,7 @@ class EideticLayer(nn.Module):
         Only inputs no frozen neuron reads may move (from FREE or PRUNED producers); trainable weight
         columns move along (a new Parameter), frozen storage never changes.
         """
+        self._check_no_parametrization("permute_inputs")
         if not self._has_inputs:
             raise TypeError(f"{self._name()} has no inputs of its own")
         perm = torch.as_tensor(perm, device=self.input_task.device).long()
@@ -349,8 +410,7 @@ class EideticLayer(nn.Module):
         """Oldest task the FREE and PRUNED neurons may read from (0: forward transfer)."""
         if not hasattr(self, "min_input_task"):
             raise TypeError(f"{self._name()} has no inputs of its own")
-        if not isinstance(task, int) or not 0 <= task <= MAX_TASK:
-            raise ValueError(f"min input task must be an int in [0, {MAX_TASK}], got {task!r}")
+        task = _task_id(task, "min input task")
         self.min_input_task[~is_frozen(self.task_state)] = task
         self._state_changed()
 
@@ -363,23 +423,45 @@ class EideticLayer(nn.Module):
         new = input_task.to(self.input_task.device, STATE_DTYPE)
         changed = new != self.input_task
         if bool(changed.any()):
-            old_c, new_c = self.input_task[changed], new[changed]
+            where = changed.nonzero().flatten()
+            old_c, new_c = self.input_task[where], new[where]
             for b in self._frozen_blocks():
-                if bool((live_inputs(old_c, b.task, b.min_task) | live_inputs(new_c, b.task, b.min_task)).any()):
-                    j = int(changed.nonzero()[0, 0])
+                read = live_inputs(old_c, b.task, b.min_task) | live_inputs(new_c, b.task, b.min_task)
+                if bool(read.any()):
+                    j = int(where[read.nonzero()[0, 0]])  # the first input whose change the rule refuses
                     raise ValueError(
-                        f"{self._name()}: the inputs of neurons frozen for task {b.task} cannot change (input "
-                        f"{j}: {describe_state(int(self.input_task[j]))} -> {describe_state(int(new[j]))}); a "
-                        "finished task's outputs never change. Only inputs from FREE or PRUNED neurons, or from "
-                        "tasks no frozen neuron reads, may change state")
+                        f"{self._name()}: input {j} cannot change from {describe_state(int(self.input_task[j]))} "
+                        f"to {describe_state(int(new[j]))}: neurons frozen for task {b.task} read inputs of tasks "
+                        f"{b.min_task}..{b.task}, and a finished task's outputs never change. An input may change "
+                        f"state only while no frozen neuron reads it before or after (FREE, PRUNED, later tasks). "
+                        f"Wire a layer (set_input_task) after its producer freezes and before it freezes itself. "
+                        f"Nothing was changed")
         self.input_task.copy_(new)
         self._plans.clear()
 
     # ----- evaluation views ------------------------------------------------------------------
+    def _view(self) -> int | None:
+        """``view_task``, checked: None (every neuron) or a task id t >= 0 (the neurons of tasks <= t; an integer
+        scalar of numpy or torch is taken as its int). TypeError / ValueError otherwise, before anything runs."""
+        view = self.view_task
+        if view is None or (type(view) is int and view >= 0):
+            return view
+        if isinstance(view, bool) or isinstance(view, torch.Tensor) and view.is_floating_point():
+            raise TypeError(f"{self._name()}: view_task must be None or an int task id, got {view!r}")
+        try:
+            view = operator.index(view)
+        except TypeError:
+            raise TypeError(f"{self._name()}: view_task must be None or an int task id, got {view!r}") from None
+        if view < 0:
+            raise ValueError(f"{self._name()}: view_task must be a task id >= 0 (the view computes the neurons of "
+                             f"tasks <= view_task), got {view}")
+        self.__dict__["view_task"] = view
+        return view
+
     def _table(self, n_in: int | None = None):
         """The range table (``state.make_table``) of the current view; cached per view until a state changes.
         ``n_in``: the view at prefix width (``narrow``) reading the first ``n_in`` inputs (``state.narrow_table``)."""
-        key = self.view_task
+        key = self._view()
         table = self._plans.get(key)
         if table is None:
             with _ordinary_tensors():
@@ -398,12 +480,13 @@ class EideticLayer(nn.Module):
         layer's first n, as in the task-major layout of an ``EideticNetwork``; None when they are not (or no
         view is set). With ``narrow`` on, the layer then reads and writes activations of that prefix width:
         the view's products unchanged, its zero tail not written (``EideticNetwork.forward``)."""
-        key = ("narrow width", self.view_task)
+        view = self._view()
+        key = ("narrow width", view)
         if key not in self._plans:
             n = None
-            if self.view_task is not None:
+            if view is not None:
                 with _ordinary_tensors():
-                    seen = (self.task_state >= 0) & (self.task_state <= self.view_task)
+                    seen = (self.task_state >= 0) & (self.task_state <= view)
                     n = int(seen.sum())
                     if not bool(seen[:n].all()):
                         n = None
@@ -429,7 +512,7 @@ class EideticLayer(nn.Module):
 
     def _view_states(self):
         """(in_task, out_task, out_min_task) as the current view sees them (traceable)."""
-        key = self.view_task
+        key = self._view()
         if key is None or torch.compiler.is_compiling():
             out_task = view_states(self.task_state, key)
         else:  # a finished task's view: cached until a state changes
@@ -690,7 +773,7 @@ class EideticLinear(EideticLayer):
 
         with _ordinary_tensors():
             return layer_tiles(self._plans, lambda: self._table(n_in), self.input_task, self.task_state,
-                               self.min_input_task, self.view_task, self.constant_frozen, dtype, n_in)
+                               self.min_input_task, self._view(), self.constant_frozen, dtype, n_in)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -764,7 +847,7 @@ class EideticConv2d(EideticLayer):
 
         with _ordinary_tensors():
             return layer_tiles(self._plans, lambda: self._table(n_in), self.input_task, self.task_state,
-                               self.min_input_task, self.view_task, self.constant_frozen, dtype, n_in, op="conv2d")
+                               self.min_input_task, self._view(), self.constant_frozen, dtype, n_in, op="conv2d")
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -931,7 +1014,7 @@ class _EideticBatchNorm(EideticLayer):
         an op of the graph. ``narrow``: the view at prefix width (its first ``narrow`` channels)."""
         from .ops.batch_norm.triton import channel_order  # triton is optional: imported when this backend runs
 
-        key = ("bn channel order", self.view_task, narrow)
+        key = ("bn channel order", self._view(), narrow)
         plan = self._plans.get(key)
         if plan is None:
             with _ordinary_tensors():
@@ -1008,7 +1091,7 @@ def _adopt(new: EideticLayer, module: nn.Module) -> None:
         new._is_full_backward_hook = module._is_full_backward_hook
 
 
-def convert(model: nn.Module, _path: str = "") -> nn.Module:
+def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn.Module:
     """Replace every nn.Linear/Conv2d/BatchNorm1d/2d in ``model`` by its Eidetic twin (same weights).
 
     Modifies ``model`` in place and returns it (or the twin when ``model`` itself is such a layer).
@@ -1018,19 +1101,26 @@ def convert(model: nn.Module, _path: str = "") -> nn.Module:
     (removing a hook through its handle affects the replaced module only), attributes the user added.
     Frozen parameters stay frozen: a layer whose ``requires_grad`` is False is not trained by
     ``train_task`` either, nor pruned (``python_layers.pruning.is_fixed``).
+    A layer used at several places of the model (one module object under several names) becomes one twin used
+    at the same places, so its neurons keep one state (``EideticNetwork`` refuses such weight sharing with a
+    clear error: per-neuron states cannot tell its places apart).
     Raises ValueError for a layer the twins cannot represent (grouped conv, non-zero padding modes).
     """
+    twins = {} if _twins is None else _twins  # id(module) -> its twin, for modules met more than once
     cls = _CONVERSIONS.get(type(model))
     if cls is not None:
+        if id(model) in twins:
+            return twins[id(model)]
         try:
             twin = cls.from_module(model)
         except ValueError as exc:
             raise ValueError(f"cannot convert {_path or type(model).__name__}: {exc}") from exc
         if _path:
             twin.qualified_name = _path  # error messages name the layer as the model does
+        twins[id(model)] = twin
         return twin
     for name, child in list(model.named_children()):
-        new = convert(child, f"{_path}.{name}" if _path else name)
+        new = convert(child, f"{_path}.{name}" if _path else name, twins)
         if new is not child:
             setattr(model, name, new)
     return model

@@ -1,6 +1,8 @@
 """Drop-in layers: twin equivalence, freezing by construction, memory, state_dict, errors, dispatch."""
 import copy
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -252,11 +254,14 @@ def test_inputs_of_frozen_neurons_cannot_change():
     layer.freeze_free_neurons(1)  # reads inputs of tasks 0 and 1
     x = torch.randn(3, 6)
     before = layer(x)
+    ok_before = layer.input_task.clone()
     for j, state in ((0, PRUNED), (2, FREE), (3, 1), (4, 0)):
         bad = layer.input_task.clone()
         bad[j] = state
-        with pytest.raises(ValueError, match="inputs of neurons frozen for task 1 cannot change"):
+        with pytest.raises(ValueError, match=rf"input {j} cannot change from .*: neurons frozen for task 1 read "
+                                             r"inputs of tasks 0\.\.1.*Nothing was changed"):
             layer.set_input_task(bad)
+        assert torch.equal(layer.input_task, ok_before)
     ok = layer.input_task.clone()
     ok[3], ok[4], ok[5] = PRUNED, FREE, 3  # FREE/PRUNED producers and later tasks: no frozen neuron reads them
     layer.set_input_task(ok)
@@ -323,6 +328,91 @@ def test_frozen_neurons_are_never_pruned_and_tasks_freeze_in_order():
     assert torch.equal(lin.task_state, before)
     with pytest.raises(IndexError, match="out of range"):
         lin.prune_neurons([6])
+
+
+@pytest.mark.filterwarnings("error::eidetic_kernels.FreeInputsWarning")
+def test_the_manual_state_changes_in_their_order_keep_a_task_and_out_of_order_are_flagged():
+    """By hand (no network): producer frozen, consumer wired, consumer frozen keeps task 0's outputs bit for bit.
+    Freezing the consumer while its input states still say FREE cuts those synapses: a FreeInputsWarning says
+    what to do. A FREE neuron whose min_input_task is above the task it freezes for would read nothing: refused."""
+    torch.manual_seed(0)
+    l1, l2 = EideticLinear(5, 6), EideticLinear(6, 3)
+    x = torch.randn(4, 5)
+    l1.prune_neurons([0, 1])
+    l2.set_input_task(l1.neuron_task)
+    want = l2(torch.relu(l1(x))).detach()
+    l1.freeze_free_neurons(0)
+    l2.set_input_task(l1.neuron_task)
+    l2.freeze_free_neurons(0)
+    assert torch.equal(l2(torch.relu(l1(x))), want)
+
+    a, b = EideticLinear(5, 6), EideticLinear(6, 3)
+    a.prune_neurons([0])
+    b.set_input_task(a.neuron_task)  # wired before the producer froze: its survivors still FREE here
+    a.freeze_free_neurons(0)
+    with pytest.warns(ek.FreeInputsWarning, match=r"5 inputs are FREE \(input 1 first\).*freeze their layer "
+                                                   r"first, pass its states with set_input_task"):
+        warnings.simplefilter("always", ek.FreeInputsWarning)
+        b.freeze_free_neurons(0)
+
+    late = EideticLinear(5, 3)
+    late.set_min_input_task(1)
+    with pytest.raises(ValueError, match=r"FREE neuron 0 has min_input_task 1 > 0.*Nothing was changed"):
+        late.freeze_free_neurons(0)
+    assert bool((late.task_state == FREE).all())
+    with pytest.raises(ValueError, match="task must be an int"):
+        late.freeze_free_neurons(True)
+    assert late.freeze_free_neurons(np.int64(1)) == 3  # integer scalars are task ids
+
+
+def test_bad_neuron_indices_and_views_are_clear_errors():
+    lin = EideticLinear(4, 5)
+    for bad in (torch.tensor([1.7]), [2.9], 0.5):
+        with pytest.raises(TypeError, match="neuron indices must be integers or a boolean mask"):
+            lin.prune_neurons(bad)
+    assert bool((lin.task_state == FREE).all())
+    x = torch.randn(2, 4)
+    for bad, err, match in ((-1, ValueError, "view_task must be a task id >= 0"),
+                            (2.5, TypeError, "view_task must be None or an int task id"),
+                            ("0", TypeError, "view_task must be None or an int task id"),
+                            (True, TypeError, "view_task must be None or an int task id")):
+        lin.view_task = bad
+        with pytest.raises(err, match=match):
+            lin(x)
+    lin.view_task = np.int64(0)  # an integer scalar: taken as its int
+    assert torch.equal(lin(x), torch.zeros(2, 5))  # nothing is frozen for task 0
+
+
+def test_convert_keeps_a_shared_layer_one_layer():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.enc = nn.Sequential(self.shared, nn.ReLU())
+
+    model = ek.convert(Tied())
+    assert model.enc[0] is model.shared and isinstance(model.shared, EideticLinear)
+    model.shared.prune_neurons([0])
+    model.shared.freeze_free_neurons(0)
+    assert torch.equal(model.enc[0].neuron_task, model.shared.neuron_task)
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "old weight_norm"])
+def test_a_parametrized_weight_is_refused_before_any_state_changes(parametrize):
+    lin = EideticLinear(4, 5)
+    if parametrize == "old weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of the parametrization
+            nn.utils.weight_norm(lin)
+    else:
+        getattr(nn.utils.parametrizations, parametrize)(lin)
+    lin.prune_neurons([0])
+    before = lin.task_state.clone()
+    with pytest.raises(TypeError, match="freeze_free_neurons cannot run on a layer with a parametrized weight.*"
+                                        "remove_parametrizations"):
+        lin.freeze_free_neurons(0)
+    assert torch.equal(lin.task_state, before)
+    assert lin(torch.randn(2, 4)).shape == (2, 5)  # still runs as it did
 
 
 def test_recycled_neurons_get_a_fresh_default_init():

@@ -5,9 +5,7 @@ about an hour on 2 cores). Two things differ from a run on a GPU or on the defau
 * The tests that train on thousands of MNIST images (marker ``trains_on_mnist``) measure the task router's
   accuracy, which does not depend on the backend. Under the interpreter their body trains on the default CPU
   backend (``EIDETIC_BACKEND`` is unset for them): on the interpreted kernels they took 62 of the suite's 147
-  worker-minutes, and the 1-point routing bound they assert is a statistical one (measured gap 0.86 points on
-  the CPU backends, 1.00 on the interpreter's numpy dots). The kernels' training is covered by every other
-  training test, the conv bodies included.
+  worker-minutes. The kernels' training is covered by every other training test, the conv bodies included.
 * The tests that run ``train_task`` on a conv body for several tasks with pruning (``trains_conv_body``, 5-15
   minutes each there) are scheduled first, ResNet first, so that pytest-xdist (``-n 2 --maxschedchunk 1``)
   spreads them over the workers instead of leaving one of them to the end.
@@ -30,6 +28,11 @@ def _schedule_rank(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # (every item of the session: this hook sees them all)
+        if "tests/python_layers/" in item.nodeid.replace("\\", "/"):
+            # the network wires every consumer before it freezes: a frozen neuron cut from a FREE input is a bug
+            # (first, so that a test building such states by hand can ignore it with its own mark)
+            item.add_marker(pytest.mark.filterwarnings("error::eidetic_kernels.FreeInputsWarning"), append=False)
     if INTERPRETED_TRITON:
         items.sort(key=_schedule_rank)  # stable: pytest's order within each rank
 

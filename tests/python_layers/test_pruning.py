@@ -54,6 +54,7 @@ def loop_norm(layer, i, p):
     return total if p == 1 else math.sqrt(total)
 
 
+@pytest.mark.filterwarnings("ignore::eidetic_kernels.FreeInputsWarning")  # states built by hand
 @pytest.mark.parametrize("p, method", [(1, "l1"), (2, "l2")])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_norm_scores_match_a_loop_over_live_synapses(p, method, kind):

@@ -97,6 +97,7 @@ def test_finished_tasks_are_contiguous_blocks_and_windows_are_slices(make):
             assert all(b.col_range is not None for b in table.blocks), (type(layer).__name__, view)
 
 
+@pytest.mark.filterwarnings("ignore::eidetic_kernels.FreeInputsWarning")  # states built by hand
 def test_renumbering_moves_only_trainable_neurons():
     layer = EideticLinear(4, 5)
     layer.prune_neurons([1])
