@@ -75,7 +75,8 @@ def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
 def _task_id(task, what: str = "task") -> int:
     """An int task id in [0, MAX_TASK] (an integer scalar of numpy or torch is taken as its int; bools are not task
     ids). ValueError otherwise."""
-    if not isinstance(task, bool) and not (isinstance(task, torch.Tensor) and task.is_floating_point()):
+    if not isinstance(task, bool) and not (isinstance(task, torch.Tensor) and (task.is_floating_point()
+                                                                               or task.dtype == torch.bool)):
         try:
             value = operator.index(task)
         except TypeError:
@@ -277,6 +278,13 @@ class EideticLayer(nn.Module):
             return 0
         self._check_no_parametrization("freeze_free_neurons")
         if self._has_inputs:
+            late = free & (self.min_input_task > task)
+            if bool(late.any()):
+                i = int(late.nonzero()[0, 0])
+                raise ValueError(
+                    f"{self._name()}: FREE neuron {i} has min_input_task {int(self.min_input_task[i])} > {task}: "
+                    f"frozen for task {task} it would read no input. Call set_min_input_task(t) with t <= {task} "
+                    f"first (forward transfer off: t = the task being frozen). Nothing was changed")
             # a frozen neuron reads inputs of tasks <= its own only: a FREE input would be cut from it for good,
             # and the function the task trained would change (the producer not frozen, or not wired, yet)
             free_inputs = self.input_task == FREE
@@ -288,13 +296,6 @@ class EideticLayer(nn.Module):
                     f"from neurons meant to freeze for task {task}: freeze their layer first, pass its states with "
                     f"set_input_task(producer.neuron_task), then freeze this one (inputs from pruned neurons are "
                     f"PRUNED, not FREE)", FreeInputsWarning, stacklevel=3)
-            late = free & (self.min_input_task > task)
-            if bool(late.any()):
-                i = int(late.nonzero()[0, 0])
-                raise ValueError(
-                    f"{self._name()}: FREE neuron {i} has min_input_task {int(self.min_input_task[i])} > {task}: "
-                    f"frozen for task {task} it would read no input. Call set_min_input_task(t) with t <= {task} "
-                    f"first (forward transfer off: t = the task being frozen). Nothing was changed")
         old_slot = self.slot.long()
         keep_slots = old_slot[self.task_state == PRUNED]
         self.task_state[free] = task
@@ -331,8 +332,9 @@ class EideticLayer(nn.Module):
         """PRUNED -> FREE with a fresh default init, for the next task. Returns how many.
 
         Recycled neurons read every earlier task's inputs (their ``min_input_task`` is reset to 0): for a next
-        task without forward transfer, call ``set_min_input_task(next_task)`` after recycling. Layers reading
-        this one's outputs see the recycled neurons as FREE once told so (``set_input_task``)."""
+        task without forward transfer, call ``set_min_input_task(next_task)`` after recycling, on a layer that
+        reads another layer's outputs (one reading the raw input keeps 0: raw inputs are task 0's). Layers
+        reading this one's outputs see the recycled neurons as FREE once told so (``set_input_task``)."""
         pruned = self.task_state == PRUNED
         n = int(pruned.sum())
         if n == 0:
@@ -446,7 +448,8 @@ class EideticLayer(nn.Module):
         view = self.view_task
         if view is None or (type(view) is int and view >= 0):
             return view
-        if isinstance(view, bool) or isinstance(view, torch.Tensor) and view.is_floating_point():
+        if isinstance(view, bool) or isinstance(view, torch.Tensor) and (view.is_floating_point()
+                                                                         or view.dtype == torch.bool):
             raise TypeError(f"{self._name()}: view_task must be None or an int task id, got {view!r}")
         try:
             view = operator.index(view)
@@ -1106,20 +1109,24 @@ def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn
     clear error: per-neuron states cannot tell its places apart).
     Raises ValueError for a layer the twins cannot represent (grouped conv, non-zero padding modes).
     """
-    twins = {} if _twins is None else _twins  # id(module) -> its twin, for modules met more than once
+    # id(module) -> (module, its twin), for modules met more than once (the module is kept: its id stays its own)
+    twins = {} if _twins is None else _twins
     cls = _CONVERSIONS.get(type(model))
     if cls is not None:
         if id(model) in twins:
-            return twins[id(model)]
+            return twins[id(model)][1]
         try:
             twin = cls.from_module(model)
         except ValueError as exc:
             raise ValueError(f"cannot convert {_path or type(model).__name__}: {exc}") from exc
         if _path:
             twin.qualified_name = _path  # error messages name the layer as the model does
-        twins[id(model)] = twin
+        twins[id(model)] = (model, twin)
         return twin
-    for name, child in list(model.named_children()):
+    # _modules, not named_children(): that one names a module used twice under one parent only once
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
         new = convert(child, f"{_path}.{name}" if _path else name, twins)
         if new is not child:
             setattr(model, name, new)

@@ -269,11 +269,9 @@ def _check(model, exported: nn.Module, task: int, example: torch.Tensor | None, 
                 # forward, not __call__: fx's wrapper prints the generated code's traceback before re-raising
                 got = exported.forward(example)
             except Exception as exc:
-                # the op that names a layer width, when the prefix-width check finds it (it reads the same code)
-                try:
-                    reason = model.narrow_eval_blocked_by(example, task=task)
-                except Exception:  # noqa: BLE001 (the failure above is the error to report)
-                    reason = None
+                # the op that names a layer width, when the tracer found one (prefix-width evaluation is
+                # blocked by the same code)
+                reason = model.graph.narrow_blocked_by
                 where = (f": {reason}" if reason is not None
                          else "; the body's code probably assumes full layer widths (a reshape to a fixed size)")
                 raise GraphError(f"export: the compact module fails on a batch ({type(exc).__name__}: {exc})"

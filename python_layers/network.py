@@ -162,16 +162,24 @@ class EideticNetwork(nn.Module):
 
     def _convert_and_check(self) -> None:
         """Convert plain layers (a subclass may add them after __init__) and reject stray parameters."""
-        for name, child in list(self.named_children()):
-            if name in _NON_BODY:
+        twins = {}  # one conversion for the whole body: a module under two names becomes one twin
+        for name, child in list(self._modules.items()):
+            if name in _NON_BODY or child is None:
                 continue
-            new = convert(child, name)
+            new = convert(child, name, twins)
             if new is not child:
                 setattr(self, name, new)
-        stray, kinds = [], []
+        stray, kinds, owner = [], [], {}
         for name, module in self._body_modules():
             if isinstance(module, EideticLayer):
                 module.qualified_name = name  # error messages name the layer as the network does
+                for p in module.parameters(recurse=False):
+                    other = owner.setdefault(id(p), name)
+                    if other != name:
+                        raise GraphError(
+                            f"layers {other} and {name} share a Parameter: weight sharing cannot be split into "
+                            f"per-neuron states (freezing one would leave the other training the same weights). "
+                            f"Give each place its own layer (copy.deepcopy), or keep one module and call it once")
                 continue
             own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
             stray += own
@@ -272,6 +280,10 @@ class EideticNetwork(nn.Module):
         task = self.current_task
         frozen = {}
         head = self.heads[task]
+        # a parametrized weight (weight_norm, ...) cannot follow its rows into frozen storage: refused here, before
+        # any layer is renumbered or frozen, rather than by that layer halfway through
+        for layer in list(self.body_layers().values()) + [head]:
+            layer._check_no_parametrization("finish_task")
         if self.graph is not None:
             # checked before anything changes: a group whose members disagree (a state changed on one member)
             # would fail at the end, after freezing, and leave no way to start another task
@@ -625,8 +637,8 @@ class EideticNetwork(nn.Module):
     def _check_layer_sizes(self, state_dict, prefix: str) -> None:
         """RuntimeError (as torch's size mismatch) when a body layer in ``state_dict`` has other sizes than this
         network's: neurons, inputs or kernel. Heads and the router are rebuilt to the state dict's sizes."""
-        for name, module in self.named_modules():
-            if not isinstance(module, EideticLayer) or name.split(".")[0] in ("heads", "router"):
+        for name, module in self._body_modules():
+            if not isinstance(module, EideticLayer):
                 continue
             checks = [("neurons", "task_state", lambda t: tuple(t.shape)),
                       ("inputs", "input_task", lambda t: tuple(t.shape))]
@@ -639,7 +651,7 @@ class EideticNetwork(nn.Module):
                         f"Error(s) in loading state_dict for {type(self).__name__}: size mismatch for "
                         f"{prefix}{name}: {what} {size(saved)} in the state dict, {size(own)} in this network. "
                         f"Build the network with the body the state dict was saved from (the same widths and "
-                        f"kernel sizes); nothing was loaded.")
+                        f"kernel sizes); nothing of this network was loaded.")
 
     def _match_heads(self, state_dict, prefix: str) -> None:
         """Re-create the heads the state dict holds (keeping existing ones of the right size, so an

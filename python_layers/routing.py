@@ -500,8 +500,8 @@ def _head_logits(model, features, num_finished) -> list[torch.Tensor]:
 def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tensor, torch.Tensor]:
     """(tasks, classes), LongTensor[B] each: each sample's routed task and its class under that head.
 
-    Raises ValueError for an unknown ``router``, an input that is not a batch [B, ...] (of the rank of the batch the
-    body was traced on, when it was), no finished task, and
+    Raises ValueError for an unknown ``router``, an input that is not a batch [B, ...] (one sample of the shape the
+    body was traced on, unbatched, included), no finished task, and
     ``"learned"`` without a router fitted on every finished task."""
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
@@ -509,10 +509,9 @@ def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tens
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"predict expects a batch x [B, ...], got {got}; for one sample pass x.unsqueeze(0)")
     sample = getattr(getattr(model, "graph", None), "input_shape", None)  # one sample's shape, as traced
-    if sample is not None and x.dim() != len(sample) + 1:
-        hint = "; for one sample pass x.unsqueeze(0)" if x.dim() == len(sample) else ""
+    if sample is not None and x.dim() == len(sample):  # one sample of what the body was traced on, unbatched
         raise ValueError(f"predict expects a batch x [B, {', '.join(map(str, sample))}] (the body was traced on "
-                         f"one), got {tuple(x.shape)}{hint}")
+                         f"one), got {tuple(x.shape)}; for one sample pass x.unsqueeze(0)")
     num_finished = _finished(model)
     learned = getattr(model, "router", None)
     if router == "learned":

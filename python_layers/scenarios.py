@@ -550,9 +550,9 @@ def _check_classes_per_task(name, classes_per_task, default, num_classes=None):
     """Classes per task of a split scenario: ``default`` for None; ValueError unless an int in [2, num_classes]
     (a task of one class has nothing to learn)."""
     cpt = default if classes_per_task is None else classes_per_task
-    top = "" if num_classes is None else f" and {num_classes} (its number of classes)"
+    bound = ">= 2" if num_classes is None else f"between 2 and {num_classes} (its number of classes)"
     if isinstance(cpt, bool) or not isinstance(cpt, int) or cpt < 2 or (num_classes is not None and cpt > num_classes):
-        raise ValueError(f"classes_per_task for scenario {name} must be an int between 2{top}, got {classes_per_task!r}")
+        raise ValueError(f"classes_per_task for scenario {name} must be an int {bound}, got {classes_per_task!r}")
     return cpt
 
 

@@ -360,8 +360,9 @@ def test_the_manual_state_changes_in_their_order_keep_a_task_and_out_of_order_ar
     with pytest.raises(ValueError, match=r"FREE neuron 0 has min_input_task 1 > 0.*Nothing was changed"):
         late.freeze_free_neurons(0)
     assert bool((late.task_state == FREE).all())
-    with pytest.raises(ValueError, match="task must be an int"):
-        late.freeze_free_neurons(True)
+    for bad in (True, torch.tensor(True), 1.0):
+        with pytest.raises(ValueError, match="task must be an int"):
+            late.freeze_free_neurons(bad)
     assert late.freeze_free_neurons(np.int64(1)) == 3  # integer scalars are task ids
 
 
@@ -375,7 +376,8 @@ def test_bad_neuron_indices_and_views_are_clear_errors():
     for bad, err, match in ((-1, ValueError, "view_task must be a task id >= 0"),
                             (2.5, TypeError, "view_task must be None or an int task id"),
                             ("0", TypeError, "view_task must be None or an int task id"),
-                            (True, TypeError, "view_task must be None or an int task id")):
+                            (True, TypeError, "view_task must be None or an int task id"),
+                            (torch.tensor(True), TypeError, "view_task must be None or an int task id")):
         lin.view_task = bad
         with pytest.raises(err, match=match):
             lin(x)
@@ -392,6 +394,9 @@ def test_convert_keeps_a_shared_layer_one_layer():
 
     model = ek.convert(Tied())
     assert model.enc[0] is model.shared and isinstance(model.shared, EideticLinear)
+    lin = nn.Linear(4, 4)
+    seq = ek.convert(nn.Sequential(lin, nn.ReLU(), lin))  # twice under one parent
+    assert isinstance(seq[2], EideticLinear) and seq[0] is seq[2]
     model.shared.prune_neurons([0])
     model.shared.freeze_free_neurons(0)
     assert torch.equal(model.enc[0].neuron_task, model.shared.neuron_task)

@@ -263,7 +263,7 @@ def test_a_state_dict_of_another_body_is_refused_before_anything_loads():
         net.prepare_for_task(0, 3)
         net(x)
         before = {k: v.clone() for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
-        with pytest.raises(RuntimeError, match=match + r".*nothing was loaded"):
+        with pytest.raises(RuntimeError, match=match + r".*nothing of this network was loaded"):
             net.load_state_dict(saved)
         assert (net.num_finished_tasks, net.current_task, len(net.heads)) == (0, 0, 1)
         after = net.state_dict()
@@ -273,6 +273,44 @@ def test_a_state_dict_of_another_body_is_refused_before_anything_loads():
     fresh.eval(), model.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x, task=0), model(x, task=0))
+
+
+def test_shared_layers_and_parametrized_weights_are_refused_before_anything_changes():
+    lin = nn.Linear(4, 4)
+    tied = EideticNetwork(nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU()), 4)  # one module at two places
+    assert tied.body[0] is tied.body[2]
+    tied.prepare_for_task(0, 2)
+    with pytest.raises(GraphError, match="body.0 is called twice in the body"):
+        tied(torch.randn(2, 4))
+
+    class TwoTwins(EideticNetwork):  # two layers holding one Parameter
+        def __init__(self):
+            super().__init__(None, 4)
+            self.enc, self.dec = EideticLinear(4, 4), EideticLinear(4, 4)
+            self.dec.weight = self.enc.weight
+
+        def forward_features(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    with pytest.raises(GraphError, match="layers enc and dec share a Parameter"):
+        TwoTwins().prepare_for_task(0, 2)
+
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU()), 4)
+    model.prepare_for_task(0, 2)
+    x = torch.randn(3, 4)
+    model(x)
+    nn.utils.parametrizations.weight_norm(model.body[2])
+    model.groups[0].prune([0, 1])
+    states = [layer.task_state.clone() for layer in model.body_layers().values()]
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(TypeError, match=r"'body.2': finish_task cannot run on a layer with a parametrized weight"):
+        model.finish_task()
+    assert all(torch.equal(s, layer.task_state) for s, layer in zip(states, model.body_layers().values()))
+    assert model.current_task == 0 and model.num_finished_tasks == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
 
 
 def test_state_dict_round_trip_recreates_heads():

@@ -133,6 +133,8 @@ def test_entropy_routing_needs_no_router_and_errors_are_clear(trained):
     shape = ", ".join(map(str, x.shape[1:]))  # one sample of the traced rank: the traced batch's shape named
     with pytest.raises(ValueError, match=rf"batch x \[B, {shape}\].*got {re.escape(str(tuple(x[0].shape)))}.*unsqueeze"):
         model.predict(x[0])
+    flat = model.predict(x.flatten(1), router="entropy")  # another rank the body takes, as model(x) does
+    assert all(torch.equal(a, b) for a, b in zip(flat, model.predict(x, router="entropy")))
     with pytest.raises(ValueError, match=r"loaders\[0\] must yield batches.*pass \[X\] or a DataLoader"):
         model.fit_router([x for _, x, _ in tasks])
     with pytest.raises(ValueError, match=r"loaders\[1\] must yield batches.*yielded a tensor of shape \(64,\)"):
