@@ -626,6 +626,8 @@ class EideticNetwork(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # plain layers a subclass added after __init__ become the Eidetic layers the state dict was saved from
+        self._convert_and_check()
         # torch loads this module first, then its children, then runs the post-load hook: checked here, a
         # state dict of another body is refused before any tensor or counter of this network changes
         self._check_layer_sizes(state_dict, prefix)

@@ -313,6 +313,32 @@ def test_shared_layers_and_parametrized_weights_are_refused_before_anything_chan
         assert torch.equal(model(x), want)
 
 
+def test_a_subclass_with_its_own_plain_layers_reloads_its_checkpoint():
+    """Layers a subclass adds after __init__ are converted at its first forward; a fresh instance loading the
+    checkpoint converts them first, so the saved Eidetic keys fit."""
+    class Own(EideticNetwork):
+        def __init__(self):
+            super().__init__(None, 4)
+            self.enc, self.dec = nn.Linear(4, 6), nn.Linear(6, 4)
+
+        def forward_features(self, x):
+            return torch.relu(self.dec(torch.relu(self.enc(x))))
+
+    torch.manual_seed(0)
+    model = Own()
+    model.prepare_for_task(0, 2)
+    x = torch.randn(3, 4)
+    model(x)
+    for g in model.groups:
+        g.prune([0])
+    model.finish_task()
+    fresh = Own()
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, task=0), model(x, task=0))
+
+
 def test_state_dict_round_trip_recreates_heads():
     model, shape = make("cnn")
     gen = torch.Generator().manual_seed(0)
