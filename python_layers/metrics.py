@@ -14,7 +14,8 @@ Definitions (T tasks, indices from 0):
   ``b[j]`` is the test accuracy on task j of the untrained (randomly initialised) network.
 * Forgetting (Chaudhry et al. 2018, "average forgetting" after the last task):
   ``f_j = max_{l in j..T-2} R[l][j] - R[T-1][j]`` for j < T-1, ``F = mean_{j<T-1} f_j``. The max runs over the
-  rows where task j had been trained (l >= j); ``F >= 0``; 0 without forgetting.
+  rows where task j had been trained (l >= j); 0 without forgetting, negative when a task's accuracy rose after
+  later tasks trained (which eidetic's frozen tasks never do).
 
 With one task, BWT, FWT and forgetting are undefined: returned as NaN. NaN entries never enter a mean silently:
 an entry a definition needs that is NaN makes that metric NaN.
@@ -37,8 +38,13 @@ def new_matrix(num_tasks: int) -> np.ndarray:
 
 def as_matrix(R) -> np.ndarray:
     """A square float64 array from a nested list (``None`` -> NaN) or array."""
-    a = np.array([[np.nan if v is None else v for v in row] for row in R], dtype=np.float64) \
-        if not isinstance(R, np.ndarray) else R.astype(np.float64)
+    if not isinstance(R, np.ndarray):
+        rows = [[np.nan if v is None else v for v in row] for row in R]
+        if len({len(row) for row in rows}) > 1:  # ragged: numpy's own error would not say what is wrong
+            raise ValueError(f"the accuracy matrix must be square T x T, got rows of lengths "
+                             f"{[len(row) for row in rows]} (pad entries not measured with None)")
+        R = rows
+    a = np.array(R, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"the accuracy matrix must be square T x T, got shape {a.shape}")
     return a

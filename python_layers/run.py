@@ -341,6 +341,23 @@ class Run:
             self._train_one_task(state, t, step_checkpoints)
         return self.finish(state)
 
+    def _why_kept(self, state: dict, task: int) -> str:
+        """Why finished task ``task`` kept every free neuron of some layer, from its recorded stop reason, and
+        what to change for the next run."""
+        reason = next((r.get("stop_reason") for r in reversed(state["history"])
+                       if r.get("task") == task and r.get("phase") == "finish"), None)
+        cfg = self.cfg
+        if reason == "nothing left to prune":
+            return ("pruning never removes a layer's last free neuron, and that one was all it had left there; "
+                    "start again with wider layers, or a larger step so that earlier tasks keep fewer neurons")
+        if reason == "max_prune_steps reached":
+            return (f"its pruning stopped at max_prune_steps={cfg['max_prune_steps']}; start again with a larger "
+                    f"max_prune_steps or step, or wider layers")
+        if reason == "no pruning":
+            return "it was not pruned; start again with a pruning method (l1, l2, taylor)"
+        return (f"no pruning step stayed within stop_threshold={cfg['stop_threshold']} of its best training "
+                f"accuracy; start again with a larger stop_threshold, a smaller step or wider layers")
+
     def _train_one_task(self, state: dict, t: int, step_checkpoints: bool) -> None:
         cfg, model, task = self.cfg, self.model, self.scenario.tasks[t]
         in_task = state["in_task"] if state["in_task"] and state["in_task"]["task"] == t else None
@@ -360,10 +377,8 @@ class Run:
                 if self.writer:
                     self._write_history_csv(state["history"])
                 raise ConfigError(
-                    f"{exc}. Task {t - 1} kept every free neuron there: no pruning step stayed "
-                    f"within stop_threshold={cfg['stop_threshold']} of its best training accuracy. Tasks "
-                    f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv); start again with "
-                    f"a larger stop_threshold, a smaller step or wider layers") from None
+                    f"{exc}. Task {t - 1} kept every free neuron there: {self._why_kept(state, t - 1)}. Tasks "
+                    f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv)") from None
             if t == 0:
                 state["baseline_accuracy"] = baseline_accuracy(model, self.scenario, cfg["eval_batch_size"],
                                                                self.device, cfg["seed"])

@@ -473,8 +473,9 @@ def _warn_at_chance(model, task: int, best_acc: float, pruning: str) -> None:
     chance = 1.0 / max(classes, 1)
     if best_acc <= chance + 0.01:
         warnings.warn(f"task {task}: the training accuracy never rose above chance (best {best_acc:.3f}, chance "
-                      f"1/{classes} = {chance:.3f}); {pruning!r} pruning will then keep almost no neuron for it, "
-                      "since accuracy cannot fall below its best. Check the labels (0..num_classes-1 of this "
+                      f"1/{classes} = {chance:.3f}) before pruning; {pruning!r} pruning stops only when the "
+                      "accuracy falls below that best, which at chance it hardly can, so the task may keep few "
+                      "neurons (unless the recovery epochs lift it). Check the labels (0..num_classes-1 of this "
                       "task), the learning rate and max_epochs", stacklevel=user_stacklevel())
 
 

@@ -174,8 +174,24 @@ def test_a_task_without_capacity_left_is_a_clear_error(tmp_path, monkeypatch, ca
     out = tmp_path / "run"
     assert cli.main(["train", "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err
-    assert err.count("task 1 cannot start") == 1 and "stop_threshold" in err and "Traceback" not in err
+    assert err.count("task 1 cannot start") == 1 and "Traceback" not in err
+    assert "its pruning stopped at max_prune_steps=2" in err  # TINY caps the pruning steps: the reason recorded
     assert (out / "checkpoint.pt").exists() and (out / "history.csv").read_text().count("\n") > 1
+
+
+@pytest.mark.parametrize("reason, says", [
+    ("accuracy dropped", "no pruning step stayed within stop_threshold=0.01"),
+    ("nothing left to prune", "pruning never removes a layer's last free neuron"),
+    ("max_prune_steps reached", "its pruning stopped at max_prune_steps=3"),
+    ("no pruning", "it was not pruned")])
+def test_the_capacity_error_gives_the_recorded_reason(reason, says):
+    from types import SimpleNamespace
+
+    from python_layers.run import Run
+    state = {"history": [{"task": 0, "phase": "finish", "stop_reason": reason},
+                         {"task": 1, "phase": "finish", "stop_reason": "accuracy dropped"}]}
+    run = SimpleNamespace(cfg={"stop_threshold": 0.01, "max_prune_steps": 3})
+    assert says in Run._why_kept(run, state, 0)
 
 
 def test_config_values_a_scenario_refuses_are_config_errors(tmp_path, monkeypatch, capsys):

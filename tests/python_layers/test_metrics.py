@@ -53,6 +53,9 @@ def test_nan_where_needed_propagates_and_single_task_is_undefined():
 def test_bad_shapes_are_errors():
     with pytest.raises(ValueError, match="square"):
         metrics.as_matrix([[0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"square T x T, got rows of lengths \[1, 2\] \(pad .* with None\)"):
+        metrics.as_matrix([[0.9], [0.8, 0.7]])  # lower-triangular without padding
+    assert metrics.forgetting([[0.5, 0.4], [0.9, 0.8]]) == pytest.approx(-0.4)  # a task that improved: negative
     with pytest.raises(ValueError, match="one accuracy per task"):
         metrics.forward_transfer([[0.1, 0.2], [0.3, 0.4]], [0.5])
 
