@@ -6,6 +6,7 @@ checked and converted on merge), applies each key's range check and returns a pl
 ``config.yaml`` and its checkpoints hold. Every problem is a ``ConfigError`` naming the key.
 """
 import dataclasses
+import math
 import json
 import re
 import textwrap
@@ -107,7 +108,7 @@ class Config:
     optimizer: Literal["adamw", "adam"] = _key(
         "adamw", "the optimizer, a fresh one per task: adamw (decoupled weight decay) or adam (weight decay added "
                  "to the gradient, as torch.optim.Adam)")
-    lr: float = _key(1e-3, "learning rate", ("> 0", lambda v: v > 0))
+    lr: float = _key(1e-3, "learning rate", ("finite and > 0", lambda v: math.isfinite(v) and v > 0))
     prune_lr_factor: float = _key(
         1.0, "multiplies the learning rate once, when a task's pruning starts (the paper's Permuted MNIST setting "
              "halves it: 0.5)", ("in (0, 1]", lambda v: 0 < v <= 1))
@@ -173,7 +174,8 @@ def parse_overrides(pairs) -> dict:
     pairs = list(pairs or [])
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"override {pair!r} is not key=value (e.g. lr=2e-4 or widths=[100,100])")
+            raise ConfigError(f"override {pair!r} is not key=value (e.g. lr=2e-4 or widths=[100,100]); a value "
+                              f"with spaces must be quoted as one shell word: \"widths=[16, 16]\"")
         key = pair.split("=", 1)[0].strip()
         if key not in _FIELD:
             raise ConfigError(f"unknown config key {key!r} in override {pair!r}; valid keys: {', '.join(KEYS)}")

@@ -229,8 +229,11 @@ class Run:
             self.scenario.to(self.device)  # the whole data set on the GPU: batches are gathered there
         self.num_tasks = self.scenario.num_tasks
         seed_everything(cfg["seed"])
-        body, feature_dim = build_body(cfg["model"], self.scenario.input_shape, cfg["widths"], cfg["dropout"],
-                                       cfg["blocks"])
+        try:
+            body, feature_dim = build_body(cfg["model"], self.scenario.input_shape, cfg["widths"], cfg["dropout"],
+                                           cfg["blocks"])
+        except ValueError as exc:  # the config's model, widths and blocks do not fit together: a config error
+            raise ConfigError(str(exc)) from None
         self.feature_dim = feature_dim
         self.model = EideticNetwork(body, feature_dim).to(self.device)
         if getattr(self.model, "graph", None) is None and hasattr(self.model, "ensure_graph"):
@@ -317,6 +320,8 @@ class Run:
 
     # ----- the loop --------------------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict:
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a folder for the run's files")
         self.out.mkdir(parents=True, exist_ok=True)
         self.build()
         cfg, T = self.cfg, self.num_tasks

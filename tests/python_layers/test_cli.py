@@ -222,6 +222,21 @@ def test_config_values_a_scenario_refuses_are_config_errors(tmp_path, monkeypatc
     assert "eidetic: error: scenario split_mnist has at most 5 tasks, asked for 7" in err and "Traceback" not in err
 
 
+def test_more_config_mistakes_are_one_error_line(tmp_path, capsys):
+    with pytest.raises(cli.ConfigError, match="lr must be finite and > 0, got inf"):
+        cli.load_config(None, {"lr": float("inf")})
+    with pytest.raises(cli.ConfigError, match=r"override '16\]' is not key=value.*quoted as one shell word"):
+        cli.parse_overrides(["widths=[16,", "16]"])
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args, says in ((["--out", str(afile)], "is a file; give a folder"),
+                       (["--out", str(tmp_path / "r"), "model=convnet", "widths=[8]"],
+                        "convnet: widths needs at least one conv width")):
+        assert cli.main(["train", *args, "scenario=synthetic", "progress=false", "threads=1"]) == 2
+        err = capsys.readouterr().err
+        assert f"eidetic: error: " in err and says in err and "Traceback" not in err
+
+
 def test_config_parsing(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("scenario: permuted_mnist\nlr: 2e-4\nwidths: [2000, 2000]\npruning: taylor\n")

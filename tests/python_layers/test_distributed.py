@@ -135,3 +135,12 @@ def test_cli_two_processes_then_kill_and_resume_with_one(tmp_path):
         assert torch.equal(whole[k], again[k]), k
     c = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert c["bwt"] == 0.0 and abs(c["acc"] - b["acc"]) <= 0.005
+
+
+def test_state_hash_covers_batch_norm_and_changes_with_any_value():
+    """0-dim buffers (a batch norm's num_batches_tracked) are hashed too; any changed bit changes the hash."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    before = dist_mod.state_hash(model)
+    assert before == dist_mod.state_hash(model)
+    model[1].num_batches_tracked += 1
+    assert dist_mod.state_hash(model) != before
