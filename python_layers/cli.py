@@ -106,21 +106,16 @@ def main(argv=None) -> int:
         print("eidetic: error: --nproc must be >= 1", file=sys.stderr)
         return 2
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        try:  # a config error is one line here, not once per process inside torchrun's failure report
+            _train_config(args)
+        except ConfigError as exc:
+            print(f"eidetic: error: {exc}", file=sys.stderr)
+            return 2
         argv = list(sys.argv[1:] if argv is None else argv)
         rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
         return launch(args.nproc, rest)
     try:
-        overrides = parse_overrides(args.overrides)
-        config_path = args.config
-        if args.resume and config_path is None and (Path(args.out) / "config.yaml").is_file():
-            config_path = Path(args.out) / "config.yaml"
-        if config_path is None and not overrides:
-            if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
-                raise ConfigError(f"--resume: {args.out} holds no checkpoint.pt and no config.yaml; give --config "
-                                  "FILE.yaml (or key=value overrides) to start the run there")
-            raise ConfigError("give --config FILE.yaml (or key=value overrides, e.g. scenario=synthetic)")
-        cfg = load_config(config_path, overrides)
-        results = train(cfg, args.out, resume=args.resume)
+        results = train(_train_config(args), args.out, resume=args.resume)
     except (ConfigError, DataNotFoundError) as exc:
         print(f"eidetic: error: {exc}", file=sys.stderr)
         return 2
@@ -139,6 +134,20 @@ def main(argv=None) -> int:
     print(_final_line(results))
     print(f"results: {Path(args.out) / 'results.json'}; plots: " + ", ".join(results.get("plots", {}).values()))
     return 0
+
+
+def _train_config(args) -> dict:
+    """The run's config from ``--config``/``--resume`` and the overrides; ConfigError for any mistake."""
+    overrides = parse_overrides(args.overrides)
+    config_path = args.config
+    if args.resume and config_path is None and (Path(args.out) / "config.yaml").is_file():
+        config_path = Path(args.out) / "config.yaml"
+    if config_path is None and not overrides:
+        if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
+            raise ConfigError(f"--resume: {args.out} holds no checkpoint.pt and no config.yaml; give --config "
+                              "FILE.yaml (or key=value overrides) to start the run there")
+        raise ConfigError("give --config FILE.yaml (or key=value overrides, e.g. scenario=synthetic)")
+    return load_config(config_path, overrides)
 
 
 def _final_line(results: dict) -> str:

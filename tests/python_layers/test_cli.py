@@ -237,6 +237,13 @@ def test_more_config_mistakes_are_one_error_line(tmp_path, capsys):
         assert f"eidetic: error: " in err and says in err and "Traceback" not in err
 
 
+def test_a_config_error_under_nproc_is_one_line_before_any_process_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli, "launch", lambda *a: pytest.fail("launched despite a config error"))
+    assert cli.main(["train", "--nproc", "2", "--out", str(tmp_path / "r"), "scenario=synthetic", "lr=fast"]) == 2
+    assert capsys.readouterr().err == "eidetic: error: lr must be a number, got 'fast'\n"
+
+
 def test_config_parsing(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("scenario: permuted_mnist\nlr: 2e-4\nwidths: [2000, 2000]\npruning: taylor\n")
