@@ -28,7 +28,7 @@ def _schedule_rank(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:  # (every item of the session: this hook sees them all)
+    for item in items:  # pytest passes every collected item here, not only this folder's
         if "tests/python_layers/" in item.nodeid.replace("\\", "/"):
             # the network wires every consumer before it freezes: a frozen neuron cut from a FREE input is a bug
             # (first, so that a test building such states by hand can ignore it with its own mark)

@@ -204,7 +204,7 @@ def test_config_values_a_scenario_refuses_are_config_errors(tmp_path, monkeypatc
     for bad in (0, 1, -2):
         with pytest.raises(cli.ConfigError, match=rf"classes_per_task must be >= 2 .*got {bad}"):
             cli.load_config(None, {"classes_per_task": bad})
-    # more classes than the scenario has: before any data is read, no traceback (it was an IndexError)
+    # more classes than the scenario has: refused before any data is read, as one error line
     assert cli.main(["train", "--out", str(tmp_path / "c"), "scenario=split_mnist", "classes_per_task=11",
                      "progress=false"]) == 2
     err = capsys.readouterr().err

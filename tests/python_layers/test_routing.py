@@ -502,7 +502,7 @@ def test_split_mnist_3_tasks_routed_within_one_point_of_the_oracle():
     # The router on the body's activations (the default, router_input: body) lands 0.79-1.30 points below the
     # oracle over the same seeds with these 6,000 inputs per task (0.64-0.91 with the demo's 10,000), so it is
     # held to 1.5 points: a guard against losing it, not the 1-point claim. The linear router on the last layer
-    # alone (hidden=0, the former router) routes at 0.9521 here (gap 4.2 points). ~6,000 test images: one
+    # alone (hidden=0) routes at 0.9521 here (gap 4.2 points). ~6,000 test images: one
     # point is ~60 of them.
     oracle, routed = split_mnist_gap(3, 6000, reads=("input", "body"))
     assert oracle >= 0.98, f"the body itself is off: oracle ACC {oracle:.4f}"
