@@ -441,10 +441,13 @@ class InMemoryLoader:
         self.rank, self.world = 0, 1
 
     def shard(self, rank: int, world: int) -> "InMemoryLoader":
-        """Read only this process's share of every batch: rows ``rank::world`` of each global batch (the last
-        batch padded with its own first rows to a multiple of ``world``, as DistributedSampler pads). Every
-        process draws the same permutation from the same generator, so together they read each global batch
-        once and the global batch size does not depend on ``world``. Returns self."""
+        """Read only this process's share of every batch: rows ``rank::world`` of each global batch, so the
+        shares differ by at most one row when ``world`` does not divide the batch (the trainer weights each
+        process's loss by its share: the step is the global batch's mean). Every process draws the same
+        permutation from the same generator, so together they read each global batch exactly once and the
+        global batch does not depend on ``world``. Only a batch of fewer than ``2 * world`` rows (a small last
+        batch, or ``batch_size < 2 * world``) is padded with its own rows to two per process, so that no process
+        gets an empty batch or a lone sample a BatchNorm cannot normalise. Returns self."""
         if not 0 <= rank < world:
             raise ValueError(f"rank must be in [0, {world}), got {rank}")
         self.rank, self.world = int(rank), int(world)
@@ -466,8 +469,9 @@ class InMemoryLoader:
             if self.drop_last and rows.numel() < self.batch_size:
                 break
             if self.world > 1:
-                padded = torch.arange(rows.numel() + (-rows.numel() % self.world)) % rows.numel()
-                rows = rows[padded][self.rank::self.world]
+                if rows.numel() < 2 * self.world:  # two rows per process: none empty, none alone
+                    rows = rows[torch.arange(2 * self.world) % rows.numel()]
+                rows = rows[self.rank::self.world]
             x, y = self.data.batch(rows)
             if self.augment:
                 x = self._augment(x)

@@ -332,10 +332,19 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             logits = _forward(model, x, norms, i + 1)
             if i == 0:
                 _check_labels(y, logits.shape[-1])
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            optimizer.step()
             n = y.shape[0]
+            if distributed:
+                # DDP averages the processes' gradients; shares may differ by a row (InMemoryLoader.shard), so
+                # each process's summed loss is scaled by world / global batch: the step is the global mean
+                global_n = torch.tensor(float(n), device=y.device)  # float32: exact to 2**24 rows
+                dist_mod.all_reduce_sum(global_n)
+                summed = F.cross_entropy(logits, y, reduction="sum")
+                (summed * (dist_mod.world_size() / global_n)).backward()
+                loss = summed.detach() / max(n, 1)
+            else:
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+            optimizer.step()
             if loss_sum is None:
                 # float64 so a long epoch's sum keeps its digits (MPS has no float64)
                 dtype = torch.float32 if loss.device.type == "mps" else torch.float64

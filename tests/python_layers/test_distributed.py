@@ -103,6 +103,56 @@ def test_single_process_is_unchanged():
                          progress=False)
 
 
+def _uneven_setup():
+    """An MLP and an InMemoryLoader of 47 samples in batches of 10 (4 batches of 10 and one of 7): 3 processes
+    read 4, 3, 3 rows of each full batch and 3, 2, 2 of the last, so no batch is padded."""
+    from python_layers.scenarios import ImageSet, InMemoryLoader
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (47, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, CLASSES, (47,), generator=g)
+    torch.manual_seed(0)
+    model = EideticNetwork(*mlp_body(width=16, dropout=0.0))
+    model.prepare_for_task(0, CLASSES)
+    return model, InMemoryLoader(ImageSet(images, labels, (0.5,), (0.25,)), batch_size=10, seed=1)
+
+
+def _uneven_worker(rank: int, init_file: str, out: str) -> None:
+    from python_layers.trainer import run_epoch
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    try:
+        model, loader = _uneven_setup()
+        trained = dist_mod.wrap(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss, acc = run_epoch(trained, dist_mod.shard(loader), optimizer, torch.device("cpu"), progress=False,
+                              distributed=True)
+        sizes = [x.shape[0] for x, _ in loader]  # after the epoch: this pass draws the next permutation
+        torch.save({"sizes": sizes, "loss": loss, "acc": acc, "state": model.state_dict()},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_uneven_shards_train_the_global_batch(tmp_path):
+    """3 processes on batches of 10 (shares of 4, 3 and 3 rows, no padding) take the steps one process takes:
+    each process's loss is weighted by its share, so the step is the global batch's mean; the epoch's loss and
+    accuracy count every sample once."""
+    from python_layers.trainer import run_epoch
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_uneven_worker, args=(init_file, str(tmp_path)), nprocs=3, join=True)
+    model, loader = _uneven_setup()
+    loss, acc = run_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.5), torch.device("cpu"),
+                          progress=False)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    assert [r["sizes"] for r in ranks] == [[4, 4, 4, 4, 3], [3, 3, 3, 3, 2], [3, 3, 3, 3, 2]]
+    for r in ranks:
+        assert r["acc"] == acc and abs(r["loss"] - loss) <= 1e-5
+        weights = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert len(weights) >= 6
+        for key, value in weights.items():
+            torch.testing.assert_close(r["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 # ----- the CLI: eidetic train --nproc N -------------------------------------------------------------------------
 
 def _states(checkpoint):

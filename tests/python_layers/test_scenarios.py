@@ -275,6 +275,27 @@ def test_loader_is_deterministic_covers_every_sample_and_resumes():
     assert all(torch.equal(x, xa) for (x, _), (xa, _) in zip(fresh, a[1]))
 
 
+@pytest.mark.parametrize("batch_size, world", [(10, 3), (50, 4), (4, 3), (7, 2)])
+def test_shards_partition_every_batch(batch_size, world):
+    """The processes' shares of a global batch are the batch itself (shares differing by at most one row);
+    only a batch of fewer than 2 * world rows is padded, to two rows per process, from its own rows."""
+    data = sc.build_scenario("synthetic", num_tasks=1, seed=3).tasks[0].train.subset(103, seed=0)
+    whole = [x.reshape(x.shape[0], -1) for x, _ in sc.InMemoryLoader(data, batch_size, seed=4)]
+    shares = [[x.reshape(x.shape[0], -1) for x, _ in sc.InMemoryLoader(data, batch_size, seed=4).shard(r, world)]
+              for r in range(world)]
+    assert all(len(s) == len(whole) for s in shares)
+    for i, batch in enumerate(whole):
+        parts = [s[i] for s in shares]
+        sizes = [p.shape[0] for p in parts]
+        rows = torch.cat(parts)
+        if batch.shape[0] >= 2 * world:
+            assert max(sizes) - min(sizes) <= 1
+            assert torch.equal(rows.sort(0).values, batch.sort(0).values)
+        else:
+            assert sizes == [2] * world
+            assert torch.equal(rows.unique(dim=0), batch.unique(dim=0))
+
+
 def test_loader_task_label_and_augment():
     s = sc.build_scenario("synthetic", num_tasks=1, seed=0)
     xs, ys = next(iter(sc.InMemoryLoader(s.tasks[0].train, 16, task_label=4)))
