@@ -12,10 +12,11 @@ re-exported from the modules that define them.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
-import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from . import distributed as dist_mod
@@ -32,11 +33,32 @@ __all__ = ["main", "train", "load_config", "default_config", "OPTIONS", "ConfigE
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """``eidetic train --nproc N ...``: the same command on N local processes through ``torchrun --standalone``
-    (gloo on CPU, NCCL on GPU); returns torchrun's exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "python_layers.cli", *argv]
-    return subprocess.call(cmd)
+    """``eidetic train --nproc N ...``: the same command on N local processes through torchrun's launcher
+    (``torchrun --standalone``; gloo on CPU, NCCL on GPU). Returns 0, 2 when the processes stopped at a config,
+    data or capacity error (rank 0 has printed it as one ``eidetic: error:`` line), or the failed process's exit
+    status after torchrun's failure report for anything else."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "python_layers.cli",
+                                         *argv])
+    # torchrun sets this for each process too, with a banner saying so; the config's `threads` key sets the
+    # processes' intra-op threads anyway
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # the launcher's own log lines repeat what the report below says (or, for exit status 2, what rank 0 said)
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        if failure.exitcode != 2:
+            print(exc, file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    finally:
+        elastic_log.setLevel(level)
+    return 0
 
 
 def _fmt_row(row) -> str:
@@ -87,8 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """``eidetic`` with ``argv`` (default: sys.argv[1:]); returns the exit status: 0, 2 for a config, data or
-    usage error (printed as ``eidetic: error: ...``), or torchrun's status under ``--nproc N``."""
+    usage error (printed as ``eidetic: error: ...``), or the launcher's status under ``--nproc N``.
+
+    Warnings print as ``eidetic: warning: ...``. Under ``--nproc N`` only rank 0 prints warnings and errors:
+    the processes take the same decisions, so the others would repeat them."""
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            # the library's warnings point at its caller's line, which under the CLI is runpy's, the console
+            # script's or this package's: that line says nothing; installed packages' warnings keep their format
+            if not _installed(filename):
+                print(f"eidetic: warning: {message} ({category.__name__})", file=file or sys.stderr)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        if quiet:
+            warnings.simplefilter("ignore")
+        return _main(argv, quiet)
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _installed(filename: str) -> bool:
+    """Whether ``filename`` belongs to an installed package other than this one (torch, numpy, ...)."""
+    path = os.path.abspath(filename)
+    parts = path.split(os.sep)
+    return not path.startswith(_HERE + os.sep) and ("site-packages" in parts or "dist-packages" in parts)
+
+
+def _main(argv, quiet: bool) -> int:
     from .scenarios import DataNotFoundError
+
+    def error(message) -> int:
+        if not quiet:
+            print(f"eidetic: error: {message}", file=sys.stderr)
+        return 2
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -96,34 +155,31 @@ def main(argv=None) -> int:
         try:
             export(args.run, args.task, args.out)
         except (ConfigError, DataNotFoundError) as exc:
-            print(f"eidetic: error: {exc}", file=sys.stderr)
-            return 2
+            return error(exc)
         return 0
     if args.command != "train":
         parser.print_help()
         return 2
     if args.nproc < 1:
-        print("eidetic: error: --nproc must be >= 1", file=sys.stderr)
-        return 2
+        return error("--nproc must be >= 1")
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        try:  # a config error is one line here, not once per process inside torchrun's failure report
+        try:  # a config error is one line here, before any process starts
             _train_config(args)
         except ConfigError as exc:
-            print(f"eidetic: error: {exc}", file=sys.stderr)
-            return 2
+            return error(exc)
         argv = list(sys.argv[1:] if argv is None else argv)
         rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
         return launch(args.nproc, rest)
     try:
         results = train(_train_config(args), args.out, resume=args.resume)
     except (ConfigError, DataNotFoundError) as exc:
-        print(f"eidetic: error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
     except KeyboardInterrupt:
         # checkpoints are replaced atomically at the run's save points: an interrupt loses only the work since
         # the last one, and --resume continues from it with the same results
-        print(f"eidetic: interrupted; continue the run with: eidetic train --out {args.out} --resume",
-              file=sys.stderr)
+        if not quiet:
+            print(f"eidetic: interrupted; continue the run with: eidetic train --out {args.out} --resume",
+                  file=sys.stderr)
         return 130  # the shell's status for SIGINT
     if dist_mod.rank() != 0:
         return 0  # rank 0 prints the run's results

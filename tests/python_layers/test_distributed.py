@@ -187,6 +187,19 @@ def test_cli_two_processes_then_kill_and_resume_with_one(tmp_path):
     assert c["bwt"] == 0.0 and abs(c["acc"] - b["acc"]) <= 0.005
 
 
+def test_an_error_inside_the_processes_is_one_line(tmp_path):
+    """A task without capacity, found by every process mid-run: rank 0 prints the one ``eidetic: error`` line
+    (no torchrun report, no traceback), warnings print once, and the exit status is the CLI's 2."""
+    from tests.python_layers.test_cli import _run_cli
+    run = _run_cli(["train", "--nproc", "2", "--out", str(tmp_path / "r"), "scenario=synthetic", "tasks=3",
+                    "widths=[8]", "max_epochs=1", "threads=1", "step=0.01", "max_prune_steps=1", "progress=false"])
+    lines = run.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("eidetic: error: task 2 cannot start: no free neuron")]
+    capacity = [line for line in lines if line.startswith("eidetic: warning: task 1 kept every neuron left in")]
+    assert run.returncode == 2 and len(errors) == 1 and len(capacity) == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr and "FAILED" not in run.stderr
+
+
 def test_state_hash_covers_batch_norm_and_changes_with_any_value():
     """0-dim buffers (a batch norm's num_batches_tracked) are hashed too; any changed bit changes the hash."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
