@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     (``torchrun --standalone``; gloo on CPU, NCCL on GPU). Returns 0, 2 when the processes stopped at a config,
     data or capacity error (rank 0 has printed it as one ``eidetic: error:`` line), or the failed process's exit
     status after torchrun's failure report for anything else."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -46,9 +48,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     # processes' intra-op threads anyway
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # the launcher's own log lines repeat what the report below says (or, for exit status 2, what rank 0 said)
-    elastic_log = logging.getLogger("torch.distributed.elastic")
-    level = elastic_log.level
-    elastic_log.setLevel(logging.CRITICAL)
+    disabled = logging.root.manager.disable
+    logging.disable(logging.ERROR)
     try:
         run(args)
     except ChildFailedError as exc:
@@ -56,9 +57,24 @@ def launch(nproc: int, argv: list[str]) -> int:
         if failure.exitcode != 2:
             print(exc, file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as exc:  # the launcher stopped the processes with the signal it got
+        if exc.sigval != signal.SIGINT:  # on SIGINT rank 0 has said how to continue
+            print(f"eidetic: stopped by {exc.sigval.name}; continue the run with: eidetic train --out "
+                  f"{_out_dir(argv)} --resume", file=sys.stderr)
+        return 128 + int(exc.sigval)
     finally:
-        elastic_log.setLevel(level)
+        logging.disable(disabled)
     return 0
+
+
+def _out_dir(argv: list[str]) -> str:
+    """The ``--out`` value in ``argv`` (``--out DIR`` or ``--out=DIR``)."""
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--out="):
+            return a[len("--out="):]
+    return "RUN_DIR"
 
 
 def _fmt_row(row) -> str:

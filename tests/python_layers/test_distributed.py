@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -198,6 +202,30 @@ def test_an_error_inside_the_processes_is_one_line(tmp_path):
     capacity = [line for line in lines if line.startswith("eidetic: warning: task 1 kept every neuron left in")]
     assert run.returncode == 2 and len(errors) == 1 and len(capacity) == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr and "FAILED" not in run.stderr
+
+
+def test_a_stopped_launcher_stops_the_processes_and_says_how_to_resume(tmp_path):
+    """SIGTERM to ``eidetic train --nproc 2`` (a scheduler's stop): the processes stop, the launcher says how
+    to continue (once, no traceback) and exits with 128 + 15; the run folder keeps its last checkpoint."""
+    from tests.python_layers.test_cli import ROOT
+    out = tmp_path / "r"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "python_layers.cli", "train", "--nproc", "2", "--out", str(out),
+                             "scenario=synthetic", "tasks=8", "widths=[256]", "step=0.02", "threads=1",
+                             "progress=false"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the test could stop it"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    said = f"eidetic: stopped by SIGTERM; continue the run with: eidetic train --out {out} --resume"
+    assert proc.returncode == 128 + signal.SIGTERM and err.count(said) == 1, err[-3000:]
+    assert "Traceback" not in err and (out / "checkpoint.pt").exists()
 
 
 def test_state_hash_covers_batch_norm_and_changes_with_any_value():
