@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -127,8 +128,9 @@ def main(argv=None) -> int:
     """``eidetic`` with ``argv`` (default: sys.argv[1:]); returns the exit status: 0, 2 for a config, data or
     usage error (printed as ``eidetic: error: ...``), or the launcher's status under ``--nproc N``.
 
-    Warnings print as ``eidetic: warning: ...``. Under ``--nproc N`` only rank 0 prints warnings and errors:
-    the processes take the same decisions, so the others would repeat them."""
+    Warnings print as ``eidetic: warning: ...``. Under ``--nproc N`` (or torchrun) only rank 0 prints warnings
+    and errors: the processes take the same decisions, so the others would repeat them. Missing data is a
+    machine's own: the first process of each machine says so (naming the machine when there are several)."""
     quiet = int(os.environ.get("RANK", "0")) != 0
     with warnings.catch_warnings():
         default = warnings.showwarning
@@ -165,6 +167,13 @@ def _main(argv, quiet: bool) -> int:
             print(f"eidetic: error: {message}", file=sys.stderr)
         return 2
 
+    def data_error(message) -> int:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            several = int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            where = f" (on {socket.gethostname()})" if several else ""
+            print(f"eidetic: error{where}: {message}", file=sys.stderr)
+        return 2
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "export":
@@ -188,8 +197,10 @@ def _main(argv, quiet: bool) -> int:
         return launch(args.nproc, rest)
     try:
         results = train(_train_config(args), args.out, resume=args.resume)
-    except (ConfigError, DataNotFoundError) as exc:
+    except ConfigError as exc:
         return error(exc)
+    except DataNotFoundError as exc:
+        return data_error(exc)
     except KeyboardInterrupt:
         # checkpoints are replaced atomically at the run's save points: an interrupt loses only the work since
         # the last one, and --resume continues from it with the same results

@@ -193,7 +193,8 @@ def test_cli_two_processes_then_kill_and_resume_with_one(tmp_path):
 
 def test_an_error_inside_the_processes_is_one_line(tmp_path):
     """A task without capacity, found by every process mid-run: rank 0 prints the one ``eidetic: error`` line
-    (no torchrun report, no traceback), warnings print once, and the exit status is the CLI's 2."""
+    (no torchrun report, no traceback), warnings print once, and the exit status is the CLI's 2. The same for
+    missing data."""
     from tests.python_layers.test_cli import _run_cli
     run = _run_cli(["train", "--nproc", "2", "--out", str(tmp_path / "r"), "scenario=synthetic", "tasks=3",
                     "widths=[8]", "max_epochs=1", "threads=1", "step=0.01", "max_prune_steps=1", "progress=false"])
@@ -202,6 +203,12 @@ def test_an_error_inside_the_processes_is_one_line(tmp_path):
     capacity = [line for line in lines if line.startswith("eidetic: warning: task 1 kept every neuron left in")]
     assert run.returncode == 2 and len(errors) == 1 and len(capacity) == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr and "FAILED" not in run.stderr
+    # missing data is each machine's own: said once by the machine's first process
+    missing = tmp_path / "no-such-folder"
+    run = _run_cli(["train", "--nproc", "2", "--out", str(tmp_path / "m"), "scenario=split_mnist",
+                    f"data_root={missing}", "threads=1", "progress=false"])
+    assert run.returncode == 2 and run.stderr.count(f"eidetic: error: data_root={missing} is not a folder") == 1
+    assert "Traceback" not in run.stderr and "FAILED" not in run.stderr, run.stderr[-3000:]
 
 
 def test_a_stopped_launcher_stops_the_processes_and_says_how_to_resume(tmp_path):
