@@ -63,7 +63,8 @@ class Config:
         "the task sequence: permuted_mnist (task 0 unpermuted), split_mnist (5 x 2 digits), split_cifar10 "
         "(5 x 2 classes), split_cifar100 (100/classes_per_task tasks), split_imagenette (5 x 2 classes, 64x64), "
         "synthetic (tiny Gaussian clusters, for tests)")
-    tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them)",
+    tasks: Optional[int] = _key(None, "how many tasks of the scenario to train, in order (default: all of them; "
+                                      "permuted_mnist: 10; synthetic: 3)",
                                 _AT_LEAST_ONE)
     classes_per_task: Optional[int] = _key(None, "classes per task of the split scenarios (default 2; "
                                                  "split_cifar100: 10; at most the scenario's classes)",

@@ -572,7 +572,8 @@ def _check_num_tasks(name, num_tasks, max_tasks, classes_per_task=None):
 def permuted_mnist(num_tasks=10, seed=0, data_root=None, unpermuted_first=True, **_) -> Scenario:
     x_tr, y_tr = load_mnist("train", data_root)
     x_te, y_te = load_mnist("test", data_root)
-    num_tasks = _check_num_tasks("permuted_mnist", num_tasks, 32766)
+    # unset: the paper's 10 tasks (there are as many permutations as one asks for, up to the task id range)
+    num_tasks = _check_num_tasks("permuted_mnist", 10 if num_tasks is None else num_tasks, 32766)
     tasks = []
     for t in range(num_tasks):
         perm = None
@@ -653,7 +654,7 @@ _ALIASES = {"pmnist": "permuted_mnist", "smnist": "split_mnist", "cifar10": "spl
 def build_scenario(name: str, num_tasks: int | None = None, seed: int = 0, data_root=None,
                    train_samples_per_task: int | None = None, test_samples_per_task: int | None = None,
                    **options) -> Scenario:
-    """The scenario ``name`` with ``num_tasks`` tasks (default: all of it). ``*_samples_per_task`` keep a fixed,
+    """The scenario ``name`` with ``num_tasks`` tasks (default: all of it; permuted_mnist: 10; synthetic: 3). ``*_samples_per_task`` keep a fixed,
     seeded subset of each task's data (quick runs). ``options``: ``classes_per_task``, ``unpermuted_first``."""
     key = _ALIASES.get(name, name)
     if key not in SCENARIOS:

@@ -222,6 +222,20 @@ def test_batch_norm_is_the_cpu_default():
     assert backends.select("batch_norm", torch.device("cpu")) == "cpp"
 
 
+def test_forcing_cpp_runs_a_whole_conv_body(monkeypatch):
+    """EIDETIC_BACKEND=cpp forces C++ where it has the op (batch norm); linear and conv2d stay on the reference
+    instead of failing, so a whole body runs, with the same numbers as the default."""
+    from eidetic_kernels import convert
+    torch.manual_seed(0)
+    body = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                       torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5)))
+    x = torch.randn(2, 3, 6, 6)
+    expected = run_on("reference", monkeypatch, body, x)
+    got = run_on("cpp", monkeypatch, body, x)
+    assert [body[0].last_backend, body[1].last_backend, body[4].last_backend] == ["reference", "cpp", "reference"]
+    close(got, expected, torch.float32)
+
+
 # ----- build, cache and fallback ------------------------------------------------------------------
 
 FALLBACK_SCRIPT = textwrap.dedent("""

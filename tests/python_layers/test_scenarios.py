@@ -124,6 +124,8 @@ def test_permuted_mnist_task0_unpermuted_and_fixed_permutations(data_dir):
     assert not torch.equal(other.tasks[2].test.batch(rows)[0], x2)
     all_permuted = sc.build_scenario("permuted_mnist", num_tasks=2, seed=5, unpermuted_first=False)
     assert not torch.equal(all_permuted.tasks[0].test.batch(rows)[0], x0)
+    # no task count: the paper's 10 (not one task per possible id)
+    assert sc.build_scenario("permuted_mnist", None, seed=5).num_tasks == 10
 
 
 def test_missing_file_error_names_both_places(data_dir):
