@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
               "  eidetic train --out runs/pmnist_small --resume      # continue a killed run\n\n"
               "outputs in RUN_DIR: results.json, history.csv, accuracy_matrix.png, routed_accuracy_matrix.png, "
               "task_accuracy.png,\n  capacity.png, config.yaml, checkpoint.pt\n"
-              "data: $EIDETIC_DATA first, else ../shared/data next to the project; never downloaded\n\n"
+              "data: data_root, then $EIDETIC_DATA, then ../shared/data next to the project; never downloaded\n\n"
               + keys_help())
     parser = argparse.ArgumentParser(prog="eidetic", description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -89,8 +89,8 @@ def _shared_data_candidates() -> list[Path]:
 def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
     """Folders searched, in order: ``data_root`` if given, ``$EIDETIC_DATA`` if set, then ``../shared/data``.
 
-    Raises DataNotFoundError when ``data_root`` is given but is not a folder: a mistyped path must not fall
-    back to other data silently."""
+    Raises DataNotFoundError when ``data_root`` is given or ``$EIDETIC_DATA`` is set but either is not a
+    folder: a mistyped path must not fall back to other data silently."""
     roots = []
     if data_root:
         root = Path(data_root).expanduser()
@@ -100,7 +100,11 @@ def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
         roots.append(root)
     env = os.environ.get(DATA_ENV)
     if env:
-        roots.append(Path(env).expanduser())
+        root = Path(env).expanduser()
+        if not root.is_dir():
+            raise DataNotFoundError(f"${DATA_ENV}={root} is not a folder; point it at the folder that holds the "
+                                    "data sets, or unset it to search ../shared/data")
+        roots.append(root)
     roots.extend(_shared_data_candidates())
     return roots
 

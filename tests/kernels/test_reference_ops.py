@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from eidetic_kernels import FREE, PRUNED
 from eidetic_kernels.functional import masked_batch_norm, masked_conv2d, masked_linear
+from eidetic_kernels.ops.batch_norm import naive as naive_batch_norm
 from tests.helpers import TOL, dense_mask, dense_weight_for_grad, gradcheck_fast, random_states
 
 DTYPES = [torch.float32, torch.float64]
@@ -88,27 +89,6 @@ def test_masked_conv2d_forward_backward(dtype, stride, padding, dilation):
     assert bool((gw[out_task != FREE] == 0).all())
 
 
-def _dense_batch_norm(x, rm, rv, w, b, task, training, momentum, eps):
-    """Per-channel loop, independent of the op: returns y and the expected running statistics."""
-    ys, new_rm, new_rv = [], rm.clone(), rv.clone()
-    for c in range(x.shape[1]):
-        xc = x[:, c]
-        state = int(task[c])
-        if state == PRUNED:
-            ys.append(torch.zeros_like(xc))
-            continue
-        if training and state == FREE:
-            mean, var = xc.mean(), xc.var(unbiased=False)
-            new_rm[c] = (1 - momentum) * rm[c] + momentum * mean.detach()
-            new_rv[c] = (1 - momentum) * rv[c] + momentum * xc.detach().var(unbiased=True)
-        else:
-            mean, var = rm[c], rv[c]
-        wc = w[c] if state == FREE else w[c].detach()
-        bc = b[c] if state == FREE else b[c].detach()
-        ys.append((xc - mean) / torch.sqrt(var + eps) * wc + bc)
-    return torch.stack(ys, 1), new_rm, new_rv
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(6, 7, 5, 3), (9, 7), (4, 7, 6)])
@@ -127,13 +107,46 @@ def test_masked_batch_norm(dtype, training, shape):
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy, allow_unused=True, materialize_grads=True)
 
     x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    y_ref, rm_ref, rv_ref = _dense_batch_norm(x2, rm0, rv0, w2, b2, task, training, 0.1, 1e-5)
+    rm_ref, rv_ref = rm0.clone(), rv0.clone()
+    y_ref = naive_batch_norm.masked_batch_norm(x2, rm_ref, rv_ref, w2, b2, task, training, 0.1, 1e-5)
     rx, rw, rb = torch.autograd.grad(y_ref, (x2, w2, b2), dy, allow_unused=True, materialize_grads=True)
     for got, ref in ((y, y_ref), (gx, rx), (gw, rw), (gb, rb), (rm, rm_ref), (rv, rv_ref)):
         _close(got, ref, dtype)
     frozen = (task >= 0) & (task != FREE)
     assert torch.equal(rm[frozen], rm0[frozen]) and torch.equal(rv[frozen], rv0[frozen])
     assert bool((gw[task != FREE] == 0).all()) and bool((gb[task != FREE] == 0).all())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("affine, stats", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("training", [True, False])
+def test_masked_batch_norm_backends_match_the_spec(backend, affine, stats, training, monkeypatch):
+    """Each CPU backend against ``ops/batch_norm/naive.py``: output, gradients, running statistics and the
+    Taylor score, with and without affine parameters and running statistics (fp64)."""
+    from eidetic_kernels import backends
+    if backends.available(backend, torch.device("cpu"), "batch_norm") is not None:
+        pytest.skip(f"{backend} cannot run here")
+    monkeypatch.setenv("EIDETIC_BACKEND", backend)
+    g = torch.Generator().manual_seed(11)
+    c, dtype = 9, torch.float64
+    x = (torch.randn(5, c, 4, 3, generator=g, dtype=dtype) * 2 + 0.5).requires_grad_()
+    w = (torch.rand(c, generator=g, dtype=dtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, generator=g, dtype=dtype, requires_grad=True) if affine else None
+    rm = torch.randn(c, generator=g, dtype=dtype) if stats else None
+    rv = torch.rand(c, generator=g, dtype=dtype) + 0.5 if stats else None
+    task = random_states(c, g)
+    dy = torch.randn(x.shape, generator=g, dtype=dtype)
+    runs = []
+    for fn in (masked_batch_norm, naive_batch_norm.masked_batch_norm):
+        xs, ws, bs = (None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b))
+        rms, rvs = (None if t is None else t.clone() for t in (rm, rv))
+        score = torch.zeros(c, dtype=torch.float32)
+        y = fn(xs, rms, rvs, ws, bs, task, training, 0.1, 1e-5, taylor_score=score)
+        leaves = [t for t in (xs, ws, bs) if t is not None]
+        grads = torch.autograd.grad(y, leaves, dy, allow_unused=True, materialize_grads=True)
+        runs.append([y, *grads, *(t for t in (rms, rvs) if t is not None), score])
+    for got, want in zip(*runs):
+        _close(got, want, want.dtype)  # the Taylor score is float32
 
 
 def test_masked_batch_norm_without_running_stats_uses_batch_stats():

@@ -175,6 +175,7 @@ def test_paper_configs_follow_the_paper():
 def test_paper_configs_without_their_data_name_the_files(name, files, tmp_path, monkeypatch):
     from python_layers import scenarios
     from python_layers.scenarios import DataNotFoundError, build_scenario
+    (tmp_path / "empty").mkdir()
     monkeypatch.setenv("EIDETIC_DATA", str(tmp_path / "empty"))
     monkeypatch.setattr(scenarios, "_shared_data_candidates", lambda: [tmp_path / "no-shared"])
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")

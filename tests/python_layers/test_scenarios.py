@@ -151,6 +151,13 @@ def test_a_data_root_that_is_not_a_folder_is_an_error(data_dir, tmp_path):
         sc.load_mnist("train", tmp_path / "typo")
 
 
+def test_an_eidetic_data_that_is_not_a_folder_is_an_error(data_dir, tmp_path, monkeypatch):
+    """A mistyped $EIDETIC_DATA never falls back to ../shared/data silently."""
+    monkeypatch.setenv("EIDETIC_DATA", str(tmp_path / "typo"))
+    with pytest.raises(sc.DataNotFoundError, match=r"\$EIDETIC_DATA=.*typo is not a folder.*unset it"):
+        sc.load_mnist("train")
+
+
 def test_shared_data_found_from_package_location(monkeypatch, tmp_path):
     monkeypatch.delenv("EIDETIC_DATA", raising=False)
     monkeypatch.chdir(tmp_path)  # the cwd does not matter: the package location finds ../shared/data
