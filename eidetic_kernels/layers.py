@@ -828,6 +828,9 @@ class EideticConv2d(EideticLayer):
         Raises InputTypeError/InputError (TypeError/ValueError, and RuntimeError as nn.Conv2d raises) for a
         wrong dtype, device, rank or channel count."""
         if isinstance(input, torch.Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d accepts
+            if input.shape[0] != self.in_channels:  # named in the user's shape, not the batched one
+                raise InputError(f"{type(self).__name__} expects an unbatched input of shape [{self.in_channels}, "
+                                 f"H, W], got shape {tuple(input.shape)}")
             return self.forward(input.unsqueeze(0)).squeeze(0)
         return self._product(input)
 

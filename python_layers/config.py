@@ -84,10 +84,12 @@ class Config:
     widths: Optional[List[int]] = _key(
         None,
         "layer widths: mlp hidden widths (default [400, 400]); convnet conv channels then the fully connected width "
-        "(default [32, 64, 256]); resnet channels per stage (default [64, 128, 256, 512])", _POSITIVE_LIST)
+        "(default [32, 64, 256]); resnet and resnet50 channels per stage (default [64, 128, 256, 512]; resnet50's "
+        "features are 4 x the last)", _POSITIVE_LIST)
     blocks: Optional[List[int]] = _key(None, "resnet: basic blocks per stage (default 2 each, ResNet-18); resnet50: "
                                              "bottleneck blocks per stage (default [3, 4, 6, 3])", _POSITIVE_LIST)
-    dropout: float = _key(0.0, "dropout probability after each hidden layer (0: none)",
+    dropout: float = _key(0.0, "dropout probability (0: none): mlp after each hidden layer; convnet after its fully connected "
+                                 "layer; resnet/resnet50 before the heads",
                           ("in [0, 1)", lambda v: 0 <= v < 1))
     forward_transfer: bool = _key(
         True, "new tasks may read the frozen neurons of earlier tasks (false: disjoint subnetworks)")

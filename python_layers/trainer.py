@@ -14,7 +14,8 @@ The steps, in the order ``train_task`` runs them:
    a fresh default init as FREE capacity for the next task, 5. **cut** the synapses from them into frozen
    neurons: all three are ``model.finish_task()``, which installs new Parameters; the optimizer given to
    ``train_task`` is re-bound to them (same param groups and hyperparameters, the replaced Parameters'
-   state dropped), so it can be reused for the next task.
+   state dropped), so it can be reused for the next task once that task's head is added to it
+   (``optimizer.add_param_group({"params": model.heads[t].parameters()})`` after ``prepare_for_task(t, ...)``).
 
 Every loop is capped by an epoch or step count; no stopping rule tests floats for equality.
 """

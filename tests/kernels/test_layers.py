@@ -295,6 +295,8 @@ def test_bad_inputs_are_clear_errors():
         lin.set_input_task(torch.tensor([0, 1, 2, 3, -7]))
     with pytest.raises(ValueError, match=r"\[N, C, H, W\] or \[C, H, W\]"):
         EideticConv2d(3, 4, 3)(torch.randn(8, 8))  # [C, H, W] is an unbatched input, as for nn.Conv2d
+    with pytest.raises(RuntimeError, match=r"unbatched input of shape \[3, H, W\], got shape \(2, 8, 8\)"):
+        EideticConv2d(3, 4, 3)(torch.randn(2, 8, 8))
     with pytest.raises(ValueError, match="4-D input"):
         EideticBatchNorm2d(3)(torch.randn(3, 3))
     with pytest.raises(ValueError, match="2-D or 3-D"):
