@@ -109,6 +109,9 @@ class EideticLayer(nn.Module):
     # prefix-width evaluation (``narrow_width``): EideticNetwork sets it, with a view, for a finished task, to the
     # input width the layer reads then (channels, for a batch norm); None: off
     narrow: int | None = None
+    # set by EideticNetwork: the layer is in its body, and whether the network's forward is running now
+    _network_managed: bool = False
+    _network_forward: bool = False
 
     # ----- construction -------------------------------------------------------------------
     def _init_state(self, n_out: int, n_in: int | None, device) -> None:
@@ -545,14 +548,33 @@ class EideticLayer(nn.Module):
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         """Linear and Conv2d: ``_run`` on the input and the four storages, in the autocast dtype when autocast
         is on (as the torch.nn twins); eagerly inside torch.compile on an engine that plans on the host."""
-        if torch.compiler.is_compiling() and not backends.traceable(input.device, self._op, input.dtype):
-            return _run_eagerly(self, input)
+        if torch.compiler.is_compiling():
+            if not backends.traceable(input.device, self._op, input.dtype):
+                return _run_eagerly(self, input)
+        else:
+            self._check_call()
         storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
         cast = autocast_dtype(input)
         if cast is not None:
             with torch.autocast(input.device.type, enabled=False):
                 return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
         return self._run(input, *storages)
+
+    def _check_call(self) -> None:
+        """Refuse the two callers that would run this layer as another function than the one they record:
+        ``torch.jit.trace`` (the layer plans its work on the host from its states) and activation checkpointing
+        inside an EideticNetwork's body (the recomputation in backward runs without the mode the network set
+        for the forward: another view, and frozen blocks no longer constant, so wrong gradients)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(f"torch.jit.trace cannot record {self._name()}: its work is planned on the host from "
+                               "the neuron states. For a plain module of a finished task use "
+                               "EideticNetwork.export(task) (then torch.jit.trace or torch.export that), or "
+                               "torch.export / torch.compile")
+        if self._network_managed and not self._network_forward and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(f"{self._name()} of an EideticNetwork's body ran inside a backward pass, outside the "
+                               "network's forward: activation checkpointing (torch.utils.checkpoint) inside the "
+                               "body would recompute it in another mode and give wrong gradients. Checkpoint the "
+                               "whole network call instead: checkpoint(model, x, use_reentrant=False)")
 
     # ----- Taylor importance -----------------------------------------------------------------
     def enable_taylor(self, enabled: bool = True) -> None:
@@ -964,8 +986,11 @@ class _EideticBatchNorm(EideticLayer):
         normalised in float32 and returned in the input's dtype, as ``nn.BatchNorm`` does.
         Raises ValueError for a wrong rank or channel count and, when normalising with batch statistics,
         for a batch with one value per channel (as torch does)."""
-        if torch.compiler.is_compiling() and not backends.traceable(input.device):
-            return _run_eagerly(self, input)
+        if torch.compiler.is_compiling():
+            if not backends.traceable(input.device):
+                return _run_eagerly(self, input)
+        else:
+            self._check_call()
         x = input
         self._check_input_dim(x)
         # prefix-width evaluation: the view's channels only, the first ``narrow`` ones

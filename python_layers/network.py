@@ -42,12 +42,28 @@ def task_index(task, hint: str) -> int:
         raise TypeError(f"task must be an int, got {type(task).__name__}; {hint}") from None
 
 
-def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool, narrow: int | None) -> None:
+def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool, narrow: int | None,
+              active: bool = True) -> None:
     """A layer's per-forward mode. Plain attributes, written to the instance dict: nn.Module.__setattr__'s
     bookkeeping (for parameters, buffers and submodules, which these never are) costs more than the
     evaluation of a small layer, and this runs twice per layer per forward."""
     d = layer.__dict__
     d["view_task"], d["constant_frozen"], d["narrow"] = view_task, constant_frozen, narrow
+    d["_network_forward"] = active
+
+
+def _reset_mode(layer: EideticLayer) -> None:
+    """The mode outside the network's forward (a layer recomputed there, e.g. by checkpointing, refuses)."""
+    _set_mode(layer, None, False, None, active=False)
+
+
+def _refuse_jit_trace() -> None:
+    """Before anything is planned or cached: under torch.jit.trace sizes are traced tensors, and a plan built
+    from them would be wrong for later calls too."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("torch.jit.trace cannot record an EideticNetwork: its layers plan their work on the "
+                           "host from the neuron states. Trace model.export(task) (a plain torch.nn module of a "
+                           "finished task) instead, or use torch.export / torch.compile on it")
 
 
 def _global_hooks() -> bool:
@@ -132,6 +148,8 @@ class EideticNetwork(nn.Module):
         graph.heads = self.heads
         self.graph = graph
         self._graph_layers = list(graph.layers.values())  # set on every forward: cached
+        for layer in self._graph_layers:
+            layer.__dict__["_network_managed"] = True
         if apply_settings and self.current_task is not None:
             self._apply_forward_transfer(self.current_task)
         self.sync()
@@ -396,10 +414,10 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
-    def _set_view(self, view_task: int | None, constant_frozen: bool = False) -> None:
+    def _set_view(self, view_task: int | None, constant_frozen: bool = False, active: bool = True) -> None:
         layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
         for layer in layers:
-            _set_mode(layer, view_task, constant_frozen, None)
+            _set_mode(layer, view_task, constant_frozen, None, active)
 
     def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
         """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed
@@ -408,6 +426,7 @@ class EideticNetwork(nn.Module):
         Feature j is the output of the neuron now at position j: ``finish_task`` renumbers neurons
         task-major, so positions change from task to task (``neuron_positions`` maps them).
         """
+        _refuse_jit_trace()
         if view_task is not None:
             view_task = self._resolve_task(view_task)
             if view_task >= self.num_finished_tasks:
@@ -420,7 +439,7 @@ class EideticNetwork(nn.Module):
         try:
             return self.forward_features(x)
         finally:
-            self._set_view(None)
+            self._set_view(None, active=False)
 
     def logits(self, features: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Head ``task`` on body features (view mode for a finished task)."""
@@ -445,6 +464,7 @@ class EideticNetwork(nn.Module):
         mode, a subclass overriding ``features``/``logits``, or a body that reads its feature sizes run at full
         width. Each layer checks the width it reads: an input of the wrong size raises the full-width error.
         """
+        _refuse_jit_trace()
         task = self._resolve_task(task)
         view = self.view_for(task)
         if view is not None and self.narrow_eval_blocked_by(x) is None:
@@ -520,7 +540,7 @@ class EideticNetwork(nn.Module):
             return widths
         finally:
             for layer in layers:
-                _set_mode(layer, None, False, None)
+                _reset_mode(layer)
 
     def _narrow_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """``forward`` of finished task ``task`` at prefix width (each layer reads the width ``_narrow_widths``
@@ -540,7 +560,7 @@ class EideticNetwork(nn.Module):
             pass
         finally:
             for layer in layers:
-                _set_mode(layer, None, False, None)
+                _reset_mode(layer)
         return self.logits(self.features(x, view_task=task), task)
 
     # ------------------------------------------------------------------------------------------------

@@ -487,3 +487,58 @@ def test_forward_hooks_fire_once_per_forward_including_the_first():
     assert calls == ["pre", (3, 6)]
     model(torch.randn(5, 4))
     assert calls == ["pre", (3, 6), "pre", (5, 6)]
+
+
+# ----- callers that would run another function than the one they record ------------------------------------------
+
+class _CheckpointedBody(nn.Module):
+    def __init__(self, inside: bool):
+        super().__init__()
+        self.a, self.b, self.inside = nn.Linear(16, 32), nn.Linear(32, 32), inside
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        from torch.utils.checkpoint import checkpoint
+        return torch.relu(checkpoint(self.b, h, use_reentrant=False) if self.inside else self.b(h))
+
+
+def _one_finished_task(body):
+    torch.manual_seed(0)
+    x = torch.randn(24, 16)
+    model = EideticNetwork(body, 32)
+    model.prepare_for_task(0, 3)
+    model(x)
+    for group in model.groups:
+        group.prune(list(range(16)))
+    model.finish_task()
+    model.prepare_for_task(1, 3)
+    return model, x
+
+
+@pytest.mark.parametrize("task", [0, None], ids=["finished task", "training"])
+def test_checkpointing_inside_the_body_is_refused_and_the_whole_call_works(task):
+    """torch.utils.checkpoint inside the body recomputes a layer in backward without the network's mode (another
+    view, frozen blocks no longer constant): wrong gradients, so a clear error; checkpointing the whole network
+    call gives the gradients of no checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    model, x = _one_finished_task(_CheckpointedBody(inside=True))
+    with pytest.raises(RuntimeError, match=r"Checkpoint the whole network call instead"):
+        model(x.clone().requires_grad_(), task=task).sum().backward()
+    plain, _ = _one_finished_task(_CheckpointedBody(inside=False))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain(xa, task=task).sum().backward()
+    checkpoint(plain, xb, task, use_reentrant=False).sum().backward()
+    assert xa.grad.abs().sum() > 0 and torch.equal(xa.grad, xb.grad)
+
+
+def test_jit_trace_is_refused_before_anything_is_cached():
+    model, x = _one_finished_task(_CheckpointedBody(inside=False))
+    model.eval()
+    before = model(x, task=0)
+    fresh, _ = _one_finished_task(_CheckpointedBody(inside=False))
+    fresh.eval()
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record an EideticNetwork.*export"):
+        torch.jit.trace(lambda t: fresh(t, task=0), x)
+    assert torch.equal(fresh(x, task=0), before)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record EideticLinear"):
+        torch.jit.trace(fresh.body.a, x)
