@@ -11,6 +11,7 @@ capacity, not even NaN or inf, can reach a finished task's logits.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import warnings
 
@@ -55,6 +56,33 @@ def _set_mode(layer: EideticLayer, view_task: int | None, constant_frozen: bool,
 def _reset_mode(layer: EideticLayer) -> None:
     """The mode outside the network's forward (a layer recomputed there, e.g. by checkpointing, refuses)."""
     _set_mode(layer, None, False, None, active=False)
+
+
+_FROZEN_KEYS = ("frozen_weight", "frozen_bias", "running_mean", "running_var")
+
+
+def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
+    """SHA-256 of every frozen value in ``state_dict`` (keys ``prefix + layer + "." + name``): each Eidetic
+    layer's frozen weight and bias storage and the running statistics of its frozen channels, as float32 (so a
+    lossless dtype conversion of the network keeps it). ``finish_task`` records it; a state dict whose frozen
+    values were averaged or edited since no longer matches its own record."""
+    h = hashlib.sha256()
+    layers = sorted(k[len(prefix):-len(".task_state")] for k, v in state_dict.items()
+                    if k.startswith(prefix) and k.endswith(".task_state") and isinstance(v, torch.Tensor))
+    for name in layers:
+        task = state_dict[f"{prefix}{name}.task_state"]
+        frozen = (task != FREE) & (task != PRUNED)
+        for key in _FROZEN_KEYS:
+            t = state_dict.get(f"{prefix}{name}.{key}")
+            if not isinstance(t, torch.Tensor):
+                continue
+            if key.startswith("running"):
+                t = t[frozen.to(t.device)]
+            if not t.numel():  # nothing frozen there (a new head, a layer of no finished task): no record
+                continue
+            h.update(f"{name}.{key}".encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _refuse_jit_trace() -> None:
@@ -118,6 +146,7 @@ class EideticNetwork(nn.Module):
         self.heads = nn.ModuleList()
         self.current_task: int | None = None
         self.num_finished_tasks = 0
+        self._frozen_fingerprint: str | None = None  # of the frozen storage, recorded by finish_task
         self.forward_transfer: dict[int, bool] = {}
         self.graph: LayerGraph | None = None
         # after any load (also as a submodule of a bigger model): input states follow the loaded states
@@ -334,6 +363,10 @@ class EideticNetwork(nn.Module):
         self.current_task = None
         self.num_finished_tasks += 1
         self.sync()
+        self._frozen_fingerprint = frozen_fingerprint(
+            {f"{name}.{key}": t for name, m in self.named_modules() if isinstance(m, EideticLayer)
+             for key, t in ((k, getattr(m, k, None)) for k in _FROZEN_KEYS + ("task_state",))
+             if isinstance(t, torch.Tensor)}, "")
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
@@ -630,6 +663,7 @@ class EideticNetwork(nn.Module):
         if self.graph is not None:  # the structure travels too: a loaded network needs no batch to know it
             graph = self.graph.to_spec({id(m): name for name, m in self.named_modules()})
         return {"version": 2, "num_finished_tasks": self.num_finished_tasks, "current_task": self.current_task,
+                "frozen_fingerprint": self._frozen_fingerprint,
                 "forward_transfer": dict(self.forward_transfer), "feature_dim": self.feature_dim, "graph": graph,
                 "neuron_order": {k: v.tolist() for k, v in self._neuron_order.items()}}  # plain python, as the graph
 
@@ -638,6 +672,7 @@ class EideticNetwork(nn.Module):
             raise ValueError(f"the state dict is for feature_dim={state['feature_dim']}, this network has "
                              f"{self.feature_dim}")
         self.num_finished_tasks = int(state["num_finished_tasks"])
+        self._frozen_fingerprint = state.get("frozen_fingerprint")
         self.current_task = state["current_task"]
         self.forward_transfer = dict(state["forward_transfer"])
         self._neuron_order = {k: torch.as_tensor(v, dtype=torch.long) for k, v in state.get("neuron_order", {}).items()}
@@ -651,6 +686,7 @@ class EideticNetwork(nn.Module):
         # torch loads this module first, then its children, then runs the post-load hook: checked here, a
         # state dict of another body is refused before any tensor or counter of this network changes
         self._check_layer_sizes(state_dict, prefix)
+        self._check_finished_tasks(state_dict, prefix)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -674,6 +710,39 @@ class EideticNetwork(nn.Module):
                         f"{prefix}{name}: {what} {size(saved)} in the state dict, {size(own)} in this network. "
                         f"Build the network with the body the state dict was saved from (the same widths and "
                         f"kernel sizes); nothing of this network was loaded.")
+
+    def _check_finished_tasks(self, state_dict, prefix: str) -> None:
+        """RuntimeError, before anything loads, for a state dict that would change a finished task:
+
+        * neuron states that are not FREE, PRUNED or a task the state dict says is finished (integer buffers
+          that were averaged or computed, e.g. by ``AveragedModel(use_buffers=True)``);
+        * frozen values (weights, biases, batch-norm statistics of frozen channels) other than those recorded
+          by ``finish_task`` in the state dict's ``frozen_fingerprint``: an average or edit of the frozen
+          storage. A state dict of other finished tasks (another run, an earlier checkpoint) loads, replacing
+          this network's, as a load should."""
+        extra = state_dict.get(prefix + "_extra_state")
+        finished = extra.get("num_finished_tasks") if isinstance(extra, dict) else None
+        layers = [(name, m) for name, m in self.named_modules() if isinstance(m, EideticLayer)]
+        for name, _ in layers:
+            saved = state_dict.get(f"{prefix}{name}.task_state")
+            if not isinstance(saved, torch.Tensor) or finished is None:
+                continue
+            bad = saved[(saved != FREE) & (saved != PRUNED) & ((saved < 0) | (saved >= finished))]
+            if bad.numel():
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: {prefix}{name}.task_state holds "
+                    f"{sorted(set(bad.tolist()))[:5]}, which are neither FREE, PRUNED nor one of the state dict's "
+                    f"{finished} finished tasks: its integer buffers were computed (an average of state dicts, as "
+                    "AveragedModel(use_buffers=True) makes?). Load a state dict this library saved; average "
+                    "only the trainable parameters. Nothing of this network was loaded.")
+        recorded = extra.get("frozen_fingerprint") if isinstance(extra, dict) else None
+        if recorded is not None and frozen_fingerprint(state_dict, prefix) != recorded:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: its frozen values (weights, biases, "
+                "batch-norm statistics of frozen channels) are not those its finished tasks were frozen with: "
+                "loading it would change their outputs. An average of whole state dicts (EMA or SWA with "
+                "AveragedModel(use_buffers=True)) or an edit does this: average only the trainable parameters "
+                "(FREE neurons and the current head). Nothing of this network was loaded.")
 
     def _match_heads(self, state_dict, prefix: str) -> None:
         """Re-create the heads the state dict holds (keeping existing ones of the right size, so an

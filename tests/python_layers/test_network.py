@@ -542,3 +542,53 @@ def test_jit_trace_is_refused_before_anything_is_cached():
     assert torch.equal(fresh(x, task=0), before)
     with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record EideticLinear"):
         torch.jit.trace(fresh.body.a, x)
+
+
+# ----- load_state_dict never changes a finished task --------------------------------------------------------------
+
+class _BnBody(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_an_averaged_state_dict_is_refused_and_other_runs_still_load():
+    """An EMA of the whole state dict (AveragedModel with use_buffers=True) rounds the frozen weights and
+    statistics (0.999 w + 0.001 w != w) and, with a stronger decay, turns FREE into a task id that does not
+    exist: both are refused before anything loads (the frozen values no longer match the fingerprint
+    finish_task recorded). The network's own state dict, one of another run (same neuron states, other frozen
+    values) and a float64 copy load as before."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+    model, x = _one_finished_task(_BnBody())
+    model(x)
+    model.eval()
+    before, state = model(x, task=0), copy.deepcopy(model.state_dict())
+    model.train()
+    for decay, says in ((0.999, r"are not those its finished tasks were frozen with.*average only the trainable"),
+                        (0.9, r"body\.0\.task_state holds \[32766\], which are neither FREE, PRUNED")):
+        ema = AveragedModel(model, avg_fn=get_ema_avg_fn(decay), use_buffers=True)
+        for _ in range(2):
+            model.zero_grad()
+            model(x).sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p -= 0.1 * p.grad
+            ema.update_parameters(model)
+        trained = _snapshot(model)
+        with pytest.raises(RuntimeError, match=says):
+            model.load_state_dict(ema.module.state_dict())
+        assert all(torch.equal(v, trained[k]) for k, v in _snapshot(model).items()), "something was loaded"
+    model.eval()
+    assert torch.equal(model(x, task=0), before)
+    model.load_state_dict(state)  # its own state dict
+    other, _ = _one_finished_task(_BnBody())
+    other.load_state_dict(model.state_dict())  # same body, replacing its finished task
+    other.eval()
+    assert torch.equal(other(x, task=0), before)
+    wide = copy.deepcopy(model).double()
+    model.load_state_dict(wide.state_dict())  # a lossless dtype round trip keeps the record
+    assert torch.equal(model(x, task=0), before)
