@@ -123,9 +123,11 @@ class EideticNetwork(nn.Module):
     exact_activation_grads: False (default): while the network trains, frozen blocks are constants to
                  autograd and each layer computes input gradients only for inputs from FREE neurons. That is
                  exact for every parameter gradient and every Taylor score, and a step's cost falls as tasks
-                 freeze; but gradients of intermediate activations (``autograd.grad`` on them, hooks) then
-                 miss the paths through frozen neurons. True: full gradients everywhere. Whenever the input
-                 batch itself requires grad (saliency maps, adversarial examples) the gradients are full too.
+                 freeze; but gradients of intermediate activations (``autograd.grad`` on them) then miss the
+                 paths through frozen neurons. True: full gradients everywhere. Whenever the input batch itself
+                 requires grad (saliency maps, adversarial examples), or a module of the network has hooks
+                 (``register_full_backward_hook``, or a forward hook that hooks its output), the gradients
+                 are full too.
 
     Subclassing: override ``forward_features(self, x)`` to compute the body with your own layers, and/or
     ``forward(self, x, task=None)``, building on ``self.features(x, view_task)`` and ``self.logits(f, task)``.
@@ -447,6 +449,29 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
+    def _frozen_as_constants(self, x: torch.Tensor) -> bool:
+        """Whether this forward treats frozen blocks as constants to autograd (see exact_activation_grads): not
+        when asked for exact gradients, when the input needs a gradient, or when a module of the body has
+        hooks (a backward hook, or a forward hook that may hook the output tensor, would see partial
+        gradients). torch's global module hooks (profilers, FlopCounterMode) do not count: tools that count
+        work, not gradients, register them."""
+        if self.exact_activation_grads or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if not torch.is_grad_enabled():
+            return True  # no gradient at all: nothing to be partial
+        return self._hooked_module() is None
+
+    def _hooked_module(self) -> str | None:
+        """The name of a module of the network (the router aside) with hooks of its own, or None."""
+        router = self._modules.get("router")
+        stack = [self]
+        while stack:  # a walk over the children dicts: this runs on every forward
+            module = stack.pop()
+            if module is not self and any(getattr(module, h, None) for h in _HOOK_DICTS):
+                return next(n for n, m in self.named_modules() if m is module)
+            stack.extend(m for m in module._modules.values() if m is not None and m is not router)
+        return None
+
     def _set_view(self, view_task: int | None, constant_frozen: bool = False, active: bool = True) -> None:
         layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
         for layer in layers:
@@ -467,7 +492,7 @@ class EideticNetwork(nn.Module):
                                  f"(0..{self.num_finished_tasks - 1})")
         self.ensure_graph(x)
         # frozen blocks are constants to autograd unless asked otherwise or the input itself needs a gradient
-        self._constant_frozen = not self.exact_activation_grads and not (torch.is_grad_enabled() and x.requires_grad)
+        self._constant_frozen = self._frozen_as_constants(x)
         self._set_view(view_task, self._constant_frozen)
         try:
             return self.forward_features(x)
@@ -583,7 +608,7 @@ class EideticNetwork(nn.Module):
         if isinstance(widths, str):
             return self.logits(self.features(x, view_task=task), task)
         head = self.heads[task]
-        self._constant_frozen = not self.exact_activation_grads and not (torch.is_grad_enabled() and x.requires_grad)
+        self._constant_frozen = self._frozen_as_constants(x)
         layers = self._graph_layers + [head]
         for layer in layers:
             _set_mode(layer, task, self._constant_frozen, widths.get(layer))

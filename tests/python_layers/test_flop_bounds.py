@@ -67,8 +67,8 @@ def test_step_flops_do_not_grow_with_the_number_of_tasks():
 
 
 def test_exact_activation_grads_opt_out_gives_full_input_gradients():
-    """Frozen-constant mode changes no parameter gradient; the opt-out (or an input that requires grad)
-    gives the full gradient of intermediate activations too."""
+    """Frozen-constant mode changes no parameter gradient; the opt-out (or an input that requires grad, or
+    hooks on a module) gives the full gradient of intermediate activations too."""
     torch.manual_seed(0)
     model, _ = make_finished_mlp(width=48, tasks=2, share=0.25, seed=1)
     x, y = _batch(1)
@@ -88,7 +88,8 @@ def test_exact_activation_grads_opt_out_gives_full_input_gradients():
     model.exact_activation_grads = True
     (g_exact,) = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
     torch.testing.assert_close(g_fast, g_exact)
-    # gradient of a hidden activation: the opt-out reaches frozen neurons, the fast mode does not
+    # gradient of a hidden activation, caught by a forward hook: a module with hooks turns the fast mode off,
+    # so both modes reach the frozen neurons (without a hook, autograd.grad on an activation would not)
     acts = {}
     hook = model.body[1].register_forward_hook(lambda m, i, o: acts.__setitem__("h", o))
     try:
@@ -101,7 +102,5 @@ def test_exact_activation_grads_opt_out_gives_full_input_gradients():
         hook.remove()
         model.exact_activation_grads = False
     frozen = model.body[0].task_state != 32767  # frozen neurons of the first layer (nothing is PRUNED)
-    assert bool((acts[False][:, frozen] == 0).all())
     assert bool((acts[True][:, frozen] != 0).any())
-    free = ~frozen
-    torch.testing.assert_close(acts[False][:, free], acts[True][:, free], rtol=1e-5, atol=1e-7)
+    assert torch.equal(acts[False], acts[True])

@@ -502,10 +502,11 @@ class _CheckpointedBody(nn.Module):
         return torch.relu(checkpoint(self.b, h, use_reentrant=False) if self.inside else self.b(h))
 
 
-def _one_finished_task(body):
-    torch.manual_seed(0)
+def _one_finished_task(make_body, seed=0):
+    """A network of ``make_body()`` (seeded) with task 0 finished (half of each layer kept), task 1 prepared."""
+    torch.manual_seed(seed)
     x = torch.randn(24, 16)
-    model = EideticNetwork(body, 32)
+    model = EideticNetwork(make_body(), 32)
     model.prepare_for_task(0, 3)
     model(x)
     for group in model.groups:
@@ -521,10 +522,10 @@ def test_checkpointing_inside_the_body_is_refused_and_the_whole_call_works(task)
     view, frozen blocks no longer constant): wrong gradients, so a clear error; checkpointing the whole network
     call gives the gradients of no checkpointing."""
     from torch.utils.checkpoint import checkpoint
-    model, x = _one_finished_task(_CheckpointedBody(inside=True))
+    model, x = _one_finished_task(lambda: _CheckpointedBody(inside=True))
     with pytest.raises(RuntimeError, match=r"Checkpoint the whole network call instead"):
         model(x.clone().requires_grad_(), task=task).sum().backward()
-    plain, _ = _one_finished_task(_CheckpointedBody(inside=False))
+    plain, _ = _one_finished_task(lambda: _CheckpointedBody(inside=False))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     plain(xa, task=task).sum().backward()
     checkpoint(plain, xb, task, use_reentrant=False).sum().backward()
@@ -532,10 +533,10 @@ def test_checkpointing_inside_the_body_is_refused_and_the_whole_call_works(task)
 
 
 def test_jit_trace_is_refused_before_anything_is_cached():
-    model, x = _one_finished_task(_CheckpointedBody(inside=False))
+    model, x = _one_finished_task(lambda: _CheckpointedBody(inside=False))
     model.eval()
     before = model(x, task=0)
-    fresh, _ = _one_finished_task(_CheckpointedBody(inside=False))
+    fresh, _ = _one_finished_task(lambda: _CheckpointedBody(inside=False))
     fresh.eval()
     with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record an EideticNetwork.*export"):
         torch.jit.trace(lambda t: fresh(t, task=0), x)
@@ -562,7 +563,7 @@ def test_an_averaged_state_dict_is_refused_and_other_runs_still_load():
     finish_task recorded). The network's own state dict, one of another run (same neuron states, other frozen
     values) and a float64 copy load as before."""
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
-    model, x = _one_finished_task(_BnBody())
+    model, x = _one_finished_task(_BnBody)
     model(x)
     model.eval()
     before, state = model(x, task=0), copy.deepcopy(model.state_dict())
@@ -585,10 +586,29 @@ def test_an_averaged_state_dict_is_refused_and_other_runs_still_load():
     model.eval()
     assert torch.equal(model(x, task=0), before)
     model.load_state_dict(state)  # its own state dict
-    other, _ = _one_finished_task(_BnBody())
+    other, _ = _one_finished_task(_BnBody, seed=1)
     other.load_state_dict(model.state_dict())  # same body, replacing its finished task
     other.eval()
     assert torch.equal(other(x, task=0), before)
     wide = copy.deepcopy(model).double()
     model.load_state_dict(wide.state_dict())  # a lossless dtype round trip keeps the record
     assert torch.equal(model(x, task=0), before)
+
+
+def test_hooks_on_the_body_see_full_gradients():
+    """While a task trains, frozen blocks are constants to autograd, so activation gradients miss the paths
+    through frozen neurons; a module with a backward hook (or a forward hook, which may hook its output) turns
+    that off: the hook sees the gradients of exact_activation_grads=True."""
+    seen = {}
+    for exact in (True, False):
+        model, x = _one_finished_task(lambda: _CheckpointedBody(inside=False))
+        model.exact_activation_grads = exact
+        handle = model.body.a.register_full_backward_hook(lambda m, gin, gout: seen.__setitem__(exact, gout[0]))
+        model(x).sum().backward()
+        handle.remove()
+    assert seen[True].abs().sum() > 0 and torch.equal(seen[True], seen[False])
+    model, x = _one_finished_task(lambda: _CheckpointedBody(inside=False))
+    grads = []
+    model.body.a.register_forward_hook(lambda m, i, out: out.register_hook(grads.append) and None)
+    model(x).sum().backward()
+    assert torch.equal(grads[0], seen[True])
