@@ -18,6 +18,8 @@ While every neuron is FREE, ``weight`` has the twin's shape and the layer is the
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import operator
 import warnings
@@ -53,7 +55,14 @@ def _ordinary_tensors():
 _warned_eager_under_compile = False
 
 
-@torch.compiler.disable
+# why torch.compile(fullgraph=True) stops at a layer on the CPU engine (torch >= 2.7 shows it in its error)
+_EAGER_REASON = ("Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host and run "
+                 "eagerly: fullgraph=True needs the Triton backend (CUDA, or EIDETIC_BACKEND=triton)")
+_disable = (functools.partial(torch.compiler.disable, reason=_EAGER_REASON)
+            if "reason" in inspect.signature(torch.compiler.disable).parameters else torch.compiler.disable)
+
+
+@_disable
 def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     """A layer on an engine that plans on the host (reference, C++), called inside ``torch.compile``: run
     eagerly (the compiled graph breaks around the layer), with one warning per process. ``torch.export`` wants
@@ -559,6 +568,12 @@ class EideticLayer(nn.Module):
             with torch.autocast(input.device.type, enabled=False):
                 return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
         return self._run(input, *storages)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: a clear error instead of TorchScript's on an annotation."""
+        raise RuntimeError(f"TorchScript (torch.jit.script) cannot compile {self._name()}: its work is planned "
+                           "on the host from the neuron states. Script EideticNetwork.export(task) (a plain "
+                           "torch.nn module of a finished task) instead, or use torch.compile / torch.export")
 
     def _check_call(self) -> None:
         """Refuse the two callers that would run this layer as another function than the one they record:

@@ -11,7 +11,9 @@ capacity, not even NaN or inf, can reach a finished task's logits.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import operator
 import warnings
 
@@ -83,6 +85,13 @@ def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
             h.update(f"{name}.{key}".encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _compile_disable(reason: str):
+    """``torch.compiler.disable`` with the reason torch shows when fullgraph=True stops there (torch >= 2.7)."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return functools.partial(torch.compiler.disable, reason=reason)
+    return torch.compiler.disable
 
 
 def _refuse_jit_trace() -> None:
@@ -169,9 +178,15 @@ class EideticNetwork(nn.Module):
     def ensure_graph(self, x: torch.Tensor) -> LayerGraph:
         """Trace the body on batch ``x`` once (idempotent) and wire states."""
         if self.graph is None:
-            self._convert_and_check()
-            self._attach_graph(trace_module(self, self.forward_features, x))
+            self._build_graph(x)
         return self.graph
+
+    @_compile_disable("the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) (or run "
+                      "one forward) before torch.compile(fullgraph=True)")
+    def _build_graph(self, x: torch.Tensor) -> None:
+        # eagerly, also when the first forward is inside torch.compile: the tracer runs its own torch.fx trace
+        self._convert_and_check()
+        self._attach_graph(trace_module(self, self.forward_features, x))
 
     def _attach_graph(self, graph: LayerGraph, apply_settings: bool = True) -> None:
         if graph.feature_dim != self.feature_dim:
@@ -448,6 +463,12 @@ class EideticNetwork(nn.Module):
     def view_for(self, task: int) -> int | None:
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: a clear error instead of TorchScript's on an annotation."""
+        raise RuntimeError("TorchScript (torch.jit.script) cannot compile an EideticNetwork: its layers plan their "
+                           "work on the host from the neuron states. Script model.export(task) (a plain torch.nn "
+                           "module of a finished task) instead, or use torch.compile / torch.export on it")
 
     def _frozen_as_constants(self, x: torch.Tensor) -> bool:
         """Whether this forward treats frozen blocks as constants to autograd (see exact_activation_grads): not

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import sys
 import time
@@ -386,6 +387,12 @@ def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_ep
 
 
 def _check_optimizer(model, optimizer, task) -> None:
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(f"{type(optimizer).__name__}.step needs a closure (it re-evaluates the loss several times "
+                        "per step), and train_task steps once per batch without one: use a first-order optimizer "
+                        "(SGD, Adam, AdamW, ...) with train_task, or your own loop with the network "
+                        "(model.prepare_for_task / model.finish_task)")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     heads = getattr(model, "heads", None)
     if heads is not None and task < len(heads):

@@ -6,6 +6,7 @@ bit-identical through training of task 1 with weight decay, and through NaN / +i
 parameter.
 """
 import copy
+import os
 import io
 
 import pytest
@@ -543,6 +544,11 @@ def test_jit_trace_is_refused_before_anything_is_cached():
     assert torch.equal(fresh(x, task=0), before)
     with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record EideticLinear"):
         torch.jit.trace(fresh.body.a, x)
+    with pytest.raises(RuntimeError, match=r"torch.jit.script\) cannot compile an EideticNetwork.*export"):
+        torch.jit.script(fresh)
+    with pytest.raises(RuntimeError, match=r"torch.jit.script\) cannot compile EideticLinear"):
+        torch.jit.script(fresh.body.a)
+    torch.jit.script(fresh.export(0))  # the plain module of a finished task scripts
 
 
 # ----- load_state_dict never changes a finished task --------------------------------------------------------------
@@ -612,3 +618,24 @@ def test_hooks_on_the_body_see_full_gradients():
     model.body.a.register_forward_hook(lambda m, i, out: out.register_hook(grads.append) and None)
     model(x).sum().backward()
     assert torch.equal(grads[0], seen[True])
+
+
+def test_torch_compile_fullgraph_says_why_it_stops():
+    """fullgraph=True on the CPU engine stops where the network cannot be one graph; torch's error carries the
+    reason: the first batch's graph tracing (ensure_graph first), then the layers (the Triton backend)."""
+    import inspect
+    import warnings
+    if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+        pytest.skip("this torch shows no reason for torch.compiler.disable")
+    if os.environ.get("EIDETIC_BACKEND") == "triton":
+        pytest.skip("the Triton backend compiles whole")
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    model = EideticNetwork(nn.Sequential(nn.Linear(16, 32), nn.ReLU()), 32)
+    model.prepare_for_task(0, 3)
+    for says in (r"call model.ensure_graph\(x\)", r"fullgraph=True needs the Triton backend"):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(), pytest.raises(Exception, match=says):
+            warnings.simplefilter("ignore")
+            torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        model.ensure_graph(x)

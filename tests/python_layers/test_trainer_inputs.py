@@ -66,6 +66,15 @@ def test_an_empty_loader_is_a_clear_error(traced):
             model.train_task(loader, optimizer, **KW)
 
 
+def test_an_optimizer_that_needs_a_closure_is_a_clear_error_before_any_step():
+    model, _ = new_model(mlp_body)
+    x, y = samples(8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"LBFGS.step needs a closure.*first-order optimizer"):
+        model.train_task([(x, y)], torch.optim.LBFGS(model.parameters()), **KW)
+    assert same_state(model.state_dict(), before)
+
+
 @pytest.mark.parametrize("labels, message", [
     (lambda y: y + CLASSES, r"labels range over \[\d+, \d+\] but the task's head has 3 classes"),
     (lambda y: y.float(), "1-D integer tensor of class indices"),
