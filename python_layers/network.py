@@ -485,12 +485,13 @@ class EideticNetwork(nn.Module):
     def _hooked_module(self) -> str | None:
         """The name of a module of the network (the router aside) with hooks of its own, or None."""
         router = self._modules.get("router")
-        stack = [self]
-        while stack:  # a walk over the children dicts: this runs on every forward
+        stack = [m for m in self._modules.values() if m is not None and m is not router]
+        while stack:  # a walk over the children dicts: this runs on every training forward
             module = stack.pop()
-            if module is not self and any(getattr(module, h, None) for h in _HOOK_DICTS):
+            d = module.__dict__
+            if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
                 return next(n for n, m in self.named_modules() if m is module)
-            stack.extend(m for m in module._modules.values() if m is not None and m is not router)
+            stack.extend(m for m in d["_modules"].values() if m is not None)
         return None
 
     def _set_view(self, view_task: int | None, constant_frozen: bool = False, active: bool = True) -> None:
