@@ -81,6 +81,19 @@ def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     return layer.forward(input)  # not layer(input): the compiled caller already ran the module's hooks
 
 
+def _channels_last(t) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _memory_format_of(y: torch.Tensor, *like) -> torch.Tensor:
+    """``y`` in channels_last when an input or the weight is (as torch's conv and batch norm return it): the
+    products over blocks assemble a contiguous output."""
+    if y.dim() == 4 and any(_channels_last(t) for t in like) and not y.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
 def _task_id(task, what: str = "task") -> int:
     """An int task id in [0, MAX_TASK] (an integer scalar of numpy or torch is taken as its int; bools are not task
     ids). ValueError otherwise."""
@@ -869,7 +882,7 @@ class EideticConv2d(EideticLayer):
                 raise InputError(f"{type(self).__name__} expects an unbatched input of shape [{self.in_channels}, "
                                  f"H, W], got shape {tuple(input.shape)}")
             return self.forward(input.unsqueeze(0)).squeeze(0)
-        return self._product(input)
+        return _memory_format_of(self._product(input), input, self.weight)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         if isinstance(x, torch.Tensor) and x.dim() != 4:
@@ -1052,7 +1065,7 @@ class _EideticBatchNorm(EideticLayer):
                constant_frozen=self.constant_frozen, **extra)
         if cumulative:
             self._cumulative_average(old, out_task)
-        return y.to(x.dtype) if low else y
+        return _memory_format_of(y.to(x.dtype) if low else y, x)
 
     def _channel_order(self, out_task: torch.Tensor, narrow: int | None = None):
         """The Triton backend's channel order for the current view (``ops/batch_norm/triton.channel_order``),
