@@ -60,13 +60,24 @@ def _reset_mode(layer: EideticLayer) -> None:
     _set_mode(layer, None, False, None, active=False)
 
 
+def _modes(layers) -> list[tuple]:
+    """The layers' modes now, for ``_restore_modes``: a forward that runs inside another (a hook that calls
+    the network) puts back the outer forward's modes, not the idle ones."""
+    return [(lay.view_task, lay.constant_frozen, lay.narrow, lay._network_forward) for lay in layers]
+
+
+def _restore_modes(layers, saved: list[tuple]) -> None:
+    for layer, (view_task, constant_frozen, narrow, active) in zip(layers, saved):
+        _set_mode(layer, view_task, constant_frozen, narrow, active)
+
+
 _FROZEN_KEYS = ("frozen_weight", "frozen_bias", "running_mean", "running_var")
 
 
 def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
     """SHA-256 of every frozen value in ``state_dict`` (keys ``prefix + layer + "." + name``): each Eidetic
-    layer's frozen weight and bias storage and the running statistics of its frozen channels, as float32 (so a
-    lossless dtype conversion of the network keeps it). ``finish_task`` records it; a state dict whose frozen
+    layer's frozen weight and bias storage and the running statistics of its frozen channels, as float64 (every
+    float dtype converts to it exactly, so a lossless dtype round trip of the network keeps it). ``finish_task`` records it; a state dict whose frozen
     values were averaged or edited since no longer matches its own record."""
     h = hashlib.sha256()
     layers = sorted(k[len(prefix):-len(".task_state")] for k, v in state_dict.items()
@@ -83,7 +94,7 @@ def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
             if not t.numel():  # nothing frozen there (a new head, a layer of no finished task): no record
                 continue
             h.update(f"{name}.{key}".encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -380,10 +391,7 @@ class EideticNetwork(nn.Module):
         self.current_task = None
         self.num_finished_tasks += 1
         self.sync()
-        self._frozen_fingerprint = frozen_fingerprint(
-            {f"{name}.{key}": t for name, m in self.named_modules() if isinstance(m, EideticLayer)
-             for key, t in ((k, getattr(m, k, None)) for k in _FROZEN_KEYS + ("task_state",))
-             if isinstance(t, torch.Tensor)}, "")
+        self._record_frozen_values()
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
@@ -464,6 +472,21 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
+    def _record_frozen_values(self) -> None:
+        """The fingerprint of the frozen values now (``frozen_fingerprint``), saved with the state dict."""
+        self._frozen_fingerprint = frozen_fingerprint(
+            {f"{name}.{key}": t for name, m in self.named_modules() if isinstance(m, EideticLayer)
+             for key, t in ((k, getattr(m, k, None)) for k in _FROZEN_KEYS + ("task_state",))
+             if isinstance(t, torch.Tensor)}, "")
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .to(device): a lossy cast changes the frozen values the network itself holds,
+        # so they are recorded again (its own state dict must keep loading, e.g. train_task's restores)
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_frozen_fingerprint", None) is not None:
+            self._record_frozen_values()
+        return out
+
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: a clear error instead of TorchScript's on an annotation."""
         raise RuntimeError("TorchScript (torch.jit.script) cannot compile an EideticNetwork: its layers plan their "
@@ -513,25 +536,27 @@ class EideticNetwork(nn.Module):
                 raise ValueError(f"view_task={view_task} is not finished; views exist for finished tasks only "
                                  f"(0..{self.num_finished_tasks - 1})")
         self.ensure_graph(x)
+        layers = self._graph_layers
+        saved = _modes(layers)
         # frozen blocks are constants to autograd unless asked otherwise or the input itself needs a gradient
-        self._constant_frozen = self._frozen_as_constants(x)
-        self._set_view(view_task, self._constant_frozen)
+        constant = self._constant_frozen = self._frozen_as_constants(x)
+        self._set_view(view_task, constant)
         try:
             return self.forward_features(x)
         finally:
-            self._set_view(None, active=False)
+            _restore_modes(layers, saved)
+            self._constant_frozen = constant  # for logits(), also after a forward nested in this one
 
     def logits(self, features: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Head ``task`` on body features (view mode for a finished task)."""
         task = self._resolve_task(task)
         head = self.heads[task]
-        head.view_task = self.view_for(task)
-        head.constant_frozen = self._constant_frozen
+        saved = _modes([head])
+        _set_mode(head, self.view_for(task), self._constant_frozen, None, head._network_forward)
         try:
             return head(features)
         finally:
-            head.view_task = None
-            head.constant_frozen = False
+            _restore_modes([head], saved)
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits of head ``task`` (default: the task being trained). Bit-stable once the task is finished.
@@ -632,6 +657,7 @@ class EideticNetwork(nn.Module):
         head = self.heads[task]
         self._constant_frozen = self._frozen_as_constants(x)
         layers = self._graph_layers + [head]
+        saved = _modes(layers)
         for layer in layers:
             _set_mode(layer, task, self._constant_frozen, widths.get(layer))
         try:
@@ -639,8 +665,7 @@ class EideticNetwork(nn.Module):
         except PrefixWidthMismatch:
             pass
         finally:
-            for layer in layers:
-                _reset_mode(layer)
+            _restore_modes(layers, saved)
         return self.logits(self.features(x, view_task=task), task)
 
     # ------------------------------------------------------------------------------------------------
@@ -733,7 +758,7 @@ class EideticNetwork(nn.Module):
         # torch loads this module first, then its children, then runs the post-load hook: checked here, a
         # state dict of another body is refused before any tensor or counter of this network changes
         self._check_layer_sizes(state_dict, prefix)
-        self._check_finished_tasks(state_dict, prefix)
+        self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -758,7 +783,7 @@ class EideticNetwork(nn.Module):
                         f"Build the network with the body the state dict was saved from (the same widths and "
                         f"kernel sizes); nothing of this network was loaded.")
 
-    def _check_finished_tasks(self, state_dict, prefix: str) -> None:
+    def _check_finished_tasks(self, state_dict, prefix: str, strict: bool = True) -> None:
         """RuntimeError, before anything loads, for a state dict that would change a finished task:
 
         * neuron states that are not FREE, PRUNED or a task the state dict says is finished (integer buffers
@@ -783,7 +808,8 @@ class EideticNetwork(nn.Module):
                     "AveragedModel(use_buffers=True) makes?). Load a state dict this library saved; average "
                     "only the trainable parameters. Nothing of this network was loaded.")
         recorded = extra.get("frozen_fingerprint") if isinstance(extra, dict) else None
-        if recorded is not None and frozen_fingerprint(state_dict, prefix) != recorded:
+        # a partial load (strict=False) may hold some layers only: their values are checked by nothing here
+        if strict and recorded is not None and frozen_fingerprint(state_dict, prefix) != recorded:
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: its frozen values (weights, biases, "
                 "batch-norm statistics of frozen channels) are not those its finished tasks were frozen with: "

@@ -599,6 +599,15 @@ def test_an_averaged_state_dict_is_refused_and_other_runs_still_load():
     wide = copy.deepcopy(model).double()
     model.load_state_dict(wide.state_dict())  # a lossless dtype round trip keeps the record
     assert torch.equal(model(x, task=0), before)
+    # one ulp of float64 in a frozen weight is an edit too (the record is of float64 values)
+    edited = copy.deepcopy(wide.state_dict())
+    w = edited["body.0.frozen_weight"]
+    edited["body.0.frozen_weight"] = torch.nextafter(w, w + 1)
+    with pytest.raises(RuntimeError, match="are not those its finished tasks were frozen with"):
+        wide.load_state_dict(edited)
+    # a lossy cast of the network records its new frozen values: its own state dict keeps loading
+    narrow = copy.deepcopy(model).to(torch.bfloat16)
+    narrow.load_state_dict(copy.deepcopy(narrow.state_dict()))
 
 
 def test_hooks_on_the_body_see_full_gradients():
@@ -639,3 +648,31 @@ def test_torch_compile_fullgraph_says_why_it_stops():
             warnings.simplefilter("ignore")
             torch.compile(model, backend="aot_eager", fullgraph=True)(x)
         model.ensure_graph(x)
+
+
+def test_a_forward_nested_in_another_keeps_the_outer_modes():
+    """A hook that calls the network (a probe, a teacher) inside its forward: the rest of the outer forward
+    runs in the outer's modes (view, frozen blocks as constants), and whole-network checkpointing still
+    recomputes it (the nested call used to leave every layer idle, so the recomputation was refused)."""
+    from torch.utils.checkpoint import checkpoint
+    model, x = _one_finished_task(lambda: _CheckpointedBody(inside=False))
+    busy, seen = [], []
+
+    def probe(module, inputs, output):
+        if not busy:
+            busy.append(1)
+            model(x, task=0)
+            busy.pop()
+
+    model.body.a.register_forward_hook(probe)
+    model.body.b.register_forward_pre_hook(
+        lambda m, i: seen.append((m.view_task, m.constant_frozen, m._network_forward)) if not busy else None)
+    model(x)
+    assert seen[-1] == (None, False, True)  # hooks give full gradients: frozen blocks are not constants
+    model.eval()
+    with torch.no_grad():
+        model(x, task=0)
+    assert seen[-1] == (0, True, True)
+    model.train()
+    checkpoint(model, x.clone().requires_grad_(), use_reentrant=False).sum().backward()
+    assert all(not lay._network_forward and lay.view_task is None for lay in model.body_layers().values())
