@@ -472,13 +472,16 @@ class InMemoryLoader:
             rows = order[start:start + self.batch_size]
             if self.drop_last and rows.numel() < self.batch_size:
                 break
+            mine = slice(None)
             if self.world > 1:
                 if rows.numel() < 2 * self.world:  # two rows per process: none empty, none alone
                     rows = rows[torch.arange(2 * self.world) % rows.numel()]
-                rows = rows[self.rank::self.world]
-            x, y = self.data.batch(rows)
-            if self.augment:
-                x = self._augment(x)
+                mine = slice(self.rank, None, self.world)
+            # the augmentation is drawn for the whole global batch, so every process's generator stays in step
+            crops = self._draw_crops(rows.numel()) if self.augment else None
+            x, y = self.data.batch(rows[mine])
+            if crops is not None:
+                x = self._augment(x, *(c[mine] for c in crops))
             if self.task_label is not None:
                 y = torch.full((x.shape[0],), self.task_label, dtype=torch.long, device=x.device)
             if self.device is not None:
@@ -488,12 +491,17 @@ class InMemoryLoader:
         if self.on_epoch_end is not None:
             self.on_epoch_end(self.epochs_completed)
 
-    def _augment(self, x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    def _draw_crops(self, b: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: the crop's offsets (dy, dx) in the 4-pixel padding and whether to flip."""
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=self.generator)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=self.generator)
+        return dy, dx, torch.rand(b, generator=self.generator) < 0.5
+
+    def _augment(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                 pad: int = 4) -> torch.Tensor:
         b, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=self.generator).tolist()
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=self.generator).tolist()
-        flip = torch.rand(b, generator=self.generator) < 0.5
+        dy, dx = dy.tolist(), dx.tolist()
         out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
         return torch.where(flip.view(b, 1, 1, 1).to(out.device), out.flip(3), out)
 

@@ -284,25 +284,37 @@ def test_loader_is_deterministic_covers_every_sample_and_resumes():
     assert all(torch.equal(x, xa) for (x, _), (xa, _) in zip(fresh, a[1]))
 
 
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
 @pytest.mark.parametrize("batch_size, world", [(10, 3), (50, 4), (4, 3), (7, 2)])
-def test_shards_partition_every_batch(batch_size, world):
-    """The processes' shares of a global batch are the batch itself (shares differing by at most one row);
-    only a batch of fewer than 2 * world rows is padded, to two rows per process, from its own rows."""
+def test_shards_partition_every_batch(batch_size, world, augment):
+    """The processes' shares of a global batch are the batch itself (shares differing by at most one row),
+    in every epoch, augmented alike (the crops are drawn for the global batch, so the processes' generators
+    stay in step); only a batch of fewer than 2 * world rows is padded, to two rows per process."""
     data = sc.build_scenario("synthetic", num_tasks=1, seed=3).tasks[0].train.subset(103, seed=0)
-    whole = [x.reshape(x.shape[0], -1) for x, _ in sc.InMemoryLoader(data, batch_size, seed=4)]
-    shares = [[x.reshape(x.shape[0], -1) for x, _ in sc.InMemoryLoader(data, batch_size, seed=4).shard(r, world)]
-              for r in range(world)]
+    one = sc.InMemoryLoader(data, batch_size, seed=4, augment=augment)
+    many = [sc.InMemoryLoader(data, batch_size, seed=4, augment=augment).shard(r, world) for r in range(world)]
+    whole, shares = [], [[] for _ in range(world)]
+    for _ in range(3):  # epochs
+        whole += [x.reshape(x.shape[0], -1) for x, _ in one]
+        for r in range(world):
+            shares[r] += [x.reshape(x.shape[0], -1) for x, _ in many[r]]
     assert all(len(s) == len(whole) for s in shares)
+    # the processes' generators stay in step (each draws every crop of the global batch)
+    assert all(torch.equal(m.generator.get_state(), many[0].generator.get_state()) for m in many)
+    # a padded batch draws crops for its padded rows too: after one, one process's crops differ from theirs
+    padded = any(b.shape[0] < 2 * world for b in whole)
     for i, batch in enumerate(whole):
         parts = [s[i] for s in shares]
         sizes = [p.shape[0] for p in parts]
         rows = torch.cat(parts)
         if batch.shape[0] >= 2 * world:
             assert max(sizes) - min(sizes) <= 1
-            assert torch.equal(rows.sort(0).values, batch.sort(0).values)
+            if not (augment and padded):
+                assert torch.equal(rows.sort(0).values, batch.sort(0).values)
         else:
             assert sizes == [2] * world
-            assert torch.equal(rows.unique(dim=0), batch.unique(dim=0))
+            if not augment:
+                assert torch.equal(rows.unique(dim=0), batch.unique(dim=0))
 
 
 def test_loader_task_label_and_augment():
