@@ -62,7 +62,8 @@ def available(name: str, device: torch.device, op: str) -> str | None:
 def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` on ``device`` (and ``dtype``, when given): EIDETIC_BACKEND when set, else
     Triton on CUDA, C++ for the CPU ops it wins, the reference otherwise. ``EIDETIC_BACKEND=cpp`` forces C++
-    for the ops it implements (``CPP_OPS``) and leaves the others on the reference. float64 linear and conv2d on a GPU
+    for the ops it implements (``CPP_OPS``) and leaves the others on the reference, on the CPU (elsewhere it
+    is refused, as C++ runs on the CPU only). float64 linear and conv2d on a GPU
     run on the reference backend even when Triton is asked for: Triton's fp64 ``tl.dot`` does not compile
     on every release (3.6 rejects it), and cuBLAS/cuDNN compute fp64 exactly. Inside ``torch.func`` transforms
     (grad, vmap, jacrev, ...) every op runs on the reference backend, whatever is asked for: the Triton and C++
@@ -75,7 +76,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
         if forced not in BACKEND_NAMES:
             raise BackendUnavailable(
                 f"EIDETIC_BACKEND={forced!r} is not a backend; use one of {', '.join(BACKEND_NAMES)}")
-        if forced == "cpp" and op not in CPP_OPS:
+        if forced == "cpp" and op not in CPP_OPS and device.type == "cpu":
             return "reference"  # the C++ backend is a fast path for some CPU ops; the others keep the reference
         why = available(forced, device, op)
         if why is not None:

@@ -34,11 +34,20 @@ from .run import trainer_supports_resume as _trainer_supports_resume  # noqa: F4
 __all__ = ["main", "train", "load_config", "default_config", "OPTIONS", "ConfigError"]
 
 
+# set by ``launch`` for its processes: each one writes its error message there instead of printing it, and the
+# launcher prints one (a process may be stopped by the launcher before it could print)
+ERROR_DIR_ENV = "EIDETIC_ERROR_DIR"
+_LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's launcher handles these
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """``eidetic train --nproc N ...``: the same command on N local processes through torchrun's launcher
-    (``torchrun --standalone``; gloo on CPU, NCCL on GPU). Returns 0, 2 when the processes stopped at a config,
-    data or capacity error (rank 0 has printed it as one ``eidetic: error:`` line), or the failed process's exit
-    status after torchrun's failure report for anything else."""
+    (``torchrun --standalone``; gloo on CPU, NCCL on GPU). Returns 0; 2 when the processes stopped at a config,
+    data or capacity error, printed once as an ``eidetic: error:`` line; 128 + the signal when the launcher was
+    stopped by one (it stops the processes and says how to resume); else the failed process's exit status,
+    after torchrun's failure report."""
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -48,24 +57,42 @@ def launch(nproc: int, argv: list[str]) -> int:
     # torchrun sets this for each process too, with a banner saying so; the config's `threads` key sets the
     # processes' intra-op threads anyway
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # the launcher's own log lines repeat what the report below says (or, for exit status 2, what rank 0 said)
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in _LAUNCHER_SIGNALS if hasattr(signal, name)}
+    # the launcher's own log lines repeat what is printed below
     disabled = logging.root.manager.disable
     logging.disable(logging.ERROR)
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
-        if failure.exitcode != 2:
+    with tempfile.TemporaryDirectory(prefix="eidetic-errors-") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            run(args)
+        except ChildFailedError as exc:
+            said = sorted(Path(errors).glob("rank*"), key=lambda p: int(p.name[4:]))
+            if said:
+                print(said[0].read_text().rstrip("\n"), file=sys.stderr)
+                return 2
+            _, failure = exc.get_first_failure()
             print(exc, file=sys.stderr)
-        return failure.exitcode if failure.exitcode > 0 else 1
-    except SignalException as exc:  # the launcher stopped the processes with the signal it got
-        if exc.sigval != signal.SIGINT:  # on SIGINT rank 0 has said how to continue
-            print(f"eidetic: stopped by {exc.sigval.name}; continue the run with: eidetic train --out "
-                  f"{_out_dir(argv)} --resume", file=sys.stderr)
-        return 128 + int(exc.sigval)
-    finally:
-        logging.disable(disabled)
+            return failure.exitcode if failure.exitcode > 0 else 1
+        except SignalException as exc:  # the launcher stopped the processes with the signal it got
+            how = "interrupted" if exc.sigval == signal.SIGINT else f"stopped by {exc.sigval.name}"
+            print(f"eidetic: {how}; continue the run with: eidetic train --out {_out_dir(argv)} --resume",
+                  file=sys.stderr)
+            return 128 + int(exc.sigval)
+        finally:
+            del os.environ[ERROR_DIR_ENV]
+            logging.disable(disabled)
+            for name, handler in handlers.items():
+                signal.signal(getattr(signal, name), handler)
     return 0
+
+
+def _leave_error(line: str) -> None:
+    """This process's error line, for the launcher (written whole, then renamed: never read half written)."""
+    folder = Path(os.environ[ERROR_DIR_ENV])
+    rank = int(os.environ.get("RANK", "0"))
+    part = folder / f".rank{rank}.part"
+    part.write_text(line + "\n")
+    part.replace(folder / f"rank{rank}")
 
 
 def _out_dir(argv: list[str]) -> str:
@@ -163,12 +190,16 @@ def _main(argv, quiet: bool) -> int:
     from .scenarios import DataNotFoundError
 
     def error(message) -> int:
-        if not quiet:
+        if os.environ.get(ERROR_DIR_ENV):  # under launch: the launcher prints it
+            _leave_error(f"eidetic: error: {message}")
+        elif not quiet:
             print(f"eidetic: error: {message}", file=sys.stderr)
         return 2
 
     def data_error(message) -> int:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if os.environ.get(ERROR_DIR_ENV):
+            _leave_error(f"eidetic: error: {message}")
+        elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
             several = int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             where = f" (on {socket.gethostname()})" if several else ""
             print(f"eidetic: error{where}: {message}", file=sys.stderr)
@@ -204,7 +235,7 @@ def _main(argv, quiet: bool) -> int:
     except KeyboardInterrupt:
         # checkpoints are replaced atomically at the run's save points: an interrupt loses only the work since
         # the last one, and --resume continues from it with the same results
-        if not quiet:
+        if not quiet and not os.environ.get(ERROR_DIR_ENV):  # under launch, the launcher says it
             print(f"eidetic: interrupted; continue the run with: eidetic train --out {args.out} --resume",
                   file=sys.stderr)
         return 130  # the shell's status for SIGINT

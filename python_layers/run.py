@@ -381,6 +381,8 @@ class Run:
             except CapacityError as exc:
                 if self.writer:
                     self._write_history_csv(state["history"])
+                if self.distributed:
+                    dist_mod.barrier()  # every process stops here; none may end the run before the file is written
                 raise ConfigError(
                     f"{exc}. Task {t - 1} kept every free neuron there: {self._why_kept(state, t - 1)}. Tasks "
                     f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv)") from None

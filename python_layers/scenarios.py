@@ -89,8 +89,8 @@ def _shared_data_candidates() -> list[Path]:
 def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
     """Folders searched, in order: ``data_root`` if given, ``$EIDETIC_DATA`` if set, then ``../shared/data``.
 
-    Raises DataNotFoundError when ``data_root`` is given or ``$EIDETIC_DATA`` is set but either is not a
-    folder: a mistyped path must not fall back to other data silently."""
+    Raises DataNotFoundError when ``data_root`` is given but is not a folder, or, without a ``data_root``,
+    when ``$EIDETIC_DATA`` is set but is not one: a mistyped path must not fall back to other data silently."""
     roots = []
     if data_root:
         root = Path(data_root).expanduser()
@@ -101,10 +101,11 @@ def data_roots(data_root: str | os.PathLike | None = None) -> list[Path]:
     env = os.environ.get(DATA_ENV)
     if env:
         root = Path(env).expanduser()
-        if not root.is_dir():
+        if not root.is_dir() and not roots:  # with a data_root, the variable is only a fallback
             raise DataNotFoundError(f"${DATA_ENV}={root} is not a folder; point it at the folder that holds the "
                                     "data sets, or unset it to search ../shared/data")
-        roots.append(root)
+        if root.is_dir():
+            roots.append(root)
     roots.extend(_shared_data_candidates())
     return roots
 

@@ -211,6 +211,24 @@ def test_an_error_inside_the_processes_is_one_line(tmp_path):
     assert "Traceback" not in run.stderr and "FAILED" not in run.stderr, run.stderr[-3000:]
 
 
+def test_the_launcher_in_process_prints_one_line_and_puts_back_the_signal_handlers(tmp_path, monkeypatch, capsys):
+    """cli.main with --nproc 2 in this process: the processes' error comes back as the launcher's one line (they
+    leave it in a folder: a process stopped by the launcher before it could print loses nothing), and torchrun's
+    signal handlers are gone afterwards (Ctrl-C is a KeyboardInterrupt again)."""
+    from python_layers import cli
+    from tests.python_layers.test_cli import ROOT
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    missing = tmp_path / "no-such-folder"
+    status = cli.main(["train", "--nproc", "2", "--out", str(tmp_path / "r"), "scenario=split_mnist",
+                       f"data_root={missing}", "threads=1", "progress=false"])
+    assert status == 2
+    assert capsys.readouterr().err == f"eidetic: error: data_root={missing} is not a folder; give the folder " \
+        "that holds the data sets (or leave data_root unset to search $EIDETIC_DATA, then ../shared/data)\n"
+    assert {s: signal.getsignal(s) for s in before} == before and cli.ERROR_DIR_ENV not in os.environ
+
+
 def test_a_stopped_launcher_stops_the_processes_and_says_how_to_resume(tmp_path):
     """SIGTERM to ``eidetic train --nproc 2`` (a scheduler's stop): the processes stop, the launcher says how
     to continue (once, no traceback) and exits with 128 + 15; the run folder keeps its last checkpoint."""

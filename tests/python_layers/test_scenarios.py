@@ -156,6 +156,8 @@ def test_an_eidetic_data_that_is_not_a_folder_is_an_error(data_dir, tmp_path, mo
     monkeypatch.setenv("EIDETIC_DATA", str(tmp_path / "typo"))
     with pytest.raises(sc.DataNotFoundError, match=r"\$EIDETIC_DATA=.*typo is not a folder.*unset it"):
         sc.load_mnist("train")
+    # a data_root is searched first: the variable is then only a fallback, and a stale one does not block it
+    assert sc.data_roots(data_dir)[0] == data_dir
 
 
 def test_shared_data_found_from_package_location(monkeypatch, tmp_path):
