@@ -444,6 +444,7 @@ class InMemoryLoader:
         self.on_epoch_end = on_epoch_end
         self.epochs_completed = 0
         self.rank, self.world = 0, 1
+        self.global_rows: int | None = None  # of the batch last yielded, over every process
 
     def shard(self, rank: int, world: int) -> "InMemoryLoader":
         """Read only this process's share of every batch: rows ``rank::world`` of each global batch, so the
@@ -480,6 +481,7 @@ class InMemoryLoader:
                 mine = slice(self.rank, None, self.world)
             # the augmentation is drawn for the whole global batch, so every process's generator stays in step
             crops = self._draw_crops(rows.numel()) if self.augment else None
+            self.global_rows = rows.numel()  # the rows of this batch over every process (the trainer's weights)
             x, y = self.data.batch(rows[mine])
             if crops is not None:
                 x = self._augment(x, *(c[mine] for c in crops))

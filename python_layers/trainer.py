@@ -338,8 +338,10 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             if distributed:
                 # DDP averages the processes' gradients; shares may differ by a row (InMemoryLoader.shard), so
                 # each process's summed loss is scaled by world / global batch: the step is the global mean
-                global_n = torch.tensor(float(n), device=y.device)  # float32: exact to 2**24 rows
-                dist_mod.all_reduce_sum(global_n)
+                global_n = getattr(loader, "global_rows", None)  # InMemoryLoader knows it: no collective
+                if not isinstance(global_n, int):
+                    global_n = torch.tensor(float(n), device=y.device)  # float32: exact to 2**24 rows
+                    dist_mod.all_reduce_sum(global_n)
                 summed = F.cross_entropy(logits, y, reduction="sum")
                 (summed * (dist_mod.world_size() / global_n)).backward()
                 loss = summed.detach() / max(n, 1)
