@@ -480,12 +480,18 @@ class EideticNetwork(nn.Module):
              if isinstance(t, torch.Tensor)}, "")
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() / .to(device): a lossy cast changes the frozen values the network itself holds,
-        # so they are recorded again (its own state dict must keep loading, e.g. train_task's restores)
+        # .to(dtype) / .half(): a lossy cast changes the frozen values the network itself holds, so they are
+        # recorded again (its own state dict must keep loading, e.g. train_task's restores); a move to another
+        # device changes no value, and is not hashed again
+        dtypes = self._frozen_dtypes()
         out = super()._apply(fn, recurse)
-        if getattr(self, "_frozen_fingerprint", None) is not None:
+        if getattr(self, "_frozen_fingerprint", None) is not None and self._frozen_dtypes() != dtypes:
             self._record_frozen_values()
         return out
+
+    def _frozen_dtypes(self) -> list:
+        return [t.dtype for m in self.modules() if isinstance(m, EideticLayer)
+                for t in (getattr(m, k, None) for k in _FROZEN_KEYS) if isinstance(t, torch.Tensor)]
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: a clear error instead of TorchScript's on an annotation."""
