@@ -73,7 +73,8 @@ class Config:
         None, "keep a fixed, seeded subset of each task's training set (quick runs; default: all)", _AT_LEAST_ONE)
     test_samples_per_task: Optional[int] = _key(None, "the same for each task's test set (default: all)",
                                                 _AT_LEAST_ONE)
-    augment: bool = _key(False, "random 4-pixel crop + horizontal flip of training images (CIFAR)")
+    augment: bool = _key(False, "random 4-pixel crop + horizontal flip of training images (CIFAR, Imagenette; "
+                                "refused for the MNIST scenarios)")
     data_root: Optional[str] = _key(
         None, "folder searched first for the data files (then $EIDETIC_DATA, then ../shared/data)")
     model: Literal["mlp", "convnet", "resnet", "resnet50"] = _key(
@@ -185,7 +186,9 @@ def parse_overrides(pairs) -> dict:
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([p.strip() for p in pairs]))
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise ConfigError(f"overrides {' '.join(pairs)}: {exc}") from None
+        # the parser's message spans lines (with a caret under the column): one line is enough here
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^")
+        raise ConfigError(f"overrides {' '.join(pairs)}: {reason}") from None
 
 
 def load_config(path=None, overrides=None) -> dict:
@@ -211,10 +214,17 @@ def load_config(path=None, overrides=None) -> dict:
     if out["pruning"] == "none" and out["tasks"] != 1:
         raise ConfigError("pruning=none freezes every free neuron for the first task and leaves none for the next: "
                           "use tasks=1, or a pruning method (l1, l2, taylor)")
+    if out["augment"] and _ALIASES_MNIST.get(out["scenario"], out["scenario"]) in ("permuted_mnist", "split_mnist"):
+        raise ConfigError(f"augment=true is the crop and horizontal flip of natural images (CIFAR, Imagenette): "
+                          f"on {out['scenario']} a flipped digit is another shape (and a permuted image has no "
+                          "neighbourhoods); leave augment=false")
     if out["max_prune_steps"] == 0 and out["tasks"] != 1:
         raise ConfigError("max_prune_steps=0 prunes nothing: the first task freezes every free neuron and leaves "
                           "none for the next; use tasks=1, or max_prune_steps >= 1 (unset: until nothing is left)")
     return out
+
+
+_ALIASES_MNIST = {"pmnist": "permuted_mnist", "smnist": "split_mnist"}
 
 
 def _read(path: Path) -> DictConfig:

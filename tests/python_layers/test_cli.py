@@ -7,6 +7,7 @@ as an uninterrupted one.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,18 @@ def test_more_config_mistakes_are_one_error_line(tmp_path, capsys):
         assert cli.main(["train", *args, "scenario=synthetic", "progress=false", "threads=1"]) == 2
         err = capsys.readouterr().err
         assert f"eidetic: error: " in err and says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--out", "{tmp}/afile/sub", "scenario=synthetic"], r"--out .*afile/sub: cannot create the folder"),
+    (["--out", "{tmp}/r", "scenario=split_mnist", "augment=true"], r"augment=true is the crop and horizontal flip"),
+    (["--out", "{tmp}/r", "scenario=synthetic", "widths=[64,64"], r"overrides .*did not find expected"),
+], ids=["out under a file", "augment on MNIST", "yaml syntax"])
+def test_more_mistakes_are_one_line(args, says, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["train", *[a.format(tmp=tmp_path) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"eidetic: error: {says}.*\n", err) and err.count("\n") == 1, err
 
 
 def test_a_config_error_under_nproc_is_one_line_before_any_process_starts(tmp_path, monkeypatch, capsys):

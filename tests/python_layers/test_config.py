@@ -33,7 +33,7 @@ def test_help_is_generated_from_the_schema():
 
 def test_file_then_overrides_into_a_plain_dict(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("scenario: permuted_mnist\nlr: 2e-4\nwidths: [20, 10]\nprogress: 'off'\nseed: 3\n")
+    path.write_text("scenario: split_cifar10\nlr: 2e-4\nwidths: [20, 10]\nprogress: 'off'\nseed: 3\n")
     cfg = load_config(path, parse_overrides(["seed=4", "tasks=", "augment=yes", "weight_decay=1", "device=cuda:1"]))
     assert type(cfg) is dict and type(cfg["widths"]) is list
     assert cfg["lr"] == 2e-4 and cfg["widths"] == [20, 10] and cfg["progress"] is False
