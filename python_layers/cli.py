@@ -72,6 +72,10 @@ def launch(nproc: int, argv: list[str]) -> int:
                 return 2
             _, failure = exc.get_first_failure()
             print(exc, file=sys.stderr)
+            out = _out_dir(argv)
+            if (Path(out) / "checkpoint.pt").is_file():
+                print(f"eidetic: a process failed; the run keeps its last checkpoint: continue it with: eidetic "
+                      f"train --out {out} --resume", file=sys.stderr)
             return failure.exitcode if failure.exitcode > 0 else 1
         except SignalException as exc:  # the launcher stopped the processes with the signal it got
             how = "interrupted" if exc.sigval == signal.SIGINT else f"stopped by {exc.sigval.name}"

@@ -322,12 +322,12 @@ class Run:
     def run(self, resume: bool) -> dict:
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a file; give a folder for the run's files")
+        self.build()  # first: a data or model error leaves no empty run folder behind
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file on the way, no permission, read-only disk
             raise ConfigError(f"--out {self.out}: cannot create the folder ({exc.strerror}); give a folder "
                               "that can be created") from None
-        self.build()
         cfg, T = self.cfg, self.num_tasks
         rng = None
         if resume:

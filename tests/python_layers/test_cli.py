@@ -158,6 +158,7 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "--out", str(tmp_path / "r"), "scenario=split_mnist", "progress=false"]) == 2
     err = capsys.readouterr().err
     assert "EIDETIC_DATA" in err and str(tmp_path / "empty") in err and "../shared/data" in err
+    assert not (tmp_path / "r").exists()  # no empty run folder left behind
 
 
 def test_a_task_without_capacity_left_is_a_clear_error(tmp_path, monkeypatch, capsys):
