@@ -339,6 +339,8 @@ class Run:
             if self.writer:
                 with open(self.out / "config.yaml", "w") as f:
                     yaml.safe_dump(cfg, f, sort_keys=False)
+        # a run resumed with another number of processes says so (results.json: processes_by_session)
+        state.setdefault("processes_by_session", []).append(dist_mod.world_size())
         step_checkpoints = trainer_supports_resume()
         if not step_checkpoints and not resume:
             self.log("note: the trainer offers no callback/resume_state hook: checkpoints are written after every "
@@ -594,7 +596,8 @@ class Run:
                          "test_sizes": [len(t.test) for t in self.scenario.tasks], **self.scenario.notes},
             "checkpoint_granularity": "pruning step" if trainer_supports_resume() else "task",
             "wall_seconds": wall,
-            "processes": dist_mod.world_size(),
+            "processes": dist_mod.world_size(),  # of this session; every session's: processes_by_session
+            "processes_by_session": state.get("processes_by_session", [dist_mod.world_size()]),
             "config": self.cfg,
             "versions": versions(self.device),
         }

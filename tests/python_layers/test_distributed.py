@@ -189,6 +189,7 @@ def test_cli_two_processes_then_kill_and_resume_with_one(tmp_path):
         assert torch.equal(whole[k], again[k]), k
     c = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert c["bwt"] == 0.0 and abs(c["acc"] - b["acc"]) <= 0.005
+    assert c["processes_by_session"] == [2, 1] and c["processes"] == 1
 
 
 def test_an_error_inside_the_processes_is_one_line(tmp_path):
