@@ -58,6 +58,7 @@ def _train_worker(rank: int, init_file: str, out: str, pruning: str, wrap: bool)
                     assert torch.equal(model(probe, task=s), snapshots[s]), f"task {s} changed after task {t}"
         torch.save({"hashes": hashes, "states": [layer.task_state.clone() for layer in model.body_layers().values()]},
                    os.path.join(out, f"rank{rank}.pt"))
+        del target  # before the process group (see _uneven_worker)
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +134,9 @@ def _uneven_worker(rank: int, init_file: str, out: str) -> None:
         sizes = [x.shape[0] for x, _ in loader]  # after the epoch: this pass draws the next permutation
         torch.save({"sizes": sizes, "loss": loss, "acc": acc, "state": model.state_dict()},
                    os.path.join(out, f"rank{rank}.pt"))
+        # the DDP wrapper goes before the process group: a gloo group destroyed from the wrapper's deallocation
+        # after destroy_process_group can wait forever for its threads
+        del trained
     finally:
         dist.destroy_process_group()
 
