@@ -55,14 +55,15 @@ def _ordinary_tensors():
 _warned_eager_under_compile = False
 
 
-# why torch.compile(fullgraph=True) stops at a layer on the CPU engine (torch >= 2.7 shows it in its error)
-_EAGER_REASON = ("Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host and run "
+def compile_disable(reason: str):
+    """``torch.compiler.disable`` with the reason torch shows when fullgraph=True stops there (torch >= 2.7)."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return functools.partial(torch.compiler.disable, reason=reason)
+    return torch.compiler.disable
+
+
+@compile_disable("Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host and run "
                  "eagerly: fullgraph=True needs the Triton backend (CUDA, or EIDETIC_BACKEND=triton)")
-_disable = (functools.partial(torch.compiler.disable, reason=_EAGER_REASON)
-            if "reason" in inspect.signature(torch.compiler.disable).parameters else torch.compiler.disable)
-
-
-@_disable
 def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     """A layer on an engine that plans on the host (reference, C++), called inside ``torch.compile``: run
     eagerly (the compiled graph breaks around the layer), with one warning per process. ``torch.export`` wants

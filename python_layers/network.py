@@ -11,9 +11,7 @@ capacity, not even NaN or inf, can reach a finished task's logits.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import operator
 import warnings
 
@@ -21,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
-from eidetic_kernels.layers import PrefixWidthMismatch
+from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable
 
 from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
 from .warn import user_stacklevel
@@ -29,7 +27,10 @@ from .pruning import fixed_by_user
 
 __all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own (read from its dict: this runs per forward)."""
+    d = module.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"])
 
 
 def task_index(task, hint: str) -> int:
@@ -96,13 +97,6 @@ def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
             h.update(f"{name}.{key}".encode())
             h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _compile_disable(reason: str):
-    """``torch.compiler.disable`` with the reason torch shows when fullgraph=True stops there (torch >= 2.7)."""
-    if "reason" in inspect.signature(torch.compiler.disable).parameters:
-        return functools.partial(torch.compiler.disable, reason=reason)
-    return torch.compiler.disable
 
 
 def _refuse_jit_trace() -> None:
@@ -192,8 +186,8 @@ class EideticNetwork(nn.Module):
             self._build_graph(x)
         return self.graph
 
-    @_compile_disable("the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) (or run "
-                      "one forward) before torch.compile(fullgraph=True)")
+    @compile_disable("the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) (or run "
+                     "one forward) before torch.compile(fullgraph=True)")
     def _build_graph(self, x: torch.Tensor) -> None:
         # eagerly, also when the first forward is inside torch.compile: the tracer runs its own torch.fx trace
         self._convert_and_check()
@@ -517,16 +511,15 @@ class EideticNetwork(nn.Module):
         stack = [m for m in self._modules.values() if m is not None and m is not router]
         while stack:  # a walk over the children dicts: this runs on every training forward
             module = stack.pop()
-            d = module.__dict__
-            if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
+            if _has_hooks(module):
                 return next(n for n, m in self.named_modules() if m is module)
-            stack.extend(m for m in d["_modules"].values() if m is not None)
+            stack.extend(m for m in module._modules.values() if m is not None)
         return None
 
-    def _set_view(self, view_task: int | None, constant_frozen: bool = False, active: bool = True) -> None:
+    def _set_view(self, view_task: int | None, constant_frozen: bool = False) -> None:
         layers = self._graph_layers if self.graph is not None else list(self.body_layers().values())
         for layer in layers:
-            _set_mode(layer, view_task, constant_frozen, None, active)
+            _set_mode(layer, view_task, constant_frozen, None)
 
     def features(self, x: torch.Tensor, view_task: int | None = None) -> torch.Tensor:
         """Body output [B, feature_dim]; with ``view_task=t`` (finished) only neurons of tasks <= t are computed
@@ -607,7 +600,7 @@ class EideticNetwork(nn.Module):
         stack = [self]
         while stack:
             module = stack.pop()
-            if module.training or (module is not self and any(getattr(module, h, None) for h in _HOOK_DICTS)):
+            if module.training or (module is not self and _has_hooks(module)):
                 name = next(n for n, m in self.named_modules() if m is module) or "the network"
                 if module.training:
                     return f"{name} is in train mode (model.eval() turns prefix width on)"
