@@ -25,7 +25,7 @@ from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
 from .warn import user_stacklevel
 from .pruning import fixed_by_user
 
-__all__ = ["EideticNetwork", "CapacityError", "CapacityWarning"]
+__all__ = ["EideticNetwork", "CapacityError", "CapacityWarning", "HookedTrainingWarning"]
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks of its own (read from its dict: this runs per forward)."""
@@ -123,6 +123,11 @@ class CapacityError(RuntimeError):
 
 class CapacityWarning(UserWarning):
     """A finished task left some layer without any free neuron: a next task could not start."""
+
+
+class HookedTrainingWarning(UserWarning):
+    """A module of the network has hooks, so its training computes full activation gradients (the frozen
+    blocks' too) and its steps no longer get cheaper as tasks freeze; said once per network."""
 
 
 class EideticNetwork(nn.Module):
@@ -503,7 +508,17 @@ class EideticNetwork(nn.Module):
             return False
         if not torch.is_grad_enabled():
             return True  # no gradient at all: nothing to be partial
-        return self._hooked_module() is None
+        hooked = self._hooked_module()
+        if hooked is None:
+            return True
+        if self.training and self.num_finished_tasks and not self.__dict__.get("_said_hooked"):
+            self.__dict__["_said_hooked"] = True  # once per network (not a module attribute: no state dict entry)
+            warnings.warn(f"module {hooked!r} of the network has hooks, so training computes full activation "
+                          "gradients, through the frozen blocks too: steps cost what they did with nothing "
+                          "frozen instead of getting cheaper as tasks freeze. Remove the hooks to train faster, "
+                          "or build the network with exact_activation_grads=True to ask for full gradients "
+                          "(no warning then)", HookedTrainingWarning, stacklevel=user_stacklevel())
+        return False
 
     def _hooked_module(self) -> str | None:
         """The name of a module of the network (the router aside) with hooks of its own, or None."""

@@ -11,7 +11,8 @@ RUN_DIR:
   ``entropy_routed_acc`` (the same through entropy routing), ``acc``, ``bwt``, ``fwt``,
   ``forgetting`` (definitions in ``python_layers.metrics``), ``routed_acc``, ``baseline_accuracy`` (the
   untrained network, for FWT), ``capacity`` (neurons per task per layer group), ``wall_seconds``, ``config``,
-  ``versions``, and per task its time, kept neurons and why pruning stopped;
+  ``versions``, ``scenario`` (its name, sizes and ``data_files``: the data files read), and per task its time,
+  kept neurons and why pruning stopped;
 * ``history.csv``: one row per epoch (task, phase, epoch, loss, training accuracy, test accuracy of the task in
   training, share of neurons pruned and frozen, overall and per group);
 * ``accuracy_matrix.png``, ``routed_accuracy_matrix.png``, ``task_accuracy.png`` (each task's test accuracy over
@@ -332,6 +333,9 @@ class Run:
         rng = None
         if resume:
             state, rng = self.load_checkpoint()
+            done = self._finished_results(state)
+            if done is not None:
+                return done
             self.log(f"resuming {self.out} at task {state['in_task']['task'] if state['in_task'] else state['next_task']}"
                      f" (checkpoint {state['checkpoints_written']})")
         else:
@@ -351,6 +355,23 @@ class Run:
         for t in range(state["next_task"], T):
             self._train_one_task(state, t, step_checkpoints)
         return self.finish(state)
+
+    def _finished_results(self, state: dict) -> dict | None:
+        """results.json of a run whose every task is trained and whose outputs were all written, else None.
+
+        Resuming such a run changes nothing: its results (wall_seconds, processes_by_session) stay as written."""
+        path = self.out / "results.json"
+        if state["next_task"] < self.num_tasks or state["in_task"] or not path.is_file():
+            return None
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):  # cut short while written: write it again
+            return None
+        if "plots" not in results:  # killed between results.json and the plots
+            return None
+        self.log(f"{self.out}: the run is finished ({self.num_tasks} tasks); nothing to resume, results.json "
+                 "left as written")
+        return results
 
     def _why_kept(self, state: dict, task: int) -> str:
         """Why finished task ``task`` kept every free neuron of some layer, from its recorded stop reason, and

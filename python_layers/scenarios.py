@@ -39,6 +39,7 @@ import os
 import pickle
 import struct
 import tarfile
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 class DataNotFoundError(FileNotFoundError):
     """A dataset file is in none of the data folders."""
+
+
+# the files find_data_file returned while build_scenario runs: results name the data actually read
+_FILES_READ: ContextVar[list | None] = ContextVar("eidetic_data_files_read", default=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,6 +136,9 @@ def find_data_file(names, subdirs, what: str, data_root=None, is_dir: bool = Fal
             for name in names:
                 p = root / sub / name if sub else root / name
                 if (p.is_dir() if is_dir else p.is_file()):
+                    read = _FILES_READ.get()
+                    if read is not None and str(p.resolve()) not in read:
+                        read.append(str(p.resolve()))
                     return p
     raise DataNotFoundError(
         f"{what}: {' or '.join(names)} not found. Looked in {_where_we_looked(data_root)}, each directly and in "
@@ -670,11 +678,19 @@ def build_scenario(name: str, num_tasks: int | None = None, seed: int = 0, data_
                    train_samples_per_task: int | None = None, test_samples_per_task: int | None = None,
                    **options) -> Scenario:
     """The scenario ``name`` with ``num_tasks`` tasks (default: all of it; permuted_mnist: 10; synthetic: 3). ``*_samples_per_task`` keep a fixed,
-    seeded subset of each task's data (quick runs). ``options``: ``classes_per_task``, ``unpermuted_first``."""
+    seeded subset of each task's data (quick runs). ``options``: ``classes_per_task``, ``unpermuted_first``.
+
+    ``scenario.notes["data_files"]``: the absolute paths of the data files and folders it was read from (found
+    through ``data_root``, ``$EIDETIC_DATA`` or ``../shared/data``; empty for ``synthetic``)."""
     key = _ALIASES.get(name, name)
     if key not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
-    scenario = SCENARIOS[key](num_tasks=num_tasks, seed=seed, data_root=data_root, **options)
+    token = _FILES_READ.set([])
+    try:
+        scenario = SCENARIOS[key](num_tasks=num_tasks, seed=seed, data_root=data_root, **options)
+        scenario.notes = {**scenario.notes, "data_files": list(_FILES_READ.get())}
+    finally:
+        _FILES_READ.reset(token)
     for t, task in enumerate(scenario.tasks):
         task.train = task.train.subset(train_samples_per_task, seed * 1000 + t)
         task.test = task.test.subset(test_samples_per_task, seed * 1000 + 500 + t)

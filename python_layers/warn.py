@@ -2,7 +2,7 @@
 
 A warning raised inside ``python_layers`` may be reached through several of its own frames (``model.train_task``
 -> ``trainer.train_task`` -> ``finish_task``) and through torch's ``no_grad`` decorator; a fixed stacklevel points
-at one of those for some callers. This one skips them all.
+at one of those for some callers. This one skips them all, and torch's ``Module.__call__`` frames.
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import os
 import sys
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_TORCH_WRAPPERS = (os.path.join("torch", "utils", "_contextlib.py"),)
+# torch's decorators, and Module.__call__ (a warning raised inside a forward points at the user's model(x))
+_TORCH_WRAPPERS = (os.path.join("torch", "utils", "_contextlib.py"),
+                   os.path.join("torch", "nn", "modules", "module.py"))
 
 
 def user_stacklevel() -> int:

@@ -143,6 +143,11 @@ def test_resume_without_a_checkpoint_starts_the_run_from_its_config(tmp_path, ca
     fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())
     started = json.loads((tmp_path / "started" / "results.json").read_text())
     assert _comparable(started) == _comparable(fresh)
+    # resuming a finished run changes none of its outputs
+    before = {f.name: f.read_bytes() for f in (tmp_path / "fresh").iterdir()}
+    assert cli.main(["train", "--out", str(tmp_path / "fresh"), "--resume"]) == 0
+    assert "the run is finished (3 tasks); nothing to resume" in capsys.readouterr().out
+    assert {f.name: f.read_bytes() for f in (tmp_path / "fresh").iterdir()} == before
     # a run killed before its first checkpoint holds only config.yaml: --resume alone starts it from that
     early = tmp_path / "early"
     early.mkdir()

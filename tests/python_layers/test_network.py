@@ -614,13 +614,24 @@ def test_hooks_on_the_body_see_full_gradients():
     """While a task trains, frozen blocks are constants to autograd, so activation gradients miss the paths
     through frozen neurons; a module with a backward hook (or a forward hook, which may hook its output) turns
     that off: the hook sees the gradients of exact_activation_grads=True."""
+    import warnings
+    from python_layers import HookedTrainingWarning
     seen = {}
     for exact in (True, False):
         model, x = _one_finished_task(lambda: _CheckpointedBody(inside=False))
         model.exact_activation_grads = exact
         handle = model.body.a.register_full_backward_hook(lambda m, gin, gout: seen.__setitem__(exact, gout[0]))
-        model(x).sum().backward()
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            model(x).sum().backward()
+            model(x).sum().backward()
         handle.remove()
+        # the slower steps are said once, with the way to silence it; not when full gradients were asked for
+        hooked = [w for w in said if issubclass(w.category, HookedTrainingWarning)]
+        assert len(hooked) == (0 if exact else 1), [str(w.message) for w in said]
+        if hooked:
+            assert "'body.a'" in str(hooked[0].message) and "exact_activation_grads=True" in str(hooked[0].message)
+            assert hooked[0].filename == __file__
     assert seen[True].abs().sum() > 0 and torch.equal(seen[True], seen[False])
     model, x = _one_finished_task(lambda: _CheckpointedBody(inside=False))
     grads = []

@@ -101,6 +101,12 @@ def test_split_mnist_tasks_and_normalisation(data_dir):
         expected = (torch.from_numpy(images[rows]).float().unsqueeze(1) / 255 - 0.1307) / 0.3081
         torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
     assert sc.build_scenario("split_mnist", num_tasks=3).num_tasks == 3
+    # the files read are named, absolute (results.json's scenario.data_files); none for synthetic data
+    folder = (data_dir / "mnist").resolve()
+    assert sorted(s.notes["data_files"]) == sorted(str(folder / f) for f in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz"))
+    assert sc.build_scenario("synthetic").notes["data_files"] == []
     with pytest.raises(ValueError, match="at most 5 tasks"):
         sc.build_scenario("split_mnist", num_tasks=6)
 
