@@ -135,6 +135,9 @@ class EideticLayer(nn.Module):
     # set by EideticNetwork: the layer is in its body, and whether the network's forward is running now
     _network_managed: bool = False
     _network_forward: bool = False
+    # set by EideticNetwork for a layer of its body that its layer graph does not hold (it did not run on the
+    # traced batch): how the graph was traced; such a layer refuses to run
+    _outside_graph: str | None = None
 
     # ----- construction -------------------------------------------------------------------
     def _init_state(self, n_out: int, n_in: int | None, device) -> None:
@@ -590,7 +593,8 @@ class EideticLayer(nn.Module):
                            "torch.nn module of a finished task) instead, or use torch.compile / torch.export")
 
     def _check_call(self) -> None:
-        """Refuse the two callers that would run this layer as another function than the one they record:
+        """Refuse a layer its network's graph does not hold (see ``_outside_graph``), and the two callers that
+        would run this layer as another function than the one they record:
         ``torch.jit.trace`` (the layer plans its work on the host from its states) and activation checkpointing
         inside an EideticNetwork's body (the recomputation in backward runs without the mode the network set
         for the forward: another view, and frozen blocks no longer constant, so wrong gradients)."""
@@ -599,6 +603,14 @@ class EideticLayer(nn.Module):
                                "the neuron states. For a plain module of a finished task use "
                                "EideticNetwork.export(task) (then torch.jit.trace or torch.export that), or "
                                "torch.export / torch.compile")
+        if self._outside_graph is not None:
+            raise RuntimeError(f"{self._name()} is in an EideticNetwork's body but did not run when the network "
+                               f"traced its layer graph ({self._outside_graph}): the network manages no neuron of "
+                               "it (none is ever frozen), so running it would let weights that later tasks train "
+                               "reach finished tasks. Make the body call every layer on every forward: a layer "
+                               "skipped at random (LayerDrop) or called in one mode only (a branch on "
+                               "self.training) is seen or missed once, when the graph is traced; or remove the "
+                               "layer, or declare the graph with python_layers.declare_graph")
         if self._network_managed and not self._network_forward and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(f"{self._name()} of an EideticNetwork's body ran inside a backward pass, outside the "
                                "network's forward: activation checkpointing (torch.utils.checkpoint) inside the "
@@ -1168,23 +1180,39 @@ def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn
     """
     # id(module) -> (module, its twin), for modules met more than once (the module is kept: its id stays its own)
     twins = {} if _twins is None else _twins
+    prepare_twins(model, _path, twins)  # every twin first: a layer that cannot convert leaves the model as it was
+    return _install_twins(model, twins)
+
+
+def prepare_twins(model: nn.Module, path: str, twins: dict) -> None:
+    """The twin of every layer of ``model`` that ``convert`` replaces, into ``twins`` (id -> (module, twin)),
+    changing nothing in ``model``. Raises ValueError for a layer the twins cannot represent."""
     cls = _CONVERSIONS.get(type(model))
     if cls is not None:
-        if id(model) in twins:
-            return twins[id(model)][1]
-        try:
-            twin = cls.from_module(model)
-        except ValueError as exc:
-            raise ValueError(f"cannot convert {_path or type(model).__name__}: {exc}") from exc
-        if _path:
-            twin.qualified_name = _path  # error messages name the layer as the model does
-        twins[id(model)] = (model, twin)
-        return twin
+        if id(model) not in twins:
+            try:
+                twin = cls.from_module(model)
+            except ValueError as exc:
+                raise ValueError(f"cannot convert {path or type(model).__name__}: {exc}. Nothing was "
+                                 "converted") from exc
+            if path:
+                twin.qualified_name = path  # error messages name the layer as the model does
+            twins[id(model)] = (model, twin)
+        return
     # _modules, not named_children(): that one names a module used twice under one parent only once
+    for name, child in model._modules.items():
+        if child is not None:
+            prepare_twins(child, f"{path}.{name}" if path else name, twins)
+
+
+def _install_twins(model: nn.Module, twins: dict) -> nn.Module:
+    """``model`` with every layer that has a twin in ``twins`` replaced by it (in place)."""
+    if id(model) in twins and twins[id(model)][0] is model:
+        return twins[id(model)][1]
     for name, child in list(model._modules.items()):
         if child is None:
             continue
-        new = convert(child, f"{_path}.{name}" if _path else name, twins)
+        new = _install_twins(child, twins)
         if new is not child:
             setattr(model, name, new)
     return model

@@ -440,6 +440,9 @@ _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _NONTENSOR_METHODS = {"size", "dim", "numel"}
+# methods of a constant that take only the shape, dtype or device of their tensor argument
+_LIKE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as", "to", "new_zeros", "new_ones", "new_full",
+                 "new_empty", "new_tensor"}
 
 _NONTENSOR = object()  # a node whose value is not a tensor (a size, an int)
 _CONST = object()      # a tensor that does not come from the input (a buffer, a constant)
@@ -724,7 +727,16 @@ class _Propagator:
         if name in _NONTENSOR_METHODS:
             return _NONTENSOR
         if not isinstance(self.value(node.args[0]), list):
-            return _NONTENSOR if self.shape(node) is None else _CONST
+            if not self.tensor_args(node):
+                return _NONTENSOR if self.shape(node) is None else _CONST
+            # a method of a constant with features as an argument: gamma * h (a LayerScale) is recorded as
+            # gamma.mul(h); its value comes from the features
+            if name in _BINARY_METHODS:
+                return self.binary(node)
+            if name in _LIKE_METHODS:
+                return _CONST  # only the shape, dtype or device come from the features
+            raise GraphError(f"the tracer cannot follow {_node_desc(node)}, a method of a constant applied to "
+                             f"features: it may mix features. {_DECLARE_HINT}")
         if name in _ELEMENTWISE_METHODS:
             return self.note_constants(node, self.provenance(node.args[0], node))
         if name in _BINARY_METHODS:
@@ -823,7 +835,7 @@ class _Propagator:
         if not any(s.source is not None for s in prov):
             return prov  # raw input features never move
         out = self.shape(node)
-        for arg in list(node.args[1:]) + list(node.kwargs.values()):
+        for arg in list(node.args) + list(node.kwargs.values()):  # a constant on either side (gamma * h)
             if isinstance(self.value(arg), list) or self.value(arg) is _NONTENSOR:
                 continue
             shape = self.shape(arg) if isinstance(arg, fx.Node) else tuple(getattr(arg, "shape", ()))
@@ -947,7 +959,20 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"the example input must be a tensor batch, got {type(example_input).__name__}")
+    constants = [(name, b, b.detach().clone()) for name, b in _constant_buffers(owner)]
     gm = trace_fx(owner, fn)
+    # torch.fx runs the body's Python with its buffers as they are: a write to one (a step count, a schedule)
+    # happens here, and would change every task's outputs as training goes on
+    written = [name for name, b, before in constants if not same_values(b, before)]
+    for name, b, before in constants:
+        with torch.no_grad():
+            b.copy_(before)
+    if written:
+        raise GraphError(f"the body's forward writes its buffer(s) {', '.join(written)} (they changed while the "
+                         "layer graph was traced): every task's outputs read them, so finished tasks would "
+                         "change as training goes on. Keep buffers outside Eidetic layers fixed in forward; a "
+                         "schedule that changes with training (a warm-up factor, a step count) belongs in the "
+                         "training loop")
     # learn shapes with no side effects: eval mode (no running-stat updates, no dropout), no autograd
     modes = [(m, m.training) for m in owner.modules()]
     owner.eval()
@@ -973,6 +998,23 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     graph = prop.build(features)
     graph.input_shape = tuple(example_input.shape[1:])
     return graph
+
+
+def _constant_buffers(owner: nn.Module):
+    """(name, buffer) of ``owner``'s buffers outside Eidetic layers (whose own buffers their forward updates)."""
+    for name, module in owner.named_modules():
+        if not isinstance(module, EideticLayer):
+            for key, b in module.named_buffers(recurse=False):
+                if b is not None:
+                    yield (f"{name}.{key}" if name else key), b
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    same = (a == b) | (a.isnan() & b.isnan()) if a.dtype.is_floating_point else a == b
+    return bool(same.all())
 
 
 def trace_body(body: nn.Module, example_input: torch.Tensor) -> LayerGraph:

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
-from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable
+from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable, prepare_twins
 
-from .graph import GraphError, LayerGraph, NeuronGroup, trace_module
+from .graph import GraphError, LayerGraph, NeuronGroup, same_values, trace_module
 from .warn import user_stacklevel
 from .pruning import fixed_by_user
 
@@ -196,16 +196,25 @@ class EideticNetwork(nn.Module):
     def _build_graph(self, x: torch.Tensor) -> None:
         # eagerly, also when the first forward is inside torch.compile: the tracer runs its own torch.fx trace
         self._convert_and_check()
-        self._attach_graph(trace_module(self, self.forward_features, x))
+        how = f"traced in {'training' if self.training else 'eval'} mode on a batch of shape {tuple(x.shape)}"
+        self._attach_graph(trace_module(self, self.forward_features, x), how=how)
 
-    def _attach_graph(self, graph: LayerGraph, apply_settings: bool = True) -> None:
+    def _attach_graph(self, graph: LayerGraph, apply_settings: bool = True, how: str = "declared") -> None:
         if graph.feature_dim != self.feature_dim:
             raise GraphError(f"the body outputs {graph.feature_dim} features but feature_dim={self.feature_dim}")
         graph.heads = self.heads
         self.graph = graph
         self._graph_layers = list(graph.layers.values())  # set on every forward: cached
+        held = {id(layer) for layer in self._graph_layers}
         for layer in self._graph_layers:
             layer.__dict__["_network_managed"] = True
+            layer.__dict__.pop("_outside_graph", None)
+        for _, module in self._body_modules():
+            # a layer the traced batch did not run (a random skip, a branch of the other mode) belongs to no
+            # group: nothing would ever freeze it, so it refuses to run (EideticLayer._check_call)
+            if isinstance(module, EideticLayer) and id(module) not in held:
+                module.__dict__["_outside_graph"] = how
+        self._record_body_constants()
         if apply_settings and self.current_task is not None:
             self._apply_forward_transfer(self.current_task)
         self.sync()
@@ -237,9 +246,11 @@ class EideticNetwork(nn.Module):
     def _convert_and_check(self) -> None:
         """Convert plain layers (a subclass may add them after __init__) and reject stray parameters."""
         twins = {}  # one conversion for the whole body: a module under two names becomes one twin
-        for name, child in list(self._modules.items()):
-            if name in _NON_BODY or child is None:
-                continue
+        children = [(name, child) for name, child in self._modules.items()
+                    if name not in _NON_BODY and child is not None]
+        for name, child in children:  # every twin first: a layer that cannot convert leaves the body as it was
+            prepare_twins(child, name, twins)
+        for name, child in children:
             new = convert(child, name, twins)
             if new is not child:
                 setattr(self, name, new)
@@ -282,6 +293,7 @@ class EideticNetwork(nn.Module):
         if task < 0:
             raise ValueError(f"task ids are 0, 1, 2, ... in order: got {task}; the next task is "
                              f"{self.num_finished_tasks}")
+        self._check_body_constants(f"preparing task {task}")
         if self.current_task is not None:
             if task == self.current_task:
                 raise RuntimeError(f"task {task} is already prepared (and not finished): train it with "
@@ -352,6 +364,7 @@ class EideticNetwork(nn.Module):
         if self.current_task is None:
             raise RuntimeError("no task to finish: call model.prepare_for_task(t, num_classes) and train it first")
         task = self.current_task
+        self._check_body_constants(f"task {task} trained")
         frozen = {}
         head = self.heads[task]
         # a parametrized weight (weight_norm, ...) cannot follow its rows into frozen storage: refused here, before
@@ -391,6 +404,7 @@ class EideticNetwork(nn.Module):
         self.num_finished_tasks += 1
         self.sync()
         self._record_frozen_values()
+        self._record_body_constants()
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
@@ -470,6 +484,43 @@ class EideticNetwork(nn.Module):
     def view_for(self, task: int) -> int | None:
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
+
+    def _body_constants(self):
+        """(name, buffer) of the body's buffers outside Eidetic layers: values every task's outputs read."""
+        for name, module in self._body_modules():
+            if not isinstance(module, EideticLayer):
+                for key, b in module.named_buffers(recurse=False):
+                    if b is not None:
+                        yield (f"{name}.{key}" if name else key), b
+
+    def _record_body_constants(self) -> None:
+        """Copies of the body's buffers outside Eidetic layers (``_check_body_constants``); plain attributes."""
+        self.__dict__["_body_constant_values"] = {n: b.detach().clone() for n, b in self._body_constants()}
+
+    def _check_body_constants(self, when: str) -> None:
+        """RuntimeError when a buffer of the body outside Eidetic layers (a constant every task reads) changed
+        since the last finished task: finished tasks' outputs would change with it. It is set back first, so
+        they do not."""
+        saved = self.__dict__.get("_body_constant_values")
+        if not saved or not self.num_finished_tasks:
+            return
+        changed = []
+        for name, b in self._body_constants():
+            old = saved.get(name)
+            if old is None or old.shape != b.shape:
+                continue
+            old = old.to(b)  # the network may have moved or been cast since
+            if not same_values(b, old):
+                changed.append(name)
+                with torch.no_grad():
+                    b.copy_(old)
+        if changed:
+            raise RuntimeError(
+                f"buffer(s) {', '.join(changed)} of the body changed after task {self.num_finished_tasks - 1} "
+                f"finished ({when}): the body's forward (or code outside it) wrote them, and every task's outputs "
+                "read them, so finished tasks would change with them. They are set back to their values at the "
+                "last finish_task. Keep the body's buffers fixed once a task is finished: a schedule that changes "
+                "with training (a warm-up factor, a step count) belongs in the training loop, not in the body")
 
     def _record_frozen_values(self) -> None:
         """The fingerprint of the frozen values now (``frozen_fingerprint``), saved with the state dict."""
@@ -886,5 +937,7 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
     spec = module.__dict__.pop("_pending_graph", None)
     if spec is not None and module.graph is None:
         # the loaded states (min_input_task included) are already right: do not re-apply task settings
-        module._attach_graph(LayerGraph.from_spec(spec, module), apply_settings=False)
+        module._attach_graph(LayerGraph.from_spec(spec, module), apply_settings=False,
+                             how="restored from a checkpoint's layer graph")
     module.sync()
+    module._record_body_constants()  # the loaded values are the body's constants now

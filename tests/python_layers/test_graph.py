@@ -372,3 +372,140 @@ def test_group_state_changes_reach_every_member():
     assert len(g.weight_members()) == 3  # block1.conv2, block1.proj.0, block2.conv2
     with pytest.raises(ValueError, match="only FREE neurons"):
         g.prune([1])
+
+
+class LayerScale(nn.Module):
+    """A residual branch scaled by a [C] buffer written on the left (gamma * h: torch.fx records gamma.mul(h))."""
+
+    def __init__(self, left: bool):
+        super().__init__()
+        self.left = left
+        self.c = nn.Linear(5, 6)
+        self.fc = nn.Linear(6, 6)
+        self.register_buffer("gamma", torch.full((6,), 0.5))
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        branch = self.gamma * self.fc(h) if self.left else self.fc(h) * self.gamma
+        return h + branch
+
+
+def test_a_constant_on_the_left_of_an_op_is_followed():
+    """gamma * h couples as h * gamma does (it was taken for a constant: the branch's layer was left out of the
+    residual coupling, and gamma * h fed to a layer was 'not computed from the input')."""
+    x = torch.randn(8, 5)
+    graphs = {left: trace_body(LayerScale(left), x) for left in (True, False)}
+    for graph in graphs.values():
+        assert [sorted(names(g)) for g in graph.groups] == [["c", "fc"]]
+        assert graph.renumber_blocked_by is not None  # a per-feature constant ties values to positions
+
+    class Fed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Linear(5, 6), nn.Linear(6, 3)
+            self.register_buffer("gamma", torch.full((), 2.0))
+
+        def forward(self, x):
+            return self.fc(self.gamma * torch.relu(self.c(x)))
+
+    graph = trace_body(Fed(), x)
+    assert [s.source.name for s in graph.inputs["fc"][1]] == ["c"]
+
+
+class StepCounter(nn.Module):
+    """A warm-up factor kept in a buffer that the forward advances while training."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.step += 1
+        return torch.relu(self.fc(x)) * torch.clamp(self.step / 50, max=1.0)
+
+
+def test_a_body_that_writes_its_buffers_is_refused():
+    """Such a buffer changes every task's outputs as training goes on: refused when the graph is traced in
+    training mode (the buffer set back), and found at the next task's start when it was traced in eval mode."""
+    x = torch.randn(8, 5)
+    body = StepCounter()
+    with pytest.raises(GraphError, match=r"writes its buffer\(s\) step .*belongs in the training loop"):
+        trace_body(body, x)
+    assert body.step.item() == 0  # the trace left no trace
+    torch.manual_seed(0)
+    model = EideticNetwork(StepCounter(), 6)
+    model.prepare_for_task(0, 2)
+    model.eval()
+    model(x)  # traced in eval mode: the branch that writes is not seen
+    model.train()
+    model(x)
+    model.groups[0].prune([0, 1, 2])
+    model.finish_task()
+    model.eval()
+    before = model(x, task=0)
+    model.train()
+    model.prepare_for_task(1, 2)
+    model(x)  # task 0's outputs would change with the buffer now
+    model.eval()
+    assert not torch.equal(model(x, task=0), before)
+    with pytest.raises(RuntimeError, match=r"buffer\(s\) body.step of the body changed after task 0 finished "
+                                           r"\(task 1 trained\).*set back"):
+        model.finish_task()
+    assert torch.equal(model(x, task=0), before)  # set back
+
+
+class LayerDrop(nn.Module):
+    """Blocks skipped while training as LayerDrop does (here: the second one, as a random draw may)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.c = nn.Linear(5, 6)
+        self.skip = 1
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        for i, block in enumerate(self.blocks):
+            if self.training and i == self.skip:
+                continue
+            h = h + torch.relu(block(h))
+        return h
+
+
+def test_a_layer_the_traced_batch_did_not_run_refuses_to_run():
+    """It belongs to no group, so nothing would freeze it: running it later (another batch's draw, eval mode)
+    would let weights later tasks train reach finished tasks. It is a clear error instead."""
+    x = torch.randn(8, 5)
+    torch.manual_seed(0)
+    model = EideticNetwork(LayerDrop(), 6)
+    model.prepare_for_task(0, 2)
+    model(x)
+    assert "body.blocks.1" not in model.body_layers()
+    model.body.skip = 0  # the next draw skips the other block
+    with pytest.raises(RuntimeError, match=r"'body.blocks.1' is in an EideticNetwork's body but did not run when "
+                                           r"the network traced its layer graph \(traced in training mode"):
+        model(x)
+    model.eval()
+    with pytest.raises(RuntimeError, match="LayerDrop"):
+        model(x)
+    # a layer never called stays harmless
+    model = EideticNetwork(LayerDrop(), 6)
+    model.body.unused = nn.Linear(3, 3)
+    model.prepare_for_task(0, 2)
+    model(x)
+    model.groups[0].prune([0])
+    model.finish_task()
+
+
+def test_a_body_that_cannot_convert_is_left_as_it_was():
+    """A grouped convolution after convertible layers: the error comes before any layer is replaced, through
+    EideticNetwork and through eidetic_kernels.convert."""
+    from eidetic_kernels import convert
+    for make in (lambda body: EideticNetwork(body, 4), convert):
+        body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
+        kinds = [type(m) for m in body]
+        with pytest.raises(ValueError, match=r"cannot convert .*3.*Nothing was converted"):
+            make(body)
+        assert [type(m) for m in body] == kinds
