@@ -133,7 +133,9 @@ def conv_padding(padding, kernel_size, dilation, what: str = "masked_conv2d"):
         for k, d in zip(kernel_size, dilation):
             total = d * (k - 1)
             if total % 2:
-                raise ValueError(f"{what}: padding='same' needs d*(k-1) even per dim; pass explicit ints")
+                raise ValueError(f"{what}: padding='same' with kernel size {k} and dilation {d} pads {total} "
+                                 "positions, more on one side than the other, and the convolution pads both sides "
+                                 "alike: use an odd kernel size")
             pads.append(total // 2)
         return tuple(pads)
     return padding

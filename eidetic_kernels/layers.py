@@ -858,10 +858,12 @@ class EideticConv2d(EideticLayer):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None):
         super().__init__()
         if groups != 1:
-            raise ValueError(f"EideticConv2d supports groups=1 only, got groups={groups}: a grouped or depthwise "
-                             "conv couples channels that the per-neuron state cannot separate; use groups=1")
+            raise ValueError(f"EideticConv2d supports groups=1 only, got groups={groups}: its engine computes each "
+                             "output channel from a window of all the input channels a neuron may read, and "
+                             "grouped (and depthwise) convolutions are not implemented; use groups=1")
         if padding_mode != "zeros":
-            raise ValueError(f"EideticConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+            raise ValueError(f"EideticConv2d supports padding_mode='zeros' only, got {padding_mode!r}: reflect, "
+                             "replicate and circular padding are not implemented; use padding_mode='zeros'")
         twin = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode,
                          device=device, dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels

@@ -21,6 +21,7 @@ import copy
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from eidetic_kernels import EideticBatchNorm2d, EideticConv2d, EideticLayer, EideticLinear
 from eidetic_kernels.layers import _EideticBatchNorm
@@ -232,6 +233,10 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
             elif isinstance(module, _EideticBatchNorm):
                 channels = needed[id(graph.group_of(node.target))].nonzero().flatten()
                 env[node] = builder.module(node.target, _batch_norm(module, channels), env[node.args[0]])
+            elif isinstance(module, nn.modules.instancenorm._InstanceNorm):
+                # (no affine parameters, no running statistics: the tracer allows no other) as a function, which
+                # does not compare the kept channels with num_features
+                env[node] = builder.graph.call_function(F.instance_norm, (env[node.args[0]],), {"eps": module.eps})
             else:
                 env[node] = builder.module(node.target, copy.deepcopy(module).eval(), *[env[a] for a in node.args])
         elif node.op == "get_attr":

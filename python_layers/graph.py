@@ -413,6 +413,13 @@ _ELEMENTWISE_MODULES = (
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                  nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d)
 _RESHAPE_MODULES = (nn.Flatten,)
+# ops over the spatial dims of each channel alone: resizing, padding, per-sample per-channel normalisation
+_SPATIAL_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d,
+                    nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+                    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.InstanceNorm1d, nn.InstanceNorm2d)
+_SPATIAL_FUNCTIONS = {F.interpolate, F.upsample, F.pad}
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.elu, F.celu, F.selu, F.leaky_relu, F.hardtanh, F.hardswish,
@@ -569,7 +576,9 @@ class _Propagator:
         prov = self.value(result)
         if not isinstance(prov, list):
             raise GraphError(f"the body must return one tensor [N, feature_dim] computed from its input; it returns "
-                             f"{type(result).__name__}. {_DECLARE_HINT}")
+                             f"{type(result).__name__}: return the features alone (for a body that returns more, "
+                             "wrap it in a module whose forward returns body(x)[0], or override the network's "
+                             "forward_features)")
         shape = self.shape(result)
         if shape is None or len(shape) != 2:
             raise GraphError(f"the body must return [N, feature_dim], got shape {shape}; flatten or pool it first")
@@ -626,6 +635,9 @@ class _Propagator:
             if len(sizes) >= 2 and sizes[1] == -1:
                 return None
             return f"{_node_desc(node)} names the feature count (write -1 for the feature dim)"
+        if node.op == "call_module" and isinstance(self.owner.get_submodule(target),
+                                                   nn.modules.instancenorm._InstanceNorm):
+            return f"{_node_desc(node)} compares the channel count with its num_features"
         if (node.op == "call_method" and target == "squeeze") or target is torch.squeeze:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if dim is None or (isinstance(dim, int) and dim in (1, -len(self.shape(x) or ()) + 1)):
@@ -670,7 +682,8 @@ class _Propagator:
                 return [Segment(root, seg.count, 1)]
             raise GraphError(f"{name} (batch norm) normalises features from {len(prov)} producer segments "
                              f"({_describe_proto(self, prov)}); it must follow one Linear/Conv (or the raw input) "
-                             f"whose neurons are its channels. {_DECLARE_HINT}")
+                             f"whose neurons are its channels: after a concatenation (as in DenseNet), put one "
+                             f"batch norm on each branch before torch.cat instead")
         if isinstance(module, _ELEMENTWISE_MODULES):
             # (PReLU's parameter is shared by every task: EideticNetwork rejects it as a stray parameter)
             return self.provenance(node.args[0], node)
@@ -678,6 +691,13 @@ class _Propagator:
             return self.same_channels(node, node.args[0])
         if isinstance(module, _RESHAPE_MODULES):
             return self.reshape(node, node.args[0])
+        if isinstance(module, _SPATIAL_MODULES):
+            if isinstance(module, nn.modules.instancenorm._InstanceNorm) and (module.affine or
+                                                                               module.track_running_stats):
+                raise GraphError(f"{name} ({type(module).__name__}) has affine parameters or running statistics, "
+                                 "which every task would share and later tasks would change; use "
+                                 "affine=False, track_running_stats=False (the defaults), or a BatchNorm2d")
+            return self.spatial(node, node.args[0])
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
             raise GraphError(f"{name} is a plain {type(module).__name__}; convert the body first with "
                              "eidetic_kernels.convert(body) (EideticNetwork does this for you)")
@@ -703,6 +723,10 @@ class _Propagator:
             return self.reduce(node, node.args[0])
         if fn in _CAT_FUNCTIONS:
             return self.cat(node)
+        if fn in _SPATIAL_FUNCTIONS:
+            return self.spatial(node, node.args[0] if node.args else node.kwargs.get("input"))
+        if fn in _SPLIT_FUNCTIONS and isinstance(self.value(node.args[0]), list):
+            raise self.split_error(node)
         if fn is getattr and isinstance(self.value(node.args[0]), list):
             # an attribute of a tensor of features: the same tensor (.data), a size (.shape) or a property; a
             # transpose (.T, .mT) moves the feature dim, which the tracer does not follow
@@ -716,8 +740,7 @@ class _Propagator:
         if fn is getattr or fn is len or (fn is operator.getitem and not isinstance(self.value(node.args[0]), list)):
             return _NONTENSOR if self.shape(node) is None else _CONST
         if fn is operator.getitem:
-            raise GraphError(f"{_node_desc(node)}: indexing or slicing a tensor of features is not followed by the "
-                             f"tracer. {_DECLARE_HINT}")
+            raise self.split_error(node)
         if not self.tensor_args(node):
             return _NONTENSOR if self.shape(node) is None else _CONST
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
@@ -745,7 +768,16 @@ class _Propagator:
             return self.reshape(node, node.args[0])
         if name in _REDUCE_METHODS:
             return self.reduce(node, node.args[0])
+        if name in _SPLIT_METHODS:
+            raise self.split_error(node)
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
+
+    def split_error(self, node) -> GraphError:
+        return GraphError(
+            f"{_node_desc(node)} splits, indexes or slices a tensor of features, which the tracer does not follow. "
+            "A layer whose parts are then combined with each other (a GLU, a * sigmoid(b) over the two halves of "
+            "one layer) ties its own neurons in pairs, which per-neuron states cannot represent: use two layers, "
+            f"one per part. Parts that stay apart (branches over channel groups) can be declared: {_DECLARE_HINT}")
 
     # ----- op families -----------------------------------------------------------------------------
     def same_channels(self, node, arg):
@@ -753,6 +785,10 @@ class _Propagator:
         [N, C, H, W] for a 2d one: torch reads anything else as unbatched, and pools over the features)."""
         prov = self.provenance(arg, node)
         a, b = self.shape(arg), self.shape(node)
+        module = self.owner.get_submodule(node.target) if node.op == "call_module" else None
+        if getattr(module, "return_indices", False) or node.kwargs.get("return_indices"):
+            raise GraphError(f"{_node_desc(node)} returns the pooled values and their indices "
+                             "(return_indices=True); the tracer follows the values only: use return_indices=False")
         if a is None or b is None or a[:2] != b[:2]:
             raise GraphError(f"{_node_desc(node)} changes the channel dim ({a} -> {b}). {_DECLARE_HINT}")
         target = type(self.owner.get_submodule(node.target)) if node.op == "call_module" else node.target
@@ -762,6 +798,17 @@ class _Propagator:
             raise GraphError(f"{_node_desc(node)} pools a {len(a)}-D tensor {a}: torch reads it as unbatched and pools "
                              f"across the features (neurons), which would mix tasks; give it "
                              f"{'[N, C, L]' if want == 3 else '[N, C, H, W]'}. {_DECLARE_HINT}")
+        return prov
+
+    def spatial(self, node, arg):
+        """Resizing, padding and instance normalisation: each channel's values from its own values only; batch
+        and channel dims unchanged (a padding that reaches the channel dim changes it, and is refused)."""
+        prov = self.provenance(arg, node)
+        a, b = self.shape(arg), self.shape(node)
+        if a is None or b is None or len(a) < 3 or a[:2] != b[:2]:
+            raise GraphError(f"{_node_desc(node)} changes the batch or channel dim ({a} -> {b}), or reads a "
+                             f"tensor without spatial dims; the tracer follows resizing and padding of the "
+                             f"spatial dims of [N, C, ...] only. {_DECLARE_HINT}")
         return prov
 
     def reshape(self, node, arg):

@@ -509,3 +509,90 @@ def test_a_body_that_cannot_convert_is_left_as_it_was():
         with pytest.raises(ValueError, match=r"cannot convert .*3.*Nothing was converted"):
             make(body)
         assert [type(m) for m in body] == kinds
+
+
+class Spatial(nn.Module):
+    """Resizing, padding and instance normalisation between layers: each channel's values from its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 5, 3)
+        self.norm = nn.InstanceNorm2d(5)
+        self.pad = nn.ZeroPad2d(1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.c2 = nn.Conv2d(5, 4, 3)
+
+    def forward(self, x):
+        h = self.up(self.pad(F.relu(self.norm(self.c1(x)))))
+        h = F.interpolate(F.pad(h, (1, 1, 1, 1)), size=(9, 9), mode="bilinear")
+        return F.relu(self.c2(h)).mean((2, 3))
+
+
+def test_resizing_padding_and_instance_norm_are_followed():
+    torch.manual_seed(0)
+    body, x = Spatial(), torch.randn(4, 3, 6, 6)
+    graph = trace_body(body, x)
+    assert [s.source.name for s in graph.inputs["c2"][1]] == ["c1"]
+    check_provenance_by_forward(body, x, graph)
+    # a finished task keeps its outputs through the next task's training, and exports exactly
+    model = EideticNetwork(Spatial(), 4)
+    model.prepare_for_task(0, 2)
+    model(x)
+    for group in model.groups:
+        group.prune([0, 2])
+    model.finish_task()
+    model.eval()
+    before = model(x, task=0)
+    model.prepare_for_task(1, 2)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    model.eval()
+    assert torch.equal(model(x, task=0), before)
+    torch.testing.assert_close(model.export(0, example=x)(x), before, rtol=1e-5, atol=1e-6)
+    with pytest.raises(GraphError, match="track_running_stats=False"):
+        trace_body(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True),
+                                 nn.Flatten()), x)
+
+
+class _Glu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(5, 8)
+
+    def forward(self, x):
+        a, b = self.c(x).chunk(2, 1)
+        return a * torch.sigmoid(b)
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.c(x)
+        return h, h.detach()
+
+
+class _BnAfterCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Linear(5, 3), nn.Linear(5, 3), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.a(x), self.b(x)], 1))
+
+
+@pytest.mark.parametrize("body, shape, says", [
+    (_Glu(), (3, 5), "splits, indexes or slices a tensor of features.*use two layers"),
+    (_TupleOut(), (3, 5), "return the features alone"),
+    (_BnAfterCat(), (3, 5), "put one batch norm on each branch before torch.cat"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True)), (3, 3, 6, 6), "return_indices=False"),
+])
+def test_errors_say_what_to_change(body, shape, says):
+    with pytest.raises(GraphError, match=says):
+        trace_body(body, torch.randn(shape))
