@@ -189,20 +189,22 @@ def _one_value_guard(norms):
     """Forward pre-hooks that raise ``_OneValuePerChannel`` before a BatchNorm in training mode gets an input
     with one value per channel (N * spatial size == 1), the case torch refuses."""
 
-    def hook_for(name):
-        def check(module, args):
-            x = args[0] if args else None
-            if (module.training and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 0
-                    and x.numel() == x.shape[1]):
-                raise _OneValuePerChannel(name, x.shape)
-        return check
+    names = {id(m): name for name, m in norms}
 
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in norms]
+    def check(module, args):
+        name = names.get(id(module))
+        x = args[0] if args else None
+        if (name is not None and module.training and isinstance(x, torch.Tensor) and x.dim() >= 2
+                and x.shape[1] > 0 and x.numel() == x.shape[1]):
+            raise _OneValuePerChannel(name, x.shape)
+
+    # a global hook, not one per module: a module's own hooks make the network compute full activation
+    # gradients for that step (EideticNetwork._frozen_as_constants), which this check has no use for
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
 
 
 def _saved_buffers(model) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -135,8 +135,20 @@ def test_batchnorm_over_feature_maps_trains_on_a_batch_of_one_like_torch():
     plain, _ = cnn_body()
     plain.train()(x[:1])  # torch accepts it
     model, optimizer = new_model(cnn_body)
+    model.ensure_graph(x[:2])
+    for group in model.groups:  # capacity for a next task
+        group.prune([0])
     history = model.train_task(DataLoader(TensorDataset(x, y), batch_size=2), optimizer, **KW)
     assert math.isfinite(history[-1]["loss"])
+    # the check of such a batch hooks no module: a next task's step keeps the frozen blocks constant (a module
+    # hook would turn that off, and say so)
+    import warnings
+    from python_layers import HookedTrainingWarning
+    model.prepare_for_task(1, CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookedTrainingWarning)
+        model.train_task(DataLoader(TensorDataset(x, y), batch_size=2),
+                         torch.optim.SGD(model.parameters(), lr=0.05), **KW)
 
 
 def test_a_last_batch_of_one_without_batchnorm_trains():
