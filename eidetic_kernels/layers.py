@@ -135,8 +135,8 @@ class EideticLayer(nn.Module):
     # set by EideticNetwork: the layer is in its body, and whether the network's forward is running now
     _network_managed: bool = False
     _network_forward: bool = False
-    # set by EideticNetwork for a layer of its body that its layer graph does not hold (it did not run on the
-    # traced batch): how the graph was traced; such a layer refuses to run
+    # set by EideticNetwork for a layer of its body that its layer graph does not hold (the traced batch did not
+    # run it, or it came later): why; such a layer refuses to run
     _outside_graph: str | None = None
 
     # ----- construction -------------------------------------------------------------------
@@ -604,13 +604,16 @@ class EideticLayer(nn.Module):
                                "EideticNetwork.export(task) (then torch.jit.trace or torch.export that), or "
                                "torch.export / torch.compile")
         if self._outside_graph is not None:
-            raise RuntimeError(f"{self._name()} is in an EideticNetwork's body but did not run when the network "
-                               f"traced its layer graph ({self._outside_graph}): the network manages no neuron of "
-                               "it (none is ever frozen), so running it would let weights that later tasks train "
-                               "reach finished tasks. Make the body call every layer on every forward: a layer "
-                               "skipped at random (LayerDrop) or called in one mode only (a branch on "
-                               "self.training) is seen or missed once, when the graph is traced; or remove the "
-                               "layer, or declare the graph with python_layers.declare_graph")
+            raise RuntimeError(f"{self._name()} is in an EideticNetwork but not in its layer graph "
+                               f"({self._outside_graph}): the network manages no neuron of it (none is ever "
+                               "frozen), so running it would let weights that later tasks train reach finished "
+                               "tasks. Every layer the network holds outside its heads and router is its body's: "
+                               "the body (forward_features) must call it on every forward. A layer skipped at "
+                               "random (LayerDrop) or called in one mode only (a branch on self.training) is seen "
+                               "or missed once, when the graph is traced on the first batch; a layer called "
+                               "outside forward_features (in an overridden forward, e.g. a projection head) "
+                               "belongs in a module of its own, outside the network; a layer added later needs a "
+                               "new network. Or declare the graph with python_layers.declare_graph")
         if self._network_managed and not self._network_forward and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(f"{self._name()} of an EideticNetwork's body ran inside a backward pass, outside the "
                                "network's forward: activation checkpointing (torch.utils.checkpoint) inside the "

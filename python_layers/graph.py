@@ -438,18 +438,19 @@ _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "clamp",
                         "clamp_", "clip", "square", "sqrt", "contiguous", "clone", "float", "to", "type_as",
                         "detach"}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "__add__", "__radd__",
-                   "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__"}
+                   "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "maximum", "minimum"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _NONTENSOR_METHODS = {"size", "dim", "numel"}
 # methods of a constant that take only the shape, dtype or device of their tensor argument
 _LIKE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as", "to", "new_zeros", "new_ones", "new_full",
-                 "new_empty", "new_tensor"}
+                 "new_empty"}
 
 _NONTENSOR = object()  # a node whose value is not a tensor (a size, an int)
 _CONST = object()      # a tensor that does not come from the input (a buffer, a constant)
@@ -692,11 +693,16 @@ class _Propagator:
         if isinstance(module, _RESHAPE_MODULES):
             return self.reshape(node, node.args[0])
         if isinstance(module, _SPATIAL_MODULES):
-            if isinstance(module, nn.modules.instancenorm._InstanceNorm) and (module.affine or
-                                                                               module.track_running_stats):
-                raise GraphError(f"{name} ({type(module).__name__}) has affine parameters or running statistics, "
-                                 "which every task would share and later tasks would change; use "
-                                 "affine=False, track_running_stats=False (the defaults), or a BatchNorm2d")
+            if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+                if module.affine or module.track_running_stats:
+                    raise GraphError(f"{name} ({type(module).__name__}) has affine parameters or running "
+                                     "statistics, which every task would share and later tasks would change; use "
+                                     "affine=False, track_running_stats=False (the defaults), or a BatchNorm")
+                shape, want = self.shape(node.args[0]), 3 if "1d" in type(module).__name__ else 4
+                if shape is not None and len(shape) != want:
+                    raise GraphError(f"{name} ({type(module).__name__}) normalises a {len(shape)}-D tensor {shape}: "
+                                     "torch reads it as unbatched and normalises across the features (neurons), "
+                                     f"which would mix tasks; give it {'[N, C, L]' if want == 3 else '[N, C, H, W]'}")
             return self.spatial(node, node.args[0])
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
             raise GraphError(f"{name} is a plain {type(module).__name__}; convert the body first with "
@@ -716,6 +722,8 @@ class _Propagator:
         if fn in _POOL_FUNCTIONS:
             return self.same_channels(node, node.args[0])
         if fn in _BINARY_FUNCTIONS:
+            if fn in _INPLACE_FUNCTIONS and not isinstance(self.value(node.args[0]), list):
+                raise self.write_error(node)
             return self.binary(node)
         if fn in _RESHAPE_FUNCTIONS:
             return self.reshape(node, node.args[0])
@@ -740,6 +748,8 @@ class _Propagator:
         if fn is getattr or fn is len or (fn is operator.getitem and not isinstance(self.value(node.args[0]), list)):
             return _NONTENSOR if self.shape(node) is None else _CONST
         if fn is operator.getitem:
+            if self.spatial_index(node):
+                return self.spatial(node, node.args[0])  # a crop of the spatial dims: h[:, :, 1:-1], h[..., :4]
             raise self.split_error(node)
         if not self.tensor_args(node):
             return _NONTENSOR if self.shape(node) is None else _CONST
@@ -754,6 +764,8 @@ class _Propagator:
                 return _NONTENSOR if self.shape(node) is None else _CONST
             # a method of a constant with features as an argument: gamma * h (a LayerScale) is recorded as
             # gamma.mul(h); its value comes from the features
+            if name.endswith("_"):
+                raise self.write_error(node)
             if name in _BINARY_METHODS:
                 return self.binary(node)
             if name in _LIKE_METHODS:
@@ -772,9 +784,27 @@ class _Propagator:
             raise self.split_error(node)
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
 
+    def spatial_index(self, node) -> bool:
+        """Whether ``x[index]`` indexes spatial dims only, with slices and ints: ``[:, :, ...]`` spelled out,
+        or ``[..., i]`` reaching no further than the spatial dims."""
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        ndim = len(self.shape(node.args[0]) or ())
+        if ndim < 3 or not all(isinstance(i, (slice, int)) or i is Ellipsis for i in index):
+            return False
+        if index[:1] == (Ellipsis,):
+            return Ellipsis not in index[1:] and len(index) - 1 <= ndim - 2
+        full = slice(None, None, None)
+        return len(index) >= 2 and index[0] == full and index[1] == full and Ellipsis not in index[2:]
+
+    def write_error(self, node) -> GraphError:
+        return GraphError(f"{_node_desc(node)} writes features into a buffer or constant in place: every task's "
+                          "outputs read the body's buffers, so finished tasks would change as training goes on. "
+                          "Keep buffers outside Eidetic layers fixed in forward (compute a new tensor instead)")
+
     def split_error(self, node) -> GraphError:
         return GraphError(
-            f"{_node_desc(node)} splits, indexes or slices a tensor of features, which the tracer does not follow. "
+            f"{_node_desc(node)} splits, indexes or slices a tensor of features in a way the tracer does not "
+            "follow (it follows crops of the spatial dims with slices and ints: h[:, :, 1:-1], h[..., 1:-1]). "
             "A layer whose parts are then combined with each other (a GLU, a * sigmoid(b) over the two halves of "
             "one layer) ties its own neurons in pairs, which per-neuron states cannot represent: use two layers, "
             f"one per part. Parts that stay apart (branches over channel groups) can be declared: {_DECLARE_HINT}")
@@ -855,8 +885,9 @@ class _Propagator:
         return first
 
     def binary(self, node):
-        tensors = [a for a in node.args[:2] if isinstance(self.value(a), list)]
-        others = [a for a in node.args[:2] if not isinstance(self.value(a), list)]
+        operands = list(node.args[:2]) + [node.kwargs[k] for k in ("other", "input") if k in node.kwargs]
+        tensors = [a for a in operands if isinstance(self.value(a), list)]
+        others = [a for a in operands if not isinstance(self.value(a), list)]
         out_shape = self.shape(node)
         if len(tensors) == 1:
             prov = self.value(tensors[0])
@@ -1006,20 +1037,31 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"the example input must be a tensor batch, got {type(example_input).__name__}")
-    constants = [(name, b, b.detach().clone()) for name, b in _constant_buffers(owner)]
-    gm = trace_fx(owner, fn)
-    # torch.fx runs the body's Python with its buffers as they are: a write to one (a step count, a schedule)
-    # happens here, and would change every task's outputs as training goes on
-    written = [name for name, b, before in constants if not same_values(b, before)]
-    for name, b, before in constants:
-        with torch.no_grad():
-            b.copy_(before)
-    if written:
-        raise GraphError(f"the body's forward writes its buffer(s) {', '.join(written)} (they changed while the "
-                         "layer graph was traced): every task's outputs read them, so finished tasks would "
-                         "change as training goes on. Keep buffers outside Eidetic layers fixed in forward; a "
-                         "schedule that changes with training (a warm-up factor, a step count) belongs in the "
-                         "training loop")
+    before = _buffer_values(owner)
+    try:
+        # torch.fx runs the body's Python with its buffers as they are. A first trace lets a one-time
+        # initialisation in forward (a table filled on the first batch) happen; a buffer written again by the
+        # second (a step count, a schedule) would change every task's outputs as training goes on
+        trace_fx(owner, fn)
+        settled = _buffer_values(owner)
+        gm = trace_fx(owner, fn)
+        written = _written(settled)
+        if written:
+            raise GraphError(f"the body's forward writes its buffer(s) {', '.join(written)} on every call (they "
+                             "changed while the layer graph was traced): every task's outputs read them, so "
+                             "finished tasks would change as training goes on. Keep buffers outside Eidetic "
+                             "layers fixed in forward; a schedule that changes with training (a warm-up factor, "
+                             "a step count) belongs in the training loop")
+        graph = _graph_of(owner, gm, example_input)
+    except BaseException:
+        _restore(before)  # a refused body is left as it was
+        raise
+    _restore(settled)  # the shape pass runs the graph: nothing it wrote stays
+    return graph
+
+
+def _graph_of(owner: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor) -> LayerGraph:
+    """The layer graph of a traced body: shapes from one pass over ``example_input``, then provenance."""
     # learn shapes with no side effects: eval mode (no running-stat updates, no dropout), no autograd
     modes = [(m, m.training) for m in owner.modules()]
     owner.eval()
@@ -1047,21 +1089,39 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     return graph
 
 
-def _constant_buffers(owner: nn.Module):
-    """(name, buffer) of ``owner``'s buffers outside Eidetic layers (whose own buffers their forward updates)."""
+def _buffer_values(owner: nn.Module) -> list[tuple]:
+    """(name, module, key, buffer, copy of its values) of ``owner``'s buffers outside Eidetic layers (whose own
+    buffers their forward updates)."""
+    out = []
     for name, module in owner.named_modules():
         if not isinstance(module, EideticLayer):
-            for key, b in module.named_buffers(recurse=False):
+            for key, b in module._buffers.items():
                 if b is not None:
-                    yield (f"{name}.{key}" if name else key), b
+                    out.append((f"{name}.{key}" if name else key, module, key, b, b.detach().clone()))
+    return out
+
+
+def _written(saved: list[tuple]) -> list[str]:
+    """Names of the buffers in ``saved`` that were written or replaced (``self.step = self.step + 1``) since."""
+    return [name for name, module, key, b, values in saved
+            if module._buffers.get(key) is not b or not same_values(b, values)]
+
+
+def _restore(saved: list[tuple]) -> None:
+    """Every buffer in ``saved`` back: the same tensor, with its saved values."""
+    for name, module, key, b, values in saved:
+        module._buffers[key] = b
+        with torch.no_grad():
+            b.copy_(values)
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shapes and values, NaN equal to NaN."""
+    """Equal shapes, dtypes and values, NaN equal to NaN."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    same = (a == b) | (a.isnan() & b.isnan()) if a.dtype.is_floating_point else a == b
-    return bool(same.all())
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return bool((a == b).all())
 
 
 def trace_body(body: nn.Module, example_input: torch.Tensor) -> LayerGraph:

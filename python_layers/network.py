@@ -196,7 +196,7 @@ class EideticNetwork(nn.Module):
     def _build_graph(self, x: torch.Tensor) -> None:
         # eagerly, also when the first forward is inside torch.compile: the tracer runs its own torch.fx trace
         self._convert_and_check()
-        how = f"traced in {'training' if self.training else 'eval'} mode on a batch of shape {tuple(x.shape)}"
+        how = f"traced, in {'training' if self.training else 'eval'} mode on a batch of shape {tuple(x.shape)}"
         self._attach_graph(trace_module(self, self.forward_features, x), how=how)
 
     def _attach_graph(self, graph: LayerGraph, apply_settings: bool = True, how: str = "declared") -> None:
@@ -205,19 +205,23 @@ class EideticNetwork(nn.Module):
         graph.heads = self.heads
         self.graph = graph
         self._graph_layers = list(graph.layers.values())  # set on every forward: cached
-        held = {id(layer) for layer in self._graph_layers}
         for layer in self._graph_layers:
             layer.__dict__["_network_managed"] = True
             layer.__dict__.pop("_outside_graph", None)
-        for _, module in self._body_modules():
-            # a layer the traced batch did not run (a random skip, a branch of the other mode) belongs to no
-            # group: nothing would ever freeze it, so it refuses to run (EideticLayer._check_call)
-            if isinstance(module, EideticLayer) and id(module) not in held:
-                module.__dict__["_outside_graph"] = how
+        self._mark_layers_outside_graph(f"it did not run when the graph was {how}" if how != "declared" else
+                                        "the declared graph does not hold it")
         self._record_body_constants()
         if apply_settings and self.current_task is not None:
             self._apply_forward_transfer(self.current_task)
         self.sync()
+
+    def _mark_layers_outside_graph(self, why: str) -> None:
+        """A layer of the body that the graph does not hold (the traced batch did not run it, or it came later)
+        belongs to no group: nothing would ever freeze it, so it refuses to run (``EideticLayer._check_call``)."""
+        held = {id(layer) for layer in self._graph_layers}
+        for _, module in self._body_modules():
+            if isinstance(module, EideticLayer) and id(module) not in held:
+                module.__dict__["_outside_graph"] = why
 
     def set_graph(self, graph: LayerGraph) -> None:
         """Use a hand-declared graph (declare_graph on this network, names like "body.fc") instead of tracing."""
@@ -254,6 +258,8 @@ class EideticNetwork(nn.Module):
             new = convert(child, name, twins)
             if new is not child:
                 setattr(self, name, new)
+        if self.graph is not None:
+            self._mark_layers_outside_graph("it was added to the body after the graph was traced")
         stray, kinds, owner = [], [], {}
         for name, module in self._body_modules():
             if isinstance(module, EideticLayer):
@@ -505,21 +511,25 @@ class EideticNetwork(nn.Module):
         if not saved or not self.num_finished_tasks:
             return
         changed = []
-        for name, b in self._body_constants():
+        for name, b in list(self._body_constants()):
             old = saved.get(name)
-            if old is None or old.shape != b.shape:
-                continue
+            if old is None:
+                continue  # registered since: no finished task read it
             old = old.to(b)  # the network may have moved or been cast since
             if not same_values(b, old):
                 changed.append(name)
                 with torch.no_grad():
-                    b.copy_(old)
+                    if old.shape == b.shape:
+                        b.copy_(old)
+                    else:  # re-registered with another shape: the recorded tensor goes back
+                        owner, _, key = name.rpartition(".")
+                        self.get_submodule(owner)._buffers[key] = old.clone()
         if changed:
             raise RuntimeError(
                 f"buffer(s) {', '.join(changed)} of the body changed after task {self.num_finished_tasks - 1} "
                 f"finished ({when}): the body's forward (or code outside it) wrote them, and every task's outputs "
-                "read them, so finished tasks would change with them. They are set back to their values at the "
-                "last finish_task. Keep the body's buffers fixed once a task is finished: a schedule that changes "
+                "read them, so finished tasks would change with them. They are set back to the values recorded at "
+                "the last finish_task (or load). Keep the body's buffers fixed once a task is finished: a schedule that changes "
                 "with training (a warm-up factor, a step count) belongs in the training loop, not in the body")
 
     def _record_frozen_values(self) -> None:
@@ -938,6 +948,6 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
     if spec is not None and module.graph is None:
         # the loaded states (min_input_task included) are already right: do not re-apply task settings
         module._attach_graph(LayerGraph.from_spec(spec, module), apply_settings=False,
-                             how="restored from a checkpoint's layer graph")
+                             how="traced (as the checkpoint's layer graph records)")
     module.sync()
     module._record_body_constants()  # the loaded values are the body's constants now

@@ -454,6 +454,10 @@ def test_a_body_that_writes_its_buffers_is_refused():
                                            r"\(task 1 trained\).*set back"):
         model.finish_task()
     assert torch.equal(model(x, task=0), before)  # set back
+    model.body.step = torch.zeros(2)  # re-registered with another shape
+    with pytest.raises(RuntimeError, match="body.step"):
+        model.finish_task()
+    assert model.body.step.shape == () and torch.equal(model(x, task=0), before)
 
 
 class LayerDrop(nn.Module):
@@ -484,8 +488,8 @@ def test_a_layer_the_traced_batch_did_not_run_refuses_to_run():
     model(x)
     assert "body.blocks.1" not in model.body_layers()
     model.body.skip = 0  # the next draw skips the other block
-    with pytest.raises(RuntimeError, match=r"'body.blocks.1' is in an EideticNetwork's body but did not run when "
-                                           r"the network traced its layer graph \(traced in training mode"):
+    with pytest.raises(RuntimeError, match=r"'body.blocks.1' is in an EideticNetwork but not in its layer graph "
+                                           r"\(it did not run when the graph was traced, in training mode"):
         model(x)
     model.eval()
     with pytest.raises(RuntimeError, match="LayerDrop"):
@@ -596,3 +600,90 @@ class _BnAfterCat(nn.Module):
 def test_errors_say_what_to_change(body, shape, says):
     with pytest.raises(GraphError, match=says):
         trace_body(body, torch.randn(shape))
+
+
+class _Writes(nn.Module):
+    """Buffer writes in forward: ``how`` says which."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c = nn.Linear(5, 6)
+        self.register_buffer("buf", torch.zeros(6))
+        self.register_buffer("built", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("memory", torch.zeros(3, 6))  # one row per sample of a batch of 3
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        if self.how == "rebind":
+            self.buf = self.buf + 1  # a new tensor under the buffer's name
+        elif self.how == "in place":
+            self.memory.add_(h)  # torch.fx records it (its operand is traced), and the shape pass would run it
+        elif self.how == "once" and not self.built:  # a table filled on the first call, then fixed
+            self.buf.copy_(torch.arange(6.0))
+            self.built.fill_(True)
+        return h * self.buf
+
+
+@pytest.mark.parametrize("how, says", [("rebind", r"writes its buffer\(s\) buf on every call"),
+                                       ("in place", "writes features into a buffer or constant in place")])
+def test_buffer_writes_are_refused_and_leave_the_body_as_it_was(how, says):
+    body = _Writes(how)
+    kept = body.buf
+    with pytest.raises(GraphError, match=says):
+        trace_body(body, torch.randn(3, 5))
+    assert body.buf is kept and torch.equal(body.buf, torch.zeros(6)) and not body.memory.any()
+
+
+def test_a_buffer_filled_once_on_the_first_call_is_accepted():
+    body = _Writes("once")
+    graph = trace_body(body, torch.randn(3, 5))
+    assert [names(g) for g in graph.groups] == [["c"]]
+    assert torch.equal(body.buf, torch.arange(6.0)) and body.built  # filled, as the first real call would
+
+
+@pytest.mark.filterwarnings("ignore:input's size at dim")
+def test_more_ops_of_the_tracer():
+    """Spatial crops, maximum as a method, a keyword operand, an InstanceNorm on a tensor torch reads as
+    unbatched (refused), and NaN in a complex buffer (equal to itself)."""
+    from python_layers.graph import same_values
+
+    class Ops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+            self.register_buffer("floor", torch.zeros(4, 1, 1))
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))[:, :, 1:-1, 1:]
+            h = h[..., :-1]
+            h = self.floor.maximum(h).add(other=self.c2(h))
+            return h.mean((2, 3))
+
+    graph = trace_body(Ops(), torch.randn(2, 3, 6, 6))
+    assert [sorted(names(g)) for g in graph.groups] == [["c1", "c2"]]
+    with pytest.raises(GraphError, match="splits, indexes or slices"):
+        trace_body(nn.Sequential(nn.Linear(5, 4), _Index()), torch.randn(3, 5))
+    with pytest.raises(GraphError, match=r"normalises a 3-D tensor .*unbatched"):
+        trace_body(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(2), nn.InstanceNorm2d(4)), torch.randn(2, 3, 6, 6))
+    z = torch.tensor([complex(float("nan"), 0.0), 1j])
+    assert same_values(z, z.clone()) and not same_values(z, z.conj())
+
+
+class _Index(nn.Module):
+    def forward(self, h):
+        return h[:, :2]
+
+
+def test_a_layer_added_after_the_graph_was_traced_refuses_to_run():
+    x = torch.randn(8, 5)
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(5, 6), nn.ReLU()), 6)
+    model.prepare_for_task(0, 2)
+    model(x)
+    model.groups[0].prune([0, 1])
+    model.finish_task()
+    model.body.append(nn.Linear(6, 6))
+    model.prepare_for_task(1, 2)
+    with pytest.raises(RuntimeError, match=r"not in its layer graph \(it was added to the body after the graph"):
+        model(x)
