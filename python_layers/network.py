@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
 from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable, prepare_twins
+from eidetic_kernels.state import is_frozen
 
 from .graph import GraphError, LayerGraph, NeuronGroup, same_values, trace_module
 from .warn import user_stacklevel
@@ -75,15 +76,18 @@ def _restore_modes(layers, saved: list[tuple]) -> None:
 _FROZEN_KEYS = ("frozen_weight", "frozen_bias", "running_mean", "running_var")
 
 
-def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
-    """SHA-256 of every frozen value in ``state_dict`` (keys ``prefix + layer + "." + name``): each Eidetic
-    layer's frozen weight and bias storage and the running statistics of its frozen channels, as float64 (every
-    float dtype converts to it exactly, so a lossless dtype round trip of the network keeps it). ``finish_task`` records it; a state dict whose frozen
-    values were averaged or edited since no longer matches its own record."""
-    h = hashlib.sha256()
+def frozen_fingerprint(state_dict: dict, prefix: str) -> dict[str, str]:
+    """{layer name: SHA-256} of the frozen values in ``state_dict`` (keys ``prefix + layer + "." + name``): each
+    Eidetic layer's frozen weight and bias storage and the running statistics of its frozen channels, as float64
+    (every float dtype converts to it exactly, so a lossless dtype round trip of the network keeps it); layers
+    with nothing frozen are left out. ``finish_task`` records it; a state dict whose frozen values were averaged
+    or edited since no longer matches its own record. One digest per layer, so a partial state dict (some
+    layers only) is checked layer by layer."""
+    out = {}
     layers = sorted(k[len(prefix):-len(".task_state")] for k, v in state_dict.items()
                     if k.startswith(prefix) and k.endswith(".task_state") and isinstance(v, torch.Tensor))
     for name in layers:
+        h, seen = hashlib.sha256(), False
         task = state_dict[f"{prefix}{name}.task_state"]
         frozen = (task != FREE) & (task != PRUNED)
         for key in _FROZEN_KEYS:
@@ -94,9 +98,12 @@ def frozen_fingerprint(state_dict: dict, prefix: str) -> str:
                 t = t[frozen.to(t.device)]
             if not t.numel():  # nothing frozen there (a new head, a layer of no finished task): no record
                 continue
-            h.update(f"{name}.{key}".encode())
+            seen = True
+            h.update(key.encode())
             h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()
+        if seen:
+            out[name] = h.hexdigest()
+    return out
 
 
 def _refuse_jit_trace() -> None:
@@ -167,7 +174,7 @@ class EideticNetwork(nn.Module):
         self.heads = nn.ModuleList()
         self.current_task: int | None = None
         self.num_finished_tasks = 0
-        self._frozen_fingerprint: str | None = None  # of the frozen storage, recorded by finish_task
+        self._frozen_fingerprint: dict | None = None  # of the frozen storage, recorded by finish_task
         self.forward_transfer: dict[int, bool] = {}
         self.graph: LayerGraph | None = None
         # after any load (also as a submodule of a bigger model): input states follow the loaded states
@@ -234,6 +241,9 @@ class EideticNetwork(nn.Module):
         """Push producer states into every consumer's input_task (heads too). Call after any state change."""
         if self.graph is not None:
             self.graph.sync_inputs()
+        for module in self.modules():  # loaded alone, a layer of the network keeps its frozen neurons
+            if isinstance(module, EideticLayer):
+                module.__dict__["_owned_by_network"] = True
 
     def _body_modules(self):
         """(name, module) of the body: everything but the heads (and a router, if any)."""
@@ -836,6 +846,9 @@ class EideticNetwork(nn.Module):
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
+        for module in self.modules():  # this load keeps the network consistent: its layers load as it says
+            if isinstance(module, EideticLayer):
+                module.__dict__["_network_loading"] = True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -870,6 +883,17 @@ class EideticNetwork(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         finished = extra.get("num_finished_tasks") if isinstance(extra, dict) else None
         layers = [(name, m) for name, m in self.named_modules() if isinstance(m, EideticLayer)]
+        if not isinstance(extra, dict):
+            holding = [name for name, _ in layers if isinstance(state_dict.get(f"{prefix}{name}.task_state"),
+                                                                 torch.Tensor)
+                       and bool(is_frozen(state_dict[f"{prefix}{name}.task_state"]).any())]
+            if holding:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: Missing key(s) in state_dict: "
+                    f"\"{prefix}_extra_state\". The state dict holds frozen neurons ({prefix}{holding[0]}, ...) but "
+                    "not the network's own record (finished tasks, graph, fingerprint), without which its tasks "
+                    "cannot be kept apart: save and load it with torch.save/torch.load (a tensors-only format "
+                    "such as safetensors drops that entry). Nothing of this network was loaded.")
         for name, _ in layers:
             saved = state_dict.get(f"{prefix}{name}.task_state")
             if not isinstance(saved, torch.Tensor) or finished is None:
@@ -880,17 +904,25 @@ class EideticNetwork(nn.Module):
                     f"Error(s) in loading state_dict for {type(self).__name__}: {prefix}{name}.task_state holds "
                     f"{sorted(set(bad.tolist()))[:5]}, which are neither FREE, PRUNED nor one of the state dict's "
                     f"{finished} finished tasks: its integer buffers were computed (an average of state dicts, as "
-                    "AveragedModel(use_buffers=True) makes?). Load a state dict this library saved; average "
-                    "only the trainable parameters. Nothing of this network was loaded.")
+                    "AveragedModel(use_buffers=True) makes?), or it was taken with state_dict() and kept without "
+                    "copying while the network trained on (keep copy.deepcopy(model.state_dict())). Load a state "
+                    "dict this library saved; average only the trainable parameters. Nothing of this network was "
+                    "loaded.")
         recorded = extra.get("frozen_fingerprint") if isinstance(extra, dict) else None
-        # a partial load (strict=False) may hold some layers only: their values are checked by nothing here
-        if strict and recorded is not None and frozen_fingerprint(state_dict, prefix) != recorded:
+        if isinstance(recorded, str):  # the first record format: one digest of every layer together
+            recorded = None
+        # layer by layer: a partial state dict (strict=False) is checked on the layers it holds
+        held = frozen_fingerprint(state_dict, prefix) if recorded else {}
+        if any(name in held and held[name] != digest for name, digest in (recorded or {}).items()) or \
+                any(name not in recorded for name in held):
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: its frozen values (weights, biases, "
                 "batch-norm statistics of frozen channels) are not those its finished tasks were frozen with: "
                 "loading it would change their outputs. An average of whole state dicts (EMA or SWA with "
                 "AveragedModel(use_buffers=True)) or an edit does this: average only the trainable parameters "
-                "(FREE neurons and the current head). Nothing of this network was loaded.")
+                "(FREE neurons and the current head); so does a state dict taken with state_dict() and kept "
+                "without copying while the network trained on (keep copy.deepcopy(model.state_dict())). Nothing "
+                "of this network was loaded.")
 
     def _match_heads(self, state_dict, prefix: str) -> None:
         """Re-create the heads the state dict holds (keeping existing ones of the right size, so an
@@ -940,6 +972,9 @@ class EideticNetwork(nn.Module):
 
 
 def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+    for layer in module.modules():
+        if isinstance(layer, EideticLayer):
+            layer.__dict__.pop("_network_loading", None)
     errors = module.__dict__.pop("_load_errors", None)
     if errors:  # torch raises them next (size mismatches, ...): its message, not one from a half-loaded sync
         module.__dict__.pop("_pending_graph", None)

@@ -32,11 +32,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from eidetic_kernels import PRUNED, rebind_optimizer
+from eidetic_kernels import FREE, PRUNED, rebind_optimizer
 
 from . import distributed as dist_mod
 from . import pruning as pruning_mod
 from .warn import user_stacklevel
+from .network import CapacityWarning
 from .pruning import frozen_share, pruned_share
 
 try:  # progress bars are optional: without tqdm, every stream gets the plain line per epoch
@@ -471,6 +472,7 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     _check_batch_of_one(model, loader, device, _batch_norms(model))
     if resume_state is None:
         _warn_pruned_left(model, task)
+        _warn_frozen_by_user_after_task_0(model, task)
     run = _TaskRun(model, loader, optimizer, task, pruning, step, stop_threshold, recovery_epochs, progress, device,
                    callback, distributed, float(prune_lr_factor))
     try:
@@ -498,6 +500,23 @@ def _warn_at_chance(model, task: int, best_acc: float, pruning: str) -> None:
                       "accuracy falls below that best, which at chance it hardly can, so the task may keep few "
                       "neurons (unless the recovery epochs lift it). Check the labels (0..num_classes-1 of this "
                       "task), the learning rate and max_epochs", stacklevel=user_stacklevel())
+
+
+def _warn_frozen_by_user_after_task_0(model, task: int) -> None:
+    """Layers with FREE neurons whose parameters do not require grad, in a task after the first: they do not
+    train, are not pruned, and finish_task freezes their FREE neurons for this task untrained, using up that
+    capacity for good (``requires_grad_(False)`` on a whole model to evaluate it, never undone, does this).
+    A layer frozen by the user from the start gives all its neurons to task 0 (documented), and has none left."""
+    if not getattr(model, "num_finished_tasks", 0) or not hasattr(model, "body_layers"):
+        return
+    idle = [name for name, layer in model.body_layers().items()
+            if pruning_mod.fixed_by_user(layer) and bool((layer.task_state == FREE).any())]
+    if idle:
+        warnings.warn(f"task {task}: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} FREE neurons but no "
+                      "parameter that requires grad, so they will not train, and finish_task will freeze them "
+                      "for this task untrained, using up that capacity for every later task. If the body was "
+                      "frozen to evaluate it (model.requires_grad_(False)), undo that first with "
+                      "model.requires_grad_(True)", CapacityWarning, stacklevel=user_stacklevel())
 
 
 def _warn_pruned_left(model, task: int) -> None:

@@ -610,6 +610,49 @@ def test_an_averaged_state_dict_is_refused_and_other_runs_still_load():
     narrow.load_state_dict(copy.deepcopy(narrow.state_dict()))
 
 
+def test_partial_tensor_only_and_layer_level_loads():
+    """strict=False loads of part of a network are checked on the layers they hold (the body without its heads
+    loads; an edited frozen layer is refused); a state dict without the network's record (a tensors-only
+    format) is refused before anything loads; a layer of the network loaded alone (or its body) may change
+    trainable weights but never a frozen neuron."""
+    model, x = _one_finished_task(_BnBody)
+    model.eval()
+    before = model(x, task=0)
+    state = copy.deepcopy(model.state_dict())
+    other, _ = _one_finished_task(_BnBody, seed=1)
+    trained = _snapshot(other)
+    body_only = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    other.load_state_dict(body_only, strict=False)  # a partial load: its layers only
+    assert torch.equal(other.body[0].frozen_weight, model.body[0].frozen_weight)
+    edited = copy.deepcopy(body_only)
+    edited["body.3.frozen_weight"] += 1
+    with pytest.raises(RuntimeError, match="are not those its finished tasks were frozen with"):
+        model.load_state_dict(edited, strict=False)
+    # no _extra_state (safetensors keeps tensors only): refused, nothing loaded
+    fresh, _ = _one_finished_task(_BnBody, seed=2)
+    kept = _snapshot(fresh)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"_extra_state.*torch.save/torch.load.*Nothing .* was loaded"):
+            fresh.load_state_dict({k: v for k, v in state.items() if k != "_extra_state"}, strict=strict)
+        assert all(torch.equal(v, kept[k]) for k, v in _snapshot(fresh).items())
+    # below the network: trainable weights may change, frozen neurons never
+    layer = model.body[0]
+    free_only = copy.deepcopy(layer.state_dict())
+    free_only["weight"] += 1
+    layer.load_state_dict(free_only)
+    assert torch.equal(model(x, task=0), before)
+    for target, source in ((layer, other.body[0]), (model.body, other.body), (model.body[1], other.body[1])):
+        source_state = copy.deepcopy(source.state_dict())
+        for k in source_state:
+            if k.startswith(("frozen_", "running_")) or ".frozen_" in k or ".running_" in k:
+                source_state[k] = source_state[k] + 1
+        with pytest.raises(RuntimeError, match="belongs to an EideticNetwork.*model.load_state_dict"):
+            target.load_state_dict(source_state)
+    assert torch.equal(model(x, task=0), before)
+    model.load_state_dict(state)  # the network's own load keeps working
+    assert torch.equal(model(x, task=0), before)
+
+
 def test_hooks_on_the_body_see_full_gradients():
     """While a task trains, frozen blocks are constants to autograd, so activation gradients miss the paths
     through frozen neurons; a module with a backward hook (or a forward hook, which may hook its output) turns

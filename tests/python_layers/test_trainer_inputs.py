@@ -244,3 +244,22 @@ def test_progress_into_a_pipe_is_one_plain_line_per_epoch():
     text = out.getvalue() + err.getvalue()
     n_epochs = sum(r["phase"] in ("train", "recover") for r in history)
     assert "\r" not in text and 1 <= len(text.splitlines()) <= n_epochs
+
+
+def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_spent():
+    """requires_grad_(False) on the whole model (to evaluate it), never undone: the next task would freeze every
+    FREE neuron untrained. Said before training; a body frozen from the start gives task 0 everything, as
+    documented, and is not."""
+    from python_layers import CapacityWarning
+    x, y = samples(8)
+    model, optimizer = new_model(mlp_body)
+    model.ensure_graph(x[:2])
+    for group in model.groups:
+        group.prune([0, 1])
+    model.train_task(DataLoader(TensorDataset(x, y), batch_size=4), optimizer, **KW)
+    model.requires_grad_(False)
+    model.prepare_for_task(1, CLASSES)
+    with pytest.warns(CapacityWarning, match=r"FREE neurons but no parameter that requires grad.*"
+                                             r"model.requires_grad_\(True\)"):
+        model.train_task(DataLoader(TensorDataset(x, y), batch_size=4),
+                         torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
