@@ -648,34 +648,46 @@ class EideticLayer(nn.Module):
         return assemble_rows(trainable.detach(), frozen, self.task_state, self.slot).clone()
 
     def _check_owned_load(self, state_dict, prefix: str) -> None:
-        """A layer of an EideticNetwork loaded on its own (``layer.load_state_dict``, or a part of the body's):
-        RuntimeError, before anything loads, when the state dict would change a frozen neuron (its state, frozen
-        weights or batch-norm statistics). The network's own load keeps its tasks, heads and counters
-        consistent; a load below it cannot."""
+        """A layer of an EideticNetwork loaded on its own (``layer.load_state_dict``, part of the body's, or a
+        network state dict without this layer's states): RuntimeError, before anything loads, when the state dict
+        would change a frozen neuron (its state, inputs, frozen weights or batch-norm statistics). The network's
+        own load of this layer's states is checked by the network (``_network_loading``: the states it loads)."""
         incoming = state_dict.get(prefix + "task_state")
-        if not isinstance(incoming, torch.Tensor) or incoming.shape != self.task_state.shape:
-            return  # no neuron states, or other sizes: the load's own checks report it
+        if incoming is not None and incoming is self.__dict__.get("_network_loading"):
+            return
         own = self.task_state
-        incoming = incoming.to(own.device, own.dtype)
+        if isinstance(incoming, torch.Tensor):
+            if incoming.shape != own.shape:
+                return  # other sizes: the load's own checks report it
+            incoming = incoming.to(own.device, own.dtype)
+        else:
+            incoming = own  # frozen storage without its states is read with this layer's states
         frozen = is_frozen(own) | is_frozen(incoming)
+        if not bool(frozen.any()):
+            return
         same = torch.equal(incoming[frozen], own[frozen])
-        for name in ("frozen_weight", "frozen_bias", "running_mean", "running_var"):
+        for name in ("min_input_task", "input_task", "frozen_weight", "frozen_bias", "running_mean",
+                     "running_var"):
             new, old = state_dict.get(prefix + name), getattr(self, name, None)
-            if not same or not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
-                continue
-            if name.startswith("running"):
+            if not same:
+                break
+            if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor) or new.shape != old.shape:
+                continue  # absent, or sizes the load's own checks report
+            if name in ("min_input_task", "running_mean", "running_var"):  # per neuron: the frozen ones
                 new, old = new[frozen.to(new.device)], old[frozen]
-            same = new.shape == old.shape and torch.equal(new.to(old), old)
+            same = torch.equal(new.to(old), old)
         if not same:
             raise RuntimeError(f"{self._name()} belongs to an EideticNetwork, and this state dict would change its "
-                               "frozen neurons (their states, weights or batch-norm statistics), which finished "
-                               "tasks read: load the network's whole state dict (model.load_state_dict), which "
-                               "keeps its tasks, heads and counters consistent. Nothing was loaded into this layer")
+                               "frozen neurons (their states, inputs, weights or batch-norm statistics), which "
+                               "finished tasks read: load the network's whole state dict (model.load_state_dict), "
+                               "which keeps its tasks, heads and counters consistent (a layer copied out of its "
+                               "network keeps this guard: load into a new layer instead). Nothing was loaded into "
+                               "this layer")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "task_state"
-        if self.__dict__.get("_owned_by_network") and not self.__dict__.get("_network_loading"):
+        if self.__dict__.get("_owned_by_network"):
             self._check_owned_load(state_dict, prefix)
         if key not in state_dict and self._load_twin_state_dict(state_dict, prefix, local_metadata, strict,
                                                                 missing_keys, unexpected_keys, error_msgs):

@@ -698,7 +698,7 @@ class _Propagator:
                     raise GraphError(f"{name} ({type(module).__name__}) has affine parameters or running "
                                      "statistics, which every task would share and later tasks would change; use "
                                      "affine=False, track_running_stats=False (the defaults), or a BatchNorm")
-                shape, want = self.shape(node.args[0]), 3 if "1d" in type(module).__name__ else 4
+                shape, want = self.shape(node.args[0]), 3 if isinstance(module, nn.InstanceNorm1d) else 4
                 if shape is not None and len(shape) != want:
                     raise GraphError(f"{name} ({type(module).__name__}) normalises a {len(shape)}-D tensor {shape}: "
                                      "torch reads it as unbatched and normalises across the features (neurons), "
@@ -1037,27 +1037,27 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     """Trace ``fn`` (which calls submodules of ``owner``; names are relative to ``owner``) on a batch."""
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"the example input must be a tensor batch, got {type(example_input).__name__}")
+    # torch.fx runs the body's Python with its buffers as they are. A first trace lets a one-time initialisation
+    # in forward (a table filled on the first call, with its Python flag) happen, as the first call would; a
+    # buffer written again by the second (a step count, a schedule) would change every task's outputs as
+    # training goes on
     before = _buffer_values(owner)
+    trace_fx(owner, fn)
+    settled = _buffer_values(owner)
+    back_to = settled  # nothing the second trace or the shape pass writes stays
     try:
-        # torch.fx runs the body's Python with its buffers as they are. A first trace lets a one-time
-        # initialisation in forward (a table filled on the first batch) happen; a buffer written again by the
-        # second (a step count, a schedule) would change every task's outputs as training goes on
-        trace_fx(owner, fn)
-        settled = _buffer_values(owner)
         gm = trace_fx(owner, fn)
         written = _written(settled)
         if written:
+            back_to = before  # a body refused for its writes is left as it was
             raise GraphError(f"the body's forward writes its buffer(s) {', '.join(written)} on every call (they "
                              "changed while the layer graph was traced): every task's outputs read them, so "
                              "finished tasks would change as training goes on. Keep buffers outside Eidetic "
                              "layers fixed in forward; a schedule that changes with training (a warm-up factor, "
                              "a step count) belongs in the training loop")
-        graph = _graph_of(owner, gm, example_input)
-    except BaseException:
-        _restore(before)  # a refused body is left as it was
-        raise
-    _restore(settled)  # the shape pass runs the graph: nothing it wrote stays
-    return graph
+        return _graph_of(owner, gm, example_input)
+    finally:
+        _restore(back_to)
 
 
 def _graph_of(owner: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor) -> LayerGraph:

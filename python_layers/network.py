@@ -83,11 +83,19 @@ def frozen_fingerprint(state_dict: dict, prefix: str) -> dict[str, str]:
     with nothing frozen are left out. ``finish_task`` records it; a state dict whose frozen values were averaged
     or edited since no longer matches its own record. One digest per layer, so a partial state dict (some
     layers only) is checked layer by layer."""
-    out = {}
+    digests = {}
+    for name, key, values in _frozen_values(state_dict, prefix):
+        h = digests.setdefault(name, hashlib.sha256())
+        h.update(key.encode())
+        h.update(values)
+    return {name: h.hexdigest() for name, h in digests.items()}
+
+
+def _frozen_values(state_dict: dict, prefix: str):
+    """(layer name, key, frozen values) of every Eidetic layer in ``state_dict``, in a fixed order."""
     layers = sorted(k[len(prefix):-len(".task_state")] for k, v in state_dict.items()
                     if k.startswith(prefix) and k.endswith(".task_state") and isinstance(v, torch.Tensor))
     for name in layers:
-        h, seen = hashlib.sha256(), False
         task = state_dict[f"{prefix}{name}.task_state"]
         frozen = (task != FREE) & (task != PRUNED)
         for key in _FROZEN_KEYS:
@@ -96,14 +104,18 @@ def frozen_fingerprint(state_dict: dict, prefix: str) -> dict[str, str]:
                 continue
             if key.startswith("running"):
                 t = t[frozen.to(t.device)]
-            if not t.numel():  # nothing frozen there (a new head, a layer of no finished task): no record
-                continue
-            seen = True
-            h.update(key.encode())
-            h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-        if seen:
-            out[name] = h.hexdigest()
-    return out
+            if t.numel():  # nothing frozen there (a new head, a layer of no finished task): no record
+                yield name, key, t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+
+
+def _first_format_fingerprint(state_dict: dict, prefix: str) -> str:
+    """The record of the first format (one digest of every layer): checkpoints saved before per-layer digests
+    are checked with it on load, then recorded again per layer."""
+    h = hashlib.sha256()
+    for name, key, values in _frozen_values(state_dict, prefix):
+        h.update(f"{name}.{key}".encode())
+        h.update(values)
+    return h.hexdigest()
 
 
 def _refuse_jit_trace() -> None:
@@ -122,6 +134,28 @@ def _global_hooks() -> bool:
 
 # attributes of the network that are not part of the body
 _NON_BODY = ("heads", "router")
+
+
+def _refuse_late_modules(parent: nn.Module, name: str, submodule) -> None:
+    """A module added to (or replaced in) the body of a network whose layer graph is traced would run outside
+    the graph: unmanaged capacity inside finished tasks' outputs. Refused where it is added (torch's global
+    module-registration hook; ``_traced_body`` marks the body's containers, not its Eidetic layers, which
+    register their own parametrizations)."""
+    if isinstance(parent, EideticNetwork):
+        if parent.__dict__.get("graph") is None or name in _NON_BODY:
+            return None
+    elif not parent.__dict__.get("_traced_body"):
+        return None
+    if parent._modules.get(name) is submodule:
+        return None  # the same module again
+    where = type(parent).__name__ if isinstance(parent, EideticNetwork) else "the body"
+    raise GraphError(f"cannot add module {name!r} ({type(submodule).__name__}) to {where} of an EideticNetwork "
+                     "whose layer graph is traced: the graph would not hold it, so nothing would ever freeze it, "
+                     "and it would change finished tasks' outputs. Build a new network with the body you want "
+                     "(a fresh EideticNetwork, or load a checkpoint into one)")
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_refuse_late_modules)
 
 
 class CapacityError(RuntimeError):
@@ -224,11 +258,15 @@ class EideticNetwork(nn.Module):
 
     def _mark_layers_outside_graph(self, why: str) -> None:
         """A layer of the body that the graph does not hold (the traced batch did not run it, or it came later)
-        belongs to no group: nothing would ever freeze it, so it refuses to run (``EideticLayer._check_call``)."""
+        belongs to no group: nothing would ever freeze it, so it refuses to run (``EideticLayer._check_call``).
+        The body's containers refuse new modules from now on (``_refuse_late_modules``)."""
         held = {id(layer) for layer in self._graph_layers}
-        for _, module in self._body_modules():
-            if isinstance(module, EideticLayer) and id(module) not in held:
-                module.__dict__["_outside_graph"] = why
+        for name, module in self._body_modules():
+            if isinstance(module, EideticLayer):
+                if id(module) not in held:
+                    module.__dict__["_outside_graph"] = why
+            elif name:
+                module.__dict__["_traced_body"] = True
 
     def set_graph(self, graph: LayerGraph) -> None:
         """Use a hand-declared graph (declare_graph on this network, names like "body.fc") instead of tracing."""
@@ -846,9 +884,9 @@ class EideticNetwork(nn.Module):
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
-        for module in self.modules():  # this load keeps the network consistent: its layers load as it says
+        for name, module in self.named_modules():  # the states this load brings, checked above as a whole
             if isinstance(module, EideticLayer):
-                module.__dict__["_network_loading"] = True
+                module.__dict__["_network_loading"] = state_dict.get(f"{prefix}{name}.task_state")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -893,7 +931,8 @@ class EideticNetwork(nn.Module):
                     f"\"{prefix}_extra_state\". The state dict holds frozen neurons ({prefix}{holding[0]}, ...) but "
                     "not the network's own record (finished tasks, graph, fingerprint), without which its tasks "
                     "cannot be kept apart: save and load it with torch.save/torch.load (a tensors-only format "
-                    "such as safetensors drops that entry). Nothing of this network was loaded.")
+                    "such as safetensors drops that entry), and keep that entry in a partial state dict "
+                    "(strict=False). Nothing of this network was loaded.")
         for name, _ in layers:
             saved = state_dict.get(f"{prefix}{name}.task_state")
             if not isinstance(saved, torch.Tensor) or finished is None:
@@ -909,12 +948,13 @@ class EideticNetwork(nn.Module):
                     "dict this library saved; average only the trainable parameters. Nothing of this network was "
                     "loaded.")
         recorded = extra.get("frozen_fingerprint") if isinstance(extra, dict) else None
-        if isinstance(recorded, str):  # the first record format: one digest of every layer together
-            recorded = None
-        # layer by layer: a partial state dict (strict=False) is checked on the layers it holds
-        held = frozen_fingerprint(state_dict, prefix) if recorded else {}
-        if any(name in held and held[name] != digest for name, digest in (recorded or {}).items()) or \
-                any(name not in recorded for name in held):
+        if isinstance(recorded, str):  # the first record format: one digest of the whole state dict
+            changed = _first_format_fingerprint(state_dict, prefix) != recorded
+        else:  # layer by layer: a partial state dict (strict=False) is checked on the layers it holds
+            held = frozen_fingerprint(state_dict, prefix) if recorded else {}
+            changed = any(name in held and held[name] != digest for name, digest in (recorded or {}).items()) or \
+                any(name not in recorded for name in held)
+        if changed:
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: its frozen values (weights, biases, "
                 "batch-norm statistics of frozen channels) are not those its finished tasks were frozen with: "
@@ -932,7 +972,11 @@ class EideticNetwork(nn.Module):
         n = 0
         while key.format(n) in state_dict:
             n += 1
-        full = (prefix + "_extra_state") in state_dict
+        extra = state_dict.get(prefix + "_extra_state")
+        # a whole network's state dict holds the heads of its tasks; one with tasks but no head (the body's
+        # keys and the record, strict=False) is partial, and drops nothing
+        full = isinstance(extra, dict) and (n > 0 or (not extra.get("num_finished_tasks")
+                                                      and extra.get("current_task") is None))
         like = self._reference_tensor()
         for i in range(n):
             num_classes = state_dict[key.format(i)].numel()
@@ -986,3 +1030,5 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
                              how="traced (as the checkpoint's layer graph records)")
     module.sync()
     module._record_body_constants()  # the loaded values are the body's constants now
+    if isinstance(module._frozen_fingerprint, str):  # a first-format record, checked on load: per layer now
+        module._record_frozen_values()

@@ -641,6 +641,24 @@ def test_a_buffer_filled_once_on_the_first_call_is_accepted():
     assert [names(g) for g in graph.groups] == [["c"]]
     assert torch.equal(body.buf, torch.arange(6.0)) and body.built  # filled, as the first real call would
 
+    class Lazy(nn.Module):  # the same with a Python flag: a failed trace must not undo the fill behind it
+        def __init__(self):
+            super().__init__()
+            self.c, self.ready = nn.Linear(5, 6), False
+            self.register_buffer("scale", torch.zeros(6))
+
+        def forward(self, x):
+            if not self.ready:
+                self.scale.fill_(1.0)
+                self.ready = True
+            return torch.relu(self.c(x)) * self.scale
+
+    lazy = Lazy()
+    with pytest.raises(ValueError, match="expects input.shape"):
+        trace_body(lazy, torch.randn(3, 4))
+    trace_body(lazy, torch.randn(3, 5))
+    assert lazy.ready and torch.equal(lazy.scale, torch.ones(6))
+
 
 @pytest.mark.filterwarnings("ignore:input's size at dim")
 def test_more_ops_of_the_tracer():
@@ -683,7 +701,13 @@ def test_a_layer_added_after_the_graph_was_traced_refuses_to_run():
     model(x)
     model.groups[0].prune([0, 1])
     model.finish_task()
-    model.body.append(nn.Linear(6, 6))
+    with pytest.raises(GraphError, match="cannot add module '2' .* whose layer graph is traced"):
+        model.body.append(nn.Linear(6, 6))
+    assert len(model.body) == 2
+    with pytest.raises(GraphError, match="cannot add module"):
+        model.extra = nn.Linear(6, 6)  # the network's own modules are its body too, heads and router aside
+    # one slipped in past torch's registration hook refuses to run
+    model.body._modules["2"] = EideticLinear(6, 6)
     model.prepare_for_task(1, 2)
     with pytest.raises(RuntimeError, match=r"not in its layer graph \(it was added to the body after the graph"):
         model(x)

@@ -622,8 +622,28 @@ def test_partial_tensor_only_and_layer_level_loads():
     other, _ = _one_finished_task(_BnBody, seed=1)
     trained = _snapshot(other)
     body_only = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    heads = [h for h in other.heads]
     other.load_state_dict(body_only, strict=False)  # a partial load: its layers only
     assert torch.equal(other.body[0].frozen_weight, model.body[0].frozen_weight)
+    assert list(other.heads) == heads and other(x, task=0).shape == (24, 3)  # its heads stay
+    # frozen storage without its states is read with the layer's own: an edit is refused, whichever load
+    w = model.body[3].frozen_weight
+    for load in (lambda: model.load_state_dict({"body.3.frozen_weight": w + 1}, strict=False),
+                 lambda: model.body.load_state_dict({"3.frozen_weight": w + 1}, strict=False),
+                 lambda: model.body[3].load_state_dict({"frozen_weight": w + 1}, strict=False),
+                 lambda: model.body[3].load_state_dict({"input_task": model.body[3].input_task.flip(0)},
+                                                       strict=False)):
+        with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
+            load()
+    # a network load that raises halfway leaves no way around the guard
+    broken = copy.deepcopy(state)
+    del broken["_extra_state"]["current_task"]
+    with pytest.raises(KeyError):
+        model.load_state_dict(broken)
+    with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
+        model.body[3].load_state_dict({"frozen_weight": w + 1}, strict=False)
+    model.eval()
+    assert torch.equal(model(x, task=0), before)
     edited = copy.deepcopy(body_only)
     edited["body.3.frozen_weight"] += 1
     with pytest.raises(RuntimeError, match="are not those its finished tasks were frozen with"):
@@ -650,6 +670,18 @@ def test_partial_tensor_only_and_layer_level_loads():
             target.load_state_dict(source_state)
     assert torch.equal(model(x, task=0), before)
     model.load_state_dict(state)  # the network's own load keeps working
+    assert torch.equal(model(x, task=0), before)
+    # a checkpoint of the first record format (one digest of the whole state dict) is checked with it, then
+    # recorded per layer
+    from python_layers.network import _first_format_fingerprint
+    old_format = copy.deepcopy(state)
+    old_format["_extra_state"]["frozen_fingerprint"] = _first_format_fingerprint(old_format, "")
+    edited = copy.deepcopy(old_format)
+    edited["body.0.frozen_weight"] *= 1.001
+    with pytest.raises(RuntimeError, match="are not those its finished tasks were frozen with"):
+        model.load_state_dict(edited)
+    model.load_state_dict(old_format)
+    assert isinstance(model.state_dict()["_extra_state"]["frozen_fingerprint"], dict)
     assert torch.equal(model(x, task=0), before)
 
 
