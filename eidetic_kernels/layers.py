@@ -651,9 +651,11 @@ class EideticLayer(nn.Module):
         """A layer of an EideticNetwork loaded on its own (``layer.load_state_dict``, part of the body's, or a
         network state dict without this layer's states): RuntimeError, before anything loads, when the state dict
         would change a frozen neuron (its state, inputs, frozen weights or batch-norm statistics). The network's
-        own load of this layer's states is checked by the network (``_network_loading``: the states it loads)."""
+        own load of this layer's states is checked by the network (``_network_loading``: (the load, the states
+        it brings), used once; a load that stopped is no longer active)."""
         incoming = state_dict.get(prefix + "task_state")
-        if incoming is not None and incoming is self.__dict__.get("_network_loading"):
+        load, brought = self.__dict__.pop("_network_loading", (None, None))  # used once
+        if load is not None and load["active"] and incoming is not None and incoming is brought:
             return
         own = self.task_state
         if isinstance(incoming, torch.Tensor):
@@ -675,8 +677,14 @@ class EideticLayer(nn.Module):
                 continue  # absent, or sizes the load's own checks report
             if name in ("min_input_task", "running_mean", "running_var"):  # per neuron: the frozen ones
                 new, old = new[frozen.to(new.device)], old[frozen]
+            elif name == "input_task":  # frozen neurons read inputs of finished tasks only
+                new = new.to(old.device, old.dtype)
+                read = is_frozen(old) | is_frozen(new)
+                new, old = new[read], old[read]
             same = torch.equal(new.to(old), old)
         if not same:
+            if load is not None:  # the network's load stops here: no layer may use its marks afterwards
+                load["active"] = False
             raise RuntimeError(f"{self._name()} belongs to an EideticNetwork, and this state dict would change its "
                                "frozen neurons (their states, inputs, weights or batch-norm statistics), which "
                                "finished tasks read: load the network's whole state dict (model.load_state_dict), "

@@ -12,8 +12,10 @@ capacity, not even NaN or inf, can reach a finished task's logits.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import operator
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -136,23 +138,43 @@ def _global_hooks() -> bool:
 _NON_BODY = ("heads", "router")
 
 
+# key -> network whose traced body's containers carry the key (a plain string survives pickling and copies,
+# where a weak reference would not pickle)
+_TRACED_BODIES: "weakref.WeakValueDictionary[str, EideticNetwork]" = weakref.WeakValueDictionary()
+_BODY_KEYS = itertools.count()
+
+
 def _refuse_late_modules(parent: nn.Module, name: str, submodule) -> None:
     """A module added to (or replaced in) the body of a network whose layer graph is traced would run outside
     the graph: unmanaged capacity inside finished tasks' outputs. Refused where it is added (torch's global
-    module-registration hook; ``_traced_body`` marks the body's containers, not its Eidetic layers, which
-    register their own parametrizations)."""
+    module-registration hook). ``_traced_body`` (a key of ``_TRACED_BODIES``) marks the body's containers,
+    not its Eidetic layers and what they hold (their parametrizations); a copy of a container, which keeps the
+    mark, is no longer in that network's body and takes anything. On the network itself, a module with no
+    parameter and no layer to convert (a loss, a metric) is no part of the body's work and is let through.
+    (A container's ``insert`` and ``del`` bypass torch's hook: editing the structure of a traced body, as
+    editing its frozen tensors by hand, is not guarded.)"""
     if isinstance(parent, EideticNetwork):
         if parent.__dict__.get("graph") is None or name in _NON_BODY:
             return None
-    elif not parent.__dict__.get("_traced_body"):
-        return None
+        if submodule is not None and not any(True for _ in submodule.parameters()) and \
+                not any(isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, EideticLayer))
+                        for m in submodule.modules()):
+            return None
+        network = parent
+    else:
+        network = _TRACED_BODIES.get(parent.__dict__.get("_traced_body"))
+        if network is None or network.__dict__.get("graph") is None or \
+                not any(m is parent for _, m in network._body_modules()):
+            return None
     if parent._modules.get(name) is submodule:
         return None  # the same module again
-    where = type(parent).__name__ if isinstance(parent, EideticNetwork) else "the body"
-    raise GraphError(f"cannot add module {name!r} ({type(submodule).__name__}) to {where} of an EideticNetwork "
-                     "whose layer graph is traced: the graph would not hold it, so nothing would ever freeze it, "
-                     "and it would change finished tasks' outputs. Build a new network with the body you want "
-                     "(a fresh EideticNetwork, or load a checkpoint into one)")
+    what = f"remove module {name!r} from" if submodule is None else \
+        f"add module {name!r} ({type(submodule).__name__}) to"
+    where = "the network" if parent is network else "the body"
+    raise GraphError(f"cannot {what} {where} of an EideticNetwork whose layer graph is traced: the graph would "
+                     "not follow the change, so nothing would ever freeze what it adds, and finished tasks' "
+                     "outputs would change. Build a new network with the body you want (a fresh EideticNetwork, "
+                     "or load a checkpoint into one)")
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_refuse_late_modules)
@@ -261,12 +283,27 @@ class EideticNetwork(nn.Module):
         belongs to no group: nothing would ever freeze it, so it refuses to run (``EideticLayer._check_call``).
         The body's containers refuse new modules from now on (``_refuse_late_modules``)."""
         held = {id(layer) for layer in self._graph_layers}
+        for _, module in self._body_modules():
+            if isinstance(module, EideticLayer) and id(module) not in held:
+                module.__dict__["_outside_graph"] = why
+        self._key_traced_body()
+
+    def _key_traced_body(self) -> None:
+        """Mark the body's containers (not its Eidetic layers, nor what they hold) with a key of this network in
+        ``_TRACED_BODIES``: they refuse new modules (``_refuse_late_modules``)."""
+        layer_names = [name for name, module in self._body_modules() if isinstance(module, EideticLayer)]
+        key = f"{id(self)}-{next(_BODY_KEYS)}"
+        _TRACED_BODIES[key] = self
         for name, module in self._body_modules():
-            if isinstance(module, EideticLayer):
-                if id(module) not in held:
-                    module.__dict__["_outside_graph"] = why
-            elif name:
-                module.__dict__["_traced_body"] = True
+            if name and not isinstance(module, EideticLayer) and \
+                    not any(name.startswith(layer + ".") for layer in layer_names):
+                module.__dict__["_traced_body"] = key
+
+    def __setstate__(self, state) -> None:
+        # a copy or an unpickled network: its containers carry the original's key; they get their own
+        super().__setstate__(state)
+        if self.__dict__.get("graph") is not None:
+            self._key_traced_body()
 
     def set_graph(self, graph: LayerGraph) -> None:
         """Use a hand-declared graph (declare_graph on this network, names like "body.fc") instead of tracing."""
@@ -884,11 +921,16 @@ class EideticNetwork(nn.Module):
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
+        load = self.__dict__["_load_marks"] = {"active": True}
         for name, module in self.named_modules():  # the states this load brings, checked above as a whole
             if isinstance(module, EideticLayer):
-                module.__dict__["_network_loading"] = state_dict.get(f"{prefix}{name}.task_state")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                module.__dict__["_network_loading"] = (load, state_dict.get(f"{prefix}{name}.task_state"))
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        except BaseException:
+            load["active"] = False  # a load that stopped lends its marks to no later load
+            raise
 
     def _check_layer_sizes(self, state_dict, prefix: str) -> None:
         """RuntimeError (as torch's size mismatch) when a body layer in ``state_dict`` has other sizes than this
@@ -922,14 +964,20 @@ class EideticNetwork(nn.Module):
         finished = extra.get("num_finished_tasks") if isinstance(extra, dict) else None
         layers = [(name, m) for name, m in self.named_modules() if isinstance(m, EideticLayer)]
         if not isinstance(extra, dict):
-            holding = [name for name, _ in layers if isinstance(state_dict.get(f"{prefix}{name}.task_state"),
-                                                                 torch.Tensor)
-                       and bool(is_frozen(state_dict[f"{prefix}{name}.task_state"]).any())]
+            def touches_tasks(name, layer) -> bool:  # brings frozen neurons, or would unfreeze this network's
+                saved = state_dict.get(f"{prefix}{name}.task_state")
+                if not isinstance(saved, torch.Tensor) or saved.shape != layer.task_state.shape:
+                    return False
+                own = layer.task_state
+                saved = saved.to(own.device, own.dtype)
+                return bool(is_frozen(saved).any()) or not torch.equal(saved[is_frozen(own)], own[is_frozen(own)])
+            holding = [name for name, layer in layers if touches_tasks(name, layer)]
             if holding:
                 raise RuntimeError(
                     f"Error(s) in loading state_dict for {type(self).__name__}: Missing key(s) in state_dict: "
-                    f"\"{prefix}_extra_state\". The state dict holds frozen neurons ({prefix}{holding[0]}, ...) but "
-                    "not the network's own record (finished tasks, graph, fingerprint), without which its tasks "
+                    f"\"{prefix}_extra_state\". The state dict holds neuron states ({prefix}{holding[0]}, ...) that "
+                    "are frozen or would unfreeze this network's, but not the network's own record (finished "
+                    "tasks, graph, fingerprint), without which its tasks "
                     "cannot be kept apart: save and load it with torch.save/torch.load (a tensors-only format "
                     "such as safetensors drops that entry), and keep that entry in a partial state dict "
                     "(strict=False). Nothing of this network was loaded.")
@@ -947,6 +995,15 @@ class EideticNetwork(nn.Module):
                     "copying while the network trained on (keep copy.deepcopy(model.state_dict())). Load a state "
                     "dict this library saved; average only the trainable parameters. Nothing of this network was "
                     "loaded.")
+        if isinstance(extra, dict):
+            tasks = int(extra.get("num_finished_tasks") or 0) + (extra.get("current_task") is not None)
+            heads = sum(1 for k in state_dict if k.startswith(prefix + "heads.") and k.endswith(".task_state"))
+            if tasks and not heads and len(self.heads) != tasks:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: the state dict records {tasks} "
+                    f"task(s) but holds no head, and this network has {len(self.heads)} head(s): a body loaded "
+                    "without its heads needs a network whose heads are those tasks'. Load the whole state dict "
+                    "(its heads too). Nothing of this network was loaded.")
         recorded = extra.get("frozen_fingerprint") if isinstance(extra, dict) else None
         if isinstance(recorded, str):  # the first record format: one digest of the whole state dict
             changed = _first_format_fingerprint(state_dict, prefix) != recorded
@@ -973,10 +1030,11 @@ class EideticNetwork(nn.Module):
         while key.format(n) in state_dict:
             n += 1
         extra = state_dict.get(prefix + "_extra_state")
-        # a whole network's state dict holds the heads of its tasks; one with tasks but no head (the body's
-        # keys and the record, strict=False) is partial, and drops nothing
-        full = isinstance(extra, dict) and (n > 0 or (not extra.get("num_finished_tasks")
-                                                      and extra.get("current_task") is None))
+        # a whole network's state dict holds the head of each task it records; any other is partial (strict=False:
+        # the body's keys and the record, or some heads), and drops nothing
+        tasks = int(extra.get("num_finished_tasks") or 0) + (extra.get("current_task") is not None) \
+            if isinstance(extra, dict) else None
+        full = tasks is not None and n == tasks
         like = self._reference_tensor()
         for i in range(n):
             num_classes = state_dict[key.format(i)].numel()
@@ -1016,6 +1074,9 @@ class EideticNetwork(nn.Module):
 
 
 def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+    marks = module.__dict__.pop("_load_marks", None)
+    if marks is not None:
+        marks["active"] = False
     for layer in module.modules():
         if isinstance(layer, EideticLayer):
             layer.__dict__.pop("_network_loading", None)

@@ -688,6 +688,14 @@ def test_more_ops_of_the_tracer():
     assert same_values(z, z.clone()) and not same_values(z, z.conj())
 
 
+def _saved(model):
+    import io
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 class _Index(nn.Module):
     def forward(self, h):
         return h[:, :2]
@@ -706,6 +714,14 @@ def test_a_layer_added_after_the_graph_was_traced_refuses_to_run():
     assert len(model.body) == 2
     with pytest.raises(GraphError, match="cannot add module"):
         model.extra = nn.Linear(6, 6)  # the network's own modules are its body too, heads and router aside
+    with pytest.raises(GraphError, match="cannot remove module '1' from the body"):
+        setattr(model.body, "1", None)
+    model.criterion = nn.CrossEntropyLoss()  # no parameter, no layer: not part of the body's work
+    copied = copy.deepcopy(model.body)
+    copied.append(nn.Linear(6, 6))  # a copy is no longer that network's body
+    for again in (torch.load(_saved(model), weights_only=False), copy.deepcopy(model)):  # copies keep the guard
+        with pytest.raises(GraphError, match="cannot add module"):
+            again.body.append(nn.Linear(6, 6))
     # one slipped in past torch's registration hook refuses to run
     model.body._modules["2"] = EideticLinear(6, 6)
     model.prepare_for_task(1, 2)

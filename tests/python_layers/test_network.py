@@ -635,13 +635,32 @@ def test_partial_tensor_only_and_layer_level_loads():
                                                        strict=False)):
         with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
             load()
-    # a network load that raises halfway leaves no way around the guard
+    # a network load that raises halfway leaves no way around the guard, not even with its own tensors
     broken = copy.deepcopy(state)
     del broken["_extra_state"]["current_task"]
     with pytest.raises(KeyError):
         model.load_state_dict(broken)
     with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
         model.body[3].load_state_dict({"frozen_weight": w + 1}, strict=False)
+    again = {k[len("body."):]: v for k, v in broken.items() if k.startswith("body.")}
+    again["3.frozen_weight"] = w + 1
+    with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
+        model.body.load_state_dict(again, strict=False)
+    # inputs from FREE neurons may change (a snapshot of the body from before a pruning step loads back)
+    snapshot = copy.deepcopy(model.body.state_dict())
+    model.groups[0].prune([int((model.groups[0].task_state == FREE).nonzero()[0])])
+    model.body.load_state_dict(snapshot)
+    model.sync()
+    # a body without its heads needs a network whose heads are those tasks'; a state dict without the record
+    # that would unfreeze this network's neurons (a fresh network's, tensors only) is refused
+    headless = EideticNetwork(_BnBody(), 32)
+    with pytest.raises(RuntimeError, match=r"records 2 task\(s\) but holds no head"):
+        headless.load_state_dict(body_only, strict=False)
+    blank = EideticNetwork(_BnBody(), 32)
+    blank.ensure_graph(x)
+    blank_state = {k: v for k, v in blank.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="would unfreeze this network's"):
+        model.load_state_dict(blank_state, strict=False)
     model.eval()
     assert torch.equal(model(x, task=0), before)
     edited = copy.deepcopy(body_only)
