@@ -150,15 +150,21 @@ def _refuse_late_modules(parent: nn.Module, name: str, submodule) -> None:
     module-registration hook). ``_traced_body`` (a key of ``_TRACED_BODIES``) marks the body's containers,
     not its Eidetic layers and what they hold (their parametrizations); a copy of a container, which keeps the
     mark, is no longer in that network's body and takes anything. On the network itself, a module with no
-    parameter and no layer to convert (a loss, a metric) is no part of the body's work and is let through.
+    parameter and no layer to convert (a loss, a metric) under a new name is no part of the body's work and is
+    let through (and guarded like the body from then on).
     (A container's ``insert`` and ``del`` bypass torch's hook: editing the structure of a traced body, as
     editing its frozen tensors by hand, is not guarded.)"""
     if isinstance(parent, EideticNetwork):
         if parent.__dict__.get("graph") is None or name in _NON_BODY:
             return None
-        if submodule is not None and not any(True for _ in submodule.parameters()) and \
+        if name not in parent._modules and submodule is not None and \
+                not any(True for _ in submodule.parameters()) and \
                 not any(isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, EideticLayer))
                         for m in submodule.modules()):
+            # a new name (never one the traced forward runs); what it may hold later is guarded like the body
+            key = parent.__dict__.get("_body_key")
+            for m in submodule.modules():
+                m.__dict__["_traced_body"] = key
             return None
         network = parent
     else:
@@ -170,8 +176,8 @@ def _refuse_late_modules(parent: nn.Module, name: str, submodule) -> None:
         return None  # the same module again
     what = f"remove module {name!r} from" if submodule is None else \
         f"add module {name!r} ({type(submodule).__name__}) to"
-    where = "the network" if parent is network else "the body"
-    raise GraphError(f"cannot {what} {where} of an EideticNetwork whose layer graph is traced: the graph would "
+    where = "an EideticNetwork" if parent is network else "the body of an EideticNetwork"
+    raise GraphError(f"cannot {what} {where} whose layer graph is traced: the graph would "
                      "not follow the change, so nothing would ever freeze what it adds, and finished tasks' "
                      "outputs would change. Build a new network with the body you want (a fresh EideticNetwork, "
                      "or load a checkpoint into one)")
@@ -292,7 +298,7 @@ class EideticNetwork(nn.Module):
         """Mark the body's containers (not its Eidetic layers, nor what they hold) with a key of this network in
         ``_TRACED_BODIES``: they refuse new modules (``_refuse_late_modules``)."""
         layer_names = [name for name, module in self._body_modules() if isinstance(module, EideticLayer)]
-        key = f"{id(self)}-{next(_BODY_KEYS)}"
+        key = self.__dict__["_body_key"] = f"{id(self)}-{next(_BODY_KEYS)}"
         _TRACED_BODIES[key] = self
         for name, module in self._body_modules():
             if name and not isinstance(module, EideticLayer) and \
@@ -300,10 +306,17 @@ class EideticNetwork(nn.Module):
                 module.__dict__["_traced_body"] = key
 
     def __setstate__(self, state) -> None:
-        # a copy or an unpickled network: its containers carry the original's key; they get their own
+        # a deep copy or an unpickled network: its containers carry a key of another network (or of none), and
+        # get their own; a shallow copy shares the original's containers, which keep the original's key
         super().__setstate__(state)
-        if self.__dict__.get("graph") is not None:
-            self._key_traced_body()
+        if self.__dict__.get("graph") is None:
+            return
+        for name, module in self._body_modules():
+            owner = _TRACED_BODIES.get(module.__dict__.get("_traced_body"))
+            if name and "_traced_body" in module.__dict__ and (
+                    owner is None or not any(m is module for _, m in owner._body_modules())):
+                self._key_traced_body()
+                return
 
     def set_graph(self, graph: LayerGraph) -> None:
         """Use a hand-declared graph (declare_graph on this network, names like "body.fc") instead of tracing."""
@@ -924,7 +937,15 @@ class EideticNetwork(nn.Module):
         load = self.__dict__["_load_marks"] = {"active": True}
         for name, module in self.named_modules():  # the states this load brings, checked above as a whole
             if isinstance(module, EideticLayer):
-                module.__dict__["_network_loading"] = (load, state_dict.get(f"{prefix}{name}.task_state"))
+                # only a layer whose states and frozen storage all come with them: the fingerprint covers those;
+                # one with part of them is checked by the layer against its own
+                keys = ["task_state"] + [k for k in ("min_input_task", "input_task", "frozen_weight",
+                                                     "frozen_bias", "running_mean", "running_var")
+                                         if isinstance(getattr(module, k, None), torch.Tensor)]
+                if all(f"{prefix}{name}.{k}" in state_dict for k in keys):
+                    module.__dict__["_network_loading"] = (load, state_dict[f"{prefix}{name}.task_state"])
+                else:
+                    module.__dict__.pop("_network_loading", None)
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
@@ -1034,7 +1055,9 @@ class EideticNetwork(nn.Module):
         # the body's keys and the record, or some heads), and drops nothing
         tasks = int(extra.get("num_finished_tasks") or 0) + (extra.get("current_task") is not None) \
             if isinstance(extra, dict) else None
-        full = tasks is not None and n == tasks
+        full = tasks is not None and n == tasks and all(
+            f"{prefix}{name}.task_state" in state_dict for name, m in self._body_modules()
+            if isinstance(m, EideticLayer))
         like = self._reference_tensor()
         for i in range(n):
             num_classes = state_dict[key.format(i)].numel()

@@ -716,7 +716,18 @@ def test_a_layer_added_after_the_graph_was_traced_refuses_to_run():
         model.extra = nn.Linear(6, 6)  # the network's own modules are its body too, heads and router aside
     with pytest.raises(GraphError, match="cannot remove module '1' from the body"):
         setattr(model.body, "1", None)
-    model.criterion = nn.CrossEntropyLoss()  # no parameter, no layer: not part of the body's work
+    model.criterion = nn.CrossEntropyLoss()  # a new name, no parameter, no layer: not part of the body's work
+    with pytest.raises(GraphError, match="cannot add module 'body'"):
+        model.body = nn.Identity()  # replacing what the traced forward runs, parameters or not
+    model.adapters = nn.ModuleList()
+    with pytest.raises(GraphError, match="cannot add module"):
+        model.adapters.append(nn.Linear(6, 6))  # guarded like the body from then on
+    shallow = copy.copy(model)  # shares the containers: the original keeps its guard after the copy is gone
+    del shallow
+    import gc
+    gc.collect()
+    with pytest.raises(GraphError, match="cannot add module"):
+        model.body.append(nn.Linear(6, 6))
     copied = copy.deepcopy(model.body)
     copied.append(nn.Linear(6, 6))  # a copy is no longer that network's body
     for again in (torch.load(_saved(model), weights_only=False), copy.deepcopy(model)):  # copies keep the guard

@@ -646,6 +646,20 @@ def test_partial_tensor_only_and_layer_level_loads():
     again["3.frozen_weight"] = w + 1
     with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
         model.body.load_state_dict(again, strict=False)
+    # a partial state dict with the network's record: layers whose frozen storage does not come along are checked
+    # against their own (states changed at frozen neurons are refused)
+    unfrozen = model.body[0].task_state.clone()
+    unfrozen[model.body[0].task_state == 0] = FREE
+    with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
+        model.load_state_dict({"body.0.task_state": unfrozen, "_extra_state": state["_extra_state"]}, strict=False)
+    assert torch.equal(model(x, task=0), before)
+    # the heads and the record without the body: partial, so nothing is dropped (the router stays)
+    from python_layers.routing import TaskRouter
+    model.router = router = TaskRouter(32, 2)
+    model.load_state_dict({k: v for k, v in state.items() if k.startswith("heads.") or k == "_extra_state"},
+                          strict=False)
+    assert model.router is router
+    del model.router
     # inputs from FREE neurons may change (a snapshot of the body from before a pruning step loads back)
     snapshot = copy.deepcopy(model.body.state_dict())
     model.groups[0].prune([int((model.groups[0].task_state == FREE).nonzero()[0])])
