@@ -1041,9 +1041,9 @@ def trace_module(owner: nn.Module, fn: Callable, example_input: torch.Tensor) ->
     # in forward (a table filled on the first call, with its Python flag) happen, as the first call would; a
     # buffer written again by the second (a step count, a schedule) would change every task's outputs as
     # training goes on
-    before = _buffer_values(owner)
+    before = buffer_values(owner.named_modules())
     trace_fx(owner, fn)
-    settled = _buffer_values(owner)
+    settled = buffer_values(owner.named_modules())
     back_to = settled  # nothing the second trace or the shape pass writes stays
     try:
         gm = trace_fx(owner, fn)
@@ -1089,11 +1089,11 @@ def _graph_of(owner: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor)
     return graph
 
 
-def _buffer_values(owner: nn.Module) -> list[tuple]:
-    """(name, module, key, buffer, copy of its values) of ``owner``'s buffers outside Eidetic layers (whose own
-    buffers their forward updates)."""
+def buffer_values(modules) -> list[tuple]:
+    """(name, module, key, buffer, copy of its values) of the buffers of ``modules`` ((name, module) pairs, as
+    ``named_modules()`` gives) outside Eidetic layers, whose own buffers their forward updates."""
     out = []
-    for name, module in owner.named_modules():
+    for name, module in modules:
         if not isinstance(module, EideticLayer):
             for key, b in module._buffers.items():
                 if b is not None:

@@ -24,7 +24,7 @@ from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLi
 from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable, prepare_twins
 from eidetic_kernels.state import is_frozen
 
-from .graph import GraphError, LayerGraph, NeuronGroup, same_values, trace_module
+from .graph import GraphError, LayerGraph, NeuronGroup, buffer_values, same_values, trace_module
 from .warn import user_stacklevel
 from .pruning import fixed_by_user
 
@@ -589,17 +589,9 @@ class EideticNetwork(nn.Module):
         """The view a task evaluates in: its own id once finished, None (everything) while training."""
         return None if task == self.current_task else task
 
-    def _body_constants(self):
-        """(name, buffer) of the body's buffers outside Eidetic layers: values every task's outputs read."""
-        for name, module in self._body_modules():
-            if not isinstance(module, EideticLayer):
-                for key, b in module.named_buffers(recurse=False):
-                    if b is not None:
-                        yield (f"{name}.{key}" if name else key), b
-
     def _record_body_constants(self) -> None:
-        """Copies of the body's buffers outside Eidetic layers (``_check_body_constants``); plain attributes."""
-        self.__dict__["_body_constant_values"] = {n: b.detach().clone() for n, b in self._body_constants()}
+        """Copies of the body's buffers outside Eidetic layers (``_check_body_constants``); a plain attribute."""
+        self.__dict__["_body_constant_values"] = buffer_values(self._body_modules())
 
     def _check_body_constants(self, when: str) -> None:
         """RuntimeError when a buffer of the body outside Eidetic layers (a constant every task reads) changed
@@ -609,26 +601,26 @@ class EideticNetwork(nn.Module):
         if not saved or not self.num_finished_tasks:
             return
         changed = []
-        for name, b in list(self._body_constants()):
-            old = saved.get(name)
-            if old is None:
-                continue  # registered since: no finished task read it
-            old = old.to(b)  # the network may have moved or been cast since
+        for name, module, key, _, values in saved:
+            b = module._buffers.get(key)
+            if b is None:
+                continue  # removed since: no task reads it
+            old = values.to(b)  # the network may have moved or been cast since
             if not same_values(b, old):
                 changed.append(name)
                 with torch.no_grad():
                     if old.shape == b.shape:
                         b.copy_(old)
-                    else:  # re-registered with another shape: the recorded tensor goes back
-                        owner, _, key = name.rpartition(".")
-                        self.get_submodule(owner)._buffers[key] = old.clone()
+                    else:  # re-registered with another shape: the recorded values go back
+                        module._buffers[key] = old.clone()
         if changed:
             raise RuntimeError(
                 f"buffer(s) {', '.join(changed)} of the body changed after task {self.num_finished_tasks - 1} "
                 f"finished ({when}): the body's forward (or code outside it) wrote them, and every task's outputs "
                 "read them, so finished tasks would change with them. They are set back to the values recorded at "
-                "the last finish_task (or load). Keep the body's buffers fixed once a task is finished: a schedule that changes "
-                "with training (a warm-up factor, a step count) belongs in the training loop, not in the body")
+                "the last finish_task (or load). Keep the body's buffers fixed once a task is finished: a schedule "
+                "that changes with training (a warm-up factor, a step count) belongs in the training loop, not in "
+                "the body")
 
     def _record_frozen_values(self) -> None:
         """The fingerprint of the frozen values now (``frozen_fingerprint``), saved with the state dict."""
