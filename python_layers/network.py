@@ -923,6 +923,7 @@ class EideticNetwork(nn.Module):
         # torch loads this module first, then its children, then runs the post-load hook: checked here, a
         # state dict of another body is refused before any tensor or counter of this network changes
         self._check_layer_sizes(state_dict, prefix)
+        self._check_record(state_dict.get(prefix + "_extra_state"))
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
         self._match_heads(state_dict, prefix)
@@ -963,6 +964,28 @@ class EideticNetwork(nn.Module):
                         f"{prefix}{name}: {what} {size(saved)} in the state dict, {size(own)} in this network. "
                         f"Build the network with the body the state dict was saved from (the same widths and "
                         f"kernel sizes); nothing of this network was loaded.")
+
+    def _check_record(self, extra) -> None:
+        """RuntimeError, before anything loads, for a network record (the state dict's ``_extra_state``) whose
+        counters are not those ``get_extra_state`` writes: a task count that is not an integer >= 0, a current
+        task that is neither None nor the next task."""
+        if not isinstance(extra, dict):
+            return  # no record: _check_finished_tasks decides whether the state dict may load without one
+
+        def count(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        finished, current = extra.get("num_finished_tasks"), extra.get("current_task")
+        problem = None
+        if not count(finished):
+            problem = f"num_finished_tasks is {finished!r}, not an integer >= 0"
+        elif current is not None and (not count(current) or current != finished):
+            problem = f"current_task is {current!r}, neither None nor the next task ({finished})"
+        if problem:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: its network record (_extra_state) is "
+                f"not one this library wrote: {problem}. Load a state dict saved by EideticNetwork.state_dict() "
+                "with torch.save/torch.load, unedited. Nothing of this network was loaded.")
 
     def _check_finished_tasks(self, state_dict, prefix: str, strict: bool = True) -> None:
         """RuntimeError, before anything loads, for a state dict that would change a finished task:
@@ -1014,9 +1037,10 @@ class EideticNetwork(nn.Module):
             if tasks and not heads and len(self.heads) != tasks:
                 raise RuntimeError(
                     f"Error(s) in loading state_dict for {type(self).__name__}: the state dict records {tasks} "
-                    f"task(s) but holds no head, and this network has {len(self.heads)} head(s): a body loaded "
-                    "without its heads needs a network whose heads are those tasks'. Load the whole state dict "
-                    "(its heads too). Nothing of this network was loaded.")
+                    f"task(s) but holds no head, and this network has {len(self.heads)} head(s): a partial state "
+                    "dict without heads (a body's or a router's entries) needs a network whose heads are those "
+                    "tasks'. Load the whole state dict (its heads too), or its heads first. Nothing of this "
+                    "network was loaded.")
         recorded = extra.get("frozen_fingerprint") if isinstance(extra, dict) else None
         if isinstance(recorded, str):  # the first record format: one digest of the whole state dict
             changed = _first_format_fingerprint(state_dict, prefix) != recorded

@@ -670,6 +670,23 @@ def test_partial_tensor_only_and_layer_level_loads():
     headless = EideticNetwork(_BnBody(), 32)
     with pytest.raises(RuntimeError, match=r"records 2 task\(s\) but holds no head"):
         headless.load_state_dict(body_only, strict=False)
+    # the same for a router with the record (the message names both kinds of partial state dict)
+    model.router = TaskRouter(32, 2)
+    routed = {k: v for k, v in model.state_dict().items() if k.startswith("router.") or k == "_extra_state"}
+    del model.router
+    with pytest.raises(RuntimeError, match=r"holds no head.*a body's or a router's entries"):
+        headless.load_state_dict(routed, strict=False)
+    assert len(headless.heads) == 0 and getattr(headless, "router", None) is None
+    # a record whose counters this library did not write is refused before anything loads
+    counters = (model.num_finished_tasks, model.current_task)
+    for key, value in (("num_finished_tasks", "two"), ("num_finished_tasks", None), ("num_finished_tasks", -1),
+                       ("num_finished_tasks", 2.0), ("current_task", 0)):
+        forged = copy.deepcopy(state)
+        forged["_extra_state"][key] = value
+        with pytest.raises(RuntimeError, match=rf"record \(_extra_state\) is not one this library wrote: {key}"):
+            model.load_state_dict(forged)
+        assert (model.num_finished_tasks, model.current_task) == counters
+        assert torch.equal(model(x, task=0), before)
     blank = EideticNetwork(_BnBody(), 32)
     blank.ensure_graph(x)
     blank_state = {k: v for k, v in blank.state_dict().items() if k != "_extra_state"}
