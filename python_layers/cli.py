@@ -250,7 +250,9 @@ def _main(argv, quiet: bool) -> int:
         print(format_matrix(results["routed_accuracy_matrix"],
                             f"accuracy matrix, {results['config']['router']} router (no task id)"))
     print(_final_line(results))
-    print(f"results: {Path(args.out) / 'results.json'}; plots: " + ", ".join(results.get("plots", {}).values()))
+    # the plots lie beside results.json (results.json names them as the run that drew them saw its folder)
+    print(f"results: {Path(args.out) / 'results.json'}; plots: "
+          + ", ".join(str(Path(args.out) / Path(p).name) for p in results.get("plots", {}).values()))
     return 0
 
 

@@ -14,7 +14,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 import yaml
@@ -53,6 +53,9 @@ def _device_string(value: str) -> bool:
 _DEVICE = ("auto or a torch device (cpu, cuda, cuda:1, ...)", _device_string)
 
 
+_BUILT_IN_MODELS = ("mlp", "convnet", "resnet", "resnet50")  # python_layers.models.MODELS, without importing it
+
+
 @dataclass
 class Config:
     """Every config key of ``eidetic train`` (a YAML mapping of these keys, or ``key=value`` overrides)."""
@@ -77,11 +80,19 @@ class Config:
                                 "refused for the MNIST scenarios)")
     data_root: Optional[str] = _key(
         None, "folder searched first for the data files (then $EIDETIC_DATA, then ../shared/data)")
-    model: Literal["mlp", "convnet", "resnet", "resnet50"] = _key(
+    model: str = _key(
         "mlp",
         "the body: mlp (Flatten, Linear-ReLU-Dropout per width), convnet (Conv3x3-BN-ReLU-MaxPool per width but the "
         "last, then Linear(last width)), resnet (CIFAR ResNet, basic blocks, projection skip in every block), "
-        "resnet50 (CIFAR ResNet, bottleneck blocks, projection skip in every block)")
+        "resnet50 (CIFAR ResNet, bottleneck blocks, projection skip in every block); or a body of your own: "
+        "MODULE:FUNCTION or FILE.py:FUNCTION (relative to the current directory), FUNCTION(input_shape, "
+        "**model_args) returning the body (an nn.Module, batch -> features [B, F]) or (body, F), called with "
+        "widths, blocks and dropout too where they are set",
+        ("mlp, convnet, resnet, resnet50, or MODULE:FUNCTION / FILE.py:FUNCTION",
+         lambda v: v in _BUILT_IN_MODELS or (":" in v and all(v.rpartition(":")[::2]))))
+    model_args: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
+        "help": "keyword arguments for a body of your own (model: MODULE:FUNCTION), e.g. {depth: 4, act: gelu}",
+        "check": None})
     widths: Optional[List[int]] = _key(
         None,
         "layer widths: mlp hidden widths (default [400, 400]); convnet conv channels then the fully connected width "
@@ -211,6 +222,16 @@ def load_config(path=None, overrides=None) -> dict:
         check = _FIELD[key].metadata["check"]
         if check is not None and value is not None and not check[1](value):
             raise ConfigError(f"{key} must be {check[0]}, got {value}")
+    if out["model"] not in _BUILT_IN_MODELS:
+        from .models import load_factory, resolve_model
+        out["model"] = resolve_model(out["model"])
+        try:
+            load_factory(out["model"])  # a missing module, file or function is a config error, said before any work
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    elif out["model_args"]:
+        raise ConfigError(f"model_args ({', '.join(map(str, out['model_args']))}) are for a body of your own "
+                          f"(model: MODULE:FUNCTION); the built-in {out['model']} takes widths, blocks and dropout")
     if out["pruning"] == "none" and out["tasks"] != 1:
         raise ConfigError("pruning=none freezes every free neuron for the first task and leaves none for the next: "
                           "use tasks=1, or a pruning method (l1, l2, taylor)")
@@ -251,6 +272,13 @@ def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
                           "(see eidetic --help)")
     try:
         return OmegaConf.merge(cfg, source)
+    except TypeError:  # OmegaConf's merge of a list or scalar into a mapping field (model_args) names no key
+        for key in source:
+            try:
+                OmegaConf.merge(cfg, {key: source[key]})
+            except (TypeError, ValidationError):
+                raise ConfigError(_type_error(_FIELD[key], OmegaConf.to_container(source)[key]) + where) from None
+        raise
     except ValidationError as exc:
         key = re.split(r"[.\[]", str(exc.full_key or ""))[0]
         if key not in _FIELD:
@@ -261,7 +289,8 @@ def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
 def _type_error(field: dataclasses.Field, value) -> str:
     kind, optional = _unwrap_optional(field.type)
     if value is None and not optional:
-        return f"{field.name} may not be empty (null); default is {field.default!r}"
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        return f"{field.name} may not be empty (null); default is {default!r}"
     if typing.get_origin(kind) is Literal:
         return f"{field.name} must be one of {', '.join(typing.get_args(kind))}; got {value!r}"
     return f"{field.name} must be {_kind_words(kind)}, got {value!r}"
@@ -277,6 +306,8 @@ def _unwrap_optional(kind) -> tuple[object, bool]:
 def _kind_words(kind) -> str:
     if typing.get_origin(kind) in (list, List):
         return "a list of integers"
+    if typing.get_origin(kind) in (dict, Dict):
+        return "a mapping of names to values (e.g. {depth: 4})"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
 
 
@@ -284,7 +315,8 @@ def keys_help(width: int = 110) -> str:
     """The config keys for ``eidetic --help``: name, default and help text of every field of ``Config``."""
     lines = ["config keys (in FILE.yaml, or as key=value overrides on the command line; overrides win):"]
     for f in OPTIONS:
-        default = "unset" if f.default is None else json.dumps(f.default)
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = "unset" if value is None else json.dumps(value)
         lines.append(f"  {f.name} (default {default})")
         lines.append(textwrap.fill(f.metadata["help"], width, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)

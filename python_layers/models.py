@@ -17,15 +17,25 @@ layer graph (so these bodies also exercise the tracer). Per-task heads are added
   projection on every skip; ``widths`` = bottleneck widths per stage ([64, 128, 256, 512]), ``blocks`` =
   blocks per stage (ResNet-50: [3, 4, 6, 3]); features = 4 * widths[-1]. The paper's Split CIFAR-100 net
   (Section 6.1: 3x3 first conv, no first max-pool).
+
+A body of your own (``eidetic train``'s ``model: MODULE:FUNCTION`` or ``model: FILE.py:FUNCTION``, see
+``load_factory``): ``FUNCTION(input_shape, **model_args)`` returns ``(body, feature_dim)`` or the body alone,
+called with ``widths=``, ``blocks=`` and ``dropout=`` as well where the config sets them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ["build_body", "mlp_body", "convnet_body", "resnet_body", "resnet50_body", "BasicBlock", "BottleneckBlock",
+__all__ = ["build_body", "load_factory", "is_custom_model", "resolve_model", "mlp_body", "convnet_body", "resnet_body", "resnet50_body", "BasicBlock", "BottleneckBlock",
            "MODELS"]
 
 
@@ -158,14 +168,140 @@ def resnet50_body(input_shape: Sequence[int], widths=(64, 128, 256, 512), dropou
 MODELS = {"mlp": mlp_body, "convnet": convnet_body, "resnet": resnet_body, "resnet50": resnet50_body}
 
 
-def build_body(model: str, input_shape: Sequence[int], widths=None, dropout: float = 0.0, blocks=None
-               ) -> tuple[nn.Module, int]:
-    """``(body, feature_dim)`` for ``model`` in ``MODELS``; ``widths=None`` takes its default."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    kwargs = {"dropout": float(dropout or 0.0)}
+def is_custom_model(model: str) -> bool:
+    """Whether ``model`` names a body factory of the user's (``MODULE:FUNCTION`` or ``FILE.py:FUNCTION``) rather
+    than one of ``MODELS``."""
+    return model not in MODELS and ":" in model
+
+
+def resolve_model(model: str) -> str:
+    """``model`` with a relative ``FILE.py`` made absolute (from the current directory), so that a run's config
+    names the same file wherever it is resumed from. Built-in names and ``MODULE:FUNCTION`` are returned as
+    they are."""
+    if not is_custom_model(model):
+        return model
+    where, _, name = model.rpartition(":")
+    if where.endswith(".py"):
+        return f"{Path(where).expanduser().resolve()}:{name}"
+    return model
+
+
+def load_factory(model: str) -> Callable:
+    """The body factory ``model`` names: ``"package.module:function"`` (imported as Python imports it, with the
+    current directory searched first) or ``"path/to/file.py:function"`` (that file, run as a module; relative
+    to the current directory). ``function`` may be dotted (``module:Class.build``).
+
+    Raises ValueError (with what to change) for a malformed name, a module or file that cannot be found, and a
+    name the module does not define or that is not callable. Errors raised by importing the module itself
+    propagate as they are (their traceback points into the user's code)."""
+    where, _, name = model.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"model {model!r}: a body of your own is MODULE:FUNCTION or FILE.py:FUNCTION (e.g. "
+                         f"my_bodies:small_cnn or bodies.py:small_cnn); the built-in models are "
+                         f"{', '.join(MODELS)}")
+    if where.endswith(".py"):
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"model {model!r}: the file {path} does not exist (a relative path is taken from the "
+                             f"current directory, {os.getcwd()})")
+        module_name = f"eidetic_user_body_{path.stem}"
+        module = sys.modules.get(module_name)
+        if module is None or getattr(module, "__file__", None) != str(path):
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # classes defined there pickle by this name (torch.save of a body)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m`: the console script's path lacks the current directory
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not where.startswith(exc.name):
+                raise  # the module was found; something it imports was not
+            raise ValueError(f"model {model!r}: no module named {exc.name!r} (searched the current directory, "
+                             f"{os.getcwd()}, then Python's path); give an importable module or a file: "
+                             f"path/to/file.py:{name}") from None
+    target = module
+    for part in name.split("."):
+        if not hasattr(target, part):
+            defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                             and getattr(v, "__module__", None) == module.__name__)
+            raise ValueError(f"model {model!r}: {where} defines no {name!r}"
+                             + (f" (it defines {', '.join(defined)})" if defined else ""))
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"model {model!r}: {name} is a {type(target).__name__}, not a function that builds "
+                         "the body")
+    return target
+
+
+def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Module, int]:
+    factory = load_factory(model)
+    try:
+        inspect.signature(factory).bind(input_shape, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {model!r} cannot be called as {model.rpartition(':')[2]}(input_shape"
+                         + "".join(f", {k}=..." for k in kwargs) + f"): {exc}. It is called with the input "
+                         "shape, model_args, and widths/blocks/dropout where the config sets them") from None
+    except ValueError:  # no signature to read (a builtin): call it and let it say
+        pass
+    built = factory(input_shape, **kwargs)
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
+        body, feature_dim = built
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"model {model!r} returned feature_dim={feature_dim!r}: the number of features the "
+                             "body returns per sample, an int >= 1")
+        return body, feature_dim
+    if not isinstance(built, nn.Module):
+        raise ValueError(f"model {model!r} returned a {type(built).__name__}: return the body (an nn.Module "
+                         "mapping a batch [B, *input_shape] to features [B, F]) or (body, F)")
+    body = built
+    modes = [(m, m.training) for m in body.modules()]
+    body.eval()  # a probe batch of two: no batch-norm statistics move, no dropout drawn
+    try:
+        with torch.no_grad():
+            out = body(torch.zeros((2,) + tuple(input_shape)))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model {model!r}: the body returns {shape} for a batch of 2 inputs {tuple(input_shape)}; "
+                         "it must return features [B, F] (flatten or pool before returning), or return "
+                         "(body, F) from the factory")
+    return body, int(out.shape[1])
+
+
+def build_body(model: str, input_shape: Sequence[int], widths=None, dropout: float = 0.0, blocks=None,
+               model_args: dict | None = None) -> tuple[nn.Module, int]:
+    """``(body, feature_dim)`` for ``model``: one of ``MODELS`` (``widths=None`` takes its default) or a factory of
+    the user's (``MODULE:FUNCTION`` / ``FILE.py:FUNCTION``, see ``load_factory``), called as
+    ``factory(input_shape, **model_args)`` plus ``widths``/``blocks``/``dropout`` where they are set (not None,
+    dropout not 0). A factory may return the body alone: its feature count is read from a probe batch of 2.
+
+    Raises ValueError for an unknown model, ``model_args`` given to a built-in model, a factory that cannot be
+    called with these arguments or that returns something else than a body."""
+    kwargs = {}
     if widths is not None:
         kwargs["widths"] = widths
     if blocks is not None:
         kwargs["blocks"] = blocks
-    return MODELS[model](tuple(input_shape), **kwargs)
+    if model in MODELS:
+        if model_args:
+            raise ValueError(f"model_args ({', '.join(model_args)}) are for a body of your own (model: "
+                             f"MODULE:FUNCTION); the built-in {model} takes widths, blocks and dropout")
+        return MODELS[model](tuple(input_shape), dropout=float(dropout or 0.0), **kwargs)
+    if not is_custom_model(model):
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}, or a body of your own: "
+                         "MODULE:FUNCTION or FILE.py:FUNCTION")
+    if dropout:
+        kwargs["dropout"] = float(dropout)
+    clash = sorted(set(kwargs) & set(model_args or {}))
+    if clash:
+        raise ValueError(f"model_args sets {', '.join(clash)}, which the config sets as its own key: set it once")
+    return _build_custom(model, tuple(int(d) for d in input_shape), {**kwargs, **(model_args or {})})

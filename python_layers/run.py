@@ -207,7 +207,8 @@ class Run:
     # ----- building --------------------------------------------------------------------------------------------
     def build(self):
         from .network import EideticNetwork
-        from .models import build_body
+        from .graph import GraphError
+        from .models import build_body, is_custom_model
         from .scenarios import build_scenario
 
         cfg = self.cfg
@@ -232,14 +233,20 @@ class Run:
         seed_everything(cfg["seed"])
         try:
             body, feature_dim = build_body(cfg["model"], self.scenario.input_shape, cfg["widths"], cfg["dropout"],
-                                           cfg["blocks"])
+                                           cfg["blocks"], cfg.get("model_args"))
         except ValueError as exc:  # the config's model, widths and blocks do not fit together: a config error
             raise ConfigError(str(exc)) from None
         self.feature_dim = feature_dim
-        self.model = EideticNetwork(body, feature_dim).to(self.device)
-        if getattr(self.model, "graph", None) is None and hasattr(self.model, "ensure_graph"):
-            x, _ = self.scenario.tasks[0].train.batch(torch.arange(min(2, len(self.scenario.tasks[0].train))))
-            self.model.ensure_graph(x.to(self.device))
+        try:
+            self.model = EideticNetwork(body, feature_dim).to(self.device)
+            if getattr(self.model, "graph", None) is None and hasattr(self.model, "ensure_graph"):
+                x, _ = self.scenario.tasks[0].train.batch(torch.arange(min(2, len(self.scenario.tasks[0].train))))
+                self.model.ensure_graph(x.to(self.device))
+        except (GraphError, ValueError) as exc:  # a body of the user's that cannot be converted or traced: the
+            # message says what to change
+            if not is_custom_model(cfg["model"]):
+                raise
+            raise ConfigError(f"model {cfg['model']!r}: {exc}") from None
 
     def fresh_state(self) -> dict:
         T = self.num_tasks

@@ -339,3 +339,95 @@ def test_an_interrupt_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "--out", str(out), *TINY]) == 130
     err = capsys.readouterr().err
     assert f"eidetic train --out {out} --resume" in err and "Traceback" not in err
+
+
+_BODIES = '''
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):  # a residual block of the user's own class
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+def res_cnn(input_shape, width=4, widths=None):
+    width = widths[0] if widths else width
+    return nn.Sequential(nn.Conv2d(input_shape[0], width, 3, padding=1), nn.ReLU(), Block(width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def mlp_and_width(input_shape, width=8):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.GELU()), width
+
+
+def grouped(input_shape):
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten())
+
+
+def images_out(input_shape):
+    return nn.Conv2d(1, 4, 3)
+'''
+
+
+def test_a_body_of_your_own_runs_through_the_cli(tmp_path, monkeypatch, capsys):
+    """model: FILE.py:FUNCTION and MODULE:FUNCTION build the user's body (model_args reach the factory); the run
+    keeps its finished tasks, resumes from another directory and exports."""
+    (tmp_path / "my_bodies.py").write_text(_BODIES)
+    monkeypatch.chdir(tmp_path)
+    small = ["scenario=synthetic", "tasks=2", "max_epochs=1", "patience=1", "recovery_epochs=1", "step=0.5",
+             "max_prune_steps=1", "stop_threshold=1", "batch_size=64", "router=entropy", "progress=false",
+             "threads=1", "lr=1e-2"]
+    assert cli.main(["train", "--out", "file", "model=my_bodies.py:res_cnn", "model_args={width: 6}", *small]) == 0
+    results = json.loads((tmp_path / "file" / "results.json").read_text())
+    assert results["bwt"] == 0 and not math.isnan(results["acc"])
+    # the file is named by its absolute path, so the run resumes (and exports) from anywhere
+    assert results["config"]["model"] == f"{tmp_path / 'my_bodies.py'}:res_cnn"
+    assert results["config"]["model_args"] == {"width": 6}
+    assert sum(results["capacity"]["body.0"].values()) == 6  # model_args' width
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path / "file"), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "the run is finished (2 tasks)" in said and f"{tmp_path / 'file' / 'capacity.png'}" in said
+    assert cli.main(["export", "--run", str(tmp_path / "file"), "--task", "0", "--out",
+                     str(tmp_path / "t0.pt")]) == 0
+    exported = torch.load(tmp_path / "t0.pt", weights_only=False)
+    assert isinstance(exported(torch.zeros(2, 1, 8, 8)), torch.Tensor)
+    # an importable module, in a fresh process started in its directory (widths reach the factory)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "python_layers.cli", "train", "--out", "module",
+                           "model=my_bodies:mlp_and_width", *small], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "module" / "results.json").read_text())
+    assert results["config"]["model"] == "my_bodies:mlp_and_width" and results["bwt"] == 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["model=my_bodies.py:nope"], r"model '.*my_bodies.py:nope': .*my_bodies.py defines no 'nope' \(it defines "
+                                  r"Block, grouped, images_out, mlp_and_width, res_cnn\)"),
+    (["model=missing.py:f"], r"model '.*missing.py:f': the file .*missing.py does not exist"),
+    (["model=no_such_module:f"], r"model 'no_such_module:f': no module named 'no_such_module'"),
+    (["model=my_bodies.py"], r"model must be mlp, convnet, resnet, resnet50, or MODULE:FUNCTION"),
+    (["model=my_bodies.py:mlp_and_width", "model_args={depth: 2}"],
+     r"model '.*' cannot be called as mlp_and_width\(input_shape, depth=...\): got an unexpected keyword"),
+    (["model=mlp", "model_args={depth: 2}"], r"model_args \(depth\) are for a body of your own"),
+    (["model=my_bodies.py:res_cnn", "widths=[4]", "model_args={widths: [4]}"],
+     r"model_args sets widths, which the config sets as its own key"),
+    (["model=my_bodies.py:grouped"], r"model '.*grouped': cannot convert 1: EideticConv2d supports groups=1 only"),
+    (["model=my_bodies.py:images_out"], r"model '.*images_out': the body returns \(2, 4, 6, 6\) for a batch of 2 "
+                                        r"inputs \(1, 8, 8\); it must return features \[B, F\]"),
+], ids=["no function", "no file", "no module", "no function named", "unexpected argument", "args to a built-in",
+        "set twice", "refused layer", "not features"])
+def test_mistakes_in_a_body_of_your_own_are_one_line(args, says, tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_bodies.py").write_text(_BODIES)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--out", "r", "scenario=synthetic", "progress=false", "threads=1", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"eidetic: error: {says}.*\n", err) and err.count("\n") == 1, err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()

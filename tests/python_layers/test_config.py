@@ -1,5 +1,6 @@
 """The config schema of `eidetic train`: defaults, types, choices and ranges, error messages that name the key,
 and the help text generated from the schema."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ def test_the_schema_holds_every_key_with_a_default_and_help():
     defaults = config.default_config()
     for f in config.OPTIONS:
         assert f.metadata["help"], f.name
-        assert defaults[f.name] == f.default, f.name
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # model_args: {}
+        assert defaults[f.name] == default, f.name
     assert defaults["scenario"] == "split_mnist" and defaults["lr"] == 1e-3 and defaults["widths"] is None
     assert config.RESUME_MAY_CHANGE <= set(config.KEYS)
 
@@ -181,3 +183,18 @@ def test_paper_configs_without_their_data_name_the_files(name, files, tmp_path, 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml")
     with pytest.raises(DataNotFoundError, match=files):
         build_scenario(cfg["scenario"], cfg["tasks"], classes_per_task=cfg["classes_per_task"])
+
+
+def test_a_body_of_your_own_is_checked_and_named_by_its_absolute_file(tmp_path, monkeypatch):
+    (tmp_path / "bodies.py").write_text("import torch.nn as nn\ndef tiny(input_shape):\n    return nn.Flatten()\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, parse_overrides(["model=bodies.py:tiny", "model_args={a: 1, b: [2, 3]}"]))
+    assert cfg["model"] == f"{tmp_path / 'bodies.py'}:tiny" and cfg["model_args"] == {"a": 1, "b": [2, 3]}
+    assert load_config(None, {"model": "os.path:join"})["model"] == "os.path:join"  # MODULE:FUNCTION as given
+    for model, says in (("bodies.py:nope", "defines no 'nope'"), ("nothere.py:f", "does not exist"),
+                        (":f", "model must be"), ("bodies.py:", "model must be"), ("cnn", "model must be"),
+                        ("os.path:sep", "is a str, not a function")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, {"model": model})
+    with pytest.raises(ConfigError, match=r"model_args must be a mapping of names to values"):
+        load_config(None, parse_overrides(["model=bodies.py:tiny", "model_args=[1, 2]"]))
