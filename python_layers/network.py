@@ -110,6 +110,29 @@ def _frozen_values(state_dict: dict, prefix: str):
                 yield name, key, t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
 
 
+_CONSTANT = "buffer "  # the fingerprint's keys for the body's buffers outside Eidetic layers: "buffer NAME"
+
+
+def constant_fingerprint(state_dict: dict, prefix: str, names) -> dict[str, str]:
+    """{"buffer NAME": SHA-256} of the body's buffers outside Eidetic layers in ``state_dict`` (key ``prefix +
+    NAME``; ``names``: those to take, None for every entry), as float64 or int64 (a lossless dtype round trip
+    keeps it). Every task's outputs read these constants, so ``finish_task`` records them with the frozen
+    values: a state dict whose constants were edited since, or a partial one changing them, is refused."""
+    out = {}
+    for key, t in state_dict.items():
+        name = key[len(prefix):]
+        if not key.startswith(prefix) or not isinstance(t, torch.Tensor) or (names is not None and name not in names):
+            continue
+        t = t.detach().cpu()
+        t = torch.view_as_real(t) if t.is_complex() else t
+        t = t.to(torch.float64 if t.is_floating_point() else torch.int64).contiguous()
+        h = hashlib.sha256(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+        out[_CONSTANT + name] = h.hexdigest()
+    return out
+
+
 def _first_format_fingerprint(state_dict: dict, prefix: str) -> str:
     """The record of the first format (one digest of every layer): checkpoints saved before per-layer digests
     are checked with it on load, then recorded again per layer."""
@@ -623,11 +646,15 @@ class EideticNetwork(nn.Module):
                 "the body")
 
     def _record_frozen_values(self) -> None:
-        """The fingerprint of the frozen values now (``frozen_fingerprint``), saved with the state dict."""
+        """The fingerprint of the frozen values now (``frozen_fingerprint``), saved with the state dict: the
+        Eidetic layers' frozen storage and statistics, and the body's buffers outside them (constants every task
+        reads, ``constant_fingerprint``)."""
         self._frozen_fingerprint = frozen_fingerprint(
             {f"{name}.{key}": t for name, m in self.named_modules() if isinstance(m, EideticLayer)
              for key, t in ((k, getattr(m, k, None)) for k in _FROZEN_KEYS + ("task_state",))
              if isinstance(t, torch.Tensor)}, "")
+        self._frozen_fingerprint.update(constant_fingerprint(
+            {name: b for name, _, _, b, _ in buffer_values(self._body_modules())}, "", None))
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half(): a lossy cast changes the frozen values the network itself holds, so they are
@@ -641,7 +668,8 @@ class EideticNetwork(nn.Module):
 
     def _frozen_dtypes(self) -> list:
         return [t.dtype for m in self.modules() if isinstance(m, EideticLayer)
-                for t in (getattr(m, k, None) for k in _FROZEN_KEYS) if isinstance(t, torch.Tensor)]
+                for t in (getattr(m, k, None) for k in _FROZEN_KEYS) if isinstance(t, torch.Tensor)] + \
+            [b.dtype for _, _, _, b, _ in buffer_values(self._body_modules())]
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: a clear error instead of TorchScript's on an annotation."""
@@ -1008,6 +1036,17 @@ class EideticNetwork(nn.Module):
                 saved = saved.to(own.device, own.dtype)
                 return bool(is_frozen(saved).any()) or not torch.equal(saved[is_frozen(own)], own[is_frozen(own)])
             holding = [name for name, layer in layers if touches_tasks(name, layer)]
+            constants = [name for name, _, _, b, _ in buffer_values(self._body_modules())
+                         if self.num_finished_tasks and isinstance(state_dict.get(prefix + name), torch.Tensor)
+                         and not same_values(state_dict[prefix + name].to(b), b)]
+            if constants and not holding:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: it changes the body's buffer(s) "
+                    f"{', '.join(prefix + n for n in constants)}, constants every task's outputs read, and holds "
+                    f"no network record (\"{prefix}_extra_state\") saying which finished tasks they belong to: "
+                    f"loading it would change this network's {self.num_finished_tasks} finished task(s). Load a "
+                    "whole state dict of this library (torch.save/torch.load keeps the record), or leave these "
+                    "buffers out of a partial one. Nothing of this network was loaded.")
             if holding:
                 raise RuntimeError(
                     f"Error(s) in loading state_dict for {type(self).__name__}: Missing key(s) in state_dict: "
@@ -1046,6 +1085,9 @@ class EideticNetwork(nn.Module):
             changed = _first_format_fingerprint(state_dict, prefix) != recorded
         else:  # layer by layer: a partial state dict (strict=False) is checked on the layers it holds
             held = frozen_fingerprint(state_dict, prefix) if recorded else {}
+            if recorded:  # the body's constants the record holds (records from before they were recorded: none)
+                held.update(constant_fingerprint(state_dict, prefix,
+                                                 {k[len(_CONSTANT):] for k in recorded if k.startswith(_CONSTANT)}))
             changed = any(name in held and held[name] != digest for name, digest in (recorded or {}).items()) or \
                 any(name not in recorded for name in held)
         if changed:

@@ -812,3 +812,58 @@ def test_a_forward_nested_in_another_keeps_the_outer_modes():
     model.train()
     checkpoint(model, x.clone().requires_grad_(), use_reentrant=False).sum().backward()
     assert all(not lay._network_forward and lay.view_task is None for lay in model.body_layers().values())
+
+
+class _NormalisedBody(nn.Module):
+    """The input normalised by constants of the body (buffers every task reads), then two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.linspace(-1.0, 1.0, 16))
+        self.register_buffer("std", torch.full((16,), 2.0))
+        self.layers = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+
+    def forward(self, x):
+        return self.layers((x - self.mean) / self.std)
+
+
+def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
+    """Buffers of the body outside Eidetic layers are recorded with the frozen values at finish_task: a partial
+    state dict changing one (with or without the network's record) and a whole one whose constant was edited
+    are refused before anything loads; a whole state dict of another run (its own constants and record), a
+    float64 copy and a record from before constants were recorded still load."""
+    model, x = _one_finished_task(_NormalisedBody)
+    model.eval()
+    before = model(x, task=0)
+    state = copy.deepcopy(model.state_dict())
+    other = state["body.mean"] + 0.5
+    for partial in ({"body.mean": other}, {"body.mean": other, "_extra_state": state["_extra_state"]}):
+        with pytest.raises(RuntimeError, match=r"body.mean|frozen values .* are not those"):
+            model.load_state_dict(partial, strict=False)
+        assert torch.equal(model.body.mean, state["body.mean"]) and torch.equal(model(x, task=0), before)
+    edited = copy.deepcopy(state)
+    edited["body.std"] *= 2
+    with pytest.raises(RuntimeError, match="are not those its finished tasks were frozen with"):
+        model.load_state_dict(edited)
+    assert torch.equal(model(x, task=0), before)
+    # the same constant again (a partial state dict of this very network) loads
+    model.load_state_dict({"body.mean": state["body.mean"].clone()}, strict=False)
+    # another run of the same body, whose constants differ, replaces this network's as a load should
+    def shifted():
+        body = _NormalisedBody()
+        body.mean += 1.0
+        return body
+
+    run, _ = _one_finished_task(shifted, seed=3)
+    run.eval()
+    want = run(x, task=0)
+    model.load_state_dict(copy.deepcopy(run.state_dict()))
+    assert torch.equal(model(x, task=0), want) and torch.equal(model.body.mean, run.body.mean)
+    # a float64 copy of the network loads its own state dict; a record without constants (older) still loads
+    wide = copy.deepcopy(model).double()
+    wide.load_state_dict(copy.deepcopy(wide.state_dict()))
+    older = copy.deepcopy(run.state_dict())
+    older["_extra_state"]["frozen_fingerprint"] = {k: v for k, v in older["_extra_state"]["frozen_fingerprint"].items()
+                                                   if not k.startswith("buffer ")}
+    model.load_state_dict(older)
+    assert torch.equal(model(x, task=0), want)
