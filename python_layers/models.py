@@ -221,7 +221,7 @@ def load_factory(model: str) -> Callable:
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as exc:
-            if exc.name is None or not where.startswith(exc.name):
+            if exc.name is None or not (where == exc.name or where.startswith(exc.name + ".")):
                 raise  # the module was found; something it imports was not
             raise ValueError(f"model {model!r}: no module named {exc.name!r} (searched the current directory, "
                              f"{os.getcwd()}, then Python's path); give an importable module or a file: "
