@@ -12,8 +12,10 @@ capacity, not even NaN or inf, can reach a finished task's logits.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import operator
+import types
 import warnings
 import weakref
 
@@ -141,6 +143,26 @@ def _first_format_fingerprint(state_dict: dict, prefix: str) -> str:
         h.update(f"{name}.{key}".encode())
         h.update(values)
     return h.hexdigest()
+
+
+def _forget_compiled_graphs() -> None:
+    """Drop torch.compile's cached graphs of ``EideticNetwork``'s own code (its methods and the frames Dynamo
+    resumes them in after a graph break). ``finish_task`` and a load replace the network's Parameters and frozen
+    storage, on which every cached graph guards, so none of them can run again; left in the cache they count
+    toward torch's ``recompile_limit`` (8 graphs per function), after which a compiled network ran eagerly
+    (with ``fullgraph=True``: an error) from the ninth task on, or sooner when finished tasks are evaluated
+    compiled. Graphs of other networks in the process are dropped too: they compile again on their next call."""
+    reset = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None), "reset_code", None)
+    if reset is None:
+        return
+    codes = [f.__code__ for f in vars(EideticNetwork).values() if inspect.isfunction(f)]
+    try:  # the continuation frames Dynamo generated after graph breaks in them (torch internals: best effort)
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+        resumed = [c for code in codes for c in ContinueExecutionCache.cache.get(code, {}).values()]
+    except (ImportError, AttributeError):
+        resumed = []
+    for code in codes + [c for c in resumed if isinstance(c, types.CodeType)]:
+        reset(code)
 
 
 def _refuse_jit_trace() -> None:
@@ -532,6 +554,7 @@ class EideticNetwork(nn.Module):
         self.sync()
         self._record_frozen_values()
         self._record_body_constants()
+        _forget_compiled_graphs()
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
@@ -1172,5 +1195,6 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
                              how="traced (as the checkpoint's layer graph records)")
     module.sync()
     module._record_body_constants()  # the loaded values are the body's constants now
+    _forget_compiled_graphs()
     if isinstance(module._frozen_fingerprint, str):  # a first-format record, checked on load: per layer now
         module._record_frozen_values()

@@ -7,6 +7,7 @@ parameter.
 """
 import copy
 import os
+import warnings
 import io
 
 import pytest
@@ -784,6 +785,37 @@ def test_torch_compile_fullgraph_says_why_it_stops():
             warnings.simplefilter("ignore")
             torch.compile(model, backend="aot_eager", fullgraph=True)(x)
         model.ensure_graph(x)
+
+
+def test_a_compiled_network_keeps_compiling_task_after_task():
+    """finish_task replaces the Parameters every cached graph of the network guards on: those graphs are dropped,
+    so a network compiled once keeps compiling task after task instead of reaching torch's recompile_limit
+    (then it ran eagerly; with fullgraph=True it failed) a few tasks in. Here the limit is 3 graphs per function
+    and hitting it is an error; six tasks train compiled, each finished one evaluated compiled (as eager)."""
+    import torch._dynamo
+    import torch.nn.functional as F
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU()), 24)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(8, 16), torch.randint(0, 2, (8,))
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(6):
+            model.prepare_for_task(t, 2)
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            for _ in range(2):
+                optimizer.zero_grad()
+                F.cross_entropy(compiled(x), y).backward()
+                optimizer.step()
+            for group in model.groups:
+                group.prune((group.task_state == FREE).nonzero().flatten()[1:].tolist())
+            model.finish_task()
+            model.eval()
+            with torch.no_grad():
+                assert torch.equal(compiled(x, task=t), model(x, task=t))
+    torch._dynamo.reset()
 
 
 def test_a_forward_nested_in_another_keeps_the_outer_modes():
