@@ -165,6 +165,10 @@ def _forget_compiled_graphs() -> None:
         reset(code)
 
 
+def _tensor_ids(module: nn.Module) -> list[int]:
+    return [id(t) for t in itertools.chain(module.parameters(), module.buffers())]
+
+
 def _refuse_jit_trace() -> None:
     """Before anything is planned or cached: under torch.jit.trace sizes are traced tensors, and a plan built
     from them would be wrong for later calls too."""
@@ -977,6 +981,7 @@ class EideticNetwork(nn.Module):
         self._check_record(state_dict.get(prefix + "_extra_state"))
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
+        self.__dict__["_loaded_into"] = _tensor_ids(self)  # a load that replaces none keeps compiled graphs valid
         self._match_heads(state_dict, prefix)
         load = self.__dict__["_load_marks"] = {"active": True}
         for name, module in self.named_modules():  # the states this load brings, checked above as a whole
@@ -1195,6 +1200,7 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
                              how="traced (as the checkpoint's layer graph records)")
     module.sync()
     module._record_body_constants()  # the loaded values are the body's constants now
-    _forget_compiled_graphs()
+    if module.__dict__.pop("_loaded_into", None) != _tensor_ids(module):  # Parameters or storage replaced
+        _forget_compiled_graphs()
     if isinstance(module._frozen_fingerprint, str):  # a first-format record, checked on load: per layer now
         module._record_frozen_values()
