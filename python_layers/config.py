@@ -222,6 +222,10 @@ def load_config(path=None, overrides=None) -> dict:
         check = _FIELD[key].metadata["check"]
         if check is not None and value is not None and not check[1](value):
             raise ConfigError(f"{key} must be {check[0]}, got {value}")
+    squeezed = [k for k, v in out["model_args"].items() if ":" in str(k) and v is None]
+    if squeezed:  # YAML reads {width:8} as the key "width:8" with no value
+        raise ConfigError(f"model_args {{{squeezed[0]}}}: write {{{str(squeezed[0]).replace(':', ': ', 1)}}}, with a "
+                          "space after the colon (YAML reads 'name:value' as one key)")
     if out["model"] not in _BUILT_IN_MODELS:
         from .models import load_factory, resolve_model
         out["model"] = resolve_model(out["model"])

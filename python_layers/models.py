@@ -24,9 +24,11 @@ called with ``widths=``, ``blocks=`` and ``dropout=`` as well where the config s
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import linecache
 import os
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["build_body", "load_factory", "is_custom_model", "resolve_model", "mlp_body", "convnet_body", "resnet_body", "resnet50_body", "BasicBlock", "BottleneckBlock",
+__all__ = ["BodyFactoryError", "body_fingerprint", "build_body", "load_factory", "is_custom_model", "resolve_model", "mlp_body", "convnet_body", "resnet_body", "resnet50_body", "BasicBlock", "BottleneckBlock",
            "MODELS"]
 
 
@@ -168,6 +170,11 @@ def resnet50_body(input_shape: Sequence[int], widths=(64, 128, 256, 512), dropou
 MODELS = {"mlp": mlp_body, "convnet": convnet_body, "resnet": resnet_body, "resnet50": resnet50_body}
 
 
+class BodyFactoryError(RuntimeError):
+    """A ValueError raised by a body factory of the user's, or by its body's forward: not a config mistake, so it
+    keeps the traceback into the user's code (``__cause__``)."""
+
+
 def is_custom_model(model: str) -> bool:
     """Whether ``model`` names a body factory of the user's (``MODULE:FUNCTION`` or ``FILE.py:FUNCTION``) rather
     than one of ``MODELS``."""
@@ -204,17 +211,22 @@ def load_factory(model: str) -> Callable:
         if not path.is_file():
             raise ValueError(f"model {model!r}: the file {path} does not exist (a relative path is taken from the "
                              f"current directory, {os.getcwd()})")
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))  # as `python file.py`: the file imports the modules beside it
+        # run anew on every call: the file as it is now (an edit is then seen, by the run's body check too)
         module_name = f"eidetic_user_body_{path.stem}"
-        module = sys.modules.get(module_name)
-        if module is None or getattr(module, "__file__", None) != str(path):
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # classes defined there pickle by this name (torch.save of a body)
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        previous = sys.modules.get(module_name)
+        sys.modules[module_name] = module  # classes defined there pickle by this name (torch.save of a body)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            if previous is None:
                 del sys.modules[module_name]
-                raise
+            else:
+                sys.modules[module_name] = previous
+            raise
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `python -m`: the console script's path lacks the current directory
@@ -224,15 +236,20 @@ def load_factory(model: str) -> Callable:
             if exc.name is None or not (where == exc.name or where.startswith(exc.name + ".")):
                 raise  # the module was found; something it imports was not
             raise ValueError(f"model {model!r}: no module named {exc.name!r} (searched the current directory, "
-                             f"{os.getcwd()}, then Python's path); give an importable module or a file: "
-                             f"path/to/file.py:{name}") from None
+                             f"{os.getcwd()}, then Python's path): run from the folder that holds it (for a run: the "
+                             f"folder it was started in) or add that folder to PYTHONPATH; or name its file, "
+                             f"path/to/file.py:{name}, which a run finds from anywhere") from None
     target = module
     for part in name.split("."):
         if not hasattr(target, part):
             defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
                              and getattr(v, "__module__", None) == module.__name__)
-            raise ValueError(f"model {model!r}: {where} defines no {name!r}"
-                             + (f" (it defines {', '.join(defined)})" if defined else ""))
+            found = "" if where.endswith(".py") else f" ({getattr(module, '__file__', None) or 'built in'})"
+            raise ValueError(f"model {model!r}: {where}{found} defines no {name!r}"
+                             + (f" (it defines {', '.join(defined)})" if defined else "")
+                             + ("" if where.endswith(".py") else "; a module of yours named like one Python already "
+                                "imported (json, random, ...) is passed over: rename it, or name its file "
+                                f"({where}.py:{name})"))
         target = getattr(target, part)
     if not callable(target):
         raise ValueError(f"model {model!r}: {name} is a {type(target).__name__}, not a function that builds "
@@ -250,7 +267,10 @@ def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Modu
                          "shape, model_args, and widths/blocks/dropout where the config sets them") from None
     except ValueError:  # no signature to read (a builtin): call it and let it say
         pass
-    built = factory(input_shape, **kwargs)
+    try:
+        built = factory(input_shape, **kwargs)
+    except ValueError as exc:  # raised by the user's code: its traceback, not a one-line config error
+        raise BodyFactoryError(f"model {model!r}: the factory raised {type(exc).__name__}: {exc}") from exc
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
         body, feature_dim = built
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
@@ -266,6 +286,9 @@ def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Modu
     try:
         with torch.no_grad():
             out = body(torch.zeros((2,) + tuple(input_shape)))
+    except ValueError as exc:
+        raise BodyFactoryError(f"model {model!r}: the body's forward on a probe batch of 2 inputs "
+                               f"{tuple(input_shape)} raised {type(exc).__name__}: {exc}") from exc
     finally:
         for m, mode in modes:
             m.training = mode
@@ -275,6 +298,23 @@ def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Modu
                          "it must return features [B, F] (flatten or pool before returning), or return "
                          "(body, F) from the factory")
     return body, int(out.shape[1])
+
+
+def body_fingerprint(body: nn.Module) -> str:
+    """SHA-256 of what a body computes, as far as its code says: its modules' repr (types, sizes, options) and the
+    source of every module class outside torch (a custom forward). A run records it for a body of the user's, so a
+    resume or export with an edited body file is refused instead of changing finished tasks' outputs."""
+    h = hashlib.sha256(repr(body).encode())
+    for cls in sorted({type(m) for m in body.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            linecache.checkcache(inspect.getsourcefile(cls))  # the file as it is now, not as first read
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # defined where no source is kept (a REPL): its name only
+            source = f"{cls.__module__}.{cls.__qualname__}"
+        h.update(source.encode())
+    return h.hexdigest()
 
 
 def build_body(model: str, input_shape: Sequence[int], widths=None, dropout: float = 0.0, blocks=None,

@@ -208,7 +208,7 @@ class Run:
     def build(self):
         from .network import EideticNetwork
         from .graph import GraphError
-        from .models import build_body, is_custom_model
+        from .models import body_fingerprint, build_body, is_custom_model
         from .scenarios import build_scenario
 
         cfg = self.cfg
@@ -237,6 +237,8 @@ class Run:
         except ValueError as exc:  # the config's model, widths and blocks do not fit together: a config error
             raise ConfigError(str(exc)) from None
         self.feature_dim = feature_dim
+        # a body of the user's is recorded as it is built: an edited file must not resume (or export) a run
+        self.body_fingerprint = body_fingerprint(body) if is_custom_model(cfg["model"]) else None
         try:
             self.model = EideticNetwork(body, feature_dim).to(self.device)
             if getattr(self.model, "graph", None) is None and hasattr(self.model, "ensure_graph"):
@@ -256,7 +258,7 @@ class Run:
                 "entropy_routed_accuracy_matrix": [[None] * T for _ in range(T)],
                 "baseline_accuracy": None, "history": [], "evaluations": [], "task_start_epochs": [],
                 "epochs_done": 0, "tasks": [], "router_fits": [], "elapsed_seconds": 0.0, "checkpoints_written": 0,
-                "checkpoint_log": []}
+                "checkpoint_log": [], "body_fingerprint": self.body_fingerprint}
 
     def _loader(self, task: int, on_epoch_end=None):
         from .scenarios import InMemoryLoader
@@ -301,6 +303,13 @@ class Run:
         Raises ConfigError for a file ``read_checkpoint`` refuses (pickled objects, another format).
         """
         payload = read_checkpoint(self.checkpoint_path)
+        recorded = payload["run"].get("body_fingerprint")
+        if recorded is not None and recorded != self.body_fingerprint:
+            where = self.cfg["model"].rpartition(":")[0]
+            raise ConfigError(
+                f"model {self.cfg['model']!r} builds another body than the one this run trained ({self.out}): its "
+                f"modules or their code changed since (did {where} change?). Its finished tasks' outputs would change "
+                "with it: restore the body the run started with, or start a new run")
         self.model.load_state_dict(payload["model"])
         if hasattr(self.model, "sync"):
             self.model.sync()

@@ -431,3 +431,39 @@ def test_mistakes_in_a_body_of_your_own_are_one_line(args, says, tmp_path, monke
     err = capsys.readouterr().err
     assert re.fullmatch(f"eidetic: error: {says}.*\n", err) and err.count("\n") == 1, err
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_an_edited_body_file_neither_resumes_nor_exports(tmp_path, monkeypatch, capsys):
+    """A run records the body it trained: after the file changed (an activation inside a block's forward), resume
+    and export are one-line errors instead of changing finished tasks; restored, the run resumes. A body file
+    imports the modules beside it from any directory, as `python file.py` does."""
+    (tmp_path / "my_bodies.py").write_text("from sibling import *\n" + _BODIES)
+    (tmp_path / "sibling.py").write_text("WIDTH = 4\n")
+    model = f"model={tmp_path / 'my_bodies.py'}:res_cnn"
+    args = ["scenario=synthetic", "tasks=2", "max_epochs=1", "patience=1", "recovery_epochs=1", "step=0.5",
+            "max_prune_steps=1", "stop_threshold=1", "batch_size=64", "router=entropy", "progress=false",
+            "threads=1"]
+    killed = _run_cli(["train", "--out", str(tmp_path / "run"), model, *args], {cli.CRASH_ENV: "1"})
+    assert killed.returncode == cli.CRASH_EXIT_CODE, killed.stderr[-3000:]
+    source = (tmp_path / "my_bodies.py").read_text()
+    (tmp_path / "my_bodies.py").write_text(source.replace("torch.relu(x + ", "torch.tanh(x + "))
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere: the body file still finds sibling.py
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"eidetic: error: model '.*my_bodies.py:res_cnn' builds another body than the one this run "
+                        r"trained .*did .*my_bodies.py change\?.*\n", err), err
+    (tmp_path / "my_bodies.py").write_text(source)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    (tmp_path / "my_bodies.py").write_text(source.replace("nn.ReLU(), Block(width)", "nn.GELU(), Block(width)"))
+    assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 2
+    assert "builds another body than the one this run trained" in capsys.readouterr().err
+
+
+def test_errors_raised_by_your_own_body_code_keep_their_traceback(tmp_path, monkeypatch):
+    (tmp_path / "raising.py").write_text("def body(input_shape):\n    raise ValueError('my own check failed')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="the factory raised ValueError: my own check failed") as info:
+        cli.main(["train", "--out", "r", "scenario=synthetic", "progress=false", "threads=1", "model=raising.py:body"])
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(cli.ConfigError, match=r"model_args \{width:8\}: write \{width: 8\}, with a space"):
+        cli.load_config(None, cli.parse_overrides(["model=raising.py:body", "model_args={width:8}"]))
