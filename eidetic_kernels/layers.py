@@ -1245,7 +1245,8 @@ def prepare_twins(model: nn.Module, path: str, twins: dict) -> None:
             try:
                 twin = cls.from_module(model)
             except ValueError as exc:
-                raise ValueError(f"cannot convert {path or type(model).__name__}: {exc}. Nothing was "
+                where = f"{path} ({type(model).__name__})" if path else type(model).__name__
+                raise ValueError(f"cannot convert {where}: {exc}. Nothing was "
                                  "converted") from exc
             if path:
                 twin.qualified_name = path  # error messages name the layer as the model does

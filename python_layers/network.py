@@ -281,7 +281,7 @@ class EideticNetwork(nn.Module):
         self.exact_activation_grads = bool(exact_activation_grads)
         self._neuron_order: dict[str, torch.Tensor] = {}  # group name -> first index of the neuron at each position
         self._constant_frozen = False  # set per forward: see exact_activation_grads
-        self.body = convert(body) if body is not None else None
+        self.body = convert(body, "body") if body is not None else None  # errors name layers as the network does
         self.heads = nn.ModuleList()
         self.current_task: int | None = None
         self.num_finished_tasks = 0

@@ -419,7 +419,7 @@ def test_a_body_of_your_own_runs_through_the_cli(tmp_path, monkeypatch, capsys):
     (["model=mlp", "model_args={depth: 2}"], r"model_args \(depth\) are for a body of your own"),
     (["model=my_bodies.py:res_cnn", "widths=[4]", "model_args={widths: [4]}"],
      r"model_args sets widths, which the config sets as its own key"),
-    (["model=my_bodies.py:grouped"], r"model '.*grouped': cannot convert 1: EideticConv2d supports groups=1 only"),
+    (["model=my_bodies.py:grouped"], r"model '.*grouped': cannot convert body.1 \(Conv2d\): EideticConv2d supports groups=1 only"),
     (["model=my_bodies.py:images_out"], r"model '.*images_out': the body returns \(2, 4, 6, 6\) for a batch of 2 "
                                         r"inputs \(1, 8, 8\); it must return features \[B, F\]"),
 ], ids=["no function", "no file", "no module", "no function named", "unexpected argument", "args to a built-in",
