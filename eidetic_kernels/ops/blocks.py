@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from ..state import Block, Table
+from .eager import eager_backward
 
 # Training merges the blocks of a convolution into one product where that pays (``DenseOp.merge_share``), and
 # runs consecutive frozen blocks that read the same slice as one product (``_same_window_runs``). Tests set it
@@ -352,6 +353,7 @@ class _ConstantWeightOp(torch.autograd.Function):
         return op.forward(x, weight, bias)
 
     @staticmethod
+    @eager_backward
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         return ctx.op.input_grad(grad, weight, ctx.x_shape), None, None, None
@@ -370,6 +372,7 @@ class _TrainableBlockOp(torch.autograd.Function):
         return op.forward(x, weight, bias)
 
     @staticmethod
+    @eager_backward
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         op = ctx.op
@@ -400,6 +403,7 @@ class _MergedOp(torch.autograd.Function):
         return op.forward(x, w_full, b_full)
 
     @staticmethod
+    @eager_backward
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         blk, op, dim = ctx.blk, ctx.op, ctx.dim
@@ -477,5 +481,6 @@ class _Assemble(torch.autograd.Function):
         return out
 
     @staticmethod
+    @eager_backward
     def backward(ctx, grad):
         return (None, None, *[grad.index_select(ctx.dim, index) for index in ctx.neurons])

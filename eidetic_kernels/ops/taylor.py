@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .eager import eager_backward
+
 
 def taylor_contribution(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Float32[C]: |mean_b Σ_spatial a·g| for one batch."""
@@ -24,6 +26,7 @@ def attach_taylor_hook(output: torch.Tensor, score: torch.Tensor | None, channel
         # reference cycle keeping the whole autograd graph alive until the next gc
         activation = output.detach().clone()
 
+        @eager_backward
         def hook(grad):
             score.add_(taylor_contribution(activation, grad, channel_dim).to(score.dtype))
         output.register_hook(hook)

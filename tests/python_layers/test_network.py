@@ -818,6 +818,49 @@ def test_a_compiled_network_keeps_compiling_task_after_task():
     torch._dynamo.reset()
 
 
+def test_a_compiled_step_leaves_the_cpu_engines_backward_eager():
+    """A whole compiled training step (forward, backward, AdamW) on a CNN with frozen batch-norm channels: autograd
+    runs the CPU engine's backward passes inside the compiled step's eager part, where torch.compile compiles every
+    Python frame; those frames are kept eager, so it does not try the batch norm's C++ backward (it warned that
+    it cannot trace the extension) and the step still matches eager."""
+    import torch._dynamo
+    import torch.nn.functional as F
+    if os.environ.get("EIDETIC_BACKEND") == "triton":
+        pytest.skip("the CPU engine's backward")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    # no conv bias: before a batch norm its gradient is ~0, and AdamW turns rounding there into visible steps
+    body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+    model = EideticNetwork(body, 8)
+    x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 2, (6,))
+    model.prepare_for_task(0, 2)
+    model(x)
+    for group in model.groups:
+        group.prune(list(range(4)))
+    model.finish_task()
+    model.prepare_for_task(1, 2)
+    twin = copy.deepcopy(model)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, twin)]
+
+    def step(network, optimizer):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(network(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(compiled(model, optimizers[0]), step(twin, optimizers[1]))
+    assert not [w for w in said if "does not know how to trace" in str(w.message)], [str(w.message) for w in said]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
 def test_a_forward_nested_in_another_keeps_the_outer_modes():
     """A hook that calls the network (a probe, a teacher) inside its forward: the rest of the outer forward
     runs in the outer's modes (view, frozen blocks as constants), and whole-network checkpointing still

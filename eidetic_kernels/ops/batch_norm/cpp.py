@@ -14,6 +14,7 @@ import torch
 
 from ... import cpp
 from ...state import FREE
+from ..eager import eager_backward
 from . import reference
 
 
@@ -47,6 +48,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @eager_backward
     def backward(ctx, dy):
         x, mean, invstd, tw, fw, tb, fb, channel_task, slot = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
