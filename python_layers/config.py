@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
+from .models import MODELS, check_model_args, load_factory, resolve_model
+
 __all__ = ["Config", "ConfigError", "OPTIONS", "KEYS", "RESUME_MAY_CHANGE", "default_config", "load_config",
            "parse_overrides", "keys_help"]
 
@@ -51,9 +53,6 @@ def _device_string(value: str) -> bool:
 
 
 _DEVICE = ("auto or a torch device (cpu, cuda, cuda:1, ...)", _device_string)
-
-
-_BUILT_IN_MODELS = ("mlp", "convnet", "resnet", "resnet50")  # python_layers.models.MODELS, without importing it
 
 
 @dataclass
@@ -88,8 +87,8 @@ class Config:
         "MODULE:FUNCTION or FILE.py:FUNCTION (relative to the current directory), FUNCTION(input_shape, "
         "**model_args) returning the body (an nn.Module, batch -> features [B, F]) or (body, F), called with "
         "widths, blocks and dropout too where they are set",
-        ("mlp, convnet, resnet, resnet50, or MODULE:FUNCTION / FILE.py:FUNCTION",
-         lambda v: v in _BUILT_IN_MODELS or (":" in v and all(v.rpartition(":")[::2]))))
+        (f"{', '.join(MODELS)}, or MODULE:FUNCTION / FILE.py:FUNCTION",
+         lambda v: v in MODELS or (":" in v and all(v.rpartition(":")[::2]))))
     model_args: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
         "help": "keyword arguments for a body of your own (model: MODULE:FUNCTION), e.g. {depth: 4, act: gelu}",
         "check": None})
@@ -226,16 +225,13 @@ def load_config(path=None, overrides=None) -> dict:
     if squeezed:  # YAML reads {width:8} as the key "width:8" with no value
         raise ConfigError(f"model_args {{{squeezed[0]}}}: write {{{str(squeezed[0]).replace(':', ': ', 1)}}}, with a "
                           "space after the colon (YAML reads 'name:value' as one key)")
-    if out["model"] not in _BUILT_IN_MODELS:
-        from .models import load_factory, resolve_model
-        out["model"] = resolve_model(out["model"])
-        try:
+    try:
+        check_model_args(out["model"], out["model_args"])
+        if out["model"] not in MODELS:
+            out["model"] = resolve_model(out["model"])
             load_factory(out["model"])  # a missing module, file or function is a config error, said before any work
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    elif out["model_args"]:
-        raise ConfigError(f"model_args ({', '.join(map(str, out['model_args']))}) are for a body of your own "
-                          f"(model: MODULE:FUNCTION); the built-in {out['model']} takes widths, blocks and dropout")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if out["pruning"] == "none" and out["tasks"] != 1:
         raise ConfigError("pruning=none freezes every free neuron for the first task and leaves none for the next: "
                           "use tasks=1, or a pruning method (l1, l2, taylor)")

@@ -28,7 +28,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import linecache
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["BodyFactoryError", "body_fingerprint", "build_body", "load_factory", "is_custom_model", "resolve_model", "mlp_body", "convnet_body", "resnet_body", "resnet50_body", "BasicBlock", "BottleneckBlock",
+__all__ = ["BodyFactoryError", "body_fingerprint", "build_body", "check_model_args", "load_factory", "is_custom_model", "resolve_model", "mlp_body", "convnet_body", "resnet_body", "resnet50_body", "BasicBlock", "BottleneckBlock",
            "MODELS"]
 
 
@@ -300,21 +299,61 @@ def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Modu
     return body, int(out.shape[1])
 
 
-def body_fingerprint(body: nn.Module) -> str:
-    """SHA-256 of what a body computes, as far as its code says: its modules' repr (types, sizes, options) and the
-    source of every module class outside torch (a custom forward). A run records it for a body of the user's, so a
-    resume or export with an edited body file is refused instead of changing finished tasks' outputs."""
+_LIBRARY = Path(__file__).resolve().parents[1]  # python_layers/ and eidetic_kernels/ live here
+
+
+def _users_file(obj) -> str | None:
+    """The source file of ``obj`` (a class or function) when it is the user's: not torch's, not this library's, not
+    an installed package's nor the standard library's (their changes come with versions, which a run records)."""
+    try:
+        file = inspect.getsourcefile(obj)
+    except TypeError:  # built in
+        return None
+    if file is None:
+        return None
+    path = Path(file).resolve()
+    installed = {"site-packages", "dist-packages"} & set(path.parts)
+    if installed or path.is_relative_to(_LIBRARY) or path.is_relative_to(Path(sys.base_prefix).resolve()):
+        return None
+    return str(path)
+
+
+def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
+    """SHA-256 of what a body of the user's computes, as far as its code says: its modules' repr (types, sizes,
+    options), the plain attributes of the user's module classes (a gain, a flag), and the bytes of every source
+    file of the user's it comes from (the factory ``model`` names, and the files of the user's module classes):
+    helper functions and module constants included, comments too. A run records it, so a resume or export with an
+    edited body file is refused instead of changing finished tasks' outputs."""
     h = hashlib.sha256(repr(body).encode())
-    for cls in sorted({type(m) for m in body.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
-        if cls.__module__.split(".")[0] == "torch":
+    files = set()
+    if model is not None and is_custom_model(model):
+        where = model.rpartition(":")[0]
+        if where.endswith(".py"):
+            files.add(str(Path(where).expanduser().resolve()))
+        else:
+            module = sys.modules.get(where)  # imported by build_body
+            file = _users_file(module) if module is not None else None
+            if file is not None:
+                files.add(file)
+    for name, module in body.named_modules():
+        file = _users_file(type(module))
+        if file is None:
             continue
-        try:
-            linecache.checkcache(inspect.getsourcefile(cls))  # the file as it is now, not as first read
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):  # defined where no source is kept (a REPL): its name only
-            source = f"{cls.__module__}.{cls.__qualname__}"
-        h.update(source.encode())
+        files.add(file)
+        plain = sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_") and k != "training"
+                       and isinstance(v, (bool, int, float, str, tuple, list, type(None))))
+        h.update(f"{name}: {plain}".encode())
+    for file in sorted(files):
+        h.update(file.encode())
+        h.update(Path(file).read_bytes())
     return h.hexdigest()
+
+
+def check_model_args(model: str, model_args: dict | None) -> None:
+    """ValueError for ``model_args`` given to a built-in model (they are for a factory of the user's)."""
+    if model in MODELS and model_args:
+        raise ValueError(f"model_args ({', '.join(map(str, model_args))}) are for a body of your own (model: "
+                         f"MODULE:FUNCTION); the built-in {model} takes widths, blocks and dropout")
 
 
 def build_body(model: str, input_shape: Sequence[int], widths=None, dropout: float = 0.0, blocks=None,
@@ -331,10 +370,8 @@ def build_body(model: str, input_shape: Sequence[int], widths=None, dropout: flo
         kwargs["widths"] = widths
     if blocks is not None:
         kwargs["blocks"] = blocks
+    check_model_args(model, model_args)
     if model in MODELS:
-        if model_args:
-            raise ValueError(f"model_args ({', '.join(model_args)}) are for a body of your own (model: "
-                             f"MODULE:FUNCTION); the built-in {model} takes widths, blocks and dropout")
         return MODELS[model](tuple(input_shape), dropout=float(dropout or 0.0), **kwargs)
     if not is_custom_model(model):
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}, or a body of your own: "

@@ -115,6 +115,11 @@ def _frozen_values(state_dict: dict, prefix: str):
 _CONSTANT = "buffer "  # the fingerprint's keys for the body's buffers outside Eidetic layers: "buffer NAME"
 
 
+def _entry_names(keys, prefix: str) -> list[str]:
+    """Fingerprint keys as a reader finds them in the state dict: a layer, or a body buffer's key."""
+    return [prefix + k[len(_CONSTANT):] if k.startswith(_CONSTANT) else f"{prefix}{k} (frozen values)" for k in keys]
+
+
 def constant_fingerprint(state_dict: dict, prefix: str, names) -> dict[str, str]:
     """{"buffer NAME": SHA-256} of the body's buffers outside Eidetic layers in ``state_dict`` (key ``prefix +
     NAME``; ``names``: those to take, None for every entry), as float64 or int64 (a lossless dtype round trip
@@ -163,10 +168,6 @@ def _forget_compiled_graphs() -> None:
         resumed = []
     for code in codes + [c for c in resumed if isinstance(c, types.CodeType)]:
         reset(code)
-
-
-def _tensor_ids(module: nn.Module) -> list[int]:
-    return [id(t) for t in itertools.chain(module.parameters(), module.buffers())]
 
 
 def _refuse_jit_trace() -> None:
@@ -673,15 +674,19 @@ class EideticNetwork(nn.Module):
                 "the body")
 
     def _record_frozen_values(self) -> None:
-        """The fingerprint of the frozen values now (``frozen_fingerprint``), saved with the state dict: the
-        Eidetic layers' frozen storage and statistics, and the body's buffers outside them (constants every task
-        reads, ``constant_fingerprint``)."""
-        self._frozen_fingerprint = frozen_fingerprint(
+        """The fingerprint of the frozen values now (``_live_fingerprint``), saved with the state dict."""
+        self._frozen_fingerprint = self._live_fingerprint()
+
+    def _live_fingerprint(self) -> dict[str, str]:
+        """The Eidetic layers' frozen storage and statistics (``frozen_fingerprint``) and the body's buffers outside
+        them (constants every task reads, ``constant_fingerprint``), as this network holds them now."""
+        digests = frozen_fingerprint(
             {f"{name}.{key}": t for name, m in self.named_modules() if isinstance(m, EideticLayer)
              for key, t in ((k, getattr(m, k, None)) for k in _FROZEN_KEYS + ("task_state",))
              if isinstance(t, torch.Tensor)}, "")
-        self._frozen_fingerprint.update(constant_fingerprint(
+        digests.update(constant_fingerprint(
             {name: b for name, _, _, b, _ in buffer_values(self._body_modules())}, "", None))
+        return digests
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half(): a lossy cast changes the frozen values the network itself holds, so they are
@@ -981,7 +986,6 @@ class EideticNetwork(nn.Module):
         self._check_record(state_dict.get(prefix + "_extra_state"))
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
-        self.__dict__["_loaded_into"] = _tensor_ids(self)  # a load that replaces none keeps compiled graphs valid
         self._match_heads(state_dict, prefix)
         load = self.__dict__["_load_marks"] = {"active": True}
         for name, module in self.named_modules():  # the states this load brings, checked above as a whole
@@ -1116,17 +1120,31 @@ class EideticNetwork(nn.Module):
             if recorded:  # the body's constants the record holds (records from before they were recorded: none)
                 held.update(constant_fingerprint(state_dict, prefix,
                                                  {k[len(_CONSTANT):] for k in recorded if k.startswith(_CONSTANT)}))
-            changed = any(name in held and held[name] != digest for name, digest in (recorded or {}).items()) or \
-                any(name not in recorded for name in held)
+            differ = sorted({name for name, digest in (recorded or {}).items() if name in held and held[name] != digest}
+                            | {name for name in held if name not in recorded})
+            changed = bool(differ)
+            if recorded and not differ:
+                # a partial state dict: its record becomes this network's, so what it leaves out must be this
+                # network's own values (another run's record with some of its layers would leave the rest unmatched)
+                own = self._live_fingerprint()
+                foreign = sorted(name for name, digest in recorded.items() if name not in held and own.get(name) != digest)
+                if foreign:
+                    raise RuntimeError(
+                        f"Error(s) in loading state_dict for {type(self).__name__}: it is partial and its record "
+                        f"(\"{prefix}_extra_state\") is of another network's finished tasks: this network's "
+                        f"{', '.join(_entry_names(foreign, prefix))} differ from that record and are not in the state "
+                        "dict. Load that network's whole state dict, or a partial one without its record. Nothing of "
+                        "this network was loaded.")
         if changed:
+            names = ", ".join(_entry_names(differ, prefix)) if not isinstance(recorded, str) else "its layers"
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}: its frozen values (weights, biases, "
-                "batch-norm statistics of frozen channels) are not those its finished tasks were frozen with: "
-                "loading it would change their outputs. An average of whole state dicts (EMA or SWA with "
-                "AveragedModel(use_buffers=True)) or an edit does this: average only the trainable parameters "
-                "(FREE neurons and the current head); so does a state dict taken with state_dict() and kept "
-                "without copying while the network trained on (keep copy.deepcopy(model.state_dict())). Nothing "
-                "of this network was loaded.")
+                "batch-norm statistics of frozen channels, the body's buffers) are not those its finished tasks were "
+                f"frozen with ({names}): loading it would change their outputs. An average of whole state dicts "
+                "(EMA or SWA with AveragedModel(use_buffers=True)) or an edit does this: average only the trainable "
+                "parameters (FREE neurons and the current head); so does a state dict taken with state_dict() and "
+                "kept without copying while the network trained on (keep copy.deepcopy(model.state_dict())). "
+                "Nothing of this network was loaded.")
 
     def _match_heads(self, state_dict, prefix: str) -> None:
         """Re-create the heads the state dict holds (keeping existing ones of the right size, so an
@@ -1200,7 +1218,10 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
                              how="traced (as the checkpoint's layer graph records)")
     module.sync()
     module._record_body_constants()  # the loaded values are the body's constants now
-    if module.__dict__.pop("_loaded_into", None) != _tensor_ids(module):  # Parameters or storage replaced
-        _forget_compiled_graphs()
-    if isinstance(module._frozen_fingerprint, str):  # a first-format record, checked on load: per layer now
+    _forget_compiled_graphs()  # a load replaces the frozen storage (and Parameters whose shapes change)
+    record = module._frozen_fingerprint
+    if isinstance(record, str) or (isinstance(record, dict) and module.num_finished_tasks and buffer_values(
+            module._body_modules()) and not any(k.startswith(_CONSTANT) for k in record)):
+        # a record from before per-layer digests, or before the body's buffers were recorded (checked on load
+        # as far as it goes): recorded again, whole, from the loaded values
         module._record_frozen_values()

@@ -238,7 +238,7 @@ class Run:
             raise ConfigError(str(exc)) from None
         self.feature_dim = feature_dim
         # a body of the user's is recorded as it is built: an edited file must not resume (or export) a run
-        self.body_fingerprint = body_fingerprint(body) if is_custom_model(cfg["model"]) else None
+        self.body_fingerprint = body_fingerprint(body, cfg["model"]) if is_custom_model(cfg["model"]) else None
         try:
             self.model = EideticNetwork(body, feature_dim).to(self.device)
             if getattr(self.model, "graph", None) is None and hasattr(self.model, "ensure_graph"):

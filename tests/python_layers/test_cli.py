@@ -457,6 +457,12 @@ def test_an_edited_body_file_neither_resumes_nor_exports(tmp_path, monkeypatch, 
     (tmp_path / "my_bodies.py").write_text(source.replace("nn.ReLU(), Block(width)", "nn.GELU(), Block(width)"))
     assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 2
     assert "builds another body than the one this run trained" in capsys.readouterr().err
+    # a module constant the forward reads, outside any class: the file changed, refused as well
+    (tmp_path / "my_bodies.py").write_text(source.replace("import torch\n", "import torch\nUNUSED_BY_REPR = 2\n", 1))
+    assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 2
+    assert "builds another body than the one this run trained" in capsys.readouterr().err
+    (tmp_path / "my_bodies.py").write_text(source)
+    assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 0
 
 
 def test_errors_raised_by_your_own_body_code_keep_their_traceback(tmp_path, monkeypatch):

@@ -623,10 +623,19 @@ def test_partial_tensor_only_and_layer_level_loads():
     other, _ = _one_finished_task(_BnBody, seed=1)
     trained = _snapshot(other)
     body_only = {k: v for k, v in state.items() if not k.startswith("heads.")}
-    heads = [h for h in other.heads]
-    other.load_state_dict(body_only, strict=False)  # a partial load: its layers only
-    assert torch.equal(other.body[0].frozen_weight, model.body[0].frozen_weight)
-    assert list(other.heads) == heads and other(x, task=0).shape == (24, 3)  # its heads stay
+    heads = [h for h in model.heads]
+    model.load_state_dict(body_only, strict=False)  # a partial load: its layers only, its heads stay
+    assert list(model.heads) == heads and torch.equal(model(x, task=0), before)
+    # another network's body with its record: the record would become this network's, which its own heads (left
+    # out) do not match, and its finished tasks' heads would read another body's features
+    other.eval()
+    kept = other(x, task=0)
+    with pytest.raises(RuntimeError, match=r"partial and its record .* another network's finished tasks: this "
+                                           r"network's heads.0 \(frozen values\) differ"):
+        other.load_state_dict(body_only, strict=False)
+    assert torch.equal(other(x, task=0), kept)
+    other.load_state_dict(copy.deepcopy(other.state_dict()))  # and its own state dict still loads
+    other.train()
     # frozen storage without its states is read with the layer's own: an edit is refused, whichever load
     w = model.body[3].frozen_weight
     for load in (lambda: model.load_state_dict({"body.3.frozen_weight": w + 1}, strict=False),
@@ -918,7 +927,7 @@ def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
         assert torch.equal(model.body.mean, state["body.mean"]) and torch.equal(model(x, task=0), before)
     edited = copy.deepcopy(state)
     edited["body.std"] *= 2
-    with pytest.raises(RuntimeError, match="are not those its finished tasks were frozen with"):
+    with pytest.raises(RuntimeError, match=r"are not those its finished tasks were frozen with \(body.std\)"):
         model.load_state_dict(edited)
     assert torch.equal(model(x, task=0), before)
     # the same constant again (a partial state dict of this very network) loads
@@ -932,6 +941,7 @@ def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
     run, _ = _one_finished_task(shifted, seed=3)
     run.eval()
     want = run(x, task=0)
+    state_of_run = copy.deepcopy(run.state_dict())
     model.load_state_dict(copy.deepcopy(run.state_dict()))
     assert torch.equal(model(x, task=0), want) and torch.equal(model.body.mean, run.body.mean)
     # a float64 copy of the network loads its own state dict; a record without constants (older) still loads
@@ -942,3 +952,17 @@ def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
                                                    if not k.startswith("buffer ")}
     model.load_state_dict(older)
     assert torch.equal(model(x, task=0), want)
+    # ... and records the constants from then on: its own state dict with an edited constant is refused
+    resaved = copy.deepcopy(model.state_dict())
+    resaved["body.std"] += 1
+    with pytest.raises(RuntimeError, match=r"\(body.std\)"):
+        model.load_state_dict(resaved)
+    # another network's constant with its record, the rest left out: refused (the record would not match this
+    # network's layers), nothing loaded
+    first, _ = _one_finished_task(_NormalisedBody)
+    first.eval()
+    kept = first(x, task=0)
+    with pytest.raises(RuntimeError, match="partial and its record .* another network's finished tasks"):
+        first.load_state_dict({"body.mean": state_of_run["body.mean"], "_extra_state": state_of_run["_extra_state"]},
+                              strict=False)
+    assert torch.equal(first(x, task=0), kept)
