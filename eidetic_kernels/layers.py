@@ -256,6 +256,8 @@ class EideticLayer(nn.Module):
 
     def _indices(self, neurons) -> torch.Tensor:
         idx = torch.as_tensor(neurons, device=self.task_state.device)
+        if idx.numel() == 0 and not isinstance(neurons, torch.Tensor):
+            idx = idx.long()  # an empty list (nothing to prune) reads as float32
         if idx.is_floating_point() or idx.is_complex():
             raise TypeError(f"{self._name()}: neuron indices must be integers or a boolean mask, got {idx.dtype}")
         if idx.dtype == torch.bool:

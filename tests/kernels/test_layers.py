@@ -374,6 +374,9 @@ def test_bad_neuron_indices_and_views_are_clear_errors():
         with pytest.raises(TypeError, match="neuron indices must be integers or a boolean mask"):
             lin.prune_neurons(bad)
     assert bool((lin.task_state == FREE).all())
+    for nothing in ([], ()):  # nothing to prune: no change, no error
+        lin.prune_neurons(nothing)
+    assert bool((lin.task_state == FREE).all())
     x = torch.randn(2, 4)
     for bad, err, match in ((-1, ValueError, "view_task must be a task id >= 0"),
                             (2.5, TypeError, "view_task must be None or an int task id"),
