@@ -986,6 +986,12 @@ class EideticNetwork(nn.Module):
         self._check_record(state_dict.get(prefix + "_extra_state"))
         self._check_finished_tasks(state_dict, prefix, strict)
         self._load_errors = error_msgs  # torch's own errors so far and to come, read by _sync_after_load
+        # a state dict of another dtype (a float32 checkpoint into a half network): its values are cast as they
+        # load, so the record it brings (of its own values) is taken again from the loaded ones
+        own = dict(itertools.chain(self.named_parameters(), self.named_buffers()))
+        self.__dict__["_load_casts"] = any(
+            isinstance(t, torch.Tensor) and k[len(prefix):] in own and t.dtype != own[k[len(prefix):]].dtype
+            for k, t in state_dict.items() if k.startswith(prefix))
         self._match_heads(state_dict, prefix)
         load = self.__dict__["_load_marks"] = {"active": True}
         for name, module in self.named_modules():  # the states this load brings, checked above as a whole
@@ -1207,6 +1213,7 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
     for layer in module.modules():
         if isinstance(layer, EideticLayer):
             layer.__dict__.pop("_network_loading", None)
+    casts = module.__dict__.pop("_load_casts", False)
     errors = module.__dict__.pop("_load_errors", None)
     if errors:  # torch raises them next (size mismatches, ...): its message, not one from a half-loaded sync
         module.__dict__.pop("_pending_graph", None)
@@ -1220,8 +1227,9 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
     module._record_body_constants()  # the loaded values are the body's constants now
     _forget_compiled_graphs()  # a load replaces the frozen storage (and Parameters whose shapes change)
     record = module._frozen_fingerprint
-    if isinstance(record, str) or (isinstance(record, dict) and module.num_finished_tasks and buffer_values(
-            module._body_modules()) and not any(k.startswith(_CONSTANT) for k in record)):
-        # a record from before per-layer digests, or before the body's buffers were recorded (checked on load
-        # as far as it goes): recorded again, whole, from the loaded values
+    if casts and record is not None or isinstance(record, str) or (
+            isinstance(record, dict) and module.num_finished_tasks and buffer_values(module._body_modules())
+            and not any(k.startswith(_CONSTANT) for k in record)):
+        # values cast as they loaded, a record from before per-layer digests, or before the body's buffers were
+        # recorded (checked on load as far as it goes): recorded again, whole, from the loaded values
         module._record_frozen_values()

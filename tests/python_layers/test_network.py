@@ -947,6 +947,10 @@ def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
     # a float64 copy of the network loads its own state dict; a record without constants (older) still loads
     wide = copy.deepcopy(model).double()
     wide.load_state_dict(copy.deepcopy(wide.state_dict()))
+    # a half copy loads a float32 state dict (cast as it loads), then its own
+    half = copy.deepcopy(model).half()
+    half.load_state_dict(copy.deepcopy(model.state_dict()))
+    half.load_state_dict(copy.deepcopy(half.state_dict()))
     older = copy.deepcopy(run.state_dict())
     older["_extra_state"]["frozen_fingerprint"] = {k: v for k, v in older["_extra_state"]["frozen_fingerprint"].items()
                                                    if not k.startswith("buffer ")}
