@@ -976,6 +976,12 @@ class EideticNetwork(nn.Module):
         # built after every tensor is loaded (see _sync_after_load)
         self._pending_graph = state.get("graph") if self.graph is None else None
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:  # a load that stopped in a child (a module of the body raising) lends its marks to no later load
+            _end_load_marks(self)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # plain layers a subclass added after __init__ become the Eidetic layers the state dict was saved from
@@ -1206,13 +1212,18 @@ class EideticNetwork(nn.Module):
         return torch.empty(0)
 
 
-def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+def _end_load_marks(module: EideticNetwork) -> None:
+    """The load is over (done or stopped): the marks it gave its layers vouch for nothing more."""
     marks = module.__dict__.pop("_load_marks", None)
     if marks is not None:
         marks["active"] = False
     for layer in module.modules():
         if isinstance(layer, EideticLayer):
             layer.__dict__.pop("_network_loading", None)
+
+
+def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+    _end_load_marks(module)
     casts = module.__dict__.pop("_load_casts", False)
     errors = module.__dict__.pop("_load_errors", None)
     if errors:  # torch raises them next (size mismatches, ...): its message, not one from a half-loaded sync

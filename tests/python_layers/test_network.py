@@ -970,3 +970,38 @@ def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
         first.load_state_dict({"body.mean": state_of_run["body.mean"], "_extra_state": state_of_run["_extra_state"]},
                               strict=False)
     assert torch.equal(first(x, task=0), kept)
+
+
+class _RaisingOnLoad(nn.Module):
+    """A module of the body whose extra state refuses to load (a custom check of the user's)."""
+
+    def get_extra_state(self):
+        return {"kind": "custom"}
+
+    def set_extra_state(self, state):
+        raise RuntimeError("this module refuses to load")
+
+    def forward(self, x):
+        return x
+
+
+def test_a_load_stopped_by_a_module_of_the_body_vouches_for_no_later_load():
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(16, 32), _RaisingOnLoad(), nn.ReLU(), nn.Linear(32, 32),
+                                         nn.ReLU()), 32)
+    x = torch.randn(24, 16)
+    model.prepare_for_task(0, 3)
+    model(x)
+    for group in model.groups:
+        group.prune(list(range(16)))
+    model.finish_task()
+    model.eval()
+    before = model(x, task=0)
+    state = model.state_dict()
+    with pytest.raises(RuntimeError, match="this module refuses to load"):
+        model.load_state_dict(state)  # stops at body.1, before body.3 loads
+    layer_state = {k[len("body.3."):]: v for k, v in state.items() if k.startswith("body.3.")}
+    layer_state["frozen_weight"] = layer_state["frozen_weight"] + 1
+    with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
+        model.body[3].load_state_dict(layer_state)
+    assert torch.equal(model(x, task=0), before)
