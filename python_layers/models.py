@@ -343,9 +343,9 @@ def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
         plain = sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_") and k != "training"
                        and isinstance(v, (bool, int, float, str, tuple, list, type(None))))
         h.update(f"{name}: {plain}".encode())
-    for file in sorted(files):
-        h.update(file.encode())
-        h.update(Path(file).read_bytes())
+    # the files' contents, not their paths: a project moved or cloned elsewhere is the same body
+    for digest in sorted(hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files):
+        h.update(digest.encode())
     return h.hexdigest()
 
 
