@@ -270,6 +270,12 @@ def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Modu
         built = factory(input_shape, **kwargs)
     except ValueError as exc:  # raised by the user's code: its traceback, not a one-line config error
         raise BodyFactoryError(f"model {model!r}: the factory raised {type(exc).__name__}: {exc}") from exc
+    from .network import EideticNetwork
+    if isinstance(built, EideticNetwork):  # a body the tracer cannot follow, its graph declared by hand
+        if built.num_finished_tasks or built.current_task is not None or len(built.heads):
+            raise ValueError(f"model {model!r} returned an EideticNetwork that already has tasks or heads: return "
+                             "a fresh one (the run prepares, trains and finishes every task)")
+        return built, built.feature_dim
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
         body, feature_dim = built
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
@@ -361,7 +367,9 @@ def build_body(model: str, input_shape: Sequence[int], widths=None, dropout: flo
     """``(body, feature_dim)`` for ``model``: one of ``MODELS`` (``widths=None`` takes its default) or a factory of
     the user's (``MODULE:FUNCTION`` / ``FILE.py:FUNCTION``, see ``load_factory``), called as
     ``factory(input_shape, **model_args)`` plus ``widths``/``blocks``/``dropout`` where they are set (not None,
-    dropout not 0). A factory may return the body alone: its feature count is read from a probe batch of 2.
+    dropout not 0). A factory may return the body alone (its feature count is read from a probe batch of 2), or
+    a fresh ``EideticNetwork`` (for a body whose graph is declared by hand: ``EideticNetwork(body, F,
+    graph=declare_graph(...))``), returned as ``(network, F)``.
 
     Raises ValueError for an unknown model, ``model_args`` given to a built-in model, a factory that cannot be
     called with these arguments or that returns something else than a body."""

@@ -240,7 +240,8 @@ class Run:
         # a body of the user's is recorded as it is built: an edited file must not resume (or export) a run
         self.body_fingerprint = body_fingerprint(body, cfg["model"]) if is_custom_model(cfg["model"]) else None
         try:
-            self.model = EideticNetwork(body, feature_dim).to(self.device)
+            network = body if isinstance(body, EideticNetwork) else EideticNetwork(body, feature_dim)
+            self.model = network.to(self.device)
             if getattr(self.model, "graph", None) is None and hasattr(self.model, "ensure_graph"):
                 x, _ = self.scenario.tasks[0].train.batch(torch.arange(min(2, len(self.scenario.tasks[0].train))))
                 self.model.ensure_graph(x.to(self.device))
@@ -248,7 +249,9 @@ class Run:
             # message says what to change
             if not is_custom_model(cfg["model"]):
                 raise
-            raise ConfigError(f"model {cfg['model']!r}: {exc}") from None
+            hint = (" In eidetic train, the factory may return EideticNetwork(body, F, graph=declare_graph(...)) "
+                    "instead of the body." if isinstance(exc, GraphError) and "declare_graph" in str(exc) else "")
+            raise ConfigError(f"model {cfg['model']!r}: {exc}{hint}") from None
 
     def fresh_state(self) -> dict:
         T = self.num_tasks

@@ -465,6 +465,47 @@ def test_an_edited_body_file_neither_resumes_nor_exports(tmp_path, monkeypatch, 
     assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 0
 
 
+_DECLARED = '''
+import torch
+import torch.nn as nn
+from python_layers import EideticNetwork, declare_graph
+
+
+class Branchy(nn.Module):  # data-dependent control flow: the tracer cannot follow it
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)))
+        if h.sum() > 0:
+            h = h * 2
+        return torch.relu(self.fc2(h))
+
+
+def traced(input_shape):
+    return Branchy(), 8
+
+
+def declared(input_shape):
+    body = Branchy()
+    return EideticNetwork(body, 8, graph=declare_graph(body, inputs={"fc1": "raw", "fc2": ["fc1"]}, features=["fc2"]))
+'''
+
+
+def test_a_body_the_tracer_cannot_follow_runs_with_its_graph_declared(tmp_path, monkeypatch, capsys):
+    """The factory may return a fresh EideticNetwork built with declare_graph; the tracer's refusal says so."""
+    (tmp_path / "declared.py").write_text(_DECLARED)
+    monkeypatch.chdir(tmp_path)
+    small = ["scenario=synthetic", "tasks=2", "max_epochs=1", "patience=1", "recovery_epochs=1", "step=0.5",
+             "max_prune_steps=1", "stop_threshold=1", "router=entropy", "progress=false", "threads=1"]
+    assert cli.main(["train", "--out", "t", "model=declared.py:traced", *small]) == 2
+    assert "the factory may return EideticNetwork(body, F, graph=declare_graph(...))" in capsys.readouterr().err
+    assert cli.main(["train", "--out", "d", "model=declared.py:declared", *small]) == 0
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert results["bwt"] == 0 and results["forgetting"] == 0
+
+
 def test_errors_raised_by_your_own_body_code_keep_their_traceback(tmp_path, monkeypatch):
     (tmp_path / "raising.py").write_text("def body(input_shape):\n    raise ValueError('my own check failed')\n")
     monkeypatch.chdir(tmp_path)
