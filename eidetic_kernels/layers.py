@@ -649,15 +649,18 @@ class EideticLayer(nn.Module):
             frozen = self._full_frozen_weight()
         return assemble_rows(trainable.detach(), frozen, self.task_state, self.slot).clone()
 
-    def _check_owned_load(self, state_dict, prefix: str) -> None:
+    def _check_owned_load(self, state_dict, prefix: str, error_msgs: list) -> None:
         """A layer of an EideticNetwork loaded on its own (``layer.load_state_dict``, part of the body's, or a
         network state dict without this layer's states): RuntimeError, before anything loads, when the state dict
         would change a frozen neuron (its state, inputs, frozen weights or batch-norm statistics). The network's
-        own load of this layer's states is checked by the network (``_network_loading``: (the load, the states
-        it brings), used once; a load that stopped is no longer active)."""
+        own load of this layer's states is checked by the network (``_network_loading``: (the load, its list of
+        errors, the states it brings), used once; a load that stopped is no longer active, and a later load
+        matches no mark: torch gives each ``load_state_dict`` call a list of errors of its own, which it passes
+        to every module it loads)."""
         incoming = state_dict.get(prefix + "task_state")
-        load, brought = self.__dict__.pop("_network_loading", (None, None))  # used once
-        if load is not None and load["active"] and incoming is not None and incoming is brought:
+        load, loading, brought = self.__dict__.pop("_network_loading", (None, None, None))  # used once
+        if load is not None and load["active"] and error_msgs is loading and incoming is not None \
+                and incoming is brought:
             return
         own = self.task_state
         if isinstance(incoming, torch.Tensor):
@@ -698,7 +701,7 @@ class EideticLayer(nn.Module):
                               error_msgs):
         key = prefix + "task_state"
         if self.__dict__.get("_owned_by_network"):
-            self._check_owned_load(state_dict, prefix)
+            self._check_owned_load(state_dict, prefix, error_msgs)
         if key not in state_dict and self._load_twin_state_dict(state_dict, prefix, local_metadata, strict,
                                                                 missing_keys, unexpected_keys, error_msgs):
             return

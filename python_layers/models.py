@@ -305,7 +305,7 @@ def _build_custom(model: str, input_shape: tuple, kwargs: dict) -> tuple[nn.Modu
     return body, int(out.shape[1])
 
 
-_LIBRARY = Path(__file__).resolve().parents[1]  # python_layers/ and eidetic_kernels/ live here
+_LIBRARY = tuple(Path(__file__).resolve().parents[1] / package for package in ("python_layers", "eidetic_kernels"))
 
 
 def _users_file(obj) -> str | None:
@@ -319,16 +319,34 @@ def _users_file(obj) -> str | None:
         return None
     path = Path(file).resolve()
     installed = {"site-packages", "dist-packages"} & set(path.parts)
-    if installed or path.is_relative_to(_LIBRARY) or path.is_relative_to(Path(sys.base_prefix).resolve()):
+    standard = Path(sys.base_prefix).resolve() / "lib"
+    if installed or any(path.is_relative_to(p) for p in _LIBRARY) or path.is_relative_to(standard):
         return None
     return str(path)
 
 
+def _plain(value, files: set):
+    """A stable description of an attribute's value (no memory address): numbers, strings and sequences of them
+    as they are, a function or class by its qualified name (its file, when the user's, joins ``files``); None for
+    anything else (tensors and modules are in the state dict and the repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v, files) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value)) else (type(value).__name__, items)
+    if inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value):
+        file = _users_file(value)
+        if file is not None:
+            files.add(file)
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    return None
+
+
 def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
     """SHA-256 of what a body of the user's computes, as far as its code says: its modules' repr (types, sizes,
-    options), the plain attributes of the user's module classes (a gain, a flag), and the bytes of every source
-    file of the user's it comes from (the factory ``model`` names, and the files of the user's module classes):
-    helper functions and module constants included, comments too. A run records it, so a resume or export with an
+    options), the plain attributes of the user's module classes (a gain, a flag, an activation function), and the
+    bytes of every source file of the user's it comes from (the factory ``model`` names, the files of the user's
+    module classes and of functions they hold): helper functions and module constants included, comments too. A run records it, so a resume or export with an
     edited body file is refused instead of changing finished tasks' outputs."""
     h = hashlib.sha256(repr(body).encode())
     files = set()
@@ -346,8 +364,8 @@ def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
         if file is None:
             continue
         files.add(file)
-        plain = sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_") and k != "training"
-                       and isinstance(v, (bool, int, float, str, tuple, list, type(None))))
+        plain = sorted((k, _plain(v, files)) for k, v in vars(module).items() if not k.startswith("_")
+                       and k != "training")
         h.update(f"{name}: {plain}".encode())
     # the files' contents, not their paths: a project moved or cloned elsewhere is the same body
     for digest in sorted(hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files):

@@ -677,15 +677,19 @@ class EideticNetwork(nn.Module):
         """The fingerprint of the frozen values now (``_live_fingerprint``), saved with the state dict."""
         self._frozen_fingerprint = self._live_fingerprint()
 
-    def _live_fingerprint(self) -> dict[str, str]:
+    def _live_fingerprint(self, names=None) -> dict[str, str]:
         """The Eidetic layers' frozen storage and statistics (``frozen_fingerprint``) and the body's buffers outside
-        them (constants every task reads, ``constant_fingerprint``), as this network holds them now."""
+        them (constants every task reads, ``constant_fingerprint``), as this network holds them now; ``names``:
+        only those fingerprint entries (None: all)."""
+        wanted = None if names is None else set(names)
         digests = frozen_fingerprint(
             {f"{name}.{key}": t for name, m in self.named_modules() if isinstance(m, EideticLayer)
+             and (wanted is None or name in wanted)
              for key, t in ((k, getattr(m, k, None)) for k in _FROZEN_KEYS + ("task_state",))
              if isinstance(t, torch.Tensor)}, "")
         digests.update(constant_fingerprint(
-            {name: b for name, _, _, b, _ in buffer_values(self._body_modules())}, "", None))
+            {name: b for name, _, _, b, _ in buffer_values(self._body_modules())}, "",
+            None if wanted is None else {n[len(_CONSTANT):] for n in wanted if n.startswith(_CONSTANT)}))
         return digests
 
     def _apply(self, fn, recurse=True):
@@ -1008,7 +1012,7 @@ class EideticNetwork(nn.Module):
                                                      "frozen_bias", "running_mean", "running_var")
                                          if isinstance(getattr(module, k, None), torch.Tensor)]
                 if all(f"{prefix}{name}.{k}" in state_dict for k in keys):
-                    module.__dict__["_network_loading"] = (load, state_dict[f"{prefix}{name}.task_state"])
+                    module.__dict__["_network_loading"] = (load, error_msgs, state_dict[f"{prefix}{name}.task_state"])
                 else:
                     module.__dict__.pop("_network_loading", None)
         try:
@@ -1132,21 +1136,27 @@ class EideticNetwork(nn.Module):
             if recorded:  # the body's constants the record holds (records from before they were recorded: none)
                 held.update(constant_fingerprint(state_dict, prefix,
                                                  {k[len(_CONSTANT):] for k in recorded if k.startswith(_CONSTANT)}))
+            # a layer the record holds frozen values of, whose states come without any (all FREE, say): edited
+            emptied = {name for name in (recorded or {}) if not name.startswith(_CONSTANT) and name not in held
+                       and f"{prefix}{name}.task_state" in state_dict
+                       and any(f"{prefix}{name}.{key}" in state_dict for key in _FROZEN_KEYS)}
             differ = sorted({name for name, digest in (recorded or {}).items() if name in held and held[name] != digest}
-                            | {name for name in held if name not in recorded})
+                            | {name for name in held if name not in recorded} | emptied)
             changed = bool(differ)
-            if recorded and not differ:
+            left_out = [name for name in (recorded or {}) if name not in held]
+            if left_out and not differ:
                 # a partial state dict: its record becomes this network's, so what it leaves out must be this
                 # network's own values (another run's record with some of its layers would leave the rest unmatched)
-                own = self._live_fingerprint()
-                foreign = sorted(name for name, digest in recorded.items() if name not in held and own.get(name) != digest)
+                own = self._live_fingerprint(left_out)
+                foreign = sorted(name for name in left_out if own.get(name) != recorded[name])
                 if foreign:
                     raise RuntimeError(
-                        f"Error(s) in loading state_dict for {type(self).__name__}: it is partial and its record "
-                        f"(\"{prefix}_extra_state\") is of another network's finished tasks: this network's "
-                        f"{', '.join(_entry_names(foreign, prefix))} differ from that record and are not in the state "
-                        "dict. Load that network's whole state dict, or a partial one without its record. Nothing of "
-                        "this network was loaded.")
+                        f"Error(s) in loading state_dict for {type(self).__name__}: it is partial, and this network's "
+                        f"{', '.join(_entry_names(foreign, prefix))}, which it leaves out, do not match its record "
+                        f"(\"{prefix}_extra_state\"): the record is another network's (or another dtype's: load "
+                        "into a network of the state dict's dtype, then cast), and would not describe this network "
+                        "after the load. Load that network's whole state dict, or a partial one without its record. "
+                        "Nothing of this network was loaded.")
         if changed:
             names = ", ".join(_entry_names(differ, prefix)) if not isinstance(recorded, str) else "its layers"
             raise RuntimeError(

@@ -514,3 +514,29 @@ def test_errors_raised_by_your_own_body_code_keep_their_traceback(tmp_path, monk
     assert isinstance(info.value.__cause__, ValueError)
     with pytest.raises(cli.ConfigError, match=r"model_args \{width:8\}: write \{width: 8\}, with a space"):
         cli.load_config(None, cli.parse_overrides(["model=raising.py:body", "model_args={width:8}"]))
+
+
+def test_the_body_record_is_stable_and_follows_what_the_body_holds(tmp_path, monkeypatch):
+    """body_fingerprint: the same body twice gives the same record (functions held in attributes by name, not by
+    address); an edit of a helper file whose function the body holds, or of a plain attribute, changes it."""
+    import sys as _sys
+    from python_layers.models import body_fingerprint
+    (tmp_path / "helpers_fp.py").write_text("import torch\ndef swish(x):\n    return x * torch.sigmoid(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "held.py").write_text(
+        "import torch.nn as nn\nimport torch.nn.functional as F\nimport helpers_fp\n"
+        "class Held(nn.Module):\n"
+        "    def __init__(self, gain=1.0):\n"
+        "        super().__init__()\n"
+        "        self.fc, self.gain, self.acts, self.act = nn.Linear(4, 4), gain, (F.relu, 2), helpers_fp.swish\n"
+        "    def forward(self, x):\n"
+        "        return self.act(self.fc(x)) * self.gain\n")
+    import importlib
+    held = importlib.import_module("held")
+    first = body_fingerprint(held.Held())
+    assert body_fingerprint(held.Held()) == first
+    assert body_fingerprint(held.Held(gain=2.0)) != first
+    (tmp_path / "helpers_fp.py").write_text("import torch\ndef swish(x):\n    return x * torch.tanh(x)\n")
+    assert body_fingerprint(held.Held()) != first
+    for name in ("held", "helpers_fp"):
+        _sys.modules.pop(name, None)

@@ -630,8 +630,8 @@ def test_partial_tensor_only_and_layer_level_loads():
     # out) do not match, and its finished tasks' heads would read another body's features
     other.eval()
     kept = other(x, task=0)
-    with pytest.raises(RuntimeError, match=r"partial and its record .* another network's finished tasks: this "
-                                           r"network's heads.0 \(frozen values\) differ"):
+    with pytest.raises(RuntimeError, match=r"it is partial, and this network's heads.0 \(frozen values\), which "
+                                           r"it leaves out, do not match its record"):
         other.load_state_dict(body_only, strict=False)
     assert torch.equal(other(x, task=0), kept)
     other.load_state_dict(copy.deepcopy(other.state_dict()))  # and its own state dict still loads
@@ -662,6 +662,14 @@ def test_partial_tensor_only_and_layer_level_loads():
     unfrozen[model.body[0].task_state == 0] = FREE
     with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
         model.load_state_dict({"body.0.task_state": unfrozen, "_extra_state": state["_extra_state"]}, strict=False)
+    # a whole state dict whose layer comes from a fresh network (all FREE, nothing frozen): refused before
+    # anything loads (its record holds frozen values of that layer)
+    swapped = copy.deepcopy(state)
+    fresh_layer = EideticNetwork(_BnBody(), 32)
+    fresh_layer.ensure_graph(x)
+    swapped.update({k: v for k, v in fresh_layer.state_dict().items() if k.startswith("body.3.")})
+    with pytest.raises(RuntimeError, match=r"not those its finished tasks were frozen with \(body.3 \(frozen"):
+        model.load_state_dict(swapped)
     assert torch.equal(model(x, task=0), before)
     # the heads and the record without the body: partial, so nothing is dropped (the router stays)
     from python_layers.routing import TaskRouter
@@ -966,7 +974,7 @@ def test_the_body_constants_are_kept_by_loads_as_the_frozen_values():
     first, _ = _one_finished_task(_NormalisedBody)
     first.eval()
     kept = first(x, task=0)
-    with pytest.raises(RuntimeError, match="partial and its record .* another network's finished tasks"):
+    with pytest.raises(RuntimeError, match=r"it is partial, and this network's .* do not match its record"):
         first.load_state_dict({"body.mean": state_of_run["body.mean"], "_extra_state": state_of_run["_extra_state"]},
                               strict=False)
     assert torch.equal(first(x, task=0), kept)
@@ -1002,6 +1010,13 @@ def test_a_load_stopped_by_a_module_of_the_body_vouches_for_no_later_load():
         model.load_state_dict(state)  # stops at body.1, before body.3 loads
     layer_state = {k[len("body.3."):]: v for k, v in state.items() if k.startswith("body.3.")}
     layer_state["frozen_weight"] = layer_state["frozen_weight"] + 1
+    with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
+        model.body[3].load_state_dict(layer_state)
+    assert torch.equal(model(x, task=0), before)
+    # the same through a module holding the network (its load never calls the network's load_state_dict)
+    outer = nn.ModuleDict({"net": model})
+    with pytest.raises(RuntimeError, match="this module refuses to load"):
+        outer.load_state_dict({f"net.{k}": v for k, v in state.items()})
     with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
         model.body[3].load_state_dict(layer_state)
     assert torch.equal(model(x, task=0), before)
