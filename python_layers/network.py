@@ -150,6 +150,13 @@ def _first_format_fingerprint(state_dict: dict, prefix: str) -> str:
     return h.hexdigest()
 
 
+def _subclasses(cls) -> list:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub] + _subclasses(sub)
+    return out
+
+
 def _forget_compiled_graphs() -> None:
     """Drop torch.compile's cached graphs of ``EideticNetwork``'s own code (its methods and the frames Dynamo
     resumes them in after a graph break). ``finish_task`` and a load replace the network's Parameters and frozen
@@ -160,7 +167,10 @@ def _forget_compiled_graphs() -> None:
     reset = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None), "reset_code", None)
     if reset is None:
         return
-    codes = [f.__code__ for f in vars(EideticNetwork).values() if inspect.isfunction(f)]
+    # the network's methods and its layers' (their cached frames guard on the same replaced Parameters)
+    classes = [EideticNetwork] + [c for c in _subclasses(EideticLayer)]
+    codes = list({f.__code__: None for cls in classes for c in cls.__mro__ if c.__module__.startswith(
+        ("python_layers", "eidetic_kernels")) for f in vars(c).values() if inspect.isfunction(f)})
     try:  # the continuation frames Dynamo generated after graph breaks in them (torch internals: best effort)
         from torch._dynamo.resume_execution import ContinueExecutionCache
         resumed = [c for code in codes for c in ContinueExecutionCache.cache.get(code, {}).values()]
