@@ -504,17 +504,18 @@ class _CheckpointedBody(nn.Module):
         return torch.relu(checkpoint(self.b, h, use_reentrant=False) if self.inside else self.b(h))
 
 
-def _one_finished_task(make_body, seed=0):
-    """A network of ``make_body()`` (seeded) with task 0 finished (half of each layer kept), task 1 prepared."""
+def _one_finished_task(make_body, seed=0, shape=(24, 16), feature_dim=32, classes=3):
+    """A network of ``make_body()`` (seeded) with task 0 finished (half of each layer kept), task 1 prepared; and
+    the batch ``x`` of ``shape`` it saw."""
     torch.manual_seed(seed)
-    x = torch.randn(24, 16)
-    model = EideticNetwork(make_body(), 32)
-    model.prepare_for_task(0, 3)
+    x = torch.randn(shape)
+    model = EideticNetwork(make_body(), feature_dim)
+    model.prepare_for_task(0, classes)
     model(x)
     for group in model.groups:
-        group.prune(list(range(16)))
+        group.prune(list(range(int(group.size) // 2)))
     model.finish_task()
-    model.prepare_for_task(1, 3)
+    model.prepare_for_task(1, classes)
     return model, x
 
 
@@ -851,16 +852,10 @@ def test_a_compiled_step_leaves_the_cpu_engines_backward_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     # no conv bias: before a batch norm its gradient is ~0, and AdamW turns rounding there into visible steps
-    body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
-    model = EideticNetwork(body, 8)
-    x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 2, (6,))
-    model.prepare_for_task(0, 2)
-    model(x)
-    for group in model.groups:
-        group.prune(list(range(4)))
-    model.finish_task()
-    model.prepare_for_task(1, 2)
+    model, x = _one_finished_task(lambda: nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        shape=(6, 1, 5, 5), feature_dim=8, classes=2)
+    y = torch.randint(0, 2, (6,))
     twin = copy.deepcopy(model)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, twin)]
 
