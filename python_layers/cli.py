@@ -148,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. lr=2e-4")
     ex = sub.add_parser("export", help="save one finished task as a plain torch.nn module",
                         description="Save finished task T of a run as a plain torch.nn module of compact layers "
-                                    "(torch.save; loads with torch alone), checked on the task's test set.")
+                                    "(torch.save; loads with torch alone), checked on the task's test set. It "
+                                    "reads inputs as the run's loaders give them (pixels scaled to [0, 1], then "
+                                    "normalised with the data set's per-channel mean and std; permuted_mnist: "
+                                    "with task T's permutation applied) and returns task T's logits, index i "
+                                    "being the task's i-th class (split scenarios: label minus the task's first "
+                                    "class).")
     ex.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder written by eidetic train")
     ex.add_argument("--task", required=True, type=int, metavar="T", help="the finished task to export")
     ex.add_argument("--out", required=True, metavar="FILE", help="where to torch.save the module (and FILE.pt2)")
