@@ -990,12 +990,6 @@ class EideticNetwork(nn.Module):
         # built after every tensor is loaded (see _sync_after_load)
         self._pending_graph = state.get("graph") if self.graph is None else None
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:  # a load that stopped in a child (a module of the body raising) lends its marks to no later load
-            _end_load_marks(self)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # plain layers a subclass added after __init__ become the Eidetic layers the state dict was saved from
@@ -1129,7 +1123,7 @@ class EideticNetwork(nn.Module):
                     "dict this library saved; average only the trainable parameters. Nothing of this network was "
                     "loaded.")
         if isinstance(extra, dict):
-            tasks = int(extra.get("num_finished_tasks") or 0) + (extra.get("current_task") is not None)
+            tasks = _recorded_tasks(extra)
             heads = sum(1 for k in state_dict if k.startswith(prefix + "heads.") and k.endswith(".task_state"))
             if tasks and not heads and len(self.heads) != tasks:
                 raise RuntimeError(
@@ -1189,8 +1183,7 @@ class EideticNetwork(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         # a whole network's state dict holds the head of each task it records; any other is partial (strict=False:
         # the body's keys and the record, or some heads), and drops nothing
-        tasks = int(extra.get("num_finished_tasks") or 0) + (extra.get("current_task") is not None) \
-            if isinstance(extra, dict) else None
+        tasks = _recorded_tasks(extra) if isinstance(extra, dict) else None
         full = tasks is not None and n == tasks and all(
             f"{prefix}{name}.task_state" in state_dict for name, m in self._body_modules()
             if isinstance(m, EideticLayer))
@@ -1232,18 +1225,21 @@ class EideticNetwork(nn.Module):
         return torch.empty(0)
 
 
-def _end_load_marks(module: EideticNetwork) -> None:
-    """The load is over (done or stopped): the marks it gave its layers vouch for nothing more."""
+def _recorded_tasks(extra: dict) -> int:
+    """The tasks a network record (``_extra_state``, its counters checked by ``_check_record``) has heads for:
+    the finished ones and the one in training."""
+    return extra["num_finished_tasks"] + (extra.get("current_task") is not None)
+
+
+def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
+    # the load is over: its marks vouch for nothing more (a load that stopped never gets here, but its marks
+    # hold its own list of errors, which no later load passes: EideticLayer._check_owned_load)
     marks = module.__dict__.pop("_load_marks", None)
     if marks is not None:
         marks["active"] = False
     for layer in module.modules():
         if isinstance(layer, EideticLayer):
             layer.__dict__.pop("_network_loading", None)
-
-
-def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
-    _end_load_marks(module)
     casts = module.__dict__.pop("_load_casts", False)
     errors = module.__dict__.pop("_load_errors", None)
     if errors:  # torch raises them next (size mismatches, ...): its message, not one from a half-loaded sync
