@@ -315,8 +315,11 @@ def _users_file(obj) -> str | None:
         file = inspect.getsourcefile(obj)
     except TypeError:  # built in
         return None
-    if file is None:
-        return None
+    return None if file is None else _users_path(file)
+
+
+def _users_path(file: str) -> str | None:
+    """``file`` resolved, when it is the user's (see ``_users_file``); None otherwise."""
     path = Path(file).resolve()
     installed = {"site-packages", "dist-packages"} & set(path.parts)
     standard = Path(sys.base_prefix).resolve() / "lib"
@@ -346,8 +349,10 @@ def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
     """SHA-256 of what a body of the user's computes, as far as its code says: its modules' repr (types, sizes,
     options), the plain attributes of the user's module classes (a gain, a flag, an activation function), and the
     bytes of every source file of the user's it comes from (the factory ``model`` names, the files of the user's
-    module classes and of functions they hold): helper functions and module constants included, comments too. A run records it, so a resume or export with an
-    edited body file is refused instead of changing finished tasks' outputs."""
+    module classes and of functions they hold, and the user's files these import, transitively): helper functions
+    and module constants included, comments too. A run records it, so a resume or export with an edited body file
+    is refused instead of changing finished tasks' outputs. (Code reached otherwise, such as a module imported
+    inside a function, is not followed.)"""
     h = hashlib.sha256(repr(body).encode())
     files = set()
     if model is not None and is_custom_model(model):
@@ -367,10 +372,37 @@ def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
         plain = sorted((k, _plain(v, files)) for k, v in vars(module).items() if not k.startswith("_")
                        and k != "training")
         h.update(f"{name}: {plain}".encode())
+    files = _imported_users_files(files)
     # the files' contents, not their paths: a project moved or cloned elsewhere is the same body
     for digest in sorted(hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files):
         h.update(digest.encode())
     return h.hexdigest()
+
+
+def _imported_users_files(files: set) -> set:
+    """``files`` and, transitively, the user's files their modules import (``import helpers``, ``from blocks import
+    act``): code a body's forward may call without holding it in an attribute. Modules are those imported in this
+    process (``sys.modules``), found by their file."""
+    modules_of: dict[str, list] = {}
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str):
+            modules_of.setdefault(str(Path(file).resolve()), []).append(module)
+    seen, todo = set(files), list(files)
+    while todo:
+        for module in modules_of.get(todo.pop(), ()):
+            for value in list(vars(module).values()):
+                if inspect.ismodule(value):
+                    file = getattr(value, "__file__", None)
+                    file = _users_path(file) if isinstance(file, str) else None
+                elif inspect.isfunction(value) or inspect.isclass(value):
+                    file = _users_file(value)
+                else:
+                    continue
+                if file is not None and file not in seen:
+                    seen.add(file)
+                    todo.append(file)
+    return seen
 
 
 def check_model_args(model: str, model_args: dict | None) -> None:

@@ -540,3 +540,37 @@ def test_the_body_record_is_stable_and_follows_what_the_body_holds(tmp_path, mon
     assert body_fingerprint(held.Held()) != first
     for name in ("held", "helpers_fp"):
         _sys.modules.pop(name, None)
+
+
+def test_the_body_record_follows_the_users_modules_the_body_file_imports(tmp_path, monkeypatch):
+    """Code the body's forward calls without holding it (a module imported by the body's file, a function imported
+    from one, and what those import in turn) is part of the record: editing it changes the record."""
+    import importlib
+    import sys as _sys
+    from python_layers.models import body_fingerprint
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "deep_fp.py").write_text("GAIN = 2.0\n")
+    (tmp_path / "scale_fp.py").write_text("from deep_fp import GAIN\nimport deep_fp\n"
+                                          "def scale(x):\n    return x * deep_fp.GAIN\n")
+    (tmp_path / "act_fp.py").write_text("import torch\ndef act(x):\n    return torch.relu(x)\n")
+    (tmp_path / "calls_fp.py").write_text(
+        "import torch.nn as nn\nimport scale_fp\nfrom act_fp import act\n"
+        "class Calls(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return scale_fp.scale(act(self.fc(x)))\n")
+    try:
+        calls = importlib.import_module("calls_fp")
+        first = body_fingerprint(calls.Calls())
+        assert body_fingerprint(calls.Calls()) == first
+        for name, edited in (("act_fp", "import torch\ndef act(x):\n    return torch.tanh(x)\n"),
+                             ("scale_fp", "import deep_fp\ndef scale(x):\n    return x * deep_fp.GAIN * 2\n"),
+                             ("deep_fp", "GAIN = 3.0\n")):
+            before = body_fingerprint(calls.Calls())
+            (tmp_path / f"{name}.py").write_text(edited)
+            assert body_fingerprint(calls.Calls()) != before, name
+    finally:
+        for name in ("calls_fp", "scale_fp", "act_fp", "deep_fp"):
+            _sys.modules.pop(name, None)
