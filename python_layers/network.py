@@ -212,8 +212,8 @@ def _refuse_late_modules(parent: nn.Module, name: str, submodule) -> None:
     mark, is no longer in that network's body and takes anything. On the network itself, a module with no
     parameter and no layer to convert (a loss, a metric) under a new name is no part of the body's work and is
     let through (and guarded like the body from then on).
-    (A container's ``insert`` and ``del`` bypass torch's hook: editing the structure of a traced body, as
-    editing its frozen tensors by hand, is not guarded.)"""
+    (A container's ``insert``, ``del`` and ``pop`` bypass torch's hook: the next forward refuses them,
+    ``EideticNetwork._check_body_structure``.)"""
     if isinstance(parent, EideticNetwork):
         if parent.__dict__.get("graph") is None or name in _NON_BODY:
             return None
@@ -360,10 +360,45 @@ class EideticNetwork(nn.Module):
         layer_names = [name for name, module in self._body_modules() if isinstance(module, EideticLayer)]
         key = self.__dict__["_body_key"] = f"{id(self)}-{next(_BODY_KEYS)}"
         _TRACED_BODIES[key] = self
+        containers = []
         for name, module in self._body_modules():
             if name and not isinstance(module, EideticLayer) and \
                     not any(name.startswith(layer + ".") for layer in layer_names):
                 module.__dict__["_traced_body"] = key
+                containers.append((name, module, tuple(module._modules.items())))
+        # what the containers hold now: an edit that bypasses torch's registration hook (a container's insert,
+        # del or pop) is found by the next forward (_check_body_structure)
+        self.__dict__["_traced_structure"] = (
+            tuple((k, v) for k, v in self._modules.items() if k not in _NON_BODY), tuple(containers))
+
+    def _check_body_structure(self) -> None:
+        """GraphError when a container of the traced body no longer holds the modules it held when the graph was
+        traced (``insert``, ``del``, ``pop`` edit a container without torch's registration hook, which
+        ``_refuse_late_modules`` guards): the graph would not follow, and finished tasks' outputs would change.
+        Nothing is changed: undoing the edit makes the network run again."""
+        structure = self.__dict__.get("_traced_structure")
+        if structure is None or torch.compiler.is_compiling():  # a compiled graph guards on the modules it inlined
+            return
+        children, containers = structure
+        for k, v in children:
+            if self._modules.get(k) is not v:
+                self._refuse_edited_body(k or "the network", self, children)
+        for name, module, held in containers:
+            if tuple(module._modules.items()) != held:
+                self._refuse_edited_body(name, module, held)
+
+    def _refuse_edited_body(self, name: str, module: nn.Module, held: tuple) -> None:
+        now = [(k, v) for k, v in module._modules.items() if not any(v is w for _, w in held)]
+        gone = [(k, v) for k, v in held if not any(v is w for w in module._modules.values())]
+        if module is self:
+            now = []  # the network takes new modules that are no part of the body (_refuse_late_modules)
+        what = "; ".join([f"{type(v).__name__} {k!r} removed" for k, v in gone] +
+                         [f"{type(v).__name__} {k!r} added" for k, v in now]) or "its modules reordered"
+        where = "the EideticNetwork" if module is self else f"{name} ({type(module).__name__})"
+        raise GraphError(f"{where} was edited after the layer graph was traced ({what}): the graph does not "
+                         "follow such an edit, and finished tasks' outputs would change. Nothing was lost: undo "
+                         "the edit to run this network again, or build a new network with the body you want "
+                         "(a fresh EideticNetwork, or load a checkpoint into one)")
 
     def __setstate__(self, state) -> None:
         # a deep copy or an unpickled network: its containers carry a key of another network (or of none), and
@@ -407,6 +442,7 @@ class EideticNetwork(nn.Module):
 
     def _convert_and_check(self) -> None:
         """Convert plain layers (a subclass may add them after __init__) and reject stray parameters."""
+        self._check_body_structure()  # before converting re-marks the body: an edit is refused, not adopted
         twins = {}  # one conversion for the whole body: a module under two names becomes one twin
         children = [(name, child) for name, child in self._modules.items()
                     if name not in _NON_BODY and child is not None]
@@ -666,22 +702,25 @@ class EideticNetwork(nn.Module):
             b = module._buffers.get(key)
             if b is None:
                 continue  # removed since: no task reads it
-            old = values.to(b)  # the network may have moved or been cast since
-            if not same_values(b, old):
-                changed.append(name)
-                with torch.no_grad():
-                    if old.shape == b.shape:
-                        b.copy_(old)
-                    else:  # re-registered with another shape: the recorded values go back
-                        module._buffers[key] = old.clone()
+            old = values.to(b.device)  # recorded in the dtype of the network's last cast (_apply)
+            # the dtype too: re-registered in float16, a buffer equals the recorded values rounded to it
+            if b.dtype == old.dtype and same_values(b, old):
+                continue
+            changed.append(name)
+            with torch.no_grad():
+                if old.shape == b.shape and old.dtype == b.dtype:
+                    b.copy_(old)
+                else:  # re-registered with another shape or dtype: the recorded buffer goes back
+                    module._buffers[key] = old.clone()
         if changed:
             raise RuntimeError(
                 f"buffer(s) {', '.join(changed)} of the body changed after task {self.num_finished_tasks - 1} "
-                f"finished ({when}): the body's forward (or code outside it) wrote them, and every task's outputs "
-                "read them, so finished tasks would change with them. They are set back to the values recorded at "
-                "the last finish_task (or load). Keep the body's buffers fixed once a task is finished: a schedule "
-                "that changes with training (a warm-up factor, a step count) belongs in the training loop, not in "
-                "the body")
+                f"finished ({when}): the body's forward (or code outside it) wrote or re-registered them, and every "
+                "task's outputs read them, so finished tasks would change with them. They are set back to the values "
+                "(and dtype) recorded at the last finish_task (or load). Keep the body's buffers fixed once a task is "
+                "finished: a schedule that changes with training (a warm-up factor, a step count) belongs in the "
+                "training loop, not in the body; to cast the network, cast the EideticNetwork itself "
+                "(model.to(dtype), model.half()), which records the cast values")
 
     def _record_frozen_values(self) -> None:
         """The fingerprint of the frozen values now (``_live_fingerprint``), saved with the state dict."""
@@ -710,6 +749,11 @@ class EideticNetwork(nn.Module):
         out = super()._apply(fn, recurse)
         if getattr(self, "_frozen_fingerprint", None) is not None and self._frozen_dtypes() != dtypes:
             self._record_frozen_values()
+        saved = self.__dict__.get("_body_constant_values")
+        if saved:  # the recorded body buffers follow the network's casts and moves, as the buffers do
+            with torch.no_grad():
+                self.__dict__["_body_constant_values"] = [(name, module, key, b, fn(values))
+                                                          for name, module, key, b, values in saved]
         return out
 
     def _frozen_dtypes(self) -> list:
@@ -775,6 +819,7 @@ class EideticNetwork(nn.Module):
                 raise ValueError(f"view_task={view_task} is not finished; views exist for finished tasks only "
                                  f"(0..{self.num_finished_tasks - 1})")
         self.ensure_graph(x)
+        self._check_body_structure()
         layers = self._graph_layers
         saved = _modes(layers)
         # frozen blocks are constants to autograd unless asked otherwise or the input itself needs a gradient
@@ -893,6 +938,7 @@ class EideticNetwork(nn.Module):
         widths = self._narrow_widths(task)
         if isinstance(widths, str):
             return self.logits(self.features(x, view_task=task), task)
+        self._check_body_structure()
         head = self.heads[task]
         self._constant_frozen = self._frozen_as_constants(x)
         layers = self._graph_layers + [head]

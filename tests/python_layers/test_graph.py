@@ -460,6 +460,42 @@ def test_a_body_that_writes_its_buffers_is_refused():
     assert model.body.step.shape == () and torch.equal(model(x, task=0), before)
 
 
+class _Normalised(nn.Module):
+    """An input normalisation with its constants in buffers (as the CLI's bodies have)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.full((5,), 0.1307))
+        self.fc = nn.Linear(5, 6)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x - self.mean))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_a_body_buffer_re_registered_in_another_dtype_is_set_back_with_its_dtype(dtype):
+    """Rounded to float16, the buffer equals the recorded values cast to it; in float64 it holds them exactly but
+    changes the dtype of what it computes: both are found, and go back as float32, bit for bit. A cast of the whole
+    network is no change: it casts the record too."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    model = EideticNetwork(_Normalised(), 6)
+    model.prepare_for_task(0, 2)
+    model(x)
+    model.groups[0].prune([0, 1, 2])
+    model.finish_task()
+    model.eval()
+    before = model(x, task=0)
+    model.body.mean = model.body.mean.to(dtype)
+    with pytest.raises(RuntimeError, match=r"body.mean of the body changed after task 0 finished.*and dtype"):
+        model.prepare_for_task(1, 2)
+    assert model.body.mean.dtype == torch.float32 and torch.equal(model(x, task=0), before)
+    model.double()  # the network's own cast: recorded again, nothing refused
+    model.prepare_for_task(1, 2)
+    assert model.body.mean.dtype == torch.float64
+    assert torch.allclose(model(x.double(), task=0), before.double(), atol=1e-6)
+
+
 class LayerDrop(nn.Module):
     """Blocks skipped while training as LayerDrop does (here: the second one, as a random draw may)."""
 
@@ -733,8 +769,93 @@ def test_a_layer_added_after_the_graph_was_traced_refuses_to_run():
     for again in (torch.load(_saved(model), weights_only=False), copy.deepcopy(model)):  # copies keep the guard
         with pytest.raises(GraphError, match="cannot add module"):
             again.body.append(nn.Linear(6, 6))
-    # one slipped in past torch's registration hook refuses to run
+    # one slipped in past torch's registration hook is refused before anything changes; undone, all runs again
     model.body._modules["2"] = EideticLinear(6, 6)
+    with pytest.raises(GraphError, match=r"body \(Sequential\) was edited .*EideticLinear '2' added"):
+        model.prepare_for_task(1, 2)
+    assert model.current_task is None and len(model.heads) == 1
+    del model.body._modules["2"]
     model.prepare_for_task(1, 2)
-    with pytest.raises(RuntimeError, match=r"not in its layer graph \(it was added to the body after the graph"):
-        model(x)
+    model(x)
+
+
+def _edits():
+    """(name, edit, undo) of a traced body ``Sequential(Linear, ReLU, Sequential(Linear, ReLU))`` that bypass
+    torch's module-registration hook."""
+    kept = {}  # what an edit took out, per network
+    def insert(model):
+        model.body.insert(1, nn.Dropout(0.5))
+
+    def undo_insert(model):
+        del model.body[1]
+
+    def delete(model):
+        kept[id(model)] = model.body[1]
+        del model.body[1]
+
+    def undo_delete(model):
+        model.body._modules = dict(zip(map(str, range(4)), [model.body[0], kept[id(model)], model.body[1],
+                                                              model.body[2]]))
+
+    def pop_inner(model):
+        kept[id(model)] = model.body[2].pop(1)
+
+    def undo_pop_inner(model):
+        model.body[2]._modules["1"] = kept[id(model)]
+
+    def swap(model):
+        m = model.body._modules
+        m["1"], m["3"] = m["3"], m["1"]
+
+    def drop_body(model):
+        kept[id(model)] = model.body
+        del model.body
+
+    def undo_drop_body(model):
+        model._modules["body"] = kept[id(model)]
+
+    return [("insert", insert, undo_insert, "Dropout '1' added"), ("del", delete, undo_delete, "ReLU '1' removed"),
+            ("pop", pop_inner, undo_pop_inner, "ReLU '1' removed"), ("swap", swap, swap, "reordered"),
+            ("del body", drop_body, undo_drop_body, "Sequential 'body' removed")]
+
+
+@pytest.mark.parametrize("case", _edits(), ids=lambda c: c[0])
+def test_editing_a_traced_body_past_the_registration_hook_is_refused_and_undone_runs_again(case):
+    """A container's insert/del/pop (or a hand edit of its _modules) bypasses torch's registration hook: the next
+    forward refuses it (every view, narrow or not, and a new task), nothing is changed, and undoing the edit makes
+    the network compute what it did before, bit for bit."""
+    _, edit, undo, what = case
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    body = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Sequential(nn.Linear(6, 6), nn.ReLU()), nn.Identity())
+    model = EideticNetwork(body, 6)
+    model.prepare_for_task(0, 2)
+    model(x)
+    for group in model.groups:
+        group.prune([0, 1])
+    model.finish_task()
+    model.prepare_for_task(1, 2)
+    model.eval()
+    before = model(x, task=0)
+    hooked = copy.deepcopy(model)
+    hooked.body[0].register_forward_hook(lambda *a: None)  # hooks: full width, through features()
+    assert hooked.narrow_eval_blocked_by(x) is not None and model.narrow_eval_blocked_by(x) is None
+    for net in (model, hooked):
+        edit(net)
+        for call in (lambda: net(x, task=0), lambda: net(x), lambda: net.features(x, view_task=0)):
+            with pytest.raises(GraphError, match=f"edited after the layer graph was traced .*{what}.*undo the edit"):
+                call()
+        undo(net)
+        assert torch.equal(net(x, task=0), before)
+        net.train()
+        net(x).sum().backward()
+    for group in model.groups:
+        group.prune((group.task_state == FREE).nonzero().flatten()[:2])
+    model.finish_task()
+    edit(model)
+    with pytest.raises(GraphError, match="edited after the layer graph was traced"):
+        model.prepare_for_task(2, 2)
+    assert model.current_task is None
+    undo(model)
+    model.prepare_for_task(2, 2)
+    assert torch.equal(model.eval()(x, task=0), before)
