@@ -83,7 +83,9 @@ def _check_step(optimizer, args, kwargs) -> None:
                     "transition replaced (finish_task freezes rows into buffers and installs new Parameters; "
                     "loading a checkpoint of another shape does too), so stepping it would train nothing. Call "
                     "eidetic_kernels.rebind_optimizer(optimizer) (train_task does this for the optimizer it is "
-                    "given), or build a new optimizer over model.parameters()")
+                    "given), or build a new optimizer over model.parameters(). A new task's head is a new Parameter "
+                    "too: after model.prepare_for_task(t, ...) in a loop of your own, add it with "
+                    "optimizer.add_param_group({'params': model.heads[t].parameters()}) (train_task does)")
     if not compiling:
         optimizer.__dict__["_eidetic_checked"] = _generation
 

@@ -416,7 +416,8 @@ _RESHAPE_MODULES = (nn.Flatten,)
 # ops over the spatial dims of each channel alone: resizing, padding, per-sample per-channel normalisation
 _SPATIAL_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d,
                     nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.InstanceNorm1d, nn.InstanceNorm2d)
+                    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.CircularPad1d, nn.CircularPad2d, nn.InstanceNorm1d,
+                    nn.InstanceNorm2d)
 _SPATIAL_FUNCTIONS = {F.interpolate, F.upsample, F.pad}
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}

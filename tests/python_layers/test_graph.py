@@ -559,11 +559,12 @@ class Spatial(nn.Module):
         self.c1 = nn.Conv2d(3, 5, 3)
         self.norm = nn.InstanceNorm2d(5)
         self.pad = nn.ZeroPad2d(1)
+        self.wrap = nn.CircularPad2d((0, 0, 1, 1))
         self.up = nn.Upsample(scale_factor=2)
         self.c2 = nn.Conv2d(5, 4, 3)
 
     def forward(self, x):
-        h = self.up(self.pad(F.relu(self.norm(self.c1(x)))))
+        h = self.up(self.wrap(self.pad(F.relu(self.norm(self.c1(x))))))
         h = F.interpolate(F.pad(h, (1, 1, 1, 1)), size=(9, 9), mode="bilinear")
         return F.relu(self.c2(h)).mean((2, 3))
 
