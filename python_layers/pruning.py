@@ -163,8 +163,15 @@ def prune_step(groups, method: str, step: float, task_free: dict, decide=None) -
     """
     if not 0 < step <= 1:
         raise ValueError(f"step must be a share in (0, 1], got {step!r}")
+    missing = [group.name for group in groups if task_free and group.name not in task_free]
+    if missing:
+        raise ValueError(f"task_free has no count for group(s) {', '.join(missing)} (it has: "
+                         f"{', '.join(map(str, task_free)) or 'none'}): take it when the task's pruning begins, "
+                         "{g.name: int((g.task_state == FREE).sum()) for g in model.groups}")
     chosen = {}
     for group in groups:  # score everything first: pruning one group changes its consumers' live inputs
+        if group.name not in task_free:
+            continue  # an empty dict: nothing was left to prune
         count = prune_counts(group, step, task_free[group.name])
         if count:
             neurons = select_neurons(group_scores(group, method), group.task_state, count)

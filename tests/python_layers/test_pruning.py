@@ -192,6 +192,9 @@ def test_a_step_prunes_the_weakest_neurons():
     done = pruning.prune_step([g], "l1", 0.2, {"layer0": 10})
     assert sorted(done["layer0"].tolist()) == [8, 9]
     assert g.task_state[8] == PRUNED and g.task_state[9] == PRUNED
+    with pytest.raises(ValueError, match=r"task_free has no count for group\(s\) layer0 \(it has: body.0\)"):
+        pruning.prune_step([g], "l1", 0.2, {"body.0": 10})
+    assert int((g.task_state == PRUNED).sum()) == 2  # nothing pruned
 
 
 def test_a_residual_group_sums_both_branches_normalised():
