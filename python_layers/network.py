@@ -18,6 +18,7 @@ import operator
 import types
 import warnings
 import weakref
+from typing import NoReturn
 
 import torch
 import torch.nn as nn
@@ -382,12 +383,12 @@ class EideticNetwork(nn.Module):
         children, containers = structure
         for k, v in children:
             if self._modules.get(k) is not v:
-                self._refuse_edited_body(k or "the network", self, children)
+                self._refuse_edited_body("", self, children)
         for name, module, held in containers:
             if tuple(module._modules.items()) != held:
                 self._refuse_edited_body(name, module, held)
 
-    def _refuse_edited_body(self, name: str, module: nn.Module, held: tuple) -> None:
+    def _refuse_edited_body(self, name: str, module: nn.Module, held: tuple) -> NoReturn:
         now = [(k, v) for k, v in module._modules.items() if not any(v is w for _, w in held)]
         gone = [(k, v) for k, v in held if not any(v is w for w in module._modules.values())]
         if module is self:
