@@ -750,7 +750,9 @@ class _Propagator:
             return _NONTENSOR if self.shape(node) is None else _CONST
         if fn is operator.getitem:
             if self.spatial_index(node):
-                return self.spatial(node, node.args[0])  # a crop of the spatial dims: h[:, :, 1:-1], h[..., :4]
+                # a crop of the spatial dims or unit dims added after the channel dim: each channel's values
+                # come from its own values only
+                return self.channels_kept(node, node.args[0])
             raise self.split_error(node)
         if not self.tensor_args(node):
             return _NONTENSOR if self.shape(node) is None else _CONST
@@ -786,16 +788,28 @@ class _Propagator:
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
 
     def spatial_index(self, node) -> bool:
-        """Whether ``x[index]`` indexes spatial dims only, with slices and ints: ``[:, :, ...]`` spelled out,
-        or ``[..., i]`` reaching no further than the spatial dims."""
+        """Whether ``x[index]`` keeps the batch and channel dims where they are and touches only the dims after
+        them: slices and ints crop the spatial dims (``h[:, :, 1:-1]``, ``h[..., :4]``) and ``None`` adds unit
+        dims after the channel dim (an SE gate's ``g[:, :, None, None]`` or ``g[..., None, None]``)."""
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         ndim = len(self.shape(node.args[0]) or ())
-        if ndim < 3 or not all(isinstance(i, (slice, int)) or i is Ellipsis for i in index):
+        if ndim < 2 or index.count(Ellipsis) > 1:
             return False
-        if index[:1] == (Ellipsis,):
-            return Ellipsis not in index[1:] and len(index) - 1 <= ndim - 2
+        if not all(i is None or i is Ellipsis or isinstance(i, (slice, int)) for i in index):
+            return False
+        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+        if consumed > ndim:
+            return False
+        # the index spelled out: the ellipsis (or the missing tail) stands for whole dims
         full = slice(None, None, None)
-        return len(index) >= 2 and index[0] == full and index[1] == full and Ellipsis not in index[2:]
+        fill = [full] * (ndim - consumed)
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            entries = list(index[:at]) + fill + list(index[at + 1:])
+        else:
+            entries = list(index) + fill
+        # dims 0 and 1 (batch, channel) come first, whole, with no unit dim added before them
+        return len(entries) >= 2 and entries[0] == full and entries[1] == full
 
     def write_error(self, node) -> GraphError:
         return GraphError(f"{_node_desc(node)} writes features into a buffer or constant in place: every task's "
@@ -805,7 +819,8 @@ class _Propagator:
     def split_error(self, node) -> GraphError:
         return GraphError(
             f"{_node_desc(node)} splits, indexes or slices a tensor of features in a way the tracer does not "
-            "follow (it follows crops of the spatial dims with slices and ints: h[:, :, 1:-1], h[..., 1:-1]). "
+            "follow (it follows crops of the spatial dims with slices and ints, h[:, :, 1:-1] or h[..., 1:-1], and unit "
+            "dims added after the channel dim, g[:, :, None, None]). "
             "A layer whose parts are then combined with each other (a GLU, a * sigmoid(b) over the two halves of "
             "one layer) ties its own neurons in pairs, which per-neuron states cannot represent: use two layers, "
             f"one per part. Parts that stay apart (branches over channel groups) can be declared: {_DECLARE_HINT}")
@@ -840,6 +855,14 @@ class _Propagator:
             raise GraphError(f"{_node_desc(node)} changes the batch or channel dim ({a} -> {b}), or reads a "
                              f"tensor without spatial dims; the tracer follows resizing and padding of the "
                              f"spatial dims of [N, C, ...] only. {_DECLARE_HINT}")
+        return prov
+
+    def channels_kept(self, node, arg):
+        """An index that keeps the batch and channel dims in place ([N, C, ...] -> [N, C, ...])."""
+        prov = self.provenance(arg, node)
+        a, b = self.shape(arg), self.shape(node)
+        if a is None or b is None or len(a) < 2 or len(b) < 2 or a[:2] != b[:2]:
+            raise self.split_error(node)
         return prov
 
     def reshape(self, node, arg):

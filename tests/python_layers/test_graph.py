@@ -733,6 +733,61 @@ def _saved(model):
     return buffer
 
 
+class _SEGate(nn.Module):
+    """A conv block with a squeeze-and-excitation gate whose [N, C] gate gets its unit dims by indexing."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+        self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.squeeze, self.excite = nn.Linear(8, 4), nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        g = torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean((2, 3))))))
+        return (h * self.index(g)).mean((2, 3))
+
+
+_GATE_INDEX = {"spelled": lambda g: g[:, :, None, None], "ellipsis": lambda g: g[..., None, None]}
+
+
+@pytest.mark.parametrize("spell", ["spelled", "ellipsis"])
+def test_unit_dims_added_by_indexing_are_followed_and_keep_the_promise(spell):
+    """``g[:, :, None, None]`` (an SE gate) keeps the channel dim: it couples the excitation with the conv it
+    gates, and finished tasks keep their bits while later tasks train, NaN in free capacity included."""
+    from tests.python_layers.test_renumbering import _finish_tasks
+
+    graph = trace_body(_SEGate(_GATE_INDEX[spell]), torch.randn(2, 1, 6, 6))
+    assert sorted(sorted(names(g)) for g in graph.groups) == [["bn", "conv", "excite"], ["squeeze"]]
+    torch.manual_seed(0)
+    model = EideticNetwork(_SEGate(_GATE_INDEX[spell]), 8)
+    _finish_tasks(model, (1, 6, 6), tasks=2)
+    probe = torch.randn(5, 1, 6, 6)
+    model.eval()
+    with torch.no_grad():
+        before = [model(probe, task=t).clone() for t in range(2)]
+    model.prepare_for_task(2, 3)
+    with torch.no_grad():
+        for p in model.parameters():  # the trainable storage only: every FREE neuron and the new head
+            p.fill_(float("nan"))
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(model(probe, task=t), before[t]), (spell, t)
+    # an index that moves or cuts the channel dim, or moves the batch dim, is still refused
+    for bad in (lambda g: g[:, None], lambda g: g[:, :2, None], lambda g: g[None], lambda g: g[..., None, :]):
+        with pytest.raises(GraphError, match="splits, indexes or slices"):
+            trace_body(_IndexThenFlatten(bad), torch.randn(3, 5))
+
+
+class _IndexThenFlatten(nn.Module):
+    def __init__(self, index):
+        super().__init__()
+        self.fc, self.index = nn.Linear(5, 4), index
+
+    def forward(self, x):
+        return self.index(self.fc(x)).flatten(1)
+
+
 class _Index(nn.Module):
     def forward(self, h):
         return h[:, :2]
