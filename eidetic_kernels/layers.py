@@ -917,8 +917,13 @@ class EideticConv2d(EideticLayer):
                              "output channel from a window of all the input channels a neuron may read, and "
                              "grouped (and depthwise) convolutions are not implemented; use groups=1")
         if padding_mode != "zeros":
-            raise ValueError(f"EideticConv2d supports padding_mode='zeros' only, got {padding_mode!r}: reflect, "
-                             "replicate and circular padding are not implemented; use padding_mode='zeros'")
+            pad = {"reflect": "ReflectionPad2d", "replicate": "ReplicationPad2d", "circular": "CircularPad2d"}
+            amount = (f"(({padding[1]}, {padding[1]}, {padding[0]}, {padding[0]}))"
+                      if isinstance(padding, (tuple, list)) and len(padding) == 2 else
+                      f"({padding})" if isinstance(padding, int) else "(kernel_size // 2 per side, odd kernels)")
+            raise ValueError(f"EideticConv2d supports padding_mode='zeros' only, got {padding_mode!r}. For the same "
+                             f"result, pad first with nn.{pad.get(padding_mode, 'ReflectionPad2d')}{amount} and give "
+                             "the conv padding=0 (nn.Sequential(pad, conv)); an EideticNetwork follows these pads")
         twin = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias, padding_mode,
                          device=device, dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels

@@ -51,6 +51,16 @@ class GraphError(RuntimeError):
     """The layer graph cannot be derived (or a declared one is inconsistent)."""
 
 
+def feature_norm_error(where: str, kind: str) -> GraphError:
+    """The refusal of a norm over the neurons of a layer (LayerNorm, GroupNorm, RMSNorm, local response norm):
+    per-neuron task states cannot make it safe, so no hint to declare the graph."""
+    return GraphError(
+        f"{where} is a {kind}, which EideticNetwork cannot support: it normalises across the neurons of a layer, "
+        "so a finished task's outputs would change whenever a later task's neurons change (declaring the graph by "
+        "hand would not make it safe). Use BatchNorm1d/2d, which normalises each neuron on its own and keeps a "
+        "finished task's statistics, or InstanceNorm1d/2d (affine=False) to normalise each channel per sample")
+
+
 @dataclass(frozen=True)
 class Segment:
     """``count`` neurons of ``source`` (a group; ``None`` = raw input), each covering ``repeat`` features."""
@@ -419,6 +429,9 @@ _SPATIAL_MODULES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d
                     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.CircularPad1d, nn.CircularPad2d, nn.InstanceNorm1d,
                     nn.InstanceNorm2d)
 _SPATIAL_FUNCTIONS = {F.interpolate, F.upsample, F.pad}
+# norms whose statistics run over the channel (neuron) dim: every output reads every neuron of the layer
+_FEATURE_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.RMSNorm)
+_FEATURE_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm, F.rms_norm}
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
@@ -686,6 +699,10 @@ class _Propagator:
                              f"({_describe_proto(self, prov)}); it must follow one Linear/Conv (or the raw input) "
                              f"whose neurons are its channels: after a concatenation (as in DenseNet), put one "
                              f"batch norm on each branch before torch.cat instead")
+        if isinstance(module, _FEATURE_NORM_MODULES) and self.mixes_neurons(node, module) is not None:
+            if self.mixes_neurons(node, module):
+                raise self.refuse_feature_norm(node, f"{name} ({type(module).__name__})")
+            return self.spatial(node, node.args[0])  # over each channel's own spatial values (no parameters here)
         if isinstance(module, _ELEMENTWISE_MODULES):
             # (PReLU's parameter is shared by every task: EideticNetwork rejects it as a stray parameter)
             return self.provenance(node.args[0], node)
@@ -720,6 +737,15 @@ class _Propagator:
         fn = node.target
         if fn in _ELEMENTWISE_FUNCTIONS:
             return self.note_constants(node, self.provenance(node.args[0], node))
+        if fn in _FEATURE_NORM_FUNCTIONS and self.mixes_neurons(node, None) is not None:
+            if self.mixes_neurons(node, None):
+                raise self.refuse_feature_norm(node, _node_desc(node))
+            if len(self.tensor_args(node)) == 1:  # weight and bias, if any, are constants over spatial positions
+                return self.spatial(node, node.args[0])
+        if fn is F.instance_norm and len(self.tensor_args(node)) == 1 and not any(
+                (node.args[i] if len(node.args) > i else node.kwargs.get(k)) is not None
+                for i, k in ((1, "running_mean"), (2, "running_var"))):
+            return self.spatial(node, node.args[0])  # no running statistics to write: each channel alone
         if fn in _POOL_FUNCTIONS:
             return self.same_channels(node, node.args[0])
         if fn in _BINARY_FUNCTIONS:
@@ -810,6 +836,62 @@ class _Propagator:
             entries = list(index) + fill
         # dims 0 and 1 (batch, channel) come first, whole, with no unit dim added before them
         return len(entries) >= 2 and entries[0] == full and entries[1] == full
+
+    def mixes_neurons(self, node, module) -> bool | None:
+        """Whether a LayerNorm, RMSNorm, GroupNorm or local response norm (module or function) reads across the
+        channel dim (None: its normalized shape is computed in forward and unknown here). A layer norm over the
+        spatial dims only does not; a group norm with one channel per group does not either, but it is an
+        instance norm that would not run on the narrower activations of an earlier task's evaluation."""
+        shape = self.shape(node.args[0]) if node.args else None
+        fn = module if module is not None else node.target
+        if isinstance(fn, (nn.LayerNorm, nn.RMSNorm)) or fn in (F.layer_norm, F.rms_norm):
+            normalized = fn.normalized_shape if module is not None else (
+                node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape"))
+            if isinstance(normalized, fx.Node):
+                length = self.shape_length(normalized)  # h.shape[1:], h.size()[-2:]
+            elif isinstance(normalized, (tuple, list)):
+                length = len(normalized)  # its entries may be computed (h.shape[-1]), its length is not
+            else:
+                length = 1 if isinstance(normalized, int) else None
+            if length is None:
+                return None
+            return shape is None or length >= len(shape) - 1
+        return True
+
+    def shape_length(self, node: fx.Node) -> int | None:
+        """The length of a shape computed in forward from a tensor's shape (``h.shape[1:]``, ``h.size()[2:]``,
+        ``h.shape[-1]``), or None."""
+        if node.op != "call_function" or node.target is not operator.getitem:
+            return None
+        base, index = node.args
+        if not isinstance(base, fx.Node) or isinstance(index, fx.Node):
+            return None
+        if base.op == "call_function" and base.target is getattr and base.args[1] == "shape":
+            source = base.args[0]
+        elif base.op == "call_method" and base.target == "size" and len(base.args) == 1 and not base.kwargs:
+            source = base.args[0]
+        else:
+            return None
+        shape = self.shape(source)
+        if shape is None:
+            return None
+        picked = tuple(range(len(shape)))[index]
+        return len(picked) if isinstance(picked, tuple) else 1
+
+    def refuse_feature_norm(self, node, where: str) -> GraphError:
+        """The error for a norm that reads across channels: GroupNorm with one channel per group names the
+        instance norm it computes."""
+        module = self.owner.get_submodule(node.target) if node.op == "call_module" else None
+        shape = self.shape(node.args[0]) if node.args else None
+        groups = module.num_groups if isinstance(module, nn.GroupNorm) else (
+            (node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups"))
+            if node.target is F.group_norm else None)
+        if groups is not None and shape is not None and len(shape) >= 2 and groups == shape[1]:
+            return GraphError(
+                f"{where} is a group norm with one channel per group, which is an instance norm: use "
+                "nn.InstanceNorm1d/2d (affine=False) or F.instance_norm, which EideticNetwork follows (a group norm "
+                "has a fixed channel count, and an earlier task's evaluation runs on fewer channels)")
+        return feature_norm_error(where, "norm over the features")
 
     def write_error(self, node) -> GraphError:
         return GraphError(f"{_node_desc(node)} writes features into a buffer or constant in place: every task's "

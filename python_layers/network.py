@@ -27,7 +27,8 @@ from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLi
 from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable, prepare_twins
 from eidetic_kernels.state import is_frozen
 
-from .graph import GraphError, LayerGraph, NeuronGroup, buffer_values, same_values, trace_module
+from .graph import (_FEATURE_NORM_MODULES, GraphError, LayerGraph, NeuronGroup, buffer_values, feature_norm_error,
+                    same_values, trace_module)
 from .warn import user_stacklevel
 from .pruning import fixed_by_user
 
@@ -467,6 +468,10 @@ class EideticNetwork(nn.Module):
                             f"per-neuron states (freezing one would leave the other training the same weights). "
                             f"Give each place its own layer (copy.deepcopy), or keep one module and call it once")
                 continue
+            if isinstance(module, _FEATURE_NORM_MODULES) and any(True for _ in module.parameters(recurse=False)):
+                # the norm itself is refused with or without its parameters: say so before asking to drop them
+                # (without parameters the tracer refuses it where it reads across channels)
+                raise feature_norm_error(f"{name} ({type(module).__name__})", "norm over the features")
             own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
             stray += own
             if own and type(module).__name__ not in kinds:

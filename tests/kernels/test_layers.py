@@ -81,6 +81,23 @@ def test_grouped_conv_is_a_clear_error():
         ek.convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)))
 
 
+@pytest.mark.parametrize("mode, pad_class", [("reflect", "ReflectionPad2d"), ("replicate", "ReplicationPad2d"),
+                                             ("circular", "CircularPad2d")])
+@pytest.mark.parametrize("padding", [1, (1, 2)])
+def test_a_padding_mode_other_than_zeros_names_the_pad_module_that_computes_the_same(mode, pad_class, padding):
+    """The error gives the pad module and its arguments; running that pad before a padding=0 conv gives the
+    padded conv's output."""
+    conv = nn.Conv2d(2, 3, 3, padding=padding, padding_mode=mode)
+    with pytest.raises(ValueError, match=rf"cannot convert 0.*padding_mode='zeros' only.*nn\.{pad_class}") as caught:
+        ek.convert(nn.Sequential(conv))
+    message = str(caught.value)
+    pad = eval(message[message.index("nn." + pad_class):message.index(" and give the conv padding=0")], {"nn": nn})
+    unpadded = nn.Conv2d(2, 3, 3, padding=0)
+    unpadded.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 2, 7, 9)
+    torch.testing.assert_close(unpadded(pad(x)), conv(x), rtol=1e-5, atol=1e-6)
+
+
 def _freeze_some(layer, generator):
     """Prune, freeze (task 0), recycle, then freeze some of the recycled as task 1: a realistic mix."""
     n = layer.num_neurons

@@ -428,9 +428,13 @@ def test_subclass_with_own_layers_and_forward():
 
 def test_stray_parameters_are_rejected():
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    body = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4))
     model = EideticNetwork(body, 4)
-    with pytest.raises(GraphError, match=r"parameters outside Eidetic layers: .* \(in LayerNorm, which"):
+    with pytest.raises(GraphError, match=r"parameters outside Eidetic layers: .* \(in PReLU, which"):
+        model.prepare_for_task(0, 2)
+    # a norm over the features is refused for what it is, before its parameters
+    model = EideticNetwork(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 4)
+    with pytest.raises(GraphError, match=r"body.1 \(LayerNorm\) is a norm over the features, which EideticNetwork"):
         model.prepare_for_task(0, 2)
 
 
