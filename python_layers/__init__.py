@@ -5,7 +5,7 @@ traced (graph.py), each task is pruned and frozen (trainer.py, pruning.py), and 
 task when none is given (routing.py).
 """
 from .graph import GraphError, LayerGraph, NeuronGroup, Segment, declare_graph, trace_body
-from .network import CapacityError, CapacityWarning, EideticNetwork, HookedTrainingWarning
+from .network import CapacityError, CapacityWarning, EideticNetwork, HookedTrainingWarning, LossyCastWarning
 
-__all__ = ["EideticNetwork", "CapacityError", "CapacityWarning", "HookedTrainingWarning", "LayerGraph", "NeuronGroup", "Segment", "GraphError", "trace_body",
+__all__ = ["EideticNetwork", "CapacityError", "CapacityWarning", "HookedTrainingWarning", "LossyCastWarning", "LayerGraph", "NeuronGroup", "Segment", "GraphError", "trace_body",
            "declare_graph"]

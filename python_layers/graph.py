@@ -96,7 +96,10 @@ class NeuronGroup:
         self.index = index
         self.members = list(members)
         self.size = sizes.pop()
-        self.name = members[0][0]
+        # named after its first layer with weights: a batch norm of the raw input coupled with a conv (a residual
+        # add) is not what a user widens when the group runs out of capacity
+        self.name = next((n for n, layer in members if isinstance(layer, (EideticLinear, EideticConv2d))),
+                         members[0][0])
         self._graph = graph
         # batch norm applied directly to the raw input: its frozen channels stay readable by every later
         # task like the raw input itself (so a task may start with none of them free)

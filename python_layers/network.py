@@ -256,6 +256,22 @@ class CapacityWarning(UserWarning):
     """A finished task left some layer without any free neuron: a next task could not start."""
 
 
+class LossyCastWarning(UserWarning):
+    """A cast back up (``model.float()``) after a cast down (``model.half()``, ``model.to(torch.bfloat16)``)
+    that rounded finished tasks' frozen weights: their outputs are not the ones they had when they finished."""
+
+
+def _rounds_values(old: torch.dtype, new: torch.dtype) -> bool:
+    """Whether casting the float dtype ``old`` to ``new`` can change a value: less precision or range (float16
+    and bfloat16 each lose some of the other's values), or no float at all."""
+    if not old.is_floating_point:
+        return False
+    if not new.is_floating_point:
+        return True
+    a, b = torch.finfo(old), torch.finfo(new)
+    return b.eps > a.eps or b.max < a.max or b.tiny > a.tiny
+
+
 class HookedTrainingWarning(UserWarning):
     """A module of the network has hooks, so its training computes full activation gradients (the frozen
     blocks' too) and its steps no longer get cheaper as tasks freeze; said once per network."""
@@ -608,6 +624,8 @@ class EideticNetwork(nn.Module):
             head.freeze_free_neurons(task)
         self.current_task = None
         self.num_finished_tasks += 1
+        if "_rounded_by" not in self.__dict__:  # this task's values are exact in the dtype it finished in
+            self.__dict__.pop("_value_floor", None)
         self.sync()
         self._record_frozen_values()
         self._record_body_constants()
@@ -753,7 +771,31 @@ class EideticNetwork(nn.Module):
         # device changes no value, and is not hashed again
         dtypes = self._frozen_dtypes()
         out = super()._apply(fn, recurse)
-        if getattr(self, "_frozen_fingerprint", None) is not None and self._frozen_dtypes() != dtypes:
+        after = self._frozen_dtypes()
+        if getattr(self, "_frozen_fingerprint", None) is not None and after != dtypes:
+            # a cast down (model.half()) is what the user asked for; casting back up after it is where a user
+            # expects the finished tasks' outputs back, and does not get them: that cast warns. The floor is the
+            # least precise dtype the frozen values have been held in since they were finished (or loaded).
+            old = next((d for d in dtypes if d.is_floating_point), None)
+            new = next((d for d in after if d.is_floating_point), None)
+            if self.num_finished_tasks and old is not None and new is not None:
+                floor = self.__dict__.setdefault("_value_floor", old)
+                rounded = self.__dict__.get("_rounded_by")
+                if _rounds_values(floor, new):
+                    self.__dict__["_value_floor"] = new
+                    if rounded is None:
+                        self.__dict__["_rounded_by"] = (floor, new, self.num_finished_tasks)
+                elif rounded is not None and not _rounds_values(rounded[0], new):
+                    del self.__dict__["_rounded_by"]
+                    self.__dict__["_value_floor"] = new  # the rounded values are the network's from here on
+                    (was, to), tasks = (str(d).replace("torch.", "") for d in rounded[:2]), rounded[2]
+                    warnings.warn(
+                        f"an earlier cast ({was} -> {to}) rounded the frozen weights of finished tasks 0..{tasks - 1}, "
+                        f"and casting back does not restore them: those tasks' outputs differ from the ones they had "
+                        "when they finished (they stay fixed from here on, at the rounded values). To get them back, "
+                        "load a state_dict saved before that cast; to run in lower precision without this, cast a "
+                        "copy (copy.deepcopy(model).half()) or use torch.autocast", LossyCastWarning,
+                        stacklevel=user_stacklevel())
             self._record_frozen_values()
         saved = self.__dict__.get("_body_constant_values")
         if saved:  # the recorded body buffers follow the network's casts and moves, as the buffers do
@@ -1294,6 +1336,9 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
             layer.__dict__.pop("_network_loading", None)
     casts = module.__dict__.pop("_load_casts", False)
     errors = module.__dict__.pop("_load_errors", None)
+    if not errors:  # the loaded values are the network's now, rounded or not
+        module.__dict__.pop("_rounded_by", None)
+        module.__dict__.pop("_value_floor", None)
     if errors:  # torch raises them next (size mismatches, ...): its message, not one from a half-loaded sync
         module.__dict__.pop("_pending_graph", None)
         return

@@ -161,6 +161,31 @@ def test_capacity_error_names_the_layer():
     assert model.current_task is None and len(model.heads) == 1  # nothing was taken
 
 
+class _RawBNSkip(nn.Module):
+    """A batch norm of the raw input added to a conv of it: one group, the batch norm traced first."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.c, self.fc = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 6)
+
+    def forward(self, x):
+        return torch.relu(self.fc(torch.relu(self.bn(x) + self.c(x)).mean((2, 3))))
+
+
+def test_a_group_is_named_after_its_layer_with_weights_not_a_raw_input_batch_norm():
+    """A user widens the conv, not the batch norm: the group, its capacity and the CapacityError name the conv."""
+    model = EideticNetwork(_RawBNSkip(), 6)
+    model.prepare_for_task(0, 2)
+    model(torch.randn(4, 3, 5, 5))
+    group = model.graph.group_of("body.bn")
+    assert [n for n, _ in group.members] == ["body.bn", "body.c"] and group.name == "body.c"
+    model.graph.group_of("body.fc").prune([0])
+    with pytest.warns(CapacityWarning, match=r"every neuron left in body\.c:"):
+        model.finish_task()
+    with pytest.raises(CapacityError, match=r"no free neuron left in body\.c \("):
+        model.prepare_for_task(1, 2)
+
+
 def test_finish_task_refuses_a_state_changed_on_one_coupled_member_and_changes_nothing():
     """A conv pruned by hand, not its batch norm: finish_task says so before freezing anything, and once the
     group makes the same change the task finishes and the next one starts."""
@@ -1023,3 +1048,35 @@ def test_a_load_stopped_by_a_module_of_the_body_vouches_for_no_later_load():
     with pytest.raises(RuntimeError, match="belongs to an EideticNetwork"):
         model.body[3].load_state_dict(layer_state)
     assert torch.equal(model(x, task=0), before)
+
+
+def test_casting_back_up_after_a_cast_that_rounded_finished_tasks_warns():
+    """``model.half().float()`` rounds finished tasks' frozen weights for good: the cast back up warns (the cast
+    down is what was asked for, so a half copy for inference does not), a lossless round trip does not, and
+    loading a state dict saved before the cast gives the finished tasks' bits back."""
+    from python_layers import LossyCastWarning
+
+    model, x = _one_finished_task(lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU()))
+    model.eval()
+    with torch.no_grad():
+        want = model(x, task=0)
+    saved = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossyCastWarning)
+        half = copy.deepcopy(model).half()
+        assert half(x.half(), task=0).dtype == torch.float16
+        model.double().float()  # float32 -> float64 -> float32 changes no value
+        assert torch.equal(model(x, task=0), want)
+    model.half()
+    with pytest.warns(LossyCastWarning, match=r"an earlier cast \(float32 -> float16\) rounded the frozen weights "
+                                              r"of finished tasks 0..0, and casting back does not restore them"):
+        model.float()
+    assert not torch.equal(model(x, task=0), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossyCastWarning)
+        model.double().float()  # said once; the rounded values are the network's from here on
+    model.load_state_dict(saved)
+    assert torch.equal(model(x, task=0), want)
+    model.to(torch.bfloat16)
+    with pytest.warns(LossyCastWarning, match=r"\(float32 -> bfloat16\)"):
+        model.to(torch.float32)
