@@ -1238,12 +1238,42 @@ def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn
     A layer used at several places of the model (one module object under several names) becomes one twin used
     at the same places, so its neurons keep one state (``EideticNetwork`` refuses such weight sharing with a
     clear error: per-neuron states cannot tell its places apart).
-    Raises ValueError for a layer the twins cannot represent (grouped conv, non-zero padding modes).
+    Tied weights (a layer's Parameter also held by another module of ``model``, e.g. an output layer tied to an
+    embedding) are refused: freezing a neuron moves its row to the frozen storage, which the other module would
+    not follow, and that module would go on training the frozen rows. A tie to a module outside ``model`` cannot
+    be seen here: convert the model that holds both.
+    Raises ValueError for a layer the twins cannot represent (grouped conv, non-zero padding modes, tied weights),
+    before anything is converted.
     """
     # id(module) -> (module, its twin), for modules met more than once (the module is kept: its id stays its own)
     twins = {} if _twins is None else _twins
     prepare_twins(model, _path, twins)  # every twin first: a layer that cannot convert leaves the model as it was
+    _refuse_tied_parameters(model, _path, twins)
     return _install_twins(model, twins)
+
+
+def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:
+    """ValueError naming a layer to convert whose Parameter another module of ``model`` also holds."""
+    holders: dict[int, list[tuple[nn.Module, str, str]]] = {}  # id(Parameter) -> (module, its path, param name)
+    for name, module in model.named_modules(prefix=path, remove_duplicate=False):
+        for p_name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, name, p_name))
+    for p_id, held in holders.items():
+        converted = [(m, name, p_name) for m, name, p_name in held if id(m) in twins]
+        if not converted:
+            continue
+        module, name, p_name = converted[0]
+        others = [(n, q) for m, n, q in held if m is not module]
+        if others:
+            mine = f"{name}.{p_name}" if name else p_name
+            other = f"{others[0][0]}.{others[0][1]}" if others[0][0] else others[0][1]
+            raise ValueError(
+                f"cannot convert {name or type(module).__name__} ({type(module).__name__}): its {p_name} is tied to "
+                f"{other} (one Parameter held by two modules). Per-neuron states cannot follow a tie: freezing a "
+                f"neuron moves its row to the frozen storage, and the other module would go on training the frozen "
+                f"rows. Untie them first, e.g. `{mine} = nn.Parameter({other}.detach().clone())`. Nothing was "
+                f"converted")
 
 
 def prepare_twins(model: nn.Module, path: str, twins: dict) -> None:

@@ -38,6 +38,8 @@ from eidetic_kernels import EideticLayer, convert
 from eidetic_kernels.layers import EideticConv2d, EideticLinear, _EideticBatchNorm
 from eidetic_kernels.state import FREE, PRUNED, STATE_DTYPE
 
+from .pruning import fixed_by_user
+
 __all__ = ["GraphError", "NeuronGroup", "LayerGraph", "Segment", "trace_body", "trace_module", "declare_graph"]
 
 _DECLARE_HINT = ("If the body is right as written and the op keeps each neuron's features its own, declare its "
@@ -139,8 +141,17 @@ class NeuronGroup:
         return self.members[0][1]._indices(neurons)
 
     def prune(self, neurons) -> None:
-        """FREE -> PRUNED in every member (neuron ids in 0..size-1, or a bool mask)."""
+        """FREE -> PRUNED in every member (neuron ids in 0..size-1, or a bool mask).
+
+        Raises ValueError (changing nothing) for a neuron that is not FREE, and for a group with a member the
+        user froze (``requires_grad=False``: ``python_layers.pruning.fixed_by_user``)."""
         idx = self._index(neurons)
+        fixed = [name for name, layer in self.members if fixed_by_user(layer)]
+        if fixed and idx.numel():
+            # the user froze it (a pretrained stem): pruning would zero outputs the user meant to keep as they are
+            raise ValueError(f"group {self.name}: {fixed[0]} is frozen by the user (requires_grad=False on all its "
+                             f"parameters), so its neurons are never pruned. Call {fixed[0]}.requires_grad_(True) "
+                             f"first to prune it. Nothing was pruned")
         self.members[0][1].prune_neurons(idx)  # validates (only FREE) before anything else changes
         for _, layer in self.members[1:]:
             layer.prune_neurons(idx)
@@ -457,6 +468,22 @@ _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
+# Elementwise ops whose CPU kernels round an element differently in their vectorised loop and in its scalar
+# remainder (transcendental functions: sigmoid, exp, erf, log1p, pow...). Which path an element takes depends on
+# its offset in the flattened tensor, so at prefix width (fewer features per row) a finished task's neuron can get
+# other bits than at full width: measured on an AVX2 CPU for sigmoid, SiLU, GELU, Mish and Softplus (1e-8 apart).
+# Exactly rounded ops (+, -, *, /, sqrt, max/min, clamp, relu, hardswish, leaky_relu) give the same bits on
+# either path. A body with any of these is evaluated at full width.
+_ROUNDING_BY_WIDTH_MODULES = (nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Softplus,
+                              nn.Tanhshrink, nn.LogSigmoid, nn.LPPool1d, nn.LPPool2d)
+_ROUNDING_BY_WIDTH_FUNCTIONS = {F.gelu, F.silu, F.elu, F.celu, F.selu, F.mish, F.softplus, F.tanhshrink, F.sigmoid,
+                                F.tanh, F.logsigmoid, F.lp_pool1d, F.lp_pool2d, torch.sigmoid, torch.tanh,
+                                torch.exp}
+_ROUNDING_BY_WIDTH_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_"}
+_POW_FUNCTIONS = {operator.pow, torch.pow}
+# exponents torch computes with exactly rounded ops (x*x, x*x*x, sqrt, 1/x, 1/(x*x), 1/sqrt)
+_EXACT_POWERS = (0, 1, 2, 3, 0.5, -0.5, -1, -2)
+
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "neg", "exp", "clamp",
                         "clamp_", "clip", "square", "sqrt", "contiguous", "clone", "float", "to", "type_as",
                         "detach"}
@@ -636,6 +663,24 @@ class _Propagator:
             return all(u.op == "call_function" and u.target is operator.getitem and batch_only(u.args[1])
                        for u in n.users)
 
+        rounding = None
+        if node.op == "call_module":
+            module = self.owner.get_submodule(target)
+            if isinstance(module, _ROUNDING_BY_WIDTH_MODULES):
+                rounding = f"{type(module).__name__}"
+        elif node.op == "call_function" and target in _ROUNDING_BY_WIDTH_FUNCTIONS:
+            rounding = getattr(target, "__name__", str(target))
+        elif node.op == "call_method" and target in _ROUNDING_BY_WIDTH_METHODS:
+            rounding = target
+        elif (node.op == "call_function" and target in _POW_FUNCTIONS) or \
+                (node.op == "call_method" and target in ("pow", "pow_", "__pow__")):
+            exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+            if isinstance(exponent, fx.Node) or exponent not in _EXACT_POWERS:
+                rounding = f"pow with exponent {exponent}"
+        if rounding is not None:
+            return (f"{_node_desc(node)} computes {rounding}, whose CPU rounding depends on the tensor's width "
+                    f"(vectorised and scalar code round it differently), so prefix width could change a finished "
+                    f"task's bits")
         if node.op == "call_method" and target in ("size", "numel"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if target == "size" and (batch_only(dim) or (dim is None and batch_items(node))):
@@ -1036,8 +1081,14 @@ class _Propagator:
     def couple(self, a: list[Segment], b: list[Segment], node) -> list[Segment]:
         """Features combined elementwise: their sources become the same neurons (residual coupling)."""
         if [(s.count, s.repeat) for s in a] != [(s.count, s.repeat) for s in b]:
+            hint = _DECLARE_HINT
+            if _width(a) == _width(b) and 1 in (len(a), len(b)):
+                # one layer's neurons would have to split into one group per branch of the concatenation
+                hint = ("One layer's neurons cannot be coupled with a concatenation of several layers (an SE gate "
+                        "or a residual add after torch.cat): apply the gate or the add to each branch before the "
+                        "concatenation, each with its own layer")
             raise GraphError(f"{_node_desc(node)} combines features from {_describe_proto(self, a)} with "
-                             f"{_describe_proto(self, b)}, which do not line up layer by layer. {_DECLARE_HINT}")
+                             f"{_describe_proto(self, b)}, which do not line up layer by layer. {hint}")
         for sa, sb in zip(a, b):
             if (sa.source is None) != (sb.source is None):
                 raise GraphError(f"{_node_desc(node)} adds the raw network input to the outputs of "

@@ -533,6 +533,7 @@ class EideticNetwork(nn.Module):
         like = self._reference_tensor()
         head = EideticLinear(self.feature_dim, num_classes, device=like.device, dtype=like.dtype)
         head.qualified_name = f"heads.{task}"
+        head.train(self.training)  # a network in eval mode stays in eval mode (a new module starts in train mode)
         self.heads.append(head)
         self.current_task = task
         self.forward_transfer[task] = bool(forward_transfer)

@@ -486,7 +486,12 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
             lambda idx: router.input_logits(_random_crop(images[idx], crop, generator)),
             list(router.conv.parameters()), n, targets, class_weight,
             conv_epochs, conv_batch_size, conv_lr, weight_decay, label_smoothing, generator, device)]
-    router.requires_grad_(False)  # it is done: keep it out of later tasks' optimizers
+    # it is done: no later backward reaches it, and no gradient is left on it, so an optimizer built later from
+    # model.parameters() (weight decay and momentum included) skips it: optimizers step every parameter whose
+    # .grad is set, whatever its requires_grad
+    router.requires_grad_(False)
+    for p in router.parameters():
+        p.grad = None
     model.router = router
     return history
 

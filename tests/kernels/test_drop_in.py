@@ -164,6 +164,25 @@ def test_network_never_trains_or_prunes_a_stem_the_user_froze():
     assert int((model.body[2].neuron_task == 0).sum()) < 8, "the trainable layer was pruned"
 
 
+def test_pruning_a_stem_the_user_froze_by_hand_is_refused():
+    from python_layers.network import EideticNetwork
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    body[0].requires_grad_(False)
+    model = EideticNetwork(body, 8)
+    model.prepare_for_task(0, 2)
+    model(torch.randn(4, 6))  # traces the graph
+    stem = next(g for g in model.groups if any(layer is model.body[0] for _, layer in g.members))
+    with pytest.raises(ValueError, match=r"body\.0 is frozen by the user.*requires_grad_\(True\) first.*"
+                                         r"Nothing was pruned"):
+        stem.prune([0, 1])
+    assert int((model.body[0].neuron_task == ek.PRUNED).sum()) == 0
+    stem.prune([])  # nothing to prune: nothing to refuse
+    model.body[0].requires_grad_(True)
+    stem.prune([0, 1])
+    assert int((model.body[0].neuron_task == ek.PRUNED).sum()) == 2
+
+
 # ----- mixed precision ------------------------------------------------------------------------------------
 
 def _finished(layer):

@@ -424,6 +424,44 @@ def test_convert_keeps_a_shared_layer_one_layer():
     assert torch.equal(model.enc[0].neuron_task, model.shared.neuron_task)
 
 
+@pytest.mark.parametrize("tie", ["embedding", "two linears", "bias"])
+def test_convert_refuses_tied_weights_and_leaves_the_model_as_it_was(tie):
+    """A tie cannot survive a freeze (the frozen rows move to their own storage), and the other module would go
+    on training the frozen rows: refused at convert, before anything is replaced, with the untie to run."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4) if tie == "embedding" else nn.Linear(4, 7)
+            self.mid = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            self.out = nn.Linear(4, 7)
+            if tie == "bias":
+                self.out.bias = self.emb.bias
+            else:
+                self.out.weight = self.emb.weight
+
+    model = Tied()
+    children = dict(model.named_modules())
+    name = "bias" if tie == "bias" else "weight"
+    untie = f"out.{name} = nn.Parameter(emb.{name}.detach().clone())"
+    with pytest.raises(ValueError, match=rf"cannot convert (emb|out) \(Linear\): its {name} is tied to "
+                                         rf"(emb|out)\.{name}.*Untie them first.*Nothing was converted"):
+        ek.convert(model)
+    assert dict(model.named_modules()) == children  # nothing was replaced
+    message = ""
+    try:
+        ek.convert(model)
+    except ValueError as exc:
+        message = str(exc)
+    if tie == "embedding":  # the fix the message gives, run as written
+        assert f"`{untie}`" in message
+        exec(untie, {"nn": nn}, {"out": model.out, "emb": model.emb})
+        ek.convert(model)
+        assert isinstance(model.out, EideticLinear) and model.out.weight is not model.emb.weight
+    # the same module under two names is one layer, not a tie
+    shared = nn.Linear(4, 4)
+    assert isinstance(ek.convert(nn.Sequential(shared, nn.ReLU(), shared))[2], EideticLinear)
+
+
 @pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "old weight_norm"])
 def test_a_parametrized_weight_is_refused_before_any_state_changes(parametrize):
     lin = EideticLinear(4, 5)

@@ -840,6 +840,33 @@ def test_unit_dims_added_by_indexing_are_followed_and_keep_the_promise(spell):
             trace_body(_IndexThenFlatten(bad), torch.randn(3, 5))
 
 
+class _GateOnConcat(nn.Module):
+    """Two conv branches concatenated, then gated (or added to) by one layer's outputs."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.a, self.b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 5, 3, padding=1)
+        self.squeeze, self.excite = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.skip = nn.Conv2d(1, 8, 1)
+
+    def forward(self, x):
+        h = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+        if self.op == "gate":
+            g = torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean((2, 3))))))
+            h = h * g[:, :, None, None]
+        else:
+            h = h + self.skip(x)
+        return h.mean((2, 3))
+
+
+@pytest.mark.parametrize("op", ["gate", "add"])
+def test_one_layer_combined_with_a_concatenation_says_to_combine_per_branch(op):
+    with pytest.raises(GraphError, match=r"combines features from .*cannot be coupled with a concatenation of "
+                                         r"several layers.*to each branch before the concatenation"):
+        trace_body(_GateOnConcat(op), torch.randn(2, 1, 6, 6))
+
+
 class _IndexThenFlatten(nn.Module):
     def __init__(self, index):
         super().__init__()

@@ -275,3 +275,55 @@ def test_backward_hooks_and_overridden_logits_run_at_full_width(monkeypatch):
     assert "overrides" in model.narrow_eval_blocked_by(x)
     with torch.no_grad():
         assert torch.equal(model(x, task=0), _full_width(model, x, 0))
+
+
+class _Apply(nn.Module):
+    """A function or tensor method between layers (traced as a call, not as a module)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h):
+        return self.fn(h)
+
+
+# CPU kernels of these round an element differently in their vectorised loop and in its scalar remainder, so its
+# bits depend on the tensor's width (measured: Mish and Softplus differ from full width at prefix width)
+_ROUNDED_BY_WIDTH = {
+    "SiLU": nn.SiLU, "GELU": nn.GELU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh, "ELU": nn.ELU, "Mish": nn.Mish,
+    "Softplus": nn.Softplus, "F.silu": lambda: _Apply(F.silu), "torch.sigmoid": lambda: _Apply(torch.sigmoid),
+    ".exp()": lambda: _Apply(lambda h: (-h.abs()).exp()), "** 1.5": lambda: _Apply(lambda h: torch.relu(h) ** 1.5),
+}
+# exactly rounded: the same bits on either path
+_EXACT = {
+    "ReLU": nn.ReLU, "LeakyReLU": nn.LeakyReLU, "Hardswish": nn.Hardswish, "ReLU6": nn.ReLU6,
+    "Hardtanh": nn.Hardtanh, "Softsign": nn.Softsign, "** 2": lambda: _Apply(lambda h: h ** 2),
+}
+
+
+@pytest.mark.parametrize("name", list(_ROUNDED_BY_WIDTH) + list(_EXACT))
+def test_activations_whose_rounding_depends_on_width_run_at_full_width(name, monkeypatch):
+    """A finished task keeps its bits whichever path evaluates it: at prefix width only when every op between
+    the layers rounds the same at any width; the network's eval mode carries over to the next task's head."""
+    act = {**_ROUNDED_BY_WIDTH, **_EXACT}[name]
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.Linear(20, 37), act(), nn.Linear(37, 29), act()), 29)
+    _finish_tasks(model, (20,), tasks=2)
+    x = torch.randn(13, 20, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    blocked = model.narrow_eval_blocked_by(x)
+    calls = _count_narrow(model, monkeypatch)
+    with torch.no_grad():
+        before = [model(x, task=t) for t in range(2)]
+        for t in range(2):
+            assert torch.equal(before[t], _full_width(model, x, t)), (name, t)
+        model.prepare_for_task(2, 3)  # in eval mode, as the network is: the same path as before
+        assert not model.heads[2].training
+        for t in range(2):
+            assert torch.equal(model(x, task=t), before[t]), (name, t)
+    if name in _ROUNDED_BY_WIDTH:
+        assert blocked is not None and "rounding depends on the tensor's width" in blocked, blocked
+        assert calls == []
+    else:
+        assert blocked is None and calls == [0, 1, 0, 1]

@@ -102,6 +102,27 @@ def test_fit_router_touches_no_body_or_head_state(trained):
     model.eval()
 
 
+def test_an_optimizer_built_after_fit_router_leaves_the_router_alone(trained):
+    """The README's recipe builds each task's optimizer from model.parameters(), which holds the router once it is
+    fitted; AdamW steps (and decays) every parameter that has a .grad, so the router must be left without one."""
+    model, tasks, _, x, _, _ = trained
+    model = copy.deepcopy(model)
+    model.fit_router([loader for loader, _, _ in tasks], epochs=1, generator=torch.Generator().manual_seed(1))
+    assert all(p.grad is None for p in model.router.parameters())
+    router_state = {k: v.clone() for k, v in model.router.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        routed = model.router(*_features(model, x, NUM_TASKS, activations=True))
+    model.prepare_for_task(NUM_TASKS, CLASSES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.5)
+    model.train_task(tasks[0][0], optimizer, **dict(TRAIN, max_epochs=1, recovery_epochs=1))
+    for k, v in model.router.state_dict().items():  # finish_task may renumber the feature columns, never change them
+        assert torch.equal(v.flatten().sort().values, router_state[k].flatten().sort().values), k
+    model.eval()
+    with torch.no_grad():  # the router's scores on the tasks it was fitted on, bit for bit
+        assert torch.equal(model.router(*_features(model, x, NUM_TASKS, activations=True)), routed)
+
+
 def test_entropy_routing_needs_no_router_and_errors_are_clear(trained):
     model, tasks, _, x, _, _ = trained
     torch.manual_seed(0)
