@@ -27,7 +27,7 @@ from eidetic_kernels import EideticBatchNorm2d, EideticConv2d, EideticLayer, Eid
 from eidetic_kernels.layers import _EideticBatchNorm
 from eidetic_kernels.state import live_inputs, make_table
 
-from .graph import GraphError, Segment, trace_fx
+from .graph import _ROUNDING_BLOCKER, GraphError, Segment, trace_fx
 from .network import task_index
 
 __all__ = ["export_task", "needed_neurons"]
@@ -277,6 +277,8 @@ def _check(model, exported: nn.Module, task: int, example: torch.Tensor | None, 
                 # the op that names a layer width, when the tracer found one (prefix-width evaluation is
                 # blocked by the same code)
                 reason = model.graph.narrow_blocked_by
+                if reason is not None and _ROUNDING_BLOCKER in reason:  # not about widths
+                    reason = None
                 where = (f": {reason}" if reason is not None
                          else "; the body's code probably assumes full layer widths (a reshape to a fixed size)")
                 raise GraphError(f"export: the compact module fails on a batch ({type(exc).__name__}: {exc})"

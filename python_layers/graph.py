@@ -480,6 +480,7 @@ _ROUNDING_BY_WIDTH_FUNCTIONS = {F.gelu, F.silu, F.elu, F.celu, F.selu, F.mish, F
                                 F.tanh, F.logsigmoid, F.lp_pool1d, F.lp_pool2d, torch.sigmoid, torch.tanh,
                                 torch.exp}
 _ROUNDING_BY_WIDTH_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_"}
+_ROUNDING_BLOCKER = "whose CPU rounding depends on the tensor's width"
 _POW_FUNCTIONS = {operator.pow, torch.pow}
 # exponents torch computes with exactly rounded ops (x*x, x*x*x, sqrt, 1/x, 1/(x*x), 1/sqrt)
 _EXACT_POWERS = (0, 1, 2, 3, 0.5, -0.5, -1, -2)
@@ -631,6 +632,8 @@ class _Propagator:
             why = self.narrow_blocker(node)
             if why is not None:
                 self.narrow_blockers.append(why)
+        # a size the body reads first: export's error names it when the compact module fails on a batch
+        self.narrow_blockers.sort(key=lambda why: _ROUNDING_BLOCKER in why)
         return prov
 
     # ----- prefix-width evaluation -----------------------------------------------------------------
@@ -678,9 +681,8 @@ class _Propagator:
             if isinstance(exponent, fx.Node) or exponent not in _EXACT_POWERS:
                 rounding = f"pow with exponent {exponent}"
         if rounding is not None:
-            return (f"{_node_desc(node)} computes {rounding}, whose CPU rounding depends on the tensor's width "
-                    f"(vectorised and scalar code round it differently), so prefix width could change a finished "
-                    f"task's bits")
+            return (f"{_node_desc(node)} computes {rounding}, {_ROUNDING_BLOCKER} (vectorised and scalar code "
+                    f"round it differently), so prefix width could change a finished task's bits")
         if node.op == "call_method" and target in ("size", "numel"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if target == "size" and (batch_only(dim) or (dim is None and batch_items(node))):
