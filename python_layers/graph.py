@@ -361,6 +361,7 @@ class LayerGraph:
             "raw_input_layers": sorted(layer_names[n] for n in self.raw_input_layers),
             "renumber_blocked_by": self.renumber_blocked_by,
             "narrow_blocked_by": self.narrow_blocked_by,
+            "rounding_checked": True,  # narrow_blocked_by covers ops that round by width
             "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
 
@@ -394,6 +395,10 @@ class LayerGraph:
         blocked = spec.get("renumber_blocked_by", "the checkpoint predates task-major renumbering")
         graph = cls(groups, inputs, segs(spec["features"]), set(spec["raw_input_layers"]), renumber_blocked_by=blocked)
         graph.narrow_blocked_by = spec.get("narrow_blocked_by", "the checkpoint predates prefix-width evaluation")
+        if graph.narrow_blocked_by is None and not spec.get("rounding_checked", False):
+            # traced before ops that round by width were looked for: look now, in the body's code (any such op,
+            # on features or not: the spec no longer says which tensors hold features)
+            graph.narrow_blocked_by = _rounding_op_in(owner)
         shape = spec.get("input_shape")
         graph.input_shape = None if shape is None else tuple(shape)
         return graph
@@ -666,20 +671,7 @@ class _Propagator:
             return all(u.op == "call_function" and u.target is operator.getitem and batch_only(u.args[1])
                        for u in n.users)
 
-        rounding = None
-        if node.op == "call_module":
-            module = self.owner.get_submodule(target)
-            if isinstance(module, _ROUNDING_BY_WIDTH_MODULES):
-                rounding = f"{type(module).__name__}"
-        elif node.op == "call_function" and target in _ROUNDING_BY_WIDTH_FUNCTIONS:
-            rounding = getattr(target, "__name__", str(target))
-        elif node.op == "call_method" and target in _ROUNDING_BY_WIDTH_METHODS:
-            rounding = target
-        elif (node.op == "call_function" and target in _POW_FUNCTIONS) or \
-                (node.op == "call_method" and target in ("pow", "pow_", "__pow__")):
-            exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
-            if isinstance(exponent, fx.Node) or exponent not in _EXACT_POWERS:
-                rounding = f"pow with exponent {exponent}"
+        rounding = _rounds_by_width(self.owner, node)
         if rounding is not None:
             return (f"{_node_desc(node)} computes {rounding}, {_ROUNDING_BLOCKER} (vectorised and scalar code "
                     f"round it differently), so prefix width could change a finished task's bits")
@@ -1146,6 +1138,40 @@ def _node_desc(node: fx.Node) -> str:
     else:
         what = f"{node.op} {node.target}"
     return f"{what} (node '{node.name}')"
+
+
+def _rounding_op_in(owner: nn.Module) -> str | None:
+    """Why ``owner.forward_features`` cannot run at prefix width because of an op that rounds by width (any
+    such op in its traced code; None: there is none)."""
+    fn = getattr(owner, "forward_features", None)
+    if fn is None:
+        return None
+    try:
+        gm = trace_fx(owner, fn)
+    except GraphError:
+        return "the body's code could not be traced again to look for ops that round by width"
+    for node in gm.graph.nodes:
+        what = _rounds_by_width(owner, node)
+        if what is not None:
+            return f"{_node_desc(node)} computes {what}, {_ROUNDING_BLOCKER}"
+    return None
+
+
+def _rounds_by_width(owner: nn.Module, node: fx.Node) -> str | None:
+    """The name of the op ``node`` computes when its CPU rounding depends on the tensor's width, else None."""
+    target = node.target
+    if node.op == "call_module" and isinstance(owner.get_submodule(target), _ROUNDING_BY_WIDTH_MODULES):
+        return type(owner.get_submodule(target)).__name__
+    if node.op == "call_function" and target in _ROUNDING_BY_WIDTH_FUNCTIONS:
+        return getattr(target, "__name__", str(target))
+    if node.op == "call_method" and target in _ROUNDING_BY_WIDTH_METHODS:
+        return target
+    if (node.op == "call_function" and target in _POW_FUNCTIONS) or \
+            (node.op == "call_method" and target in ("pow", "pow_", "__pow__")):
+        exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+        if isinstance(exponent, fx.Node) or exponent not in _EXACT_POWERS:
+            return f"pow with exponent {exponent}"
+    return None
 
 
 def trace_fx(owner: nn.Module, fn: Callable) -> fx.GraphModule:

@@ -327,3 +327,31 @@ def test_activations_whose_rounding_depends_on_width_run_at_full_width(name, mon
         assert calls == []
     else:
         assert blocked is None and calls == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("name", ["SiLU", "ReLU"])
+def test_a_graph_saved_before_the_rounding_check_is_checked_on_load(name):
+    """A state dict whose layer graph was recorded before ops that round by width were looked for: the body's
+    code is looked at on load, so a SiLU body runs at full width and a ReLU body keeps prefix width."""
+    act = {**_ROUNDED_BY_WIDTH, **_EXACT}[name]
+    body = lambda: nn.Sequential(nn.Linear(20, 37), act(), nn.Linear(37, 29), act())
+    torch.manual_seed(0)
+    model = EideticNetwork(body(), 29)
+    _finish_tasks(model, (20,), tasks=2)
+    state = model.state_dict()
+    spec = state["_extra_state"]["graph"]
+    assert spec.pop("rounding_checked") is True
+    spec["narrow_blocked_by"] = None  # as recorded then
+    loaded = EideticNetwork(body(), 29)
+    loaded.load_state_dict(state)
+    loaded.eval()
+    x = torch.randn(13, 20)
+    blocked = loaded.narrow_eval_blocked_by(x)
+    if name == "SiLU":
+        assert blocked is not None and "module body.1" in blocked and "rounding depends" in blocked, blocked
+    else:
+        assert blocked is None
+    model.eval()
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(loaded(x, task=t), _full_width(model, x, t))
