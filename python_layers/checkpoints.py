@@ -74,10 +74,19 @@ def read_checkpoint(path: Path) -> dict:
     model, router and optimizer copy to their own device).
 
     Raises ConfigError for a file holding anything but tensors and plain containers (other pickled objects, or
-    format 1 checkpoints, which held numpy objects) and for a format other than ``CHECKPOINT_FORMAT``.
+    format 1 checkpoints, which held numpy objects), for a format other than ``CHECKPOINT_FORMAT`` and for a damaged
+    (truncated) file.
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError) as exc:  # torch's reader on a truncated or overwritten file
+        raise ConfigError(
+            f"{path} is damaged (torch cannot read it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})."
+            f" Checkpoints are written to a temporary file and renamed, so a kill does not cause this: the file was "
+            f"cut or changed after it was written (a copy, a full disk). Restore it from a copy, or start a new run"
+        ) from exc
     except pickle.UnpicklingError as exc:
         raise ConfigError(
             f"{path} is not a plain-tensor eidetic checkpoint: it holds pickled Python objects "

@@ -203,7 +203,8 @@ def parse_overrides(pairs) -> dict:
 
 def load_config(path=None, overrides=None) -> dict:
     """The config of a run: the schema's defaults, then the YAML file at ``path`` (if any), then ``overrides``
-    (a dict, e.g. from ``parse_overrides``). Returns a plain dict of every key.
+    (a dict, e.g. from ``parse_overrides``; an override of a mapping such as ``model_args`` replaces it whole, the
+    file's mapping is merged into the defaults). Returns a plain dict of every key.
 
     Raises ConfigError for a missing or unreadable file, a file that is not a mapping, an unknown key, a value of
     the wrong type, a value outside its choices or its range.
@@ -212,7 +213,12 @@ def load_config(path=None, overrides=None) -> dict:
     if path is not None:
         cfg = _merge(cfg, _read(Path(path)), f" (in {path})")
     if overrides:
-        cfg = _merge(cfg, OmegaConf.create(dict(overrides)), "")
+        overrides = OmegaConf.create(dict(overrides))
+        for key in overrides:
+            if key in _FIELD and isinstance(cfg.get(key), DictConfig) and isinstance(overrides[key], DictConfig):
+                # an override replaces a mapping (model_args={} empties it), as it replaces every other value
+                OmegaConf.update(cfg, key, {}, merge=False)
+        cfg = _merge(cfg, overrides, "")
     try:
         out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:

@@ -310,6 +310,8 @@ class EideticNetwork(nn.Module):
         self.exact_activation_grads = bool(exact_activation_grads)
         self._neuron_order: dict[str, torch.Tensor] = {}  # group name -> first index of the neuron at each position
         self._constant_frozen = False  # set per forward: see exact_activation_grads
+        if body is not None:
+            _refuse_layers_of_another_network(body, self)  # before converting anything
         self.body = convert(body, "body") if body is not None else None  # errors name layers as the network does
         self.heads = nn.ModuleList()
         self.current_task: int | None = None
@@ -464,6 +466,8 @@ class EideticNetwork(nn.Module):
         twins = {}  # one conversion for the whole body: a module under two names becomes one twin
         children = [(name, child) for name, child in self._modules.items()
                     if name not in _NON_BODY and child is not None]
+        for _, child in children:
+            _refuse_layers_of_another_network(child, self)
         for name, child in children:  # every twin first: a layer that cannot convert leaves the body as it was
             prepare_twins(child, name, twins)
         for name, child in children:
@@ -476,6 +480,7 @@ class EideticNetwork(nn.Module):
         for name, module in self._body_modules():
             if isinstance(module, EideticLayer):
                 module.qualified_name = name  # error messages name the layer as the network does
+                module.__dict__["_network_ref"] = weakref.ref(self)
                 for p in module.parameters(recurse=False):
                     other = owner.setdefault(id(p), name)
                     if other != name:
@@ -1324,6 +1329,21 @@ def _recorded_tasks(extra: dict) -> int:
     """The tasks a network record (``_extra_state``, its counters checked by ``_check_record``) has heads for:
     the finished ones and the one in training."""
     return extra["num_finished_tasks"] + (extra.get("current_task") is not None)
+
+
+def _refuse_layers_of_another_network(body: nn.Module, network: "EideticNetwork") -> None:
+    """GraphError when an Eidetic layer of ``body`` is a layer of another live EideticNetwork: two networks would
+    keep their tasks in the same neurons, and each would prune, freeze and recycle the other's. A deep copy of a
+    network makes new layers, which its original does not hold: those are not refused."""
+    for name, module in body.named_modules():
+        ref = module.__dict__.get("_network_ref") if isinstance(module, EideticLayer) else None
+        other = ref() if ref is not None else None
+        if other is not None and other is not network and any(m is module for m in other.modules()):
+            where = getattr(module, "qualified_name", None) or name or type(module).__name__
+            raise GraphError(f"{where} is a layer of another EideticNetwork ({other.num_finished_tasks} finished "
+                             f"tasks): its neurons hold that network's tasks, and both networks would prune, freeze "
+                             f"and recycle them. Build this network on a copy (copy.deepcopy(body)), or load the "
+                             f"other's state dict into a network on a fresh body. Nothing was changed")
 
 
 def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:

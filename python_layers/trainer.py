@@ -430,7 +430,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
 
     ``loader`` yields (inputs, class labels of the task); ``optimizer`` holds the model's trainable
     parameters (a fresh one per task, or one reused: its state for storage that shrank is dropped).
-    ``pruning`` is "l1", "l2", "taylor" or None (no pruning: every FREE neuron freezes for the task).
+    ``pruning`` is "l1", "l2", "taylor" or None (no pruning: every FREE neuron freezes for the task; "none",
+    as the CLI's config spells it, is taken as None).
     ``max_prune_steps`` caps the pruning steps (default: enough to exhaust every group).
     ``prune_lr_factor`` multiplies the optimizer's learning rates once, when pruning starts (the paper's
     Permuted MNIST setting halves it then, Section 4); 1.0 leaves them. Raises ValueError outside (0, 1].
@@ -457,6 +458,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     task = getattr(model, "current_task", None)
     if task is None:
         raise ValueError("no task is prepared: call model.prepare_for_task(t, num_classes) before train_task")
+    if isinstance(pruning, str) and pruning.lower() == "none":  # the config's spelling
+        pruning = None
     _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs)
     if not (isinstance(prune_lr_factor, (int, float)) and 0 < prune_lr_factor <= 1):
         raise ValueError(f"prune_lr_factor must be in (0, 1], got {prune_lr_factor!r}")
@@ -494,7 +497,7 @@ def _warn_at_chance(model, task: int, best_acc: float, pruning: str) -> None:
     its best, which it cannot, so nearly every neuron would be pruned. Said before pruning starts."""
     classes = model.heads[task].out_features
     chance = 1.0 / max(classes, 1)
-    if best_acc <= chance + 0.01:
+    if classes > 1 and best_acc <= chance + 0.01:  # one class is always right: nothing to warn of
         warnings.warn(f"task {task}: the training accuracy never rose above chance (best {best_acc:.3f}, chance "
                       f"1/{classes} = {chance:.3f}) before pruning; {pruning!r} pruning stops only when the "
                       "accuracy falls below that best, which at chance it hardly can, so the task may keep few "

@@ -90,3 +90,20 @@ def test_an_older_checkpoint_format_is_a_clear_error(tmp_path, capsys, numpy_sta
     code, err, path = resume_with(tmp_path, {"run": {"format": 1}, "model": {}, "router": None, "rng": rng}, capsys)
     assert code == 2 and str(path) in err
     assert "format 1" in err and "start a new run" in err
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    """A truncated checkpoint.pt (a copy cut short): `--resume` says which file and what to do, no traceback."""
+    payload = {"run": {"format": cli.CHECKPOINT_FORMAT}, "model": {"w": torch.randn(4096)}, "router": None, "rng": {}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = cli.load_config(None, cli.parse_overrides(TINY))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    torch.save(payload, run_dir / "checkpoint.pt")
+    whole = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])
+    code = cli.main(["train", "--out", str(run_dir), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(run_dir / "checkpoint.pt") in err and "is damaged" in err and "start a new run" in err
+    assert "Traceback" not in err

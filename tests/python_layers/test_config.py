@@ -198,3 +198,8 @@ def test_a_body_of_your_own_is_checked_and_named_by_its_absolute_file(tmp_path, 
             load_config(None, {"model": model})
     with pytest.raises(ConfigError, match=r"model_args must be a mapping of names to values"):
         load_config(None, parse_overrides(["model=bodies.py:tiny", "model_args=[1, 2]"]))
+    # an override replaces the file's mapping whole (as every override wins), so a key can be taken out
+    (tmp_path / "mine.yaml").write_text("model: bodies.py:tiny\nmodel_args: {hidden: 32, depth: 2}\n")
+    assert load_config(tmp_path / "mine.yaml")["model_args"] == {"hidden": 32, "depth": 2}
+    for override, want in (("model_args={}", {}), ("model_args={width: 8}", {"width": 8})):
+        assert load_config(tmp_path / "mine.yaml", parse_overrides([override]))["model_args"] == want

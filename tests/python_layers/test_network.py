@@ -1080,3 +1080,40 @@ def test_casting_back_up_after_a_cast_that_rounded_finished_tasks_warns():
     model.to(torch.bfloat16)
     with pytest.warns(LossyCastWarning, match=r"\(float32 -> bfloat16\)"):
         model.to(torch.float32)
+
+
+def test_a_body_of_a_live_network_is_refused_by_a_second_network():
+    """Two networks on one body would keep their tasks in the same neurons and prune, freeze and recycle each
+    other's (a trial: the second network's train_task failed and left the first with PRUNED neurons)."""
+    import gc
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    first = EideticNetwork(body, 32)
+    first.prepare_for_task(0, 2)
+    first(torch.randn(4, 20))
+    states = [layer.task_state.clone() for layer in first.body_layers().values()]
+    with pytest.raises(GraphError, match=r"body\.0 is a layer of another EideticNetwork.*copy\.deepcopy\(body\).*"
+                                         r"Nothing was changed"):
+        EideticNetwork(body, 32)
+
+    class Late(EideticNetwork):  # a subclass that adds the layers after __init__
+        def __init__(self):
+            super().__init__(None, 32)
+            self.enc = body
+
+        def forward_features(self, x):
+            return self.enc(x)
+
+    with pytest.raises(GraphError, match="is a layer of another EideticNetwork"):
+        Late().prepare_for_task(0, 2)
+    assert all(torch.equal(layer.task_state, s) for layer, s in zip(first.body_layers().values(), states))
+    # copies make new layers: a deep copy of the network or of its body is a network of its own
+    twin = copy.deepcopy(first)
+    for group in twin.groups:
+        group.prune([0])
+    twin.finish_task()
+    twin.prepare_for_task(1, 2)
+    EideticNetwork(copy.deepcopy(body), 32).prepare_for_task(0, 2)
+    del first, twin
+    gc.collect()
+    EideticNetwork(body, 32).prepare_for_task(0, 2)  # the body's network is gone: the body is free to take

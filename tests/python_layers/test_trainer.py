@@ -191,6 +191,27 @@ def test_a_task_at_chance_is_said_before_pruning(tasks, monkeypatch):
                          patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
 
 
+def test_a_one_class_head_is_never_at_chance_and_none_spelled_as_in_the_config_skips_pruning(tasks):
+    """A one-class task is always right: no chance warning. pruning="none" (the CLI config's spelling) is None."""
+    loader = [(x, torch.zeros_like(y)) for x, y in tasks[0][0]]
+    for pruning in ("none", "None", None):
+        torch.manual_seed(0)
+        model = EideticNetwork(*mlp_body())
+        model.prepare_for_task(0, 1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*never rose above chance")
+            history = model.train_task(loader, torch.optim.SGD(model.parameters(), lr=0.05), pruning=pruning,
+                                       max_epochs=1, patience=1, recovery_epochs=1, progress=False)
+        assert history[-1]["stop_reason"] == "no pruning"
+    torch.manual_seed(0)
+    model = EideticNetwork(*mlp_body())
+    model.prepare_for_task(0, 1)
+    with warnings.catch_warnings():  # pruning a one-class task: still no chance warning
+        warnings.filterwarnings("error", message=".*never rose above chance")
+        model.train_task(loader, torch.optim.SGD(model.parameters(), lr=0.05), pruning="l2", step=0.5,
+                         max_epochs=1, patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
+
+
 def test_max_prune_steps_caps_the_pruning(tasks):
     model, optimizer = new_model()
     history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=1.0, max_epochs=1,
