@@ -5,7 +5,8 @@ traced (graph.py), each task is pruned and frozen (trainer.py, pruning.py), and 
 task when none is given (routing.py).
 """
 from .graph import GraphError, LayerGraph, NeuronGroup, Segment, declare_graph, trace_body
-from .network import CapacityError, CapacityWarning, EideticNetwork, HookedTrainingWarning, LossyCastWarning
+from .network import (BodyChangedWarning, CapacityError, CapacityWarning, EideticNetwork, HookedTrainingWarning,
+                      LossyCastWarning)
 
-__all__ = ["EideticNetwork", "CapacityError", "CapacityWarning", "HookedTrainingWarning", "LossyCastWarning", "LayerGraph", "NeuronGroup", "Segment", "GraphError", "trace_body",
+__all__ = ["EideticNetwork", "BodyChangedWarning", "CapacityError", "CapacityWarning", "HookedTrainingWarning", "LossyCastWarning", "LayerGraph", "NeuronGroup", "Segment", "GraphError", "trace_body",
            "declare_graph"]

@@ -231,6 +231,7 @@ class LayerGraph:
                  features: list[Segment], raw_input_layers: set[str], renumber_blocked_by: str | None = None):
         self.renumber_blocked_by = renumber_blocked_by
         self.narrow_blocked_by: str | None = "the body was not traced"
+        self.body_ops: list[str] | None = None  # what the traced body computes, op by op (see body_ops)
         self.input_shape: tuple[int, ...] | None = None  # one sample's shape, when traced from a batch
         self.groups = groups
         for g in groups:
@@ -362,6 +363,7 @@ class LayerGraph:
             "renumber_blocked_by": self.renumber_blocked_by,
             "narrow_blocked_by": self.narrow_blocked_by,
             "rounding_checked": True,  # narrow_blocked_by covers ops that round by width
+            "body_ops": self.body_ops,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
 
@@ -401,6 +403,7 @@ class LayerGraph:
             graph.narrow_blocked_by = _rounding_op_in(owner)
         shape = spec.get("input_shape")
         graph.input_shape = None if shape is None else tuple(shape)
+        graph.body_ops = spec.get("body_ops")
         return graph
 
     def describe(self) -> str:
@@ -1146,10 +1149,13 @@ def _rounding_op_in(owner: nn.Module) -> str | None:
     fn = getattr(owner, "forward_features", None)
     if fn is None:
         return None
+    saved = buffer_values(owner.named_modules())  # tracing runs the body's Python: it keeps no write it makes
     try:
         gm = trace_fx(owner, fn)
     except GraphError:
         return "the body's code could not be traced again to look for ops that round by width"
+    finally:
+        _restore(saved)
     for node in gm.graph.nodes:
         what = _rounds_by_width(owner, node)
         if what is not None:
@@ -1274,7 +1280,56 @@ def _graph_of(owner: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor)
     features = prop.run(gm.graph)
     graph = prop.build(features)
     graph.input_shape = tuple(example_input.shape[1:])
+    graph.body_ops = body_ops(owner, gm)
     return graph
+
+
+def body_ops(owner: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """What the traced code of a body computes, one line per op: modules by name, type and settings (an Eidetic
+    layer by name and type: its neuron counts change with every task), functions and methods by name, with the
+    constants they are given. Two bodies with the same lines compute the same function of the same weights."""
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return "%" + a.name
+        if isinstance(a, (tuple, list)):
+            return "(" + ", ".join(arg(x) for x in a) + ")"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k}: {arg(v)}" for k, v in a.items()) + "}"
+        if a is None or isinstance(a, (bool, int, float, str, slice, type(Ellipsis), torch.dtype)):
+            return repr(a)
+        return type(a).__name__
+
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = owner.get_submodule(node.target)
+            what = f"{node.target} {type(m).__name__}" + ("" if isinstance(m, EideticLayer) else f"({m.extra_repr()})")
+        elif node.op == "call_function":
+            what = f"{getattr(node.target, '__module__', None) or ''}.{getattr(node.target, '__name__', node.target)}"
+        elif node.op in ("call_method", "get_attr"):
+            what = f"{node.op} {node.target}"
+        else:
+            what = node.op
+        lines.append(f"%{node.name} = {what} {arg(tuple(node.args))} {arg(dict(node.kwargs))}")
+    return lines
+
+
+def changed_body_op(owner: nn.Module, recorded: list[str]) -> str | None:
+    """The first op where ``owner.forward_features`` now computes other than ``recorded`` (``body_ops`` of the body
+    a state dict was trained with), said in words; None when they agree or the body cannot be traced again."""
+    saved = buffer_values(owner.named_modules())  # tracing runs the body's Python: it keeps no write it makes
+    try:
+        now = body_ops(owner, trace_fx(owner, owner.forward_features))
+    except GraphError:
+        return None
+    finally:
+        _restore(saved)
+    for i, (a, b) in enumerate(zip(recorded, now)):
+        if a != b:
+            return f"op {i} was `{a}`, this body has `{b}`"
+    if len(recorded) != len(now):
+        return f"the state dict's body has {len(recorded)} ops, this body {len(now)}"
+    return None
 
 
 def buffer_values(modules) -> list[tuple]:

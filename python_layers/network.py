@@ -27,7 +27,7 @@ from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLi
 from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable, prepare_twins
 from eidetic_kernels.state import is_frozen
 
-from .graph import (_FEATURE_NORM_MODULES, GraphError, LayerGraph, NeuronGroup, buffer_values, feature_norm_error,
+from .graph import (_FEATURE_NORM_MODULES, GraphError, changed_body_op, LayerGraph, NeuronGroup, buffer_values, feature_norm_error,
                     same_values, trace_module)
 from .warn import user_stacklevel
 from .pruning import fixed_by_user
@@ -256,6 +256,11 @@ class CapacityWarning(UserWarning):
     """A finished task left some layer without any free neuron: a next task could not start."""
 
 
+class BodyChangedWarning(UserWarning):
+    """A state dict with finished tasks loaded into a body whose code computes otherwise (another activation, an
+    added module, another constant): the finished tasks' outputs are not the ones they were trained to give."""
+
+
 class LossyCastWarning(UserWarning):
     """A cast back up (``model.float()``) after a cast down (``model.half()``, ``model.to(torch.bfloat16)``)
     that rounded finished tasks' frozen weights: their outputs are not the ones they had when they finished."""
@@ -480,7 +485,7 @@ class EideticNetwork(nn.Module):
         for name, module in self._body_modules():
             if isinstance(module, EideticLayer):
                 module.qualified_name = name  # error messages name the layer as the network does
-                module.__dict__["_network_ref"] = weakref.ref(self)
+                _LAYER_OWNER[module] = weakref.ref(self)
                 for p in module.parameters(recurse=False):
                     other = owner.setdefault(id(p), name)
                     if other != name:
@@ -1089,6 +1094,7 @@ class EideticNetwork(nn.Module):
         self._neuron_order = {k: torch.as_tensor(v, dtype=torch.long) for k, v in state.get("neuron_order", {}).items()}
         # built after every tensor is loaded (see _sync_after_load)
         self._pending_graph = state.get("graph") if self.graph is None else None
+        self._loaded_body_ops = (state.get("graph") or {}).get("body_ops")  # checked once the load is over
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -1331,12 +1337,16 @@ def _recorded_tasks(extra: dict) -> int:
     return extra["num_finished_tasks"] + (extra.get("current_task") is not None)
 
 
+# layer -> weakref of the network that holds it (outside the layer: a pickled or copied layer carries none)
+_LAYER_OWNER: "weakref.WeakKeyDictionary[EideticLayer, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
 def _refuse_layers_of_another_network(body: nn.Module, network: "EideticNetwork") -> None:
     """GraphError when an Eidetic layer of ``body`` is a layer of another live EideticNetwork: two networks would
     keep their tasks in the same neurons, and each would prune, freeze and recycle the other's. A deep copy of a
     network makes new layers, which its original does not hold: those are not refused."""
     for name, module in body.named_modules():
-        ref = module.__dict__.get("_network_ref") if isinstance(module, EideticLayer) else None
+        ref = _LAYER_OWNER.get(module) if isinstance(module, EideticLayer) else None
         other = ref() if ref is not None else None
         if other is not None and other is not network and any(m is module for m in other.modules()):
             where = getattr(module, "qualified_name", None) or name or type(module).__name__
@@ -1364,6 +1374,14 @@ def _sync_after_load(module: EideticNetwork, incompatible_keys) -> None:
         module.__dict__.pop("_pending_graph", None)
         return
     spec = module.__dict__.pop("_pending_graph", None)
+    recorded = module.__dict__.pop("_loaded_body_ops", None)
+    if recorded is not None and module.num_finished_tasks:
+        changed = changed_body_op(module, recorded)
+        if changed is not None:
+            warnings.warn(f"this network's body computes otherwise than the body the state dict's "
+                          f"{module.num_finished_tasks} finished task(s) were trained with ({changed}): their outputs "
+                          f"will not be the ones they had. Load into the body they were trained with",
+                          BodyChangedWarning, stacklevel=user_stacklevel())
     if spec is not None and module.graph is None:
         # the loaded states (min_input_task included) are already right: do not re-apply task settings
         module._attach_graph(LayerGraph.from_spec(spec, module), apply_settings=False,

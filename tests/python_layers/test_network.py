@@ -1117,3 +1117,45 @@ def test_a_body_of_a_live_network_is_refused_by_a_second_network():
     del first, twin
     gc.collect()
     EideticNetwork(body, 32).prepare_for_task(0, 2)  # the body's network is gone: the body is free to take
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale, act=nn.ReLU, extra=False):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(20, 16), act(), nn.Linear(16, 16)
+        self.scale = scale
+        self.extra = nn.Hardtanh() if extra else None
+
+    def forward(self, x):
+        h = self.fc2(self.act(self.fc1(x)) * self.scale)
+        return h if self.extra is None else self.extra(h)
+
+
+@pytest.mark.parametrize("change", ["none", "activation", "constant", "added module"])
+def test_loading_into_a_body_that_computes_otherwise_warns(change):
+    """The state dict records what its body computed, op by op; a load with finished tasks into a body whose code
+    differs (same shapes, so torch loads it) warns, naming the first op that differs (a trial: silent)."""
+    from python_layers import BodyChangedWarning
+    from tests.python_layers.test_renumbering import _finish_tasks
+
+    torch.manual_seed(0)
+    model = EideticNetwork(_Scaled(0.5), 16)
+    _finish_tasks(model, (20,), tasks=1)
+    other = {"none": _Scaled(0.5), "activation": _Scaled(0.5, nn.LeakyReLU), "constant": _Scaled(0.25),
+             "added module": _Scaled(0.5, extra=True)}[change]
+    loaded = EideticNetwork(other, 16)
+    if change == "none":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BodyChangedWarning)
+            loaded.load_state_dict(model.state_dict())
+        model.eval(), loaded.eval()
+        x = torch.randn(5, 20)
+        with torch.no_grad():
+            assert torch.equal(loaded(x, task=0), model(x, task=0))
+        return
+    says = {"activation": r"ReLU\(\).*LeakyReLU\(negative_slope=0\.01\)", "constant": r"0\.5.*0\.25",
+            "added module": r"output.*Hardtanh"}[change]
+    with pytest.warns(BodyChangedWarning, match=rf"computes otherwise than the body the state dict's 1 finished "
+                                                rf"task\(s\) were trained with .*{says}.*Load into the body") as record:
+        loaded.load_state_dict(model.state_dict())
+    assert record[0].filename == __file__
