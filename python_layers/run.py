@@ -743,6 +743,34 @@ def _check_export_path(out: Path) -> None:
         raise ConfigError(f"--out {out}: not writable")
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} holds no run (config.yaml and checkpoint.pt); train one with eidetic train")
+
+
+def _loaded_run(run_dir: Path, log=print) -> Run:
+    run = Run(load_config(run_dir / "config.yaml"), run_dir, log)
+    run.build()
+    run.load_checkpoint()
+    return run
+
+
+def load_run(run_dir):
+    """(network, scenario) of the ``eidetic train`` run in ``run_dir``, as its last checkpoint left them.
+
+    ``network``: the EideticNetwork (body built from the run's config, on the run's device, in eval mode) with
+    every task the checkpoint holds and, when the run fitted one, its router: ``network(x, task=t)`` and
+    ``network.predict(x)`` work as in the run. ``scenario``: the run's tasks; ``scenario.tasks[t].test.batch(rows)``
+    (and ``.train``) gives (float32 inputs [B, C, H, W] normalised as the network reads them, int64 task-local
+    labels [B]) for a LongTensor of rows in ``0..len(scenario.tasks[t].test) - 1``.
+    Raises ConfigError for a folder that holds no run, a damaged checkpoint, and a body whose code changed since
+    the run trained it."""
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir)
+    run = _loaded_run(run_dir, _quiet)
+    return run.model.eval(), run.scenario
+
+
 def export(run_dir, task: int, out, log=print) -> dict:
     """``eidetic export``: task ``task`` of the run in ``run_dir`` as a plain torch.nn module saved to ``out``
     (``torch.save``; plus ``out`` with suffix ``.pt2`` from ``torch.export`` where the body allows, its example
@@ -755,12 +783,9 @@ def export(run_dir, task: int, out, log=print) -> dict:
     from .scenarios import InMemoryLoader
 
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} holds no run (config.yaml and checkpoint.pt); train one with eidetic train")
+    _check_run_dir(run_dir)
     _check_export_path(out)
-    run = Run(load_config(run_dir / "config.yaml"), run_dir, log)
-    run.build()
-    run.load_checkpoint()
+    run = _loaded_run(run_dir, log)
     model = run.model.eval()
     if not isinstance(task, int) or not 0 <= task < model.num_finished_tasks:
         raise ConfigError(f"--task {task}: the run has finished tasks 0..{model.num_finished_tasks - 1}")

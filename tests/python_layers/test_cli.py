@@ -73,6 +73,20 @@ def test_end_to_end_outputs(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), module(x))
     assert cli.main(["export", "--run", str(out), "--task", "3", "--out", str(tmp_path / "x.pt")]) == 2
+    # the run from Python: its network (router included) and its tasks' data give the run's own results
+    from python_layers.run import load_run
+    network, scenario = load_run(out)
+    assert network.num_finished_tasks == 3 and not network.training and network.router is not None
+    for t in range(3):
+        test = scenario.tasks[t].test
+        x, y = test.batch(torch.arange(len(test)))
+        with torch.no_grad():
+            assert float((network(x, task=t).argmax(-1) == y).float().mean()) == pytest.approx(R[2][t])
+            tasks, classes = network.predict(x)
+        assert float(((tasks == t) & (classes == y)).float().mean()) == pytest.approx(
+            results["routed_accuracy_matrix"][2][t])
+    with pytest.raises(cli.ConfigError, match="holds no run"):
+        load_run(tmp_path)
     # the routed run's router is counted apart from the body and heads; the program keeps two example samples
     assert report["router_parameters_and_buffers"] > 0
     assert example.shape[0] == 2
