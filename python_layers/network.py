@@ -1259,6 +1259,15 @@ class EideticNetwork(nn.Module):
                 # network's own values (another run's record with some of its layers would leave the rest unmatched)
                 own = self._live_fingerprint(left_out)
                 foreign = sorted(name for name in left_out if own.get(name) != recorded[name])
+                modules = dict(self.named_modules())
+                missing = [name for name in foreign if not name.startswith(_CONSTANT) and name not in modules]
+                if missing:
+                    raise RuntimeError(
+                        f"Error(s) in loading state_dict for {type(self).__name__}: it is partial, and it leaves out "
+                        f"{', '.join(_entry_names(missing, prefix))}, which its record (\"{prefix}_extra_state\") "
+                        f"describes and this network does not have (a fresh network has no heads yet). Load the "
+                        "whole state dict (with strict=True), or load into the network it was saved from. Nothing "
+                        "of this network was loaded.")
                 if foreign:
                     raise RuntimeError(
                         f"Error(s) in loading state_dict for {type(self).__name__}: it is partial, and this network's "

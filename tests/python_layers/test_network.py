@@ -664,6 +664,13 @@ def test_partial_tensor_only_and_layer_level_loads():
                                            r"it leaves out, do not match its record"):
         other.load_state_dict(body_only, strict=False)
     assert torch.equal(other(x, task=0), kept)
+    # into a fresh network, which has no heads for the record's tasks: said so, not "do not match"
+    fresh = EideticNetwork(_BnBody(), model.feature_dim)
+    without_head_0 = {k: v for k, v in state.items() if not k.startswith("heads.0.")}
+    with pytest.raises(RuntimeError, match=r"it is partial, and it leaves out heads\.0 \(frozen values\), which "
+                                           r"its record .* this network does not have.*Nothing of this network was "
+                                           r"loaded"):
+        fresh.load_state_dict(without_head_0, strict=False)
     other.load_state_dict(copy.deepcopy(other.state_dict()))  # and its own state dict still loads
     other.train()
     # frozen storage without its states is read with the layer's own: an edit is refused, whichever load
