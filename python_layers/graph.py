@@ -1286,8 +1286,8 @@ def _graph_of(owner: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor)
 
 def body_ops(owner: nn.Module, gm: fx.GraphModule) -> list[str]:
     """What the traced code of a body computes, one line per op: modules by name, type and settings (an Eidetic
-    layer by name and type: its neuron counts change with every task), functions and methods by name, with the
-    constants they are given. Two bodies with the same lines compute the same function of the same weights."""
+    layer by name and type: its neuron counts change with every task; dropout without its rate, which changes no
+    evaluation), functions and methods by name, with the constants they are given. Two bodies with the same lines compute the same function of the same weights."""
     def arg(a):
         if isinstance(a, fx.Node):
             return "%" + a.name
@@ -1303,7 +1303,9 @@ def body_ops(owner: nn.Module, gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             m = owner.get_submodule(node.target)
-            what = f"{node.target} {type(m).__name__}" + ("" if isinstance(m, EideticLayer) else f"({m.extra_repr()})")
+            # dropout's rate changes no finished task's (eval) outputs
+            plain = isinstance(m, (EideticLayer, nn.modules.dropout._DropoutNd))
+            what = f"{node.target} {type(m).__name__}" + ("" if plain else f"({m.extra_repr()})")
         elif node.op == "call_function":
             what = f"{getattr(node.target, '__module__', None) or ''}.{getattr(node.target, '__name__', node.target)}"
         elif node.op in ("call_method", "get_attr"):
