@@ -1259,7 +1259,7 @@ def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:
         for p_name, p in module._parameters.items():
             if p is not None:
                 holders.setdefault(id(p), []).append((module, name, p_name))
-    for p_id, held in holders.items():
+    for held in holders.values():
         converted = [(m, name, p_name) for m, name, p_name in held if id(m) in twins]
         if not converted:
             continue

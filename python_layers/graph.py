@@ -1143,19 +1143,29 @@ def _node_desc(node: fx.Node) -> str:
     return f"{what} (node '{node.name}')"
 
 
-def _rounding_op_in(owner: nn.Module) -> str | None:
-    """Why ``owner.forward_features`` cannot run at prefix width because of an op that rounds by width (any
-    such op in its traced code; None: there is none)."""
+def _trace_again(owner: nn.Module) -> fx.GraphModule | None:
+    """fx trace of ``owner.forward_features`` with no lasting effect (tracing runs the body's Python: every buffer
+    it writes is put back); None when ``owner`` has no ``forward_features`` or its code cannot be traced."""
     fn = getattr(owner, "forward_features", None)
     if fn is None:
         return None
-    saved = buffer_values(owner.named_modules())  # tracing runs the body's Python: it keeps no write it makes
+    saved = buffer_values(owner.named_modules())
     try:
-        gm = trace_fx(owner, fn)
+        return trace_fx(owner, fn)
     except GraphError:
-        return "the body's code could not be traced again to look for ops that round by width"
+        return None
     finally:
         _restore(saved)
+
+
+def _rounding_op_in(owner: nn.Module) -> str | None:
+    """Why ``owner.forward_features`` cannot run at prefix width because of an op that rounds by width (any
+    such op in its traced code; None: there is none)."""
+    if getattr(owner, "forward_features", None) is None:
+        return None
+    gm = _trace_again(owner)
+    if gm is None:
+        return "the body's code could not be traced again to look for ops that round by width"
     for node in gm.graph.nodes:
         what = _rounds_by_width(owner, node)
         if what is not None:
@@ -1319,13 +1329,10 @@ def body_ops(owner: nn.Module, gm: fx.GraphModule) -> list[str]:
 def changed_body_op(owner: nn.Module, recorded: list[str]) -> str | None:
     """The first op where ``owner.forward_features`` now computes other than ``recorded`` (``body_ops`` of the body
     a state dict was trained with), said in words; None when they agree or the body cannot be traced again."""
-    saved = buffer_values(owner.named_modules())  # tracing runs the body's Python: it keeps no write it makes
-    try:
-        now = body_ops(owner, trace_fx(owner, owner.forward_features))
-    except GraphError:
+    gm = _trace_again(owner)
+    if gm is None:
         return None
-    finally:
-        _restore(saved)
+    now = body_ops(owner, gm)
     for i, (a, b) in enumerate(zip(recorded, now)):
         if a != b:
             return f"op {i} was `{a}`, this body has `{b}`"
