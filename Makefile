@@ -5,6 +5,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.eidetic-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (tests run one torch thread each; CI has 2 cores)
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-triton demo bench bench-plot clean
 
@@ -22,13 +24,14 @@ $(STAMP): pyproject.toml setup.py | $(PY)
 setup: $(STAMP)
 	@grep -qxF "$(TORCH_SPEC)" $(STAMP) || { rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 
+# Both cores (pytest-xdist), longest tests first (tests/conftest.py); TEST_WORKERS=0 runs in this process.
 test: setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 tests $(PYTEST_ARGS)
 
 # The whole suite on the Triton backend. Without a GPU the kernels run in the interpreter, one per core
 # (pytest-xdist, longest tests first: tests/python_layers/conftest.py); about an hour on 2 cores.
 test-triton: setup
-	EIDETIC_BACKEND=triton $(PY) -m pytest -q -n 2 --maxschedchunk 1 --durations=20 tests $(PYTEST_ARGS)
+	EIDETIC_BACKEND=triton $(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 --durations=20 tests $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m python_layers.demo

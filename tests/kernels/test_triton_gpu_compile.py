@@ -21,6 +21,7 @@ KERNELS = {"_linear_fwd_kernel", "_linear_dx_kernel", "_linear_dw_kernel", "_con
            "taylor_kernel"}
 
 
+@pytest.mark.slow  # minutes: ptxas on every kernel variant for two targets
 def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401

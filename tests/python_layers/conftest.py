@@ -7,8 +7,7 @@ about an hour on 2 cores). Two things differ from a run on a GPU or on the defau
   backend (``EIDETIC_BACKEND`` is unset for them): on the interpreted kernels they took 62 of the suite's 147
   worker-minutes. The kernels' training is covered by every other training test, the conv bodies included.
 * The tests that run ``train_task`` on a conv body for several tasks with pruning (``trains_conv_body``, 5-15
-  minutes each there) are scheduled first, ResNet first, so that pytest-xdist (``-n 2 --maxschedchunk 1``)
-  spreads them over the workers instead of leaving one of them to the end.
+  minutes each there) are scheduled first, ResNet first (``tests/conftest.py``).
 
 ``-m "not trains_conv_body"`` leaves the conv trainings out for a quicker interpreted run.
 """
@@ -20,21 +19,12 @@ import torch
 INTERPRETED_TRITON = os.environ.get("EIDETIC_BACKEND", "").strip().lower() == "triton" and not torch.cuda.is_available()
 
 
-def _schedule_rank(item) -> int:
-    """0 for the longest interpreted tests (ResNet trainings), 1 for the other conv trainings, 2 for the rest."""
-    if item.get_closest_marker("trains_conv_body"):
-        return 0 if "resnet" in item.nodeid else 1
-    return 2
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:  # pytest passes every collected item here, not only this folder's
         if "tests/python_layers/" in item.nodeid.replace("\\", "/"):
             # the network wires every consumer before it freezes: a frozen neuron cut from a FREE input is a bug
             # (first, so that a test building such states by hand can ignore it with its own mark)
             item.add_marker(pytest.mark.filterwarnings("error::eidetic_kernels.FreeInputsWarning"), append=False)
-    if INTERPRETED_TRITON:
-        items.sort(key=_schedule_rank)  # stable: pytest's order within each rank
 
 
 @pytest.fixture(autouse=True)

@@ -516,6 +516,7 @@ def split_mnist_gap(num_tasks: int, samples_per_task: int, width: int = 200, rea
     return oracle / num_tasks, routed
 
 
+@pytest.mark.slow
 @pytest.mark.trains_on_mnist
 def test_split_mnist_3_tasks_routed_within_one_point_of_the_oracle():
     # The router's own CNN on the pixels (router_input: input) is the one that holds the bound with room to
