@@ -27,6 +27,10 @@ The zeros multiply frozen features only (a frozen row never reads a FREE input),
 the frozen rows' outputs computed this way feed the task being trained only: finished tasks' views always
 run block by block, so their bits do not depend on this choice. (FlopCounterMode counts the whole product.)
 
+Written training product (linear, same mode): in that layout the blocks of a linear layer write their outputs
+straight into one output tensor (``DenseOp.forward_into``: a GEMM into a column slice), where the block-by-block
+product would concatenate them, a copy of the whole activation per layer and step (``_WrittenOp``).
+
 Grouped frozen blocks (both ops, same mode): consecutive frozen blocks that read the same slice (every finished
 task's block of a first layer reads the whole raw input) run as one product over their adjacent storage, a
 view; ten products of a tenth of the rows cost more than one over all of them. Same argument: training only.
@@ -75,6 +79,9 @@ class DenseOp:
     # with zeros on the synapses that do not exist) instead of one per block, once the live synapses are
     # at least this share of the layer's. 0: never (GEMMs: narrow products run near full efficiency).
     merge_share: float = 0.0
+    # (x [M, in] 2-D, weight, bias, out [M, rows] a column slice of a row-major output) -> None: the product
+    # written into ``out`` (the written training product, ``_WrittenOp``); None: the op has none
+    forward_into: Callable | None = None
 
 
 def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, frozen_weight: torch.Tensor,
@@ -95,6 +102,8 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     kernel = tuple(weight.shape[2:])
     if constant_frozen and _merge_pays(table, op, x.shape[dim]):
         return _merged_forward(x, weight, bias, frozen_weight, frozen_bias, table, op, dim, grad_x)
+    if constant_frozen and _writes_pay(table, op, x):
+        return _written_forward(x, weight, bias, frozen_weight, frozen_bias, table, op, grad_x)
     parts = []
     # a view (frozen blocks only) gives each product a contiguous window: GEMMs round strided and contiguous
     # operands differently, and a finished task at prefix width (EideticNetwork.forward) reads the same
@@ -294,6 +303,44 @@ def _merged_forward(x, weight, bias, frozen_weight, frozen_bias, table: Table, o
     return y
 
 
+def _writes_pay(table: Table, op: DenseOp, x: torch.Tensor) -> bool:
+    """The written training product (``_WrittenOp``) instead of block outputs and a concatenation? For the layout
+    a network trains in (rows task-major, frozen blocks first and reading slices, one trainable block over every
+    trainable row last, no tail) when the op can write into a slice."""
+    if (not MERGE_IN_TRAINING or op.forward_into is None or table.out_index is not None or table.tail
+            or table.n_in != x.shape[-1] or x.dim() < 2):
+        return False
+    trainable = table.blocks[-1]
+    if trainable.frozen or trainable.slots is not None or trainable.col_range is None:
+        return False
+    if any(not b.frozen or (b.cols is not None and b.col_range is None) for b in table.blocks[:-1]):
+        return False
+    return trainable.col_range[1] > trainable.col_range[0]
+
+
+def _written_forward(x, weight, bias, frozen_weight, frozen_bias, table: Table, op: DenseOp, grad_x: bool):
+    """The layer's output written block by block into one tensor (see ``_writes_pay``); gradients as the
+    trainable block's would be: dW/db of its rows, and dX of the inputs from FREE producers only where that split
+    pays (``_split_pays``, as ``_TrainableBlockOp``), else of its whole window."""
+    blk = table.blocks[-1]
+    x_in, select = None, None  # the input that gets a gradient, and which columns of the window it is
+    if grad_x:
+        x_in = _window(x, blk, x.dim() - 1)
+        if _split_pays(blk, x_in.shape[-1], op):
+            if blk.train_range is not None:
+                select = blk.train_range
+                x_in = x_in.narrow(-1, select[0], select[1] - select[0])
+            else:
+                select = blk.train_pos
+                x_in = x_in.index_select(-1, select)
+    fw = frozen_weight.detach()
+    fb = None if frozen_bias is None else frozen_bias.detach()
+    runs = [_merged_block(run) if len(run) > 1 else run[0] for run in _same_window_runs(table.blocks[:-1])]
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    y = _WrittenOp.apply(x2, x_in, weight, bias, fw, fb, runs, blk, select, table.n_out, op)
+    return y.view(tuple(x.shape[:-1]) + (table.n_out,))
+
+
 def _bias_only(x, n: int, kernel, b, op: DenseOp, dim: int):
     """Outputs of ``n`` rows with no live input: their bias (differentiable as ``b`` is)."""
     x_shape = list(x.shape)
@@ -484,3 +531,62 @@ class _Assemble(torch.autograd.Function):
     @eager_backward
     def backward(ctx, grad):
         return (None, None, *[grad.index_select(ctx.dim, index) for index in ctx.neurons])
+
+
+class _WrittenOp(torch.autograd.Function):
+    """A linear layer in a network's training layout as one output tensor: each frozen run of blocks (constant
+    weights) and then the trainable block written into its columns (``op.forward_into``). Backward: dW and db of
+    the trainable rows and dX of ``x_train`` (inputs from FREE producers), the only gradients that can reach a
+    trainable parameter; PRUNED rows output exactly 0 and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, x_in, weight, bias, frozen_weight, frozen_bias, runs, blk, select, n_out, op):
+        out = x.new_empty((x.shape[0], n_out))
+        row = 0
+        for run in runs:
+            n = run.rows.numel()
+            dst = out.narrow(1, row, n)
+            b = None if frozen_bias is None else frozen_bias.narrow(0, run.bias_start, n)
+            if run.width == 0:  # no live input: the outputs are the bias
+                dst.copy_(b.expand_as(dst)) if b is not None else dst.zero_()
+            else:
+                w = frozen_weight.narrow(0, run.offset, n * run.width).view(n, run.width)
+                op.forward_into(_window(x, run, 1), w, b, dst)
+            row += n
+        xw, w = _window(x, blk, 1), _window(weight.detach(), blk, 1)
+        if blk.dead is not None:
+            w = w.index_fill(1, blk.dead, 0)
+        n = blk.rows.numel()
+        dst = out.narrow(1, row, n)
+        op.forward_into(xw, w, None if bias is None else bias.detach(), dst)
+        if blk.zero_rows is not None:
+            dst.index_fill_(1, blk.zero_rows, 0)
+        ctx.save_for_backward(xw, w)
+        ctx.blk, ctx.row, ctx.op, ctx.has_bias, ctx.weight_shape = blk, row, op, bias is not None, weight.shape
+        ctx.x_in_shape, ctx.select = None if x_in is None else x_in.shape, select
+        return out
+
+    @staticmethod
+    @eager_backward
+    def backward(ctx, grad):
+        xw, w = ctx.saved_tensors
+        blk, op = ctx.blk, ctx.op
+        g = grad.narrow(1, ctx.row, blk.rows.numel())
+        if blk.zero_rows is not None:  # PRUNED rows: a constant 0
+            g = g.index_fill(1, blk.zero_rows, 0)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            select, w_in = ctx.select, w
+            if isinstance(select, tuple):
+                w_in = w.narrow(1, select[0], select[1] - select[0])
+            elif select is not None:
+                w_in = w.index_select(1, select)
+            grad_x = g.mm(w_in).view(ctx.x_in_shape)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_w, grad_b = op.weight_grad(xw, g, w)
+            if blk.dead is not None:  # dead inputs are never read: no gradient on their synapses
+                grad_w = grad_w.index_fill(1, blk.dead, 0)
+            if tuple(grad_w.shape) != tuple(ctx.weight_shape):  # the window's columns of the trainable storage
+                grad_w = _into_window(grad_w.new_zeros(ctx.weight_shape), blk, 1, grad_w)
+            grad_b = grad_b if ctx.has_bias else None
+        return None, grad_x, grad_w, grad_b, None, None, None, None, None, None, None

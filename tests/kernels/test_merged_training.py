@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eidetic_kernels import FREE, backends
+from eidetic_kernels import FREE, PRUNED, backends
 from eidetic_kernels.ops import blocks
 from python_layers import EideticNetwork
 from tests.python_layers.synthetic import TinyResNet, single_thread  # noqa: F401  (autouse fixture)
@@ -215,3 +215,85 @@ def test_grouped_frozen_blocks_match_blocks(body, forward_transfer, dtype, monke
         for t in range(3):  # a finished task's view: block by block
             net(x, task=t)
     assert len(groups) == n_grouped
+
+
+def deep_mlp():
+    return nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU()), 16, (6,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("taylor", [False, True])
+@pytest.mark.parametrize("forward_transfer", [True, False])
+@pytest.mark.parametrize("tasks", [1, 3])
+@pytest.mark.parametrize("body", [mlp, deep_mlp], ids=["mlp", "deep_mlp"])
+def test_written_linear_product_matches_blocks(body, tasks, forward_transfer, taylor, dtype, monkeypatch):
+    """A linear layer in training writes its blocks into one output (``_WrittenOp``) instead of concatenating
+    them: the same outputs, parameter gradients and Taylor scores of FREE neurons as block by block, with
+    PRUNED neurons of the task being trained (zero rows, dead inputs)."""
+    _skip_unless_reference("linear", dtype)
+    net, in_shape = finished(body, tasks, 0.2, forward_transfer, dtype, seed=tasks + 10)
+    net.train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((7,) + in_shape, generator=g, dtype=dtype)
+    y = torch.randint(4, (7,), generator=g)
+    calls = []
+    written = blocks._written_forward
+    monkeypatch.setattr(blocks, "_written_forward", lambda *a: calls.append(1) or written(*a))
+    state = copy.deepcopy(net.state_dict())
+    out_w, grads_w, scores_w = run(net, x, y, taylor)
+    layers = [layer for layer in net.body_layers().values() if type(layer).__name__ == "EideticLinear"]
+    if any(layer.last_backend != "reference" for layer in layers):
+        pytest.skip(f"the layers ran on {layers[0].last_backend}: the written product is the reference engine's")
+    n_layers = len(layers) + 1  # and the head
+    assert len(calls) >= n_layers - 1, f"the written product ran {len(calls)} times: the test compares too little"
+    net.load_state_dict(state)
+    monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
+    n_written = len(calls)
+    out_b, grads_b, scores_b = run(net, x, y, taylor)
+    assert len(calls) == n_written
+    tol = TOL[dtype]
+    torch.testing.assert_close(out_w, out_b, atol=tol, rtol=tol)
+    assert grads_w.keys() == grads_b.keys()
+    for name in grads_b:
+        torch.testing.assert_close(grads_w[name], grads_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert scores_w.keys() == scores_b.keys()
+    for name in scores_b:
+        torch.testing.assert_close(scores_w[name], scores_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_written_linear_product_keeps_finished_tasks_and_free_capacity_apart():
+    """NaN and inf in the trainable storage reach no frozen column of the written output, and a finished task's
+    view (block by block) keeps its bits while the written product trains the next task."""
+    _skip_unless_reference("linear", torch.float32)
+    net, in_shape = finished(deep_mlp, 3, 0.2, True, torch.float32, seed=1)
+    x = torch.randn((5,) + in_shape)
+    net.eval()
+    with torch.no_grad():
+        before = [net(x, task=t) for t in range(3)]
+    net.train()
+    lin = net.body[2]
+    with torch.no_grad():
+        lin.weight.fill_(float("nan"))
+        lin.bias.fill_(float("inf"))
+    calls, outs = [], []
+    written = blocks._written_forward
+    # a global hook: a hook on the module would make the network compute exact activation gradients instead
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: outs.append(output.detach()) if module is lin else None)
+    try:
+        blocks._written_forward = lambda *a: calls.append(1) or written(*a)
+        net(x)
+    finally:
+        blocks._written_forward = written
+        handle.remove()
+    assert calls, "the written product did not run"
+    (out,) = outs
+    frozen = (lin.task_state != FREE) & (lin.task_state >= 0)
+    assert bool(frozen.any()) and torch.isfinite(out[:, frozen]).all()
+    assert torch.isnan(out[:, lin.task_state == FREE]).all()
+    pruned = lin.task_state == PRUNED  # the task being trained has some: exactly 0, NaN weights or not
+    assert bool(pruned.any()) and bool((out[:, pruned] == 0).all())
+    net.eval()
+    with torch.no_grad():
+        for t in range(3):
+            assert torch.equal(net(x, task=t), before[t])

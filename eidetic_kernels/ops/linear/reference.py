@@ -9,6 +9,7 @@ never multiplied by a mask).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..blocks import DenseOp, block_forward
@@ -24,7 +25,15 @@ def _weight_grad(x, grad_out, weight):
     return g.t().mm(x.reshape(-1, x.shape[-1])), g.sum(0)
 
 
-LINEAR = DenseOp(forward=F.linear, input_grad=_input_grad, weight_grad=_weight_grad, dim=-1)
+def _forward_into(x, weight, bias, out):  # x [M, in], out [M, rows]: a column slice (BLAS writes it in place)
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+LINEAR = DenseOp(forward=F.linear, input_grad=_input_grad, weight_grad=_weight_grad, dim=-1,
+                 forward_into=_forward_into)
 
 
 def linear(x, weight, bias, frozen_weight, frozen_bias, table, taylor_score=None, constant_frozen=False):
