@@ -533,6 +533,12 @@ class _Assemble(torch.autograd.Function):
         return (None, None, *[grad.index_select(ctx.dim, index) for index in ctx.neurons])
 
 
+def _trainable_window(weight: torch.Tensor, blk: Block) -> torch.Tensor:
+    """The trainable block's weight columns, its dead inputs' columns 0 (a select: never read)."""
+    w = _window(weight, blk, 1)
+    return w if blk.dead is None else w.index_fill(1, blk.dead, 0)
+
+
 class _WrittenOp(torch.autograd.Function):
     """A linear layer in a network's training layout as one output tensor: each frozen run of blocks (constant
     weights) and then the trainable block written into its columns (``op.forward_into``). Backward: dW and db of
@@ -553,15 +559,13 @@ class _WrittenOp(torch.autograd.Function):
                 w = frozen_weight.narrow(0, run.offset, n * run.width).view(n, run.width)
                 op.forward_into(_window(x, run, 1), w, b, dst)
             row += n
-        xw, w = _window(x, blk, 1), _window(weight.detach(), blk, 1)
-        if blk.dead is not None:
-            w = w.index_fill(1, blk.dead, 0)
         n = blk.rows.numel()
         dst = out.narrow(1, row, n)
-        op.forward_into(xw, w, None if bias is None else bias.detach(), dst)
+        op.forward_into(_window(x, blk, 1), _trainable_window(weight, blk), bias, dst)
         if blk.zero_rows is not None:
             dst.index_fill_(1, blk.zero_rows, 0)
-        ctx.save_for_backward(xw, w)
+        # the weight itself, not a copy: under create_graph the backward below is differentiated through it
+        ctx.save_for_backward(x, weight)
         ctx.blk, ctx.row, ctx.op, ctx.has_bias, ctx.weight_shape = blk, row, op, bias is not None, weight.shape
         ctx.x_in_shape, ctx.select = None if x_in is None else x_in.shape, select
         return out
@@ -569,8 +573,9 @@ class _WrittenOp(torch.autograd.Function):
     @staticmethod
     @eager_backward
     def backward(ctx, grad):
-        xw, w = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         blk, op = ctx.blk, ctx.op
+        xw, w = _window(x, blk, 1), _trainable_window(weight, blk)
         g = grad.narrow(1, ctx.row, blk.rows.numel())
         if blk.zero_rows is not None:  # PRUNED rows: a constant 0
             g = g.index_fill(1, blk.zero_rows, 0)
