@@ -96,6 +96,29 @@ def run(net, x, y, taylor):
     return out.detach(), grads, scores
 
 
+def counted(monkeypatch, name: str) -> list:
+    """Calls of ``blocks.<name>`` from now on, one entry each (the function still runs)."""
+    calls, fn = [], getattr(blocks, name)
+    monkeypatch.setattr(blocks, name, lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
+def batch(in_shape, dtype, seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + in_shape, generator=g, dtype=dtype), torch.randint(4, (n,), generator=g)
+
+
+def assert_same_run(got, want, tol):
+    """Two ``run`` results (outputs, parameter gradients, Taylor scores) equal within ``tol``."""
+    for part, a, b in zip(("outputs", "gradients", "scores"), got, want):
+        if part == "outputs":
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+            continue
+        assert a.keys() == b.keys(), part
+        for name in b:
+            torch.testing.assert_close(a[name], b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("taylor", [False, True])
 @pytest.mark.parametrize("forward_transfer", [True, False])
@@ -105,30 +128,19 @@ def test_merged_training_product_matches_blocks(body, tasks, forward_transfer, t
     _skip_unless_reference("conv2d", dtype)
     net, in_shape = finished(body, tasks, 0.2, forward_transfer, dtype, seed=tasks)
     net.train()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn((6,) + in_shape, generator=g, dtype=dtype)
-    y = torch.randint(4, (6,), generator=g)
-    calls = []
-    merged_forward = blocks._merged_forward
-    monkeypatch.setattr(blocks, "_merged_forward", lambda *a: calls.append(1) or merged_forward(*a))
+    x, y = batch(in_shape, dtype, seed=1)
+    calls = counted(monkeypatch, "_merged_forward")
     state = copy.deepcopy(net.state_dict())
-    out_m, grads_m, scores_m = run(net, x, y, taylor)
+    merged = run(net, x, y, taylor)
     _require_reference_conv(net)
     net.load_state_dict(state)  # running statistics as before
     monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
     n_merged = len(calls)
-    out_b, grads_b, scores_b = run(net, x, y, taylor)
+    by_blocks = run(net, x, y, taylor)
     assert len(calls) == n_merged
     if forward_transfer:
         assert n_merged > 0, "the merged product never ran: the test compares nothing"
-    tol = TOL[dtype]
-    torch.testing.assert_close(out_m, out_b, atol=tol, rtol=tol)
-    assert grads_m.keys() == grads_b.keys()
-    for name in grads_b:
-        torch.testing.assert_close(grads_m[name], grads_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
-    assert scores_m.keys() == scores_b.keys()
-    for name in scores_b:
-        torch.testing.assert_close(scores_m[name], scores_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_run(merged, by_blocks, TOL[dtype])
 
 
 def test_merged_training_keeps_finished_tasks_and_free_capacity_apart():
@@ -193,7 +205,7 @@ def test_grouped_frozen_blocks_match_blocks(body, forward_transfer, dtype, monke
                         lambda bl: groups.extend(len(r) for r in runs(bl) if len(r) > 1) or runs(bl))
     monkeypatch.setattr(blocks, "_merge_pays", lambda *a: False)  # convolutions block by block, then grouped
     state = copy.deepcopy(net.state_dict())
-    out_g, grads_g, _ = run(net, x, y, taylor=False)
+    grouped = run(net, x, y, taylor=False)
     layers = [layer for layer in net.body_layers().values() if type(layer).__name__ in ("EideticLinear",
                                                                                          "EideticConv2d")]
     if any(layer.last_backend != "reference" for layer in layers):
@@ -202,13 +214,9 @@ def test_grouped_frozen_blocks_match_blocks(body, forward_transfer, dtype, monke
     net.load_state_dict(state)
     monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
     n_grouped = len(groups)
-    out_b, grads_b, _ = run(net, x, y, taylor=False)
+    by_blocks = run(net, x, y, taylor=False)
     assert len(groups) == n_grouped
-    tol = TOL[dtype]
-    torch.testing.assert_close(out_g, out_b, atol=tol, rtol=tol)
-    assert grads_g.keys() == grads_b.keys()
-    for name in grads_b:
-        torch.testing.assert_close(grads_g[name], grads_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_run(grouped, by_blocks, TOL[dtype])
     monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", True)
     net.eval()
     with torch.no_grad():
@@ -233,14 +241,10 @@ def test_written_linear_product_matches_blocks(body, tasks, forward_transfer, ta
     _skip_unless_reference("linear", dtype)
     net, in_shape = finished(body, tasks, 0.2, forward_transfer, dtype, seed=tasks + 10)
     net.train()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn((7,) + in_shape, generator=g, dtype=dtype)
-    y = torch.randint(4, (7,), generator=g)
-    calls = []
-    written = blocks._written_forward
-    monkeypatch.setattr(blocks, "_written_forward", lambda *a: calls.append(1) or written(*a))
+    x, y = batch(in_shape, dtype, seed=3, n=7)
+    calls = counted(monkeypatch, "_written_forward")
     state = copy.deepcopy(net.state_dict())
-    out_w, grads_w, scores_w = run(net, x, y, taylor)
+    got = run(net, x, y, taylor)
     layers = [layer for layer in net.body_layers().values() if type(layer).__name__ == "EideticLinear"]
     if any(layer.last_backend != "reference" for layer in layers):
         pytest.skip(f"the layers ran on {layers[0].last_backend}: the written product is the reference engine's")
@@ -249,16 +253,9 @@ def test_written_linear_product_matches_blocks(body, tasks, forward_transfer, ta
     net.load_state_dict(state)
     monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", False)
     n_written = len(calls)
-    out_b, grads_b, scores_b = run(net, x, y, taylor)
+    by_blocks = run(net, x, y, taylor)
     assert len(calls) == n_written
-    tol = TOL[dtype]
-    torch.testing.assert_close(out_w, out_b, atol=tol, rtol=tol)
-    assert grads_w.keys() == grads_b.keys()
-    for name in grads_b:
-        torch.testing.assert_close(grads_w[name], grads_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
-    assert scores_w.keys() == scores_b.keys()
-    for name in scores_b:
-        torch.testing.assert_close(scores_w[name], scores_b[name], atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_run(got, by_blocks, TOL[dtype])
 
 
 def test_written_linear_product_keeps_finished_tasks_and_free_capacity_apart():
@@ -306,13 +303,9 @@ def test_written_linear_product_is_twice_differentiable(body, monkeypatch):
     _skip_unless_reference("linear", torch.float64)
     net, in_shape = finished(body, 3, 0.2, True, torch.float64, seed=4)
     net.train()
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn((6,) + in_shape, generator=g, dtype=torch.float64)
-    y = torch.randint(4, (6,), generator=g)
+    x, y = batch(in_shape, torch.float64, seed=5)
     state = copy.deepcopy(net.state_dict())
-    calls = []
-    written = blocks._written_forward
-    monkeypatch.setattr(blocks, "_written_forward", lambda *a: calls.append(1) or written(*a))
+    calls = counted(monkeypatch, "_written_forward")
     results = {}
     for merge in (True, False):
         net.load_state_dict(state)
