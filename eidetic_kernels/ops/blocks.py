@@ -313,7 +313,7 @@ def _writes_pay(table: Table, op: DenseOp, x: torch.Tensor) -> bool:
     trainable = table.blocks[-1]
     if trainable.frozen or trainable.slots is not None or trainable.col_range is None:
         return False
-    if any(not b.frozen or (b.cols is not None and b.col_range is None) for b in table.blocks[:-1]):
+    if any(not b.frozen or (b.width and b.col_range is None) for b in table.blocks[:-1]):  # a gathered window
         return False
     return trainable.col_range[1] > trainable.col_range[0]
 
@@ -542,8 +542,9 @@ def _trainable_window(weight: torch.Tensor, blk: Block) -> torch.Tensor:
 class _WrittenOp(torch.autograd.Function):
     """A linear layer in a network's training layout as one output tensor: each frozen run of blocks (constant
     weights) and then the trainable block written into its columns (``op.forward_into``). Backward: dW and db of
-    the trainable rows and dX of ``x_train`` (inputs from FREE producers), the only gradients that can reach a
-    trainable parameter; PRUNED rows output exactly 0 and get no gradient."""
+    the trainable rows and dX of ``x_in``: the trainable block's window, or (``select``: a range or positions of
+    the window) its inputs from FREE producers, the only ones whose gradient can reach a trainable parameter.
+    PRUNED rows output exactly 0 and get no gradient."""
 
     @staticmethod
     def forward(ctx, x, x_in, weight, bias, frozen_weight, frozen_bias, runs, blk, select, n_out, op):
@@ -553,8 +554,10 @@ class _WrittenOp(torch.autograd.Function):
             n = run.rows.numel()
             dst = out.narrow(1, row, n)
             b = None if frozen_bias is None else frozen_bias.narrow(0, run.bias_start, n)
-            if run.width == 0:  # no live input: the outputs are the bias
-                dst.copy_(b.expand_as(dst)) if b is not None else dst.zero_()
+            if run.width == 0 and b is None:  # no live input: the outputs are the bias, or 0
+                dst.zero_()
+            elif run.width == 0:
+                dst.copy_(b.expand_as(dst))
             else:
                 w = frozen_weight.narrow(0, run.offset, n * run.width).view(n, run.width)
                 op.forward_into(_window(x, run, 1), w, b, dst)

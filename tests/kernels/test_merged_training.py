@@ -322,3 +322,34 @@ def test_written_linear_product_is_twice_differentiable(body, monkeypatch):
     assert results[True].keys() == results[False].keys() and results[True]
     for name in results[False]:
         torch.testing.assert_close(results[True][name], results[False][name], atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_written_linear_product_of_frozen_rows_without_inputs(monkeypatch):
+    """Frozen rows frozen while every input was FREE keep no synapse (width 0): the written product gives them
+    their bias, and the trainable rows' outputs and gradients are those of the block-by-block product."""
+    _skip_unless_reference("linear", torch.float64)
+    from eidetic_kernels import EideticLinear
+
+    torch.manual_seed(0)
+    layer = EideticLinear(5, 6, dtype=torch.float64)
+    layer.set_input_task(torch.full((5,), FREE, dtype=torch.int16))  # a producer with every neuron FREE
+    layer.prune_neurons([3, 4, 5])
+    layer.freeze_free_neurons(0)  # its inputs are FREE: the frozen rows read none of them
+    layer.recycle_pruned_neurons()
+    layer.__dict__["constant_frozen"] = True  # as a network's training sets it
+    x = torch.randn(4, 5, dtype=torch.float64)
+    calls = counted(monkeypatch, "_written_forward")
+    results = {}
+    for merge in (True, False):
+        monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", merge)
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        (y * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
+        results[merge] = (y.detach(), layer.weight.grad.clone(), layer.bias.grad.clone())
+    if layer.last_backend != "reference":
+        pytest.skip(f"the layer ran on {layer.last_backend}: the written product is the reference engine's")
+    assert len(calls) == 1, "the written product ran when asked and only then"
+    frozen_bias = layer.frozen_bias.detach()
+    assert torch.equal(results[True][0][:, :3], frozen_bias.expand(4, 3))
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
