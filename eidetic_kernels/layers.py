@@ -346,17 +346,14 @@ class EideticLayer(nn.Module):
 
     def _check_no_parametrization(self, what: str) -> None:
         """TypeError for a layer whose weight is computed by a parametrization (``weight_norm``, ``spectral_norm``,
-        ``torch.nn.utils.parametrize``): state changes install new Parameters (frozen rows move to their own
-        storage), which such a weight does not follow. Raised before anything changes."""
-        from torch.nn.utils import parametrize
-
-        hooks = [type(h).__name__ for h in self._forward_pre_hooks.values()]
-        if parametrize.is_parametrized(self) or "WeightNorm" in hooks or "SpectralNorm" in hooks:
-            raise TypeError(f"{self._name()}: {what} cannot run on a layer with a parametrized weight (weight_norm, "
-                            f"spectral_norm, torch.nn.utils.parametrize): frozen neurons move to a storage of "
-                            f"their own, which a parametrization does not follow. Remove it "
-                            f"(torch.nn.utils.parametrize.remove_parametrizations, or torch.nn.utils."
-                            f"remove_weight_norm) before changing neuron states. Nothing was changed")
+        ``torch.nn.utils.parametrize``, ``torch.nn.utils.prune``): state changes install new Parameters (frozen rows
+        move to their own storage), which such a weight does not follow. Raised before anything changes."""
+        found = computed_weight(self)
+        if found is not None:
+            kind, remedy = found
+            raise TypeError(f"{self._name()}: {what} cannot run on a layer whose weight is computed by {kind}: "
+                            f"frozen neurons move to a storage of their own, which it does not follow. Remove it "
+                            f"({remedy}) before changing neuron states. Nothing was changed")
 
     @torch.no_grad()
     def recycle_pruned_neurons(self, generator: torch.Generator | None = None) -> int:
@@ -1209,6 +1206,39 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
+def computed_weight(module: nn.Module) -> tuple[str, str] | None:
+    """(what computes ``module``'s weight, how to remove it) when a parametrization or a weight hook does
+    (``torch.nn.utils.parametrize`` and ``parametrizations.*``, the older ``weight_norm`` / ``spectral_norm``
+    hooks, ``torch.nn.utils.prune``); None for a plain weight."""
+    from torch.nn.utils import parametrize, prune
+
+    if parametrize.is_parametrized(module):
+        names = list(module.parametrizations.keys())
+        return (f"a parametrization of {', '.join(repr(n) for n in names)} (torch.nn.utils.parametrize)",
+                " and ".join(f"torch.nn.utils.parametrize.remove_parametrizations(layer, {n!r})" for n in names))
+    for hook in module._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if isinstance(hook, prune.BasePruningMethod):
+            return (f"torch.nn.utils.prune ({kind}; this library prunes whole neurons itself: train_task, "
+                    "group.prune)", f"torch.nn.utils.prune.remove(layer, '{hook._tensor_name}')")
+        if kind == "WeightNorm":
+            return "weight_norm (torch.nn.utils.weight_norm)", "torch.nn.utils.remove_weight_norm(layer)"
+        if kind == "SpectralNorm":
+            return "spectral_norm (torch.nn.utils.spectral_norm)", "torch.nn.utils.remove_spectral_norm(layer)"
+    return None
+
+
+def _refuse_computed_weight(module: nn.Module, where: str) -> None:
+    """ValueError for a layer to convert whose weight a parametrization or weight hook computes: the twin takes
+    the module's Parameters, which such a module no longer holds as ``weight``."""
+    found = computed_weight(module)
+    if found is not None:
+        kind, remedy = found
+        raise ValueError(f"cannot convert {where}: its weight is computed by {kind}. Remove it first ({remedy}, "
+                         "which keeps the computed values); a parametrization can be added to the Eidetic layer "
+                         "after conversion (it runs while every neuron is FREE). Nothing was converted")
+
+
 def _adopt(new: EideticLayer, module: nn.Module) -> None:
     """Give ``new`` the module's own Parameter objects (so ``requires_grad``, tensor hooks and an optimizer
     already holding them carry over), its training flag and its forward/backward hooks."""
@@ -1279,9 +1309,14 @@ def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:
 def prepare_twins(model: nn.Module, path: str, twins: dict) -> None:
     """The twin of every layer of ``model`` that ``convert`` replaces, into ``twins`` (id -> (module, twin)),
     changing nothing in ``model``. Raises ValueError for a layer the twins cannot represent."""
-    cls = _CONVERSIONS.get(type(model))
+    from torch.nn.utils import parametrize
+
+    # a parametrized module is an instance of a subclass torch creates (ParametrizedLinear): its original class
+    original = type(model).__bases__[0] if parametrize.is_parametrized(model) else type(model)
+    cls = _CONVERSIONS.get(original)
     if cls is not None:
         if id(model) not in twins:
+            _refuse_computed_weight(model, f"{path} ({original.__name__})" if path else original.__name__)
             try:
                 twin = cls.from_module(model)
             except ValueError as exc:

@@ -471,22 +471,69 @@ def test_convert_refuses_tied_weights_and_leaves_the_model_as_it_was(tie):
     assert isinstance(ek.convert(nn.Sequential(shared, nn.ReLU(), shared))[2], EideticLinear)
 
 
-@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "old weight_norm"])
-def test_a_parametrized_weight_is_refused_before_any_state_changes(parametrize):
+def _compute_weight(module: nn.Module, kind: str) -> None:
+    """Make ``module``'s weight computed: a parametrization, an older norm hook or torch's unstructured pruning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older hooks are deprecated for the parametrizations
+        if kind in ("weight_norm", "spectral_norm"):
+            getattr(nn.utils.parametrizations, kind)(module)
+        elif kind == "old weight_norm":
+            nn.utils.weight_norm(module)
+        elif kind == "old spectral_norm":
+            nn.utils.spectral_norm(module)
+        else:
+            nn.utils.prune.l1_unstructured(module, "weight", amount=0.4)
+
+
+COMPUTED = ["weight_norm", "spectral_norm", "old weight_norm", "old spectral_norm", "prune"]
+REMEDY = {"weight_norm": r"torch.nn.utils.parametrize.remove_parametrizations\(layer, 'weight'\)",
+          "spectral_norm": r"torch.nn.utils.parametrize.remove_parametrizations\(layer, 'weight'\)",
+          "old weight_norm": r"torch.nn.utils.remove_weight_norm\(layer\)",
+          "old spectral_norm": r"torch.nn.utils.remove_spectral_norm\(layer\)",
+          "prune": r"torch.nn.utils.prune.remove\(layer, 'weight'\)"}
+
+
+def _remove(module: nn.Module, kind: str) -> None:
+    """The remedy the error messages give (REMEDY), run as written."""
+    remedy = REMEDY[kind].replace("\\", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        eval(remedy, {"torch": torch}, {"layer": module})
+
+
+@pytest.mark.parametrize("kind", COMPUTED)
+def test_a_parametrized_weight_is_refused_before_any_state_changes(kind):
     lin = EideticLinear(4, 5)
-    if parametrize == "old weight_norm":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of the parametrization
-            nn.utils.weight_norm(lin)
-    else:
-        getattr(nn.utils.parametrizations, parametrize)(lin)
+    _compute_weight(lin, kind)
     lin.prune_neurons([0])
     before = lin.task_state.clone()
-    with pytest.raises(TypeError, match="freeze_free_neurons cannot run on a layer with a parametrized weight.*"
-                                        "remove_parametrizations"):
+    with pytest.raises(TypeError, match="freeze_free_neurons cannot run on a layer whose weight is computed by.*"
+                                        + REMEDY[kind]):
         lin.freeze_free_neurons(0)
     assert torch.equal(lin.task_state, before)
-    assert lin(torch.randn(2, 4)).shape == (2, 5)  # still runs as it did
+    x = torch.randn(2, 4)
+    want = lin(x).detach()  # still runs as it did
+    _remove(lin, kind)  # the remedy given: the same outputs, and states change again
+    torch.testing.assert_close(lin(x), want)
+    assert lin.freeze_free_neurons(0) == 4
+
+
+@pytest.mark.parametrize("kind", COMPUTED)
+def test_converting_a_layer_whose_weight_is_computed_is_a_clear_error(kind):
+    """Before: a raw TypeError from torch (hooks), or the layer left out without a word (parametrizations)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    _compute_weight(model[2], kind)
+    x = torch.randn(2, 4)
+    want = model(x).detach()
+    with pytest.raises(ValueError, match=r"cannot convert 2 \(Linear\): its weight is computed by .*"
+                                         + REMEDY[kind] + ".*Nothing was converted"):
+        ek.convert(model)
+    assert type(model[0]) is nn.Linear  # nothing converted
+    _remove(model[2], kind)
+    ek.convert(model)
+    assert isinstance(model[0], EideticLinear) and isinstance(model[2], EideticLinear)
+    torch.testing.assert_close(model(x), want)
 
 
 def test_recycled_neurons_get_a_fresh_default_init():

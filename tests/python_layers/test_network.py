@@ -332,7 +332,7 @@ def test_shared_layers_and_parametrized_weights_are_refused_before_anything_chan
     states = [layer.task_state.clone() for layer in model.body_layers().values()]
     with torch.no_grad():
         want = model(x)
-    with pytest.raises(TypeError, match=r"'body.2': finish_task cannot run on a layer with a parametrized weight"):
+    with pytest.raises(TypeError, match=r"'body.2': finish_task cannot run on a layer whose weight is computed by"):
         model.finish_task()
     assert all(torch.equal(s, layer.task_state) for s, layer in zip(states, model.body_layers().values()))
     assert model.current_task == 0 and model.num_finished_tasks == 0
