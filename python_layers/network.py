@@ -559,7 +559,24 @@ class EideticNetwork(nn.Module):
             raise CapacityError(
                 f"task {task} cannot start: no free neuron left in {', '.join(full)} (every neuron is frozen for an "
                 "earlier task, and frozen neurons are never taken). Widen these layers (more neurons) or prune "
-                "earlier tasks harder (larger step / stop_threshold)")
+                f"earlier tasks harder (larger step / stop_threshold){self._user_frozen_hint(full)}")
+
+    def _user_frozen_hint(self, full: list[str]) -> str:
+        """For groups in ``full`` (names from ``_layers_without_capacity``) that a member frozen by the user
+        (``requires_grad=False``, e.g. a batch norm's affine parameters) keeps from ever being pruned: a sentence
+        naming that member, as the cause of the lost capacity; "" when there is none."""
+        if self.graph is None:
+            return ""
+        frozen = []
+        for name in full:
+            group = next((g for g in self.graph.groups if g.name == name), None)
+            members = [] if group is None else [n for n, layer in group.members if fixed_by_user(layer)]
+            frozen.extend(m for m in members if m not in frozen)
+        if not frozen:
+            return ""
+        return (f" ({', '.join(frozen)} {'has' if len(frozen) == 1 else 'have'} no parameter that requires grad, "
+                "so train_task never prunes its neuron group and every neuron of it freezes with the task it "
+                "trains; to let it prune, set requires_grad=True on those parameters)")
 
     def _layers_without_capacity(self, forward_transfer: bool = True) -> list[str]:
         """Names (neuron groups once the graph exists) of the layers a next task could not train: every layer
@@ -604,6 +621,16 @@ class EideticNetwork(nn.Module):
         # any layer is renumbered or frozen, rather than by that layer halfway through
         for layer in list(self.body_layers().values()) + [head]:
             layer._check_no_parametrization("finish_task")
+        # FREE neurons of layers the user froze after the first task were never trained: freezing them now uses up
+        # that capacity for good (a linear probe: the body frozen, the head trained). train_task says so before
+        # training; a loop of one's own hears it here
+        idle = [name for name, layer in self.body_layers().items()
+                if self.num_finished_tasks and fixed_by_user(layer) and bool((layer.task_state == FREE).any())]
+        if idle and self.__dict__.get("_said_idle_for_task") != task:
+            warnings.warn(f"finish_task: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} FREE neurons but no "
+                          f"parameter that requires grad: they freeze for task {task} untrained, and no later task "
+                          "can use them. To keep them free, prune them before finishing (group.prune), or set "
+                          "requires_grad=True again before training", CapacityWarning, stacklevel=user_stacklevel())
         if self.graph is not None:
             # checked before anything changes: a group whose members disagree (a state changed on one member)
             # would fail at the end, after freezing, and leave no way to start another task
@@ -645,7 +672,8 @@ class EideticNetwork(nn.Module):
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
                           "for a next task. Prune before finishing (train_task prunes; or group.prune / "
-                          "layer.prune_neurons) to keep capacity, or widen these layers", CapacityWarning,
+                          f"layer.prune_neurons) to keep capacity, or widen these layers{self._user_frozen_hint(full)}",
+                          CapacityWarning,
                           stacklevel=user_stacklevel())
         return frozen
 

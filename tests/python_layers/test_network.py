@@ -1167,3 +1167,39 @@ def test_loading_into_a_body_that_computes_otherwise_warns(change):
                                                 rf"task\(s\) were trained with .*{says}.*Load into the body") as record:
         loaded.load_state_dict(model.state_dict())
     assert record[0].filename == __file__
+
+
+def test_finishing_untrained_neurons_of_a_body_frozen_after_task_0_warns_in_a_loop_of_ones_own():
+    """A linear probe in a later task (body frozen, head trained), in one's own loop: finish_task freezes the
+    body's FREE neurons untrained, which no later task can use: said at the finish (train_task says it before
+    training)."""
+    model, shape = make("mlp")
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 2)
+    model(x)
+    for group in model.groups:
+        group.prune([0, 1])
+    model.finish_task()
+    model.prepare_for_task(1, 2)
+    model.body.requires_grad_(False)
+    with pytest.warns(CapacityWarning, match=r"finish_task: body\.0, body\.3 have FREE neurons but no parameter "
+                                             r"that requires grad: they freeze for task 1 untrained") as record:
+        model.finish_task()
+    assert record[0].filename == __file__
+
+
+def test_capacity_lost_to_a_batch_norm_frozen_by_the_user_names_it():
+    """requires_grad_(False) on the batch norms only (a common trick) keeps their conv's group from being pruned:
+    the CapacityWarning at the finish and the CapacityError of the next task name the batch norm as the cause."""
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 6), nn.ReLU())
+    model = EideticNetwork(body, 6)
+    model.body[1].requires_grad_(False)
+    model.prepare_for_task(0, 2)
+    model(torch.randn(2, 3, 5, 5))
+    model.graph.group_of("body.5").prune([0])
+    hint = r"body\.1 has no parameter that requires grad, so train_task never prunes its neuron group"
+    with pytest.warns(CapacityWarning, match=r"every neuron left in body\.0:.*" + hint):
+        model.finish_task()
+    with pytest.raises(CapacityError, match=r"no free neuron left in body\.0 .*" + hint):
+        model.prepare_for_task(1, 2)

@@ -260,6 +260,8 @@ def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_s
     model.requires_grad_(False)
     model.prepare_for_task(1, CLASSES)
     with pytest.warns(CapacityWarning, match=r"FREE neurons but no parameter that requires grad.*"
-                                             r"model.requires_grad_\(True\)"):
+                                             r"model.requires_grad_\(True\)") as record:
         model.train_task(DataLoader(TensorDataset(x, y), batch_size=4),
                          torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
+    said = [w for w in record if "no parameter that requires grad" in str(w.message)]
+    assert len(said) == 1, "said once, before training (finish_task does not repeat it)"
