@@ -38,6 +38,19 @@ def make(kind, seed=0):
     return EideticNetwork(factory(), feature_dim), shape
 
 
+def task_0_finished(kind="mlp"):
+    """A network of ``kind`` whose task 0 finished with neurons 0 and 1 of every group pruned (free for task 1),
+    and an input batch for it."""
+    model, shape = make(kind)
+    x = torch.randn(4, *shape)
+    model.prepare_for_task(0, 2)
+    model(x)
+    for group in model.groups:
+        group.prune([0, 1])
+    model.finish_task()
+    return model, x
+
+
 def train_steps(model, x, y, steps, weight_decay, lr=1e-2):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
@@ -243,13 +256,7 @@ def test_task_id_errors():
 
 
 def test_forward_transfer_off_reads_only_own_task():
-    model, shape = make("mlp")
-    x = torch.randn(4, *shape)
-    model.prepare_for_task(0, 2)
-    model(x)
-    for g in model.groups:
-        g.prune([0, 1])
-    model.finish_task()
+    model, x = task_0_finished()
     model.prepare_for_task(1, 2, forward_transfer=False)
     layers = model.graph.layers
     assert bool((layers["body.0"].min_input_task == 0).all())  # reads the raw input: stays 0
@@ -1173,13 +1180,7 @@ def test_finishing_untrained_neurons_of_a_body_frozen_after_task_0_warns_in_a_lo
     """A linear probe in a later task (body frozen, head trained), in one's own loop: finish_task freezes the
     body's FREE neurons untrained, which no later task can use: said at the finish (train_task says it before
     training)."""
-    model, shape = make("mlp")
-    x = torch.randn(4, *shape)
-    model.prepare_for_task(0, 2)
-    model(x)
-    for group in model.groups:
-        group.prune([0, 1])
-    model.finish_task()
+    model, _ = task_0_finished()
     model.prepare_for_task(1, 2)
     model.body.requires_grad_(False)
     with pytest.warns(CapacityWarning, match=r"finish_task: body\.0, body\.3 have FREE neurons but no parameter "
