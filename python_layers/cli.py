@@ -215,7 +215,14 @@ def _main(argv, quiet: bool) -> int:
         return 2
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand on both sides of an option (`lr=0.1 --out D tasks=3`): argparse gives the
+    # positional list the first run only, and leaves the others unrecognised
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "export":
         try:
             export(args.run, args.task, args.out)

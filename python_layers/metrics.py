@@ -11,7 +11,12 @@ Definitions (T tasks, indices from 0):
 * BWT (Lopez-Paz & Ranzato 2017, backward transfer):   ``BWT = 1/(T-1) * sum_{j<T-1} (R[T-1][j] - R[j][j])``.
   Negative = forgetting. Exactly 0 when no finished task's accuracy ever changes (eidetic's promise).
 * FWT (Lopez-Paz & Ranzato 2017, forward transfer):    ``FWT = 1/(T-1) * sum_{j>=1} (R[j-1][j] - b[j])`` where
-  ``b[j]`` is the test accuracy on task j of the untrained (randomly initialised) network.
+  ``b[j]`` is the test accuracy on task j of the untrained (randomly initialised) network. With one head per
+  task, as here, ``R[j-1][j]`` reads task j through its fresh, untrained head, and the CLI's ``b[j]`` through
+  another fresh head (a draw of its own): both are accuracies of untrained heads, near chance in expectation, so
+  this FWT is near 0 whatever the body learned and varies with the head draws by several points. It does not
+  measure how much task j gains from reading earlier tasks' features; for that compare ``R[j][j]`` of runs with
+  and without forward transfer (the config key ``forward_transfer``).
 * Forgetting (Chaudhry et al. 2018, "average forgetting" after the last task):
   ``f_j = max_{l in j..T-2} R[l][j] - R[T-1][j]`` for j < T-1, ``F = mean_{j<T-1} f_j``. The max runs over the
   rows where task j had been trained (l >= j); 0 without forgetting, negative when a task's accuracy rose after

@@ -620,7 +620,9 @@ class Run:
                 "acc": "mean_j R[T-1][j] (Lopez-Paz & Ranzato 2017)",
                 "bwt": "1/(T-1) sum_{j<T-1} (R[T-1][j] - R[j][j]) (Lopez-Paz & Ranzato 2017)",
                 "fwt": "1/(T-1) sum_{j>=1} (R[j-1][j] - b[j]); R[j-1][j]: task j's fresh head before training on "
-                       "it; b[j]: untrained network, fresh head (Lopez-Paz & Ranzato 2017)",
+                       "it; b[j]: untrained network, another fresh head (Lopez-Paz & Ranzato 2017). Both are "
+                       "untrained heads: near 0 by construction, not a measure of feature transfer (compare "
+                       "R[j][j] with forward_transfer=false)",
                 "forgetting": "mean_{j<T-1} (max_{j<=l<=T-2} R[l][j] - R[T-1][j]) (Chaudhry et al. 2018)",
                 "routed": "a sample counts when the router picks its task and that head its class; row i routes "
                           "through the router fitted after task i (router_fits[i] with router=learned)",

@@ -588,3 +588,17 @@ def test_the_body_record_follows_the_users_modules_the_body_file_imports(tmp_pat
     finally:
         for name in ("calls_fp", "scale_fp", "act_fp", "deep_fp"):
             _sys.modules.pop(name, None)
+
+
+def test_overrides_on_both_sides_of_an_option_are_all_read(tmp_path, capsys):
+    """`train lr=0.1 --out D tasks=0`: both overrides count (argparse alone leaves the second unrecognised);
+    anything else unknown is still an error."""
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "scenario=synthetic", "--out", out, "tasks=0"]) == 2
+    assert "tasks must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["train", "tasks=0", "--out", out, "scenario=synthetic"]) == 2
+    assert "tasks must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "scenario=synthetic", "--out", out, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
