@@ -515,7 +515,8 @@ def _warn_frozen_by_user_after_task_0(model, task: int) -> None:
     idle = [name for name, layer in model.body_layers().items()
             if pruning_mod.fixed_by_user(layer) and bool((layer.task_state == FREE).any())]
     if idle:
-        model.__dict__["_said_idle_for_task"] = task  # finish_task need not say it again
+        # finish_task need not say it again (on the network itself, not a torch.compile wrapper of it)
+        getattr(model, "_orig_mod", model).__dict__["_said_idle_for_task"] = task
         warnings.warn(f"task {task}: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} FREE neurons but no "
                       "parameter that requires grad, so they will not train, and finish_task will freeze them "
                       "for this task untrained, using up that capacity for every later task. If the body was "

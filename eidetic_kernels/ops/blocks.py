@@ -231,7 +231,9 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
     if blk.zero_rows is not None:
         # PRUNED rows of the trainable storage: exactly 0 (a select; index_fill_'s backward zeroes their
         # gradients). In place on a fresh output, which neither op saves for backward.
-        y = y.index_fill_(dim, blk.zero_rows, 0)
+        # (out of place when the product returned a view, e.g. F.linear on a [B, T, in] input: autograd forbids
+        # writing into a view that an autograd Function returned)
+        y = y.index_fill(dim, blk.zero_rows, 0) if y._is_view() else y.index_fill_(dim, blk.zero_rows, 0)
     return y
 
 
@@ -406,6 +408,24 @@ class _ConstantWeightOp(torch.autograd.Function):
         return ctx.op.input_grad(grad, weight, ctx.x_shape), None, None, None
 
 
+def _graph_through_free_inputs(grad_w, x_in, grad, weight, select, op: DenseOp):
+    """``grad_w`` (computed from detached inputs), with its columns of the inputs ``x_in`` recomputed from
+    ``x_in`` itself when a backward builds a graph (``create_graph=True``: a gradient penalty). Those inputs come
+    from FREE producers, and a second derivative reaches earlier layers through them; the other columns read
+    frozen features, constants. ``select``: which columns of the window ``x_in`` is (a range, positions, or None
+    for all). Without a graph to build: ``grad_w`` as it is."""
+    if not torch.is_grad_enabled() or x_in is None or not x_in.requires_grad or x_in.numel() == 0:
+        return grad_w
+    if select is None:
+        return op.weight_grad(x_in, grad, weight)[0]
+    if isinstance(select, tuple):
+        a, e = select
+        part = op.weight_grad(x_in, grad, weight.narrow(1, a, e - a))[0]
+        return torch.cat([grad_w.narrow(1, 0, a), part, grad_w.narrow(1, e, grad_w.shape[1] - e)], 1)
+    part = op.weight_grad(x_in, grad, weight.index_select(1, select))[0]
+    return grad_w.index_copy(1, select, part)
+
+
 class _TrainableBlockOp(torch.autograd.Function):
     """The trainable block when frozen blocks are constants: one product over the whole window ``x``
     (detached); backward gives dW, db and dX of ``x_train`` only (inputs from FREE producers, positions
@@ -413,7 +433,7 @@ class _TrainableBlockOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_train, weight, bias, train_pos, train_range, op):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, x_train)  # x_train: a view of x, kept for a create_graph backward
         ctx.has_bias, ctx.train_pos, ctx.train_range, ctx.op = bias is not None, train_pos, train_range, op
         ctx.x_train_shape = x_train.shape
         return op.forward(x, weight, bias)
@@ -421,7 +441,7 @@ class _TrainableBlockOp(torch.autograd.Function):
     @staticmethod
     @eager_backward
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        x, weight, x_train = ctx.saved_tensors
         op = ctx.op
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
@@ -433,6 +453,8 @@ class _TrainableBlockOp(torch.autograd.Function):
             grad_x = op.input_grad(grad, w_train, ctx.x_train_shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_w, grad_b = op.weight_grad(x, grad, weight)
+            select = ctx.train_range if ctx.train_range is not None else ctx.train_pos
+            grad_w = _graph_through_free_inputs(grad_w, x_train, grad, weight, select, op)
             grad_b = grad_b if ctx.has_bias else None
         return None, grad_x, grad_w, grad_b, None, None, None
 
@@ -568,7 +590,7 @@ class _WrittenOp(torch.autograd.Function):
         if blk.zero_rows is not None:
             dst.index_fill_(1, blk.zero_rows, 0)
         # the weight itself, not a copy: under create_graph the backward below is differentiated through it
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, x_in)  # x_in (attached) for a create_graph backward
         ctx.blk, ctx.row, ctx.op, ctx.has_bias, ctx.weight_shape = blk, row, op, bias is not None, weight.shape
         ctx.x_in_shape, ctx.select = None if x_in is None else x_in.shape, select
         return out
@@ -576,7 +598,7 @@ class _WrittenOp(torch.autograd.Function):
     @staticmethod
     @eager_backward
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
+        x, weight, x_in = ctx.saved_tensors
         blk, op = ctx.blk, ctx.op
         xw, w = _window(x, blk, 1), _trainable_window(weight, blk)
         g = grad.narrow(1, ctx.row, blk.rows.numel())
@@ -592,6 +614,8 @@ class _WrittenOp(torch.autograd.Function):
             grad_x = g.mm(w_in).view(ctx.x_in_shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_w, grad_b = op.weight_grad(xw, g, w)
+            if x_in is not None:
+                grad_w = _graph_through_free_inputs(grad_w, x_in.flatten(0, -2), g, w, ctx.select, op)
             if blk.dead is not None:  # dead inputs are never read: no gradient on their synapses
                 grad_w = grad_w.index_fill(1, blk.dead, 0)
             if tuple(grad_w.shape) != tuple(ctx.weight_shape):  # the window's columns of the trainable storage

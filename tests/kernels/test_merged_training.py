@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eidetic_kernels import FREE, PRUNED, backends
+from eidetic_kernels import FREE, PRUNED, EideticLinear, backends
 from eidetic_kernels.ops import blocks
 from python_layers import EideticNetwork
 from tests.python_layers.synthetic import TinyResNet, single_thread  # noqa: F401  (autouse fixture)
@@ -296,40 +296,40 @@ def test_written_linear_product_keeps_finished_tasks_and_free_capacity_apart():
             assert torch.equal(net(x, task=t), before[t])
 
 
-@pytest.mark.parametrize("body", [mlp, deep_mlp], ids=["mlp", "deep_mlp"])
-def test_written_linear_product_is_twice_differentiable(body, monkeypatch):
-    """A gradient penalty (``create_graph=True``) through the written product: the same second-order parameter
-    gradients as block by block (fp64)."""
-    _skip_unless_reference("linear", torch.float64)
-    net, in_shape = finished(body, 3, 0.2, True, torch.float64, seed=4)
+@pytest.mark.parametrize("tasks", [1, 3])
+@pytest.mark.parametrize("body", [mlp, deep_mlp, cnn], ids=["mlp", "deep_mlp", "cnn"])
+def test_a_gradient_penalty_gets_the_exact_second_order_gradients(body, tasks, monkeypatch):
+    """A gradient penalty (``create_graph=True``) through a network's training forward (frozen blocks constant;
+    written, merged and split products): every parameter's gradient as with ``exact_activation_grads=True``
+    (fp64). With one task finished some layers' input gradients are not split (PRUNED inputs among few frozen
+    ones), with three they are."""
+    net, in_shape = finished(body, tasks, 0.2, True, torch.float64, seed=4)
     net.train()
     x, y = batch(in_shape, torch.float64, seed=5)
     state = copy.deepcopy(net.state_dict())
-    calls = counted(monkeypatch, "_written_forward")
+    calls = counted(monkeypatch, "_written_forward" if body is not cnn else "_merged_forward")
     results = {}
-    for merge in (True, False):
-        net.load_state_dict(state)
-        monkeypatch.setattr(blocks, "MERGE_IN_TRAINING", merge)
+    for exact in (False, True):
+        net.load_state_dict(state)  # running statistics as before
+        net.exact_activation_grads = exact
         net.zero_grad(set_to_none=True)
         params = [p for p in net.parameters() if p.requires_grad]
         loss = F.cross_entropy(net(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         penalty = sum((gr ** 2).sum() for gr in grads if gr is not None)
         penalty.backward()
-        results[merge] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-        if merge:
-            assert calls, "the written product did not run"
+        results[exact] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    if backends.select("linear", torch.device("cpu"), torch.float64) == "reference":
+        assert calls, "the product under test never ran"
     assert results[True].keys() == results[False].keys() and results[True]
-    for name in results[False]:
-        torch.testing.assert_close(results[True][name], results[False][name], atol=1e-10, rtol=1e-10, msg=name)
+    for name in results[True]:
+        torch.testing.assert_close(results[False][name], results[True][name], atol=1e-10, rtol=1e-10, msg=name)
 
 
 def test_written_linear_product_of_frozen_rows_without_inputs(monkeypatch):
     """Frozen rows frozen while every input was FREE keep no synapse (width 0): the written product gives them
     their bias, and the trainable rows' outputs and gradients are those of the block-by-block product."""
     _skip_unless_reference("linear", torch.float64)
-    from eidetic_kernels import EideticLinear
-
     torch.manual_seed(0)
     layer = EideticLinear(5, 6, dtype=torch.float64)
     layer.set_input_task(torch.full((5,), FREE, dtype=torch.int16))  # a producer with every neuron FREE
@@ -353,3 +353,29 @@ def test_written_linear_product_of_frozen_rows_without_inputs(monkeypatch):
     assert torch.equal(results[True][0][:, :3], frozen_bias.expand(4, 3))
     for got, want in zip(results[True], results[False]):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_a_sequence_input_with_pruned_rows_runs_with_frozen_blocks_constant():
+    """A [B, T, in] input (F.linear returns a view there) to a layer with PRUNED trainable rows and frozen rows
+    reading a gathered window (no written product): the outputs and the input's gradient of exact mode. It used to
+    raise (PRUNED rows zeroed in place on the view an autograd Function returned)."""
+    torch.manual_seed(0)
+    layer = EideticLinear(6, 8, dtype=torch.float64)
+    layer.set_input_task(torch.tensor([0, 0, FREE, 0, FREE, FREE], dtype=torch.int16))
+    layer.prune_neurons([3, 4, 5, 6, 7])
+    layer.freeze_free_neurons(0)  # rows 0-2 read inputs 0, 1 and 3: a gathered window
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([6])
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    results = {}
+    for constant in (True, False):
+        layer.__dict__["constant_frozen"] = constant
+        scale = torch.ones(6, dtype=torch.float64, requires_grad=True)
+        y = layer(x * scale)
+        (y * torch.arange(1.0, 9.0, dtype=torch.float64)).sum().backward()
+        # the inputs from FREE producers get their whole gradient either way (frozen ones only in exact mode)
+        results[constant] = (y.detach(), scale.grad[[2, 4, 5]].clone(), layer.weight.grad.clone())
+        layer.weight.grad = None
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert bool((results[True][0][..., 6] == 0).all())

@@ -265,3 +265,22 @@ def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_s
                          torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
     said = [w for w in record if "no parameter that requires grad" in str(w.message)]
     assert len(said) == 1, "said once, before training (finish_task does not repeat it)"
+
+
+def test_a_body_frozen_after_task_0_is_said_once_through_a_compiled_network():
+    """train_task(torch.compile(model), ...) says it before training, and finish_task (on the network itself) does
+    not repeat it."""
+    from python_layers import CapacityWarning
+    x, y = samples(8)
+    model, optimizer = new_model(mlp_body)
+    model.ensure_graph(x[:2])
+    for group in model.groups:
+        group.prune([0, 1])
+    model.train_task(DataLoader(TensorDataset(x, y), batch_size=4), optimizer, **KW)
+    model.prepare_for_task(1, CLASSES)
+    model.body.requires_grad_(False)
+    with pytest.warns(CapacityWarning) as record:
+        trainer.train_task(torch.compile(model, backend="eager"), DataLoader(TensorDataset(x, y), batch_size=4),
+                           torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
+    said = [w for w in record if "no parameter that requires grad" in str(w.message)]
+    assert len(said) == 1, [str(w.message)[:80] for w in said]
