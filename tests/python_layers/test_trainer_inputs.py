@@ -246,9 +246,11 @@ def test_progress_into_a_pipe_is_one_plain_line_per_epoch():
     assert "\r" not in text and 1 <= len(text.splitlines()) <= n_epochs
 
 
-def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_spent():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_spent(compiled):
     """requires_grad_(False) on the whole model (to evaluate it), never undone: the next task would freeze every
-    FREE neuron untrained. Said before training; a body frozen from the start gives task 0 everything, as
+    FREE neuron untrained. Said before training, once (finish_task, on the network itself, does not repeat it;
+    also when train_task gets torch.compile(model)); a body frozen from the start gives task 0 everything, as
     documented, and is not."""
     from python_layers import CapacityWarning
     x, y = samples(8)
@@ -261,26 +263,9 @@ def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_s
     model.prepare_for_task(1, CLASSES)
     with pytest.warns(CapacityWarning, match=r"FREE neurons but no parameter that requires grad.*"
                                              r"model.requires_grad_\(True\)") as record:
-        model.train_task(DataLoader(TensorDataset(x, y), batch_size=4),
-                         torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
+        trainer.train_task(torch.compile(model, backend="eager") if compiled else model,
+                           DataLoader(TensorDataset(x, y), batch_size=4),
+                           torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
     said = [w for w in record if "no parameter that requires grad" in str(w.message)]
     assert len(said) == 1, "said once, before training (finish_task does not repeat it)"
 
-
-def test_a_body_frozen_after_task_0_is_said_once_through_a_compiled_network():
-    """train_task(torch.compile(model), ...) says it before training, and finish_task (on the network itself) does
-    not repeat it."""
-    from python_layers import CapacityWarning
-    x, y = samples(8)
-    model, optimizer = new_model(mlp_body)
-    model.ensure_graph(x[:2])
-    for group in model.groups:
-        group.prune([0, 1])
-    model.train_task(DataLoader(TensorDataset(x, y), batch_size=4), optimizer, **KW)
-    model.prepare_for_task(1, CLASSES)
-    model.body.requires_grad_(False)
-    with pytest.warns(CapacityWarning) as record:
-        trainer.train_task(torch.compile(model, backend="eager"), DataLoader(TensorDataset(x, y), batch_size=4),
-                           torch.optim.SGD(model.heads[1].parameters(), lr=0.05), **KW)
-    said = [w for w in record if "no parameter that requires grad" in str(w.message)]
-    assert len(said) == 1, [str(w.message)[:80] for w in said]
