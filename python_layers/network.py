@@ -561,6 +561,15 @@ class EideticNetwork(nn.Module):
                 "earlier task, and frozen neurons are never taken). Widen these layers (more neurons) or prune "
                 f"earlier tasks harder (larger step / stop_threshold){self._user_frozen_hint(full)}")
 
+    def _idle_user_frozen(self) -> list[str]:
+        """After the first task: names of body layers with FREE neurons and no parameter that requires grad. They
+        do not train and are not pruned, and finish_task freezes their FREE neurons untrained. (From the first
+        task on, a layer frozen by the user gives task 0 all its neurons, as documented: not listed then.)"""
+        if not self.num_finished_tasks:
+            return []
+        return [name for name, layer in self.body_layers().items()
+                if fixed_by_user(layer) and bool((layer.task_state == FREE).any())]
+
     def _user_frozen_hint(self, full: list[str]) -> str:
         """For groups in ``full`` (names from ``_layers_without_capacity``) that a member frozen by the user
         (``requires_grad=False``, e.g. a batch norm's affine parameters) keeps from ever being pruned: a sentence
@@ -624,8 +633,7 @@ class EideticNetwork(nn.Module):
         # FREE neurons of layers the user froze after the first task were never trained: freezing them now uses up
         # that capacity for good (a linear probe: the body frozen, the head trained). train_task says so before
         # training; a loop of one's own hears it here
-        idle = [name for name, layer in self.body_layers().items()
-                if self.num_finished_tasks and fixed_by_user(layer) and bool((layer.task_state == FREE).any())]
+        idle = self._idle_user_frozen()
         if idle and self.__dict__.get("_said_idle_for_task") != task:
             warnings.warn(f"finish_task: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} FREE neurons but no "
                           f"parameter that requires grad: they freeze for task {task} untrained, and no later task "

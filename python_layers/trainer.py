@@ -32,7 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from eidetic_kernels import FREE, PRUNED, rebind_optimizer
+from eidetic_kernels import PRUNED, rebind_optimizer
 
 from . import distributed as dist_mod
 from . import pruning as pruning_mod
@@ -510,10 +510,7 @@ def _warn_frozen_by_user_after_task_0(model, task: int) -> None:
     train, are not pruned, and finish_task freezes their FREE neurons for this task untrained, using up that
     capacity for good (``requires_grad_(False)`` on a whole model to evaluate it, never undone, does this).
     A layer frozen by the user from the start gives all its neurons to task 0 (documented), and has none left."""
-    if not getattr(model, "num_finished_tasks", 0) or not hasattr(model, "body_layers"):
-        return
-    idle = [name for name, layer in model.body_layers().items()
-            if pruning_mod.fixed_by_user(layer) and bool((layer.task_state == FREE).any())]
+    idle = model._idle_user_frozen() if hasattr(model, "_idle_user_frozen") else []
     if idle:
         # finish_task need not say it again (on the network itself, not a torch.compile wrapper of it)
         getattr(model, "_orig_mod", model).__dict__["_said_idle_for_task"] = task

@@ -181,6 +181,20 @@ def _window(x: torch.Tensor, blk: Block, dim: int, write: torch.Tensor | None = 
     return x.index_select(dim, blk.cols)
 
 
+def _free_inputs(blk: Block):
+    """Which of the trainable block's window inputs come from FREE producers: a range, else positions."""
+    return blk.train_range if blk.train_range is not None else blk.train_pos
+
+
+def _columns(t: torch.Tensor, dim: int, select) -> torch.Tensor:
+    """``t`` along ``dim`` at ``select``: a range ``(a, e)`` (a view), positions (a gather), or None (all)."""
+    if select is None:
+        return t
+    if isinstance(select, tuple):
+        return t.narrow(dim, select[0], select[1] - select[0])
+    return t.index_select(dim, select)
+
+
 def _into_window(full: torch.Tensor, blk: Block, dim: int, values: torch.Tensor) -> torch.Tensor:
     """``full`` with ``values`` written at the block's window along ``dim`` (in place); returns ``full``."""
     _window(full, blk, dim, write=values)
@@ -220,12 +234,8 @@ def _trainable_block(x, weight, bias, blk: Block, op: DenseOp, dim: int, grad_x:
     if xw.shape[dim] == 0:
         y = _bias_only(x, w.shape[0], tuple(w.shape[2:]), b, op, dim)
     elif constant_frozen and grad_x and _split_pays(blk, xw.shape[dim], op):
-        if blk.train_range is not None:
-            a, e = blk.train_range
-            x_train = xw.narrow(dim, a, e - a)
-        else:
-            x_train = xw.index_select(dim, blk.train_pos)
-        y = _TrainableBlockOp.apply(xw.detach(), x_train, w, b, blk.train_pos, blk.train_range, op)
+        x_train = _columns(xw, dim, _free_inputs(blk))
+        y = _TrainableBlockOp.apply(xw.detach(), x_train, w, b, _free_inputs(blk), op)
     else:
         y = op.forward(xw, w, b)
     if blk.zero_rows is not None:
@@ -329,12 +339,8 @@ def _written_forward(x, weight, bias, frozen_weight, frozen_bias, table: Table, 
     if grad_x:
         x_in = _window(x, blk, x.dim() - 1)
         if _split_pays(blk, x_in.shape[-1], op):
-            if blk.train_range is not None:
-                select = blk.train_range
-                x_in = x_in.narrow(-1, select[0], select[1] - select[0])
-            else:
-                select = blk.train_pos
-                x_in = x_in.index_select(-1, select)
+            select = _free_inputs(blk)
+            x_in = _columns(x_in, -1, select)
     fw = frozen_weight.detach()
     fb = None if frozen_bias is None else frozen_bias.detach()
     runs = [_merged_block(run) if len(run) > 1 else run[0] for run in _same_window_runs(table.blocks[:-1])]
@@ -416,25 +422,25 @@ def _graph_through_free_inputs(grad_w, x_in, grad, weight, select, op: DenseOp):
     for all). Without a graph to build: ``grad_w`` as it is."""
     if not torch.is_grad_enabled() or x_in is None or not x_in.requires_grad or x_in.numel() == 0:
         return grad_w
+    part = op.weight_grad(x_in, grad, _columns(weight, 1, select))[0]
     if select is None:
-        return op.weight_grad(x_in, grad, weight)[0]
+        return part
     if isinstance(select, tuple):
         a, e = select
-        part = op.weight_grad(x_in, grad, weight.narrow(1, a, e - a))[0]
         return torch.cat([grad_w.narrow(1, 0, a), part, grad_w.narrow(1, e, grad_w.shape[1] - e)], 1)
-    part = op.weight_grad(x_in, grad, weight.index_select(1, select))[0]
     return grad_w.index_copy(1, select, part)
 
 
 class _TrainableBlockOp(torch.autograd.Function):
     """The trainable block when frozen blocks are constants: one product over the whole window ``x``
     (detached); backward gives dW, db and dX of ``x_train`` only (inputs from FREE producers, positions
-    ``train_pos`` of the window), the only inputs whose gradient can reach a trainable parameter."""
+    ``select`` of the window: a range or positions), the only inputs whose gradient can reach a trainable
+    parameter."""
 
     @staticmethod
-    def forward(ctx, x, x_train, weight, bias, train_pos, train_range, op):
-        ctx.save_for_backward(x, weight, x_train)  # x_train: a view of x, kept for a create_graph backward
-        ctx.has_bias, ctx.train_pos, ctx.train_range, ctx.op = bias is not None, train_pos, train_range, op
+    def forward(ctx, x, x_train, weight, bias, select, op):
+        ctx.save_for_backward(x, weight, x_train)  # x_train: columns of x, kept for a create_graph backward
+        ctx.has_bias, ctx.select, ctx.op = bias is not None, select, op
         ctx.x_train_shape = x_train.shape
         return op.forward(x, weight, bias)
 
@@ -445,18 +451,12 @@ class _TrainableBlockOp(torch.autograd.Function):
         op = ctx.op
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            if ctx.train_range is not None:
-                a, e = ctx.train_range
-                w_train = weight.narrow(1, a, e - a)
-            else:
-                w_train = weight.index_select(1, ctx.train_pos)
-            grad_x = op.input_grad(grad, w_train, ctx.x_train_shape)
+            grad_x = op.input_grad(grad, _columns(weight, 1, ctx.select), ctx.x_train_shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_w, grad_b = op.weight_grad(x, grad, weight)
-            select = ctx.train_range if ctx.train_range is not None else ctx.train_pos
-            grad_w = _graph_through_free_inputs(grad_w, x_train, grad, weight, select, op)
+            grad_w = _graph_through_free_inputs(grad_w, x_train, grad, weight, ctx.select, op)
             grad_b = grad_b if ctx.has_bias else None
-        return None, grad_x, grad_w, grad_b, None, None, None
+        return None, grad_x, grad_w, grad_b, None, None
 
 
 class _MergedOp(torch.autograd.Function):
@@ -498,17 +498,13 @@ class _MergedOp(torch.autograd.Function):
             grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
         else:
             if need_x:
-                if blk.train_range is not None:
-                    a, e = blk.train_range
-                    w_train = w.narrow(1, a, e - a)
-                else:
-                    w_train = w.index_select(1, blk.train_pos)
+                w_train = _columns(w, 1, _free_inputs(blk))
                 shape = list(x.shape)
                 shape[dim] = w_train.shape[1]
                 g_train = op.input_grad(g, w_train, shape)
                 gx = x.new_zeros(xw.shape)  # the window's gradient: 0 but on its inputs from FREE producers
                 if blk.train_range is not None:
-                    gx.narrow(dim, a, e - a).copy_(g_train)
+                    _columns(gx, dim, blk.train_range).copy_(g_train)
                 else:
                     gx.index_copy_(dim, blk.train_pos, g_train)
                 grad_x = gx if gx.shape == x.shape else _into_window(x.new_zeros(x.shape), blk, dim, gx)
@@ -606,12 +602,7 @@ class _WrittenOp(torch.autograd.Function):
             g = g.index_fill(1, blk.zero_rows, 0)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            select, w_in = ctx.select, w
-            if isinstance(select, tuple):
-                w_in = w.narrow(1, select[0], select[1] - select[0])
-            elif select is not None:
-                w_in = w.index_select(1, select)
-            grad_x = g.mm(w_in).view(ctx.x_in_shape)
+            grad_x = g.mm(_columns(w, 1, ctx.select)).view(ctx.x_in_shape)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             grad_w, grad_b = op.weight_grad(xw, g, w)
             if x_in is not None:
