@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["active", "rank", "world_size", "init_from_env", "wrap", "all_reduce_sum", "barrier", "broadcast_object",
-           "sync_running_stats", "broadcast_state", "state_hash", "check_same", "shard"]
+           "sync_running_stats", "broadcast_state", "state_hash", "check_same", "shard", "SamplerShard"]
 
 
 def active() -> bool:
@@ -148,27 +148,67 @@ def check_same(value: str, what: str) -> None:
                            "configuration and seed")
 
 
+class SamplerShard(torch.utils.data.Sampler):
+    """This rank's share of a sampler of the user's (``SubsetRandomSampler``, ``WeightedRandomSampler``, one of
+    their own) over ``world`` processes: every epoch rank 0 draws the sampler's indices and broadcasts them, so
+    every rank reads the same order whatever its random state; the order is padded by repeating its first indices
+    to a multiple of ``world`` (cut to one with ``drop_last``), and rank r reads positions r, r + world, ... (as
+    ``DistributedSampler`` does). Iterating it is a collective: every rank iterates it once per epoch."""
+
+    def __init__(self, sampler, rank: int, world: int, drop_last: bool = False):
+        self.sampler, self.rank, self.world, self.drop_last = sampler, rank, world, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.world if self.drop_last else -(-n // self.world)
+
+    def __iter__(self):
+        order = broadcast_object([int(i) for i in self.sampler] if self.rank == 0 else None)
+        if self.drop_last:
+            order = order[:len(order) - len(order) % self.world]
+        elif order and len(order) % self.world:
+            pad = self.world - len(order) % self.world
+            order = order + (order * (1 + pad // len(order)))[:pad]
+        return iter(order[self.rank::self.world])
+
+
 def shard(loader):
     """The loader this rank reads: ``loader.shard(rank, world)`` when it can shard itself (InMemoryLoader:
-    1/world of every global batch); a torch DataLoader is rebuilt with a ``DistributedSampler`` (the same
-    shuffling on every rank, per-rank batch = batch_size / world); anything else is an error."""
+    1/world of every global batch); a torch DataLoader is rebuilt with batch_size / world per rank and a sampler
+    that gives each rank its share of every global batch: a ``DistributedSampler`` for the loader's default
+    samplers (``shuffle=True`` or not; the same shuffling on every rank), ``SamplerShard`` for a sampler of the
+    user's (its indices as rank 0 draws them). Raises ValueError for a DataLoader with its own ``batch_sampler``
+    or a ``batch_size`` the number of processes does not divide, TypeError for anything else."""
     if not active():
         return loader
     if hasattr(loader, "shard"):
         return loader.shard(rank(), world_size())
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
     from torch.utils.data.distributed import DistributedSampler
     if isinstance(loader, DataLoader):
         if isinstance(loader.sampler, DistributedSampler):
             return loader
         world = world_size()
-        if loader.batch_size is None or loader.batch_size % world:
+        if loader.batch_size is None:
+            raise ValueError(f"a DataLoader with its own batch_sampler ({type(loader.batch_sampler).__name__}) cannot "
+                             f"be shared by {world} processes: give it batch_size= and sampler= instead (each process "
+                             f"then reads batch_size / {world} samples of every global batch in the sampler's order)")
+        if loader.batch_size % world:
             raise ValueError(f"the DataLoader's batch_size ({loader.batch_size}) must be a multiple of the "
                              f"{world} processes: each reads batch_size / {world} samples of every global batch")
-        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank(),
-                                     shuffle=isinstance(loader.sampler, RandomSampler), drop_last=loader.drop_last)
+        sampler = loader.sampler
+        if type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
+                                                  and sampler._num_samples is None):
+            sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank(),
+                                         shuffle=type(sampler) is RandomSampler, drop_last=loader.drop_last)
+        else:  # the user's sampler (a subset, weights, replacement): its indices, shared out
+            sampler = SamplerShard(sampler, rank(), world, loader.drop_last)
+        workers = {} if not loader.num_workers else dict(
+            prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
         return DataLoader(loader.dataset, batch_size=loader.batch_size // world, sampler=sampler,
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                          drop_last=loader.drop_last)
+                          drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                          multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                          **workers)
     raise TypeError(f"cannot shard a {type(loader).__name__} over {world_size()} processes: give train_task a torch "
                     "DataLoader (it gets a DistributedSampler) or a loader with a shard(rank, world) method")

@@ -163,6 +163,48 @@ def test_uneven_shards_train_the_global_batch(tmp_path):
 
 # ----- the CLI: eidetic train --nproc N -------------------------------------------------------------------------
 
+def _sampler_worker(rank: int, init_file: str, out: str) -> None:
+    from torch.utils.data import BatchSampler, SequentialSampler, SubsetRandomSampler, WeightedRandomSampler
+    _init(rank, init_file)
+    try:
+        torch.manual_seed(100 + rank)  # each process draws otherwise: rank 0's draw must be the one used
+        data = TensorDataset(torch.arange(100))
+        seen = {}
+        weights = torch.zeros(100)
+        weights[40:50] = 1.0
+        for name, sampler in (("subset", SubsetRandomSampler(range(30))),
+                              ("weighted", WeightedRandomSampler(weights, 40, replacement=True))):
+            loader = dist_mod.shard(DataLoader(data, batch_size=10, sampler=sampler))
+            seen[name] = [[b[0].tolist() for b in loader] for _ in range(2)]  # two epochs
+        try:
+            dist_mod.shard(DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 10, False)))
+        except ValueError as exc:
+            seen["batch_sampler"] = str(exc)
+        torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sampler_of_the_users_is_shared_out_not_dropped(tmp_path):
+    """A DataLoader's own sampler (a subset, weights) keeps choosing the samples over 2 processes: each global
+    batch of 10 is rank 0's draw, 5 rows to each process, none outside the sampler's; a batch_sampler is a clear
+    error."""
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_sampler_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    for epoch in range(2):
+        a, b = r0["subset"][epoch], r1["subset"][epoch]
+        assert [len(x) for x in a] == [len(x) for x in b] == [5, 5, 5]
+        rows = [i for batch in a + b for i in batch]
+        assert sorted(rows) == list(range(30)), "every row of the subset once per epoch, no other row"
+        a, b = r0["weighted"][epoch], r1["weighted"][epoch]
+        assert [len(x) for x in a] == [len(x) for x in b] == [5, 5, 5, 5]
+        assert all(40 <= i < 50 for batch in a + b for i in batch), "only rows with weight"
+    assert r0["subset"][0] != r0["subset"][1], "a new draw every epoch"
+    for r in (r0, r1):
+        assert "batch_sampler" in r["batch_sampler"] and "batch_size= and sampler=" in r["batch_sampler"]
+
+
 def _states(checkpoint):
     return {k: v for k, v in torch.load(checkpoint, weights_only=True)["model"].items() if k.endswith("task_state")}
 
