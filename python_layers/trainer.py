@@ -300,7 +300,7 @@ def _check_batch_of_one(model, loader, device, norms) -> None:
 
 
 def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool = True, taylor_layers=(),
-              groups=(), distributed: bool = False) -> tuple[float, float]:
+              groups=(), distributed: bool = False, label_counts: torch.Tensor | None = None) -> tuple[float, float]:
     """One training epoch of the current task; returns (mean loss, training accuracy).
 
     The accuracy is the share of correctly classified training samples seen during the epoch
@@ -316,6 +316,9 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
 
     ``distributed``: ``model`` is a DistributedDataParallel wrapper and ``loader`` this process's shard; the
     loss, accuracy and Taylor scores returned or kept are sums over every process (``python_layers.distributed``).
+
+    ``label_counts``: int64[num_classes] on ``device``; the epoch's labels are counted into it (over every
+    process), which gives the accuracy of always answering the most frequent class (``_warn_at_chance``).
     """
     model.train()
     for layer in taylor_layers:
@@ -359,6 +362,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
                 correct = torch.zeros((), dtype=torch.int64, device=loss.device)
             loss_sum.add_(loss.detach().to(loss_sum.dtype), alpha=n)
             correct.add_((logits.detach().argmax(-1) == y).sum())
+            if label_counts is not None:
+                label_counts.add_(torch.bincount(y, minlength=label_counts.numel())[:label_counts.numel()])
             seen += n
             bar.update()
             if bar.refresh_due():
@@ -367,7 +372,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             totals = torch.stack([loss_sum.double(), correct.double(),
                                   torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)]) \
                 if loss_sum is not None else torch.zeros(3, dtype=torch.float64, device=device)
-            dist_mod.all_reduce_sum(totals, *[layer.taylor_score for layer in taylor_layers])
+            counted = [] if label_counts is None else [label_counts]
+            dist_mod.all_reduce_sum(totals, *[layer.taylor_score for layer in taylor_layers], *counted)
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         if seen == 0:
             raise ValueError(_EMPTY_LOADER)
@@ -377,7 +383,7 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
     return result
 
 
-def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs):
+def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs, max_prune_steps=None):
     if pruning is not None:
         pruning_mod.check_method(pruning)
         if not (isinstance(step, (int, float)) and 0 < step <= 1):
@@ -386,8 +392,10 @@ def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_ep
         raise ValueError(f"stop_threshold is an absolute accuracy drop in [0, 1] (0.01 = one point), "
                          f"got {stop_threshold!r}")
     for name, value, low in (("max_epochs", max_epochs, 1), ("patience", patience, 1),
-                             ("recovery_epochs", recovery_epochs, 1)):
-        if not isinstance(value, int) or value < low:
+                             ("recovery_epochs", recovery_epochs, 1), ("max_prune_steps", max_prune_steps, 0)):
+        if name == "max_prune_steps" and value is None:
+            continue  # no limit
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
@@ -460,7 +468,7 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
         raise ValueError("no task is prepared: call model.prepare_for_task(t, num_classes) before train_task")
     if isinstance(pruning, str) and pruning.lower() == "none":  # the config's spelling
         pruning = None
-    _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs)
+    _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs, max_prune_steps)
     if not (isinstance(prune_lr_factor, (int, float)) and 0 < prune_lr_factor <= 1):
         raise ValueError(f"prune_lr_factor must be in (0, 1], got {prune_lr_factor!r}")
     device = torch.device(device) if device is not None else _model_device(model)
@@ -484,7 +492,7 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
         else:
             run.resume(resume_state)
         if pruning is not None:
-            _warn_at_chance(model, task, run.best_acc, pruning)
+            _warn_at_chance(model, task, run.best_acc, pruning, run.label_counts)
             run.prune_with_recovery(max_prune_steps)  # step 2
     finally:
         for layer in run.taylor_layers:
@@ -492,17 +500,27 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     return run.finish()  # steps 3-5
 
 
-def _warn_at_chance(model, task: int, best_acc: float, pruning: str) -> None:
+def _warn_at_chance(model, task: int, best_acc: float, pruning: str, label_counts: list | None = None) -> None:
     """A task whose training accuracy never rose above chance: pruning stops only when the accuracy falls below
-    its best, which it cannot, so nearly every neuron would be pruned. Said before pruning starts."""
+    its best, which it cannot, so nearly every neuron would be pruned. Said before pruning starts. Chance is the
+    accuracy of always answering the most frequent class of the training labels (``label_counts``, counted over
+    the training epochs), or 1/num_classes when they were not counted."""
     classes = model.heads[task].out_features
-    chance = 1.0 / max(classes, 1)
-    if classes > 1 and best_acc <= chance + 0.01:  # one class is always right: nothing to warn of
-        warnings.warn(f"task {task}: the training accuracy never rose above chance (best {best_acc:.3f}, chance "
-                      f"1/{classes} = {chance:.3f}) before pruning; {pruning!r} pruning stops only when the "
-                      "accuracy falls below that best, which at chance it hardly can, so the task may keep few "
-                      "neurons (unless the recovery epochs lift it). Check the labels (0..num_classes-1 of this "
-                      "task), the learning rate and max_epochs", stacklevel=user_stacklevel())
+    total = sum(label_counts) if label_counts else 0
+    if total:
+        top = max(range(len(label_counts)), key=label_counts.__getitem__)
+        chance = label_counts[top] / total
+        said = f"always answering class {top}, the most frequent, gives {chance:.3f}"
+    else:
+        chance = 1.0 / max(classes, 1)
+        said = f"1/{classes} = {chance:.3f}"
+    if classes > 1 and chance < 1.0 and best_acc <= chance + 0.01:  # one class is always right: nothing to warn of
+        warnings.warn(f"task {task}: the training accuracy never rose above chance (best {best_acc:.3f}; chance: "
+                      f"{said}) before pruning; {pruning!r} pruning stops only when the accuracy falls below that "
+                      "best, which at chance it hardly can, so the task may keep few neurons and answer one class "
+                      "(unless the recovery epochs lift it). Check the labels (0..num_classes-1 of this task), the "
+                      "learning rate, and max_epochs and patience (training stops after `patience` epochs without "
+                      "a better accuracy, however the loss moves)", stacklevel=user_stacklevel())
 
 
 def _warn_frozen_by_user_after_task_0(model, task: int) -> None:
@@ -565,6 +583,9 @@ class _TaskRun:
         self.task_free = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
         self.stop_reason = "no pruning"
         self.prune_lr_factor = prune_lr_factor
+        # the training labels of the epochs before pruning, per class (_warn_at_chance); a list once counted
+        self.label_counts: list | None = None
+        self._counting = None
         self.lr_scaled = False  # the learning rates were multiplied by prune_lr_factor (once per task)
 
     # ----- one epoch, and checkpoints --------------------------------------------------------------------
@@ -573,8 +594,14 @@ class _TaskRun:
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch, the same on every rank
             sampler.set_epoch(self.epochs)
+        if phase == "train" and self._counting is None:
+            self._counting = torch.zeros(self.model.heads[self.task].out_features, dtype=torch.int64,
+                                         device=self.device)
         loss, acc = run_epoch(self.trained, self.loader, self.optimizer, self.device, desc, self.progress,
-                              self.taylor_layers, self.groups, self.distributed)
+                              self.taylor_layers, self.groups, self.distributed,
+                              self._counting if phase == "train" else None)
+        if phase == "train":
+            self.label_counts = self._counting.tolist()
         if self.distributed:
             dist_mod.sync_running_stats(self.model)
         if not math.isfinite(loss):
@@ -593,7 +620,7 @@ class _TaskRun:
             return
         state = dict(version=1, task=self.task, pruning=self.method, step_share=self.step, steps_done=self.steps_done,
                      epochs=self.epochs, best_acc=self.best_acc, kept_loss=self.kept_loss, kept_acc=self.kept_acc,
-                     task_free=dict(self.task_free), lr_scaled=self.lr_scaled,
+                     task_free=dict(self.task_free), lr_scaled=self.lr_scaled, label_counts=self.label_counts,
                      taylor=[layer.taylor_score.clone() for layer in self.taylor_layers])
         self.callback({"event": "prune_step", "step": self.steps_done, "trainer_state": state, "record": None})
 
@@ -607,6 +634,7 @@ class _TaskRun:
         self.steps_done, self.epochs, self.best_acc = state["steps_done"], state["epochs"], state["best_acc"]
         self.kept_loss, self.kept_acc, self.task_free = state["kept_loss"], state["kept_acc"], dict(state["task_free"])
         self.lr_scaled = bool(state.get("lr_scaled", False))  # a resumed optimizer already holds scaled rates
+        self.label_counts = state.get("label_counts")  # absent in checkpoints of earlier versions
         for layer, score in zip(self.taylor_layers, state["taylor"]):
             layer.taylor_score.copy_(score)
 

@@ -191,6 +191,36 @@ def test_a_task_at_chance_is_said_before_pruning(tasks, monkeypatch):
                          patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
 
 
+def test_chance_is_the_most_frequent_class_share(tasks, monkeypatch):
+    """Chance is what always answering the most frequent training label scores: an imbalanced task whose accuracy
+    sits at that share (above 1/num_classes) is said, naming the class; one above it is not."""
+    x = torch.cat([xb for xb, _ in tasks[0][0]])
+    y = torch.full((x.shape[0],), 2)
+    y[: x.shape[0] // 4] = torch.arange(x.shape[0] // 4) % CLASSES  # 3/4 + 1/12 of the labels are class 2
+    share = float((y == 2).float().mean())
+    assert share > 1.0 / CLASSES + 0.4
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, x.shape[0], 32)]
+    for accuracy, said in ((share, True), (share + 0.05, False)):
+        scripted_accuracy(monkeypatch, lambda phase, step, n: accuracy)
+        model, optimizer = new_model()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model.train_task(loader, optimizer, pruning="l2", step=0.5, stop_threshold=0.01, max_epochs=2,
+                             patience=1, recovery_epochs=1, progress=False, max_prune_steps=1)
+        messages = [str(r.message) for r in record if "never rose above chance" in str(r.message)]
+        assert bool(messages) == said, messages
+        if said:
+            assert f"always answering class 2, the most frequent, gives {share:.3f}" in messages[0]
+        monkeypatch.undo()
+
+
+def test_max_prune_steps_is_checked():
+    model, optimizer = new_model()
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="max_prune_steps must be an int >= 0"):
+            model.train_task([], optimizer, max_prune_steps=bad, progress=False)
+
+
 def test_a_one_class_head_is_never_at_chance_and_none_spelled_as_in_the_config_skips_pruning(tasks):
     """A one-class task is always right: no chance warning. pruning="none" (the CLI config's spelling) is None."""
     loader = [(x, torch.zeros_like(y)) for x, y in tasks[0][0]]
