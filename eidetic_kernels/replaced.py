@@ -30,16 +30,34 @@ class StaleOptimizerError(RuntimeError):
 def replace_parameter(module: nn.Module, name: str, data: torch.Tensor) -> nn.Parameter:
     """Install ``nn.Parameter(data)`` as ``module.<name>`` (same ``requires_grad``), mark the old one replaced.
 
-    Returns the new Parameter. The old object keeps its values (a live graph can still use them).
+    What the user attached to the old Parameter carries over (``_carry_over``): its tensor hooks and its
+    attributes. Returns the new Parameter. The old object keeps its values (a live graph can still use them).
     """
     global _generation
     old = getattr(module, name)
     new = nn.Parameter(data, requires_grad=old.requires_grad if old is not None else True)
+    if old is not None:
+        _carry_over(old, new)
     setattr(module, name, new)
     if old is not None:
         old._eidetic_replaced_by = new
         _generation += 1
     return new
+
+
+def _carry_over(old: nn.Parameter, new: nn.Parameter) -> None:
+    """The old Parameter's hooks (``register_hook``: gradient clipping, logging; ``register_post_accumulate_grad_hook``:
+    an optimizer stepped in backward) and attributes (``p.lr_scale = ...``) on the new one. The hook dicts are
+    shared, so a handle the user kept still removes its hook. A hook receives the new Parameter: one that looks
+    its Parameter up by identity (a dict of optimizers per Parameter) must map it (``current(old)``)."""
+    for key, value in old.__dict__.items():
+        if key != "_eidetic_replaced_by":
+            new.__dict__.setdefault(key, value)
+    if old._backward_hooks:
+        new._backward_hooks = old._backward_hooks
+    post = getattr(old, "_post_accumulate_grad_hooks", None)
+    if post:
+        new._post_accumulate_grad_hooks = post
 
 
 def current(p: torch.Tensor) -> torch.Tensor:

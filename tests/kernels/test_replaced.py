@@ -104,3 +104,33 @@ def test_load_keeps_parameter_objects_when_shapes_match():
     assert {name: id(p) for name, p in model.named_parameters()} == ids
     for name, p in model.named_parameters():
         assert torch.equal(p, state[name])
+
+
+def test_hooks_and_attributes_of_a_parameter_follow_its_replacements():
+    """A gradient hook (clipping), a post-accumulate hook (an optimizer stepped in backward) and an attribute set on
+    a body Parameter keep working on the Parameters that finish_task installs; a handle kept removes its hook."""
+    model = _network()
+    x = torch.randn(8, 4)
+    weight = model.body[0].weight
+    clipped, accumulated = [], []
+    handle = weight.register_hook(lambda g: clipped.append(1) or g.clamp(-1e-3, 1e-3))
+    weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    weight.lr_scale = 0.5
+    model(x)  # traces the layer graph
+    for task in range(2):
+        if task:
+            model.prepare_for_task(task, 3)
+        for g in model.groups:
+            g.prune([i for i in range(g.size) if int(g.task_state[i]) == ek.FREE][:2])
+        model.finish_task()
+    model.prepare_for_task(2, 3)
+    new = model.body[0].weight
+    assert new is not weight and new.lr_scale == 0.5
+    clipped.clear()
+    model(x).pow(2).sum().mul(1e3).backward()
+    assert clipped == [1] and accumulated[-1] is new
+    assert new.grad.abs().max() <= 1e-3  # the clipping hook ran on the gradient of the new Parameter
+    handle.remove()
+    new.grad = None
+    model(x).pow(2).sum().mul(1e3).backward()
+    assert clipped == [1] and new.grad.abs().max() > 1e-3
