@@ -442,7 +442,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     as the CLI's config spells it, is taken as None).
     ``max_prune_steps`` caps the pruning steps (default: enough to exhaust every group).
     ``prune_lr_factor`` multiplies the optimizer's learning rates once, when pruning starts (the paper's
-    Permuted MNIST setting halves it then, Section 4); 1.0 leaves them. Raises ValueError outside (0, 1].
+    Permuted MNIST setting halves it then, Section 4), and divides them back when the task finishes, so a reused
+    optimizer starts every task at its own rates; 1.0 leaves them. Raises ValueError outside (0, 1].
 
     Returns the history: one dict per epoch with ``task``, ``phase`` ("train", "recover"), ``epoch``
     (1-based, counted over the whole call), ``step`` (pruning step, 0 while training), ``loss``,
@@ -699,6 +700,11 @@ class _TaskRun:
     def finish(self) -> list[dict]:
         """Freeze the survivors, recycle the pruned, cut recycled -> frozen synapses (model.finish_task)."""
         kept = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
+        if self.lr_scaled and self.prune_lr_factor != 1.0:
+            # back to the rates the task started from: an optimizer reused for the next task starts there too
+            # (a division, not a saved copy: a schedule the user steps from the callback keeps its progress)
+            for group in self.optimizer.param_groups:
+                group["lr"] /= self.prune_lr_factor
         finish_task(self.model, self.optimizer)
         if self.distributed:  # recycled neurons were re-initialised from each process's generator
             dist_mod.broadcast_state(self.model)

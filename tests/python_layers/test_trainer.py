@@ -383,17 +383,29 @@ def test_tracing_the_graph_from_a_batch_draws_no_randomness(tasks):
 
 
 def test_learning_rate_is_scaled_once_when_pruning_starts(tasks):
-    """prune_lr_factor: the rates halve when pruning starts, once, also through restores and a resume."""
+    """prune_lr_factor: the rates halve when pruning starts, once, also through restores and a resume, and are
+    back when the task finishes: an optimizer reused for the next task starts it at the same rates."""
     model, optimizer = new_model()
-    states = []
-    # every step is kept (threshold 1), so the rates would be halved twice if the scaling were per step
-    model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=1.0, max_epochs=2, patience=1,
-                     recovery_epochs=1, max_prune_steps=2, progress=False, prune_lr_factor=0.5,
-                     callback=lambda e: states.append(e.get("trainer_state")))
-    assert [g["lr"] for g in optimizer.param_groups] == [LR * 0.5] * len(optimizer.param_groups)
-    saved = [s for s in states if s is not None]
-    assert len(saved) == 3  # training done, then pruning steps 1 and 2
-    assert saved[0]["lr_scaled"] is False and saved[1]["lr_scaled"] and saved[2]["lr_scaled"]
+    for task in range(2):
+        if task:
+            model.prepare_for_task(task, CLASSES)
+            optimizer.add_param_group({"params": list(model.heads[task].parameters())})
+        states, rates = [], []
+
+        def record(event):
+            states.append(event.get("trainer_state"))
+            rates.append([g["lr"] for g in optimizer.param_groups])
+
+        # every step is kept (threshold 1), so the rates would be halved twice if the scaling were per step
+        model.train_task(tasks[task][0], optimizer, pruning="l2", step=0.25, stop_threshold=1.0, max_epochs=2,
+                         patience=1, recovery_epochs=1, max_prune_steps=2, progress=False, prune_lr_factor=0.5,
+                         callback=record)
+        saved = [i for i, s in enumerate(states) if s is not None]
+        assert len(saved) == 3  # training done, then pruning steps 1 and 2
+        assert states[saved[0]]["lr_scaled"] is False and states[saved[1]]["lr_scaled"] and states[saved[2]]["lr_scaled"]
+        groups = len(optimizer.param_groups)
+        assert rates[saved[0]] == [LR] * groups and rates[saved[2]] == [LR * 0.5] * groups
+        assert [g["lr"] for g in optimizer.param_groups] == [LR] * groups  # back when the task finished
     with pytest.raises(ValueError, match="prune_lr_factor"):
         model2, opt2 = new_model()
         model2.train_task(tasks[0][0], opt2, prune_lr_factor=0.0, progress=False)
