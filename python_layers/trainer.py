@@ -100,12 +100,17 @@ def snapshot(model, optimizer):
 
 
 def restore(model, optimizer, snap) -> None:
+    """The model's weights and the optimizer's state (moments, steps) of ``snap``; the param groups keep the
+    hyperparameters they have now (a learning-rate schedule the user steps from the callback is not rewound)."""
     model_state, optimizer_state = snap
     model.load_state_dict(model_state)
     if hasattr(model, "sync"):
         model.sync()
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     # a copy: load_state_dict may keep our tensors, and the next steps update them in place
     optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)
 
 
 def _shares(groups) -> tuple[dict, dict]:

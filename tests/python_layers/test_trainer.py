@@ -214,6 +214,25 @@ def test_chance_is_the_most_frequent_class_share(tasks, monkeypatch):
         monkeypatch.undo()
 
 
+def test_a_restore_keeps_the_learning_rate_a_schedule_set(tasks, monkeypatch):
+    """Restoring the last good state after a failed pruning step puts back weights and optimizer moments, not
+    the learning rates: a schedule stepped from the callback every epoch is not rewound."""
+    scripted_accuracy(monkeypatch, lambda phase, step, n: 0.9 if phase == "train" else 0.1)
+    model, optimizer = new_model()
+    epochs = []
+
+    def schedule(event):
+        if event["event"] == "epoch":
+            epochs.append(event["record"]["phase"])
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+
+    history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.25, stop_threshold=0.01, max_epochs=2,
+                               patience=5, recovery_epochs=1, progress=False, callback=schedule)
+    assert history[-1]["stop_reason"] == "accuracy dropped" and epochs == ["train", "train", "recover"]
+    assert [g["lr"] for g in optimizer.param_groups] == [LR * 0.5 ** 3] * len(optimizer.param_groups)
+
+
 def test_max_prune_steps_is_checked():
     model, optimizer = new_model()
     for bad in (-1, 2.5, True, "3"):
