@@ -186,7 +186,10 @@ class _OneValuePerChannel(Exception):
 
 
 def _batch_norms(model) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every BatchNorm in ``model`` (torch's or eidetic's: the class name says BatchNorm)."""
+    """(name, module) of every BatchNorm in ``model`` (torch's or eidetic's: the class name says BatchNorm), named
+    as in the network (a DistributedDataParallel wrapper's ``module.`` left out)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return [(name, m) for name, m in model.named_modules() if "BatchNorm" in type(m).__name__]
 
 
@@ -224,11 +227,19 @@ def _restore_buffers(saved) -> None:
 
 
 def _batch_of_one_error(where: str, err: _OneValuePerChannel, unchanged: str) -> ValueError:
+    world = dist_mod.world_size()
+    if world > 1:
+        where = (f"{where} of this process holds a single sample (each of the {world} processes reads "
+                 f"batch_size / {world} samples of every batch, and its share of the data ends with 1 left over)")
+        fix = (f"Use drop_last=True on the DataLoader, or a batch size and data size that leave each process more "
+               "than 1 sample in its last batch")
+    else:
+        where = f"{where} holds a single sample"
+        fix = "Use drop_last=True on the DataLoader, or a batch size that does not leave a last batch of 1 sample"
     return ValueError(
-        f"{where} holds a single sample, so BatchNorm layer '{err.name}' would get one value per channel (input "
-        f"{list(err.shape)}): a batch of size 1 cannot be normalised in training mode (torch raises 'Expected more "
-        "than 1 value per channel when training'). Use drop_last=True on the DataLoader, or a batch size that "
-        f"does not leave a last batch of 1 sample. {unchanged}")
+        f"{where}, so BatchNorm layer '{err.name}' would get one value per channel (input {list(err.shape)}): a "
+        "batch of size 1 cannot be normalised in training mode (torch raises 'Expected more than 1 value per "
+        f"channel when training'). {fix}. {unchanged}")
 
 
 def _forward(model, x: torch.Tensor, norms, batch: int) -> torch.Tensor:
@@ -572,6 +583,8 @@ class _TaskRun:
         self.trained = dist_mod.wrap(model) if distributed else model
         if distributed:
             self.loader = dist_mod.shard(loader)
+            if self.loader is not loader:  # a DataLoader rebuilt per process: its own last batch may hold 1 sample
+                _check_batch_of_one(model, self.loader, device, _batch_norms(model))
         self.progress = progress and dist_mod.rank() == 0  # rank 0 speaks for every process
         self.method, self.step, self.stop_threshold = pruning, step, stop_threshold
         self.recovery_epochs, self.device, self.callback = recovery_epochs, device, callback

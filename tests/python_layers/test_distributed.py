@@ -205,6 +205,41 @@ def test_a_sampler_of_the_users_is_shared_out_not_dropped(tmp_path):
         assert "batch_sampler" in r["batch_sampler"] and "batch_size= and sampler=" in r["batch_sampler"]
 
 
+def _bn_tail_worker(rank: int, init_file: str, out: str) -> None:
+    _init(rank, init_file)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(12, 20)
+        y = (x[:, 0] > 0).long()
+        model = EideticNetwork(torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.BatchNorm1d(16),
+                                                   torch.nn.ReLU()), 16)
+        model.prepare_for_task(0, 2)
+        model.ensure_graph(x[:2])
+        before = dist_mod.state_hash(model)
+        try:  # one process reads batches of 10 and 2; each of two reads 5 and 1
+            model.train_task(DataLoader(TensorDataset(x, y), batch_size=10, shuffle=True),
+                             torch.optim.AdamW(model.parameters(), lr=1e-3), max_epochs=1, patience=1,
+                             recovery_epochs=1, progress=False, distributed=True)
+            message = ""
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out, f"err{rank}.txt"), "w") as f:
+            f.write(message + "\n" + str(before == dist_mod.state_hash(model)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_last_batch_of_one_sample_per_process_is_said_before_training(tmp_path):
+    """A DataLoader whose global last batch of 2 leaves each of 2 processes 1 sample: a clear error before any
+    step, on every rank, naming the batch norm as the network names it and the processes' shares."""
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_bn_tail_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        message, unchanged = (tmp_path / f"err{r}.txt").read_text().rsplit("\n", 1)
+        assert "BatchNorm layer 'body.1'" in message and "each of the 2 processes reads batch_size / 2" in message
+        assert "Checked before training" in message and unchanged == "True"
+
+
 def _states(checkpoint):
     return {k: v for k, v in torch.load(checkpoint, weights_only=True)["model"].items() if k.endswith("task_state")}
 
