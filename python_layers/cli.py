@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import distributed as dist_mod
 from .config import OPTIONS, ConfigError, default_config, keys_help, load_config, parse_overrides
-from .run import export, train
+from .run import RUN_LOCK_ENV, export, run_folder_lock, train
 
 # re-exported: tests and scripts reach these through python_layers.cli
 from .checkpoints import CHECKPOINT_FORMAT, CRASH_ENV, CRASH_EXIT_CODE, rng_state, set_rng_state  # noqa: F401
@@ -37,6 +37,7 @@ __all__ = ["main", "train", "load_config", "default_config", "OPTIONS", "ConfigE
 # set by ``launch`` for its processes: each one writes its error message there instead of printing it, and the
 # launcher prints one (a process may be stopped by the launcher before it could print)
 ERROR_DIR_ENV = "EIDETIC_ERROR_DIR"
+LAUNCHER_PID_ENV = "EIDETIC_LAUNCHER_PID"  # the launcher's process id, for its processes (_stop_with_launcher)
 _LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's launcher handles these
 
 
@@ -45,7 +46,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     (``torchrun --standalone``; gloo on CPU, NCCL on GPU). Returns 0; 2 when the processes stopped at a config,
     data or capacity error, printed once as an ``eidetic: error:`` line; 128 + the signal when the launcher was
     stopped by one (it stops the processes and says how to resume); else the failed process's exit status,
-    after torchrun's failure report."""
+    after torchrun's failure report. The processes end when the launcher ends, however it ends
+    (``_stop_with_launcher``); the caller holds the run folder's lock for them (``run.run_folder_lock``)."""
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -63,6 +65,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     logging.disable(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="eidetic-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
+        os.environ[RUN_LOCK_ENV] = str(Path(_out_dir(argv)).resolve())  # the caller holds the folder's lock
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         try:
             run(args)
         except ChildFailedError as exc:
@@ -83,11 +87,30 @@ def launch(nproc: int, argv: list[str]) -> int:
                   file=sys.stderr)
             return 128 + int(exc.sigval)
         finally:
-            del os.environ[ERROR_DIR_ENV]
+            for key in (ERROR_DIR_ENV, RUN_LOCK_ENV, LAUNCHER_PID_ENV):
+                del os.environ[key]
             logging.disable(disabled)
             for name, handler in handlers.items():
                 signal.signal(getattr(signal, name), handler)
     return 0
+
+
+def _stop_with_launcher() -> None:
+    """A process of ``launch``: end when the launcher ends, however it ends (``kill -9`` too), instead of training on
+    and writing the run folder that a resumed run may then write as well. Linux's parent-death signal (SIGTERM);
+    a launcher already gone before it is set ends the process here. A no-op elsewhere."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _leave_error(line: str) -> None:
@@ -168,6 +191,7 @@ def main(argv=None) -> int:
     and errors: the processes take the same decisions, so the others would repeat them. Missing data is a
     machine's own: the first process of each machine says so (naming the machine when there are several)."""
     quiet = int(os.environ.get("RANK", "0")) != 0
+    _stop_with_launcher()
     with warnings.catch_warnings():
         default = warnings.showwarning
 
@@ -241,7 +265,12 @@ def _main(argv, quiet: bool) -> int:
             return error(exc)
         argv = list(sys.argv[1:] if argv is None else argv)
         rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-        return launch(args.nproc, rest)
+        try:
+            # the launcher holds the run folder for its processes, and the system releases it when it ends
+            with run_folder_lock(Path(args.out)):
+                return launch(args.nproc, rest)
+        except ConfigError as exc:  # another run writes there
+            return error(exc)
     try:
         results = train(_train_config(args), args.out, resume=args.resume)
     except ConfigError as exc:

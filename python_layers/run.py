@@ -27,6 +27,7 @@ uninterrupted one. Under torchrun (``eidetic train --nproc N``) every process tr
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import inspect
@@ -348,6 +349,10 @@ class Run:
         except OSError as exc:  # a file on the way, no permission, read-only disk
             raise ConfigError(f"--out {self.out}: cannot create the folder ({exc.strerror}); give a folder "
                               "that can be created") from None
+        with run_folder_lock(self.out) if _holds_lock(self.out) else contextlib.nullcontext():
+            return self._run_in_folder(resume)
+
+    def _run_in_folder(self, resume: bool) -> dict:
         cfg, T = self.cfg, self.num_tasks
         rng = None
         if resume:
@@ -678,13 +683,61 @@ class Run:
                 writer.writerow(row)
 
 
+# set by ``cli.launch`` for its processes: the run folder whose lock the launcher holds for them
+RUN_LOCK_ENV = "EIDETIC_RUN_LOCKED"
+_LOCK_FILE = ".eidetic.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path):
+    """Hold an exclusive lock on the run folder ``out`` while a run writes there: two runs writing one folder would
+    mix their checkpoints and results. ``fcntl.flock`` on ``out/.eidetic.lock``, which names the holder (process
+    id and machine); the operating system releases it when the process ends, however it ends. Raises ConfigError
+    when another process holds it. A no-op for a folder that does not exist yet (the run that creates it takes it
+    then) and where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    if not out.is_dir():
+        yield
+        return
+    path = out / _LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{out} is in use by another eidetic run ({holder}): two runs writing one folder would "
+                              "mix their checkpoints and results. Wait for it to end, or stop it (kill the process), "
+                              f"then continue the run with: eidetic train --out {out} --resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {platform.node()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _holds_lock(out: Path) -> bool:
+    """Whether this process takes the run folder's lock: rank 0, unless the launcher holds it for its processes."""
+    if dist_mod.rank() != 0:
+        return False
+    held = os.environ.get(RUN_LOCK_ENV)
+    return not held or Path(held).resolve() != out.resolve()
+
+
 def train(cfg: dict, out_dir, resume: bool = False, log=print) -> dict:
     """Run (or resume) ``eidetic train`` in-process; returns the results dict also written to results.json.
 
     ``resume`` continues the run in ``out_dir`` from its checkpoint; where there is none yet (a run killed before
     its first checkpoint, or a new folder) the run starts from ``cfg``. Raises ConfigError when ``cfg`` differs
     from the resumed run's config in a key outside ``RESUME_MAY_CHANGE``, and when a run without ``resume`` would
-    overwrite a checkpoint.
+    overwrite a checkpoint, or when another process is writing in ``out_dir`` (``run_folder_lock``).
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"

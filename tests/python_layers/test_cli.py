@@ -602,3 +602,20 @@ def test_overrides_on_both_sides_of_an_option_are_all_read(tmp_path, capsys):
         cli.main(["train", "scenario=synthetic", "--out", out, "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_another_run_writes_is_refused(tmp_path, capsys):
+    """Two runs writing one folder would mix checkpoints and results: while one holds the folder (here this
+    process, through the lock a run takes), another ``eidetic train`` there is a one-line error naming the holder,
+    with one process or several, and the folder is left as it was."""
+    import platform
+    from python_layers.run import run_folder_lock
+    out = tmp_path / "r"
+    out.mkdir()
+    with run_folder_lock(out):
+        for extra in ([], ["--nproc", "2"]):
+            assert cli.main(["train", "--out", str(out), *extra, *TINY]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"eidetic: error: {out} is in use by another eidetic run (process {os.getpid()} "
+                                  f"on {platform.node()})") and "--resume" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [".eidetic.lock"]

@@ -335,6 +335,67 @@ def test_a_stopped_launcher_stops_the_processes_and_says_how_to_resume(tmp_path)
     assert "Traceback" not in err and (out / "checkpoint.pt").exists()
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_launcher_takes_its_processes_with_it_and_frees_the_run_folder(tmp_path):
+    """``kill -9`` of ``eidetic train --nproc 2``: its processes end too, instead of training on and writing the run
+    folder that a resumed run then writes as well; the folder is free for ``--resume`` at once."""
+    from python_layers.run import run_folder_lock
+    from tests.python_layers.test_cli import ROOT
+    out = tmp_path / "r"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "python_layers.cli", "train", "--nproc", "2", "--out", str(out),
+                             "scenario=synthetic", "tasks=8", "widths=[256]", "step=0.02", "threads=1",
+                             "progress=false"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the test could stop it"
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait(timeout=30)
+        # without the parent-death signal they train on until their next collective with the launcher's store
+        # (20 s or more here), or to the end of the run
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "the processes outlived their launcher"
+    finally:
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    with run_folder_lock(out):  # free: a resumed run can take it
+        pass
+
+
 def test_state_hash_covers_batch_norm_and_changes_with_any_value():
     """0-dim buffers (a batch norm's num_batches_tracked) are hashed too; any changed bit changes the hash."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
