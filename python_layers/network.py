@@ -558,8 +558,9 @@ class EideticNetwork(nn.Module):
         if full:
             raise CapacityError(
                 f"task {task} cannot start: no free neuron left in {', '.join(full)} (every neuron is frozen for an "
-                "earlier task, and frozen neurons are never taken). Widen these layers (more neurons) or prune "
-                f"earlier tasks harder (larger step / stop_threshold){self._user_frozen_hint(full)}")
+                "earlier task, and frozen neurons are never taken). Widen these layers (more neurons), or let earlier "
+                "tasks keep fewer neurons (train_task prunes further with a larger stop_threshold)"
+                f"{self._user_frozen_hint(full)}")
 
     def _idle_user_frozen(self) -> list[str]:
         """After the first task: names of body layers with FREE neurons and no parameter that requires grad. They
@@ -679,8 +680,9 @@ class EideticNetwork(nn.Module):
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
-                          "for a next task. Prune before finishing (train_task prunes; or group.prune / "
-                          f"layer.prune_neurons) to keep capacity, or widen these layers{self._user_frozen_hint(full)}",
+                          "for a next task. Let the task keep fewer neurons (train_task prunes further with a larger "
+                          "stop_threshold; by hand, group.prune or layer.prune_neurons before finish_task), or widen "
+                          f"these layers{self._user_frozen_hint(full)}",
                           CapacityWarning,
                           stacklevel=user_stacklevel())
         return frozen

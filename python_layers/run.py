@@ -412,7 +412,8 @@ class Run:
         if reason == "no pruning":
             return "it was not pruned; start again with a pruning method (l1, l2, taylor)"
         return (f"no pruning step stayed within stop_threshold={cfg['stop_threshold']} of its best training "
-                f"accuracy; start again with a larger stop_threshold, a smaller step or wider layers")
+                f"accuracy; start again with a larger stop_threshold, a smaller step (a step prunes at least one "
+                f"neuron of a layer: of a layer with n free neurons, at least 1/n) or wider layers")
 
     def _train_one_task(self, state: dict, t: int, step_checkpoints: bool) -> None:
         cfg, model, task = self.cfg, self.model, self.scenario.tasks[t]

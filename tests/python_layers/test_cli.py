@@ -619,3 +619,14 @@ def test_a_run_folder_another_run_writes_is_refused(tmp_path, capsys):
             assert err.startswith(f"eidetic: error: {out} is in use by another eidetic run (process {os.getpid()} "
                                   f"on {platform.node()})") and "--resume" in err, err
     assert sorted(p.name for p in out.iterdir()) == [".eidetic.lock"]
+
+
+def test_a_capacity_error_gives_one_consistent_advice(tmp_path, capsys):
+    """A first task whose first pruning step already fell below the threshold keeps every neuron: the error says
+    why and what to change, without advising a larger and a smaller step at once."""
+    out = tmp_path / "r"
+    args = [a for a in TINY if not a.startswith(("widths=", "step="))]
+    assert cli.main(["train", "--out", str(out), *args, "widths=[2,2]", "step=0.1", "stop_threshold=0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "task 1 cannot start: no free neuron left" in err and "no pruning step stayed within" in err, err
+    assert "smaller step" in err and "larger step" not in err
