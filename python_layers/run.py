@@ -778,8 +778,9 @@ def _quiet(*args, **kwargs) -> None:
 def _export_program(module: torch.nn.Module, example: torch.Tensor):
     """``torch.export`` of an exported task that takes any batch size (the example's batch size where the
     body's ops tie the batch to it, e.g. a reshape to a fixed size)."""
-    try:  # two samples: the program keeps its example inputs, and any batch size is allowed
-        return torch.export.export(module, (example[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    try:  # two samples (a copy: a view would keep, and torch.export.save write, the whole batch's storage): the
+        # program keeps its example inputs, and any batch size is allowed
+        return torch.export.export(module, (example[:2].clone(),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     except Exception:  # noqa: BLE001 - some bodies specialise the batch: fall back to the example's size
         return torch.export.export(module, (example,))
 

@@ -90,6 +90,8 @@ def test_end_to_end_outputs(tmp_path):
     # the routed run's router is counted apart from the body and heads; the program keeps two example samples
     assert report["router_parameters_and_buffers"] > 0
     assert example.shape[0] == 2
+    # and only those: not the storage of the test batch they were cut from (the archive would hold every sample)
+    assert example.untyped_storage().nbytes() == example.numel() * example.element_size()
     # --out: never the .pt2 archive's own name, never a folder; refused before any work (exit status 2)
     for bad in (tmp_path / "task1.pt2", tmp_path):
         assert cli.main(["export", "--run", str(out), "--task", "1", "--out", str(bad)]) == 2
