@@ -450,7 +450,8 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     same arguments and its copy of the loader. The trainer shards the loader (``distributed.shard``), builds
     its own DDP wrapper for the task (Parameters are replaced when a task finishes, so a wrapper never
     outlives one), sums loss, accuracy and Taylor scores over the processes before every decision, prunes
-    the neurons rank 0 chooses, and leaves every process with bit-identical weights and neuron states.
+    the neurons rank 0 chooses, and leaves every process with bit-identical weights and neuron states. Rank 0
+    says the warnings for every process (the others' are silenced for the call); errors are raised on all.
 
     ``loader`` yields (inputs, class labels of the task); ``optimizer`` holds the model's trainable
     parameters (a fresh one per task, or one reused: its state for storage that shrank is dropped).
@@ -480,6 +481,17 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     if distributed and not dist_mod.active():
         raise ValueError("distributed=True needs an initialised process group of more than one process "
                          "(torchrun ... and torch.distributed.init_process_group, or eidetic train --nproc N)")
+    quiet = distributed and dist_mod.rank() != 0
+    with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+        if quiet:  # the processes take the same decisions: rank 0 says the warnings for all of them
+            warnings.simplefilter("ignore")
+        return _train_task(model, loader, optimizer, pruning, step, stop_threshold, max_epochs, patience,
+                           recovery_epochs, progress, device, max_prune_steps, callback, resume_state, distributed,
+                           prune_lr_factor)
+
+
+def _train_task(model, loader, optimizer, pruning, step, stop_threshold, max_epochs, patience, recovery_epochs,
+                progress, device, max_prune_steps, callback, resume_state, distributed, prune_lr_factor):
     task = getattr(model, "current_task", None)
     if task is None:
         raise ValueError("no task is prepared: call model.prepare_for_task(t, num_classes) before train_task")

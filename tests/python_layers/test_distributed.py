@@ -335,6 +335,33 @@ def test_a_stopped_launcher_stops_the_processes_and_says_how_to_resume(tmp_path)
     assert "Traceback" not in err and (out / "checkpoint.pt").exists()
 
 
+def _warning_worker(rank: int, init_file: str, out: str) -> None:
+    import warnings
+    _init(rank, init_file)
+    try:
+        torch.manual_seed(0)
+        model = EideticNetwork(*mlp_body(width=8))
+        model.prepare_for_task(0, CLASSES)
+        batches = make_tasks(num_tasks=1, train_per_class=8)[0][0]
+        loader = DataLoader(TensorDataset(batches.x, batches.y), batch_size=8)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            # no pruning: the task keeps every neuron, which finish_task warns of
+            train_task(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), pruning=None, max_epochs=1,
+                       progress=False, distributed=True)
+        with open(os.path.join(out, f"warn{rank}.txt"), "w") as f:
+            f.write("\n".join(str(w.message) for w in record))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_says_the_warnings_of_a_distributed_train_task(tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_warning_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, join=True)
+    said = [(tmp_path / f"warn{r}.txt").read_text() for r in range(WORLD)]
+    assert "task 0 kept every neuron left in" in said[0] and said[1] == "", said
+
+
 def _children(pid: int) -> list[int]:
     """Process ids whose parent is ``pid`` (Linux /proc)."""
     found = []
