@@ -156,7 +156,9 @@ def _build(openmp: bool = True):
     started = time.perf_counter()
     already_built = (folder / f"{name}.so").is_file()
     if not already_built:
-        logging.getLogger("eidetic").info("building the C++ CPU backend into %s (once per version)", folder)
+        # said at WARNING, which Python prints without any logging set-up: the first call stalls for a while
+        logging.getLogger("eidetic").warning("eidetic: building the C++ CPU backend (batch norm with frozen channels) "
+                                             "into %s, once per version: about 15-40 s", folder)
     ext_logger = logging.getLogger("torch.utils.cpp_extension")
     level = ext_logger.level
     ext_logger.setLevel(logging.ERROR)  # our own warning says it once; no duplicate compiler chatter

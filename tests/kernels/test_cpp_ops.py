@@ -318,3 +318,30 @@ def test_openmp_build_failure_falls_back_to_a_one_thread_build(tmp_path):
     res = _python(script, EIDETIC_CACHE=str(tmp_path / "cache"))
     assert res.returncode == 0, res.stderr
     assert "built without OpenMP" in res.stdout and "one thread" in res.stdout
+
+
+def test_a_first_build_says_so_where_python_prints_it(tmp_path, monkeypatch, caplog):
+    """The first build stalls the first call for 15-40 s: it is said at WARNING level (printed by Python without
+    any logging set-up), once; a cached build loads silently."""
+    import logging
+
+    import torch.utils.cpp_extension as ext
+    from eidetic_kernels import cpp
+
+    built = []
+
+    def fake_load(name, build_directory, **kwargs):
+        Path(build_directory, f"{name}.so").write_bytes(b"")  # what a real build leaves in the cache
+        built.append(name)
+        return object()
+
+    monkeypatch.setenv("EIDETIC_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp, "_missing_tools", lambda: None)
+    monkeypatch.setattr(cpp, "build_seconds", cpp.build_seconds)  # put back afterwards
+    monkeypatch.setattr(ext, "load", fake_load)
+    with caplog.at_level(logging.WARNING, logger="eidetic"):
+        cpp._build()
+        cpp._build()
+    said = [r for r in caplog.records if "building the C++ CPU backend" in r.getMessage()]
+    assert len(built) == 2 and len(said) == 1 and said[0].levelno == logging.WARNING
+    assert str(tmp_path) in said[0].getMessage()
