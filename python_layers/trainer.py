@@ -378,8 +378,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
                 correct = torch.zeros((), dtype=torch.int64, device=loss.device)
             loss_sum.add_(loss.detach().to(loss_sum.dtype), alpha=n)
             correct.add_((logits.detach().argmax(-1) == y).sum())
-            if label_counts is not None:
-                label_counts.add_(torch.bincount(y, minlength=label_counts.numel())[:label_counts.numel()])
+            if label_counts is not None:  # index_add_, not bincount: no wait for the device (bincount reads max(y))
+                label_counts.index_add_(0, y, torch.ones_like(y, dtype=label_counts.dtype))
             seen += n
             bar.update()
             if bar.refresh_due():
