@@ -41,13 +41,14 @@ LAUNCHER_PID_ENV = "EIDETIC_LAUNCHER_PID"  # the launcher's process id, for its 
 _LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's launcher handles these
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], folder_locked: bool = False) -> int:
     """``eidetic train --nproc N ...``: the same command on N local processes through torchrun's launcher
     (``torchrun --standalone``; gloo on CPU, NCCL on GPU). Returns 0; 2 when the processes stopped at a config,
     data or capacity error, printed once as an ``eidetic: error:`` line; 128 + the signal when the launcher was
     stopped by one (it stops the processes and says how to resume); else the failed process's exit status,
     after torchrun's failure report. The processes end when the launcher ends, however it ends
-    (``_stop_with_launcher``); the caller holds the run folder's lock for them (``run.run_folder_lock``)."""
+    (``_stop_with_launcher``). ``folder_locked``: the caller holds the run folder's lock for them
+    (``run.run_folder_lock``; else rank 0 takes it when it creates the folder)."""
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -65,7 +66,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     logging.disable(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="eidetic-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
-        os.environ[RUN_LOCK_ENV] = str(Path(_out_dir(argv)).resolve())  # the caller holds the folder's lock
+        if folder_locked:
+            os.environ[RUN_LOCK_ENV] = str(Path(_out_dir(argv)).resolve())
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         try:
             run(args)
@@ -88,7 +90,7 @@ def launch(nproc: int, argv: list[str]) -> int:
             return 128 + int(exc.sigval)
         finally:
             for key in (ERROR_DIR_ENV, RUN_LOCK_ENV, LAUNCHER_PID_ENV):
-                del os.environ[key]
+                os.environ.pop(key, None)
             logging.disable(disabled)
             for name, handler in handlers.items():
                 signal.signal(getattr(signal, name), handler)
@@ -267,8 +269,8 @@ def _main(argv, quiet: bool) -> int:
         rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
         try:
             # the launcher holds the run folder for its processes, and the system releases it when it ends
-            with run_folder_lock(Path(args.out)):
-                return launch(args.nproc, rest)
+            with run_folder_lock(Path(args.out)) as locked:
+                return launch(args.nproc, rest, locked)
         except ConfigError as exc:  # another run writes there
             return error(exc)
     try:

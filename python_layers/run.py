@@ -695,14 +695,14 @@ def run_folder_lock(out: Path):
     mix their checkpoints and results. ``fcntl.flock`` on ``out/.eidetic.lock``, which names the holder (process
     id and machine); the operating system releases it when the process ends, however it ends. Raises ConfigError
     when another process holds it. A no-op for a folder that does not exist yet (the run that creates it takes it
-    then) and where ``fcntl`` is missing (Windows)."""
+    then) and where ``fcntl`` is missing (Windows). Yields whether the lock is held."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     if not out.is_dir():
-        yield
+        yield False
         return
     path = out / _LOCK_FILE
     with open(path, "a+") as f:
@@ -719,7 +719,7 @@ def run_folder_lock(out: Path):
         f.write(f"process {os.getpid()} on {platform.node()}\n")
         f.flush()
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 

@@ -388,7 +388,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_killed_launcher_takes_its_processes_with_it_and_frees_the_run_folder(tmp_path):
     """``kill -9`` of ``eidetic train --nproc 2``: its processes end too, instead of training on and writing the run
-    folder that a resumed run then writes as well; the folder is free for ``--resume`` at once."""
+    folder that a resumed run then writes as well; the folder, held while they ran, is free for ``--resume`` at
+    once."""
+    from python_layers.config import ConfigError
     from python_layers.run import run_folder_lock
     from tests.python_layers.test_cli import ROOT
     out = tmp_path / "r"
@@ -405,6 +407,10 @@ def test_a_killed_launcher_takes_its_processes_with_it_and_frees_the_run_folder(
         assert proc.poll() is None, "the run ended before the test could stop it"
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
+        # the folder was new: the launcher could not lock it, the process that created it (rank 0) holds it
+        with pytest.raises(ConfigError, match=r"in use by another eidetic run \(process (\d+)"):
+            with run_folder_lock(out):
+                pass
         proc.kill()
         proc.wait(timeout=30)
         # without the parent-death signal they train on until their next collective with the launcher's store
