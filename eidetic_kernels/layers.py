@@ -1119,6 +1119,15 @@ class _EideticBatchNorm(EideticLayer):
             if self.momentum is None:
                 cumulative = self._recycled_any()
                 factor = 1.0 if cumulative else 1.0 / float(self.num_batches_tracked)
+        if x.numel() == 0:
+            # an empty batch (a filter that matched no sample): no statistic moves, as in nn.BatchNorm; the
+            # backends' batch statistics of zero values would be NaN, written into the FREE channels' running ones.
+            # The affine parameters get zero gradients, as nn.BatchNorm's do (an optimizer then steps them alike)
+            y = x.clone()
+            for p in (self.weight, self.bias):
+                if p is not None and p.requires_grad and torch.is_grad_enabled():
+                    y = y + p.sum() * 0
+            return y
         use_running = not self.training or self.track_running_stats
         _, out_task, _ = self._view_states()
         name, fn = backends.get("batch_norm", x.device)

@@ -707,3 +707,29 @@ def test_channels_last_input_gives_channels_last_output_with_frozen_neurons(make
     if isinstance(layer, EideticConv2d) and layer.weight.numel():
         layer.to(memory_format=torch.channels_last)
         assert layer(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("cls, shape", [(ek.EideticBatchNorm1d, (0, 6)), (ek.EideticBatchNorm2d, (0, 6, 3, 3))])
+def test_an_empty_batch_moves_no_statistic_of_a_batch_norm_with_frozen_channels(cls, shape):
+    """An empty training batch (a filter that matched no sample) through a batch norm with frozen and PRUNED
+    channels: running statistics unchanged (FREE ones were NaN before), no warning, zero gradients and the batch
+    count as nn.BatchNorm gives them."""
+    import warnings
+    torch.manual_seed(0)
+    layer = cls(6)
+    twin = (torch.nn.BatchNorm1d if cls is ek.EideticBatchNorm1d else torch.nn.BatchNorm2d)(6)
+    layer.prune_neurons([1, 3])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([1])  # recycled, FREE again: PRUNED now; 3 stays FREE
+    layer.train(), twin.train()
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    x = torch.zeros(shape, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, y_twin = layer(x), twin(x)
+    assert y.shape == y_twin.shape == shape
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == int(twin.num_batches_tracked) == 1
+    y.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
