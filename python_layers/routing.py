@@ -339,7 +339,10 @@ def _one_cycle(parameters, lr: float, weight_decay: float, steps: int):
 
 def _train(logits_of, parameters, n: int, targets: torch.Tensor, class_weight: torch.Tensor, epochs: int,
            batch_size: int, lr: float, weight_decay: float, label_smoothing: float, generator, device) -> list[dict]:
-    """Minimise the weighted, smoothed cross entropy of ``logits_of(index)`` against ``targets[index]``."""
+    """Minimise the weighted, smoothed cross entropy of ``logits_of(index)`` against ``targets[index]``: each
+    sample's smoothed loss weighted by its task's ``class_weight``. (Not ``F.cross_entropy(weight=...)``, which
+    weights the smoothing term of every sample by every class's weight: a task with few inputs, hence a large
+    weight, then pulls every sample toward itself and becomes the router's answer for all of them.)"""
     optimizer, schedule = _one_cycle(parameters, lr, weight_decay, epochs * -(-n // batch_size))
     history = []
     for e in range(epochs):
@@ -348,7 +351,9 @@ def _train(logits_of, parameters, n: int, targets: torch.Tensor, class_weight: t
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
             logits = logits_of(idx)
-            loss = F.cross_entropy(logits, targets[idx], weight=class_weight, label_smoothing=label_smoothing)
+            weight = class_weight[targets[idx]]
+            loss = (F.cross_entropy(logits, targets[idx], label_smoothing=label_smoothing, reduction="none")
+                    * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -450,6 +455,11 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     if not targets:
         raise ValueError("the routing loaders yielded no batch")
     targets = torch.cat(targets)
+    empty = sorted(set(range(num_finished)) - set(targets.unique().tolist()))
+    if empty:
+        raise ValueError(f"the routing loaders of task(s) {empty} yielded no input: the router learns to pick a task "
+                         "from that task's inputs, so every finished task needs some (give each loader a few hundred "
+                         "inputs of its task)")
     feats = torch.cat(feats) if feats else None
     acts = torch.cat(acts) if acts else None
     images = torch.cat(images) if images else None

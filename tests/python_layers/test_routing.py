@@ -49,6 +49,27 @@ def test_the_router_tells_the_tasks_apart(trained):
     assert both >= 1 / (NUM_TASKS * CLASSES) + ROUTER_MARGIN, f"routed class accuracy {both:.3f}"
 
 
+def test_a_task_with_few_router_inputs_does_not_become_every_inputs_answer(trained):
+    """Tasks are weighted equally: with label smoothing, a task with 4 router inputs against hundreds must not pull
+    the other tasks' inputs to itself (torch's class weights scale every sample's smoothing term by every class's
+    weight: the small task's large weight won every input). A task with no input at all is a clear error."""
+    model, tasks, _, x, task_ids, _ = trained
+    kept = model.router
+    try:
+        few = [tasks[1][0].__iter__().__next__()]
+        few = [(few[0][0][:4], few[0][1][:4])]
+        model.fit_router([tasks[0][0], few, tasks[2][0]], label_smoothing=0.1,
+                         generator=torch.Generator().manual_seed(0))
+        routed, _ = model.predict(x)
+        for t in (0, 2):
+            share = float((routed[task_ids == t] == t).float().mean())
+            assert share >= 0.9, f"task {t}: {share:.3f} of its inputs routed to it"
+        with pytest.raises(ValueError, match=r"task\(s\) \[1\] yielded no input"):
+            model.fit_router([tasks[0][0], [], tasks[2][0]])
+    finally:
+        model.router = kept
+
+
 def reference_heads(model, x):
     """Independent: every finished task's logits through model(x, task=t), one body pass each."""
     return [model(x, task=t) for t in range(model.num_finished_tasks)]
