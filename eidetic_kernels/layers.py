@@ -578,12 +578,28 @@ class EideticLayer(nn.Module):
                 return _run_eagerly(self, input)
         else:
             self._check_call()
+            self._check_storage_shape()
         storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
         cast = autocast_dtype(input)
         if cast is not None:
             with torch.autocast(input.device.type, enabled=False):
                 return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
         return self._run(input, *storages)
+
+    def _check_storage_shape(self) -> None:
+        """ValueError when ``weight`` (or ``bias``) was replaced by a tensor of another shape (``layer.weight.data =
+        ...`` in init code): it holds the trainable neurons' rows only, which a full-size or wrongly wide weight
+        would not match (a wider one would silently lose its last columns)."""
+        rows = self.num_neurons - self._n_frozen
+        want = (rows,) + self._row_shape()
+        for name, shape in (("weight", want), ("bias", want[:1])):
+            t = self._parameters.get(name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{self._name()}.{name} has shape {tuple(t.shape)}, but it holds the trainable neurons' rows only "
+                    f"({rows} of {self.num_neurons}; the frozen ones are in frozen_{name}): expected {shape}. To "
+                    f"initialise the trainable rows, write into them in place (torch.nn.init.*_(layer.{name}) or "
+                    f"layer.{name}.data.copy_(...)); layer.dense('{name}') gives the full [out, ...] tensor")
 
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first: a clear error instead of TorchScript's on an annotation."""
@@ -876,6 +892,9 @@ class EideticLinear(EideticLayer):
         wrong dtype, device or feature size."""
         return self._product(input)
 
+    def _row_shape(self) -> tuple:
+        return (self.in_features,)
+
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         n_in = self._narrow_input(x, -1)
         check_input(x, "input", weight, -1, self.in_features if n_in is None else n_in, 1, self._name())
@@ -955,6 +974,9 @@ class EideticConv2d(EideticLayer):
                                  f"H, W], got shape {tuple(input.shape)}")
             return self.forward(input.unsqueeze(0)).squeeze(0)
         return _memory_format_of(self._product(input), input, self.weight)
+
+    def _row_shape(self) -> tuple:
+        return (self.in_channels // self.groups,) + tuple(self.kernel_size)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         if isinstance(x, torch.Tensor) and x.dim() != 4:

@@ -733,3 +733,21 @@ def test_an_empty_batch_moves_no_statistic_of_a_batch_norm_with_frozen_channels(
     assert int(layer.num_batches_tracked) == int(twin.num_batches_tracked) == 1
     y.sum().backward()
     assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+
+
+def test_a_weight_replaced_by_another_shape_is_a_clear_error():
+    """Init code that assigns a full-size weight to a layer with frozen neurons, or a weight of another input width
+    (which would lose its last columns silently): a ValueError saying what the weight holds and how to write it."""
+    x = torch.randn(3, 8)
+    for shape in ((6, 8), (2, 9)):
+        layer = ek.EideticLinear(8, 6)
+        layer.prune_neurons([0, 1])
+        layer.freeze_free_neurons(0)
+        layer.recycle_pruned_neurons()
+        layer.weight.data = torch.randn(shape)
+        with pytest.raises(ValueError, match=r"holds the trainable neurons' rows only \(2 of 6.*expected \(2, 8\)"):
+            layer(x)
+    conv = ek.EideticConv2d(3, 4, 3)
+    conv.weight.data = torch.randn(4, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"expected \(4, 3, 3, 3\)"):
+        conv(torch.randn(1, 3, 6, 6))
