@@ -218,6 +218,8 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
     traced = trace_fx(model, model.forward_features)
     builder = _Builder()
     env: dict[fx.Node, fx.Node] = {}
+    # the graph's name of each layer: a graph declared on the body names it without the network's "body." prefix
+    graph_name = {id(layer): name for name, layer in graph.layers.items()}
     output = None
     for node in traced.graph.nodes:
         if node.op == "output":
@@ -226,12 +228,12 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
         if node.op == "call_module":
             module = traced.get_submodule(node.target)
             if isinstance(module, (EideticLinear, EideticConv2d)):
-                group = graph.group_of(node.target)
-                _, segments = graph.inputs[node.target]
+                group = graph.group_of(graph_name[id(module)])
+                _, segments = graph.inputs[graph_name[id(module)]]
                 env[node] = _weighted(builder, node.target, module, env[node.args[0]], task,
                                       needed[id(group)].nonzero().flatten(), _kept_features(segments, needed))
             elif isinstance(module, _EideticBatchNorm):
-                channels = needed[id(graph.group_of(node.target))].nonzero().flatten()
+                channels = needed[id(graph.group_of(graph_name[id(module)]))].nonzero().flatten()
                 env[node] = builder.module(node.target, _batch_norm(module, channels), env[node.args[0]])
             elif isinstance(module, nn.modules.instancenorm._InstanceNorm):
                 # (no affine parameters, no running statistics: the tracer allows no other) as a function, which

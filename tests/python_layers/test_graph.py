@@ -342,6 +342,21 @@ def test_declare_graph_by_hand():
         declare_graph(cnn(), inputs={"0": "raw", "3": ["0"], "6": [("3", 9)]}, features=["6"], couple=[["0", "3"]])
 
 
+def test_a_graph_declared_on_the_body_exports():
+    """declare_graph on the body names its layers without the network's "body." prefix (its docstring's example):
+    export finds them by layer, not by name."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
+    model = EideticNetwork(body, 8, graph=declare_graph(body, inputs={"0": "raw", "2": ["0"]}, features=["2"]))
+    x = torch.randn(4, 8)
+    model.prepare_for_task(0, 2)
+    model.graph.groups[0].prune([1, 5])
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.export(0, example=x)(x), model(x, task=0))
+
+
 def test_declared_graph_in_a_network():
     torch.manual_seed(0)
     body = DataDependent()
