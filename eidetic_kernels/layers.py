@@ -1308,9 +1308,28 @@ def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn
     """
     # id(module) -> (module, its twin), for modules met more than once (the module is kept: its id stays its own)
     twins = {} if _twins is None else _twins
+    if not _path and _twins is None:  # the user's call (EideticNetwork's own refuses such bodies with a GraphError)
+        _warn_feature_mixing(model)
     prepare_twins(model, _path, twins)  # every twin first: a layer that cannot convert leaves the model as it was
     _refuse_tied_parameters(model, _path, twins)
     return _install_twins(model, twins)
+
+
+def _warn_feature_mixing(model: nn.Module) -> None:
+    """A norm over the features together (LayerNorm, RMSNorm, GroupNorm with several channels per group,
+    LocalResponseNorm) makes every output read every neuron's value, FREE ones too: a finished task's outputs then
+    move as later tasks train. Said once per call, naming the modules."""
+    mixing = []
+    for name, m in model.named_modules():
+        kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm") if hasattr(nn, k))
+        if isinstance(m, kinds) or (isinstance(m, nn.GroupNorm) and m.num_groups < m.num_channels):
+            mixing.append(f"{name or 'the model'} ({type(m).__name__})")
+    if mixing:
+        warnings.warn(f"ek.convert: {', '.join(mixing)} normalise(s) over many features together, so each output "
+                      "reads the FREE neurons that later tasks train as well, and finished tasks' outputs will change: "
+                      "the no-forgetting promise does not hold for this model (EideticNetwork refuses such a body). "
+                      "Use BatchNorm, GroupNorm with one channel per group (InstanceNorm), or no norm there",
+                      UserWarning, stacklevel=2)
 
 
 def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:

@@ -751,3 +751,16 @@ def test_a_weight_replaced_by_another_shape_is_a_clear_error():
     conv.weight.data = torch.randn(4, 3, 5, 5)
     with pytest.raises(ValueError, match=r"expected \(4, 3, 3, 3\)"):
         conv(torch.randn(1, 3, 6, 6))
+
+
+def test_convert_says_when_a_norm_mixes_the_features():
+    """ek.convert of a model with LayerNorm (or GroupNorm over several channels) warns that finished tasks' outputs
+    would move; per-channel norms and plain models convert silently."""
+    import warnings
+    with pytest.warns(UserWarning, match=r"1 \(LayerNorm\).*promise does not hold"):
+        ek.convert(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2)))
+    with pytest.warns(UserWarning, match=r"GroupNorm"):
+        ek.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(8, 8), torch.nn.BatchNorm2d(8)))
