@@ -27,6 +27,11 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+# Triton's interpreter mode is fixed when the JIT functions are created, which imports done with this package
+# start: a TRITON_INTERPRET=1 set only afterwards fails deep inside a kernel call
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_usable(device: torch.device) -> str | None:
     """None when Triton can run on ``device``, else why not."""
     try:
@@ -37,6 +42,10 @@ def _triton_usable(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
+            if not _INTERPRET_AT_IMPORT:
+                return ("TRITON_INTERPRET=1 was set after eidetic_kernels was imported, too late for Triton's "
+                        "interpreter: set it before importing torch, triton and eidetic_kernels (in the shell, or "
+                        "first thing in the script)")
             return None
         return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 (before importing triton)"
     return f"Triton does not support device {device}"

@@ -600,6 +600,11 @@ def test_backend_selection_and_clear_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
         backends.select("linear", torch.device("cpu"))
+    # set only after this package was imported: too late for Triton's interpreter, said instead of a kernel error
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_INTERPRET_AT_IMPORT", False)
+    with pytest.raises(backends.BackendUnavailable, match="set after eidetic_kernels was imported"):
+        backends.select("linear", torch.device("cpu"))
     monkeypatch.setenv("EIDETIC_BACKEND", "reference")
     lin = EideticLinear(3, 2)
     lin(torch.randn(1, 3))
