@@ -176,6 +176,9 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
     in_task, out_task = states[:2]
     out_min_task = states[2] if out_min_task is not None else None
     stride, dilation = _pair(stride, "stride", what), _pair(dilation, "dilation", what)
+    if padding == "same" and any(st != 1 for st in stride):
+        raise ValueError(f"{what}: padding='same' is not supported for strided convolutions (as F.conv2d): give the "
+                         "padding as numbers")
     padding = conv_padding(_pair(padding, "padding", what), tuple(weight.shape[2:]), dilation)
     return _split_call("conv2d", x, weight, bias, in_task, out_task, out_min_task, taylor_score, stride, padding,
                        dilation)
@@ -195,6 +198,13 @@ def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, 
         _check_param(t, name, (c,), x, what)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{what}: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{what}: running_mean must be defined in evaluation mode (training=False), as in "
+                         "F.batch_norm")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{what}: momentum must be a number, got {momentum!r}; the cumulative average that "
+                        "momentum=None gives a batch-norm module needs its batch count: pass 1 / (batches seen so "
+                        "far, this one included), or use EideticBatchNorm1d/2d(momentum=None)")
     (channel_task,) = _states({"channel_task": channel_task}, {"channel_task": c}, x.device)
     slot = torch.arange(c, dtype=torch.int32, device=x.device)
     fw = None if weight is None else weight.detach()
