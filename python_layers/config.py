@@ -69,7 +69,7 @@ class Config:
                                       "permuted_mnist: 10; synthetic: 3)",
                                 _AT_LEAST_ONE)
     classes_per_task: Optional[int] = _key(None, "classes per task of the split scenarios (default 2; "
-                                                 "split_cifar100: 10; at most the scenario's classes)",
+                                                 "split_cifar100: 10; a divisor of the scenario's classes)",
                                            (">= 2 (a task of one class has nothing to learn)", lambda v: v >= 2))
     train_samples_per_task: Optional[int] = _key(
         None, "keep a fixed, seeded subset of each task's training set (quick runs; default: all)", _AT_LEAST_ONE)

@@ -575,11 +575,15 @@ def _split_tasks(prefix, x_train, y_train, x_test, y_test, mean, std, classes_pe
 
 def _check_classes_per_task(name, classes_per_task, default, num_classes=None):
     """Classes per task of a split scenario: ``default`` for None; ValueError unless an int in [2, num_classes]
-    (a task of one class has nothing to learn)."""
+    (a task of one class has nothing to learn) that divides num_classes (else some classes would be in no task)."""
     cpt = default if classes_per_task is None else classes_per_task
     bound = ">= 2" if num_classes is None else f"between 2 and {num_classes} (its number of classes)"
     if isinstance(cpt, bool) or not isinstance(cpt, int) or cpt < 2 or (num_classes is not None and cpt > num_classes):
         raise ValueError(f"classes_per_task for scenario {name} must be an int {bound}, got {classes_per_task!r}")
+    if num_classes is not None and num_classes % cpt:
+        left = list(range(num_classes - num_classes % cpt, num_classes))
+        raise ValueError(f"classes_per_task must divide {num_classes} for scenario {name}, got {cpt}: its classes "
+                         f"would split into {num_classes // cpt} tasks and no task would hold class(es) {left}")
     return cpt
 
 
@@ -631,8 +635,6 @@ def split_cifar10(num_tasks=5, seed=0, data_root=None, classes_per_task=2, **_) 
 
 def split_cifar100(num_tasks=None, seed=0, data_root=None, classes_per_task=10, **_) -> Scenario:
     cpt = _check_classes_per_task("split_cifar100", classes_per_task, 10, 100)
-    if 100 % cpt:
-        raise ValueError(f"classes_per_task must divide 100 for split CIFAR-100, got {cpt}")
     x_tr, y_tr = load_cifar100("train", data_root)
     x_te, y_te = load_cifar100("test", data_root)
     num_tasks = _check_num_tasks("split_cifar100", num_tasks, 100 // cpt, cpt)

@@ -261,6 +261,13 @@ def test_classes_per_task_out_of_range_is_refused_before_any_data_loads(tmp_path
         sc.build_scenario(name, classes_per_task=value, data_root=tmp_path)
 
 
+@pytest.mark.parametrize("name, value", [("split_mnist", 3), ("split_cifar10", 4)])
+def test_classes_per_task_that_leaves_classes_out_is_refused(tmp_path, name, value):
+    """3 classes per task of 10 would leave class 9 in no task, silently: refused, naming the classes."""
+    with pytest.raises(ValueError, match=rf"must divide 10 for scenario {name}, got {value}.*no task would hold"):
+        sc.build_scenario(name, classes_per_task=value, data_root=tmp_path)
+
+
 # ----- loader -----------------------------------------------------------------------------------------------------
 def _epochs(loader, n):
     return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
