@@ -248,7 +248,26 @@ def load_config(path=None, overrides=None) -> dict:
     if out["max_prune_steps"] == 0 and out["tasks"] != 1:
         raise ConfigError("max_prune_steps=0 prunes nothing: the first task freezes every free neuron and leaves "
                           "none for the next; use tasks=1, or max_prune_steps >= 1 (unset: until nothing is left)")
+    _warn_unused_router_keys(out)
     return out
+
+
+_INPUT_READER_KEYS = ("router_input_epochs", "router_input_crop", "router_input_epochs_last")
+
+
+def _warn_unused_router_keys(cfg: dict) -> None:
+    """Router keys set (away from their defaults) that the chosen router does not read: said, not silently
+    ignored (a typo in a key's name is an error; a key of another router was silently nothing)."""
+    if cfg["router"] != "learned":
+        unused = [k for k in KEYS if k.startswith("router_") and cfg[k] != _FIELD[k].default]
+        why = f"router={cfg['router']} fits no learned router"
+    elif cfg["router_input"] == "body":
+        unused = [k for k in _INPUT_READER_KEYS if cfg[k] != _FIELD[k].default]
+        why = "router_input=body: the learned router has no CNN on the raw input (router_input: input or both)"
+    else:
+        unused = []
+    if unused:
+        warnings.warn(f"{', '.join(f'{k}={cfg[k]}' for k in unused)} take(s) no effect: {why}", stacklevel=3)
 
 
 _ALIASES_MNIST = {"pmnist": "permuted_mnist", "smnist": "split_mnist"}

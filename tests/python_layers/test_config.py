@@ -203,3 +203,19 @@ def test_a_body_of_your_own_is_checked_and_named_by_its_absolute_file(tmp_path, 
     assert load_config(tmp_path / "mine.yaml")["model_args"] == {"hidden": 32, "depth": 2}
     for override, want in (("model_args={}", {}), ("model_args={width: 8}", {"width": 8})):
         assert load_config(tmp_path / "mine.yaml", parse_overrides([override]))["model_args"] == want
+
+
+def test_router_keys_the_chosen_router_does_not_read_are_said():
+    """A router key of another router is said (it used to be silently nothing); the shipped configs say nothing."""
+    import warnings
+    with pytest.warns(UserWarning, match=r"router_input=input, router_input_epochs=7 take\(s\) no effect: "
+                                         r"router=entropy"):
+        load_config(None, {"scenario": "synthetic", "router": "entropy", "router_input": "input",
+                           "router_input_epochs": 7})
+    with pytest.warns(UserWarning, match=r"router_input_crop=4 take\(s\) no effect: router_input=body"):
+        load_config(None, {"scenario": "synthetic", "router_input_crop": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, {"scenario": "synthetic", "router_input": "input", "router_input_crop": 4})
+        for path in CONFIGS:
+            load_config(path)
