@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -44,7 +45,8 @@ def plot_accuracy_matrix(matrix, path, title: str = "accuracy matrix") -> Path:
     ax.set_yticks(range(T))
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
-    ax.set_title(title)
+    # wrapped to the figure's width (about 8 characters per inch at the title's size): a long title is not clipped
+    ax.set_title("\n".join(textwrap.wrap(title, width=max(20, int(8 * fig.get_figwidth())))))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
 
