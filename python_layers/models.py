@@ -345,14 +345,15 @@ def _plain(value, files: set):
     return None
 
 
-def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
+def body_fingerprint(body: nn.Module, model: str | None = None, sources: dict | None = None) -> str:
     """SHA-256 of what a body of the user's computes, as far as its code says: its modules' repr (types, sizes,
     options), the plain attributes of the user's module classes (a gain, a flag, an activation function), and the
     bytes of every source file of the user's it comes from (the factory ``model`` names, the files of the user's
     module classes and of functions they hold, and the user's files these import, transitively): helper functions
     and module constants included, comments too. A run records it, so a resume or export with an edited body file
     is refused instead of changing finished tasks' outputs. (Code reached otherwise, such as a module imported
-    inside a function, is not followed.)"""
+    inside a function, is not followed.) ``sources``: a dict to fill with {source file path: SHA-256 of its bytes},
+    which lets a refusal name the files that changed."""
     h = hashlib.sha256(repr(body).encode())
     files = set()
     if model is not None and is_custom_model(model):
@@ -374,7 +375,10 @@ def body_fingerprint(body: nn.Module, model: str | None = None) -> str:
         h.update(f"{name}: {plain}".encode())
     files = _imported_users_files(files)
     # the files' contents, not their paths: a project moved or cloned elsewhere is the same body
-    for digest in sorted(hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files):
+    digests = {file: hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files}
+    if sources is not None:
+        sources.update(digests)
+    for digest in sorted(digests.values()):
         h.update(digest.encode())
     return h.hexdigest()
 

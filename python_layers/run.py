@@ -239,7 +239,9 @@ class Run:
             raise ConfigError(str(exc)) from None
         self.feature_dim = feature_dim
         # a body of the user's is recorded as it is built: an edited file must not resume (or export) a run
-        self.body_fingerprint = body_fingerprint(body, cfg["model"]) if is_custom_model(cfg["model"]) else None
+        self.body_sources: dict[str, str] = {}  # {source file: digest}, to name the files that changed
+        self.body_fingerprint = (body_fingerprint(body, cfg["model"], self.body_sources)
+                                 if is_custom_model(cfg["model"]) else None)
         try:
             network = body if isinstance(body, EideticNetwork) else EideticNetwork(body, feature_dim)
             self.model = network.to(self.device)
@@ -262,7 +264,8 @@ class Run:
                 "entropy_routed_accuracy_matrix": [[None] * T for _ in range(T)],
                 "baseline_accuracy": None, "history": [], "evaluations": [], "task_start_epochs": [],
                 "epochs_done": 0, "tasks": [], "router_fits": [], "elapsed_seconds": 0.0, "checkpoints_written": 0,
-                "checkpoint_log": [], "body_fingerprint": self.body_fingerprint}
+                "checkpoint_log": [], "body_fingerprint": self.body_fingerprint,
+                "body_source_digests": sorted(self.body_sources.values())}
 
     def _loader(self, task: int, on_epoch_end=None):
         from .scenarios import InMemoryLoader
@@ -310,6 +313,10 @@ class Run:
         recorded = payload["run"].get("body_fingerprint")
         if recorded is not None and recorded != self.body_fingerprint:
             where = self.cfg["model"].rpartition(":")[0]
+            known = payload["run"].get("body_source_digests")  # absent in checkpoints of earlier versions
+            if known is not None:
+                changed = sorted(f for f, d in self.body_sources.items() if d not in set(known))
+                where = ", ".join(changed) if changed else f"{where} (its modules' settings)"
             raise ConfigError(
                 f"model {self.cfg['model']!r} builds another body than the one this run trained ({self.out}): its "
                 f"modules or their code changed since (did {where} change?). Its finished tasks' outputs would change "

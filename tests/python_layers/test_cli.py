@@ -454,7 +454,8 @@ def test_an_edited_body_file_neither_resumes_nor_exports(tmp_path, monkeypatch, 
     and export are one-line errors instead of changing finished tasks; restored, the run resumes. A body file
     imports the modules beside it from any directory, as `python file.py` does."""
     (tmp_path / "my_bodies.py").write_text("from sibling import *\n" + _BODIES)
-    (tmp_path / "sibling.py").write_text("WIDTH = 4\n")
+    sibling = "WIDTH = 4\n\n\ndef helper():\n    return WIDTH\n"  # a function: the body file's import is followed
+    (tmp_path / "sibling.py").write_text(sibling)
     model = f"model={tmp_path / 'my_bodies.py'}:res_cnn"
     args = ["scenario=synthetic", "tasks=2", "max_epochs=1", "patience=1", "recovery_epochs=1", "step=0.5",
             "max_prune_steps=1", "stop_threshold=1", "batch_size=64", "router=entropy", "progress=false",
@@ -478,6 +479,12 @@ def test_an_edited_body_file_neither_resumes_nor_exports(tmp_path, monkeypatch, 
     assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 2
     assert "builds another body than the one this run trained" in capsys.readouterr().err
     (tmp_path / "my_bodies.py").write_text(source)
+    # a module the body file imports changed: the refusal names that file, not the body file
+    (tmp_path / "sibling.py").write_text(sibling + "# edited\n")
+    refused = _run_cli(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")])
+    assert refused.returncode == 2 and "did " + str(tmp_path / "sibling.py") + " change?" in refused.stderr, \
+        refused.stderr[-2000:]
+    (tmp_path / "sibling.py").write_text(sibling)
     assert cli.main(["export", "--run", str(tmp_path / "run"), "--task", "0", "--out", str(tmp_path / "t.pt")]) == 0
 
 
