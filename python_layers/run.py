@@ -9,8 +9,10 @@ RUN_DIR:
   through the router fitted after task i: right only when both the task and the class are right;
   ``router_fits``: what each fit of the learned router did), ``entropy_routed_accuracy_matrix`` and
   ``entropy_routed_acc`` (the same through entropy routing), ``acc``, ``bwt``, ``fwt``,
-  ``forgetting`` (definitions in ``python_layers.metrics``), ``routed_acc``, ``baseline_accuracy`` (the
-  untrained network, for FWT), ``capacity`` (neurons per task per layer group), ``wall_seconds``, ``config``,
+  ``forgetting`` and ``forgetting_per_task`` (definitions in ``python_layers.metrics``), ``routed_acc`` and
+  ``routed_bwt`` (the same from the routed matrix; its BWT need not be 0: each row has its own router),
+  ``baseline_accuracy`` (the untrained network, for FWT), ``task_start_epochs`` (the global epoch each task's
+  training started at, for the plots), ``capacity`` (neurons per task per layer group), ``wall_seconds``, ``config``,
   ``versions``, ``scenario`` (its name, sizes and ``data_files``: the data files read), and per task its time,
   kept neurons and why pruning stopped;
 * ``history.csv``: one row per epoch (task, phase, epoch, loss, training accuracy, test accuracy of the task in
