@@ -198,9 +198,6 @@ def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, 
         _check_param(t, name, (c,), x, what)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{what}: pass both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{what}: running_mean must be defined in evaluation mode (training=False), as in "
-                         "F.batch_norm")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"{what}: momentum must be a number, got {momentum!r}; the cumulative average that "
                         "momentum=None gives a batch-norm module needs its batch count: pass 1 / (batches seen so "

@@ -258,8 +258,6 @@ def test_taylor_score_accumulates_in_backward():
      r"running_mean must have shape \(3,\)"),
     (lambda: masked_batch_norm(torch.randn(2, 3), torch.zeros(3), torch.ones(3), None, None, Z(3), True, None),
      "momentum must be a number"),
-    (lambda: masked_batch_norm(torch.randn(2, 3), None, None, None, None, Z(3), False),
-     "running_mean must be defined in evaluation mode"),
     (lambda: masked_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, Z(3), Z(4), stride=2,
                            padding="same"),
      "not supported for strided convolutions"),

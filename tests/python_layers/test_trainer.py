@@ -194,7 +194,7 @@ def test_a_task_at_chance_is_said_before_pruning(tasks, monkeypatch):
 def test_chance_is_the_most_frequent_class_share(tasks, monkeypatch):
     """Chance is what always answering the most frequent training label scores: an imbalanced task whose accuracy
     sits at that share (above 1/num_classes) is said, naming the class; one above it is not."""
-    x = torch.cat([xb for xb, _ in tasks[0][0]])
+    x = torch.cat([xb for xb, _ in make_tasks(num_tasks=1, seed=11)[0][0]])  # its own: the shared loaders keep state
     y = torch.full((x.shape[0],), 2)
     y[: x.shape[0] // 4] = torch.arange(x.shape[0] // 4) % CLASSES  # 3/4 + 1/12 of the labels are class 2
     share = float((y == 2).float().mean())
@@ -214,9 +214,10 @@ def test_chance_is_the_most_frequent_class_share(tasks, monkeypatch):
         monkeypatch.undo()
 
 
-def test_a_restore_keeps_the_learning_rate_a_schedule_set(tasks, monkeypatch):
+def test_a_restore_keeps_the_learning_rate_a_schedule_set(monkeypatch):
     """Restoring the last good state after a failed pruning step puts back weights and optimizer moments, not
     the learning rates: a schedule stepped from the callback every epoch is not rewound."""
+    tasks = make_tasks(num_tasks=1, seed=11)  # its own loader: the module's keep their shuffling state
     scripted_accuracy(monkeypatch, lambda phase, step, n: 0.9 if phase == "train" else 0.1)
     model, optimizer = new_model()
     epochs = []
@@ -401,9 +402,10 @@ def test_tracing_the_graph_from_a_batch_draws_no_randomness(tasks):
     assert torch.equal(torch.random.get_rng_state(), before_torch)
 
 
-def test_learning_rate_is_scaled_once_when_pruning_starts(tasks):
+def test_learning_rate_is_scaled_once_when_pruning_starts():
     """prune_lr_factor: the rates halve when pruning starts, once, also through restores and a resume, and are
     back when the task finishes: an optimizer reused for the next task starts it at the same rates."""
+    tasks = make_tasks(num_tasks=2, seed=11)  # its own loaders: the module's keep their shuffling state
     model, optimizer = new_model()
     for task in range(2):
         if task:
