@@ -1319,9 +1319,9 @@ def _warn_feature_mixing(model: nn.Module) -> None:
     """A norm over the features together (LayerNorm, RMSNorm, GroupNorm with several channels per group,
     LocalResponseNorm) makes every output read every neuron's value, FREE ones too: a finished task's outputs then
     move as later tasks train. Said once per call, naming the modules."""
+    kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm") if hasattr(nn, k))
     mixing = []
     for name, m in model.named_modules():
-        kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm") if hasattr(nn, k))
         if isinstance(m, kinds) or (isinstance(m, nn.GroupNorm) and m.num_groups < m.num_channels):
             mixing.append(f"{name or 'the model'} ({type(m).__name__})")
     if mixing:

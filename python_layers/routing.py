@@ -455,7 +455,8 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     if not targets:
         raise ValueError("the routing loaders yielded no batch")
     targets = torch.cat(targets)
-    empty = sorted(set(range(num_finished)) - set(targets.unique().tolist()))
+    counts = torch.bincount(targets, minlength=num_finished).float()
+    empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"the routing loaders of task(s) {empty} yielded no input: the router learns to pick a task "
                          "from that task's inputs, so every finished task needs some (give each loader a few hundred "
@@ -482,8 +483,7 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
             _standardise(images.transpose(0, 1).flatten(1).T, router.pixel_mean, router.pixel_scale)
     n = targets.shape[0]
     # balance the tasks: a task with more samples must not become the router's default answer
-    counts = torch.bincount(targets, minlength=num_finished).float()
-    class_weight = counts.sum() / (num_finished * counts.clamp_min(1))
+    class_weight = counts.sum() / (num_finished * counts)
     history = []
     if reads_body:
         body = [router.linear] + ([router.mlp] if router.mlp is not None else [])

@@ -231,7 +231,7 @@ def _batch_of_one_error(where: str, err: _OneValuePerChannel, unchanged: str) ->
     if world > 1:
         where = (f"{where} of this process holds a single sample (each of the {world} processes reads "
                  f"batch_size / {world} samples of every batch, and its share of the data ends with 1 left over)")
-        fix = (f"Use drop_last=True on the DataLoader, or a batch size and data size that leave each process more "
+        fix = ("Use drop_last=True on the DataLoader, or a batch size and data size that leave each process more "
                "than 1 sample in its last batch")
     else:
         where = f"{where} holds a single sample"

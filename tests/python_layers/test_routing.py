@@ -7,7 +7,7 @@ import torch
 
 from python_layers import EideticNetwork
 from python_layers.routing import TaskRouter, _features
-from tests.python_layers.synthetic import CLASSES, cnn_body, make_tasks, mlp_body
+from tests.python_layers.synthetic import CLASSES, Batches, cnn_body, make_tasks, mlp_body
 from tests.python_layers.synthetic import single_thread  # noqa: F401  (autouse fixture)
 
 NUM_TASKS = 3
@@ -56,16 +56,16 @@ def test_a_task_with_few_router_inputs_does_not_become_every_inputs_answer(train
     model, tasks, _, x, task_ids, _ = trained
     kept = model.router
     try:
-        few = [tasks[1][0].__iter__().__next__()]
-        few = [(few[0][0][:4], few[0][1][:4])]
-        model.fit_router([tasks[0][0], few, tasks[2][0]], label_smoothing=0.1,
-                         generator=torch.Generator().manual_seed(0))
+        # copies of the module's loaders (iterating one moves its shuffling state for the tests after this one)
+        own = [Batches(loader.x, loader.y, loader.batch_size) for loader, _, _ in tasks]
+        few = [(own[1].x[:4], own[1].y[:4])]
+        model.fit_router([own[0], few, own[2]], label_smoothing=0.1, generator=torch.Generator().manual_seed(0))
         routed, _ = model.predict(x)
         for t in (0, 2):
             share = float((routed[task_ids == t] == t).float().mean())
             assert share >= 0.9, f"task {t}: {share:.3f} of its inputs routed to it"
         with pytest.raises(ValueError, match=r"task\(s\) \[1\] yielded no input"):
-            model.fit_router([tasks[0][0], [], tasks[2][0]])
+            model.fit_router([own[0], [], own[2]])
     finally:
         model.router = kept
 
