@@ -65,6 +65,19 @@ def _check_param(p: torch.Tensor | None, name: str, shape: tuple, like: torch.Te
         raise TypeError(f"{what}: {name} is {p.dtype} on {p.device}, expected {like.dtype} on {like.device}")
 
 
+def _check_taylor(score, n: int, x: torch.Tensor, what: str) -> None:
+    """The score buffer backward adds into: checked here, not found wrong inside backward."""
+    if score is None:
+        return
+    if not isinstance(score, torch.Tensor):
+        raise TypeError(f"{what}: taylor_score must be a float32 tensor of shape ({n},) that backward adds the "
+                        f"scores into, or None; got {type(score).__name__}")
+    if score.dtype != torch.float32 or tuple(score.shape) != (n,) or score.device != x.device:
+        raise TypeError(f"{what}: taylor_score must be a float32 tensor of shape ({n},) on {x.device} (one score "
+                        f"per output neuron), got {score.dtype} of shape {tuple(score.shape)} on {score.device}; "
+                        f"torch.zeros({n}) starts one")
+
+
 def _states(vectors: dict, expected: dict, device: torch.device) -> list[torch.Tensor]:
     out = []
     for name, v in vectors.items():
@@ -102,6 +115,9 @@ def masked_linear(x, weight, bias, in_task, out_task, out_min_task=None, taylor_
 
     x [*, in]; weight [out, in]; bias [out] or None; in_task int[in]; out_task int[out];
     out_min_task int[out] (default 0: forward transfer); taylor_score float32[out], accumulated in backward.
+    x, weight and bias share one floating dtype and device (under ``torch.autocast`` they are cast as for
+    ``F.linear``). Raises InputError / InputTypeError for a wrong input, ValueError / TypeError for a wrong
+    weight, bias, state vector or taylor_score.
     """
     what = "masked_linear"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -119,6 +135,7 @@ def masked_linear(x, weight, bias, in_task, out_task, out_min_task=None, taylor_
     if out_min_task is not None:
         names["out_min_task"] = out_min_task
     states = _states(names, sizes, x.device)
+    _check_taylor(taylor_score, out_f, x, what)
     in_task, out_task = states[:2]
     out_min_task = states[2] if out_min_task is not None else None
     return _split_call("linear", x, weight, bias, in_task, out_task, out_min_task, taylor_score)
@@ -154,10 +171,23 @@ def _pair(v, name, what):
 
 def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilation=1, out_min_task=None,
                   taylor_score=None):
-    """NCHW convolution with the live-synapse rule over (input channel → output channel)."""
+    """Convolution with the live-synapse rule over (input channel → output channel).
+
+    x [N, C_in, H, W] (or unbatched [C_in, H, W], as ``F.conv2d``); weight [C_out, C_in, kh, kw]; bias [C_out]
+    or None; in_task int[C_in]; out_task int[C_out]; out_min_task int[C_out] (default 0); stride, dilation: int
+    or pair; padding: int, pair, 'valid' or 'same' (stride 1 only); taylor_score float32[C_out]. Returns
+    [N, C_out, H', W'] ([C_out, H', W'] for an unbatched x). Raises as ``masked_linear``."""
     what = "masked_conv2d"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{what}: weight must be a 4-D tensor [C_out, C_in, kh, kw]")
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as F.conv2d takes it
+        if x.shape[0] != weight.shape[1]:  # named in the caller's shape, not the batched one
+            raise InputError(f"{what} expects an unbatched x of shape [{weight.shape[1]}, H, W], got shape "
+                             f"{tuple(x.shape)}")
+        return masked_conv2d(x.unsqueeze(0), weight, bias, in_task, out_task, stride, padding, dilation,
+                             out_min_task, taylor_score).squeeze(0)
+    if isinstance(padding, str) and padding not in ("valid", "same"):
+        raise ValueError(f"{what}: invalid padding string {padding!r}: use 'valid', 'same', an int or a pair of ints")
     cast = autocast_dtype(x)
     if cast is not None:  # as F.conv2d under torch.autocast
         with torch.autocast(x.device.type, enabled=False):
@@ -173,6 +203,7 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
     if out_min_task is not None:
         names["out_min_task"] = out_min_task
     states = _states(names, sizes, x.device)
+    _check_taylor(taylor_score, out_c, x, what)
     in_task, out_task = states[:2]
     out_min_task = states[2] if out_min_task is not None else None
     stride, dilation = _pair(stride, "stride", what), _pair(dilation, "dilation", what)
@@ -186,12 +217,25 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
 
 def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, training, momentum=0.1, eps=1e-5,
                       taylor_score=None):
-    """Batch norm whose frozen channels keep (and use) their running statistics; PRUNED channels output 0."""
+    """Batch norm whose frozen channels keep (and use) their running statistics; PRUNED channels output 0.
+
+    x [N, C, *]; running_mean, running_var, weight, bias [C] or None (running statistics both or neither);
+    channel_task int[C]; momentum a number (the update factor; ``nn.BatchNorm``'s momentum=None needs a batch
+    count: pass 1 / batches seen); taylor_score float32[C]. Returns y, the shape of x. In training (or without
+    running statistics) FREE channels normalise with the batch's statistics and their running statistics move
+    (in place) by ``momentum``; frozen channels always normalise with their own. A float16/bfloat16 x with
+    float32 statistics and parameters is normalised in float32 and returned in x's dtype, as ``F.batch_norm``
+    does. An empty batch returns an empty y and moves no statistic. Raises InputError / InputTypeError for a
+    wrong x, ValueError for one value per channel in training (as torch) and for a wrong parameter shape,
+    TypeError for a wrong dtype or device."""
     what = "masked_batch_norm"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"{what} expects x of shape [N, C, *], got {getattr(x, 'shape', type(x))}")
     c = x.shape[1]
     ref = next((t for t in (weight, running_mean) if t is not None), x)
+    if x.dtype in (torch.float16, torch.bfloat16) and ref.dtype == torch.float32:  # mixed precision, as torch
+        return masked_batch_norm(x.float(), running_mean, running_var, weight, bias, channel_task, training,
+                                 momentum, eps, taylor_score).to(x.dtype)
     check_input(x, "x", ref, 1, c, 2, what)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
@@ -203,6 +247,17 @@ def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, 
                         "momentum=None gives a batch-norm module needs its batch count: pass 1 / (batches seen so "
                         "far, this one included), or use EideticBatchNorm1d/2d(momentum=None)")
     (channel_task,) = _states({"channel_task": channel_task}, {"channel_task": c}, x.device)
+    _check_taylor(taylor_score, c, x, what)
+    if training and x.numel() // c == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if x.numel() == 0:
+        # no statistic moves (as F.batch_norm): the backends' statistics of zero values would be NaN in the running
+        # ones. The affine parameters get zero gradients, as torch's do
+        y = x.clone()
+        for p in (weight, bias):
+            if p is not None and p.requires_grad and torch.is_grad_enabled():
+                y = y + p.sum() * 0
+        return y
     slot = torch.arange(c, dtype=torch.int32, device=x.device)
     fw = None if weight is None else weight.detach()
     fb = None if bias is None else bias.detach()

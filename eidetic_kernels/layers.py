@@ -110,8 +110,10 @@ def _task_id(task, what: str = "task") -> int:
 
 
 class FreeInputsWarning(UserWarning):
-    """``freeze_free_neurons`` on a layer whose input states still say FREE: frozen neurons never read FREE inputs,
-    so the synapses from them are cut at the freeze (usually a producer not frozen or not wired yet)."""
+    """Inputs a layer's neurons will not read. ``freeze_free_neurons`` on a layer whose input states still say
+    FREE: frozen neurons never read FREE inputs, so the synapses from them are cut at the freeze (usually a producer
+    not frozen or not wired yet). ``set_min_input_task(t)`` on a layer whose inputs are all of tasks older than t
+    (a layer reading the raw input): its FREE neurons would read nothing."""
 
 
 class PrefixWidthMismatch(Exception):
@@ -437,10 +439,23 @@ class EideticLayer(nn.Module):
 
     @torch.no_grad()
     def set_min_input_task(self, task: int) -> None:
-        """Oldest task the FREE and PRUNED neurons may read from (0: forward transfer)."""
+        """Oldest task the FREE and PRUNED neurons may read from (0: forward transfer).
+
+        Warns (``FreeInputsWarning``) when no input could ever be read then: every input is a finished task's
+        older than ``task`` (raw inputs are task 0's, so a layer reading the network's input keeps 0), and the
+        FREE neurons would train on their bias alone."""
         if not hasattr(self, "min_input_task"):
             raise TypeError(f"{self._name()} has no inputs of its own")
         task = _task_id(task, "min input task")
+        # inputs FREE or PRUNED now may still become readable (a producer recycles, then set_input_task)
+        if task > 0 and not bool(((self.input_task >= task) | (self.input_task == PRUNED)).any()):
+            newest = int(self.input_task.max()) if self.input_task.numel() else 0
+            held = "task 0's (as raw inputs are)" if newest == 0 else f"of finished tasks 0..{newest}"
+            warnings.warn(
+                f"{self._name()}: set_min_input_task({task}) leaves its FREE neurons no input to read: every input "
+                f"is {held}, and never will be of a later task. Keep 0 on a layer reading "
+                f"the network's input; without forward transfer, set it on layers reading another layer's outputs, "
+                f"after recycling that producer", FreeInputsWarning, stacklevel=2)
         self.min_input_task[~is_frozen(self.task_state)] = task
         self._state_changed()
 
@@ -750,15 +765,43 @@ class EideticLayer(nn.Module):
                             f"size mismatch for {k}: expected {want} for the {n_frozen} frozen of "
                             f"{self.num_neurons} neurons in {key}, got {got}")
                         return
+            # a storage the dict leaves out keeps its values (as torch leaves a missing key) only where they still
+            # mean the same neurons; otherwise the layer would compute on memory nothing wrote
+            for name, trainable, frozen in self._split_pairs():
+                for kind, tensor in (("", trainable), ("frozen_", frozen)):
+                    k = prefix + kind + name
+                    if k in state_dict:
+                        continue
+                    keeps = tuple(tensor.shape) == self._storage_shape(kind, name, sizes[kind], blocks, tensor)
+                    if not (keeps and (kind == "" or self._same_frozen_neurons(incoming, lo, in_task))):
+                        error_msgs.append(
+                            f"{k} is missing, and the neuron states in {key} ({n_frozen} frozen of "
+                            f"{self.num_neurons}) are not this layer's: its {kind or 'trainable '}{name} would "
+                            f"hold no values. A layer's states and its storages load together: pass the whole "
+                            f"state dict of the layer, or leave out its states too; nothing was loaded into it")
+                        return
             for name, trainable, frozen in self._split_pairs():
                 shape = self._storage_shape("", name, sizes[""], blocks, trainable)
                 if tuple(trainable.shape) != shape:  # same shape: the same Parameter object is loaded into
                     replace_parameter(self, name, trainable.detach().new_empty(shape))
-                setattr(self, "frozen_" + name, frozen.new_empty(self._storage_shape("frozen_", name, n_frozen,
-                                                                                     blocks, frozen)))
+                if prefix + "frozen_" + name in state_dict:  # a new tensor: caches and live graphs keep the old one
+                    setattr(self, "frozen_" + name, frozen.new_empty(self._storage_shape("frozen_", name, n_frozen,
+                                                                                         blocks, frozen)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._state_changed()
+
+    def _same_frozen_neurons(self, incoming, lo, in_task) -> bool:
+        """Whether incoming states (task_state, min_input_task, input_task) freeze the same neurons in the same
+        blocks as this layer's, so that its frozen storage holds their values (on the meta device it holds none)."""
+        if self.task_state.is_meta:
+            return False
+        mine, theirs = is_frozen(self.task_state), is_frozen(incoming)
+        if not torch.equal(mine, theirs) or not torch.equal(self.task_state[mine], incoming[theirs]):
+            return False
+        if self._has_inputs:
+            return torch.equal(self.min_input_task[mine], lo[theirs]) and torch.equal(self.input_task, in_task)
+        return True
 
     def _load_twin_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> bool:
@@ -1136,7 +1179,10 @@ class _EideticBatchNorm(EideticLayer):
                                  f"{x.size()}; drop batches of one sample (DataLoader(..., drop_last=True))")
         factor = 0.0 if self.momentum is None else self.momentum
         cumulative = False
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        # a finished task's view sees no FREE channel, so no running statistic moves: the batch is not counted
+        # (with momentum=None the count is the average's divisor)
+        if (self.training and self.track_running_stats and self.num_batches_tracked is not None
+                and self._view() is None):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 cumulative = self._recycled_any()

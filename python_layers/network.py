@@ -307,7 +307,7 @@ class EideticNetwork(nn.Module):
     def __init__(self, body: nn.Module | None, feature_dim: int, graph: LayerGraph | None = None,
                  exact_activation_grads: bool = False):
         super().__init__()
-        if not isinstance(feature_dim, int) or feature_dim < 1:
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int (the width of the body output), got {feature_dim!r}")
         if body is not None and not isinstance(body, nn.Module):
             raise TypeError(f"body must be an nn.Module, got {type(body).__name__}")
@@ -365,9 +365,9 @@ class EideticNetwork(nn.Module):
         self._mark_layers_outside_graph(f"it did not run when the graph was {how}" if how != "declared" else
                                         "the declared graph does not hold it")
         self._record_body_constants()
+        self.sync()  # first: the layers' input states, which set_min_input_task reads
         if apply_settings and self.current_task is not None:
             self._apply_forward_transfer(self.current_task)
-        self.sync()
 
     def _mark_layers_outside_graph(self, why: str) -> None:
         """A layer of the body that the graph does not hold (the traced batch did not run it, or it came later)
@@ -518,8 +518,7 @@ class EideticNetwork(nn.Module):
         forward_transfer=False: the task's neurons read only the task's own neurons (disjoint
         sub-networks); layers reading the raw input still read it (raw inputs are task 0).
         """
-        if isinstance(task, bool) or not isinstance(task, int):
-            raise TypeError(f"task must be an int, got {type(task).__name__}")
+        task = task_index(task, "tasks are numbered 0, 1, 2, ...")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if task < 0:
@@ -548,8 +547,8 @@ class EideticNetwork(nn.Module):
         self.current_task = task
         self.forward_transfer[task] = bool(forward_transfer)
         if self.graph is not None:
+            self.sync()  # first: the layers' input states, which set_min_input_task reads
             self._apply_forward_transfer(task)
-            self.sync()
         return head
 
     def _check_capacity(self, task: int, forward_transfer: bool = True) -> None:
@@ -624,6 +623,12 @@ class EideticNetwork(nn.Module):
         if self.current_task is None:
             raise RuntimeError("no task to finish: call model.prepare_for_task(t, num_classes) and train it first")
         task = self.current_task
+        if self.graph is None and self.body_layers():
+            # without the graph no layer knows which inputs are its producers' survivors: frozen unwired, every
+            # later forward would read the wrong states, for good
+            raise RuntimeError(f"finish_task changed nothing: the layer graph is not built yet, so the body's layers "
+                               f"are not wired to each other. Call model.ensure_graph(x) with a batch of inputs (the "
+                               f"first forward does it), then finish_task")
         self._check_body_constants(f"task {task} trained")
         frozen = {}
         head = self.heads[task]
@@ -1266,6 +1271,19 @@ class EideticNetwork(nn.Module):
                     "copying while the network trained on (keep copy.deepcopy(model.state_dict())). Load a state "
                     "dict this library saved; average only the trainable parameters. Nothing of this network was "
                     "loaded.")
+        for name, layer in layers:  # states that freeze neurons come with their values
+            saved = state_dict.get(f"{prefix}{name}.task_state")
+            if not isinstance(saved, torch.Tensor) or not bool(is_frozen(saved).any()):
+                continue
+            keys = [f"{prefix}{name}.{k}" for k in ("weight", "bias", "frozen_weight", "frozen_bias")
+                    if getattr(layer, k, None) is not None]
+            missing = [k for k in keys if k not in state_dict]
+            if missing:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: it holds {prefix}{name}.task_state, "
+                    f"which freezes neurons, but not {', '.join(missing)}: a layer's neuron states and its storages "
+                    "load together. Keep those keys in the (partial) state dict, or leave out the layer's states "
+                    "too. Nothing of this network was loaded.")
         if isinstance(extra, dict):
             tasks = _recorded_tasks(extra)
             heads = sum(1 for k in state_dict if k.startswith(prefix + "heads.") and k.endswith(".task_state"))

@@ -488,6 +488,27 @@ def test_cumulative_average_restarts_for_recycled_channels():
     assert torch.equal(bn.recycled_at_batch, kept)
 
 
+def test_a_finished_tasks_view_in_training_mode_counts_no_batch():
+    """A view of finished task 0 sees no FREE channel, so no running statistic moves and the batch is not counted:
+    with momentum=None the FREE channel's average stays that of the batches it saw, as its twin's."""
+    bn = EideticBatchNorm1d(2, momentum=None)
+    bn.prune_neurons([1])
+    bn.freeze_free_neurons(0)
+    bn.recycle_pruned_neurons()
+    fresh = nn.BatchNorm1d(1, momentum=None)
+    first, second = torch.tensor([[0.0, 4.0], [1.0, 6.0]]), torch.tensor([[2.0, 8.0], [3.0, 12.0]])
+    bn(first), fresh(first[:, 1:])
+    count, stats = int(bn.num_batches_tracked), (bn.running_mean.clone(), bn.running_var.clone())
+    bn.view_task = 0
+    bn(torch.randn(4, 2))  # training mode, task 0's view
+    assert int(bn.num_batches_tracked) == count
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    bn.view_task = None
+    bn(second), fresh(second[:, 1:])
+    torch.testing.assert_close(bn.running_mean[1:], fresh.running_mean)
+    torch.testing.assert_close(bn.running_var[1:], fresh.running_var)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("training", [False, True])
 def test_frozen_channels_in_low_precision_are_as_accurate_as_the_twin(dtype, training):

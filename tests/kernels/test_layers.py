@@ -298,6 +298,34 @@ def test_state_dict_mismatch_is_a_clear_error():
         EideticLinear(9, 12).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("make", [lambda: EideticLinear(6, 5), lambda: EideticConv2d(3, 5, 3),
+                                  lambda: EideticBatchNorm2d(5)])
+def test_a_partial_load_never_leaves_storage_unwritten(make):
+    """strict=False without a storage of the layer: refused where the incoming states freeze other neurons than the
+    layer's (its storage would be memory nothing wrote); where they freeze the same ones, the missing storage keeps
+    its values, as torch leaves a missing key."""
+    torch.manual_seed(0)
+    src = make()
+    src.prune_neurons([1, 3]); src.freeze_free_neurons(0); src.recycle_pruned_neurons()
+    for drop in [k for k in src.state_dict() if k in ("weight", "bias", "frozen_weight", "frozen_bias")]:
+        sd = {k: v for k, v in src.state_dict().items() if k != drop}
+        dst = make()
+        before = copy.deepcopy(dst.state_dict())
+        with pytest.raises(RuntimeError, match=rf"{drop} is missing, and the neuron states in task_state \(3 frozen "
+                                               rf"of 5\) are not this layer's.*nothing was loaded into it"):
+            dst.load_state_dict(sd, strict=False)
+        for k, v in dst.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        same = make()  # the same neurons frozen, values of its own
+        same.prune_neurons([1, 3]); same.freeze_free_neurons(0); same.recycle_pruned_neurons()
+        kept = getattr(same, drop).clone()
+        result = same.load_state_dict(sd, strict=False)
+        assert result.missing_keys == [drop]
+        assert torch.equal(getattr(same, drop), kept)
+        for k, v in sd.items():
+            assert torch.equal(same.state_dict()[k], v), k
+
+
 def test_bad_inputs_are_clear_errors():
     lin = EideticLinear(5, 3)
     with pytest.raises(ValueError, match=r"input.shape\[-1\] == 5"):
@@ -384,7 +412,16 @@ def test_the_manual_state_changes_in_their_order_keep_a_task_and_out_of_order_ar
         b.freeze_free_neurons(0)
 
     late = EideticLinear(5, 3)
-    late.set_min_input_task(1)
+    with pytest.warns(ek.FreeInputsWarning, match=r"set_min_input_task\(1\) leaves its FREE neurons no input to "
+                                                   r"read: every input is task 0's.*Keep 0 on a layer reading"):
+        warnings.simplefilter("always", ek.FreeInputsWarning)
+        late.set_min_input_task(1)
+    wired = EideticLinear(5, 3)  # inputs PRUNED now (a producer to recycle) or of the task itself: no warning
+    for states in ([0, 0, 0, 0, PRUNED], [0, 1, 1, 0, 0]):
+        wired.set_input_task(torch.tensor(states, dtype=torch.int16))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ek.FreeInputsWarning)
+            wired.set_min_input_task(1)
     with pytest.raises(ValueError, match=r"FREE neuron 0 has min_input_task 1 > 0.*Nothing was changed"):
         late.freeze_free_neurons(0)
     assert bool((late.task_state == FREE).all())

@@ -252,8 +252,22 @@ def test_taylor_score_accumulates_in_backward():
      "outside"),
     (lambda: masked_linear(torch.randint(0, 3, (2, 5)), torch.randn(3, 5), None, Z(5), Z(3)),
      "floating-point"),
-    (lambda: masked_conv2d(torch.randn(2, 3, 4), torch.randn(3, 3, 3, 3), None, Z(3), Z(3)),
+    (lambda: masked_conv2d(torch.randn(4, 4), torch.randn(3, 3, 3, 3), None, Z(3), Z(3)),
      "at least 4 dims"),
+    (lambda: masked_conv2d(torch.randn(2, 3, 4), torch.randn(3, 3, 3, 3), None, Z(3), Z(3)),
+     r"unbatched x of shape \[3, H, W\], got shape \(2, 3, 4\)"),
+    (lambda: masked_conv2d(torch.randn(1, 3, 4, 4), torch.randn(3, 3, 3, 3), None, Z(3), Z(3), padding="sme"),
+     "invalid padding string 'sme': use 'valid', 'same', an int or a pair of ints"),
+    (lambda: masked_linear(torch.randn(2, 5), torch.randn(3, 5), None, Z(5), Z(3), taylor_score=torch.zeros(4)),
+     r"taylor_score must be a float32 tensor of shape \(3,\).*got torch.float32 of shape \(4,\)"),
+    (lambda: masked_linear(torch.randn(2, 5), torch.randn(3, 5), None, Z(5), Z(3), taylor_score=[0.0] * 3),
+     "taylor_score must be a float32 tensor of shape \\(3,\\) that backward adds the scores into, or None; got list"),
+    (lambda: masked_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), None, Z(3), Z(2),
+                           taylor_score=torch.zeros(2, dtype=torch.int64)),
+     "got torch.int64 of shape"),
+    (lambda: masked_batch_norm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), None, None,
+                               torch.tensor([0, FREE, FREE]), True),
+     r"Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 3\]\)"),
     (lambda: masked_batch_norm(torch.randn(2, 3), torch.zeros(4), torch.ones(4), None, None, Z(3), True),
      r"running_mean must have shape \(3,\)"),
     (lambda: masked_batch_norm(torch.randn(2, 3), torch.zeros(3), torch.ones(3), None, None, Z(3), True, None),
@@ -265,6 +279,33 @@ def test_taylor_score_accumulates_in_backward():
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_masked_batch_norm_takes_what_f_batch_norm_takes(frozen):
+    """An empty batch in training moves no running statistic (the statistics of zero values would be NaN) and
+    gives the affine parameters zero gradients; a float16/bfloat16 x with float32 statistics normalises in float32
+    and returns x's dtype, as F.batch_norm; an unbatched x reaches masked_conv2d as F.conv2d takes it."""
+    task = torch.tensor([0 if frozen else FREE, FREE, FREE])
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = masked_batch_norm(torch.randn(0, 3, 4, 4), rm, rv, w, b, task, True)
+    assert y.shape == (0, 3, 4, 4) and torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(b.grad, torch.zeros(3))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 2, 2, generator=g)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = x.to(dtype)
+        got_rm, got_rv = torch.zeros(3), torch.ones(3)
+        want_rm, want_rv = got_rm.clone(), got_rv.clone()
+        got = masked_batch_norm(low, got_rm, got_rv, None, None, task, True)
+        want = masked_batch_norm(low.float(), want_rm, want_rv, None, None, task, True).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(got_rm, want_rm) and torch.equal(got_rv, want_rv)
+    xc, wc = torch.randn(3, 5, 5, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    torch.testing.assert_close(masked_conv2d(xc, wc, None, Z(3), Z(4), padding=1),
+                               F.conv2d(xc, wc, padding=1), rtol=1e-5, atol=1e-6)
 
 
 def test_everything_pruned_outputs_zeros_of_the_right_shape():

@@ -10,6 +10,7 @@ import os
 import warnings
 import io
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -1204,3 +1205,44 @@ def test_capacity_lost_to_a_batch_norm_frozen_by_the_user_names_it():
         model.finish_task()
     with pytest.raises(CapacityError, match=r"no free neuron left in body\.0 .*" + hint):
         model.prepare_for_task(1, 2)
+
+
+def test_state_calls_before_the_graph_and_task_ids_as_the_layers_take_them():
+    """finish_task before the graph is built is refused with nothing changed (frozen unwired, the network would fail
+    on every later forward); prepare_for_task takes integer scalars as the layers do, and no bool as a width."""
+    model, shape = make("mlp")
+    model.prepare_for_task(np.int64(0), 2)  # an integer scalar is a task id, as for the layers and forward
+    model.body[0].prune_neurons([0])
+    states = {name: layer.task_state.clone() for name, layer in model.body_layers().items()}
+    with pytest.raises(RuntimeError, match=r"finish_task changed nothing: the layer graph is not built yet.*"
+                                           r"model.ensure_graph\(x\)"):
+        model.finish_task()
+    assert model.current_task == 0
+    for name, layer in model.body_layers().items():
+        assert torch.equal(layer.task_state, states[name])
+    x = torch.randn(4, *shape)
+    model.ensure_graph(x)
+    for group in model.groups:
+        group.prune([1, 2])
+    model.finish_task()
+    model.eval()
+    before = model(x, task=0)
+    model.prepare_for_task(1, 2)
+    model.train()
+    model(x).sum().backward()
+    model.eval()
+    assert torch.equal(model(x, task=0), before)
+    with pytest.raises(ValueError, match="feature_dim must be a positive int"):
+        EideticNetwork(nn.Linear(3, 4), True)
+
+
+def test_a_partial_load_without_a_layers_storage_names_it():
+    model, x = task_0_finished()
+    state = copy.deepcopy(model.state_dict())
+    del state["body.0.frozen_weight"]
+    fresh, _ = make("mlp", seed=1)
+    with pytest.raises(RuntimeError, match=r"it holds body.0.task_state, which freezes neurons, but not "
+                                           r"body.0.frozen_weight: a layer's neuron states and its storages load "
+                                           r"together.*Nothing of this network was loaded"):
+        fresh.load_state_dict(state, strict=False)
+    assert fresh.num_finished_tasks == 0 and bool((fresh.body[0].task_state == FREE).all())
