@@ -79,6 +79,12 @@ def _restore_modes(layers, saved: list[tuple]) -> None:
         _set_mode(layer, view_task, constant_frozen, narrow, active)
 
 
+# what a full layer means for the tasks to come (said by the capacity warning and error)
+_FULL_LAYERS = ("Each task keeps at least one neuron of each layer that train_task prunes, so a layer of W neurons "
+                "holds at most W tasks; to learn more, start a network with more neurons there (finished tasks do "
+                "not move into it: keep this network for them, or model.export(t) each as a torch.nn module), and "
+                "let each task keep fewer (a larger stop_threshold prunes further)")
+
 _FROZEN_KEYS = ("frozen_weight", "frozen_bias", "running_mean", "running_var")
 
 
@@ -253,7 +259,8 @@ class CapacityError(RuntimeError):
 
 
 class CapacityWarning(UserWarning):
-    """A finished task left some layer without any free neuron: a next task could not start."""
+    """A finished task left some layer without any free neuron (a next task could not start), or kept no neuron of
+    a layer while training without forward transfer (its outputs then do not depend on the input)."""
 
 
 class BodyChangedWarning(UserWarning):
@@ -557,9 +564,8 @@ class EideticNetwork(nn.Module):
         if full:
             raise CapacityError(
                 f"task {task} cannot start: no free neuron left in {', '.join(full)} (every neuron is frozen for an "
-                "earlier task, and frozen neurons are never taken). Widen these layers (more neurons), or let earlier "
-                "tasks keep fewer neurons (train_task prunes further with a larger stop_threshold)"
-                f"{self._user_frozen_hint(full)}")
+                f"earlier task, and frozen neurons are never taken). Nothing changed: the finished tasks evaluate, "
+                f"route and export as before. {_FULL_LAYERS}{self._user_frozen_hint(full)}")
 
     def _idle_user_frozen(self) -> list[str]:
         """After the first task: names of body layers with FREE neurons and no parameter that requires grad. They
@@ -682,12 +688,29 @@ class EideticNetwork(nn.Module):
         self._record_frozen_values()
         self._record_body_constants()
         _forget_compiled_graphs()
+        if not self.forward_transfer.get(task, True) and self.graph is not None:
+            # without forward transfer the layers after such a group read only this task's neurons there: none
+            empty = [g.name for g in self.graph.groups if frozen.get(g.name) == 0 and any(
+                isinstance(layer, (EideticLinear, EideticConv2d)) for layer in g.layers)]
+            if empty:
+                warnings.warn(f"task {task} kept no neuron of {', '.join(empty)} and trained without forward transfer: "
+                              f"the layers after {'it' if len(empty) == 1 else 'them'} read nothing of this task, so "
+                              f"its outputs no longer depend on the input. Keep at least one neuron of each layer "
+                              f"(prune fewer by hand; train_task always keeps one), or train with forward transfer",
+                              CapacityWarning, stacklevel=user_stacklevel())
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
-            warnings.warn(f"task {task} kept every neuron left in {', '.join(full)}: no free neuron remains there "
-                          "for a next task. Let the task keep fewer neurons (train_task prunes further with a larger "
-                          "stop_threshold; by hand, group.prune or layer.prune_neurons before finish_task), or widen "
-                          f"these layers{self._user_frozen_hint(full)}",
+            kept = [f"{name} ({frozen[name]})" if name in frozen else name for name in full]
+            if self.__dict__.get("_unpruned_task") == task:
+                fewer = ("train_task(pruning=None) kept every FREE neuron: prune (pruning='l2', 'l1' or 'taylor') "
+                         "to leave neurons for later tasks. ")
+            elif any(frozen.get(name, 2) > 1 for name in full):
+                fewer = ("A task can keep fewer (train_task prunes further with a larger stop_threshold; by hand, "
+                         "group.prune or layer.prune_neurons before finish_task). ")
+            else:  # the last FREE neuron of each: pruning never takes it
+                fewer = "These were the layers' last FREE neurons, which pruning always leaves to the task. "
+            warnings.warn(f"task {task} kept every neuron left in {', '.join(kept)}: no free neuron remains there "
+                          f"for a next task. {fewer}{_FULL_LAYERS}{self._user_frozen_hint(full)}",
                           CapacityWarning,
                           stacklevel=user_stacklevel())
         return frozen

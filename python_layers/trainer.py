@@ -735,6 +735,8 @@ class _TaskRun:
             # (a division, not a saved copy: a schedule the user steps from the callback keeps its progress)
             for group in self.optimizer.param_groups:
                 group["lr"] /= self.prune_lr_factor
+        if self.method is None:  # the capacity warning of finish_task then says why every neuron was kept
+            getattr(self.model, "_orig_mod", self.model).__dict__["_unpruned_task"] = self.task
         finish_task(self.model, self.optimizer)
         if self.distributed:  # recycled neurons were re-initialised from each process's generator
             dist_mod.broadcast_state(self.model)

@@ -165,13 +165,15 @@ def test_capacity_error_names_the_layer():
     model.prepare_for_task(0, 2)
     model(x)
     model.groups[0].prune([0, 1])  # group "body.3" keeps no free neuron after task 0
-    with pytest.warns(CapacityWarning, match=r"task 0 kept every neuron left in body\.3:") as record:  # at once
+    with pytest.warns(CapacityWarning, match=r"task 0 kept every neuron left in body\.3 \(8\): no free neuron remains there for a next task\. A task can "
+                                             r"keep fewer.*at most W tasks") as record:  # at once
         model.finish_task()
     assert record[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
     with pytest.raises(CapacityError) as info:
         model.prepare_for_task(1, 2)
     msg = str(info.value)
-    assert "body.3" in msg and "body.0" not in msg and "Widen" in msg
+    assert "body.3" in msg and "body.0" not in msg and "start a network with more neurons there" in msg
+    assert "Nothing changed: the finished tasks evaluate" in msg
     assert model.current_task is None and len(model.heads) == 1  # nothing was taken
 
 
@@ -194,7 +196,7 @@ def test_a_group_is_named_after_its_layer_with_weights_not_a_raw_input_batch_nor
     group = model.graph.group_of("body.bn")
     assert [n for n, _ in group.members] == ["body.bn", "body.c"] and group.name == "body.c"
     model.graph.group_of("body.fc").prune([0])
-    with pytest.warns(CapacityWarning, match=r"every neuron left in body\.c:"):
+    with pytest.warns(CapacityWarning, match=r"every neuron left in body\.c \(3\):"):
         model.finish_task()
     with pytest.raises(CapacityError, match=r"no free neuron left in body\.c \("):
         model.prepare_for_task(1, 2)

@@ -430,3 +430,49 @@ def test_learning_rate_is_scaled_once_when_pruning_starts():
     with pytest.raises(ValueError, match="prune_lr_factor"):
         model2, opt2 = new_model()
         model2.train_task(tasks[0][0], opt2, prune_lr_factor=0.0, progress=False)
+
+
+def test_the_capacity_warning_says_why_a_task_kept_every_neuron():
+    """pruning=None keeps every FREE neuron: said so, not "a larger stop_threshold"; the last FREE neuron of a layer,
+    which pruning always leaves, says a layer of W neurons holds at most W tasks."""
+    data = make_tasks(num_tasks=2, seed=12)
+    model, optimizer = new_model()
+    with pytest.warns(trainer.CapacityWarning, match=r"task 0 kept every neuron left in body\.1 \(24\), body\.4 "
+                                                     r"\(24\).*train_task\(pruning=None\) kept every FREE neuron: "
+                                                     r"prune.*at most W tasks"):
+        model.train_task(data[0][0], optimizer, pruning=None, max_epochs=1, progress=False)
+    model, optimizer = new_model(width=2)
+    kwargs = dict(pruning="l2", step=1.0, stop_threshold=1.0, max_epochs=1, recovery_epochs=1, progress=False)
+    model.train_task(data[0][0], optimizer, **kwargs)  # keeps one neuron of each layer, one stays FREE
+    assert all(int((g.task_state == FREE).sum()) == 1 for g in model.groups)
+    model.prepare_for_task(1, CLASSES)
+    optimizer.add_param_group({"params": model.heads[1].parameters()})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model.train_task(data[1][0], optimizer, **kwargs)
+    message = [str(w.message) for w in said if issubclass(w.category, trainer.CapacityWarning)]
+    assert len(message) == 1 and re.search(r"task 1 kept every neuron left in body\.1 \(1\), body\.4 \(1\).*These "
+                                           r"were the layers' last FREE neurons.*at most W tasks", message[0]), said
+    assert "larger stop_threshold prunes further" in message[0] and "A task can keep fewer" not in message[0]
+
+
+def test_a_task_without_forward_transfer_that_keeps_no_neuron_of_a_layer_is_said():
+    torch.manual_seed(0)
+    model = EideticNetwork(*mlp_body(width=6))
+    x = torch.randn(8, 64)
+    model.prepare_for_task(0, CLASSES)
+    model.ensure_graph(x)
+    for g in model.groups:
+        g.prune([0, 1, 2])
+    model.finish_task()
+    model.prepare_for_task(1, CLASSES, forward_transfer=False)
+    first, second = model.groups
+    first.prune((first.task_state == FREE).nonzero().flatten())
+    second.prune([3])
+    with pytest.warns(trainer.CapacityWarning, match=r"task 1 kept no neuron of body\.1 and trained without forward "
+                                                     r"transfer: the layers after it read nothing of this task, so its "
+                                                     r"outputs no longer depend on the input"):
+        model.finish_task()
+    model.eval()
+    out = model(x, task=1)
+    assert torch.equal(out, out[:1].expand_as(out))  # what it says
