@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import backends
 from .functional import InputError, autocast_dtype, check_input, conv_padding
@@ -256,6 +257,13 @@ class EideticLayer(nn.Module):
         rows = self.weight.shape[0] if self.weight is not None else 0
         self._reinit_rows(torch.arange(rows, device=self.task_state.device), None)
 
+    def _check_not_meta(self, what: str) -> None:
+        """RuntimeError for a state change on the meta device, where the layer holds no states to change."""
+        if self.task_state.is_meta:
+            raise RuntimeError(f"{self._name()}: {what} changes neuron states, which a layer on the meta device "
+                               "does not hold: call to_empty(device=...) and reset_parameters(), or load a state dict "
+                               "with assign=True, first")
+
     def _indices(self, neurons) -> torch.Tensor:
         idx = torch.as_tensor(neurons, device=self.task_state.device)
         if idx.numel() == 0 and not isinstance(neurons, torch.Tensor):
@@ -268,12 +276,16 @@ class EideticLayer(nn.Module):
             idx = idx.nonzero().flatten()
         idx = idx.long().flatten()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_neurons):
-            raise IndexError(f"neuron index out of range [0, {self.num_neurons})")
+            raise IndexError(f"{self._name()}: neuron index out of range [0, {self.num_neurons}) (indices count "
+                             f"from 0; negative ones are not taken)")
         return idx
 
     @torch.no_grad()
     def prune_neurons(self, neurons) -> None:
-        """FREE -> PRUNED. Frozen neurons are never pruned: asking is an error and changes nothing."""
+        """FREE -> PRUNED. Frozen neurons are never pruned: asking is an error and changes nothing.
+
+        ``neurons``: indices in [0, num_neurons) (a list, an int tensor) or a bool mask [num_neurons]."""
+        self._check_not_meta("prune_neurons")
         idx = self._indices(neurons)
         states = self.task_state[idx]
         bad = states != FREE
@@ -287,6 +299,7 @@ class EideticLayer(nn.Module):
     @torch.no_grad()
     def unprune_neurons(self, neurons) -> None:
         """PRUNED -> FREE, keeping their stored values (undo a pruning step)."""
+        self._check_not_meta("unprune_neurons")
         idx = self._indices(neurons)
         if bool((self.task_state[idx] != PRUNED).any()):
             raise ValueError(f"{self._name()}: only PRUNED neurons can be restored to FREE")
@@ -301,6 +314,7 @@ class EideticLayer(nn.Module):
         contiguous block of the frozen storage. Returns the number of neurons frozen.
         """
         task = _task_id(task)
+        self._check_not_meta("freeze_free_neurons")
         frozen_tasks = self.task_state[is_frozen(self.task_state)]
         if frozen_tasks.numel() and int(frozen_tasks.max()) >= task:
             raise ValueError(f"{self._name()}: neurons of task {int(frozen_tasks.max())} are already frozen; "
@@ -365,6 +379,7 @@ class EideticLayer(nn.Module):
         task without forward transfer, call ``set_min_input_task(next_task)`` after recycling, on a layer that
         reads another layer's outputs (one reading the raw input keeps 0: raw inputs are task 0's). Layers
         reading this one's outputs see the recycled neurons as FREE once told so (``set_input_task``)."""
+        self._check_not_meta("recycle_pruned_neurons")
         pruned = self.task_state == PRUNED
         n = int(pruned.sum())
         if n == 0:
@@ -447,6 +462,7 @@ class EideticLayer(nn.Module):
         if not hasattr(self, "min_input_task"):
             raise TypeError(f"{self._name()} has no inputs of its own")
         task = _task_id(task, "min input task")
+        self._check_not_meta("set_min_input_task")
         # inputs FREE or PRUNED now may still become readable (a producer recycles, then set_input_task)
         if task > 0 and not bool(((self.input_task >= task) | (self.input_task == PRUNED)).any()):
             newest = int(self.input_task.max()) if self.input_task.numel() else 0
@@ -465,6 +481,7 @@ class EideticLayer(nn.Module):
         if not self._has_inputs:
             raise TypeError(f"{self._name()} has no inputs of its own")
         check_state_vector(input_task, "input_task", self.input_task.numel())
+        self._check_not_meta("set_input_task")
         new = input_task.to(self.input_task.device, STATE_DTYPE)
         changed = new != self.input_task
         if bool(changed.any()):
@@ -588,6 +605,8 @@ class EideticLayer(nn.Module):
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         """Linear and Conv2d: ``_run`` on the input and the four storages, in the autocast dtype when autocast
         is on (as the torch.nn twins); eagerly inside torch.compile on an engine that plans on the host."""
+        if self.task_state.is_meta:  # shapes only (no states there): the twin's op on the dense shape
+            return self._meta_forward(input)
         if torch.compiler.is_compiling():
             if not backends.traceable(input.device, self._op, input.dtype):
                 return _run_eagerly(self, input)
@@ -938,6 +957,10 @@ class EideticLinear(EideticLayer):
     def _row_shape(self) -> tuple:
         return (self.in_features,)
 
+    def _meta_forward(self, input):
+        return F.linear(input, self.weight.new_empty((self.out_features,) + self._row_shape()),
+                        None if self.bias is None else self.bias.new_empty(self.out_features))
+
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         n_in = self._narrow_input(x, -1)
         check_input(x, "input", weight, -1, self.in_features if n_in is None else n_in, 1, self._name())
@@ -1020,6 +1043,11 @@ class EideticConv2d(EideticLayer):
 
     def _row_shape(self) -> tuple:
         return (self.in_channels // self.groups,) + tuple(self.kernel_size)
+
+    def _meta_forward(self, input):
+        return F.conv2d(input, self.weight.new_empty((self.out_channels,) + self._row_shape()),
+                        None if self.bias is None else self.bias.new_empty(self.out_channels), self.stride,
+                        self.padding, self.dilation)
 
     def _run(self, x, weight, bias, frozen_weight, frozen_bias):
         if isinstance(x, torch.Tensor) and x.dim() != 4:
@@ -1151,6 +1179,13 @@ class _EideticBatchNorm(EideticLayer):
         normalised in float32 and returned in the input's dtype, as ``nn.BatchNorm`` does.
         Raises ValueError for a wrong rank or channel count and, when normalising with batch statistics,
         for a batch with one value per channel (as torch does)."""
+        if self.task_state.is_meta:  # shapes only (no states there), as the twin on the meta device
+            self._check_input_dim(input)
+            if not (isinstance(input, torch.Tensor) and input.is_meta):
+                raise InputError(f"{self._name()}: input is on {getattr(input, 'device', type(input))} but the layer "
+                                 "is on the meta device; move one")
+            check_input(input, "input", input, 1, self.num_features, 2, self._name())
+            return torch.empty_like(input)
         if torch.compiler.is_compiling():
             if not backends.traceable(input.device):
                 return _run_eagerly(self, input)

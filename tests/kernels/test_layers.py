@@ -264,6 +264,29 @@ def test_a_meta_layer_takes_a_state_dict_with_assign():
             layer.load_state_dict(twin, assign=True)
 
 
+def test_on_the_meta_device_a_layer_infers_shapes_as_its_twin_and_refuses_state_changes():
+    for make, twin, shape in ((lambda **k: EideticLinear(6, 5, **k), lambda **k: nn.Linear(6, 5, **k), (3, 6)),
+                              (lambda **k: EideticConv2d(3, 4, 3, stride=2, **k),
+                               lambda **k: nn.Conv2d(3, 4, 3, stride=2, **k), (2, 3, 7, 7)),
+                              (lambda **k: EideticBatchNorm2d(3, **k), lambda **k: nn.BatchNorm2d(3, **k),
+                               (2, 3, 5, 5))):
+        x = torch.randn(*shape, device="meta")
+        want = twin(device="meta")(x)
+        for layer in (make(device="meta"), make().to("meta"), make(device="meta").eval()):
+            got = layer(x)
+            assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+        layer = make(device="meta")
+        for call, name in ((lambda: layer.prune_neurons([0]), "prune_neurons"),
+                           (lambda: layer.freeze_free_neurons(0), "freeze_free_neurons"),
+                           (lambda: layer.recycle_pruned_neurons(), "recycle_pruned_neurons")):
+            with pytest.raises(RuntimeError, match=rf"{name} changes neuron states, which a layer on the meta device "
+                                                   r"does not hold: call to_empty\(device=\.\.\.\) and "
+                                                   r"reset_parameters\(\)"):
+                call()
+    with pytest.raises(IndexError, match=r"neuron index out of range \[0, 5\) \(indices count from 0"):
+        EideticLinear(6, 5).prune_neurons([-1])
+
+
 def test_inputs_of_frozen_neurons_cannot_change():
     layer = EideticLinear(6, 4)
     layer.set_input_task(torch.tensor([0, 0, 1, FREE, PRUNED, 2], dtype=torch.int16))
