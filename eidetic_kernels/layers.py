@@ -1192,6 +1192,11 @@ class _EideticBatchNorm(EideticLayer):
         else:
             self._check_call()
         x = input
+        if self.narrow is not None and isinstance(x, torch.Tensor):
+            try:  # a wrong rank at prefix width: the network runs at full width, which raises the user's error
+                self._check_input_dim(x)
+            except InputError:
+                raise PrefixWidthMismatch(self._name()) from None
         self._check_input_dim(x)
         # prefix-width evaluation: the view's channels only, the first ``narrow`` ones
         n = None
@@ -1293,7 +1298,7 @@ class EideticBatchNorm1d(_EideticBatchNorm):
 
     def _check_input_dim(self, x):
         if x.dim() not in (2, 3):
-            raise ValueError(f"EideticBatchNorm1d expects 2-D or 3-D input [N, C(, L)], got shape {tuple(x.shape)}")
+            raise InputError(f"{self._name()} expects 2-D or 3-D input [N, C(, L)], got shape {tuple(x.shape)}")
 
 
 class EideticBatchNorm2d(_EideticBatchNorm):
@@ -1301,7 +1306,7 @@ class EideticBatchNorm2d(_EideticBatchNorm):
 
     def _check_input_dim(self, x):
         if x.dim() != 4:
-            raise ValueError(f"EideticBatchNorm2d expects 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+            raise InputError(f"{self._name()} expects 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
 
 
 def state_summary(task: torch.Tensor) -> str:

@@ -172,6 +172,15 @@ def test_an_input_of_the_wrong_size_gets_the_full_width_error():
     with torch.no_grad():
         x = torch.randn(2, 3, 7, 7)
         assert torch.equal(cnn(x, task=0), _full_width(cnn, x, 0))
+    # an unbatched image reaching a batch norm: the full-width shape in the error, and the layer's name
+    torch.manual_seed(0)
+    bn = EideticNetwork(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(6 * 4 * 4, 12)), 12)
+    _finish_tasks(bn, (2, 4, 4), tasks=1)
+    bn.eval()
+    with pytest.raises(ValueError, match=r"EideticBatchNorm2d 'body.1' expects 4-D input \[N, C, H, W\], got shape "
+                                         r"\(6, 4, 4\)"), torch.no_grad():
+        bn(torch.randn(2, 4, 4), task=0)
 
 
 class _PoolsFeatures(nn.Module):
