@@ -605,12 +605,12 @@ class EideticLayer(nn.Module):
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         """Linear and Conv2d: ``_run`` on the input and the four storages, in the autocast dtype when autocast
         is on (as the torch.nn twins); eagerly inside torch.compile on an engine that plans on the host."""
-        if self.task_state.is_meta:  # shapes only (no states there): the twin's op on the dense shape
-            return self._meta_forward(input)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # first: a frame that breaks here at once guards on nothing of the layer
             if not backends.traceable(input.device, self._op, input.dtype):
                 return _run_eagerly(self, input)
         else:
+            if self.task_state.is_meta:  # shapes only (no states there): the twin's op on the dense shape
+                return self._meta_forward(input)
             self._check_call()
             self._check_storage_shape()
         storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
@@ -1179,16 +1179,16 @@ class _EideticBatchNorm(EideticLayer):
         normalised in float32 and returned in the input's dtype, as ``nn.BatchNorm`` does.
         Raises ValueError for a wrong rank or channel count and, when normalising with batch statistics,
         for a batch with one value per channel (as torch does)."""
-        if self.task_state.is_meta:  # shapes only (no states there), as the twin on the meta device
+        if torch.compiler.is_compiling():  # first: a frame that breaks here at once guards on nothing of the layer
+            if not backends.traceable(input.device):
+                return _run_eagerly(self, input)
+        elif self.task_state.is_meta:  # shapes only (no states there), as the twin on the meta device
             self._check_input_dim(input)
             if not (isinstance(input, torch.Tensor) and input.is_meta):
                 raise InputError(f"{self._name()}: input is on {getattr(input, 'device', type(input))} but the layer "
                                  "is on the meta device; move one")
             check_input(input, "input", input, 1, self.num_features, 2, self._name())
             return torch.empty_like(input)
-        if torch.compiler.is_compiling():
-            if not backends.traceable(input.device):
-                return _run_eagerly(self, input)
         else:
             self._check_call()
         x = input

@@ -701,7 +701,10 @@ class EideticNetwork(nn.Module):
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
             kept = [f"{name} ({frozen[name]})" if name in frozen else name for name in full]
-            if self.__dict__.get("_unpruned_task") == task:
+            hint = self._user_frozen_hint(full)
+            if hint:  # the cause is a member the user froze: said by the hint
+                fewer = ""
+            elif self.__dict__.get("_unpruned_task") == task:
                 fewer = ("train_task(pruning=None) kept every FREE neuron: prune (pruning='l2', 'l1' or 'taylor') "
                          "to leave neurons for later tasks. ")
             elif any(frozen.get(name, 2) > 1 for name in full):
@@ -710,7 +713,7 @@ class EideticNetwork(nn.Module):
             else:  # the last FREE neuron of each: pruning never takes it
                 fewer = "These were the layers' last FREE neurons, which pruning always leaves to the task. "
             warnings.warn(f"task {task} kept every neuron left in {', '.join(kept)}: no free neuron remains there "
-                          f"for a next task. {fewer}{_FULL_LAYERS}{self._user_frozen_hint(full)}",
+                          f"for a next task. {fewer}{_FULL_LAYERS}{hint}",
                           CapacityWarning,
                           stacklevel=user_stacklevel())
         return frozen

@@ -1203,7 +1203,8 @@ def test_capacity_lost_to_a_batch_norm_frozen_by_the_user_names_it():
     model(torch.randn(2, 3, 5, 5))
     model.graph.group_of("body.5").prune([0])
     hint = r"body\.1 has no parameter that requires grad, so train_task never prunes its neuron group"
-    with pytest.warns(CapacityWarning, match=r"every neuron left in body\.0:.*" + hint):
+    with pytest.warns(CapacityWarning, match=r"every neuron left in body\.0 \(4\): no free neuron remains there for "
+                                             r"a next task\. Each task keeps.*" + hint):
         model.finish_task()
     with pytest.raises(CapacityError, match=r"no free neuron left in body\.0 .*" + hint):
         model.prepare_for_task(1, 2)

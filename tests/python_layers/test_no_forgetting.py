@@ -164,7 +164,8 @@ def test_no_free_neuron_left_is_a_clear_error_and_takes_nothing():
     capacity = model.capacity()
     assert all(c.get("free", 0) == 0 for c in capacity.values())  # no pruning: every neuron went to task 0
     states = {name: layer.task_state.clone() for name, layer in model.named_modules() if hasattr(layer, "task_state")}
-    with pytest.raises(CapacityError, match="(?i)widen") as info:
+    with pytest.raises(CapacityError, match=r"a layer of W neurons holds at most W tasks; to learn more, start a "
+                                            r"network with more neurons there") as info:
         model.prepare_for_task(1, CLASSES)
     assert any(name in str(info.value) for name in capacity), "the error must name the layer"
     for name, layer in model.named_modules():
