@@ -13,7 +13,9 @@ Scores (higher = more important; only FREE neurons are scored, everything else i
   over the group's weight members (Linear/Conv). The bias is not part of the norm.
 * ``"taylor"``: the Taylor score |mean_b Σ a·∂L/∂a| the layers accumulate during the ordinary backward
   passes while ``enable_taylor()`` is on (Molchanov et al. 2017), summed over every member that
-  collected one (Linear/Conv outputs and BatchNorm outputs).
+  collected one (Linear/Conv outputs and BatchNorm outputs). ``train_task`` collects it over an epoch (the
+  best training epoch's, restored with its weights, for the first step; the recovery epoch's after), each
+  batch's term weighted by (its size / the first batch's)², so that every sample counts alike.
 
 Normalisation: before members are summed, each member's raw scores over the group's FREE neurons are
 divided by their mean over those FREE neurons (a member whose scores are all 0 contributes 0). Every
@@ -25,6 +27,8 @@ every group prunes the same share (the paper's "same share per layer"), so group
 Selection: each step prunes ``max(1, round(step * n_task))`` of the group's FREE neurons with the
 lowest scores, where ``n_task`` is the number of FREE neurons the group had when the task's pruning began
 (so ``step=0.05`` takes about 20 steps to exhaust a group), never more than leaves one FREE neuron.
+``round`` is Python's (half to even: 0.25 x 10 gives 2, 0.25 x 14 gives 4), so groups of different sizes prune
+the same share up to that rounding.
 Ties break towards the lower neuron index; a ``nan`` score of a FREE neuron (e.g. non-finite weights) is
 treated as least important. Frozen and PRUNED neurons are never candidates.
 """

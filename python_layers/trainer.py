@@ -3,11 +3,13 @@
 The steps, in the order ``train_task`` runs them:
 
 1. **Train** the current task's FREE neurons (and its head) until the training accuracy has not improved
-   for ``patience`` epochs, or ``max_epochs``; keep the weights of the best epoch.
+   for ``patience`` epochs, or ``max_epochs``; keep the weights of the best epoch (the first to reach the best
+   accuracy; the last epoch's own when it ties it).
 2. **Prune iteratively**: each step prunes ``step`` of every neuron group's FREE neurons (the same share
    in every group; scores and normalisation in ``python_layers.pruning``), then **recovers** for up to
    ``recovery_epochs`` epochs, leaving early once the training accuracy is back within
-   ``stop_threshold`` (an absolute fraction, 0.01 = one point) of the best seen. If it stays further
+   ``stop_threshold`` (an absolute fraction, 0.01 = one point) of the best seen, recovery epochs included (a
+   drop of exactly the threshold is within it: ``within``). If it stays further
    below, the step is undone: the last good weights *and* optimizer state come back, and pruning ends.
    Pruning also ends cleanly when every group is down to one FREE neuron.
 3. **Freeze** the surviving FREE neurons (and the head) for the task, 4. **recycle** the pruned ones with
@@ -92,6 +94,15 @@ def _peek(loader) -> torch.Tensor:
         if saved is not None:
             loader.load_state_dict(saved)
     return x
+
+
+def within(acc: float, best: float, threshold: float) -> bool:
+    """Whether ``acc`` is no more than ``threshold`` below ``best`` (the recovery test of a pruning step). A drop of
+    exactly the threshold is within it, whatever the rounding of ``best - threshold`` (0.8 - 0.1 is
+    0.7000000000000001, which an accuracy of 0.7 would miss): accuracies are counts over samples, so real
+    differences are far above the tolerance."""
+    drop = best - acc
+    return drop <= threshold or math.isclose(drop, threshold, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def snapshot(model, optimizer):
@@ -321,7 +332,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
 
     The accuracy is the share of correctly classified training samples seen during the epoch
     (dropout and batch statistics on), the paper's "training accuracy". Taylor scores are reset at the
-    start, so afterwards they hold this epoch's backward passes.
+    start, so afterwards they hold this epoch's backward passes, each batch's term weighted by (its rows / the
+    first batch's rows)², so that every sample counts alike (``_weight_taylor_terms``).
 
     The loss sum and the correct count stay on the device during the epoch and are read once at its end
     (a live progress bar reads them at most every ``POSTFIX_SECONDS``), so a step never waits for the device.
@@ -347,6 +359,7 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
     norms = _batch_norms(model)
     loss_sum = correct = None  # device tensors, created from the first loss
     seen = 0
+    first_rows = None  # the first batch's rows: Taylor terms of other sizes are weighted against it
     result = (None, None)
     try:
         for i, batch in enumerate(loader):
@@ -357,6 +370,7 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             if i == 0:
                 _check_labels(y, logits.shape[-1])
             n = y.shape[0]
+            rows = n
             if distributed:
                 # DDP averages the processes' gradients; shares may differ by a row (InMemoryLoader.shard), so
                 # each process's summed loss is scaled by world / global batch: the step is the global mean
@@ -364,12 +378,19 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
                 if not isinstance(global_n, int):
                     global_n = torch.tensor(float(n), device=y.device)  # float32: exact to 2**24 rows
                     dist_mod.all_reduce_sum(global_n)
+                rows = global_n
+            taylor_before = _taylor_before(taylor_layers, rows, first_rows)
+            if distributed:
                 summed = F.cross_entropy(logits, y, reduction="sum")
                 (summed * (dist_mod.world_size() / global_n)).backward()
                 loss = summed.detach() / max(n, 1)
             else:
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
+            if taylor_before is not None:
+                _weight_taylor_terms(taylor_layers, taylor_before, rows, first_rows)
+            if first_rows is None:
+                first_rows = rows
             optimizer.step()
             if loss_sum is None:
                 # float64 so a long epoch's sum keeps its digits (MPS has no float64)
@@ -397,6 +418,22 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
     finally:
         bar.close(*result)
     return result
+
+
+def _taylor_before(taylor_layers, rows, first_rows):
+    """Copies of the Taylor scores before a batch whose size differs from the first batch's, else None."""
+    if not taylor_layers or first_rows is None or float(rows) == float(first_rows):
+        return None
+    return [layer.taylor_score.clone() for layer in taylor_layers]
+
+
+def _weight_taylor_terms(taylor_layers, before, rows, first_rows) -> None:
+    """Weight a batch's Taylor term |mean_b Σ a·∂L/∂a| by (its rows / the first batch's rows)², so every sample
+    counts alike: with the batch-mean loss, ∂L/∂a carries 1/rows, so a term scales as 1/rows, and a short last
+    batch (one sample after 64-sample batches) would outweigh a full one 64 times."""
+    scale = (float(rows) / float(first_rows)) ** 2
+    for layer, old in zip(taylor_layers, before):
+        layer.taylor_score.sub_(old).mul_(scale).add_(old)
 
 
 def _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs, max_prune_steps=None):
@@ -677,13 +714,19 @@ class _TaskRun:
             loss, acc = self.epoch("train", 0, f"task {self.task} · train {e + 1}/{max_epochs}")
             if acc > self.best_acc:
                 self.best_acc, self.kept_loss, self.kept_acc, since_best = acc, loss, acc, 0
-                best_snap = snapshot(self.model, self.optimizer) if e + 1 < max_epochs else None
+                # the epoch's Taylor scores too: the first pruning step ranks the neurons of the weights it keeps
+                best_snap = ((snapshot(self.model, self.optimizer),
+                              [layer.taylor_score.clone() for layer in self.taylor_layers])
+                             if e + 1 < max_epochs else None)
             else:
                 since_best += 1
                 if since_best >= patience:
                     break
         if best_snap is not None and self.history[-1]["train_accuracy"] < self.best_acc:
-            restore(self.model, self.optimizer, best_snap)  # continue from the best epoch's weights
+            state, scores = best_snap
+            restore(self.model, self.optimizer, state)  # continue from the best epoch's weights
+            for layer, score in zip(self.taylor_layers, scores):
+                layer.taylor_score.copy_(score)
         self.checkpoint()
 
     # ----- step 2 ----------------------------------------------------------------------------------------
@@ -708,7 +751,7 @@ class _TaskRun:
                 loss, acc = self.epoch("recover", s, f"task {self.task} · prune step {s} · "
                                                      f"recover {r + 1}/{self.recovery_epochs}")
                 self.best_acc = max(self.best_acc, acc)
-                if acc >= self.best_acc - self.stop_threshold:
+                if within(acc, self.best_acc, self.stop_threshold):
                     recovered = True
                     break
             if not recovered:

@@ -476,3 +476,69 @@ def test_a_task_without_forward_transfer_that_keeps_no_neuron_of_a_layer_is_said
     model.eval()
     out = model(x, task=1)
     assert torch.equal(out, out[:1].expand_as(out))  # what it says
+
+
+def test_a_drop_of_exactly_the_threshold_is_within_it_whatever_the_rounding(tasks, monkeypatch):
+    """0.8 - 0.1 is 0.7000000000000001 in floats: a recovery to 0.7 is exactly the threshold below the best, as
+    0.3 after 0.4 is, and both continue pruning; 0.69 does not."""
+    assert trainer.within(0.7, 0.8, 0.1) and trainer.within(0.3, 0.4, 0.1) and trainer.within(0.8, 0.8, 0.0)
+    assert not trainer.within(0.69, 0.8, 0.1) and not trainer.within(0.7999, 0.8, 0.0)
+    for best, recovered, stop in ((0.8, 0.7, "nothing left to prune"), (0.8, 0.69, "accuracy dropped")):
+        scripted_accuracy(monkeypatch, lambda phase, step, n: best if phase == "train" else recovered)
+        model, optimizer = new_model(width=6)
+        history = model.train_task(tasks[0][0], optimizer, pruning="l2", step=0.5, stop_threshold=0.1,
+                                   max_epochs=1, recovery_epochs=1, progress=False)
+        assert history[-1]["stop_reason"] == stop
+
+
+def test_the_first_pruning_step_ranks_by_the_kept_epochs_taylor_scores(tasks, monkeypatch):
+    """Training keeps epoch 2's weights (the best); the first Taylor step must rank by epoch 2's scores, which the
+    later epochs' passes overwrote."""
+    accuracies = [0.5, 0.9, 0.8, 0.8]
+    real = trainer.run_epoch
+    scores = []
+
+    def fake(*args, **kwargs):
+        loss, _ = real(*args, **kwargs)
+        scores.append([layer.taylor_score.clone() for layer in args[6]])
+        return loss, accuracies[len(scores) - 1] if len(scores) <= len(accuracies) else 0.0
+
+    ranked = []
+    real_step = trainer.pruning_mod.prune_step
+
+    def spy(groups, *args, **kwargs):
+        ranked.append([layer.taylor_score.clone() for g in groups for _, layer in g.members])
+        return real_step(groups, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_epoch", fake)
+    monkeypatch.setattr(trainer.pruning_mod, "prune_step", spy)
+    model, optimizer = new_model()
+    model.train_task(tasks[0][0], optimizer, pruning="taylor", max_epochs=4, patience=2, recovery_epochs=1,
+                     progress=False)
+    assert len(scores) >= 4 and ranked
+    assert all(torch.equal(a, b) for a, b in zip(ranked[0], scores[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(scores[1], scores[3]))
+
+
+def test_a_short_batchs_taylor_term_counts_its_samples_only():
+    """With the batch-mean loss a batch's term |mean_b a·dL/da| scales as 1/rows: a short batch is weighted by
+    (rows / first batch's rows)², so an epoch of batches [8, 2] scores term(8) + (2/8)² term(2) (weights fixed:
+    lr 0)."""
+    torch.manual_seed(0)
+    model = EideticNetwork(*mlp_body(width=6, dropout=0.0))  # run_epoch trains: no dropout, the same passes
+    model.prepare_for_task(0, CLASSES)
+    x, y = torch.randn(10, 8, 8), torch.randint(0, CLASSES, (10,))
+    layers = [model.body[1], model.body[4]]
+    for layer in layers:
+        layer.enable_taylor(True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def epoch_scores(batches):
+        trainer.run_epoch(model, batches, optimizer, "cpu", progress=False, taylor_layers=layers)
+        return [layer.taylor_score.clone() for layer in layers]
+
+    full, short, both = (epoch_scores([(x[:8], y[:8])]), epoch_scores([(x[8:], y[8:])]),
+                         epoch_scores([(x[:8], y[:8]), (x[8:], y[8:])]))
+    for f, s, b in zip(full, short, both):
+        torch.testing.assert_close(b, f + (2 / 8) ** 2 * s)
+        assert not torch.allclose(b, f + s)
