@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from eidetic_kernels import EideticBatchNorm2d, EideticConv2d, EideticLinear
 
-from .trainer import _model_device
+from .trainer import _model_device, batch_inputs
 
 __all__ = ["TaskRouter", "fit_router", "predict", "ROUTERS", "ROUTER_INPUTS"]
 
@@ -209,13 +209,7 @@ def _finished(model) -> int:
 
 
 def _inputs(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return batch["x"] if "x" in batch else batch["input"]
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    raise TypeError(f"a routing loader must yield inputs or (inputs, ...) tuples, got {type(batch).__name__}")
+    return batch_inputs(batch, "a routing loader")
 
 
 class _EvalMode:

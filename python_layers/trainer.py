@@ -23,6 +23,7 @@ Every loop is capped by an epoch or step count; no stopping rule tests floats fo
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import inspect
@@ -63,16 +64,68 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _split_batch(batch):
+# the key pairs a dict batch may hold its inputs and labels under (the first found is taken)
+BATCH_KEYS = (("x", "y"), ("input", "target"), ("inputs", "labels"), ("image", "label"), ("pixel_values", "labels"))
+
+
+def batch_inputs(batch, what: str = "the loader"):
+    """The inputs of a batch: a tensor, the first item of a tuple/list, or a dict's entry under a key of
+    ``BATCH_KEYS``. TypeError otherwise, naming what is accepted."""
+    if isinstance(batch, torch.Tensor):
+        return batch
     if isinstance(batch, dict):
-        return batch["x"] if "x" in batch else batch["input"], batch["y"] if "y" in batch else batch["target"]
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError("the loader must yield (inputs, class labels) pairs; got a "
-                    f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of {len(batch)}'}")
+        for key, _ in BATCH_KEYS:
+            if key in batch:
+                return _tensor(batch[key], "inputs")
+        raise TypeError(f"{what} yielded a dict batch with keys {sorted(map(str, batch))}; its inputs must be under "
+                        f"one of {[k for k, _ in BATCH_KEYS]}")
+    if isinstance(batch, (tuple, list)) and batch:
+        return _tensor(batch[0], "inputs")
+    raise TypeError(f"{what} must yield inputs or (inputs, ...) tuples, got {type(batch).__name__}")
+
+
+def _tensor(value, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if type(value).__module__ == "numpy":
+        return torch.as_tensor(value)
+    raise TypeError(f"a batch's {what} must be a tensor (or a numpy array), got {type(value).__name__}: collate the "
+                    f"samples into one tensor (torch.stack), as DataLoader's default collate does")
+
+
+def _split_batch(batch):
+    """(inputs, class labels) of a training batch: an (x, y, ...) tuple/list, or a dict with a key pair of
+    ``BATCH_KEYS``. Labels of any integer dtype (or a numpy array, or a list of ints) come back as int64, what
+    ``F.cross_entropy`` takes. TypeError for anything else, naming what is accepted."""
+    if isinstance(batch, dict):
+        pair = next(((kx, ky) for kx, ky in BATCH_KEYS if kx in batch and ky in batch), None)
+        if pair is None:
+            raise TypeError(f"a dict batch needs its inputs and labels under one of the key pairs {list(BATCH_KEYS)}; "
+                            f"got keys {sorted(map(str, batch))}")
+        x, y = batch[pair[0]], batch[pair[1]]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        raise TypeError("the loader must yield (inputs, class labels) pairs; got a "
+                        f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of {len(batch)}'}")
+    if isinstance(y, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in y):
+        y = torch.tensor(y, dtype=torch.int64)
+    y = _tensor(y, "labels")
+    if not y.dtype.is_floating_point and not y.dtype.is_complex and y.dtype not in (torch.bool, torch.int64):
+        y = y.long()  # int32, uint8, ...: class indices all the same
+    return _tensor(x, "inputs"), y
 
 
 _EMPTY_LOADER = "the training loader yielded no batch; give train_task a loader with at least one batch"
+
+
+def _empty_loader(loader) -> ValueError:
+    """The error for a loader that yields no batch, with the likely cause where the loader tells it."""
+    hint = ""
+    if getattr(loader, "drop_last", False):
+        hint = (" (drop_last=True drops an incomplete last batch: a task with fewer samples than batch_size has "
+                "none left; lower batch_size)")
+    return ValueError(_EMPTY_LOADER + hint)
 
 
 def _peek(loader) -> torch.Tensor:
@@ -87,7 +140,7 @@ def _peek(loader) -> torch.Tensor:
         try:
             batch = next(iter(loader))
         except StopIteration:
-            raise ValueError(_EMPTY_LOADER) from None
+            raise _empty_loader(loader) from None
         x, _ = _split_batch(batch)
     finally:
         torch.random.set_rng_state(rng)
@@ -297,8 +350,9 @@ def _check_labels(y: torch.Tensor, num_classes: int) -> None:
         return
     lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one read
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels range over [{lo}, {hi}] but the task's head has {num_classes} classes "
-                         f"(prepare_for_task(task, num_classes)): map the task's classes to 0..{num_classes - 1}")
+        raise ValueError(f"labels range over [{lo}, {hi}] but the task's head has {num_classes} classes, fixed when "
+                         f"the task was prepared (prepare_for_task(task, num_classes)): map the task's classes to "
+                         f"0..{num_classes - 1} (labels are checked on each epoch's first batch)")
 
 
 def _check_batch_of_one(model, loader, device, norms) -> None:
@@ -327,7 +381,8 @@ def _check_batch_of_one(model, loader, device, norms) -> None:
 
 
 def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool = True, taylor_layers=(),
-              groups=(), distributed: bool = False, label_counts: torch.Tensor | None = None) -> tuple[float, float]:
+              groups=(), distributed: bool = False, label_counts: torch.Tensor | None = None,
+              num_classes: int | None = None) -> tuple[float, float]:
     """One training epoch of the current task; returns (mean loss, training accuracy).
 
     The accuracy is the share of correctly classified training samples seen during the epoch
@@ -347,6 +402,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
 
     ``label_counts``: int64[num_classes] on ``device``; the epoch's labels are counted into it (over every
     process), which gives the accuracy of always answering the most frequent class (``_warn_at_chance``).
+    ``num_classes``: the head's classes; the first batch's labels are checked against it before its forward
+    (else after it, against the logits), so a refused batch moves no batch-norm statistic.
     """
     model.train()
     for layer in taylor_layers:
@@ -365,9 +422,11 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
         for i, batch in enumerate(loader):
             x, y = _split_batch(batch)
             x, y = x.to(device), y.to(device)
+            if i == 0 and num_classes is not None:
+                _check_labels(y, num_classes)
             optimizer.zero_grad(set_to_none=True)
             logits = _forward(model, x, norms, i + 1)
-            if i == 0:
+            if i == 0 and num_classes is None:
                 _check_labels(y, logits.shape[-1])
             n = y.shape[0]
             rows = n
@@ -413,7 +472,7 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
             dist_mod.all_reduce_sum(totals, *[layer.taylor_score for layer in taylor_layers], *counted)
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         if seen == 0:
-            raise ValueError(_EMPTY_LOADER)
+            raise _empty_loader(loader)
         result = (float(loss_sum) / seen, int(correct) / seen)
     finally:
         bar.close(*result)
@@ -490,8 +549,10 @@ def train_task(model, loader, optimizer, pruning: str | None = "l2", step: float
     the neurons rank 0 chooses, and leaves every process with bit-identical weights and neuron states. Rank 0
     says the warnings for every process (the others' are silenced for the call); errors are raised on all.
 
-    ``loader`` yields (inputs, class labels of the task); ``optimizer`` holds the model's trainable
-    parameters (a fresh one per task, or one reused: its state for storage that shrank is dropped).
+    ``loader`` yields (inputs, class labels of the task) each time it is iterated (``_split_batch`` says which
+    batch forms are taken; an iterator or generator, read once, is a TypeError); ``optimizer`` holds the
+    model's trainable parameters (a fresh one per task, or one reused: its state for storage that shrank is
+    dropped).
     ``pruning`` is "l1", "l2", "taylor" or None (no pruning: every FREE neuron freezes for the task; "none",
     as the CLI's config spells it, is taken as None).
     ``max_prune_steps`` caps the pruning steps (default: enough to exhaust every group).
@@ -539,9 +600,13 @@ def _train_task(model, loader, optimizer, pruning, step, stop_threshold, max_epo
         raise ValueError(f"prune_lr_factor must be in (0, 1], got {prune_lr_factor!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     _check_optimizer(model, optimizer, task)
+    if isinstance(loader, collections.abc.Iterator):  # a generator, iter(list): exhausted after one pass
+        raise TypeError(f"train_task reads the loader once per epoch (and once more to trace the graph on the first "
+                        f"task), and a {type(loader).__name__} can be read once: pass a re-iterable, such as a list "
+                        f"of batches or a DataLoader")
     try:
         if len(loader) == 0:
-            raise ValueError(_EMPTY_LOADER)
+            raise _empty_loader(loader)
     except TypeError:  # no len(): _peek or run_epoch find an empty loader out
         pass
     if getattr(model, "graph", None) is None:
@@ -560,6 +625,9 @@ def _train_task(model, loader, optimizer, pruning, step, stop_threshold, max_epo
         if pruning is not None:
             _warn_at_chance(model, task, run.best_acc, pruning, run.label_counts)
             run.prune_with_recovery(max_prune_steps)  # step 2
+    except BaseException:
+        run.unscale_lr()  # a retry with the same optimizer starts from the task's own rates
+        raise
     finally:
         for layer in run.taylor_layers:
             layer.enable_taylor(False)
@@ -667,7 +735,8 @@ class _TaskRun:
                                          device=self.device)
         loss, acc = run_epoch(self.trained, self.loader, self.optimizer, self.device, desc, self.progress,
                               self.taylor_layers, self.groups, self.distributed,
-                              self._counting if phase == "train" else None)
+                              self._counting if phase == "train" else None,
+                              self.model.heads[self.task].out_features)
         if phase == "train":
             self.label_counts = self._counting.tolist()
         if self.distributed:
@@ -722,7 +791,10 @@ class _TaskRun:
                 since_best += 1
                 if since_best >= patience:
                     break
-        if best_snap is not None and self.history[-1]["train_accuracy"] < self.best_acc:
+        last = self.history[-1]
+        if last["train_accuracy"] == self.best_acc:  # the last epoch ties the best: its weights are kept, its loss
+            self.kept_loss, self.kept_acc = last["loss"], last["train_accuracy"]
+        elif best_snap is not None:
             state, scores = best_snap
             restore(self.model, self.optimizer, state)  # continue from the best epoch's weights
             for layer, score in zip(self.taylor_layers, scores):
@@ -769,15 +841,20 @@ class _TaskRun:
         can_prune = any(pruning_mod.prune_counts(g, self.step, self.task_free[g.name]) for g in self.groups)
         self.stop_reason = "max_prune_steps reached" if can_prune else "nothing left to prune"
 
+    def unscale_lr(self) -> None:
+        """Back to the rates the task started from (at the finish, or when the call stops with an exception): an
+        optimizer reused for the next task, or for a retry, starts there. A division, not a saved copy: a schedule
+        the user steps from the callback keeps its progress."""
+        if self.lr_scaled and self.prune_lr_factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] /= self.prune_lr_factor
+        self.lr_scaled = False
+
     # ----- steps 3-5 -------------------------------------------------------------------------------------
     def finish(self) -> list[dict]:
         """Freeze the survivors, recycle the pruned, cut recycled -> frozen synapses (model.finish_task)."""
         kept = {g.name: int((g.task_state == pruning_mod.FREE).sum()) for g in self.groups}
-        if self.lr_scaled and self.prune_lr_factor != 1.0:
-            # back to the rates the task started from: an optimizer reused for the next task starts there too
-            # (a division, not a saved copy: a schedule the user steps from the callback keeps its progress)
-            for group in self.optimizer.param_groups:
-                group["lr"] /= self.prune_lr_factor
+        self.unscale_lr()
         if self.method is None:  # the capacity warning of finish_task then says why every neuron was kept
             getattr(self.model, "_orig_mod", self.model).__dict__["_unpruned_task"] = self.task
         finish_task(self.model, self.optimizer)

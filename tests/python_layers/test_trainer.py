@@ -542,3 +542,41 @@ def test_a_short_batchs_taylor_term_counts_its_samples_only():
     for f, s, b in zip(full, short, both):
         torch.testing.assert_close(b, f + (2 / 8) ** 2 * s)
         assert not torch.allclose(b, f + s)
+
+
+def test_a_call_stopped_by_an_exception_leaves_the_task_its_own_learning_rates(tasks):
+    """prune_lr_factor scales the rates when pruning starts: an exception inside pruning (a loader failing) divides
+    them back, so a retry with the same optimizer prunes at factor x the task's rate and finishes at the rate."""
+    model, optimizer = new_model()
+    lr = optimizer.param_groups[0]["lr"]
+    batches = list(tasks[0][0])
+    seen = []
+
+    class Failing:
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            seen.append(1)
+            if len(seen) == 3:  # the first recovery epoch: after the scaling
+                raise OSError("disk error")
+            return iter(batches)
+
+    with pytest.raises(OSError, match="disk error"):
+        model.train_task(Failing(), optimizer, pruning="l2", max_epochs=1, recovery_epochs=1, progress=False,
+                         prune_lr_factor=0.5)
+    assert optimizer.param_groups[0]["lr"] == lr
+    rates = []
+    model.train_task(batches, optimizer, pruning="l2", max_epochs=1, recovery_epochs=1, progress=False,
+                     prune_lr_factor=0.5, max_prune_steps=1,
+                     callback=lambda e: rates.append(optimizer.param_groups[0]["lr"]))
+    assert 0.5 * lr in rates and optimizer.param_groups[0]["lr"] == lr
+
+
+def test_the_finish_record_gives_the_kept_epochs_loss_when_the_last_epoch_ties_the_best(tasks, monkeypatch):
+    """Epochs 2-4 tie the best accuracy; the last one's weights are kept, so its loss is the record's."""
+    seen = scripted_accuracy(monkeypatch, lambda phase, step, n: [0.5, 1.0, 1.0, 1.0][n - 1])
+    model, optimizer = new_model()
+    history = model.train_task(tasks[0][0], optimizer, pruning=None, max_epochs=4, patience=5, progress=False)
+    epochs = [r for r in history if r["phase"] == "train"]
+    assert len(seen) == 4 and history[-1]["loss"] == epochs[-1]["loss"] != epochs[1]["loss"]

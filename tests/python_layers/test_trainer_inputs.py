@@ -80,12 +80,49 @@ def test_an_optimizer_that_needs_a_closure_is_a_clear_error_before_any_step():
     (lambda y: y.float(), "1-D integer tensor of class indices"),
 ])
 def test_labels_outside_the_head_are_a_clear_error_before_any_step(labels, message):
-    model, optimizer = new_model(mlp_body)
+    """Checked before the batch's forward: no step, and no batch-norm statistic moves either."""
+    model, optimizer = new_model(bn_mlp_body)
     x, y = samples(8)
-    before = [p.detach().clone() for p in model.parameters()]
+    model.ensure_graph(x)
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=message):
         model.train_task([(x, labels(y))], optimizer, **KW)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no step was taken
+    assert same_state(model.state_dict(), before)  # no step was taken, no running statistic moved
+
+
+def test_batches_in_the_forms_torch_users_hand_them():
+    """Dict batches under the usual key pairs, numpy or list labels and labels of any integer dtype train as the
+    (x, y) tuple does; anything else is a TypeError naming what is accepted."""
+    x, y = samples(8)
+    model, optimizer = new_model(mlp_body)
+    model.train_task([(x, y)], optimizer, **KW)
+    want = model(x, task=0)
+    for batch in ({"x": x, "y": y}, {"inputs": x, "labels": y}, {"image": x, "label": y},
+                  {"pixel_values": x, "labels": y}, (x, y.numpy()), (x, y.tolist()), (x, y.int()),
+                  (x, y.to(torch.uint8)), (x, y, "extra")):
+        model, optimizer = new_model(mlp_body)
+        model.train_task([batch], optimizer, **KW)
+        assert torch.equal(model(x, task=0), want)
+    for batch, message in (({"img": x, "target": y}, r"a dict batch needs its inputs and labels under one of the key "
+                                                     r"pairs .*got keys \['img', 'target'\]"),
+                           ((list(x), y), r"a batch's inputs must be a tensor \(or a numpy array\), got list: "
+                                          r"collate the samples")):
+        model, optimizer = new_model(mlp_body)
+        model.ensure_graph(x)
+        with pytest.raises(TypeError, match=message):
+            model.train_task([batch], optimizer, **KW)
+
+
+def test_a_loader_read_once_is_refused_and_drop_last_is_named_when_it_empties_one():
+    x, y = samples(8)
+    model, optimizer = new_model(mlp_body)
+    for loader in ((b for b in [(x, y)]), iter([(x, y)])):
+        with pytest.raises(TypeError, match=r"train_task reads the loader once per epoch.*can be read once: pass a "
+                                            r"re-iterable"):
+            model.train_task(loader, optimizer, **KW)
+    assert model.graph is None and model.current_task == 0  # refused before the trace drew a batch
+    with pytest.raises(ValueError, match=r"loader yielded no batch.*drop_last=True drops an incomplete last batch"):
+        model.train_task(DataLoader(TensorDataset(x[:5], y[:5]), batch_size=16, drop_last=True), optimizer, **KW)
 
 
 # ----- a batch of one sample ---------------------------------------------------------------------------------
@@ -269,3 +306,14 @@ def test_a_body_frozen_by_the_user_after_task_0_is_said_before_its_capacity_is_s
     said = [w for w in record if "no parameter that requires grad" in str(w.message)]
     assert len(said) == 1, "said once, before training (finish_task does not repeat it)"
 
+
+
+def test_the_router_reads_inputs_of_the_same_batch_forms():
+    """fit_router and the routing helpers take their inputs as train_task does (trainer.batch_inputs)."""
+    from python_layers import routing
+    x, y = samples(4)
+    for batch in (x, (x, y), [x], {"x": x}, {"image": x, "label": y}, {"inputs": x}, (x.numpy(), y)):
+        assert torch.equal(routing._inputs(batch), x)
+    with pytest.raises(TypeError, match=r"a routing loader yielded a dict batch with keys \['img'\]; its inputs must "
+                                        r"be under one of \['x', 'input', 'inputs', 'image', 'pixel_values'\]"):
+        routing._inputs({"img": x})
