@@ -791,7 +791,10 @@ class EideticLayer(nn.Module):
                     k = prefix + kind + name
                     if k in state_dict:
                         continue
-                    keeps = tuple(tensor.shape) == self._storage_shape(kind, name, sizes[kind], blocks, tensor)
+                    want = self._storage_shape(kind, name, sizes[kind], blocks, tensor)
+                    if math.prod(want) == 0:  # holds nothing: no value can be missing
+                        continue
+                    keeps = tuple(tensor.shape) == want
                     if not (keeps and (kind == "" or self._same_frozen_neurons(incoming, lo, in_task))):
                         error_msgs.append(
                             f"{k} is missing, and the neuron states in {key} ({n_frozen} frozen of "
@@ -803,9 +806,10 @@ class EideticLayer(nn.Module):
                 shape = self._storage_shape("", name, sizes[""], blocks, trainable)
                 if tuple(trainable.shape) != shape:  # same shape: the same Parameter object is loaded into
                     replace_parameter(self, name, trainable.detach().new_empty(shape))
-                if prefix + "frozen_" + name in state_dict:  # a new tensor: caches and live graphs keep the old one
-                    setattr(self, "frozen_" + name, frozen.new_empty(self._storage_shape("frozen_", name, n_frozen,
-                                                                                         blocks, frozen)))
+                want = self._storage_shape("frozen_", name, n_frozen, blocks, frozen)
+                if prefix + "frozen_" + name in state_dict or tuple(frozen.shape) != want:
+                    # a new tensor (caches and live graphs keep the old one); missing from the dict only when empty
+                    setattr(self, "frozen_" + name, frozen.new_empty(want))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._state_changed()

@@ -694,9 +694,10 @@ class EideticNetwork(nn.Module):
                 isinstance(layer, (EideticLinear, EideticConv2d)) for layer in g.layers)]
             if empty:
                 warnings.warn(f"task {task} kept no neuron of {', '.join(empty)} and trained without forward transfer: "
-                              f"the layers after {'it' if len(empty) == 1 else 'them'} read nothing of this task, so "
-                              f"its outputs no longer depend on the input. Keep at least one neuron of each layer "
-                              f"(prune fewer by hand; train_task always keeps one), or train with forward transfer",
+                              f"the layers reading {'it' if len(empty) == 1 else 'them'} get nothing of this task "
+                              f"there, so unless a skip connection carries its features around, its outputs no "
+                              f"longer depend on the input. Keep at least one neuron of each layer (prune fewer by "
+                              f"hand; train_task always keeps one), or train with forward transfer",
                               CapacityWarning, stacklevel=user_stacklevel())
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start

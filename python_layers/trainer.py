@@ -448,8 +448,8 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
                 loss.backward()
             if taylor_before is not None:
                 _weight_taylor_terms(taylor_layers, taylor_before, rows, first_rows)
-            if first_rows is None:
-                first_rows = rows
+            if first_rows is None and (isinstance(rows, torch.Tensor) or rows > 0):
+                first_rows = rows  # the first batch with samples (an all-processes total: no host read)
             optimizer.step()
             if loss_sum is None:
                 # float64 so a long epoch's sum keeps its digits (MPS has no float64)
@@ -480,8 +480,12 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
 
 
 def _taylor_before(taylor_layers, rows, first_rows):
-    """Copies of the Taylor scores before a batch whose size differs from the first batch's, else None."""
-    if not taylor_layers or first_rows is None or float(rows) == float(first_rows):
+    """Copies of the Taylor scores before a batch whose size may differ from the first batch's, else None. Sizes
+    that are device tensors (the processes' total in distributed training) are not read on the host: every
+    batch is weighted then."""
+    if not taylor_layers or first_rows is None:
+        return None
+    if not isinstance(rows, torch.Tensor) and not isinstance(first_rows, torch.Tensor) and rows == first_rows:
         return None
     return [layer.taylor_score.clone() for layer in taylor_layers]
 
@@ -490,7 +494,10 @@ def _weight_taylor_terms(taylor_layers, before, rows, first_rows) -> None:
     """Weight a batch's Taylor term |mean_b Σ a·∂L/∂a| by (its rows / the first batch's rows)², so every sample
     counts alike: with the batch-mean loss, ∂L/∂a carries 1/rows, so a term scales as 1/rows, and a short last
     batch (one sample after 64-sample batches) would outweigh a full one 64 times."""
-    scale = (float(rows) / float(first_rows)) ** 2
+    if isinstance(rows, torch.Tensor) or isinstance(first_rows, torch.Tensor):
+        scale = (torch.as_tensor(rows, dtype=torch.float32) / torch.as_tensor(first_rows, dtype=torch.float32)) ** 2
+    else:
+        scale = (rows / first_rows) ** 2
     for layer, old in zip(taylor_layers, before):
         layer.taylor_score.sub_(old).mul_(scale).add_(old)
 
@@ -844,7 +851,8 @@ class _TaskRun:
     def unscale_lr(self) -> None:
         """Back to the rates the task started from (at the finish, or when the call stops with an exception): an
         optimizer reused for the next task, or for a retry, starts there. A division, not a saved copy: a schedule
-        the user steps from the callback keeps its progress."""
+        the user steps from the callback keeps its progress. (A ``resume_state`` saved while pruning expects the
+        scaled rates: resume with the optimizer state saved beside it, as the CLI does.)"""
         if self.lr_scaled and self.prune_lr_factor != 1.0:
             for group in self.optimizer.param_groups:
                 group["lr"] /= self.prune_lr_factor

@@ -1,6 +1,6 @@
 """Taylor importance (Molchanov et al. 2017) collected in the ordinary backward pass.
 
-score[i] += | mean over the batch of Σ_spatial a[b, i, ...] · ∂loss/∂a[b, i, ...] |
+score[i] += | mean over the batch of Σ_spatial a[b, i, ...] · ∂loss/∂a[b, i, ...] |   (an empty batch adds 0)
 
 where ``a`` is the layer's output (before any nonlinearity). The reference backend attaches a
 gradient hook to the output; the fused backends compute the same sum inside their backward.
@@ -16,6 +16,8 @@ def taylor_contribution(activation: torch.Tensor, grad: torch.Tensor, channel_di
     """Float32[C]: |mean_b Σ_spatial a·g| for one batch."""
     prod = (activation.detach().float() * grad.float()).movedim(channel_dim, -1)
     per_sample = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1) if prod.dim() > 2 else prod
+    if per_sample.shape[0] == 0:  # an empty batch adds nothing (its mean would be NaN in every score)
+        return per_sample.new_zeros(per_sample.shape[-1])
     return per_sample.mean(0).abs()
 
 

@@ -347,6 +347,13 @@ def test_a_partial_load_never_leaves_storage_unwritten(make):
         assert torch.equal(getattr(same, drop), kept)
         for k, v in sd.items():
             assert torch.equal(same.state_dict()[k], v), k
+    # nothing frozen: the empty frozen storage holds no value that could be missing (also into a meta layer)
+    fresh = {k: v for k, v in make().state_dict().items() if not k.startswith("frozen_")}
+    with torch.device("meta"):
+        meta = make()
+    assert sorted(meta.load_state_dict(fresh, strict=False, assign=True).missing_keys) == sorted(
+        k for k in make().state_dict() if k.startswith("frozen_"))
+    assert not meta.task_state.is_meta
 
 
 def test_bad_inputs_are_clear_errors():

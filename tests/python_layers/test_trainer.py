@@ -470,7 +470,8 @@ def test_a_task_without_forward_transfer_that_keeps_no_neuron_of_a_layer_is_said
     first.prune((first.task_state == FREE).nonzero().flatten())
     second.prune([3])
     with pytest.warns(trainer.CapacityWarning, match=r"task 1 kept no neuron of body\.1 and trained without forward "
-                                                     r"transfer: the layers after it read nothing of this task, so its "
+                                                     r"transfer: the layers reading it get nothing of this task there, "
+                                                     r"so unless a skip connection carries its features around, its "
                                                      r"outputs no longer depend on the input"):
         model.finish_task()
     model.eval()
@@ -542,6 +543,10 @@ def test_a_short_batchs_taylor_term_counts_its_samples_only():
     for f, s, b in zip(full, short, both):
         torch.testing.assert_close(b, f + (2 / 8) ** 2 * s)
         assert not torch.allclose(b, f + s)
+    # an empty first batch (a filter that matched nothing) adds nothing and is no reference: the next batch is
+    empty_first = epoch_scores([(x[:0], y[:0]), (x[:8], y[:8]), (x[8:], y[8:])])
+    for e, f, s in zip(empty_first, full, short):
+        torch.testing.assert_close(e, f + (2 / 8) ** 2 * s)
 
 
 def test_a_call_stopped_by_an_exception_leaves_the_task_its_own_learning_rates(tasks):
