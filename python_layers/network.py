@@ -260,7 +260,8 @@ class CapacityError(RuntimeError):
 
 class CapacityWarning(UserWarning):
     """A finished task left some layer without any free neuron (a next task could not start), or kept no neuron of
-    a layer while training without forward transfer (its outputs then do not depend on the input)."""
+    a layer while training without forward transfer (its outputs then no longer depend on the input, unless a skip
+    connection carries its features around that layer)."""
 
 
 class BodyChangedWarning(UserWarning):
@@ -701,14 +702,14 @@ class EideticNetwork(nn.Module):
                               CapacityWarning, stacklevel=user_stacklevel())
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
-            kept = [f"{name} ({frozen[name]})" if name in frozen else name for name in full]
+            kept = [f"{name} ({frozen[name]})" for name in full]  # both keyed by neuron group (the graph exists)
             hint = self._user_frozen_hint(full)
             if hint:  # the cause is a member the user froze: said by the hint
                 fewer = ""
             elif self.__dict__.get("_unpruned_task") == task:
                 fewer = ("train_task(pruning=None) kept every FREE neuron: prune (pruning='l2', 'l1' or 'taylor') "
                          "to leave neurons for later tasks. ")
-            elif any(frozen.get(name, 2) > 1 for name in full):
+            elif any(frozen[name] > 1 for name in full):
                 fewer = ("A task can keep fewer (train_task prunes further with a larger stop_threshold; by hand, "
                          "group.prune or layer.prune_neurons before finish_task). ")
             else:  # the last FREE neuron of each: pruning never takes it
