@@ -340,9 +340,16 @@ def _loader_yields_batch_of_one(loader) -> bool:
     return False
 
 
-def _check_labels(y: torch.Tensor, num_classes: int) -> None:
-    """Class labels of an epoch's first batch against the head (one host sync per epoch): a label outside
-    [0, num_classes) is a ValueError naming the head's size, before any weight moves."""
+def _labels_checked(i: int, y: torch.Tensor) -> bool:
+    """Whether batch ``i``'s labels are read before its step: every batch on the CPU (reading them costs
+    microseconds there), an epoch's first batch elsewhere (a read waits for the device; one per epoch)."""
+    return i == 0 or y.device.type == "cpu"
+
+
+def _check_labels(y: torch.Tensor, num_classes: int, i: int = 0) -> None:
+    """Class labels of the epoch's batch ``i`` against the head: a label outside [0, num_classes) is a
+    ValueError naming the head's size, before that batch's step (and, for the first batch, before any weight
+    of this call moves)."""
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
         raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {y.dtype} of shape "
                          f"{tuple(y.shape)}")
@@ -350,9 +357,12 @@ def _check_labels(y: torch.Tensor, num_classes: int) -> None:
         return
     lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one read
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels range over [{lo}, {hi}] but the task's head has {num_classes} classes, fixed when "
-                         f"the task was prepared (prepare_for_task(task, num_classes)): map the task's classes to "
-                         f"0..{num_classes - 1} (labels are checked on each epoch's first batch)")
+        where = "" if i == 0 else (f" in batch {i} of the epoch (the steps before it trained the current task "
+                                   f"only; finished tasks are unchanged)")
+        raise ValueError(f"labels range over [{lo}, {hi}]{where} but the task's head has {num_classes} classes, "
+                         f"fixed when the task was prepared (prepare_for_task(task, num_classes)): map the task's "
+                         f"classes to 0..{num_classes - 1} (labels are checked before every step on the CPU, on "
+                         f"each epoch's first batch on other devices)")
 
 
 def _check_batch_of_one(model, loader, device, norms) -> None:
@@ -402,8 +412,9 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
 
     ``label_counts``: int64[num_classes] on ``device``; the epoch's labels are counted into it (over every
     process), which gives the accuracy of always answering the most frequent class (``_warn_at_chance``).
-    ``num_classes``: the head's classes; the first batch's labels are checked against it before its forward
-    (else after it, against the logits), so a refused batch moves no batch-norm statistic.
+    ``num_classes``: the head's classes; labels are checked against it before each batch's forward (else after
+    it, against the logits), so a refused batch moves no batch-norm statistic: every batch on the CPU, the
+    epoch's first elsewhere (``_labels_checked``: a read of the labels waits for the device).
     """
     model.train()
     for layer in taylor_layers:
@@ -422,12 +433,13 @@ def run_epoch(model, loader, optimizer, device, desc: str = "", progress: bool =
         for i, batch in enumerate(loader):
             x, y = _split_batch(batch)
             x, y = x.to(device), y.to(device)
-            if i == 0 and num_classes is not None:
-                _check_labels(y, num_classes)
+            checked = _labels_checked(i, y)
+            if checked and num_classes is not None:
+                _check_labels(y, num_classes, i)
             optimizer.zero_grad(set_to_none=True)
             logits = _forward(model, x, norms, i + 1)
-            if i == 0 and num_classes is None:
-                _check_labels(y, logits.shape[-1])
+            if checked and num_classes is None:
+                _check_labels(y, logits.shape[-1], i)
             n = y.shape[0]
             rows = n
             if distributed:

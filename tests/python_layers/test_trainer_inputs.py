@@ -90,6 +90,30 @@ def test_labels_outside_the_head_are_a_clear_error_before_any_step(labels, messa
     assert same_state(model.state_dict(), before)  # no step was taken, no running statistic moved
 
 
+def test_labels_outside_the_head_in_a_later_batch_are_refused_before_that_step():
+    """On the CPU every batch's labels are checked before its step: a bad third batch stops the epoch with the
+    library's error (naming the batch), after exactly two steps, and no finished task moves."""
+    torch.manual_seed(0)
+    model = EideticNetwork(*bn_mlp_body())
+    x, y = samples(12)
+    model.prepare_for_task(0, CLASSES)
+    model.train_task([(x, y)], torch.optim.SGD(model.parameters(), lr=0.05),
+                     **dict(KW, pruning="l1", step=0.5, stop_threshold=1.0))  # keeps half of each layer, finishes
+    model.eval()
+    task0 = model(x, task=0)
+    model.prepare_for_task(1, CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:] + CLASSES)]
+    with pytest.raises(ValueError, match=r"labels range over \[\d+, \d+\] in batch 2 of the epoch .* finished tasks "
+                                         r"are unchanged\) but the task's head has 3 classes"):
+        model.train_task(batches, optimizer, **KW)
+    assert len(steps) == 2
+    model.eval()
+    assert torch.equal(model(x, task=0), task0)
+
+
 def test_batches_in_the_forms_torch_users_hand_them():
     """Dict batches under the usual key pairs, numpy or list labels and labels of any integer dtype train as the
     (x, y) tuple does; anything else is a TypeError naming what is accepted."""
