@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .functional import InputError, autocast_dtype, check_input, conv_padding
+from .ops.blocks import functorch_active
 from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
                     expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, narrow_table, new_state,
@@ -108,6 +109,22 @@ def _task_id(task, what: str = "task") -> int:
         if value is not None and 0 <= value <= MAX_TASK:
             return value
     raise ValueError(f"{what} must be an int in [0, {MAX_TASK}], got {task!r}")
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """``y`` (copied; its gradient passes through) as a function of a layer's trainable storages too, whose
+    gradients are 0: a layer whose trainable neurons are all PRUNED gives them gradients, as its torch.nn twin
+    does, and an output that requires grad, without reading those rows (0 · NaN would be NaN)."""
+
+    @staticmethod
+    def forward(ctx, y, *storages):
+        ctx.storages = [(t.shape, t.dtype, t.device) for t in storages]
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + tuple(torch.zeros(shape, dtype=dtype, device=device)
+                                    for shape, dtype, device in ctx.storages)
 
 
 class FreeInputsWarning(UserWarning):
@@ -203,6 +220,7 @@ class EideticLayer(nn.Module):
     def _state_changed(self) -> None:
         self._slot = None
         self._frozen_count = None
+        self._free_count = None
         self._plans.clear()
 
     def _frozen_blocks(self, task_state=None, min_input_task=None, input_task=None):
@@ -222,6 +240,13 @@ class EideticLayer(nn.Module):
         if self._frozen_count is None:
             self._frozen_count = int(is_frozen(self.task_state).sum())
         return self._frozen_count
+
+    @property
+    def _n_free(self) -> int:
+        """FREE neurons (a Python int kept by state changes, as ``_n_frozen``)."""
+        if getattr(self, "_free_count", None) is None:
+            self._free_count = int((self.task_state == FREE).sum())
+        return self._free_count
 
     def _apply(self, fn, *args, **kwargs):
         self._state_changed()  # cached plans hold tensors on the old device
@@ -616,9 +641,18 @@ class EideticLayer(nn.Module):
         storages = (self.weight, self.bias, self.frozen_weight, self.frozen_bias)
         cast = autocast_dtype(input)
         if cast is not None:
+            input, storages = input.to(cast), tuple(None if t is None else t.to(cast) for t in storages)
             with torch.autocast(input.device.type, enabled=False):
-                return self._run(input.to(cast), *(None if t is None else t.to(cast) for t in storages))
-        return self._run(input, *storages)
+                y = self._run(input, *storages)
+        else:
+            y = self._run(input, *storages)
+        weight, bias = storages[:2]
+        if (weight.shape[0] and torch.is_grad_enabled() and self._view() is None and self._n_free == 0
+                and weight.requires_grad and not functorch_active()):
+            # every trainable neuron PRUNED: nothing computed reads the trainable storage, yet nn's would get
+            # gradients (and its output require grad): they get gradients of 0, as PRUNED rows always do
+            y = _ZeroGradients.apply(y, *(t for t in (weight, bias) if t is not None))
+        return y
 
     def _check_storage_shape(self) -> None:
         """ValueError when ``weight`` (or ``bias``) was replaced by a tensor of another shape (``layer.weight.data =

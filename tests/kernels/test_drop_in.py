@@ -312,6 +312,45 @@ def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypat
     assert penalty_grads[0].abs().sum() > 0 and torch.equal(penalty_grads[0], penalty_grads[1])
 
 
+@pytest.mark.parametrize("backend", ["default", "reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_ON_CPU, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_layer_with_every_trainable_neuron_pruned_backpropagates_as_its_twin(kind, backend, frozen, monkeypatch):
+    """No FREE neuron left: the output still requires grad, as nn's does, so a loss over it can call backward;
+    the trainable storages get gradients of exactly 0 (NaN in the PRUNED rows is never read) and the outputs
+    keep their bits (frozen rows as before, PRUNED rows 0). Before: no gradient, and with nothing frozen
+    backward raised "does not require grad"."""
+    if backend == "default":
+        monkeypatch.delenv("EIDETIC_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("EIDETIC_BACKEND", backend)
+    torch.manual_seed(0)
+    layer, shape = {"linear": (lambda: EideticLinear(4, 3), (5, 4)),
+                    "conv": (lambda: EideticConv2d(2, 3, 3, padding=1), (2, 2, 4, 4))}[kind]
+    layer = layer()
+    if frozen:
+        layer.prune_neurons([0, 2])
+        layer.freeze_free_neurons(0)  # neuron 1 frozen
+        layer.recycle_pruned_neurons()
+    layer.prune_neurons([0, 2] if frozen else [0, 1, 2])
+    with torch.no_grad():
+        layer.weight.fill_(float("nan"))
+        layer.bias.fill_(float("nan"))
+    x = torch.randn(shape, requires_grad=True)
+    with torch.no_grad():
+        want = layer(x)
+    y = layer(x)
+    assert y.requires_grad and torch.equal(y, want) and not y.isnan().any()
+    y.square().sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+    if frozen:  # the frozen neuron's synapses carry the input's gradient (standalone layers are exact)
+        assert x.grad.isfinite().all() and x.grad.any()
+    else:
+        assert x.grad is None or not x.grad.any()
+
+
 # ----- torch.compile on the CPU engine ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("state", ["fresh", "pruned", "frozen"])
