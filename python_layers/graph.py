@@ -474,6 +474,7 @@ _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_STACK_FUNCTIONS = {torch.stack, torch.hstack, torch.vstack, torch.dstack, torch.column_stack, torch.row_stack}
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 # Elementwise ops whose CPU kernels round an element differently in their vectorised loop and in its scalar
@@ -489,6 +490,8 @@ _ROUNDING_BY_WIDTH_FUNCTIONS = {F.gelu, F.silu, F.elu, F.celu, F.selu, F.mish, F
                                 torch.exp}
 _ROUNDING_BY_WIDTH_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_"}
 _ROUNDING_BLOCKER = "whose CPU rounding depends on the tensor's width"
+# interpolation that weighs neighbours: torch's CPU kernels vectorise it by channel count (nearest copies values)
+_INTERPOLATING_MODES = ("linear", "bilinear", "bicubic", "trilinear")
 _POW_FUNCTIONS = {operator.pow, torch.pow}
 # exponents torch computes with exactly rounded ops (x*x, x*x*x, sqrt, 1/x, 1/(x*x), 1/sqrt)
 _EXACT_POWERS = (0, 1, 2, 3, 0.5, -0.5, -1, -2)
@@ -597,7 +600,23 @@ class _Propagator:
         return v
 
     def tensor_args(self, node) -> list:
-        return [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(self.value(a), list)]
+        """The node's arguments that hold features, also inside lists, tuples and dicts (``torch.stack([h, h])``
+        takes its tensors in a list: a rule that looked at the top level only took it for a constant)."""
+        found = []
+
+        def visit(a):
+            if isinstance(a, (list, tuple)):
+                for b in a:
+                    visit(b)
+            elif isinstance(a, dict):
+                for b in a.values():
+                    visit(b)
+            elif isinstance(self.value(a), list):
+                found.append(a)
+
+        visit(list(node.args))
+        visit(dict(node.kwargs))
+        return found
 
     # ----- node rules ----------------------------------------------------------------------------------
     def run(self, graph: fx.Graph) -> list[Segment]:
@@ -678,6 +697,12 @@ class _Propagator:
         if rounding is not None:
             return (f"{_node_desc(node)} computes {rounding}, {_ROUNDING_BLOCKER} (vectorised and scalar code "
                     f"round it differently), so prefix width could change a finished task's bits")
+        if node.op == "call_method" and target in ("contiguous", "to"):
+            fmt = node.kwargs.get("memory_format", node.args[1] if target == "contiguous" and len(node.args) > 1
+                                  else None)
+            if fmt is not None and fmt not in (torch.contiguous_format, torch.preserve_format):
+                return (f"{_node_desc(node)} changes the features' memory format: in channels_last, pooling and "
+                        f"means vectorise over channels, {_ROUNDING_BLOCKER}")
         if node.op == "call_method" and target in ("size", "numel"):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if target == "size" and (batch_only(dim) or (dim is None and batch_items(node))):
@@ -827,6 +852,10 @@ class _Propagator:
             raise self.split_error(node)
         if not self.tensor_args(node):
             return _NONTENSOR if self.shape(node) is None else _CONST
+        if fn in _STACK_FUNCTIONS:
+            raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it stacks tensors of features along a "
+                             f"new dim, which the tracer does not follow. Combine them with torch.cat along the "
+                             f"channel dim, or elementwise (h1 + h2, torch.maximum(h1, h2)). {_DECLARE_HINT}")
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
 
     def call_method(self, node):
@@ -1182,6 +1211,14 @@ def _rounds_by_width(owner: nn.Module, node: fx.Node) -> str | None:
         return getattr(target, "__name__", str(target))
     if node.op == "call_method" and target in _ROUNDING_BY_WIDTH_METHODS:
         return target
+    if node.op == "call_module" and isinstance(owner.get_submodule(target), (nn.Upsample, nn.UpsamplingBilinear2d)):
+        mode = owner.get_submodule(target).mode
+        if mode in _INTERPOLATING_MODES:
+            return f"{mode} interpolation"
+    if node.op == "call_function" and target in (F.interpolate, F.upsample):
+        mode = node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")
+        if isinstance(mode, fx.Node) or mode in _INTERPOLATING_MODES:
+            return f"{mode} interpolation"
     if (node.op == "call_function" and target in _POW_FUNCTIONS) or \
             (node.op == "call_method" and target in ("pow", "pow_", "__pow__")):
         exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
-from eidetic_kernels.layers import PrefixWidthMismatch, compile_disable, prepare_twins
+from eidetic_kernels.layers import PrefixWidthMismatch, _channels_last, compile_disable, prepare_twins
 from eidetic_kernels.state import is_frozen
 
 from .graph import (_FEATURE_NORM_MODULES, GraphError, changed_body_op, LayerGraph, NeuronGroup, buffer_values, feature_norm_error,
@@ -1010,11 +1010,18 @@ class EideticNetwork(nn.Module):
                     "which prefix width does not narrow")
         if _global_hooks():
             return "global module hooks are registered"
+        if x is not None and _channels_last(x):
+            return ("the input is channels_last, where pooling and means vectorise over channels and round by width "
+                    "(prefix width could change a finished task's last bits)")
         # every module but the router (a walk over the children dicts: this runs on every forward)
         router = self._modules.get("router")
         stack = [self]
         while stack:
             module = stack.pop()
+            if isinstance(module, EideticConv2d) and _channels_last(module.weight):
+                name = next(n for n, m in self.named_modules() if m is module)
+                return (f"{name} is channels_last (its outputs are), where pooling and means vectorise over "
+                        "channels and round by width (prefix width could change a finished task's last bits)")
             if module.training or (module is not self and _has_hooks(module)):
                 name = next(n for n, m in self.named_modules() if m is module) or "the network"
                 if module.training:

@@ -644,8 +644,24 @@ class _BnAfterCat(nn.Module):
         return self.bn(torch.cat([self.a(x), self.b(x)], 1))
 
 
+class _Stacked(nn.Module):
+    """Features inside a list argument (torch.stack([h, h])): read as a constant before, so the residual add
+    coupled nothing and a finished task's full-width view moved when later tasks trained."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.a, self.b, self.stack = nn.Linear(5, 4), nn.Linear(4, 4), stack
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return torch.relu(self.b(h)) + self.stack([h, h]).mean(0)
+
+
 @pytest.mark.parametrize("body, shape, says", [
     (_Glu(), (3, 5), "splits, indexes or slices a tensor of features.*use two layers"),
+    (_Stacked(torch.stack), (3, 5), r"torch.stack .*stacks tensors of features.*torch.cat along the channel dim"),
+    (_Stacked(torch.vstack), (3, 5), r"torch.vstack .*stacks tensors of features"),
+    (_Stacked(lambda hs: torch.einsum("nc,nc->nc", hs)[None]), (3, 5), "einsum .*may mix features"),
     (_TupleOut(), (3, 5), "return the features alone"),
     (_BnAfterCat(), (3, 5), "put one batch norm on each branch before torch.cat"),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True)), (3, 3, 6, 6), "return_indices=False"),

@@ -364,3 +364,52 @@ def test_a_graph_saved_before_the_rounding_check_is_checked_on_load(name):
     with torch.no_grad():
         for t in range(2):
             assert torch.equal(loaded(x, task=t), _full_width(model, x, t))
+
+
+def _upsampling_cnn(middle):
+    """Conv -> ReLU -> ``middle`` -> Conv -> ReLU -> global average pool: 12 channels, so the finished tasks'
+    prefixes (6 and 9 channels) are narrower than a vector of floats."""
+    return nn.Sequential(nn.Conv2d(3, 12, 3, stride=2, padding=1), nn.ReLU(), middle, nn.Conv2d(12, 12, 3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+_CHANNELS_LAST = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+# body, input transform, network transform, a word of the reason (None: prefix width is kept)
+_WIDTH_CASES = {
+    "bilinear Upsample": (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), None, None, "bilinear"),
+    "F.interpolate bicubic": (lambda: _Apply(lambda h: F.interpolate(h, scale_factor=2, mode="bicubic")), None,
+                              None, "bicubic"),
+    ".contiguous(channels_last)": (lambda: _Apply(_CHANNELS_LAST), None, None, "memory format"),
+    "channels_last input": (nn.Identity, _CHANNELS_LAST, None, "input is channels_last"),
+    "channels_last network": (nn.Identity, None, lambda m: m.to(memory_format=torch.channels_last),
+                              "is channels_last"),
+    "nearest Upsample": (lambda: nn.Upsample(scale_factor=2, mode="nearest"), None, None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(_WIDTH_CASES))
+def test_interpolation_and_channels_last_run_at_full_width(name, monkeypatch):
+    """Interpolation that weighs neighbours is vectorised by channel count, and so are pooling and means over
+    channels_last activations (measured: adaptive average pooling of 6 channels_last channels differs from the
+    first 6 of 12 in the last bit): such a finished task runs at full width, so forward(x, task=t) and the
+    full-width view that predict reads give the same bits. Nearest upsampling copies values: prefix width."""
+    middle, on_input, on_model, reason = _WIDTH_CASES[name]
+    torch.manual_seed(0)
+    model = EideticNetwork(_upsampling_cnn(middle()), 12)
+    if on_model is not None:
+        model = on_model(model)
+    _finish_tasks(model, (3, 8, 8), tasks=2)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    if on_input is not None:
+        x = on_input(x)
+    model.eval()
+    blocked = model.narrow_eval_blocked_by(x)
+    calls = _count_narrow(model, monkeypatch)
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(model(x, task=t), _full_width(model, x, t)), (name, t)
+    if reason is None:
+        assert blocked is None and calls == [0, 1]
+    else:
+        assert blocked is not None and reason in blocked, blocked
+        assert calls == []
