@@ -470,7 +470,12 @@ _POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.ada
                    torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d}
 _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                      operator.imul, operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div,
-                     torch.true_divide, torch.maximum, torch.minimum}
+                     torch.true_divide, torch.maximum, torch.minimum,
+                     # comparisons: elementwise and exact (a mask for torch.where or masked_fill)
+                     operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne, torch.gt, torch.lt,
+                     torch.ge, torch.le, torch.eq, torch.ne, torch.greater, torch.less, torch.greater_equal,
+                     torch.less_equal, torch.not_equal}
+_SELECT_FUNCTIONS = {torch.where}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -500,7 +505,8 @@ _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_",
                         "clamp_", "clip", "square", "sqrt", "contiguous", "clone", "float", "to", "type_as",
                         "detach"}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "__add__", "__radd__",
-                   "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "maximum", "minimum"}
+                   "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "maximum", "minimum",
+                   "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "masked_fill"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _NONTENSOR_METHODS = {"size", "dim", "numel"}
@@ -818,6 +824,8 @@ class _Propagator:
             return self.spatial(node, node.args[0])  # no running statistics to write: each channel alone
         if fn in _POOL_FUNCTIONS:
             return self.same_channels(node, node.args[0])
+        if fn in _SELECT_FUNCTIONS and len(node.args) + len(node.kwargs) == 3:
+            return self.select(node)
         if fn in _BINARY_FUNCTIONS:
             if fn in _INPLACE_FUNCTIONS and not isinstance(self.value(node.args[0]), list):
                 raise self.write_error(node)
@@ -1085,6 +1093,23 @@ class _Propagator:
         if others and not tensors:
             return _CONST if out_shape is not None else _NONTENSOR
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}. {_DECLARE_HINT}")
+
+    def select(self, node):
+        """``torch.where(condition, a, b)``: elementwise, so every operand that holds features is coupled with the
+        others (as by an add); constants are noted as ``binary`` notes them."""
+        tensors = self.tensor_args(node)
+        out = self.shape(node)
+        if not tensors:
+            return _CONST if out is not None else _NONTENSOR
+        for t in tensors:
+            shape = self.shape(t)
+            if shape is None or out is None or len(shape) != len(out) or shape[1] != out[1]:
+                raise GraphError(f"{_node_desc(node)} broadcasts {shape} to {out}; the tracer couples only tensors "
+                                 f"with the same feature dim. {_DECLARE_HINT}")
+        prov = self.value(tensors[0])
+        for t in tensors[1:]:
+            prov = self.couple(prov, self.value(t), node)
+        return self.note_constants(node, prov)
 
     def note_constants(self, node, prov: list[Segment]) -> list[Segment]:
         """A constant tensor with one value per feature (a [C] buffer multiplied into activations, a tensor

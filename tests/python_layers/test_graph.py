@@ -1034,3 +1034,36 @@ def test_editing_a_traced_body_past_the_registration_hook_is_refused_and_undone_
     undo(model)
     model.prepare_for_task(2, 2)
     assert torch.equal(model.eval()(x, task=0), before)
+
+
+class _Masked(nn.Module):
+    """Comparisons, torch.where and masked_fill between layers: elementwise, so they couple what they combine."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(10, 12), nn.Linear(12, 12), nn.Linear(10, 12)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.where(h > 0, h, 0.1 * h)  # a leaky ReLU written by hand
+        g = self.b(h).masked_fill(h < -0.5, 0.0)
+        return torch.where(g >= 0, g, self.c(x)) + (h != 0) * h
+
+
+def test_comparisons_where_and_masked_fill_are_followed_and_keep_the_promise():
+    """Refused before as ops that "may mix features". Each feature operand is coupled with the others (as by an
+    add): one group here. Finished tasks keep their bits through later finishes (_finish_tasks checks), and
+    prefix width gives the full-width view's bits."""
+    from tests.python_layers.test_renumbering import _finish_tasks
+
+    torch.manual_seed(0)
+    model = EideticNetwork(_Masked(), 12)
+    _finish_tasks(model, (10,), tasks=3)
+    assert [g.name for g in model.groups] == ["body.a"]
+    assert sorted(name for name, _ in model.groups[0].members) == ["body.a", "body.b", "body.c"]
+    model.eval()
+    x = torch.randn(7, 10)
+    assert model.narrow_eval_blocked_by(x) is None
+    with torch.no_grad():
+        for t in range(3):
+            assert torch.equal(model(x, task=t), model.logits(model.features(x, view_task=t), t))
