@@ -158,14 +158,20 @@ def conv_padding(padding, kernel_size, dilation, what: str = "masked_conv2d"):
     return padding
 
 
-def _pair(v, name, what):
+def _pair(v, name, what, least: int = 0):
+    """An int or a pair of ints as a pair, each at least ``least`` (strings pass: padding modes). TypeError for
+    another type (as F.conv2d), InputError (a ValueError and torch's RuntimeError) below ``least``."""
     if isinstance(v, str):
         return v
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"{what}: {name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    elif isinstance(v, (tuple, list, torch.Size)) and len(v) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in v):
+        v = tuple(v)
+    else:
+        raise TypeError(f"{what}: {name} must be an int or a pair of ints, got {v!r}")
+    if any(i < least for i in v):
+        raise InputError(f"{what}: {name} must be {'positive' if least else 'non-negative'}, got {v}")
     return v
 
 
@@ -176,7 +182,9 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
     x [N, C_in, H, W] (or unbatched [C_in, H, W], as ``F.conv2d``); weight [C_out, C_in, kh, kw]; bias [C_out]
     or None; in_task int[C_in]; out_task int[C_out]; out_min_task int[C_out] (default 0); stride, dilation: int
     or pair; padding: int, pair, 'valid' or 'same' (stride 1 only); taylor_score float32[C_out]. Returns
-    [N, C_out, H', W'] ([C_out, H', W'] for an unbatched x). Raises as ``masked_linear``."""
+    [N, C_out, H', W'] ([C_out, H', W'] for an unbatched x). Raises as ``masked_linear``; also TypeError for a
+    stride, padding or dilation that is not an int or a pair of ints, InputError for a stride or dilation below
+    1 or a negative padding (torch's RuntimeError), ValueError for an unknown padding string."""
     what = "masked_conv2d"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{what}: weight must be a 4-D tensor [C_out, C_in, kh, kw]")
@@ -194,9 +202,9 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
             return masked_conv2d(x.to(cast), weight.to(cast), None if bias is None else bias.to(cast), in_task,
                                  out_task, stride, padding, dilation, out_min_task, taylor_score)
     out_c, in_c = weight.shape[:2]
+    if isinstance(x, torch.Tensor) and x.dim() > 4:
+        raise InputError(f"{what} expects x of shape [N, C, H, W] or [C, H, W], got {tuple(x.shape)}")
     check_input(x, "x", weight, 1, in_c, 4, what)
-    if x.dim() != 4:
-        raise ValueError(f"{what} expects x of shape [N, C, H, W], got {tuple(x.shape)}")
     _check_param(bias, "bias", (out_c,), weight, what)
     names = {"in_task": in_task, "out_task": out_task}
     sizes = {"in_task": in_c, "out_task": out_c, "out_min_task": out_c}
@@ -206,7 +214,7 @@ def masked_conv2d(x, weight, bias, in_task, out_task, stride=1, padding=0, dilat
     _check_taylor(taylor_score, out_c, x, what)
     in_task, out_task = states[:2]
     out_min_task = states[2] if out_min_task is not None else None
-    stride, dilation = _pair(stride, "stride", what), _pair(dilation, "dilation", what)
+    stride, dilation = _pair(stride, "stride", what, 1), _pair(dilation, "dilation", what, 1)
     if padding == "same" and any(st != 1 for st in stride):
         raise ValueError(f"{what}: padding='same' is not supported for strided convolutions (as F.conv2d): give the "
                          "padding as numbers")
@@ -227,7 +235,7 @@ def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, 
     float32 statistics and parameters is normalised in float32 and returned in x's dtype, as ``F.batch_norm``
     does. An empty batch returns an empty y and moves no statistic. Raises InputError / InputTypeError for a
     wrong x, ValueError for one value per channel in training (as torch) and for a wrong parameter shape,
-    TypeError for a wrong dtype or device."""
+    TypeError for a wrong dtype or device, and for a momentum or eps that is not a number."""
     what = "masked_batch_norm"
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"{what} expects x of shape [N, C, *], got {getattr(x, 'shape', type(x))}")
@@ -246,6 +254,8 @@ def masked_batch_norm(x, running_mean, running_var, weight, bias, channel_task, 
         raise TypeError(f"{what}: momentum must be a number, got {momentum!r}; the cumulative average that "
                         "momentum=None gives a batch-norm module needs its batch count: pass 1 / (batches seen so "
                         "far, this one included), or use EideticBatchNorm1d/2d(momentum=None)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{what}: eps must be a number, got {eps!r}")
     (channel_task,) = _states({"channel_task": channel_task}, {"channel_task": c}, x.device)
     _check_taylor(taylor_score, c, x, what)
     if training and x.numel() // c == 1:

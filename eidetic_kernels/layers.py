@@ -189,6 +189,8 @@ class EideticLayer(nn.Module):
 
     @property
     def num_neurons(self) -> int:
+        """Neurons (output features or channels) of the layer: its twin's out_features / out_channels /
+        num_features, whatever their states."""
         return self.task_state.numel()
 
     @property
@@ -705,7 +707,9 @@ class EideticLayer(nn.Module):
 
     # ----- Taylor importance -----------------------------------------------------------------
     def enable_taylor(self, enabled: bool = True) -> None:
-        """Accumulate the Taylor score of each neuron during backward while enabled."""
+        """Accumulate the Taylor score of each neuron during backward while enabled: ``taylor_score``,
+        float32[out] on the states' device, adds |mean_b Σ_spatial a · ∂L/∂a| of each backward pass through the
+        layer (the paper's Taylor pruning score, after Molchanov et al., 2017). Disabling drops the buffer."""
         if enabled and self.taylor_score is None:
             self.taylor_score = torch.zeros(self.num_neurons, dtype=torch.float32, device=self.task_state.device)
         elif not enabled:
@@ -713,15 +717,26 @@ class EideticLayer(nn.Module):
 
     @property
     def taylor_enabled(self) -> bool:
+        """Whether backward passes accumulate ``taylor_score`` (``enable_taylor``)."""
         return self.taylor_score is not None
 
     def reset_taylor(self) -> None:
+        """Zero ``taylor_score`` in place (the trainer does it at each epoch's start); nothing when disabled."""
         if self.taylor_score is not None:
             self.taylor_score.zero_()
 
     # ----- dense export, loading --------------------------------------------------------------
-    def dense(self, name: str = "weight") -> torch.Tensor:
-        """The twin's dense tensor ``name`` [out, ...] assembled from both storages (a copy)."""
+    def dense(self, name: str = "weight") -> torch.Tensor | None:
+        """The twin's dense tensor ``name`` [out, ...] assembled from both storages (a copy; the storages' dtype
+        and device), in the current neuron positions; None for a layer without it (``bias=False``).
+
+        ``name``: a split storage, "weight" or "bias" (a batch norm's running statistics are whole buffers:
+        read ``running_mean``/``running_var``). Raises ValueError for another name."""
+        if name not in self._split_names:
+            raise ValueError(f"{self._name()}.dense({name!r}): name one of the split storages "
+                             f"{list(self._split_names)}" + (
+                                 "; running statistics are whole buffers (read running_mean / running_var)"
+                                 if hasattr(self, "running_mean") else ""))
         trainable = getattr(self, name)
         if trainable is None:
             return None
@@ -957,7 +972,15 @@ def _reinit_linear_like(layer: EideticLayer, slots: torch.Tensor, generator) -> 
 
 
 class EideticLinear(EideticLayer):
-    """nn.Linear with per-neuron task state (see module docstring)."""
+    """nn.Linear with per-neuron task state (see the module docstring).
+
+    Arguments as ``nn.Linear(in_features, out_features, bias=True, device=None, dtype=None)`` and initialised
+    as it. Input [*, in_features] (any float dtype the twin takes), output [*, out_features]. ``weight``
+    [trainable rows, in_features] and ``bias`` hold the FREE and PRUNED neurons (Parameters); frozen rows live
+    in ``frozen_weight``/``frozen_bias`` (buffers, live synapses only); ``task_state`` int16[out_features]
+    gives each neuron's state, ``dense("weight")`` the twin's [out_features, in_features] tensor. A PRUNED
+    neuron outputs exactly 0; a frozen one reads only inputs of its own or earlier tasks.
+    """
 
     _op = "linear"  # the backend op (``backends``)
     _split_names = ("weight", "bias")
@@ -1022,7 +1045,14 @@ class EideticLinear(EideticLayer):
 
 
 class EideticConv2d(EideticLayer):
-    """nn.Conv2d (groups=1, zero padding) with per-output-channel task state."""
+    """nn.Conv2d (groups=1, zero padding) with per-output-channel task state (see the module docstring).
+
+    Arguments as ``nn.Conv2d`` and initialised as it; ``groups`` other than 1 and ``padding_mode`` other than
+    "zeros" raise ValueError (put a padding module before the layer). Input [N, C_in, H, W] or unbatched
+    [C_in, H, W], output [N, C_out, H', W'] (channels_last when the input or weight is). Storages as
+    ``EideticLinear``'s, by output channel: ``weight`` [trainable channels, C_in, kh, kw], ``task_state``
+    int16[C_out].
+    """
 
     _op = "conv2d"  # the backend op (``backends``)
     _split_names = ("weight", "bias")
@@ -1428,8 +1458,10 @@ def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn
     not follow, and that module would go on training the frozen rows. A tie to a module outside ``model`` cannot
     be seen here: convert the model that holds both.
     Raises ValueError for a layer the twins cannot represent (grouped conv, non-zero padding modes, tied weights),
-    before anything is converted.
+    before anything is converted; TypeError when ``model`` is not an nn.Module.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert takes a torch.nn.Module, got {type(model).__name__}")
     # id(module) -> (module, its twin), for modules met more than once (the module is kept: its id stays its own)
     twins = {} if _twins is None else _twins
     if not _path and _twins is None:  # the user's call (EideticNetwork's own refuses such bodies with a GraphError)

@@ -72,7 +72,10 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer) -> int:
 
     Hyperparameters and param-group structure are kept; the state (moments, step counts) of every
     replaced Parameter is dropped (its rows changed meaning). Returns how many were swapped.
+    Raises TypeError when ``optimizer`` is not a torch.optim.Optimizer (anything with ``param_groups``).
     """
+    if not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"rebind_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     swapped = 0
     for group in optimizer.param_groups:
         params = []

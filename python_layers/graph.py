@@ -73,6 +73,7 @@ class Segment:
 
     @property
     def width(self) -> int:
+        """Features this segment covers: ``count`` neurons × ``repeat`` (H × W after a flatten)."""
         return self.count * self.repeat
 
 
@@ -113,6 +114,7 @@ class NeuronGroup:
     # ----- reading -------------------------------------------------------------------------------
     @property
     def layers(self) -> list[EideticLayer]:
+        """The member layers (Linear/Conv and the batch norms of their channels), in ``members`` order."""
         return [layer for _, layer in self.members]
 
     @property
@@ -251,7 +253,13 @@ class LayerGraph:
         return out
 
     def group_of(self, name: str) -> NeuronGroup:
-        return self._group_of[name]
+        """The neuron group of layer ``name`` (its qualified name in the network, as ``model.groups`` shows it).
+        KeyError naming the graph's layers for another name."""
+        try:
+            return self._group_of[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is no layer of the layer graph: name one of {sorted(self._group_of)}") \
+                from None
 
     def feature_task(self, override: dict | None = None) -> torch.Tensor:
         """Int16[feature_dim]: the state of each body output feature (raw input features: task 0)."""
@@ -259,6 +267,8 @@ class LayerGraph:
         return _segment_states(self.features, device, override)
 
     def input_task(self, name: str) -> torch.Tensor:
+        """Int16[in_features or in_channels]: the state of each input of layer ``name``, from its producers'
+        states (raw network inputs: task 0), on the layer's device."""
         layer, segments = self.inputs[name]
         return _segment_states(segments, layer.input_task.device)
 
@@ -407,6 +417,7 @@ class LayerGraph:
         return graph
 
     def describe(self) -> str:
+        """A readable listing of the graph: each group's size and members, then each layer's input segments."""
         lines = []
         for g in self.groups:
             lines.append(f"group {g.index} {g.name}: {g.size} neurons, members {[n for n, _ in g.members]}")

@@ -342,6 +342,8 @@ class EideticNetwork(nn.Module):
     # ------------------------------------------------------------------------------------------------
     @property
     def groups(self) -> list[NeuronGroup]:
+        """The layer graph's neuron groups (coupled layers sharing neuron states), in body order. RuntimeError
+        before the graph is built (the first forward, or ``ensure_graph(x)``, builds it)."""
         if self.graph is None:
             raise RuntimeError("the layer graph is not built yet: call model.ensure_graph(x) with a batch "
                                "(the first forward does it)")
@@ -469,6 +471,7 @@ class EideticNetwork(nn.Module):
             yield name, module
 
     def body_layers(self) -> dict[str, EideticLayer]:
+        """Every Eidetic layer of the body by qualified name ("body.0"), heads and router excluded."""
         if self.graph is not None:
             return self.graph.layers
         return {name: m for name, m in self._body_modules() if isinstance(m, EideticLayer)}

@@ -836,3 +836,16 @@ def test_convert_says_when_a_norm_mixes_the_features():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ek.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(8, 8), torch.nn.BatchNorm2d(8)))
+
+
+def test_wrong_arguments_to_the_helpers_are_clear_errors():
+    """Names and objects the helpers do not take: errors that say what they take (were raw AttributeErrors)."""
+    with pytest.raises(ValueError, match=r"dense\('foo'\): name one of the split storages \['weight', 'bias'\]"):
+        EideticLinear(4, 3).dense("foo")
+    with pytest.raises(ValueError, match="running statistics are whole buffers"):
+        EideticBatchNorm1d(3).dense("running_mean")
+    assert EideticLinear(4, 3, bias=False).dense("bias") is None
+    with pytest.raises(TypeError, match="convert takes a torch.nn.Module, got str"):
+        ek.convert("model")
+    with pytest.raises(TypeError, match="rebind_optimizer takes a torch.optim.Optimizer, got NoneType"):
+        ek.rebind_optimizer(None)

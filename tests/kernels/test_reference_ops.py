@@ -275,6 +275,16 @@ def test_taylor_score_accumulates_in_backward():
     (lambda: masked_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, Z(3), Z(4), stride=2,
                            padding="same"),
      "not supported for strided convolutions"),
+    (lambda: masked_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, Z(3), Z(4), stride=1.5),
+     r"stride must be an int or a pair of ints, got 1.5"),
+    (lambda: masked_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, Z(3), Z(4), stride=0),
+     r"stride must be positive, got \(0, 0\)"),
+    (lambda: masked_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, Z(3), Z(4), padding=(1, -1)),
+     r"padding must be non-negative, got \(1, -1\)"),
+    (lambda: masked_conv2d(torch.randn(1, 3, 3, 8, 8), torch.randn(4, 3, 3, 3), None, Z(3), Z(4)),
+     r"expects x of shape \[N, C, H, W\] or \[C, H, W\], got \(1, 3, 3, 8, 8\)"),
+    (lambda: masked_batch_norm(torch.randn(2, 3), torch.zeros(3), torch.ones(3), None, None, Z(3), True, eps="a"),
+     "eps must be a number, got 'a'"),
 ])
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -167,3 +167,10 @@ def test_neuron_order_travels_with_the_state_dict():
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x, task=1), model(x, task=1))
+
+
+def test_neuron_positions_of_an_unknown_layer_names_the_layers():
+    model = EideticNetwork(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 4)
+    model.ensure_graph(torch.randn(2, 4))
+    with pytest.raises(KeyError, match=r"'nope' is no layer of the layer graph: name one of \['body.0'\]"):
+        model.neuron_positions("nope")
