@@ -63,10 +63,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact."""
+    """``torch.save`` to a temporary file, then rename: a kill mid-write leaves the previous checkpoint intact.
+    Raises ConfigError (the temporary file removed) when the file cannot be written (a full disk)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk reaches torch's writer as a RuntimeError
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        intact = "the previous checkpoint is intact: " if path.is_file() else ""
+        raise ConfigError(f"cannot write the checkpoint {path} ({first}): is the disk full, or the folder not "
+                          f"writable? {intact}make room (or copy the run folder where there is), then continue "
+                          f"with: eidetic train --out {path.parent} --resume") from exc
 
 
 def read_checkpoint(path: Path) -> dict:

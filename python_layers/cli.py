@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import distributed as dist_mod
 from .config import OPTIONS, ConfigError, default_config, keys_help, load_config, parse_overrides
-from .run import RUN_LOCK_ENV, export, run_folder_lock, train
+from .run import RUN_LOCK_ENV, export, run_config, run_folder_lock, train
 
 # re-exported: tests and scripts reach these through python_layers.cli
 from .checkpoints import CHECKPOINT_FORMAT, CRASH_ENV, CRASH_EXIT_CODE, rng_state, set_rng_state  # noqa: F401
@@ -303,8 +303,9 @@ def _train_config(args) -> dict:
     """The run's config from ``--config``/``--resume`` and the overrides; ConfigError for any mistake."""
     overrides = parse_overrides(args.overrides)
     config_path = args.config
-    if args.resume and config_path is None and (Path(args.out) / "config.yaml").is_file():
-        config_path = Path(args.out) / "config.yaml"
+    if args.resume and config_path is None and ((Path(args.out) / "config.yaml").is_file()
+                                                 or (Path(args.out) / "checkpoint.pt").is_file()):
+        return run_config(args.out, overrides)  # config.yaml, or the checkpoint's where it was removed or emptied
     if config_path is None and not overrides:
         if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
             raise ConfigError(f"--resume: {args.out} holds no checkpoint.pt and no config.yaml; give --config "

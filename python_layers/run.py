@@ -30,6 +30,7 @@ uninterrupted one. Under torchrun (``eidetic train --nproc N``) every process tr
 from __future__ import annotations
 
 import contextlib
+import errno
 import csv
 import hashlib
 import inspect
@@ -230,6 +231,7 @@ class Run:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(str(exc)) from None
+        self.data_digest = self.scenario.digest()  # before the move: a resumed run is refused other data
         if self.device.type == "cuda":
             self.scenario.to(self.device)  # the whole data set on the GPU: batches are gathered there
         self.num_tasks = self.scenario.num_tasks
@@ -266,7 +268,7 @@ class Run:
                 "entropy_routed_accuracy_matrix": [[None] * T for _ in range(T)],
                 "baseline_accuracy": None, "history": [], "evaluations": [], "task_start_epochs": [],
                 "epochs_done": 0, "tasks": [], "router_fits": [], "elapsed_seconds": 0.0, "checkpoints_written": 0,
-                "checkpoint_log": [], "body_fingerprint": self.body_fingerprint,
+                "checkpoint_log": [], "body_fingerprint": self.body_fingerprint, "data_digest": self.data_digest,
                 "body_source_digests": sorted(self.body_sources.values())}
 
     def _loader(self, task: int, on_epoch_end=None):
@@ -306,12 +308,28 @@ class Run:
             sys.stderr.flush()
             os._exit(CRASH_EXIT_CODE)  # simulated kill, for the resume test
 
-    def load_checkpoint(self) -> tuple[dict, dict]:
+    def load_checkpoint(self, resuming: bool = True) -> tuple[dict, dict]:
         """The run state and RNG states of ``checkpoint.pt``, after loading the model and router from it.
 
         Raises ConfigError for a file ``read_checkpoint`` refuses (pickled objects, another format).
         """
         payload = read_checkpoint(self.checkpoint_path)
+        # the checkpoint's own config: config.yaml beside it can be edited, emptied or removed
+        saved = payload["run"].get("config") or {}
+        if resuming:
+            check_resumed_config(saved, self.cfg, f"--resume: the config (given, or {self.out / 'config.yaml'})",
+                                 "resume with the run's own config (just --out and --resume, with config.yaml as the "
+                                 "run wrote it; where it is removed, the checkpoint's config is used) or start anew")
+        else:
+            check_resumed_config(saved, self.cfg, f"{self.out / 'config.yaml'}", "the file was edited after the "
+                                 "run wrote it: restore the run's values (checkpoint.pt holds them)")
+        recorded = payload["run"].get("data_digest")  # absent in checkpoints of earlier versions
+        if recorded is not None and recorded != self.data_digest:
+            raise ConfigError(
+                f"the data the config reads now (scenario {self.cfg['scenario']!r}, data_root "
+                f"{self.cfg['data_root']!r}: {self.scenario.source}) are not those the run in {self.out} trained on: "
+                "its accuracy matrix would mix two data sets. Point data_root (or $EIDETIC_DATA) at the files the "
+                "run started with (results.json names them under scenario), or start a new run")
         recorded = payload["run"].get("body_fingerprint")
         if recorded is not None and recorded != self.body_fingerprint:
             where = self.cfg["model"].rpartition(":")[0]
@@ -323,7 +341,11 @@ class Run:
                 f"model {self.cfg['model']!r} builds another body than the one this run trained ({self.out}): its "
                 f"modules or their code changed since (did {where} change?). Its finished tasks' outputs would change "
                 "with it: restore the body the run started with, or start a new run")
-        self.model.load_state_dict(payload["model"])
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as exc:  # e.g. frozen values that no longer match their fingerprint: a damaged file
+            raise ConfigError(f"{self.checkpoint_path} does not load into the run's network, so it is damaged or "
+                              f"not this run's; restore it from a copy. {str(exc).strip()}") from exc
         if hasattr(self.model, "sync"):
             self.model.sync()
         if payload["router"] is not None:
@@ -369,9 +391,11 @@ class Run:
             done = self._finished_results(state)
             if done is not None:
                 return done
+            self._check_writable()
             self.log(f"resuming {self.out} at task {state['in_task']['task'] if state['in_task'] else state['next_task']}"
                      f" (checkpoint {state['checkpoints_written']})")
         else:
+            self._check_writable()
             state = self.fresh_state()
             if self.writer:
                 with open(self.out / "config.yaml", "w") as f:
@@ -388,6 +412,13 @@ class Run:
         for t in range(state["next_task"], T):
             self._train_one_task(state, t, step_checkpoints)
         return self.finish(state)
+
+    def _check_writable(self) -> None:
+        """ConfigError, before any training, when the run folder cannot be written (a read-only disk)."""
+        if self.writer and not os.access(self.out, os.W_OK):
+            raise ConfigError(f"{self.out} is not writable, and the run writes its checkpoints and results there: "
+                              "make it writable, or copy the folder where it can be and resume the copy "
+                              "(eidetic train --out COPY --resume)")
 
     def _finished_results(self, state: dict) -> dict | None:
         """results.json of a run whose every task is trained and whose outputs were all written, else None.
@@ -714,7 +745,14 @@ def run_folder_lock(out: Path):
         yield False
         return
     path = out / _LOCK_FILE
-    with open(path, "a+") as f:
+    try:
+        f = open(path, "a+")
+    except OSError as exc:  # a read-only folder: a finished run's resume writes nothing, a run that does says so
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield False
+        return
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -751,17 +789,18 @@ def train(cfg: dict, out_dir, resume: bool = False, log=print) -> dict:
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
+    if not ckpt.is_file() and (out / "results.json").is_file():
+        raise ConfigError(f"{out} holds results.json but no checkpoint.pt: the checkpoint was removed or moved, and "
+                          f"{'resuming' if resume else 'a new run'} would train from the start and overwrite the "
+                          "run's results. Put checkpoint.pt back to resume it, or choose another --out (delete "
+                          "results.json only to start the run over in this folder)")
     starting_fresh = resume and not ckpt.is_file()
     if starting_fresh:
         resume = False  # nothing to continue: the same run from its beginning
     elif resume:
-        saved = load_config(out / "config.yaml") if (out / "config.yaml").is_file() else None
+        saved = load_config(out / "config.yaml") if _has_text(out / "config.yaml") else None
         if saved is not None:
-            changed = sorted(k for k in saved if saved[k] != cfg.get(k) and k not in RESUME_MAY_CHANGE)
-            if changed:
-                raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)} ("
-                                  + "; ".join(f"{k}: run has {saved[k]!r}, given {cfg.get(k)!r}" for k in changed)
-                                  + "); resume with the run's own config (just --out and --resume) or start anew")
+            check_resumed_config(saved, cfg)  # and again against the checkpoint's own (Run.load_checkpoint)
     elif ckpt.is_file():
         raise ConfigError(f"{out} already holds a run (checkpoint.pt); pass --resume to continue it, or choose "
                           "another --out")
@@ -778,6 +817,23 @@ def train(cfg: dict, out_dir, resume: bool = False, log=print) -> dict:
         return Run(cfg, out, log).run(resume)
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) keep their own setting
+
+
+def _has_text(path: Path) -> bool:
+    """A file with something in it (an emptied config.yaml reads as every default)."""
+    return path.is_file() and path.stat().st_size > 0
+
+
+def check_resumed_config(saved: dict, cfg: dict, what: str = "--resume: the config",
+                          advice: str = "resume with the run's own config (just --out and --resume) or start anew"
+                          ) -> None:
+    """ConfigError when ``cfg`` differs from the run's config ``saved`` in a key outside ``RESUME_MAY_CHANGE``
+    (keys ``saved`` does not hold, from earlier versions, are not compared)."""
+    changed = sorted(k for k in saved if saved[k] != cfg.get(k) and k not in RESUME_MAY_CHANGE)
+    if changed:
+        raise ConfigError(f"{what} differs from the run's in {', '.join(changed)} ("
+                          + "; ".join(f"{k}: run has {saved[k]!r}, given {cfg.get(k)!r}" for k in changed)
+                          + f"); {advice}")
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -810,14 +866,24 @@ def _check_export_path(out: Path) -> None:
 
 
 def _check_run_dir(run_dir: Path) -> None:
-    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} holds no run (config.yaml and checkpoint.pt); train one with eidetic train")
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"{run_dir} holds no run (checkpoint.pt); train one with eidetic train")
+
+
+def run_config(run_dir, overrides: dict | None = None) -> dict:
+    """The config of the run in ``run_dir``: its config.yaml, or, where that file was removed or emptied, the
+    config its checkpoint.pt holds; then ``overrides``. Raises ConfigError as ``load_config`` and
+    ``read_checkpoint`` do."""
+    run_dir = Path(run_dir)
+    if _has_text(run_dir / "config.yaml") or not (run_dir / "checkpoint.pt").is_file():
+        return load_config(run_dir / "config.yaml", overrides)
+    return load_config(None, {**read_checkpoint(run_dir / "checkpoint.pt")["run"]["config"], **(overrides or {})})
 
 
 def _loaded_run(run_dir: Path, log=print) -> Run:
-    run = Run(load_config(run_dir / "config.yaml"), run_dir, log)
+    run = Run(run_config(run_dir), run_dir, log)
     run.build()
-    run.load_checkpoint()
+    run.load_checkpoint(resuming=False)
     return run
 
 

@@ -548,6 +548,30 @@ class Scenario:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    def digest(self) -> str:
+        """A SHA-1 of what the tasks read: every image array they share, and each task's rows, labels and pixel
+        permutation. A resumed run compares it with its checkpoint's, so data that changed under ``data_root``
+        (another copy, another decoding) are refused instead of mixed into one accuracy matrix."""
+        h = hashlib.sha1()
+        seen = set()
+
+        def add(t: torch.Tensor | None) -> None:
+            if t is None:
+                h.update(b"-")
+                return
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+        for task in self.tasks:
+            for part in (task.train, task.test):
+                if id(part.images) not in seen:
+                    seen.add(id(part.images))
+                    add(part.images)
+                for t in (part.indices, part.labels, part.permutation):
+                    add(t)
+        return h.hexdigest()
+
     def to(self, device) -> "Scenario":
         moved = set()
         for task in self.tasks:

@@ -639,3 +639,64 @@ def test_a_capacity_error_gives_one_consistent_advice(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "task 1 cannot start: no free neuron left" in err and "no pruning step stayed within" in err, err
     assert "smaller step" in err and "larger step" not in err
+
+
+def test_a_resume_trusts_the_checkpoint_not_the_files_beside_it(tmp_path, monkeypatch, capsys):
+    """What the checkpoint holds decides a resume: a removed checkpoint.pt is refused (it would retrain and
+    overwrite results.json), config.yaml edited is refused and removed or emptied is replaced by the checkpoint's
+    config, other data under the same config are refused (an accuracy matrix would mix two data sets), damaged
+    frozen values and a checkpoint that cannot be written are one-line errors, each with nothing changed."""
+    import shutil
+
+    import python_layers.checkpoints as checkpoints
+    from python_layers.scenarios import Scenario
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    files = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+
+    def copy(name, edit=None):
+        out = tmp_path / name
+        shutil.copytree(run, out)
+        if edit is not None:
+            edit(out)
+        return out
+
+    def refused(out, says):
+        before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+        assert cli.main(["train", "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(says, err), err
+        assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+
+    refused(copy("no_ckpt", lambda o: (o / "checkpoint.pt").unlink()),
+            "holds results.json but no checkpoint.pt.*overwrite the run's results")
+    refused(copy("edited", lambda o: (o / "config.yaml").write_text(
+        (o / "config.yaml").read_text().replace("seed: 0", "seed: 5"))),
+        r"config \(given, or .*config.yaml\) differs from the run's in seed \(seed: run has 0, given 5\)")
+    for name, edit in (("no_config", lambda o: (o / "config.yaml").unlink()),
+                       ("empty_config", lambda o: (o / "config.yaml").write_text(""))):
+        out = copy(name, edit)
+        assert cli.main(["train", "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
+        assert "the run is finished (3 tasks); nothing to resume" in capsys.readouterr().out
+        assert (out / "results.json").read_bytes() == files["results.json"]
+
+    def damage(out):
+        payload = torch.load(out / "checkpoint.pt", weights_only=True)
+        key = next(k for k, v in payload["model"].items() if k.endswith("frozen_weight") and v.numel())
+        payload["model"][key][0] += 1.0
+        torch.save(payload, out / "checkpoint.pt")
+    refused(copy("damaged", damage), "checkpoint.pt does not load into the run's network, so it is damaged.*frozen "
+                                     "values")
+    with monkeypatch.context() as m:
+        m.setattr(Scenario, "digest", lambda self: "other data")
+        refused(copy("other_data"), r"the data the config reads now .* are not those the run in .* trained on")
+
+    def full_disk(payload, path):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 614272 vs 614164")
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    assert cli.main(["train", "--out", str(tmp_path / "full"), *TINY]) == 2
+    assert "cannot write the checkpoint" in capsys.readouterr().err
+    assert not list((tmp_path / "full").glob("*.tmp"))
