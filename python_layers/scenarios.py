@@ -39,6 +39,7 @@ import os
 import pickle
 import struct
 import tarfile
+import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,8 +258,9 @@ def _decode_cifar10_jpeg_tar(tar_path: Path) -> dict[str, tuple[np.ndarray, np.n
     return out
 
 
-def _cached_jpeg_cifar10(tar_path: Path, split: str):
-    """The tarball decoded once; ``.npy`` arrays cached under the cache folder, keyed by the tarball's size+name."""
+def _cached_jpeg_cifar10(tar_path: Path, split: str, retry: bool = True):
+    """The tarball decoded once; ``.npy`` arrays cached under the cache folder, keyed by the tarball's size+name.
+    A cache file that cannot be read (emptied, cut short) is decoded again, once, with a warning."""
     st = tar_path.stat()
     key = hashlib.sha1(f"{tar_path.name}:{st.st_size}".encode()).hexdigest()[:12]
     cache = _cache_dir() / f"cifar10_jpeg_{key}"
@@ -271,8 +273,18 @@ def _cached_jpeg_cifar10(tar_path: Path, split: str):
                 tmp = p.with_name(p.name + f".tmp{os.getpid()}.npy")
                 np.save(tmp, arr)
                 os.replace(tmp, p)  # atomic: a concurrent reader never sees half a file
-    x = np.load(paths[split][0])
-    y = np.load(paths[split][1])
+    try:
+        x = np.load(paths[split][0])
+        y = np.load(paths[split][1])
+    except (ValueError, EOFError, OSError) as exc:
+        if not retry:
+            raise
+        warnings.warn(f"the decoded CIFAR-10 cache {cache} cannot be read ({exc}); decoding {tar_path.name} again",
+                      stacklevel=2)
+        for pair in paths.values():
+            for p in pair:
+                p.unlink(missing_ok=True)
+        return _cached_jpeg_cifar10(tar_path, split, retry=False)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 

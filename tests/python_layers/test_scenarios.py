@@ -224,11 +224,20 @@ def test_cifar10_jpeg_tar_is_decoded_once_and_cached(data_dir, tmp_path, monkeyp
 
     def no_decoding(*_):
         raise AssertionError("the cache should have been used")
+    decode = sc._decode_cifar10_jpeg_tar
     monkeypatch.setattr(sc, "_decode_cifar10_jpeg_tar", no_decoding)
     x2, y2, _ = sc.load_cifar10("train")
     assert torch.equal(x, x2) and torch.equal(y, y2)
     xt, yt, _ = sc.load_cifar10("test")
     assert xt.shape == (10, 3, 32, 32) and yt.tolist() == list(range(10))
+    # a cache file emptied or cut short is decoded again, with a warning (was EOFError / a numpy error)
+    monkeypatch.setattr(sc, "_decode_cifar10_jpeg_tar", decode)
+    for damage in (lambda b: b"", lambda b: b[: len(b) // 2]):
+        cached = next((tmp_path / "cache").rglob("train_x.npy"))
+        cached.write_bytes(damage(cached.read_bytes()))
+        with pytest.warns(UserWarning, match="cache .* cannot be read .*decoding cifar10_yoongikim_jpg.tar.xz again"):
+            x3, y3, _ = sc.load_cifar10("train")
+        assert torch.equal(x3, x) and torch.equal(y3, y)
 
 
 def test_cifar10_missing_names_pickles_and_jpeg(data_dir):
