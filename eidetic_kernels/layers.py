@@ -1468,7 +1468,26 @@ def convert(model: nn.Module, _path: str = "", _twins: dict | None = None) -> nn
         _warn_feature_mixing(model)
     prepare_twins(model, _path, twins)  # every twin first: a layer that cannot convert leaves the model as it was
     _refuse_tied_parameters(model, _path, twins)
-    return _install_twins(model, twins)
+    out = _install_twins(model, twins)
+    if not _path and _twins is None:
+        _warn_unconverted(out)
+    return out
+
+
+def _warn_unconverted(model: nn.Module) -> None:
+    """Modules with Parameters of their own that have no Eidetic twin (Conv1d, ConvTranspose2d, BatchNorm3d,
+    Embedding, PReLU, a bare nn.Parameter, ...) stay as they are: without neuron states nothing freezes them, so
+    they train on with every task. Said once per call, naming them (the norms ``_warn_feature_mixing`` names
+    are left out)."""
+    kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm", "GroupNorm") if hasattr(nn, k))
+    kept = [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()
+            if not isinstance(m, (EideticLayer,) + kinds)
+            and any(p is not None and p.requires_grad for p in m._parameters.values())]
+    if kept:
+        warnings.warn(f"ek.convert left {', '.join(kept)} as they are (no Eidetic twin): nothing freezes the "
+                      "parameters of a module without neuron states, so they train on with every task "
+                      "(EideticNetwork refuses such a body). Twins exist for Linear, Conv2d and BatchNorm1d/2d",
+                      UserWarning, stacklevel=3)
 
 
 def _warn_feature_mixing(model: nn.Module) -> None:
@@ -1485,7 +1504,7 @@ def _warn_feature_mixing(model: nn.Module) -> None:
                       "reads the FREE neurons that later tasks train as well, and finished tasks' outputs will change: "
                       "the no-forgetting promise does not hold for this model (EideticNetwork refuses such a body). "
                       "Use BatchNorm, GroupNorm with one channel per group (InstanceNorm), or no norm there",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=3)
 
 
 def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:

@@ -849,3 +849,17 @@ def test_wrong_arguments_to_the_helpers_are_clear_errors():
         ek.convert("model")
     with pytest.raises(TypeError, match="rebind_optimizer takes a torch.optim.Optimizer, got NoneType"):
         ek.rebind_optimizer(None)
+
+
+def test_convert_names_the_modules_it_leaves_unprotected():
+    """Modules with parameters and no twin (Conv1d, BatchNorm3d, PReLU) stay torch.nn modules that train on with
+    every task: convert says so once, naming them, at the caller's line; a model of twins only gets no warning."""
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(4, 4), nn.PReLU())
+    with pytest.warns(UserWarning, match=r"ek.convert left 0 \(Conv1d\), 3 \(PReLU\) as they are \(no Eidetic "
+                                         r"twin\)") as caught:
+        ek.convert(model)
+    assert caught[0].filename == __file__
+    assert isinstance(model[2], EideticLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.BatchNorm1d(3)))
