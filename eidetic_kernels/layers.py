@@ -311,7 +311,9 @@ class EideticLayer(nn.Module):
     def prune_neurons(self, neurons) -> None:
         """FREE -> PRUNED. Frozen neurons are never pruned: asking is an error and changes nothing.
 
-        ``neurons``: indices in [0, num_neurons) (a list, an int tensor) or a bool mask [num_neurons]."""
+        ``neurons``: indices in [0, num_neurons) (a list, an int tensor) or a bool mask [num_neurons]. Raises,
+        before anything changes, ValueError for a neuron that is not FREE or a mask of another length,
+        IndexError for an index out of range, TypeError for float indices, RuntimeError on the meta device."""
         self._check_not_meta("prune_neurons")
         idx = self._indices(neurons)
         states = self.task_state[idx]
@@ -325,7 +327,10 @@ class EideticLayer(nn.Module):
 
     @torch.no_grad()
     def unprune_neurons(self, neurons) -> None:
-        """PRUNED -> FREE, keeping their stored values (undo a pruning step)."""
+        """PRUNED -> FREE, keeping their stored values (undo a pruning step).
+
+        ``neurons``: as ``prune_neurons`` takes them. Raises ValueError when one is not PRUNED, and as
+        ``prune_neurons`` for bad indices; nothing changes then."""
         self._check_not_meta("unprune_neurons")
         idx = self._indices(neurons)
         if bool((self.task_state[idx] != PRUNED).any()):
@@ -339,6 +344,11 @@ class EideticLayer(nn.Module):
 
         Tasks freeze in increasing order, each once per layer, so each task's rows stay one
         contiguous block of the frozen storage. Returns the number of neurons frozen.
+
+        Raises (before anything changes) ValueError when a task >= ``task`` is already frozen here or a FREE
+        neuron's ``min_input_task`` is above ``task``, TypeError for a task that is not an int or for a weight
+        computed by a parametrization, RuntimeError on the meta device. Warns ``FreeInputsWarning`` when some
+        inputs are FREE (the neurons frozen now never read them).
         """
         task = _task_id(task)
         self._check_not_meta("freeze_free_neurons")
@@ -405,7 +415,9 @@ class EideticLayer(nn.Module):
         Recycled neurons read every earlier task's inputs (their ``min_input_task`` is reset to 0): for a next
         task without forward transfer, call ``set_min_input_task(next_task)`` after recycling, on a layer that
         reads another layer's outputs (one reading the raw input keeps 0: raw inputs are task 0's). Layers
-        reading this one's outputs see the recycled neurons as FREE once told so (``set_input_task``)."""
+        reading this one's outputs see the recycled neurons as FREE once told so (``set_input_task``).
+        Raises TypeError for a weight computed by a parametrization, RuntimeError on the meta device, before
+        anything changes."""
         self._check_not_meta("recycle_pruned_neurons")
         pruned = self.task_state == PRUNED
         n = int(pruned.sum())
