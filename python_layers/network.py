@@ -528,6 +528,11 @@ class EideticNetwork(nn.Module):
 
         forward_transfer=False: the task's neurons read only the task's own neurons (disjoint
         sub-networks); layers reading the raw input still read it (raw inputs are task 0).
+
+        Raises, with nothing changed: ValueError for a task out of order or a num_classes that is not a positive
+        int, TypeError for a task that is not an int, RuntimeError while another task is prepared and not
+        finished or for a finished task, ``CapacityError`` (a RuntimeError) when some layer has no FREE neuron
+        left, ``GraphError`` for a body the tracer cannot follow (or that was edited after it was traced).
         """
         task = task_index(task, "tasks are numbered 0, 1, 2, ...")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -629,6 +634,10 @@ class EideticNetwork(nn.Module):
         autograd graphs still alive stay valid): an optimizer built before must be re-bound with
         ``eidetic_kernels.rebind_optimizer(optimizer)`` (``train_task`` does it); stepping it unbound
         raises ``StaleOptimizerError``.
+
+        Raises RuntimeError, with nothing changed, when no task is prepared or the layer graph is not built yet
+        (no forward has run: ``ensure_graph(x)``). Warns ``CapacityWarning`` when the task keeps every FREE
+        neuron of a layer (the next task would find none) or, without forward transfer, none of a layer.
         """
         if self.current_task is None:
             raise RuntimeError("no task to finish: call model.prepare_for_task(t, num_classes) and train it first")
@@ -746,8 +755,9 @@ class EideticNetwork(nn.Module):
         """Finished task ``task`` as a plain torch.nn module (a ``torch.fx.GraphModule`` of compact Linear/Conv2d/
         BatchNorm layers and the body's own ops) that runs without eidetic: its weights are exactly the
         synapses the task uses. Checked against ``self(x, task=task)`` on ``example`` (default: a random
-        batch) within ``rtol``/``atol`` (default: by the logits' dtype, ``export.CHECK_TOLERANCE``). See
-        ``python_layers.export.export_task``."""
+        batch) within ``rtol``/``atol`` (default: by the logits' dtype, ``export.CHECK_TOLERANCE``). Raises as
+        ``python_layers.export.export_task`` (TypeError / ValueError for a task that is not a finished one,
+        GraphError for a body whose neurons cannot be compacted)."""
         from .export import export_task
         return export_task(self, task, example, rtol, atol)
 
@@ -757,7 +767,8 @@ class EideticNetwork(nn.Module):
 
         ``finish_task`` renumbers neurons task-major (each task's neurons contiguous, finished ones never
         move), so ``layer.neuron_task[model.neuron_positions(name)[i]]`` is the state of the neuron that was
-        index i at the start.
+        index i at the start. Raises RuntimeError before the graph is built, KeyError (naming the layers) for
+        a name that is no layer of the graph.
         """
         if self.graph is None:
             raise RuntimeError("the layer graph is not built yet: call model.ensure_graph(x) with a batch first")
