@@ -661,10 +661,12 @@ class EideticLayer(nn.Module):
         else:
             y = self._run(input, *storages)
         weight, bias = storages[:2]
-        if (weight.shape[0] and torch.is_grad_enabled() and self._view() is None and self._n_free == 0
-                and weight.requires_grad and not functorch_active()):
+        if (weight.shape[0] and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and self._view() is None and self._n_free == 0 and weight.requires_grad and not functorch_active()):
             # every trainable neuron PRUNED: nothing computed reads the trainable storage, yet nn's would get
-            # gradients (and its output require grad): they get gradients of 0, as PRUNED rows always do
+            # gradients (and its output require grad): they get gradients of 0, as PRUNED rows always do. Not
+            # inside torch.compile, where counting the FREE states would read a tensor on the host (the compiled
+            # layer leaves those gradients None, as a parameter no output reads)
             y = _ZeroGradients.apply(y, *(t for t in (weight, bias) if t is not None))
         return y
 
