@@ -184,6 +184,71 @@ def test_constant_frozen_gives_frozen_channels_no_input_gradient(shape, stats):
     assert_close(got, want, torch.float32, names=NAMES)
 
 
+class _GuardedFinalize:
+    """``_bn_bwd_finalize_kernel`` launched with its affine-gradient outputs (arguments 8 and 9) moved to the
+    front of larger buffers whose tail holds a sentinel: a store past the end of dw or db shows as a changed
+    tail (instead of a heap written out of bounds)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.overruns = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args, outputs = list(args), []
+            for i in (8, 9):
+                out = args[i]
+                if out.dim() != 1:  # no affine gradient asked: a placeholder the kernel does not write
+                    continue
+                big = torch.full((out.numel() + 4096,), -7.0, dtype=out.dtype, device=out.device)
+                big[:out.numel()] = out
+                args[i] = big[:out.numel()]
+                outputs.append((out, big))
+            self.kernel[grid](*args, **kwargs)
+            for out, big in outputs:
+                n = out.numel()
+                self.overruns.append(int((big[n:] != -7.0).sum()))
+                out.copy_(big[:n])
+        return launch
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_a_view_that_hides_later_tasks_frozen_channels_matches_the_reference(monkeypatch, affine):
+    """Training through a finished task's view (``view_task=0``) hides the later task's frozen channels as
+    PRUNED; their slots index the frozen storage, here far longer than the trainable one. Backward stores no
+    affine gradient outside the trainable storage (such a store wrote past the end of dw and aborted the
+    process) and gives the reference's gradients."""
+    import eidetic_kernels as ek
+    guard = _GuardedFinalize(tri._bn_bwd_finalize_kernel)
+    monkeypatch.setattr(tri, "_bn_bwd_finalize_kernel", guard)
+    C = 70
+    torch.manual_seed(3)
+    layer = ek.EideticBatchNorm2d(C, affine=affine).to(DEVICE)
+    layer.prune_neurons(list(range(3, C)))
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([C - 2, C - 1])
+    layer.freeze_free_neurons(1)  # task 1: 65 channels, slots 3..67 of the frozen storage; 2 trainable
+    layer.recycle_pruned_neurons()
+    x0 = torch.randn(4, C, 3, 2, device=DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("EIDETIC_BACKEND", backend)
+        twin = copy.deepcopy(layer).train()
+        twin.view_task = 0
+        x = x0.clone().requires_grad_()
+        y = twin(x)
+        assert twin.last_backend == backend
+        (y * y).sum().backward()
+        results.append([y.detach(), x.grad] + ([twin.weight.grad, twin.bias.grad] if affine else []))
+    assert len(guard.overruns) == (2 if affine else 0) and not any(guard.overruns), guard.overruns
+    got, want = results
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
 def test_channel_order_puts_free_then_frozen_then_pruned():
     task = torch.tensor([FREE, 0, PRUNED, 1, FREE, 0, PRUNED], dtype=torch.int16, device=DEVICE)
     order, counts = tri.channel_order(task)

@@ -314,12 +314,13 @@ def _bn_bwd_finalize_kernel(
     tl.store(sums_ptr + o_c, sg, mask=m_c)
     tl.store(sums_ptr + C + o_c, sgx, mask=m_c)
     if NEED_AFFINE:
-        trainable = m_c & (~frozen)
+        # FREE channels only (dw, db start at 0): a channel seen as PRUNED may be a later task's frozen one
+        # hidden by a view, whose slot indexes the frozen storage, past the end of dw and db
         free = m_c & (task == FREE_C)
         if HAS_W:
-            tl.store(dw_ptr + slot, tl.where(free, sgx, 0.0).to(dw_ptr.dtype.element_ty), mask=trainable)
+            tl.store(dw_ptr + slot, sgx.to(dw_ptr.dtype.element_ty), mask=free)
         if HAS_B:
-            tl.store(db_ptr + slot, tl.where(free, sg, 0.0).to(db_ptr.dtype.element_ty), mask=trainable)
+            tl.store(db_ptr + slot, sg.to(db_ptr.dtype.element_ty), mask=free)
     if TAYLOR:
         # frozen channels as constants: their sums are not reduced and their scores get nothing (as PRUNED)
         scored = live & ~(frozen & (constant_frozen != 0))
