@@ -15,9 +15,9 @@ from .eager import eager_backward
 def taylor_contribution(activation: torch.Tensor, grad: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Float32[C]: |mean_b Σ_spatial a·g| for one batch."""
     prod = (activation.detach().float() * grad.float()).movedim(channel_dim, -1)
+    if prod.shape[0] == 0:  # an empty batch adds nothing (its mean would be NaN in every score)
+        return prod.new_zeros(prod.shape[-1])
     per_sample = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1) if prod.dim() > 2 else prod
-    if per_sample.shape[0] == 0:  # an empty batch adds nothing (its mean would be NaN in every score)
-        return per_sample.new_zeros(per_sample.shape[-1])
     return per_sample.mean(0).abs()
 
 

@@ -807,6 +807,30 @@ def test_an_empty_batch_moves_no_statistic_of_a_batch_norm_with_frozen_channels(
     assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("make, shape", [(lambda: EideticLinear(3, 5), (0, 3)),
+                                         (lambda: EideticConv2d(3, 5, 3, padding=1), (0, 3, 6, 6))],
+                         ids=["linear", "conv2d"])
+def test_an_empty_batch_adds_nothing_to_the_taylor_scores(monkeypatch, backend, make, shape):
+    """An empty batch through a layer collecting Taylor scores: backward runs (the conv's score reshaped
+    [0, C, -1], which torch cannot) and adds 0 to every score; the gradients are zero."""
+    op = "linear" if len(shape) == 2 else "conv2d"
+    reason = backends.available(backend, torch.device("cpu"), op)
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("EIDETIC_BACKEND", backend)
+    layer = make()
+    layer.prune_neurons([1])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    layer.enable_taylor()
+    layer.taylor_score.fill_(0.25)
+    x = torch.randn(shape, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(layer.taylor_score, torch.full_like(layer.taylor_score, 0.25))
+    assert x.grad.shape == shape and not layer.weight.grad.any()
+
+
 def test_a_weight_replaced_by_another_shape_is_a_clear_error():
     """Init code that assigns a full-size weight to a layer with frozen neurons, or a weight of another input width
     (which would lose its last columns silently): a ValueError saying what the weight holds and how to write it."""

@@ -463,7 +463,7 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, trai
                                   dilation, scattered)
     else:
         dw, db = x.new_empty((0,)), x.new_empty((0,))
-    if taylor_score is not None:
+    if taylor_score is not None and y.shape[0]:  # an empty batch adds nothing
         n, c = y.shape[:2]
         add_taylor(taylor_score, y.reshape(n, c, -1), grad.reshape(n, c, -1), n)
     return dx, dw, db
