@@ -4,7 +4,9 @@ The fused backward kernels (Triton, C++) are not themselves differentiable. When
 with ``create_graph=True`` (grad mode is on inside the backward), the fused ops re-run a readable forward
 on their saved inputs and differentiate it with ``create_graph``: exact second derivatives, for one more
 forward, only in that mode. Dead synapses are selected away (``torch.where``), never multiplied by a 0/1
-mask, so nothing in the free capacity reaches a gradient through them.
+mask, so nothing in the free capacity reaches a gradient through them. The input gets its gradient through the
+synapses the fused backward carries one through only (``graph_product``): with frozen blocks as constants, not
+through frozen rows nor into inputs of frozen producers.
 """
 from __future__ import annotations
 
@@ -34,3 +36,15 @@ def graph_grads(output: torch.Tensor, inputs, needs, grad: torch.Tensor) -> list
     wanted = [t for t, need in zip(inputs, needs) if need]
     got = iter(torch.autograd.grad(output, wanted, grad, create_graph=True, allow_unused=True) if wanted else ())
     return [next(got) if need else None for need in needs]
+
+
+def graph_product(product, x: torch.Tensor, w: torch.Tensor, b, carry: torch.Tensor) -> torch.Tensor:
+    """``product(x, w, b)`` (F.linear, or F.conv2d with its geometry) as a graph whose input gradient flows
+    through the synapses ``carry`` (bool [out, in]) marks only: the others read ``x`` detached. The weights'
+    gradients are those of the whole product."""
+    carry = carry.to(w.device).view(tuple(carry.shape) + (1,) * (w.dim() - 2))
+    if bool(carry.all()):
+        return product(x, w, b)
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    return product(x, torch.where(carry, w, zero), b) + product(x.detach(), torch.where(carry, zero, w), None)
+

@@ -304,3 +304,22 @@ def dense_from_tiles(tw, fw, tb, fb, tiles, n_out: int, n_in: int, kernel: tuple
             src = fb.detach() if kind == KIND_FROZEN else tb
             b = b.index_put((out,), src[entries[:, 2].to(dev)])
     return w.reshape(n_out, n_in, *kernel), b
+
+
+def dx_synapses_from_tiles(tiles, n_out: int, n_in: int) -> torch.Tensor:
+    """Bool [n_out, n_in] on the CPU: the synapses the dX programs carry a gradient through (every live synapse
+    of a computed row; with frozen blocks as constants, the trainable rows' synapses from FREE producers only).
+    For double backward (eager), whose graph must give the input the gradient the kernels give it."""
+    rows, dx_prog, segs, maps = (t.cpu() for t in (tiles[1], tiles[4], tiles[5], tiles[6]))
+    cols_tile = table_shape(tiles)[1]
+    carry = torch.zeros((n_out, n_in), dtype=torch.bool)
+    for t, (first, count) in enumerate(dx_prog.tolist()):
+        for kind, row0, n, lo, hi, _shift, map0 in segs[first:first + count].tolist():
+            out = rows[row0:row0 + n, 0]
+            if map0 < 0:
+                carry[out[:, None], torch.arange(lo, hi)[None, :]] = True
+            else:
+                read = (maps[map0:map0 + cols_tile] >= 0).nonzero().flatten() + t * cols_tile
+                carry[out[:, None], read[read < n_in][None, :]] = True
+    return carry
+

@@ -312,6 +312,42 @@ def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypat
     assert penalty_grads[0].abs().sum() > 0 and torch.equal(penalty_grads[0], penalty_grads[1])
 
 
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_create_graph_backward_with_frozen_blocks_constant_gives_the_input_the_kernels_gradient(kind, monkeypatch):
+    """Frozen blocks as constants (``constant_frozen``, as a network trains): a ``create_graph=True`` backward
+    (gradient penalty) through the Triton op gives the input what its first-order backward and the reference
+    give it (no gradient through frozen rows or into inputs of frozen producers), and a penalty on that input
+    gradient gives the weights the reference's gradients. Before, the graph was the dense product: the input
+    gradient included the frozen rows'."""
+    torch.manual_seed(0)
+    layer, shape = {"linear": (lambda: EideticLinear(6, 5), (3, 6)),
+                    "conv": (lambda: EideticConv2d(6, 5, 3, padding=1), (2, 6, 4, 4))}[kind]
+    layer = layer().double()
+    layer.set_input_task(torch.tensor([0, ek.FREE, 0, ek.FREE, ek.FREE, 1], dtype=torch.int16))  # producers: 2 tasks, FREE
+    layer.prune_neurons([1, 2])
+    layer.freeze_free_neurons(0)  # rows 0, 3, 4 frozen
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([2])  # 1 FREE, 2 PRUNED
+    layer.__dict__["constant_frozen"] = True
+    x = torch.randn(shape, dtype=torch.double)
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("EIDETIC_BACKEND", backend)
+        layer.weight.grad = None
+        xi = x.clone().requires_grad_()
+        first = torch.autograd.grad(layer(xi).sin().sum(), xi)[0]
+        (g,) = torch.autograd.grad(layer(xi).sin().sum(), xi, create_graph=True)
+        assert layer.last_backend == backend
+        g.square().sum().backward()
+        results[backend] = (first, g.detach(), layer.weight.grad.clone())
+    (first, g, dw), (ref_first, ref_g, ref_dw) = results["triton"], results["reference"]
+    torch.testing.assert_close(g, first, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g, ref_g, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dw, ref_dw, atol=1e-12, rtol=1e-12)
+    assert ref_dw.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", ["default", "reference", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_ON_CPU, reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))])
 @pytest.mark.parametrize("kind", ["linear", "conv"])

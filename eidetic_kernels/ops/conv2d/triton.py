@@ -50,9 +50,9 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ...state import Table
-from ..double_backward import graph_grads
+from ..double_backward import graph_grads, graph_product
 from ..taylor import attach_taylor_hook
-from ..tiles import build_tiles, dense_from_tiles, table_shape, tile_shape
+from ..tiles import build_tiles, dense_from_tiles, dx_synapses_from_tiles, table_shape, tile_shape
 from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision, dx_segment,
                              dw_split, frozen_or_dummy, gemm_blocks, interpreting, register_autocast,
                              window_columns)
@@ -524,7 +524,9 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph=True: gradients as a graph (see ops/double_backward.py)
         with torch.enable_grad():
             w, b = dense_from_tiles(tw, fw, tb, fb, tiles, ctx.n_out, x.shape[1], tuple(tw.shape[2:]))
-            y_graph = attach_taylor_hook(F.conv2d(x, w, b, *ctx.geometry), taylor_score, 1)
+            carry = dx_synapses_from_tiles(tiles, ctx.n_out, x.shape[1])
+            conv = lambda x_, w_, b_: F.conv2d(x_, w_, b_, *ctx.geometry)  # noqa: E731
+            y_graph = attach_taylor_hook(graph_product(conv, x, w, b, carry), taylor_score, 1)
         dx, dw, db = graph_grads(y_graph, (x, tw, tb), (need_dx, ctx.needs_input_grad[1],
                                                          ctx.has_bias and ctx.needs_input_grad[3]), grad)
         return (dx, dw, None, db) + rest

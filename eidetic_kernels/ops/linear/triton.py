@@ -46,10 +46,10 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from ...state import Table
-from ..double_backward import graph_grads
+from ..double_backward import graph_grads, graph_product
 from ..taylor import attach_taylor_hook
 from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
-                     dense_from_tiles, layer_tiles, table_align, table_shape, tile_shape)
+                     dense_from_tiles, dx_synapses_from_tiles, layer_tiles, table_align, table_shape, tile_shape)
 from ..tiles import Tiles as LinearTiles
 from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dw_split,
                              dx_segment, frozen_or_dummy, gemm_blocks, register_autocast, window_columns)
@@ -500,7 +500,8 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph=True: gradients as a graph (see ops/double_backward.py)
         with torch.enable_grad():
             w, b = dense_from_tiles(tw, fw, tb, fb, tiles, ctx.n_out, x.shape[-1])
-            y_graph = attach_taylor_hook(F.linear(x, w, b), taylor_score, -1)
+            carry = dx_synapses_from_tiles(tiles, ctx.n_out, x.shape[-1])
+            y_graph = attach_taylor_hook(graph_product(F.linear, x, w, b, carry), taylor_score, -1)
         dx, dw, db = graph_grads(y_graph, (x, tw, tb), (need_dx, ctx.needs_input_grad[1],
                                                          ctx.has_bias and ctx.needs_input_grad[3]), grad)
         return (dx, dw, None, db) + rest
