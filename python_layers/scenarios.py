@@ -258,9 +258,46 @@ def _decode_cifar10_jpeg_tar(tar_path: Path) -> dict[str, tuple[np.ndarray, np.n
     return out
 
 
+def _save_cached(arr: np.ndarray, path: Path) -> None:
+    """``arr`` as ``path`` (.npy), atomically (a concurrent reader never sees half a file), with the SHA-1 of its
+    bytes beside it (``path.sha1``), which ``_load_cached`` checks."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    with open(tmp, "rb") as f:
+        digest = hashlib.file_digest(f, "sha1").hexdigest()
+    side = path.with_name(path.name + ".sha1")
+    side_tmp = side.with_name(side.name + f".tmp{os.getpid()}")
+    side_tmp.write_text(digest)
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
+
+
+def _load_cached(path: Path) -> np.ndarray:
+    """A cached array; ValueError when its bytes differ from the SHA-1 written beside it (a file changed in place
+    keeps its size: without the check its images would be read as they are). A cache written without the SHA-1
+    gets it now."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha1").hexdigest()
+    side = path.with_name(path.name + ".sha1")
+    try:
+        want = side.read_text().strip()
+    except OSError:
+        want = None
+    if want is not None and want != digest:
+        raise ValueError(f"{path.name} changed since it was decoded (its SHA-1 is not the one in {side.name})")
+    arr = np.load(path)
+    if want is None:
+        try:
+            side.write_text(digest)
+        except OSError:  # a read-only cache: checked from the next writable run on
+            pass
+    return arr
+
+
 def _cached_jpeg_cifar10(tar_path: Path, split: str, retry: bool = True):
     """The tarball decoded once; ``.npy`` arrays cached under the cache folder, keyed by the tarball's size+name.
-    A cache file that cannot be read (emptied, cut short) is decoded again, once, with a warning."""
+    A cache file that cannot be read (emptied, cut short) or whose bytes changed since it was written (its
+    SHA-1, kept beside it) is decoded again, once, with a warning."""
     st = tar_path.stat()
     key = hashlib.sha1(f"{tar_path.name}:{st.st_size}".encode()).hexdigest()[:12]
     cache = _cache_dir() / f"cifar10_jpeg_{key}"
@@ -270,12 +307,10 @@ def _cached_jpeg_cifar10(tar_path: Path, split: str, retry: bool = True):
         cache.mkdir(parents=True, exist_ok=True)
         for s, (x, y) in decoded.items():
             for arr, p in zip((x, y), paths[s]):
-                tmp = p.with_name(p.name + f".tmp{os.getpid()}.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, p)  # atomic: a concurrent reader never sees half a file
+                _save_cached(arr, p)
     try:
-        x = np.load(paths[split][0])
-        y = np.load(paths[split][1])
+        x = _load_cached(paths[split][0])
+        y = _load_cached(paths[split][1])
     except (ValueError, EOFError, OSError) as exc:
         if not retry:
             raise
@@ -284,6 +319,7 @@ def _cached_jpeg_cifar10(tar_path: Path, split: str, retry: bool = True):
         for pair in paths.values():
             for p in pair:
                 p.unlink(missing_ok=True)
+                p.with_name(p.name + ".sha1").unlink(missing_ok=True)
         return _cached_jpeg_cifar10(tar_path, split, retry=False)
     return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -377,10 +413,8 @@ def load_imagenette(split: str, data_root=None, size: int = IMAGENETTE_SIZE) -> 
         x, y, _ = _decode_image_folder(folder, size)
         cache.mkdir(parents=True, exist_ok=True)
         for arr, p in ((x, px), (y, py)):
-            tmp = p.with_name(p.name + f".tmp{os.getpid()}.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, p)  # atomic: a concurrent reader never sees half a file
-    return torch.from_numpy(np.load(px)), torch.from_numpy(np.load(py))
+            _save_cached(arr, p)
+    return torch.from_numpy(_load_cached(px)), torch.from_numpy(_load_cached(py))
 
 
 # ----------------------------------------------------------------------------------------------------------------

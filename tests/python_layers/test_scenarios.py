@@ -232,7 +232,9 @@ def test_cifar10_jpeg_tar_is_decoded_once_and_cached(data_dir, tmp_path, monkeyp
     assert xt.shape == (10, 3, 32, 32) and yt.tolist() == list(range(10))
     # a cache file emptied or cut short is decoded again, with a warning (was EOFError / a numpy error)
     monkeypatch.setattr(sc, "_decode_cifar10_jpeg_tar", decode)
-    for damage in (lambda b: b"", lambda b: b[: len(b) // 2]):
+    # and one changed in place, same size (a flipped byte in the pixels): the SHA-1 beside it tells
+    flip = lambda b: b[:-7] + bytes([b[-7] ^ 0xFF]) + b[-6:]  # noqa: E731
+    for damage in (lambda b: b"", lambda b: b[: len(b) // 2], flip):
         cached = next((tmp_path / "cache").rglob("train_x.npy"))
         cached.write_bytes(damage(cached.read_bytes()))
         with pytest.warns(UserWarning, match="cache .* cannot be read .*decoding cifar10_yoongikim_jpg.tar.xz again"):
