@@ -789,6 +789,9 @@ def train(cfg: dict, out_dir, resume: bool = False, log=print) -> dict:
     """
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
+    if ckpt.exists() and not ckpt.is_file():  # checked first: the run would train, then fail writing it
+        raise ConfigError(f"{ckpt} is not a file (a folder?): a run writes its checkpoint there. Move it away, or "
+                          "choose another --out")
     if not ckpt.is_file() and (out / "results.json").is_file():
         raise ConfigError(f"{out} holds results.json but no checkpoint.pt: the checkpoint was removed or moved, and "
                           f"{'resuming' if resume else 'a new run'} would train from the start and overwrite the "

@@ -672,6 +672,8 @@ def test_a_resume_trusts_the_checkpoint_not_the_files_beside_it(tmp_path, monkey
 
     refused(copy("no_ckpt", lambda o: (o / "checkpoint.pt").unlink()),
             "holds results.json but no checkpoint.pt.*overwrite the run's results")
+    refused(copy("ckpt_folder", lambda o: ((o / "checkpoint.pt").unlink(), (o / "checkpoint.pt").mkdir())),
+            r"checkpoint.pt is not a file \(a folder\?\)")
     refused(copy("edited", lambda o: (o / "config.yaml").write_text(
         (o / "config.yaml").read_text().replace("seed: 0", "seed: 5"))),
         r"config \(given, or .*config.yaml\) differs from the run's in seed \(seed: run has 0, given 5\)")
