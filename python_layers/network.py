@@ -1159,7 +1159,8 @@ class EideticNetwork(nn.Module):
         return fit_router(self, loaders, **kwargs)
 
     def predict(self, x: torch.Tensor, router: str = "learned"):
-        """(tasks, classes), LongTensor[B] each, with no task id given (python_layers.routing)."""
+        """(tasks, classes), LongTensor[B] each, with no task id given (``python_layers.routing.predict``: eval
+        mode under no_grad whatever this network's mode, which it keeps; Section 3.3, the task classifier)."""
         from .routing import predict
         return predict(self, x, router)
 

@@ -509,6 +509,11 @@ def _head_logits(model, features, num_finished) -> list[torch.Tensor]:
 def predict(model, x: torch.Tensor, router: str = "learned") -> tuple[torch.Tensor, torch.Tensor]:
     """(tasks, classes), LongTensor[B] each: each sample's routed task and its class under that head.
 
+    Runs in eval mode under ``torch.no_grad`` whatever the model's mode (batch norms normalise with their
+    running statistics, none of which moves) and gives the model back in the mode it had. A sample holding
+    NaN or inf is not refused: it gets a task and a class like any other, from NaN scores, which mean nothing
+    (the other samples of the batch are unaffected); filter such inputs first where that matters.
+
     Raises ValueError for an unknown ``router``, an input that is not a batch [B, ...] (one sample of the shape the
     body was traced on, unbatched, included), no finished task, and
     ``"learned"`` without a router fitted on every finished task."""
