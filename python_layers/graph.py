@@ -465,6 +465,9 @@ _SPATIAL_FUNCTIONS = {F.interpolate, F.upsample, F.pad}
 # norms whose statistics run over the channel (neuron) dim: every output reads every neuron of the layer
 _FEATURE_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.RMSNorm)
 _FEATURE_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm, F.rms_norm}
+# moves of values inside each channel when their dims are spatial ones only (checked by ``spatial_dims``)
+_MOVE_FUNCTIONS = {torch.roll, torch.flip}
+_MOVE_METHODS = {"roll", "flip"}
 _SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
 _SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 
@@ -527,6 +530,7 @@ _LIKE_METHODS = {"expand_as", "view_as", "reshape_as", "type_as", "to", "new_zer
 
 _NONTENSOR = object()  # a node whose value is not a tensor (a size, an int)
 _CONST = object()      # a tensor that does not come from the input (a buffer, a constant)
+_RAW_PARTS = object()  # a tuple of tensors computed from the raw input alone (x.split(...), x.chunk(...))
 
 
 class _Tracer(fx.Tracer):
@@ -628,12 +632,36 @@ class _Propagator:
             elif isinstance(a, dict):
                 for b in a.values():
                     visit(b)
-            elif isinstance(self.value(a), list):
+            elif isinstance(self.value(a), list) or self.value(a) is _RAW_PARTS:
                 found.append(a)
 
         visit(list(node.args))
         visit(dict(node.kwargs))
         return found
+
+    def raw_only(self, node):
+        """A function or method whose every feature operand is raw network input, which belongs to no neuron: the
+        input is the same for every task and never renumbered, so whatever the op does with it (x.permute(0, 3,
+        1, 2) for channels-last data, x.split(...) into the inputs of two branches, x.roll or a norm over the input
+        features) changes no task's output. Its result is raw input too: a segment as wide as its dim 1, or
+        ``_RAW_PARTS`` for a tuple. None when some operand holds neurons' features, none holds features, the op
+        writes in place or also reads a buffer or constant tensor (it may write one, as F.batch_norm's running
+        statistics: left to the other rules), or the result is not [N, features, ...]."""
+        found = self.tensor_args(node)
+        if (not found or "out" in node.kwargs or (isinstance(node.target, str) and node.target.endswith("_"))
+                or any(self.value(a) is _CONST for a in _nodes_in(node))):
+            return None
+        for a in found:
+            v = self.value(a)
+            if v is not _RAW_PARTS and any(seg.source is not None for seg in v):
+                return None
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and meta and all(len(getattr(m, "shape", ())) >= 2 for m in meta):
+            return _RAW_PARTS
+        shape = self.shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        return [Segment(None, shape[1], 1)]
 
     # ----- node rules ----------------------------------------------------------------------------------
     def run(self, graph: fx.Graph) -> list[Segment]:
@@ -685,6 +713,10 @@ class _Propagator:
         v = self.value(arg) if isinstance(arg, fx.Node) else None
         return isinstance(v, list) and any(s.source is not None for s in v)
 
+    def _raw(self, arg) -> bool:
+        v = self.value(arg) if isinstance(arg, fx.Node) else None
+        return isinstance(v, list) and all(s.source is None for s in v)
+
     def narrow_blocker(self, node) -> str | None:
         """Why evaluating a finished task with activations of prefix width would change what ``node`` computes
         (None: it would not). At prefix width a tensor of neurons keeps only the neurons of tasks <= t, so the
@@ -692,10 +724,18 @@ class _Propagator:
         reshapes that say -1 for the merged feature dim, no concatenation of features, no squeeze without a dim."""
         if node.op not in ("call_function", "call_method", "call_module") or not node.args:
             return None
+        if self._raw(node) and _channels_innermost(node) and not any(
+                self._raw(a) and _channels_innermost(a) for a in _nodes_in(node)):
+            # the network checks a channels_last input and channels_last convs on every call; this layout is
+            # made in the body from an input that is not (x.permute(0, 3, 1, 2) of [N, H, W, C] images)
+            return (f"{_node_desc(node)} makes the input channels_last (channels innermost), and the layers' "
+                    f"outputs follow: pooling and means vectorise over channels, {_ROUNDING_BLOCKER}")
         x = node.args[0]
         if not self._features_of_neurons(x):
             if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
                 tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+                if isinstance(tensors, fx.Node):  # a tuple computed in the body (torch.cat(x.split(2, 1)[::-1]))
+                    tensors = [tensors]
                 dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
                 if dim % len(self.shape(node) or (0, 0)) == 1 and any(self._features_of_neurons(t) for t in tensors):
                     return f"{_node_desc(node)} concatenates features"
@@ -822,6 +862,9 @@ class _Propagator:
 
     def call_function(self, node):
         fn = node.target
+        raw = self.raw_only(node)
+        if raw is not None:
+            return raw
         if fn in _ELEMENTWISE_FUNCTIONS:
             return self.note_constants(node, self.provenance(node.args[0], node))
         if fn in _FEATURE_NORM_FUNCTIONS and self.mixes_neurons(node, None) is not None:
@@ -848,6 +891,8 @@ class _Propagator:
         if fn in _CAT_FUNCTIONS:
             return self.cat(node)
         if fn in _SPATIAL_FUNCTIONS:
+            return self.spatial(node, node.args[0] if node.args else node.kwargs.get("input"))
+        if fn in _MOVE_FUNCTIONS and self.spatial_dims(node):
             return self.spatial(node, node.args[0] if node.args else node.kwargs.get("input"))
         if fn in _SPLIT_FUNCTIONS and isinstance(self.value(node.args[0]), list):
             raise self.split_error(node)
@@ -881,6 +926,9 @@ class _Propagator:
         name = node.target
         if name in _NONTENSOR_METHODS:
             return _NONTENSOR
+        raw = self.raw_only(node)
+        if raw is not None:
+            return raw
         if not isinstance(self.value(node.args[0]), list):
             if not self.tensor_args(node):
                 return _NONTENSOR if self.shape(node) is None else _CONST
@@ -902,9 +950,31 @@ class _Propagator:
             return self.reshape(node, node.args[0])
         if name in _REDUCE_METHODS:
             return self.reduce(node, node.args[0])
+        if name in _MOVE_METHODS and self.spatial_dims(node):
+            return self.spatial(node, node.args[0])
         if name in _SPLIT_METHODS:
             raise self.split_error(node)
         raise GraphError(f"the tracer cannot follow {_node_desc(node)}: it may mix features. {_DECLARE_HINT}")
+
+    def spatial_dims(self, node) -> bool:
+        """Whether a roll or flip (``torch.roll``/``torch.flip`` or the methods) moves values along dims after
+        the channel dim only (h.roll(1, dims=2), h.flip(-1)): each channel's values then come from its own values.
+        A roll without dims (over the flattened tensor) or along the batch or channel dim mixes neurons."""
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        rest = list(node.args[1:])
+        if "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        elif name == "roll":
+            dims = rest[1] if len(rest) > 1 else None
+        else:  # flip(dims) or, as a method, flip(*dims)
+            dims = rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+        shape = self.shape(node.args[0]) if node.args else None
+        if dims is None or shape is None:
+            return False
+        dims = (dims,) if isinstance(dims, int) else dims
+        if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+            return False
+        return all(-len(shape) <= d < len(shape) and d % len(shape) >= 2 for d in dims)
 
     def spatial_index(self, node) -> bool:
         """Whether ``x[index]`` keeps the batch and channel dims where they are and touches only the dims after
@@ -1184,6 +1254,22 @@ class _Propagator:
         graph = LayerGraph(list(groups.values()), inputs, resolve(features), raw_readers, renumber_blocked_by=blocked)
         graph.narrow_blocked_by = blocked or (self.narrow_blockers[0] if self.narrow_blockers else None)
         return graph
+
+
+def _channels_innermost(node: fx.Node) -> bool:
+    """Whether the traced value of ``node`` is [N, C, H, W] with stride 1 along C (channels_last) where that
+    differs from the contiguous layout (C > 1 and H*W > 1)."""
+    meta = node.meta.get("tensor_meta")
+    shape, stride = getattr(meta, "shape", None), getattr(meta, "stride", None)
+    return (shape is not None and stride is not None and len(shape) == 4 and shape[1] > 1
+            and shape[2] * shape[3] > 1 and stride[1] == 1)
+
+
+def _nodes_in(node: fx.Node) -> list[fx.Node]:
+    """The nodes among ``node``'s arguments, also inside lists, tuples and dicts."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
 
 
 def _describe_proto(prop: _Propagator, segments: list[Segment]) -> str:

@@ -1067,3 +1067,96 @@ def test_comparisons_where_and_masked_fill_are_followed_and_keep_the_promise():
     with torch.no_grad():
         for t in range(3):
             assert torch.equal(model(x, task=t), model.logits(model.features(x, view_task=t), t))
+
+
+class _RawInputOps(nn.Module):
+    """Ops on the raw input alone, which belongs to no neuron: split into the inputs of two branches, halves
+    swapped by a cat of a split, a softmax over the input features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 12), nn.Linear(4, 12), nn.Linear(12, 12)
+
+    def forward(self, x):
+        u, v = x.split(4, dim=1)
+        swapped = torch.cat(x.chunk(2, 1)[::-1], 1)
+        h = torch.relu(self.a(u)) + torch.relu(self.b(swapped[:, :4].softmax(1) + v))
+        return torch.relu(self.c(h))
+
+
+class _ChannelsLastInput(nn.Module):
+    """Channels-last images made [N, C, H, W] in forward; features rolled and flipped along spatial dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x.permute(0, 3, 1, 2)))
+        h = torch.roll(h, 1, dims=2).flip(-1)
+        return torch.relu(self.c2(h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("body, shape", [(_RawInputOps, (8,)), (_ChannelsLastInput, (6, 6, 3))],
+                         ids=["raw_split", "channels_last_input"])
+def test_ops_on_the_raw_input_and_spatial_rolls_are_followed_and_keep_the_promise(body, shape):
+    """Refused before ("splits, indexes or slices a tensor of features", "may mix features"). Finished tasks keep
+    their bits through later finishes (_finish_tasks checks) and with NaN in every trainable parameter, and
+    forward(x, task=t) gives the full-width view's bits (prefix width where it is on)."""
+    from tests.python_layers.test_renumbering import _finish_tasks
+
+    torch.manual_seed(0)
+    model = EideticNetwork(body(), 12 if body is _RawInputOps else 8)
+    _finish_tasks(model, shape, tasks=2)
+    model.eval()
+    x = torch.randn(5, *shape)
+    blocked = model.narrow_eval_blocked_by(x)
+    if body is _ChannelsLastInput:  # the permuted input keeps channels innermost: evaluated at full width
+        assert blocked is not None and "channels_last" in blocked, blocked
+    else:
+        assert blocked is None, blocked
+    with torch.no_grad():
+        before = [model(x, task=t).clone() for t in range(2)]
+        for t in range(2):
+            assert torch.equal(before[t], model.logits(model.features(x, view_task=t), t))
+    model.prepare_for_task(2, 3)
+    with torch.no_grad():
+        for p in model.parameters():  # the trainable storage only: every FREE neuron and the new head
+            p.fill_(float("nan"))
+        for t in range(2):
+            assert torch.equal(model(x, task=t), before[t])
+
+
+class _Moved(nn.Module):
+    def __init__(self, move):
+        super().__init__()
+        self.move = move
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.c2(self.move(torch.relu(self.c1(x))))).mean((2, 3))
+
+
+@pytest.mark.parametrize("move", [lambda h: h.roll(1, 1), lambda h: h.roll(1), lambda h: torch.flip(h, (1, 2)),
+                                  lambda h: h.flip(0)], ids=["roll_channels", "roll_flat", "flip_channels",
+                                                             "flip_batch"])
+def test_rolls_and_flips_that_move_values_across_neurons_are_refused(move):
+    with pytest.raises(GraphError, match="may mix features"):
+        trace_body(_Moved(move), torch.randn(2, 3, 6, 6))
+
+
+def test_an_op_on_the_raw_input_that_writes_a_buffer_is_refused():
+    """F.batch_norm of the raw input with the body's own buffers as running statistics: the op writes them
+    in training, and every task reads them. Not taken for a raw-input op."""
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(6))
+            self.register_buffer("var", torch.ones(6))
+            self.a = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.a(F.batch_norm(x, self.mean, self.var, training=self.training))
+
+    with pytest.raises(GraphError, match="batch_norm"):
+        trace_body(Body(), torch.randn(3, 6))
