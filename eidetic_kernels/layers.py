@@ -345,9 +345,9 @@ class EideticLayer(nn.Module):
         Tasks freeze in increasing order, each once per layer, so each task's rows stay one
         contiguous block of the frozen storage. Returns the number of neurons frozen.
 
-        Raises (before anything changes) ValueError when a task >= ``task`` is already frozen here or a FREE
-        neuron's ``min_input_task`` is above ``task``, TypeError for a task that is not an int or for a weight
-        computed by a parametrization, RuntimeError on the meta device. Warns ``FreeInputsWarning`` when some
+        Raises (before anything changes) ValueError when ``task`` is not an int in [0, MAX_TASK], a task >=
+        ``task`` is already frozen here or a FREE neuron's ``min_input_task`` is above ``task``, TypeError for a
+        weight computed by a parametrization, RuntimeError on the meta device. Warns ``FreeInputsWarning`` when some
         inputs are FREE (the neurons frozen now never read them).
         """
         task = _task_id(task)
@@ -1492,10 +1492,12 @@ def _warn_unconverted(model: nn.Module) -> None:
     """Modules with Parameters of their own that have no Eidetic twin (Conv1d, ConvTranspose2d, BatchNorm3d,
     Embedding, PReLU, a bare nn.Parameter, ...) stay as they are: without neuron states nothing freezes them, so
     they train on with every task. Said once per call, naming them (the norms ``_warn_feature_mixing`` names
-    are left out)."""
-    kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm", "GroupNorm") if hasattr(nn, k))
+    are left out, and so is a parametrization list inside an Eidetic layer: it holds the layer's own storage)."""
+    layers = [name + "." for name, m in model.named_modules() if isinstance(m, EideticLayer)]
     kept = [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules()
-            if not isinstance(m, (EideticLayer,) + kinds)
+            if not isinstance(m, EideticLayer) and not _mixes_features(m)
+            and not (isinstance(m, nn.utils.parametrize.ParametrizationList)
+                     and any(name.startswith(prefix) for prefix in layers))
             and any(p is not None and p.requires_grad for p in m._parameters.values())]
     if kept:
         warnings.warn(f"ek.convert left {', '.join(kept)} as they are (no Eidetic twin): nothing freezes the "
@@ -1504,15 +1506,18 @@ def _warn_unconverted(model: nn.Module) -> None:
                       UserWarning, stacklevel=3)
 
 
+def _mixes_features(m: nn.Module) -> bool:
+    """A norm over the features together: LayerNorm, RMSNorm, LocalResponseNorm, GroupNorm with several channels
+    per group (one channel per group is an instance norm)."""
+    kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm") if hasattr(nn, k))
+    return isinstance(m, kinds) or (isinstance(m, nn.GroupNorm) and m.num_groups < m.num_channels)
+
+
 def _warn_feature_mixing(model: nn.Module) -> None:
     """A norm over the features together (LayerNorm, RMSNorm, GroupNorm with several channels per group,
     LocalResponseNorm) makes every output read every neuron's value, FREE ones too: a finished task's outputs then
     move as later tasks train. Said once per call, naming the modules."""
-    kinds = tuple(getattr(nn, k) for k in ("LayerNorm", "RMSNorm", "LocalResponseNorm") if hasattr(nn, k))
-    mixing = []
-    for name, m in model.named_modules():
-        if isinstance(m, kinds) or (isinstance(m, nn.GroupNorm) and m.num_groups < m.num_channels):
-            mixing.append(f"{name or 'the model'} ({type(m).__name__})")
+    mixing = [f"{name or 'the model'} ({type(m).__name__})" for name, m in model.named_modules() if _mixes_features(m)]
     if mixing:
         warnings.warn(f"ek.convert: {', '.join(mixing)} normalise(s) over many features together, so each output "
                       "reads the FREE neurons that later tasks train as well, and finished tasks' outputs will change: "

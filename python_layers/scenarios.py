@@ -258,16 +258,23 @@ def _decode_cifar10_jpeg_tar(tar_path: Path) -> dict[str, tuple[np.ndarray, np.n
     return out
 
 
+def _sha1(path: Path) -> str:
+    """The SHA-1 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def _save_cached(arr: np.ndarray, path: Path) -> None:
     """``arr`` as ``path`` (.npy), atomically (a concurrent reader never sees half a file), with the SHA-1 of its
     bytes beside it (``path.sha1``), which ``_load_cached`` checks."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
     np.save(tmp, arr)
-    with open(tmp, "rb") as f:
-        digest = hashlib.file_digest(f, "sha1").hexdigest()
     side = path.with_name(path.name + ".sha1")
     side_tmp = side.with_name(side.name + f".tmp{os.getpid()}")
-    side_tmp.write_text(digest)
+    side_tmp.write_text(_sha1(tmp))
     os.replace(tmp, path)
     os.replace(side_tmp, side)
 
@@ -276,8 +283,7 @@ def _load_cached(path: Path) -> np.ndarray:
     """A cached array; ValueError when its bytes differ from the SHA-1 written beside it (a file changed in place
     keeps its size: without the check its images would be read as they are). A cache written without the SHA-1
     gets it now."""
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha1").hexdigest()
+    digest = _sha1(path)
     side = path.with_name(path.name + ".sha1")
     try:
         want = side.read_text().strip()
@@ -294,33 +300,41 @@ def _load_cached(path: Path) -> np.ndarray:
     return arr
 
 
-def _cached_jpeg_cifar10(tar_path: Path, split: str, retry: bool = True):
-    """The tarball decoded once; ``.npy`` arrays cached under the cache folder, keyed by the tarball's size+name.
-    A cache file that cannot be read (emptied, cut short) or whose bytes changed since it was written (its
-    SHA-1, kept beside it) is decoded again, once, with a warning."""
+def _cached_arrays(cache: Path, wanted: list[Path], decode, source: str, retry: bool = True) -> list[np.ndarray]:
+    """The arrays ``wanted`` from the cache folder ``cache``, decoded first (``decode()``: {path: array} of every
+    file the cache holds) when a file is missing. A cache file that cannot be read (emptied, cut short) or whose
+    bytes changed since it was written (its SHA-1, kept beside it) is decoded again, once, with a warning."""
+    names = sorted(cache.glob("*.npy")) if cache.is_dir() else []
+    if not all(p.is_file() for p in wanted):
+        cache.mkdir(parents=True, exist_ok=True)
+        for path, arr in decode().items():
+            _save_cached(arr, path)
+    try:
+        return [_load_cached(p) for p in wanted]
+    except (ValueError, EOFError, OSError) as exc:
+        if not retry:
+            raise ValueError(f"the decoded cache {cache} cannot be read ({exc}) even after decoding {source} "
+                             f"again: delete the folder, or set $EIDETIC_CACHE to another one") from exc
+        warnings.warn(f"the decoded cache {cache} cannot be read ({exc}); decoding {source} again", stacklevel=3)
+        for p in set(names) | set(wanted):
+            p.unlink(missing_ok=True)
+            p.with_name(p.name + ".sha1").unlink(missing_ok=True)
+        return _cached_arrays(cache, wanted, decode, source, retry=False)
+
+
+def _cached_jpeg_cifar10(tar_path: Path, split: str):
+    """The tarball decoded once; ``.npy`` arrays cached under the cache folder, keyed by the tarball's size+name
+    (``_cached_arrays``: a damaged cache is decoded again, once, with a warning)."""
     st = tar_path.stat()
     key = hashlib.sha1(f"{tar_path.name}:{st.st_size}".encode()).hexdigest()[:12]
     cache = _cache_dir() / f"cifar10_jpeg_{key}"
     paths = {s: (cache / f"{s}_x.npy", cache / f"{s}_y.npy") for s in ("train", "test")}
-    if not all(p.is_file() for pair in paths.values() for p in pair):
+
+    def decode():
         decoded = _decode_cifar10_jpeg_tar(tar_path)
-        cache.mkdir(parents=True, exist_ok=True)
-        for s, (x, y) in decoded.items():
-            for arr, p in zip((x, y), paths[s]):
-                _save_cached(arr, p)
-    try:
-        x = _load_cached(paths[split][0])
-        y = _load_cached(paths[split][1])
-    except (ValueError, EOFError, OSError) as exc:
-        if not retry:
-            raise
-        warnings.warn(f"the decoded CIFAR-10 cache {cache} cannot be read ({exc}); decoding {tar_path.name} again",
-                      stacklevel=2)
-        for pair in paths.values():
-            for p in pair:
-                p.unlink(missing_ok=True)
-                p.with_name(p.name + ".sha1").unlink(missing_ok=True)
-        return _cached_jpeg_cifar10(tar_path, split, retry=False)
+        return {p: arr for s, pair in decoded.items() for p, arr in zip(paths[s], pair)}
+
+    x, y = _cached_arrays(cache, list(paths[split]), decode, tar_path.name)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -409,12 +423,13 @@ def load_imagenette(split: str, data_root=None, size: int = IMAGENETTE_SIZE) -> 
     key = hashlib.sha1(f"{folder.resolve()}:{count}:{size}".encode()).hexdigest()[:12]
     cache = _cache_dir() / f"imagenette_{key}"
     px, py = cache / "x.npy", cache / "y.npy"
-    if not (px.is_file() and py.is_file()):
+
+    def decode():
         x, y, _ = _decode_image_folder(folder, size)
-        cache.mkdir(parents=True, exist_ok=True)
-        for arr, p in ((x, px), (y, py)):
-            _save_cached(arr, p)
-    return torch.from_numpy(_load_cached(px)), torch.from_numpy(_load_cached(py))
+        return {px: x, py: y}
+
+    x, y = _cached_arrays(cache, [px, py], decode, str(folder))
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ def graph_grads(output: torch.Tensor, inputs, needs, grad: torch.Tensor) -> list
 
 def graph_product(product, x: torch.Tensor, w: torch.Tensor, b, carry: torch.Tensor) -> torch.Tensor:
     """``product(x, w, b)`` (F.linear, or F.conv2d with its geometry) as a graph whose input gradient flows
-    through the synapses ``carry`` (bool [out, in]) marks only: the others read ``x`` detached. The weights'
+    through the synapses ``carry`` (bool [out, in] on the CPU) marks only: the others read ``x`` detached. The weights'
     gradients are those of the whole product."""
-    carry = carry.to(w.device).view(tuple(carry.shape) + (1,) * (w.dim() - 2))
-    if bool(carry.all()):
+    if bool(carry.all()):  # on the host, where the tile table built it: no device read
         return product(x, w, b)
+    carry = carry.to(w.device).view(tuple(carry.shape) + (1,) * (w.dim() - 2))
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     return product(x, torch.where(carry, w, zero), b) + product(x.detach(), torch.where(carry, zero, w), None)
 

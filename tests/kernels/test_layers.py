@@ -887,3 +887,16 @@ def test_convert_names_the_modules_it_leaves_unprotected():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ek.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.BatchNorm1d(3)))
+
+
+def test_convert_names_an_affine_group_norm_with_one_channel_per_group_but_not_a_layer_parametrization():
+    """GroupNorm(C, C) normalises each channel alone (no feature-mixing warning), but its affine parameters train
+    on with every task: named as left unprotected. A parametrization of an Eidetic layer's weight (weight_norm)
+    holds the layer's own storage: not named."""
+    with pytest.warns(UserWarning, match=r"ek.convert left 1 \(GroupNorm\) as they are"):
+        ek.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(8, 8)))
+    layer = EideticLinear(4, 4)
+    nn.utils.parametrizations.weight_norm(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.convert(nn.Sequential(layer, nn.ReLU()))

@@ -413,9 +413,19 @@ def test_imagenette_class_folders_decoded_resized_and_cached(data_dir, tmp_path,
     scenario = sc.build_scenario("split_imagenette", 5)
     assert scenario.input_shape == (3, size, size) and scenario.num_tasks == 5
     assert len(scenario.tasks[0].test) == 2  # val: one image per class, two classes per task
+    decode = sc._decode_image_folder
     monkeypatch.setattr(sc, "_decode_image_folder", lambda *_: (_ for _ in ()).throw(AssertionError("cached")))
     x2, _ = sc.load_imagenette("train")
     assert torch.equal(x, x2)
+    # a cache file changed in place (same size) or cut short is decoded again, once, with a warning
+    monkeypatch.setattr(sc, "_decode_image_folder", decode)
+    flip = lambda b: b[:-7] + bytes([b[-7] ^ 0xFF]) + b[-6:]  # noqa: E731
+    for damage in (flip, lambda b: b[: len(b) // 2]):
+        for cached in (tmp_path / "cache").rglob("x.npy"):  # train's and val's caches
+            cached.write_bytes(damage(cached.read_bytes()))
+        with pytest.warns(UserWarning, match="decoded cache .*imagenette_.* cannot be read .*decoding .*train again"):
+            x3, y3 = sc.load_imagenette("train")
+        assert torch.equal(x3, x) and y3.tolist() == y.tolist()
 
 
 def test_imagenette_missing_names_the_folders(data_dir):
