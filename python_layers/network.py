@@ -1160,7 +1160,7 @@ class EideticNetwork(nn.Module):
 
     def predict(self, x: torch.Tensor, router: str = "learned"):
         """(tasks, classes), LongTensor[B] each, with no task id given (``python_layers.routing.predict``: eval
-        mode under no_grad whatever this network's mode, which it keeps; Section 3.3, the task classifier)."""
+        mode under no_grad whatever this network's mode, which it keeps; paper Section 3, "task routing")."""
         from .routing import predict
         return predict(self, x, router)
 
