@@ -640,7 +640,7 @@ class _Propagator:
         return found
 
     def raw_only(self, node):
-        """A function or method whose every feature operand is raw network input, which belongs to no neuron: the
+        """A function, method or stateless module whose every feature operand is raw network input, which belongs to no neuron: the
         input is the same for every task and never renumbered, so whatever the op does with it (x.permute(0, 3,
         1, 2) for channels-last data, x.split(...) into the inputs of two branches, x.roll or a norm over the input
         features) changes no task's output. Its result is raw input too: a segment as wide as its dim 1, or
@@ -794,6 +794,11 @@ class _Propagator:
                 raise GraphError(f"layer {name} is called twice in the body; weight sharing between places of the "
                                  f"graph cannot be split into per-neuron states. {_DECLARE_HINT}")
             self.seen_layers[id(module)] = name
+        if (not isinstance(module, EideticLayer) and next(module.parameters(), None) is None
+                and next(module.buffers(), None) is None):
+            raw = self.raw_only(node)  # a module with no state of its own on the raw input alone (nn.Softmax)
+            if raw is not None:
+                return raw
         if isinstance(module, (EideticLinear, EideticConv2d)):
             prov = self.provenance(node.args[0], node)
             in_shape = self.shape(node.args[0])

@@ -1097,8 +1097,15 @@ class _ChannelsLastInput(nn.Module):
         return torch.relu(self.c2(h)).mean((2, 3))
 
 
-@pytest.mark.parametrize("body, shape", [(_RawInputOps, (8,)), (_ChannelsLastInput, (6, 6, 3))],
-                         ids=["raw_split", "channels_last_input"])
+def _unshuffled():
+    """A stateless module on the raw input: PixelUnshuffle makes 12 channels of 3."""
+    return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+
+
+@pytest.mark.parametrize("body, shape", [(_RawInputOps, (8,)), (_ChannelsLastInput, (6, 6, 3)),
+                                         (_unshuffled, (3, 6, 6))],
+                         ids=["raw_split", "channels_last_input", "pixel_unshuffle"])
 def test_ops_on_the_raw_input_and_spatial_rolls_are_followed_and_keep_the_promise(body, shape):
     """Refused before ("splits, indexes or slices a tensor of features", "may mix features"). Finished tasks keep
     their bits through later finishes (_finish_tasks checks) and with NaN in every trainable parameter, and
