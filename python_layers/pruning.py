@@ -135,8 +135,10 @@ def is_fixed(group) -> bool:
 
 
 def prune_counts(group, step: float, task_free: int) -> int:
-    """How many FREE neurons of ``group`` one step prunes (0 when only one is left, or the group is fixed)."""
-    if is_fixed(group):
+    """How many FREE neurons of ``group`` one step prunes (0 when only one is left, the group is fixed, or it is
+    a batch norm of the raw input: its channels are input features, which every task reads as task 0's; pruning
+    one would cut that input from the task's frozen neurons for good)."""
+    if is_fixed(group) or getattr(group, "input_normalizer", False):
         return 0
     n_free = int((group.task_state == FREE).sum())
     want = max(1, round(step * task_free))

@@ -217,3 +217,29 @@ def test_a_residual_group_sums_both_branches_normalised():
     scores = pruning.group_scores(group, "l1")
     torch.testing.assert_close(scores[free], expect[free], rtol=1e-5, atol=1e-6)
     assert bool(torch.isnan(scores[~free]).all())
+
+
+@pytest.mark.parametrize("method", ["l2", "taylor"])
+def test_a_batch_norm_of_the_raw_input_is_never_pruned(method):
+    """Its channels are input features, which every task reads as task 0's: train_task's pruning steps leave
+    them FREE, task 0 freezes them all and later tasks read every input (before: task 0 kept 5 of 20 inputs and
+    its frozen neurons lost the others for good)."""
+    import torch.nn as nn
+
+    from python_layers import EideticNetwork
+
+    torch.manual_seed(0)
+    model = EideticNetwork(nn.Sequential(nn.BatchNorm1d(12), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16),
+                                         nn.ReLU()), 16)
+    x = torch.randn(64, 12)
+    y = (x[:, 3] > 0).long()
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    for task in range(2):
+        model.prepare_for_task(task, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        history = model.train_task(batches, optimizer, pruning=method, step=0.5, stop_threshold=1.0,
+                                   max_epochs=2, patience=1, recovery_epochs=1, max_prune_steps=3, progress=False)
+        assert any(r["phase"] == "recover" for r in history)  # the other groups were pruned
+        assert model.body[0].neuron_task.tolist() == [0] * 12
+        assert bool((model.body[1].neuron_task == PRUNED).sum() == 0)  # finished: recycled
+    assert bool((model.body[1].input_task == 0).all())
