@@ -214,6 +214,11 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
         raise RuntimeError("the layer graph is not built yet: call model.ensure_graph(x) with a batch first")
     if graph.renumber_blocked_by is not None and "one value per feature" in graph.renumber_blocked_by:
         raise GraphError(f"export: {graph.renumber_blocked_by}; a compact export would misalign it")
+    for g in graph.groups:  # a layer with none of the task's neurons: its logits do not depend on the input
+        state = g.task_state
+        if not g.raw_positions and not bool(((state >= 0) & (state <= task)).any()):
+            raise GraphError(f"export: {g.name} keeps no neuron of task {task} or earlier, so task {task}'s logits "
+                             "are its head's biases whatever the input; nothing to export")
     needed = needed_neurons(model, task)
     traced = trace_fx(model, model.forward_features)
     builder = _Builder()

@@ -701,16 +701,20 @@ class EideticNetwork(nn.Module):
         self._record_frozen_values()
         self._record_body_constants()
         _forget_compiled_graphs()
-        if not self.forward_transfer.get(task, True) and self.graph is not None:
-            # without forward transfer the layers after such a group read only this task's neurons there: none
-            empty = [g.name for g in self.graph.groups if frozen.get(g.name) == 0 and any(
-                isinstance(layer, (EideticLinear, EideticConv2d)) for layer in g.layers)]
+        if self.graph is not None:
+            # the layers after such a group read only this task's neurons there without forward transfer, and
+            # this task's and earlier ones' with it: none in either case
+            transfer = self.forward_transfer.get(task, True)
+            empty = [g.name for g in self.graph.groups if frozen.get(g.name) == 0 and not g.raw_positions and any(
+                isinstance(layer, (EideticLinear, EideticConv2d)) for layer in g.layers) and (
+                not transfer or not bool(((g.task_state >= 0) & (g.task_state < task)).any()))]
             if empty:
-                warnings.warn(f"task {task} kept no neuron of {', '.join(empty)} and trained without forward transfer: "
-                              f"the layers reading {'it' if len(empty) == 1 else 'them'} get nothing of this task "
-                              f"there, so unless a skip connection carries its features around, its outputs no "
-                              f"longer depend on the input. Keep at least one neuron of each layer (prune fewer by "
-                              f"hand; train_task always keeps one), or train with forward transfer",
+                why = "and trained without forward transfer" if not transfer else "(nor does an earlier task)"
+                warnings.warn(f"task {task} kept no neuron of {', '.join(empty)} {why}: the layers reading "
+                              f"{'it' if len(empty) == 1 else 'them'} get nothing of this task there, so unless a "
+                              f"skip connection carries its features around, its outputs no longer depend on the "
+                              f"input. Keep at least one neuron of each layer (prune fewer by hand; train_task "
+                              f"always keeps one){', or train with forward transfer' if not transfer else ''}",
                               CapacityWarning, stacklevel=user_stacklevel())
         full = self._layers_without_capacity()
         if full:  # said now, while the run can still react, rather than when the next task cannot start
@@ -1064,6 +1068,8 @@ class EideticNetwork(nn.Module):
                 n = g.members[0][1].narrow_width()
                 if n is None:
                     return f"{g.name}'s neurons of tasks <= {task} are not its first ones"
+                if n == 0:  # pooling and the engine's products want one feature at least
+                    return f"{g.name} keeps no neuron of tasks <= {task}"
                 width[id(g)] = n
 
             def reads(segments):

@@ -413,3 +413,39 @@ def test_interpolation_and_channels_last_run_at_full_width(name, monkeypatch):
     else:
         assert blocked is not None and reason in blocked, blocked
         assert calls == []
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "cnn_maxpool"])
+def test_a_first_task_that_keeps_no_neuron_of_a_layer_is_said_and_still_evaluates(conv):
+    """Task 0 pruned by hand to no neuron of a layer: finish_task says its outputs no longer depend on the input,
+    forward(x, task=0) gives the full-width view (the head's biases; prefix width 0 raised IndexError, or the
+    pooling's error on 0 channels), and export names the empty layer."""
+    import warnings
+
+    from python_layers import CapacityWarning, GraphError
+
+    torch.manual_seed(0)
+    if conv:
+        body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Flatten())
+        x, dim = torch.randn(4, 3, 4, 4), 32
+    else:
+        body = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 12))
+        x, dim = torch.randn(4, 5), 12
+    model = EideticNetwork(body, dim)
+    model.prepare_for_task(0, 2)
+    model.ensure_graph(x)
+    first, second = model.groups
+    first.prune(torch.arange(2, first.size))
+    second.prune(torch.arange(second.size))
+    with pytest.warns(CapacityWarning, match=r"task 0 kept no neuron of body.2 \(nor does an earlier task\)"):
+        model.finish_task()
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = model(x, task=0)
+        assert torch.equal(got, _full_width(model, x, 0))
+        assert torch.equal(got, model.heads[0].frozen_bias.expand(4, -1))
+    assert "keeps no neuron of tasks <= 0" in model.narrow_eval_blocked_by(x, task=0)
+    with pytest.raises(GraphError, match="export: body.2 keeps no neuron of task 0 or earlier"):
+        model.export(0)
