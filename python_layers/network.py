@@ -535,8 +535,13 @@ class EideticNetwork(nn.Module):
         left, ``GraphError`` for a body the tracer cannot follow (or that was edited after it was traced).
         """
         task = task_index(task, "tasks are numbered 0, 1, 2, ...")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        given = num_classes
+        try:  # an integer scalar of numpy or torch (y.max() + 1) is taken as its int; bools and floats are not
+            num_classes = None if isinstance(given, bool) else operator.index(given)
+        except TypeError:
+            num_classes = None
+        if num_classes is None or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {given!r}")
         if task < 0:
             raise ValueError(f"task ids are 0, 1, 2, ... in order: got {task}; the next task is "
                              f"{self.num_finished_tasks}")

@@ -392,7 +392,8 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
     generator) for a fit that gives the same router again.
     Raises ValueError for a loader list that does not match the finished tasks, bad sizes, an unknown ``reads``,
     no batch, non-finite features, ``flip`` or ``reads`` "input"/"both" with inputs that are not
-    ``[B, C, H, W]``, and an ``init`` router that reads otherwise, has other sizes or as many tasks or more.
+    ``[B, C, H, W]``, and an ``init`` router that reads otherwise, has other sizes or as many tasks or more;
+    TypeError for an ``init`` that is not a TaskRouter (checked before any feature is computed).
     """
     num_finished = _finished(model)
     if isinstance(loaders, dict):
@@ -414,6 +415,9 @@ def fit_router(model, loaders, epochs: int = 30, lr: float = 1e-2, batch_size: i
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if reads not in ROUTER_INPUTS:
         raise ValueError(f"reads must be one of {ROUTER_INPUTS}, got {reads!r}")
+    if init is not None and not isinstance(init, TaskRouter):
+        raise TypeError(f"init must be None or a TaskRouter to warm-start from (model.router, fitted after an "
+                        f"earlier task), got {type(init).__name__}")
     flip = bool(flip)
     reads_body, reads_input = reads in ("body", "both"), reads in ("input", "both")
     device = torch.device(device) if device is not None else _model_device(model)

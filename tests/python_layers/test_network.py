@@ -1249,3 +1249,19 @@ def test_a_partial_load_without_a_layers_storage_names_it():
                                            r"together.*Nothing of this network was loaded"):
         fresh.load_state_dict(state, strict=False)
     assert fresh.num_finished_tasks == 0 and bool((fresh.body[0].task_state == FREE).all())
+
+
+def test_num_classes_takes_integer_scalars_of_numpy_and_torch():
+    """``y.max() + 1`` gives a numpy or torch integer scalar: taken as its int, as the task id is; bools and
+    floats stay errors."""
+    import numpy as np
+
+    model = EideticNetwork(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 4)
+    model.prepare_for_task(0, np.int64(3))
+    assert model.heads[0].out_features == 3 and type(model.heads[0].out_features) is int
+    for bad in (True, 2.0, torch.tensor(2.0), 0, "2"):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            EideticNetwork(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 4).prepare_for_task(0, bad)
+    model = EideticNetwork(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 4)
+    model.prepare_for_task(0, torch.tensor(2))
+    assert model.heads[0].out_features == 2

@@ -465,6 +465,8 @@ def test_fit_router_warm_starts_from_the_previous_tasks_router(trained):
         model.fit_router(loaders, reads="input", init=model.router)
     with pytest.raises(ValueError, match="reads otherwise or has other sizes: reads_body False"):
         model.fit_router(loaders, reads="both", init=previous)
+    with pytest.raises(TypeError, match="init must be None or a TaskRouter .*got bool"):
+        model.fit_router(loaders, reads="input", init=False)  # was an AttributeError after every feature pass
 
 
 def test_a_run_warm_starts_its_router_and_fits_the_last_one_longer(tmp_path, monkeypatch):
