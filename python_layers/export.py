@@ -73,6 +73,40 @@ def needed_neurons(model, task: int) -> dict[int, torch.Tensor]:
     return needed
 
 
+def _reads_the_input(model, task: int) -> bool:
+    """Whether task ``task``'s logits depend on the network input: some neuron they read (through live synapses,
+    layer after layer) reads a raw input feature. False when a layer on every path keeps none of the neurons the
+    task reads there: the logits are then the head's biases."""
+    graph = model.graph
+    # input positions (a batch norm of the raw input, alone or coupled by a residual add) carry the input
+    depends = {id(g): torch.full((g.size,), g.input_normalizer or g.raw_positions, dtype=torch.bool)
+               for g in graph.groups}
+
+    def features(segments: list[Segment]) -> torch.Tensor:  # Bool[width]: which features carry the input
+        parts = [torch.ones(s.width, dtype=torch.bool) if s.source is None
+                 else depends[id(s.source)].repeat_interleave(s.repeat) for s in segments]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+    def rows_reading(layer, carried: torch.Tensor) -> torch.Tensor:  # Bool[rows]: rows reading a carried feature
+        out = torch.zeros(layer.num_neurons, dtype=torch.bool)
+        states, lows = layer.task_state.cpu().long(), layer.min_input_task.cpu().long()
+        live = (states >= 0) & (states <= task)  # a finished task's view: its neurons and earlier ones
+        for state, low in torch.unique(torch.stack([states[live], lows[live]], 1), dim=0).tolist():
+            if bool((live_inputs(layer.input_task.cpu(), state, low) & carried).any()):
+                out |= live & (states == state) & (lows == low)
+        return out
+
+    changed = True
+    while changed:  # each pass only adds neurons
+        changed = False
+        for name, (layer, segments) in graph.inputs.items():
+            group = graph.group_of(name)
+            grown = depends[id(group)] | rows_reading(layer, features(segments))
+            if not torch.equal(grown, depends[id(group)]):
+                depends[id(group)], changed = grown, True
+    return bool(rows_reading(model.heads[task], features(graph.features)).any())
+
+
 def _kept_features(segments: list[Segment], needed: dict) -> torch.Tensor:
     """Int64: the features (original positions) a reader of ``segments`` still gets, in their order."""
     parts, offset = [], 0
@@ -160,7 +194,10 @@ def _weighted(builder: _Builder, name: str, layer, x: fx.Node, task: int, rows_k
         outputs.append(builder.module(f"{name}_task{blk.task}", part, window))
         order.append(rows[sel])
     if not outputs:
-        raise GraphError(f"export: {name} keeps no neuron of task {task} or earlier; nothing to export")
+        raise GraphError(f"export: task {task} reads no neuron of {name}, yet its logits depend on the input (a "
+                         f"skip connection carries the task's features around {name}); a compact module without "
+                         f"{name} is not supported: keep at least one of the task's neurons there, or evaluate with "
+                         f"model(x, task={task})")
     y = outputs[0] if len(outputs) == 1 else builder.graph.call_function(torch.cat, (outputs, dim))
     emitted = torch.cat(order)
     if not torch.equal(emitted, rows_kept):  # blocks out of neuron order (a layout that was not renumbered)
@@ -208,18 +245,35 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
                          f"with it), got task={task!r}")
     task = task_index(task, f"export one of the finished tasks 0..{model.num_finished_tasks - 1}")
     if not 0 <= task < model.num_finished_tasks:
-        raise ValueError(f"task must be a finished task (0..{model.num_finished_tasks - 1}), got {task!r}")
+        training = (f"; task {task} is prepared and not finished yet (model.finish_task() ends it)"
+                    if task == model.current_task else "")
+        raise ValueError(f"task must be a finished task (0..{model.num_finished_tasks - 1}), got {task!r}{training}")
     graph = model.graph
     if graph is None:
         raise RuntimeError("the layer graph is not built yet: call model.ensure_graph(x) with a batch first")
     if graph.renumber_blocked_by is not None and "one value per feature" in graph.renumber_blocked_by:
         raise GraphError(f"export: {graph.renumber_blocked_by}; a compact export would misalign it")
-    for g in graph.groups:  # a layer with none of the task's neurons: its logits do not depend on the input
-        state = g.task_state
-        if not g.raw_positions and not bool(((state >= 0) & (state <= task)).any()):
-            raise GraphError(f"export: {g.name} keeps no neuron of task {task} or earlier, so task {task}'s logits "
-                             "are its head's biases whatever the input; nothing to export")
     needed = needed_neurons(model, task)
+    if not _reads_the_input(model, task):
+        raise GraphError(f"export: task {task}'s logits read no neuron of the body, so they are its head's biases "
+                         "whatever the input (a layer on every path keeps none of the neurons the task reads: "
+                         "finish_task said which); nothing to export")
+    # traced and built in eval mode (what a deployed module runs: ``self.training`` read in forward is baked in),
+    # with the global RNG as it was (the compact layers' initialisation draws from it before their values are set)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            exported = _build(model, graph, task, needed)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    _check(model, exported, task, example, rtol, atol)
+    return exported
+
+
+def _build(model, graph, task: int, needed: dict) -> fx.GraphModule:
+    """The compact module of ``export_task`` (unchecked)."""
     traced = trace_fx(model, model.forward_features)
     builder = _Builder()
     env: dict[fx.Node, fx.Node] = {}
@@ -258,9 +312,7 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
     logits = _weighted(builder, f"head{task}", head, env[output.args[0]], task,
                        torch.arange(head.num_neurons), _kept_features(graph.features, needed))
     builder.graph.output(logits)
-    exported = fx.GraphModule(builder.root, builder.graph, class_name=f"EideticTask{task}").eval()
-    _check(model, exported, task, example, rtol, atol)
-    return exported
+    return fx.GraphModule(builder.root, builder.graph, class_name=f"EideticTask{task}").eval()
 
 
 def _check(model, exported: nn.Module, task: int, example: torch.Tensor | None, rtol: float, atol: float) -> None:

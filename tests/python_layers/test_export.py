@@ -156,3 +156,54 @@ def test_a_low_precision_body_with_batch_norm_exports(dtype):
         got, want = exported(x), model(x, task=0)
     assert got.dtype == want.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2)
+
+
+class _DropoutByMode(nn.Module):
+    """Reads ``self.training`` in forward, as F.dropout(h, training=self.training) does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 12)
+
+    def forward(self, x):
+        h = F.dropout(torch.relu(self.a(x.flatten(1))), 0.5, training=self.training)
+        return torch.relu(self.b(h))
+
+
+def test_export_traces_in_eval_mode_and_leaves_the_random_stream_alone():
+    """A network left in train mode (as train_task leaves it): the export is traced in eval mode, whatever the
+    network's (the check failed with 'logits differ' and advised looser tolerances), the network keeps its mode,
+    and the global RNG draws as if nothing was exported (the compact layers' initialisation drew from it)."""
+    torch.manual_seed(0)
+    model = EideticNetwork(_DropoutByMode(), 12)
+    _finish_tasks(model, (1, 8, 8), tasks=1)
+    model.train()
+    state = torch.get_rng_state()
+    exported = model.export(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training and all(m.training for m in model.modules())
+    x = torch.randn(5, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x, task=0), rtol=1e-4, atol=1e-4)
+    assert "training = False" in exported.code
+
+
+def test_export_of_a_task_with_an_empty_layer_says_what_holds():
+    """Task 1 without forward transfer keeps no neuron of a layer on the only path: its logits are the head's
+    biases, said as such (the error named another layer, whose neurons task 1 does hold); and export of a task
+    that is prepared but not finished says so."""
+    torch.manual_seed(0)
+    body, feature_dim = mlp()[:2]
+    model = EideticNetwork(body, feature_dim)
+    _finish_tasks(model, (1, 8, 8), tasks=1)
+    model.prepare_for_task(1, 3, forward_transfer=False)
+    with pytest.raises(ValueError, match="task 1 is prepared and not finished yet"):
+        model.export(1)
+    last = model.groups[-1]
+    last.prune((last.task_state == FREE).nonzero().flatten())
+    with pytest.warns(UserWarning, match=f"task 1 kept no neuron of {last.name} and trained without forward"):
+        model.finish_task()
+    with pytest.raises(GraphError, match="task 1's logits read no neuron of the body, so they are its head's biases"):
+        model.export(1)
+    model.export(0)
