@@ -236,9 +236,12 @@ def export_task(model, task: int, example: torch.Tensor | None = None, rtol: flo
     task: an int (or an integer scalar: numpy, a one-element tensor), a finished task.
     example: an input batch to check the export with (default: random, of the shape the body was traced on);
     rtol/atol: the tolerances of that check (default: ``CHECK_TOLERANCE`` of the logits' dtype, 1e-4 in fp32).
-    Raises TypeError for a task that is not an integer, ValueError for a task that is not finished, GraphError
-    when the body cannot be exported (it ties a constant to feature positions, or its code assumes full
-    widths) or the check fails.
+    Traced and built in eval mode (``self.training`` read in forward is baked in as False) and returned in eval
+    mode; the network keeps its mode and the global RNG its state.
+    Raises TypeError for a task that is not an integer, ValueError for a task that is not finished or an empty
+    ``example``, GraphError when the body cannot be exported (it ties a constant to feature positions, its code
+    assumes full widths, the task's logits read no neuron of the body, or it keeps no neuron of a layer a skip
+    connection bypasses) or the check fails.
     """
     if not model.num_finished_tasks:
         raise ValueError(f"no task is finished yet: export a task after model.finish_task() (train_task ends "
@@ -324,6 +327,9 @@ def _check(model, exported: nn.Module, task: int, example: torch.Tensor | None, 
         dtype = model.heads[task].frozen_bias.dtype if model.heads[task].frozen_bias is not None else torch.float32
         example = torch.randn((4,) + tuple(graph.input_shape), generator=torch.Generator().manual_seed(0),
                               dtype=dtype).to(like)
+    if isinstance(example, torch.Tensor) and (example.dim() == 0 or example.shape[0] == 0):
+        raise ValueError(f"export: example must be a batch of at least one sample to check the module on, got shape "
+                         f"{tuple(example.shape)}")
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -765,8 +765,10 @@ class EideticNetwork(nn.Module):
         BatchNorm layers and the body's own ops) that runs without eidetic: its weights are exactly the
         synapses the task uses. Checked against ``self(x, task=task)`` on ``example`` (default: a random
         batch) within ``rtol``/``atol`` (default: by the logits' dtype, ``export.CHECK_TOLERANCE``). Raises as
-        ``python_layers.export.export_task`` (TypeError / ValueError for a task that is not a finished one,
-        GraphError for a body whose neurons cannot be compacted)."""
+        ``python_layers.export.export_task`` (TypeError / ValueError for a task that is not a finished one or an
+        empty ``example``, GraphError for a body whose neurons cannot be compacted). Traced in eval mode, returned
+        in eval mode; the network keeps its mode and the global RNG its state. Paper: the network of a finished
+        task is the sub-network of its frozen neurons (Section 3)."""
         from .export import export_task
         return export_task(self, task, example, rtol, atol)
 

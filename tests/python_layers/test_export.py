@@ -102,6 +102,8 @@ def test_export_errors_are_clear(capfd):
         model.export(1)
     with pytest.raises(TypeError, match="task must be an int"):
         model.export(True)
+    with pytest.raises(ValueError, match="example must be a batch of at least one sample"):
+        model.export(0, example=torch.randn(0, 1, 8, 8))  # checked nothing before
     for task in (np.int64(0), torch.tensor(0)):  # integer scalars, as model(x, task=...) takes them
         assert sum(p.numel() for p in model.export(task).parameters()) == \
             sum(p.numel() for p in model.export(0).parameters())
