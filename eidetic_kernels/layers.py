@@ -1522,7 +1522,8 @@ def _warn_feature_mixing(model: nn.Module) -> None:
         warnings.warn(f"ek.convert: {', '.join(mixing)} normalise(s) over many features together, so each output "
                       "reads the FREE neurons that later tasks train as well, and finished tasks' outputs will change: "
                       "the no-forgetting promise does not hold for this model (EideticNetwork refuses such a body). "
-                      "Use BatchNorm, GroupNorm with one channel per group (InstanceNorm), or no norm there",
+                      "Use BatchNorm, GroupNorm with one channel per group (InstanceNorm) without affine parameters, "
+                      "or no norm there",
                       UserWarning, stacklevel=3)
 
 

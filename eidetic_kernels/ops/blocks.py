@@ -201,11 +201,34 @@ def _into_window(full: torch.Tensor, blk: Block, dim: int, values: torch.Tensor)
     return full
 
 
-def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool,
-                  contiguous: bool = False, plain: bool = False):
+def _frozen_views(frozen_weight, frozen_bias, blk: Block, kernel, plain: bool):
+    """(w [n, width, *kernel], b [n] | None): the block's detached views of the compact frozen storages.
+
+    Kept on the block (a layer's tables live until one of its states changes) once the same storages came twice
+    in a row, so that evaluating a task with many finished blocks does not re-slice each of them per call (the
+    products dominate only where blocks are large). A storage cast per call (autocast) is never kept; nor are
+    views inside torch.func transforms, torch.compile or inference mode."""
     n, k = blk.rows.numel(), math.prod(kernel)
+    keep = not (plain or torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
+    if keep:
+        key = (frozen_weight.data_ptr(), frozen_weight.dtype, frozen_weight.device, frozen_weight.numel(),
+               None if frozen_bias is None else (frozen_bias.data_ptr(), frozen_bias.dtype, frozen_bias.numel()))
+        kept = blk.__dict__.get("_frozen_views")
+        if kept is not None and kept[0] == key:
+            return kept[1]
     w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
     b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
+    if keep:
+        if blk.__dict__.get("_frozen_key") == key:  # the second call with these storages: keep the views
+            blk.__dict__["_frozen_views"] = (key, (w, b))
+        blk.__dict__["_frozen_key"] = key
+    return w, b
+
+
+def _frozen_block(x, frozen_weight, frozen_bias, blk: Block, kernel, op: DenseOp, dim: int, grad_x: bool,
+                  contiguous: bool = False, plain: bool = False):
+    n = blk.rows.numel()
+    w, b = _frozen_views(frozen_weight, frozen_bias, blk, kernel, plain)
     xw = _window(x, blk, dim)
     if contiguous:
         xw = xw.contiguous()
