@@ -37,6 +37,7 @@ view; ten products of a tenth of the rows cost more than one over all of them. S
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -207,17 +208,19 @@ def _frozen_views(frozen_weight, frozen_bias, blk: Block, kernel, plain: bool):
     Kept on the block (a layer's tables live until one of its states changes) once the same storages came twice
     in a row, so that evaluating a task with many finished blocks does not re-slice each of them per call (the
     products dominate only where blocks are large). A storage cast per call (autocast) is never kept; nor are
-    views inside torch.func transforms, torch.compile or inference mode."""
+    views inside torch.func transforms or torch.compile, or of inference tensors. Views kept under
+    ``torch.inference_mode`` are made outside it, as ordinary tensors a later training step may save."""
     n, k = blk.rows.numel(), math.prod(kernel)
-    keep = not (plain or torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
+    keep = not (plain or torch.compiler.is_compiling() or frozen_weight.is_inference())
     if keep:
         key = (frozen_weight.data_ptr(), frozen_weight.dtype, frozen_weight.device, frozen_weight.numel(),
                None if frozen_bias is None else (frozen_bias.data_ptr(), frozen_bias.dtype, frozen_bias.numel()))
         kept = blk.__dict__.get("_frozen_views")
         if kept is not None and kept[0] == key:
             return kept[1]
-    w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
-    b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
+    with torch.inference_mode(False) if keep and torch.is_inference_mode_enabled() else contextlib.nullcontext():
+        w = frozen_weight.detach().narrow(0, blk.offset * k, n * blk.width * k).view((n, blk.width) + kernel)
+        b = None if frozen_bias is None else frozen_bias.detach().narrow(0, blk.bias_start, n)
     if keep:
         if blk.__dict__.get("_frozen_key") == key:  # the second call with these storages: keep the views
             blk.__dict__["_frozen_views"] = (key, (w, b))

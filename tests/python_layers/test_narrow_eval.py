@@ -450,3 +450,44 @@ def test_a_first_task_that_keeps_no_neuron_of_a_layer_is_said_and_still_evaluate
     with pytest.raises(GraphError, match="export: task 0's logits read no neuron of the body, so they are its "
                                          "head's biases whatever the input"):
         model.export(0)
+
+
+def test_kept_block_views_follow_the_storages():
+    """Frozen blocks keep their views of the compact storage between calls: the storages autocast casts per call
+    are read instead of them, a load_state_dict (in place) is read by the next call, and so is a frozen storage
+    replaced by another tensor; under inference_mode the views kept are ordinary tensors that a later training
+    step may save for backward."""
+    def finished(seed):
+        torch.manual_seed(seed)
+        model = EideticNetwork(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()), 16)
+        _finish_tasks(model, (8,), tasks=3)
+        return model.eval()
+
+    model, other = finished(0), finished(1)
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):  # storages cast per call: never kept
+            low = [model(x, task=t) for t in range(3)]
+        for _ in range(3):  # kept from the second call on
+            mine = [model(x, task=t) for t in range(3)]
+        with torch.autocast("cpu", torch.bfloat16):  # the casts are read, not the kept float32 views
+            assert all(torch.equal(model(x, task=t), low[t]) for t in range(3))
+        model.load_state_dict(other.state_dict())
+        for t in range(3):
+            assert torch.equal(model(x, task=t), other(x, task=t))
+        layer = model.body[2]
+        layer.frozen_weight = layer.frozen_weight * 2  # another tensor: read, not the kept views
+        assert not torch.equal(model(x, task=2), other(x, task=2))
+        layer.frozen_weight = other.body[2].frozen_weight.clone()
+        assert torch.equal(model(x, task=2), other(x, task=2))
+    with torch.inference_mode():
+        for _ in range(2):
+            kept = [model(x, task=t) for t in range(3)]
+    model.prepare_for_task(3, 3)
+    model.train()
+    xi = x.clone().requires_grad_()
+    model(xi, task=3).sum().backward()  # saves frozen blocks' views for the input gradient
+    model.eval()
+    with torch.no_grad():
+        assert all(torch.equal(model(x, task=t), kept[t]) for t in range(3))
+    assert mine[0].shape == kept[0].shape
