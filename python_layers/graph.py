@@ -623,27 +623,13 @@ class _Propagator:
     def tensor_args(self, node) -> list:
         """The node's arguments that hold features, also inside lists, tuples and dicts (``torch.stack([h, h])``
         takes its tensors in a list: a rule that looked at the top level only took it for a constant)."""
-        found = []
-
-        def visit(a):
-            if isinstance(a, (list, tuple)):
-                for b in a:
-                    visit(b)
-            elif isinstance(a, dict):
-                for b in a.values():
-                    visit(b)
-            elif isinstance(self.value(a), list) or self.value(a) is _RAW_PARTS:
-                found.append(a)
-
-        visit(list(node.args))
-        visit(dict(node.kwargs))
-        return found
+        return [a for a in _nodes_in(node) if isinstance(self.value(a), list) or self.value(a) is _RAW_PARTS]
 
     def raw_only(self, node):
-        """A function, method or stateless module whose every feature operand is raw network input, which belongs to no neuron: the
-        input is the same for every task and never renumbered, so whatever the op does with it (x.permute(0, 3,
-        1, 2) for channels-last data, x.split(...) into the inputs of two branches, x.roll or a norm over the input
-        features) changes no task's output. Its result is raw input too: a segment as wide as its dim 1, or
+        """A function, method or stateless module whose every feature operand is raw network input, which belongs
+        to no neuron: the input is the same for every task and never renumbered, so whatever the op does with it
+        (x.permute(0, 3, 1, 2) for channels-last data, x.split(...) into the inputs of two branches, x.roll or a
+        norm over the input features) changes no task's output. Its result is raw input too: a segment as wide as its dim 1, or
         ``_RAW_PARTS`` for a tuple. None when some operand holds neurons' features, none holds features, the op
         writes in place or also reads a buffer or constant tensor (it may write one, as F.batch_norm's running
         statistics: left to the other rules), or the result is not [N, features, ...]."""
