@@ -18,8 +18,6 @@ While every neuron is FREE, ``weight`` has the twin's shape and the layer is the
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
 import operator
 import warnings
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from . import backends
 from .functional import InputError, autocast_dtype, check_input, conv_padding
 from .ops.blocks import functorch_active
+from .ops.eager import compile_disabled
 from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
                     expand_rows, frozen_blocks, is_frozen, live_inputs, make_table, narrow_table, new_state,
@@ -57,14 +56,7 @@ def _ordinary_tensors():
 _warned_eager_under_compile = False
 
 
-def compile_disable(reason: str):
-    """``torch.compiler.disable`` with the reason torch shows when fullgraph=True stops there (torch >= 2.7)."""
-    if "reason" in inspect.signature(torch.compiler.disable).parameters:
-        return functools.partial(torch.compiler.disable, reason=reason)
-    return torch.compiler.disable
-
-
-@compile_disable("Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host and run "
+@compile_disabled(reason="Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host and run "
                  "eagerly: fullgraph=True needs the Triton backend (CUDA, or EIDETIC_BACKEND=triton)")
 def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     """A layer on an engine that plans on the host (reference, C++), called inside ``torch.compile``: run

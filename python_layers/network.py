@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import itertools
 import operator
+import sys
 import types
 import warnings
 import weakref
@@ -24,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from eidetic_kernels import FREE, PRUNED, EideticConv2d, EideticLayer, EideticLinear, convert
-from eidetic_kernels.layers import PrefixWidthMismatch, _channels_last, compile_disable, prepare_twins
+from eidetic_kernels.layers import PrefixWidthMismatch, _channels_last, prepare_twins
+from eidetic_kernels.ops.eager import compile_disabled
 from eidetic_kernels.state import is_frozen
 
 from .graph import (_FEATURE_NORM_MODULES, GraphError, changed_body_op, LayerGraph, NeuronGroup, buffer_values, feature_norm_error,
@@ -173,7 +175,7 @@ def _forget_compiled_graphs() -> None:
     (with ``fullgraph=True``: an error) from the ninth task on, or sooner when finished tasks are evaluated
     compiled. Graphs of other networks in the process are dropped too: they compile again on their next call."""
     reset = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None), "reset_code", None)
-    if reset is None:
+    if reset is None or "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
         return
     # the network's methods and its layers' (their cached frames guard on the same replaced Parameters)
     classes = [EideticNetwork] + [c for c in _subclasses(EideticLayer)]
@@ -355,7 +357,7 @@ class EideticNetwork(nn.Module):
             self._build_graph(x)
         return self.graph
 
-    @compile_disable("the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) (or run "
+    @compile_disabled(reason="the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) (or run "
                      "one forward) before torch.compile(fullgraph=True)")
     def _build_graph(self, x: torch.Tensor) -> None:
         # eagerly, also when the first forward is inside torch.compile: the tracer runs its own torch.fx trace

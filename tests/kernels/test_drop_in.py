@@ -389,6 +389,24 @@ def test_a_layer_with_every_trainable_neuron_pruned_backpropagates_as_its_twin(k
 
 # ----- torch.compile on the CPU engine ---------------------------------------------------------------------
 
+def test_importing_does_not_import_torch_compile():
+    """torch._dynamo takes longer to import than torch itself: importing the library (and constructing and
+    running a network) must not pull it in, only a torch.compile of the user's."""
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn as nn
+        import eidetic_kernels, python_layers
+        net = python_layers.EideticNetwork(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), 6)
+        net.prepare_for_task(0, 2)
+        net(torch.randn(3, 4)).sum().backward()
+        net.finish_task()
+        print("torch._dynamo" in sys.modules)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 @pytest.mark.parametrize("state", ["fresh", "pruned", "frozen"])
 def test_compile_on_cpu_engine_whatever_the_cache_state(state, monkeypatch):
     """Compiling before any eager call, after a prune or a freeze: same outputs and gradients as eager, and at
