@@ -13,8 +13,10 @@ RUN_DIR:
   ``routed_bwt`` (the same from the routed matrix; its BWT need not be 0: each row has its own router),
   ``baseline_accuracy`` (the untrained network, for FWT), ``task_start_epochs`` (the global epoch each task's
   training started at, for the plots), ``capacity`` (neurons per task per layer group), ``wall_seconds``, ``config``,
-  ``versions``, ``scenario`` (its name, sizes and ``data_files``: the data files read), and per task its time,
-  kept neurons and why pruning stopped;
+  ``versions``, ``scenario`` (its name, sizes and ``data_files``: the data files read), ``metric_definitions``
+  (each metric's formula and source), ``checkpoint_granularity`` (``"pruning step"``, or ``"task"`` where the
+  trainer cannot resume inside a task), ``processes`` (of the last session) and ``processes_by_session`` (one
+  entry per session, resumed ones included), and per task its time, kept neurons and why pruning stopped;
 * ``history.csv``: one row per epoch (task, phase, epoch, loss, training accuracy, test accuracy of the task in
   training, share of neurons pruned and frozen, overall and per group);
 * ``accuracy_matrix.png``, ``routed_accuracy_matrix.png``, ``task_accuracy.png`` (each task's test accuracy over
