@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .functional import InputError, autocast_dtype, check_input, conv_padding
-from .ops.blocks import functorch_active
+from .ops.blocks import ZeroGradients, functorch_active
 from .ops.eager import compile_disabled
 from .replaced import replace_parameter
 from .state import (FREE, MAX_TASK, PRUNED, STATE_DTYPE, assemble_rows, check_state_vector, compact_rows,
@@ -76,9 +76,26 @@ def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     return layer.forward(input)  # not layer(input): the compiled caller already ran the module's hooks
 
 
+def channels_last_strides(shape, stride) -> bool:
+    """Whether torch treats a 4-D tensor of this shape and stride as channels_last (ATen's
+    ``is_channels_last_strides_2d``, what ``Tensor.suggest_memory_format`` and the convolutions follow). Unlike
+    ``is_contiguous(memory_format=torch.channels_last) and not is_contiguous()``, this also says so for a single
+    channel permuted from [N, H, W, 1] images, which is contiguous as well, yet a convolution of it returns
+    channels_last outputs."""
+    if len(shape) != 4 or stride[1] == 0:
+        return False
+    low = 0
+    for d in (1, 3, 2, 0):
+        if shape[d] == 0 or stride[d] < low:
+            return False
+        if d == 0 and low == stride[1]:  # N111 or N11W: a trivial channel dim decides nothing
+            return False
+        low = stride[d] * shape[d] if shape[d] > 1 else stride[d]
+    return True
+
+
 def _channels_last(t) -> bool:
-    return (isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous()
-            and t.is_contiguous(memory_format=torch.channels_last))
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and channels_last_strides(t.shape, t.stride())
 
 
 def _memory_format_of(y: torch.Tensor, *like) -> torch.Tensor:
@@ -101,22 +118,6 @@ def _task_id(task, what: str = "task") -> int:
         if value is not None and 0 <= value <= MAX_TASK:
             return value
     raise ValueError(f"{what} must be an int in [0, {MAX_TASK}], got {task!r}")
-
-
-class _ZeroGradients(torch.autograd.Function):
-    """``y`` (copied; its gradient passes through) as a function of a layer's trainable storages too, whose
-    gradients are 0: a layer whose trainable neurons are all PRUNED gives them gradients, as its torch.nn twin
-    does, and an output that requires grad, without reading those rows (0 · NaN would be NaN)."""
-
-    @staticmethod
-    def forward(ctx, y, *storages):
-        ctx.storages = [(t.shape, t.dtype, t.device) for t in storages]
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad,) + tuple(torch.zeros(shape, dtype=dtype, device=device)
-                                    for shape, dtype, device in ctx.storages)
 
 
 class FreeInputsWarning(UserWarning):
@@ -659,7 +660,7 @@ class EideticLayer(nn.Module):
             # gradients (and its output require grad): they get gradients of 0, as PRUNED rows always do. Not
             # inside torch.compile, where counting the FREE states would read a tensor on the host (the compiled
             # layer leaves those gradients None, as a parameter no output reads)
-            y = _ZeroGradients.apply(y, *(t for t in (weight, bias) if t is not None))
+            y = ZeroGradients.apply(y, *(t for t in (weight, bias) if t is not None))
         return y
 
     def _check_storage_shape(self) -> None:

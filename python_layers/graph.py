@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from eidetic_kernels import EideticLayer, convert
-from eidetic_kernels.layers import EideticConv2d, EideticLinear, _EideticBatchNorm
+from eidetic_kernels.layers import EideticConv2d, EideticLinear, _EideticBatchNorm, channels_last_strides
 from eidetic_kernels.state import FREE, PRUNED, STATE_DTYPE
 
 from .pruning import fixed_by_user
@@ -1248,12 +1248,11 @@ class _Propagator:
 
 
 def _channels_innermost(node: fx.Node) -> bool:
-    """Whether the traced value of ``node`` is [N, C, H, W] with stride 1 along C (channels_last) where that
-    differs from the contiguous layout (C > 1 and H*W > 1)."""
+    """Whether the traced value of ``node`` is an [N, C, H, W] tensor torch treats as channels_last (convolutions of
+    it return channels_last outputs): also a single channel permuted from [N, H, W, 1] images."""
     meta = node.meta.get("tensor_meta")
     shape, stride = getattr(meta, "shape", None), getattr(meta, "stride", None)
-    return (shape is not None and stride is not None and len(shape) == 4 and shape[1] > 1
-            and shape[2] * shape[3] > 1 and stride[1] == 1)
+    return shape is not None and stride is not None and channels_last_strides(tuple(shape), tuple(stride))
 
 
 def _nodes_in(node: fx.Node) -> list[fx.Node]:

@@ -112,6 +112,7 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     view = all(blk.frozen for blk in table.blocks)
     grouped = MERGE_IN_TRAINING and constant_frozen and not view and table.out_index is None  # task-major rows
     runs = _same_window_runs(table.blocks) if grouped else [[blk] for blk in table.blocks]
+    reads_x, reads_weight = False, all(blk.frozen for blk in table.blocks)  # a view reads no trainable row
     for run in runs:
         blk = run[0]
         if blk.frozen:
@@ -121,7 +122,34 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                        grad_x and not constant_frozen, contiguous=view, plain=plain))
         else:
             parts.append(_trainable_block(x, weight, bias, blk, op, dim, grad_x, constant_frozen))
-    return _assemble(x, weight, parts, table, op, dim, plain)
+            reads_weight = blk.width > 0
+        reads_x = reads_x or blk.width > 0
+    y = _assemble(x, weight, parts, table, op, dim, plain)
+    # no block reads a live input (every producer PRUNED): the twin gets gradients of 0 through the dead synapses,
+    # for its weights and an input that requires grad; without this they would be cut from the graph (None, or
+    # autograd.grad of the input raising)
+    unread = [x] if grad_x and not constant_frozen and not reads_x else []
+    if not reads_weight and weight.shape[0] and weight.requires_grad and torch.is_grad_enabled():
+        unread.append(weight)
+    if unread and not plain:
+        y = ZeroGradients.apply(y, *unread)
+    return y
+
+
+class ZeroGradients(torch.autograd.Function):
+    """``y`` (copied; its gradient passes through) as a function of ``tensors`` too, whose gradients are 0: what
+    the twin gives a tensor it reads only through dead synapses (zero weights or inputs), without reading it
+    (0 · NaN would be NaN)."""
+
+    @staticmethod
+    def forward(ctx, y, *tensors):
+        ctx.metas = [(t.shape, t.dtype, t.device) for t in tensors]
+        return y.clone()
+
+    @staticmethod
+    @eager_backward
+    def backward(ctx, grad):
+        return (grad,) + tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.metas)
 
 
 def functorch_active() -> bool:

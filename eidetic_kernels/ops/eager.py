@@ -7,44 +7,32 @@ norm's), and break the graph around them, for nothing: the CPU engine plans its 
 anyway (``layers._run_eagerly``).
 
 ``torch.compiler.disable`` imports torch._dynamo, which takes longer than importing torch itself; applied when
-a module is imported, it would make every ``import eidetic_kernels`` pay for it. ``compile_disabled`` defers it
-to the first call after torch.compile was imported (as torch's own ``torch._disable_dynamo`` does).
+a module is imported, it would make every ``import eidetic_kernels`` pay for it. ``compile_disabled`` uses
+torch's own lazy form of it (``torch._disable_dynamo``, which torch applies to its own functions for the same
+reason): torch._dynamo is imported on the first call. Its wrapper lives in torch's files, which torch.compile
+never compiles, so the wrapper's frame costs no compilation either.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
-
 import torch
+
+_lazy_disable = getattr(torch, "_disable_dynamo", None)
 
 
 def compile_disabled(fn=None, *, reason: str | None = None):
-    """``fn`` with torch.compile's frame compilation off (``torch.compiler.disable``), built on the first call.
-
-    ``reason``: what torch shows when ``fullgraph=True`` stops there (torch >= 2.7; ignored before). Usable as
+    """``fn`` with torch.compile's frame compilation off (``torch.compiler.disable``), torch._dynamo imported on
+    the first call. ``reason``: what torch shows when ``fullgraph=True`` stops there. Usable as
     ``@compile_disabled`` or ``@compile_disabled(reason=...)``."""
     if fn is None:
-        return functools.partial(compile_disabled, reason=reason)
-    disabled = None
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            if "torch._dynamo" not in sys.modules:  # torch.compile is not in use: nothing to turn off
-                return fn(*args, **kwargs)
-            kwargs_disable = {}
-            if reason is not None and "reason" in inspect.signature(torch.compiler.disable).parameters:
-                kwargs_disable["reason"] = reason
-            disabled = torch.compiler.disable(fn, **kwargs_disable)
-        return disabled(*args, **kwargs)
-
-    # what torch.compiler.disable marks: torch.compile skips ``call`` itself (with ``reason`` under fullgraph=True)
-    # when it meets it before its first call
-    call._torchdynamo_disable = True
-    call._torchdynamo_disable_msg = reason
-    return call
+        return lambda f: compile_disabled(f, reason=reason)
+    if _lazy_disable is None:  # a torch without the lazy form: the import is paid now
+        return torch.compiler.disable(fn)
+    wrapped = _lazy_disable(fn)
+    # what torch.compiler.disable marks: torch.compile skips the wrapper where it meets it, naming ``reason``
+    # under fullgraph=True
+    wrapped._torchdynamo_disable = True
+    wrapped._torchdynamo_disable_msg = reason
+    return wrapped
 
 
 def eager_backward(fn):

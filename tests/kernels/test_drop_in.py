@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.testing._internal.common_modules import module_db
 
 import eidetic_kernels as ek
@@ -312,6 +313,55 @@ def test_double_backward_with_frozen_and_pruned_neurons(kind, backend, monkeypat
     assert penalty_grads[0].abs().sum() > 0 and torch.equal(penalty_grads[0], penalty_grads[1])
 
 
+@pytest.mark.parametrize("backend", ["default", "reference"])
+@pytest.mark.parametrize("kind", ["conv", "bn2d"])
+def test_double_backward_of_channels_last_inputs(kind, backend, monkeypatch):
+    """A non-contiguous (channels_last) input through a layer with frozen and PRUNED neurons: the C++ batch norm
+    copies it contiguous, and a double backward must differentiate the input autograd knows, not that copy."""
+    if backend == "default":
+        monkeypatch.delenv("EIDETIC_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("EIDETIC_BACKEND", backend)
+    torch.manual_seed(0)
+    layer = (EideticConv2d(3, 4, 3, padding=1) if kind == "conv" else EideticBatchNorm2d(3)).double()
+    layer.prune_neurons([1])
+    layer.freeze_free_neurons(0)
+    layer.recycle_pruned_neurons()
+    layer.prune_neurons([1])
+    x = torch.randn(4, 3, 3, 3, dtype=torch.double).to(memory_format=torch.channels_last).requires_grad_()
+    assert not x.is_contiguous()
+    assert torch.autograd.gradgradcheck(lambda inp: layer(inp), (x,))
+    (g,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0
+
+
+def test_channels_last_is_told_as_torch_tells_it():
+    """``channels_last_strides`` (which memory format an Eidetic conv and batch norm return, and whether a network
+    evaluates at full width) against torch's ``suggest_memory_format`` on permuted and sliced tensors with sizes 1
+    to 3, including single channels permuted from [N, H, W, 1], which are contiguous too."""
+    import itertools
+
+    prims = pytest.importorskip("torch._prims_common")
+    if not hasattr(prims, "suggest_memory_format"):
+        pytest.skip("this torch has no Python suggest_memory_format")
+    from eidetic_kernels.layers import channels_last_strides
+
+    checked = 0
+    for sizes in itertools.product((1, 2, 3), repeat=4):
+        dense, padded = torch.empty(sizes), torch.empty(tuple(n + 1 for n in sizes))
+        for perm in itertools.permutations(range(4)):
+            sliced = padded.permute(perm)[tuple(slice(0, n - 1) for n in padded.permute(perm).shape)]
+            for view in (dense.permute(perm), sliced, sliced[:, :, :, ::2]):
+                want = prims.suggest_memory_format(view) == torch.channels_last
+                assert channels_last_strides(view.shape, view.stride()) == want, (view.shape, view.stride())
+                checked += 1
+    x = torch.randn(2, 5, 5, 1).permute(0, 3, 1, 2)
+    assert x.is_contiguous() and channels_last_strides(x.shape, x.stride())
+    assert F.conv2d(x, torch.randn(4, 1, 1, 1)).is_contiguous(memory_format=torch.channels_last)
+    assert checked > 1000
+
+
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_a_create_graph_backward_with_frozen_blocks_constant_gives_the_input_the_kernels_gradient(kind, monkeypatch):
@@ -390,15 +440,14 @@ def test_a_layer_with_every_trainable_neuron_pruned_backpropagates_as_its_twin(k
 # ----- torch.compile on the CPU engine ---------------------------------------------------------------------
 
 def test_importing_does_not_import_torch_compile():
-    """torch._dynamo takes longer to import than torch itself: importing the library (and constructing and
-    running a network) must not pull it in, only a torch.compile of the user's."""
+    """torch._dynamo takes longer to import than torch itself: importing the library (and building a network)
+    must not pull it in (a command such as ``eidetic --help`` or a config check pays for torch alone); the first
+    forward does, through torch's lazy ``torch._disable_dynamo``."""
     code = textwrap.dedent("""
         import sys, torch, torch.nn as nn
-        import eidetic_kernels, python_layers
+        import eidetic_kernels, python_layers, python_layers.cli
         net = python_layers.EideticNetwork(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), 6)
         net.prepare_for_task(0, 2)
-        net(torch.randn(3, 4)).sum().backward()
-        net.finish_task()
         print("torch._dynamo" in sys.modules)
     """)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))

@@ -1087,9 +1087,9 @@ class _RawInputOps(nn.Module):
 class _ChannelsLastInput(nn.Module):
     """Channels-last images made [N, C, H, W] in forward; features rolled and flipped along spatial dims."""
 
-    def __init__(self):
+    def __init__(self, channels=3):
         super().__init__()
-        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(channels, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
         h = torch.relu(self.c1(x.permute(0, 3, 1, 2)))
@@ -1103,9 +1103,14 @@ def _unshuffled():
                          nn.Flatten())
 
 
+def _channels_last_gray():
+    """One channel permuted from [N, H, W, 1]: contiguous as well, yet torch's convolutions return channels_last."""
+    return _ChannelsLastInput(channels=1)
+
+
 @pytest.mark.parametrize("body, shape", [(_RawInputOps, (8,)), (_ChannelsLastInput, (6, 6, 3)),
-                                         (_unshuffled, (3, 6, 6))],
-                         ids=["raw_split", "channels_last_input", "pixel_unshuffle"])
+                                         (_channels_last_gray, (6, 6, 1)), (_unshuffled, (3, 6, 6))],
+                         ids=["raw_split", "channels_last_input", "channels_last_one_channel", "pixel_unshuffle"])
 def test_ops_on_the_raw_input_and_spatial_rolls_are_followed_and_keep_the_promise(body, shape):
     """Refused before ("splits, indexes or slices a tensor of features", "may mix features"). Finished tasks keep
     their bits through later finishes (_finish_tasks checks) and with NaN in every trainable parameter, and
@@ -1118,7 +1123,7 @@ def test_ops_on_the_raw_input_and_spatial_rolls_are_followed_and_keep_the_promis
     model.eval()
     x = torch.randn(5, *shape)
     blocked = model.narrow_eval_blocked_by(x)
-    if body is _ChannelsLastInput:  # the permuted input keeps channels innermost: evaluated at full width
+    if body in (_ChannelsLastInput, _channels_last_gray):  # channels innermost: evaluated at full width
         assert blocked is not None and "channels_last" in blocked, blocked
     else:
         assert blocked is None, blocked
@@ -1126,6 +1131,12 @@ def test_ops_on_the_raw_input_and_spatial_rolls_are_followed_and_keep_the_promis
         before = [model(x, task=t).clone() for t in range(2)]
         for t in range(2):
             assert torch.equal(before[t], model.logits(model.features(x, view_task=t), t))
+        handle = model.register_forward_hook(lambda m, i, o: None)  # hooks run the full-width view
+        try:
+            for t in range(2):
+                assert torch.equal(model(x, task=t), before[t])
+        finally:
+            handle.remove()
     model.prepare_for_task(2, 3)
     with torch.no_grad():
         for p in model.parameters():  # the trainable storage only: every FREE neuron and the new head

@@ -800,6 +800,34 @@ def test_partial_tensor_only_and_layer_level_loads():
     assert torch.equal(model(x, task=0), before)
 
 
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "cnn"])
+def test_the_input_gradient_through_a_layer_pruned_whole_is_zero(conv):
+    """Every neuron of the last body layer PRUNED (by hand): the head reads no live feature, as the twin's zero
+    rows give it none. autograd.grad of the network's input is 0 there, as the twin's is, not an error saying the
+    input was not used in the graph."""
+    torch.manual_seed(0)
+    if conv:
+        body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        x = torch.randn(6, 2, 4, 4)
+    else:
+        body = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))
+        x = torch.randn(6, 4)
+    model = EideticNetwork(body, 5)
+    model.prepare_for_task(0, 3)
+    model.ensure_graph(x)
+    model.groups[1].prune(list(range(5)))
+    model.train()
+    xr = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xr), torch.randint(3, (6,)))
+    (g,) = torch.autograd.grad(loss, xr)
+    assert torch.equal(g, torch.zeros_like(x))
+    # the first layer's weights still get the twin's gradients: zero, as nothing reads its outputs
+    loss = F.cross_entropy(model(x), torch.randint(3, (6,)))
+    loss.backward()
+    assert model.heads[0].weight.grad is not None and model.heads[0].bias.grad.abs().sum() > 0
+
+
 def test_hooks_on_the_body_see_full_gradients():
     """While a task trains, frozen blocks are constants to autograd, so activation gradients miss the paths
     through frozen neurons; a module with a backward hook (or a forward hook, which may hook its output) turns

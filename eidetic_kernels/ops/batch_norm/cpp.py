@@ -23,7 +23,6 @@ class _MaskedBatchNorm(torch.autograd.Function):
     def forward(ctx, x, trainable_weight, trainable_bias, running_mean, running_var, frozen_weight, frozen_bias,
                 channel_task, slot, use_batch_stats, momentum, eps, taylor_score, constant_frozen):
         ext = cpp.load_module()
-        x = x.contiguous()
         y, mean, invstd = ext.bn_forward(x, running_mean, running_var, trainable_weight, frozen_weight,
                                          trainable_bias, frozen_bias, channel_task, slot, use_batch_stats,
                                          momentum, eps)
@@ -103,5 +102,7 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
         return cpp.load_module().bn_forward(x.contiguous(), running_mean, running_var, trainable_weight, fw,
                                             trainable_bias, fb, task, slot, use_batch_stats, float(momentum),
                                             float(eps))[0]
-    return _MaskedBatchNorm.apply(x, trainable_weight, trainable_bias, running_mean, running_var, fw, fb, task, slot,
+    # contiguous before the Function, not inside it: a double backward differentiates the saved x, which must be
+    # the tensor autograd knows (a copy made inside would be a constant: "does not require grad" on channels_last)
+    return _MaskedBatchNorm.apply(x.contiguous(), trainable_weight, trainable_bias, running_mean, running_var, fw, fb, task, slot,
                                   use_batch_stats, float(momentum), float(eps), taylor_score, bool(constant_frozen))
