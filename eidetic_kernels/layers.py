@@ -56,8 +56,8 @@ def _ordinary_tensors():
 _warned_eager_under_compile = False
 
 
-@compile_disabled(reason="Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host and run "
-                 "eagerly: fullgraph=True needs the Triton backend (CUDA, or EIDETIC_BACKEND=triton)")
+@compile_disabled(reason="Eidetic layers on the CPU engine (reference/C++ backends) plan their work on the host "
+                         "and run eagerly: fullgraph=True needs the Triton backend (CUDA, or EIDETIC_BACKEND=triton)")
 def _run_eagerly(layer: "EideticLayer", input: torch.Tensor) -> torch.Tensor:
     """A layer on an engine that plans on the host (reference, C++), called inside ``torch.compile``: run
     eagerly (the compiled graph breaks around the layer), with one warning per process. ``torch.export`` wants

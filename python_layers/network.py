@@ -357,8 +357,8 @@ class EideticNetwork(nn.Module):
             self._build_graph(x)
         return self.graph
 
-    @compile_disabled(reason="the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) (or run "
-                     "one forward) before torch.compile(fullgraph=True)")
+    @compile_disabled(reason="the layer graph is traced eagerly on the first batch: call model.ensure_graph(x) "
+                             "(or run one forward) before torch.compile(fullgraph=True)")
     def _build_graph(self, x: torch.Tensor) -> None:
         # eagerly, also when the first forward is inside torch.compile: the tracer runs its own torch.fx trace
         self._convert_and_check()

@@ -112,7 +112,7 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     view = all(blk.frozen for blk in table.blocks)
     grouped = MERGE_IN_TRAINING and constant_frozen and not view and table.out_index is None  # task-major rows
     runs = _same_window_runs(table.blocks) if grouped else [[blk] for blk in table.blocks]
-    reads_x, reads_weight = False, all(blk.frozen for blk in table.blocks)  # a view reads no trainable row
+    reads_x, reads_weight = False, view  # a view reads no trainable row
     for run in runs:
         blk = run[0]
         if blk.frozen:
@@ -128,7 +128,7 @@ def block_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # no block reads a live input (every producer PRUNED): the twin gets gradients of 0 through the dead synapses,
     # for its weights and an input that requires grad; without this they would be cut from the graph (None, or
     # autograd.grad of the input raising)
-    unread = [x] if grad_x and not constant_frozen and not reads_x else []
+    unread = [x] if grad_x and not reads_x else []
     if not reads_weight and weight.shape[0] and weight.requires_grad and torch.is_grad_enabled():
         unread.append(weight)
     if unread and not plain:

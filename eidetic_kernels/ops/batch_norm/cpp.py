@@ -104,5 +104,6 @@ def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, tr
                                             float(eps))[0]
     # contiguous before the Function, not inside it: a double backward differentiates the saved x, which must be
     # the tensor autograd knows (a copy made inside would be a constant: "does not require grad" on channels_last)
-    return _MaskedBatchNorm.apply(x.contiguous(), trainable_weight, trainable_bias, running_mean, running_var, fw, fb, task, slot,
-                                  use_batch_stats, float(momentum), float(eps), taylor_score, bool(constant_frozen))
+    return _MaskedBatchNorm.apply(x.contiguous(), trainable_weight, trainable_bias, running_mean, running_var, fw, fb,
+                                  task, slot, use_batch_stats, float(momentum), float(eps), taylor_score,
+                                  bool(constant_frozen))
