@@ -1520,6 +1520,12 @@ def _warn_feature_mixing(model: nn.Module) -> None:
                       UserWarning, stacklevel=3)
 
 
+def _attribute_expression(qualified: str, root: str = "model") -> str:
+    """Python that reaches a qualified name from ``root``: "body.1.weight" -> "model.body[1].weight" (a
+    container's numbered children are indexed, as a user writes them)."""
+    return root + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in qualified.split("."))
+
+
 def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:
     """ValueError naming a layer to convert whose Parameter another module of ``model`` also holds."""
     holders: dict[int, list[tuple[nn.Module, str, str]]] = {}  # id(Parameter) -> (module, its path, param name)
@@ -1536,12 +1542,13 @@ def _refuse_tied_parameters(model: nn.Module, path: str, twins: dict) -> None:
         if others:
             mine = f"{name}.{p_name}" if name else p_name
             other = f"{others[0][0]}.{others[0][1]}" if others[0][0] else others[0][1]
+            untie = f"{_attribute_expression(mine)} = nn.Parameter({_attribute_expression(other)}.detach().clone())"
             raise ValueError(
                 f"cannot convert {name or type(module).__name__} ({type(module).__name__}): its {p_name} is tied to "
                 f"{other} (one Parameter held by two modules). Per-neuron states cannot follow a tie: freezing a "
                 f"neuron moves its row to the frozen storage, and the other module would go on training the frozen "
-                f"rows. Untie them first, e.g. `{mine} = nn.Parameter({other}.detach().clone())`. Nothing was "
-                f"converted")
+                f"rows. Untie them first, e.g. `{untie}` (model: the module given to convert, or the EideticNetwork). "
+                f"Nothing was converted")
 
 
 def prepare_twins(model: nn.Module, path: str, twins: dict) -> None:

@@ -510,7 +510,10 @@ class EideticNetwork(nn.Module):
             if isinstance(module, _FEATURE_NORM_MODULES) and any(True for _ in module.parameters(recurse=False)):
                 # the norm itself is refused with or without its parameters: say so before asking to drop them
                 # (without parameters the tracer refuses it where it reads across channels)
-                raise feature_norm_error(f"{name} ({type(module).__name__})", "norm over the features")
+                # checked before any forward, so also for a module the body's forward never calls: said too
+                raise GraphError(f"{feature_norm_error(f'{name} ({type(module).__name__})', 'norm over the features')}."
+                                 f" (Checked on the body's modules before any forward: if the forward never calls "
+                                 f"{name}, delete it from the body)")
             own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
             stray += own
             if own and type(module).__name__ not in kinds:
@@ -614,10 +617,18 @@ class EideticNetwork(nn.Module):
         with weights (Linear/Conv) needs a FREE neuron. A batch norm shares its neurons with its layer; one over
         the raw input is exempt (later tasks read its frozen channels like the raw input). So is a layer the
         user froze (``requires_grad=False``: never pruned, all frozen with task 0) when the task reads earlier
-        tasks' features (forward transfer)."""
+        tasks' features (forward transfer), and so is every layer whose neurons it shares (a residual add couples
+        them: the user-frozen layer's neurons are never pruned, so neither are theirs). A batch norm the user froze
+        does not exempt its layer: the capacity is lost and the error's hint names it (``_user_frozen_hint``)."""
+        def user_frozen(name, layer):
+            if self.graph is None:
+                return fixed_by_user(layer)
+            return any(isinstance(m, (EideticLinear, EideticConv2d)) and fixed_by_user(m)
+                       for _, m in self.graph.group_of(name).members)
+
         full = [name for name, layer in self.body_layers().items()
                 if isinstance(layer, (EideticLinear, EideticConv2d)) and not bool((layer.task_state == FREE).any())
-                and not (forward_transfer and fixed_by_user(layer))]
+                and not (forward_transfer and user_frozen(name, layer))]
         if full and self.graph is not None:  # name each group once (members share states)
             seen = []
             for name in full:

@@ -479,7 +479,9 @@ class Run:
                     dist_mod.barrier()  # every process stops here; none may end the run before the file is written
                 raise ConfigError(
                     f"{exc}. Task {t - 1} kept every free neuron there: {self._why_kept(state, t - 1)}. Tasks "
-                    f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv)") from None
+                    f"0..{t - 1} are finished and saved ({self.out / 'checkpoint.pt'}, history.csv). A resume keeps the "
+                    f"run's settings (its finished tasks were trained with them): start a new run, with another "
+                    f"--out") from None
             if t == 0:
                 state["baseline_accuracy"] = baseline_accuracy(model, self.scenario, cfg["eval_batch_size"],
                                                                self.device, cfg["seed"])

@@ -617,6 +617,13 @@ def _train_task(model, loader, optimizer, pruning, step, stop_threshold, max_epo
     _check_args(pruning, step, stop_threshold, max_epochs, patience, recovery_epochs, max_prune_steps)
     if not (isinstance(prune_lr_factor, (int, float)) and 0 < prune_lr_factor <= 1):
         raise ValueError(f"prune_lr_factor must be in (0, 1], got {prune_lr_factor!r}")
+    if model.heads[task].out_features == 1 and resume_state is None:
+        # cross-entropy over one class is 0 for every input: nothing learns, and the neurons the task keeps freeze
+        # untrained (scenarios refuse such tasks; a loop of one's own may train a one-output head otherwise)
+        warnings.warn(f"task {task}'s head has 1 class: train_task trains with cross-entropy, which is 0 for a single "
+                      f"class, so nothing learns and the neurons the task keeps freeze untrained. Give a task at "
+                      f"least 2 classes (a binary task: num_classes=2), or train a one-output head in a loop of your "
+                      f"own", UserWarning, stacklevel=user_stacklevel())
     device = torch.device(device) if device is not None else _model_device(model)
     _check_optimizer(model, optimizer, task)
     if isinstance(loader, collections.abc.Iterator):  # a generator, iter(list): exhausted after one pass

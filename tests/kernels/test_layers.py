@@ -518,7 +518,7 @@ def test_convert_refuses_tied_weights_and_leaves_the_model_as_it_was(tie):
     model = Tied()
     children = dict(model.named_modules())
     name = "bias" if tie == "bias" else "weight"
-    untie = f"out.{name} = nn.Parameter(emb.{name}.detach().clone())"
+    untie = f"model.out.{name} = nn.Parameter(model.emb.{name}.detach().clone())"
     with pytest.raises(ValueError, match=rf"cannot convert (emb|out) \(Linear\): its {name} is tied to "
                                          rf"(emb|out)\.{name}.*Untie them first.*Nothing was converted"):
         ek.convert(model)
@@ -530,9 +530,17 @@ def test_convert_refuses_tied_weights_and_leaves_the_model_as_it_was(tie):
         message = str(exc)
     if tie == "embedding":  # the fix the message gives, run as written
         assert f"`{untie}`" in message
-        exec(untie, {"nn": nn}, {"out": model.out, "emb": model.emb})
+        exec(untie, {"nn": nn, "model": model})
         ek.convert(model)
         assert isinstance(model.out, EideticLinear) and model.out.weight is not model.emb.weight
+        # a numbered child is indexed, as a user writes it: the line runs as given
+        seq = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7))
+        seq[1].weight = seq[0].weight
+        with pytest.raises(ValueError) as info:
+            ek.convert(seq)
+        assert "`model[1].weight = nn.Parameter(model[0].weight.detach().clone())`" in str(info.value)
+        exec("model[1].weight = nn.Parameter(model[0].weight.detach().clone())", {"nn": nn, "model": seq})
+        assert isinstance(ek.convert(seq)[1], EideticLinear)
     # the same module under two names is one layer, not a tie
     shared = nn.Linear(4, 4)
     assert isinstance(ek.convert(nn.Sequential(shared, nn.ReLU(), shared))[2], EideticLinear)

@@ -632,13 +632,15 @@ def test_a_run_folder_another_run_writes_is_refused(tmp_path, capsys):
 
 def test_a_capacity_error_gives_one_consistent_advice(tmp_path, capsys):
     """A first task whose first pruning step already fell below the threshold keeps every neuron: the error says
-    why and what to change, without advising a larger and a smaller step at once."""
+    why and what to change, without advising a larger and a smaller step at once, and that a resume cannot change it
+    (the settings a resume may change are others)."""
     out = tmp_path / "r"
     args = [a for a in TINY if not a.startswith(("widths=", "step="))]
     assert cli.main(["train", "--out", str(out), *args, "widths=[2,2]", "step=0.1", "stop_threshold=0.0"]) == 2
     err = capsys.readouterr().err
     assert "task 1 cannot start: no free neuron left" in err and "no pruning step stayed within" in err, err
     assert "smaller step" in err and "larger step" not in err
+    assert "A resume keeps the run's settings" in err and "start a new run, with another --out" in err, err
 
 
 def test_a_resume_trusts_the_checkpoint_not_the_files_beside_it(tmp_path, monkeypatch, capsys):

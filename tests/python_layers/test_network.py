@@ -469,7 +469,8 @@ def test_stray_parameters_are_rejected():
         model.prepare_for_task(0, 2)
     # a norm over the features is refused for what it is, before its parameters
     model = EideticNetwork(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 4)
-    with pytest.raises(GraphError, match=r"body.1 \(LayerNorm\) is a norm over the features, which EideticNetwork"):
+    with pytest.raises(GraphError, match=r"body.1 \(LayerNorm\) is a norm over the features, which EideticNetwork.*"
+                                         r"if the forward never calls body.1, delete it from the body"):
         model.prepare_for_task(0, 2)
 
 
@@ -1240,6 +1241,54 @@ def test_capacity_lost_to_a_batch_norm_frozen_by_the_user_names_it():
         model.finish_task()
     with pytest.raises(CapacityError, match=r"no free neuron left in body\.0 .*" + hint):
         model.prepare_for_task(1, 2)
+
+
+class _FrozenStemResidual(nn.Module):
+    """A stem, a residual block coupled with it by the add, and a layer after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.f, self.out = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + torch.relu(self.f(h))
+        return torch.relu(self.out(h))
+
+
+def test_a_layer_coupled_by_a_residual_add_with_a_layer_the_user_froze_lets_later_tasks_start():
+    """A stem the user froze (requires_grad=False) freezes with task 0 and later tasks read it, also when a residual
+    add couples a trainable layer with it (their neurons are one group, never pruned, so it freezes whole with task
+    0): task 1 starts, trains the layers after it, and task 0's outputs stay bit-identical. A batch norm the user
+    froze does not exempt its layer (the test above)."""
+    torch.manual_seed(0)
+    body = _FrozenStemResidual()
+    body.stem.requires_grad_(False)
+    model = EideticNetwork(body, 6)
+    x, y = torch.randn(16, 12), torch.randint(0, 2, (16,))
+    model.prepare_for_task(0, 2)
+    model(x)
+    assert model.graph.group_of("body.f").name == model.graph.group_of("body.stem").name
+    train_steps(model, x, y, 3, weight_decay=0.1)
+    model.graph.group_of("body.out").prune([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapacityWarning)  # the coupled group is exempt: nothing lost to warn of
+        model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        before = model(x, task=0)
+    model.prepare_for_task(1, 2)
+    opt = train_steps(model, x, 1 - y, 5, weight_decay=0.1)
+    assert opt.param_groups and model.body.out.weight.grad is not None and model.body.out.weight.grad.abs().sum() > 0
+    out = model.graph.group_of("body.out")
+    out.prune((out.task_state == FREE).nonzero().flatten()[:1])
+    model.finish_task()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, task=0), before)
+    # without forward transfer the next task could read none of the frozen group: still refused
+    with pytest.raises(CapacityError, match=r"no free neuron left in body\.stem"):
+        model.prepare_for_task(2, 2, forward_transfer=False)
 
 
 def test_state_calls_before_the_graph_and_task_ids_as_the_layers_take_them():

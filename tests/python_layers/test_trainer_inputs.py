@@ -75,6 +75,19 @@ def test_an_optimizer_that_needs_a_closure_is_a_clear_error_before_any_step():
     assert same_state(model.state_dict(), before)
 
 
+def test_a_task_of_one_class_is_said_before_it_trains():
+    """Cross-entropy over one class is 0 whatever the input: train_task learns nothing and freezes what the task
+    keeps untrained; said at the user's line (a one-class task is allowed: test_trainer's one-class test)."""
+    torch.manual_seed(0)
+    model = EideticNetwork(*mlp_body())
+    model.prepare_for_task(0, 1)
+    x, y = samples(8)
+    with pytest.warns(UserWarning, match=r"task 0's head has 1 class: train_task trains with cross-entropy, which is "
+                                         r"0 for a single class.*num_classes=2") as record:
+        model.train_task([(x, y * 0)], torch.optim.SGD(model.parameters(), lr=0.05), **KW)
+    assert record[0].filename == __file__
+
+
 @pytest.mark.parametrize("labels, message", [
     (lambda y: y + CLASSES, r"labels range over \[\d+, \d+\] but the task's head has 3 classes"),
     (lambda y: y.float(), "1-D integer tensor of class indices"),
