@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -24,14 +25,53 @@ FREE_C: tl.constexpr = tl.constexpr(FREE)
 PRUNED_C: tl.constexpr = tl.constexpr(PRUNED)
 
 
+# Fused multiply-adds, stated on every launch rather than left to Triton's default (which Triton plans to turn off,
+# and which TRITON_DEFAULT_FP_FUSION overrides): fused and separate roundings give other bits, and a finished task's
+# outputs (batch norm's normalisation above all) must not change with an environment variable or a Triton upgrade.
+# The interpreter ignores the option (numpy rounds each operation).
+FP_FUSION = True
+
+
+# The most programs a CUDA grid holds on its second (and third) axis; launches with more are split in parts.
+# Tests lower it to run the split under the interpreter.
+GRID_AXIS_LIMIT = 65535
+
+
+def tensor_device(t: torch.Tensor):
+    """A context with ``t``'s CUDA device current (a no-op elsewhere, or when it already is). Triton launches on
+    the current device, where torch's ops follow their tensors: a layer on cuda:1 while cuda:0 is current would
+    have its kernels read another GPU's memory."""
+    if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def on_tensor_device(fn):
+    """``fn`` (a host function that launches kernels) run on the device of its first tensor argument
+    (``tensor_device``)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        with contextlib.nullcontext() if t is None else tensor_device(t):
+            return fn(*args, **kwargs)
+    return run
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device, conv: bool = False) -> str:
+def dot_precision(dtype: torch.dtype, device: torch.device, conv: bool = False, frozen: bool = False) -> str:
     """fp32 dot precision: exact ("ieee") unless torch allows TF32 on this GPU for the twin's op, as the twin
     does: ``torch.backends.cuda.matmul.allow_tf32`` for linear (off by default), ``torch.backends.cudnn.
-    allow_tf32`` for conv2d (on by default, so nn.Conv2d and EideticConv2d both run fp32 convolutions in TF32)."""
+    allow_tf32`` for conv2d (on by default, so nn.Conv2d and EideticConv2d both run fp32 convolutions in TF32).
+
+    ``frozen``: a forward over stored frozen synapses runs exact whatever the flags say. The flags are global and
+    any later code may flip them (``torch.set_float32_matmul_precision``, a trainer's setup): read per call, they
+    would change a finished task's outputs. (A task trained with TF32 sees its outputs move once, by TF32's
+    rounding, when it finishes.) Gradient kernels follow the flags: no finished task's output depends on them."""
+    if frozen and dtype in (torch.float32, torch.float64):
+        return "ieee"
     allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
     if dtype == torch.float32 and device.type == "cuda" and allowed:
         return "tf32"
@@ -232,6 +272,7 @@ def taylor_kernel(a_ptr, g_ptr, score_ptr,  # a, g: [B, C, S] by strides; score:
     tl.store(score_ptr + o_c, old + tl.abs(acc * inv_divisor), mask=m_c)
 
 
+@on_tensor_device
 def add_taylor(score: torch.Tensor, a3: torch.Tensor, g3: torch.Tensor, divisor: int) -> None:
     """Accumulate the Taylor score from activation and gradient viewed as [B, C, S]."""
     B, C, S = a3.shape
@@ -241,7 +282,7 @@ def add_taylor(score: torch.Tensor, a3: torch.Tensor, g3: torch.Tensor, divisor:
     block_r = 256 if interpreting() else 128
     taylor_kernel[(triton.cdiv(C, block_c),)](
         a3, g3, score, B, C, S, *a3.stride(), *g3.stride(), 1.0 / max(divisor, 1),
-        BLOCK_R=block_r, BLOCK_C=block_c)
+        BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=FP_FUSION)
 
 
 @triton.jit

@@ -32,6 +32,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from tests.kernels.launches import exercise  # noqa: E402
+
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
           torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1",
           torch.uint8: "u8"}
@@ -45,85 +47,6 @@ def _record_launches() -> list:
 
     JITFunction.run = run
     return launches
-
-
-def _exercise(dtype: torch.dtype) -> None:
-    """Call every backend entry point once per case (the recorder swallows the launches)."""
-    from eidetic_kernels.ops.batch_norm import triton as bn
-    from eidetic_kernels.ops.conv2d import triton as conv
-    from eidetic_kernels.ops.linear import triton as lin
-    from eidetic_kernels.state import FREE, PRUNED, compact_rows, make_table, storage_slots
-
-    lin.DENSE_SHORTCUT = conv.DENSE_SHORTCUT = bn.DENSE_SHORTCUT = False
-    task = torch.tensor([0, FREE, 1, PRUNED, FREE, 0], dtype=torch.int16)
-    slot = storage_slots(task).int()
-    n_frozen = 3
-    lo = torch.zeros_like(task)
-    in_task = torch.tensor([0, 1, FREE, PRUNED, 0], dtype=torch.int16)
-    for bias in (True, False):
-        tw = torch.randn(3, 5, dtype=dtype, requires_grad=True)
-        tb = torch.randn(3, dtype=dtype, requires_grad=True) if bias else None
-        fw, fb = torch.randn(n_frozen, 5, dtype=dtype), torch.randn(n_frozen, dtype=dtype) if bias else None
-        x = torch.randn(4, 5, dtype=dtype, requires_grad=True)
-        table = make_table(in_task, task, lo)
-        fw_c = compact_rows(torch.randn(6, 5, dtype=dtype), table.frozen_blocks)  # linear: compact frozen rows
-        for constant_frozen in (False, True):
-            lin.linear(x, tw, tb, fw_c, fb, table, torch.zeros(6), constant_frozen).sum().backward()
-        with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in
-            lin.linear(x, tw, tb, fw_c, fb, table, None).sum().backward()
-        # task-major states (a network's layout): every window a slice, the kernels without their gather paths
-        major = make_table(torch.tensor([0, 0, 1, FREE, FREE], dtype=torch.int16),
-                           torch.tensor([0, 1, FREE, FREE, PRUNED, FREE], dtype=torch.int16), lo)
-        fw_m = compact_rows(torch.randn(6, 5, dtype=dtype), major.frozen_blocks)
-        fb_m = torch.randn(2, dtype=dtype) if bias else None
-        tw_m = torch.randn(4, 5, dtype=dtype, requires_grad=True)
-        tb_m = torch.randn(4, dtype=dtype, requires_grad=True) if bias else None
-        for constant_frozen in (False, True):
-            lin.linear(x, tw_m, tb_m, fw_m, fb_m, major, torch.zeros(6), constant_frozen).sum().backward()
-        # conv2d on the same tables (columns are input channels), compact frozen rows [rows, width, 3, 3]
-        twc = torch.randn(3, 5, 3, 3, dtype=dtype, requires_grad=True)
-        fwc = compact_rows(torch.randn(6, 5, 3, 3, dtype=dtype), table.frozen_blocks)
-        xc = torch.randn(2, 5, 6, 6, dtype=dtype, requires_grad=True)
-        for constant_frozen in (False, True):
-            conv.conv2d(xc, twc, tb, fwc, fb, table, (1, 1), (1, 1), (1, 1), torch.zeros(6),
-                        constant_frozen).sum().backward()
-        with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in
-            conv.conv2d(xc, twc, tb, fwc, fb, table, (2, 1), (1, 0), (1, 2), None).sum().backward()
-        twc_m = torch.randn(4, 5, 3, 3, dtype=dtype, requires_grad=True)
-        fwc_m = compact_rows(torch.randn(6, 5, 3, 3, dtype=dtype), major.frozen_blocks)
-        for constant_frozen in (False, True):
-            conv.conv2d(xc, twc_m, tb_m, fwc_m, fb_m, major, (1, 1), (1, 1), (1, 1), torch.zeros(6),
-                        constant_frozen).sum().backward()
-    if dtype != torch.float32:
-        # under autocast the ops get float32 inputs and a table built for float32's tiles, and run in ``dtype``
-        # with those tiles (``tiles.table_shape``)
-        x32, tw32, fw32 = x.detach().float(), tw.detach().float(), fw_c.float()
-        with torch.autocast("cpu", dtype):
-            lin.linear(x32.requires_grad_(), tw32.requires_grad_(), None, fw32, None, table, None).sum().backward()
-            conv.conv2d(xc.detach().float().requires_grad_(), twc.detach().float().requires_grad_(), None,
-                        fwc.float(), None, table, (1, 1), (1, 1), (1, 1), None).sum().backward()
-    for training in (True, False):
-        for stats in (True, False):
-            xb = torch.randn(4, 6, 3, 3, dtype=dtype, requires_grad=True)
-            tw = torch.randn(3, dtype=dtype, requires_grad=True)
-            tb = torch.randn(3, dtype=dtype, requires_grad=True)
-            rm = torch.zeros(6, dtype=torch.float32) if stats else None
-            rv = torch.ones(6, dtype=torch.float32) if stats else None
-            bn.batch_norm(xb, rm, rv, tw, torch.randn(n_frozen, dtype=dtype), tb, torch.randn(n_frozen, dtype=dtype),
-                          task, slot, training, 0.1, 1e-5, torch.zeros(6)).sum().backward()
-    xb = torch.randn(4, 6, 3, 3, dtype=dtype, requires_grad=True)
-    with lin.count_work(torch.zeros(1, dtype=torch.int64)):  # the work counter compiled in, frozen as constants
-        bn.batch_norm(xb, torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
-                      torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, None,
-                      constant_frozen=True).sum().backward()
-    if dtype == torch.float32:  # rows of 32x32 values, as in a CNN: the specialisation that vectorises loads
-        xr = torch.randn(2, 6, 32, 32, dtype=dtype)
-        bn.batch_norm(xr.requires_grad_(), torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
-                      torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, None).backward(
-                          torch.randn_like(xr))
-    x2 = torch.randn(8, 6, dtype=dtype, requires_grad=True)  # [N, C]: channels side by side in a program
-    bn.batch_norm(x2, torch.zeros(6), torch.ones(6), tw, torch.randn(n_frozen, dtype=dtype), tb,
-                  torch.randn(n_frozen, dtype=dtype), task, slot, True, 0.1, 1e-5, torch.zeros(6)).sum().backward()
 
 
 def _signature(kernel: JITFunction, args: tuple, kwargs: dict):
@@ -158,7 +81,7 @@ def _signature(kernel: JITFunction, args: tuple, kwargs: dict):
             constexprs[name] = None
         else:
             raise TypeError(f"{kernel.__name__}: argument {name} of type {type(value).__name__}")
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     return sig, constexprs, options, attrs
 
 
@@ -199,9 +122,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     launches = _record_launches()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        _exercise(dtype)
+        exercise(dtype)
     seen, report, failures = set(), [], 0
+    # on a GPU, fp32 products of trainable rows follow torch's TF32 flags (dot_precision), which CPU launches never
+    # set: one TF32 variant of each GEMM kernel's first fp32 launch is compiled too (sm_90: the GPU at hand)
+    tf32 = {}
     for kernel, kargs, kwargs in launches:
+        if kwargs.get("PREC") == "ieee" and kernel.__name__ not in tf32 and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in kargs):
+            tf32[kernel.__name__] = (kernel, kargs, dict(kwargs, PREC="tf32"))
+    variants = [(k, a, kw, None) for k, a, kw in launches] + [(k, a, kw, "tf32") for k, a, kw in tf32.values()]
+    for kernel, kargs, kwargs, variant in variants:
         sig, constexprs, options, attrs = _signature(kernel, kargs, kwargs)
         key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
                tuple(sorted(options.items())))
@@ -209,8 +140,10 @@ def main(argv=None) -> int:
             continue
         seen.add(key)
         for arch in (int(a) for a in args.targets.split(",")):
+            if variant and arch != 90:
+                continue
             start = time.perf_counter()
-            entry = {"kernel": kernel.__name__, "target": f"sm_{arch}", "options": options,
+            entry = {"kernel": kernel.__name__, "target": f"sm_{arch}", "options": options, "variant": variant,
                      "dtypes": sorted({v for v in sig.values() if v.startswith("*")}),
                      "constexprs": {k: str(v) for k, v in constexprs.items()}}
             try:

@@ -141,6 +141,21 @@ def test_small_tiles_many_windows_per_tile(dtype):
     assert_close(got, run(ref, c, dtype=torch.float64), dtype)
 
 
+@pytest.mark.parametrize("limit", [1, 2])
+def test_launches_split_at_the_grid_limit_give_the_same_bits(monkeypatch, limit):
+    """A GPU grid holds at most 65535 programs on its second axis: a forward with more row windows, or a dX with
+    more column tiles (over 2 million fp32 inputs: a head after a flatten of large feature maps), launches in parts.
+    With the limit lowered, the parts give the one launch's bits, small tiles making many programs."""
+    c = make_case(19, 41, 53, "mixed", torch.float32, seed=5)
+    blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    with triton_common.override_blocks("fwd", **blocks), triton_common.override_blocks("dx", **blocks):
+        whole = run(kern, c)
+        monkeypatch.setattr(triton_common, "GRID_AXIS_LIMIT", limit)
+        parts = run(kern, c)
+    for name, a, b in zip(("y", "dx", "dw", "db", "taylor"), parts, whole):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_weight_grad_split_over_the_batch_matches_reference(dtype):
     # dW/db reduced over ranges of the batch (what a GPU gets when a layer has few dW tiles): float32 partials

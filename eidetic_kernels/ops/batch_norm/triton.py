@@ -42,8 +42,8 @@ import triton.language as tl
 from ...state import FREE, PRUNED
 from ..double_backward import graph_grads
 from . import reference
-from ..triton_common import (_BLOCK_OVERRIDE, FREE_C, PRUNED_C, _counter, interpreting, is_frozen_state,
-                             reduction_blocks, register_autocast)
+from ..triton_common import (_BLOCK_OVERRIDE, FP_FUSION, FREE_C, PRUNED_C, _counter, interpreting, is_frozen_state,
+                             on_tensor_device, reduction_blocks, register_autocast, tensor_device)
 
 
 # Dispatch a layer whose channels are all FREE (without Taylor scores) to torch's batch norm (the layer *is*
@@ -456,6 +456,7 @@ def _slices(counts: torch.Tensor) -> tuple[int, int, int]:
     return n_free, n_free + n_frozen, n_free + n_frozen + n_pruned
 
 
+@on_tensor_device
 def bn_forward(x, running_mean, running_var, tw, fw, tb, fb, task, slot, order, counts, use_batch, eps):
     """-> y, mean_used, invstd, batch_mean, batch_var (statistics [C] in the accumulation dtype).
 
@@ -481,12 +482,12 @@ def bn_forward(x, running_mean, running_var, tw, fw, tb, fb, task, slot, order, 
     if n_batch and L > 0:
         _bn_stats_kernel[(triton.cdiv(n_batch, block_c), split)](
             x3, order, part, work, C, 0, n_batch, S, L, chunk, split, *x3.stride(),
-            COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+            COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc, enable_fp_fusion=FP_FUSION)
     fin_c = 64 if interpreting() else 128
     _bn_finalize_kernel[(triton.cdiv(C, fin_c),)](
         part, task, _dummy(running_mean, stats), _dummy(running_var, stats), mean_used, invstd, bmean, bvar,
         C, split if (n_batch and L > 0) else 0, *_hi_lo(eps), HAS_STATS=has_stats, USE_BATCH=use_batch,
-        BLOCK_C=fin_c, ACC=acc)
+        BLOCK_C=fin_c, ACC=acc, enable_fp_fusion=FP_FUSION)
     if L > 0:
         tw_ = _dummy(tw, stats)
         tb_ = _dummy(tb, stats)
@@ -495,7 +496,8 @@ def bn_forward(x, running_mean, running_var, tw, fw, tb, fb, task, slot, order, 
                 _bn_norm_kernel[(triton.cdiv(hi - lo, block_c), split)](
                     x3, y, order, mean_used, invstd, task, slot, tw_, _frozen(fw, tw_), tb_, _frozen(fb, tb_),
                     work, C, lo, hi, S, L, chunk, *x3.stride(), ZERO=zero, HAS_W=tw is not None,
-                    HAS_B=tb is not None, COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+                    HAS_B=tb is not None, COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc,
+                    enable_fp_fusion=FP_FUSION)
     return y, mean_used, invstd, bmean, bvar
 
 
@@ -503,6 +505,7 @@ def _frozen(frozen, trainable):
     return trainable if frozen is None or frozen.numel() == 0 else frozen
 
 
+@on_tensor_device
 def bn_backward(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, order, counts, use_batch, has_stats,
                 constant_frozen, taylor_score, need_dx, need_affine):
     """-> dx (x's shape, or [0] without ``need_dx``), dw, db (the trainable storages' shapes, or [0]).
@@ -531,7 +534,7 @@ def bn_backward(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, order, c
     if n_reduce and L > 0:
         _bn_bwd_reduce_kernel[(triton.cdiv(n_reduce, block_c), split)](
             g3, x3, order, mean_used, invstd, part, work, C, 0, n_reduce, S, L, chunk, split, *g3.stride(),
-            *x3.stride(), COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc)
+            *x3.stride(), COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c, ACC=acc, enable_fp_fusion=FP_FUSION)
     sums = torch.empty((2, C), dtype=acc_torch, device=dev)
     tw_ = _dummy(tw, sums)
     tb_ = _dummy(tb, sums)
@@ -541,7 +544,7 @@ def bn_backward(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, order, c
         _dummy(dw if dw.numel() else None, sums), _dummy(db if db.numel() else None, sums),
         _dummy(taylor_score, sums), C, split, 1.0 / max(N, 1), int(bool(constant_frozen)),
         HAS_W=tw is not None, HAS_B=tb is not None, NEED_AFFINE=need_affine, TAYLOR=taylor_score is not None,
-        BLOCK_C=fin_c, ACC=acc)
+        BLOCK_C=fin_c, ACC=acc, enable_fp_fusion=FP_FUSION)
     if need_dx and L > 0:
         n_dx = n_free if constant_frozen else n_live
         for lo, hi, zero in ((0, n_dx, False), (n_dx, C, True)):
@@ -550,7 +553,7 @@ def bn_backward(grad, x, mean_used, invstd, tw, fw, tb, fb, task, slot, order, c
                     g3, x3, dx, order, mean_used, invstd, sums, task, slot, tw_, _frozen(fw, tw_), work,
                     C, lo, hi, S, L, chunk, *g3.stride(), *x3.stride(), ZERO=zero, HAS_W=tw is not None,
                     USE_BATCH=use_batch, HAS_STATS=has_stats, COUNT=count, BLOCK_E=block_e, BLOCK_C=block_c,
-                    ACC=acc)
+                    ACC=acc, enable_fp_fusion=FP_FUSION)
     return dx, dw, db
 
 
@@ -586,9 +589,11 @@ def _bn_update_running_op(running_mean: torch.Tensor, running_var: torch.Tensor,
         return
     block_c = 64 if interpreting() else 128
     acc = _acc(batch_mean.dtype)[0]
-    _bn_update_running_kernel[(triton.cdiv(C, block_c),)](running_mean, running_var, batch_mean, batch_var,
-                                                         channel_task, C, *_hi_lo(momentum),
-                                                         *_hi_lo(count / max(count - 1, 1)), BLOCK_C=block_c, ACC=acc)
+    with tensor_device(running_mean):
+        _bn_update_running_kernel[(triton.cdiv(C, block_c),)](running_mean, running_var, batch_mean, batch_var,
+                                                             channel_task, C, *_hi_lo(momentum),
+                                                             *_hi_lo(count / max(count - 1, 1)), BLOCK_C=block_c,
+                                                             ACC=acc, enable_fp_fusion=FP_FUSION)
 
 
 @_bn_update_running_op.register_fake

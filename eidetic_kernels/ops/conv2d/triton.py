@@ -53,9 +53,9 @@ from ...state import Table
 from ..double_backward import graph_grads, graph_product
 from ..taylor import attach_taylor_hook
 from ..tiles import build_tiles, dense_from_tiles, dx_synapses_from_tiles, table_shape, tile_shape
-from ..triton_common import (_BLOCK_OVERRIDE, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision, dx_segment,
-                             dw_split, frozen_or_dummy, gemm_blocks, interpreting, register_autocast,
-                             window_columns)
+from ..triton_common import (_BLOCK_OVERRIDE, FP_FUSION, _counter, acc_type, add_taylor, dot_in_fp32, dot_precision,
+                             dx_segment, dw_split, frozen_or_dummy, gemm_blocks, interpreting, on_tensor_device,
+                             register_autocast, window_columns)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own conv (the layer *is* nn.Conv2d
 # then). Tests set it to False to run the kernels on that case too.
@@ -334,6 +334,7 @@ def _blocks(kind: str, dtype: torch.dtype, tiles, c_in: int | None = None) -> di
     return cfg
 
 
+@on_tensor_device
 def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, dilation,
                  scattered=True) -> torch.Tensor:
     """x [N, C_in, H, W] -> y [N, n_out, H', W'] (a fresh contiguous tensor), every output channel written."""
@@ -346,6 +347,7 @@ def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, 
     M = N * OH * OW
     if M == 0 or prog.shape[0] == 0:
         return y
+    frozen = fw is not None and fw.numel() > 0  # stored frozen synapses: exact fp32 (dot_precision)
     tw = tw.contiguous()
     fw = frozen_or_dummy(fw, tw).contiguous()
     has_bias = tb is not None
@@ -358,12 +360,14 @@ def conv_forward(x, tw, fw, tb, fb, tiles, n_out, kernel_size, stride, padding, 
     _conv_fwd_kernel[grid](
         x, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
         n_out, H, W, OH, OW, M, *x.stride(), **_geometry(stride, padding, dilation, kernel_size),
-        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x.dtype, x.device, conv=True),
-        ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
+        PREC=dot_precision(x.dtype, x.device, conv=True, frozen=frozen), ACC=acc_type(x.dtype),
+        DOT_FP32=dot_in_fp32(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     return y
 
 
+@on_tensor_device
 def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dilation,
                     scattered=True) -> torch.Tensor:
     """dX [N, C_in, H, W] (a fresh tensor, every element written) from the output gradient g [N, C_out, H', W']."""
@@ -384,10 +388,11 @@ def conv_input_grad(g, tw, fw, tiles, x_shape, kernel_size, stride, padding, dil
         **_geometry(stride, padding, dilation, kernel_size), SCATTERED=scattered, COUNT=count,
         PREC=dot_precision(g.dtype, g.device, conv=True), ACC=acc_type(g.dtype), DOT_FP32=dot_in_fp32(g.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     return dx
 
 
+@on_tensor_device
 def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, dilation, scattered=True):
     """(dW [n_trainable, C_in, kh, kw], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows
     and dead synapses. Programs: (dW program, kernel position x BLOCK_K tile of its channels, range of output
@@ -416,7 +421,7 @@ def conv_weight_grad(g, x, trainable_shape, has_bias, tiles, stride, padding, di
         COLS=cols_tile, HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
         PREC=dot_precision(x.dtype, x.device, conv=True), ACC=acc_type(x.dtype), DOT_FP32=dot_in_fp32(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     dw = dw[0] if ranges == 1 else dw.sum(0).to(x.dtype)
     if has_bias:
         db = db[0] if ranges == 1 else db.sum(0).to(x.dtype)

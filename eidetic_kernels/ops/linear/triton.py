@@ -51,8 +51,10 @@ from ..taylor import attach_taylor_hook
 from ..tiles import (KIND_FROZEN, KIND_TRAINABLE, KIND_ZERO, TILE_NAMES, build_tiles,  # noqa: F401 (re-exported)
                      dense_from_tiles, dx_synapses_from_tiles, layer_tiles, table_align, table_shape, tile_shape)
 from ..tiles import Tiles as LinearTiles
-from ..triton_common import (_counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision, dw_split,
-                             dx_segment, frozen_or_dummy, gemm_blocks, register_autocast, window_columns)
+from .. import triton_common
+from ..triton_common import (FP_FUSION, _counter, acc_type, add_taylor, count_work, dot_in_fp32, dot_precision,
+                             dw_split, dx_segment, frozen_or_dummy, gemm_blocks, on_tensor_device, register_autocast,
+                             window_columns)
 
 # Dispatch the all-FREE, all-inputs-live layer without Taylor to torch's own GEMM (the layer *is*
 # nn.Linear then). Tests and benchmarks set it to False to run the kernels on that case too.
@@ -178,12 +180,12 @@ def _linear_dx_kernel(
     map_ptr,  # int32[*]
     dx_ptr,  # [M, K] contiguous
     work_ptr,  # int64[1] (COUNT only)
-    M, K, s_gm, s_gn,
+    M, K, c_base, s_gm, s_gn,  # c_base: the first column tile of this launch (launches of at most GRID_AXIS_LIMIT)
     SCATTERED: tl.constexpr, COUNT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_c = tl.program_id(1) + c_base
     o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < M
     o_t = tl.arange(0, BLOCK_K)
@@ -325,6 +327,7 @@ def _blocks(kind: str, dtype: torch.dtype, tiles) -> dict:
     return cfg
 
 
+@on_tensor_device
 def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -> torch.Tensor:
     """x2 [M, K] -> y [M, n_out] (contiguous; written into ``out`` when given), every neuron written."""
     prog, rows, cols = tiles[0], tiles[1], tiles[2]
@@ -332,6 +335,7 @@ def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -
     y = torch.empty((M, n_out), dtype=x2.dtype, device=x2.device) if out is None else out
     if M == 0 or prog.shape[0] == 0:
         return y
+    frozen = fw is not None and fw.numel() > 0  # stored frozen synapses: exact fp32 (dot_precision)
     tw = tw.contiguous()
     fw = frozen_or_dummy(fw, tw).contiguous()
     has_bias = tb is not None
@@ -340,15 +344,24 @@ def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -
         fb = frozen_or_dummy(fb, tb).contiguous()
     cfg = _blocks("fwd", x2.dtype, tiles)
     count, work = _counter(rows)
+    q = prog.shape[0]
+    for p0 in range(0, q, triton_common.GRID_AXIS_LIMIT):  # a GPU grid's second axis: at most 65535 programs
+        _linear_fwd_launch(x2, tw, fw, tb, fb, prog[p0:p0 + triton_common.GRID_AXIS_LIMIT], rows, cols, y, work, M,
+                           n_out, has_bias, scattered, count, frozen, cfg, tiles)
+    return y
+
+
+def _linear_fwd_launch(x2, tw, fw, tb, fb, prog, rows, cols, y, work, M, n_out, has_bias, scattered, count, frozen,
+                       cfg, tiles) -> None:
+    """One launch of the forward over the programs of ``prog`` (each program reads its own table row)."""
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
     _linear_fwd_kernel[grid](
         x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
         M, n_out, x2.stride(0), x2.stride(1),
-        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device),
+        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device, frozen=frozen),
         ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype), **_alignment(tiles, scattered),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return y
+        num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
 
 
 def _alignment(tiles, scattered: bool) -> dict:
@@ -357,6 +370,7 @@ def _alignment(tiles, scattered: bool) -> dict:
     return dict(X_ALIGN=1 if scattered else x, WT_ALIGN=wt, WF_ALIGN=wf)
 
 
+@on_tensor_device
 def linear_input_grad(g2, tw, fw, tiles, K, scattered=True) -> torch.Tensor:
     """dX [M, K] (a fresh tensor, every element written) from the output gradient g2 [M, N]."""
     rows, dx_prog, dx_seg, dx_map = tiles[1], tiles[4], tiles[5], tiles[6]
@@ -368,16 +382,21 @@ def linear_input_grad(g2, tw, fw, tiles, K, scattered=True) -> torch.Tensor:
     fw = frozen_or_dummy(fw, tw).contiguous()
     cfg = _blocks("dx", g2.dtype, tiles)
     count, work = _counter(rows)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), dx_prog.shape[0])
-    _linear_dx_kernel[grid](
-        g2, tw, fw, rows, dx_prog, dx_seg, dx_map, dx, work, M, K, g2.stride(0), g2.stride(1),
-        SCATTERED=scattered, COUNT=count, PREC=dot_precision(g2.dtype, g2.device), ACC=acc_type(g2.dtype),
-        DOT_FP32=dot_in_fp32(g2.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # a GPU grid's second axis holds at most 65535 programs: a layer reading more column tiles (over 2 million fp32
+    # inputs, e.g. a head after a flatten of large feature maps) launches in several parts, each program as before
+    q = dx_prog.shape[0]
+    for c0 in range(0, q, triton_common.GRID_AXIS_LIMIT):
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), min(triton_common.GRID_AXIS_LIMIT, q - c0))
+        _linear_dx_kernel[grid](
+            g2, tw, fw, rows, dx_prog, dx_seg, dx_map, dx, work, M, K, c0, g2.stride(0), g2.stride(1),
+            SCATTERED=scattered, COUNT=count, PREC=dot_precision(g2.dtype, g2.device), ACC=acc_type(g2.dtype),
+            DOT_FP32=dot_in_fp32(g2.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     return dx
 
 
+@on_tensor_device
 def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
     """(dW [n_trainable, K], db [n_trainable] or [0]): the FREE rows' gradients, 0 on PRUNED rows and dead
     synapses. With more than one range of the batch (``dw_split``: too few dW tiles to fill the GPU) each
@@ -400,7 +419,7 @@ def linear_weight_grad(g2, x2, n_trainable, has_bias, tiles, scattered=True):
         ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype),
         **{k: v for k, v in _alignment(tiles, scattered).items() if k != "WF_ALIGN"},
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     dw = dw[0] if ranges == 1 else dw.sum(0).to(x2.dtype)
     if has_bias:
         db = db[0] if ranges == 1 else db.sum(0).to(x2.dtype)
