@@ -344,24 +344,18 @@ def linear_forward(x2, tw, fw, tb, fb, tiles, n_out, scattered=True, out=None) -
         fb = frozen_or_dummy(fb, tb).contiguous()
     cfg = _blocks("fwd", x2.dtype, tiles)
     count, work = _counter(rows)
-    q = prog.shape[0]
-    for p0 in range(0, q, triton_common.GRID_AXIS_LIMIT):  # a GPU grid's second axis: at most 65535 programs
-        _linear_fwd_launch(x2, tw, fw, tb, fb, prog[p0:p0 + triton_common.GRID_AXIS_LIMIT], rows, cols, y, work, M,
-                           n_out, has_bias, scattered, count, frozen, cfg, tiles)
+    limit = triton_common.GRID_AXIS_LIMIT  # a GPU grid's second axis: at most 65535 programs, so launched in parts
+    for part in prog.split(limit):  # each program reads its own table row: the parts compute what one launch would
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), part.shape[0])
+        _linear_fwd_kernel[grid](
+            x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, part, rows, cols, y, work,
+            M, n_out, x2.stride(0), x2.stride(1),
+            HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count,
+            PREC=dot_precision(x2.dtype, x2.device, frozen=frozen), ACC=acc_type(x2.dtype),
+            DOT_FP32=dot_in_fp32(x2.dtype), **_alignment(tiles, scattered),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     return y
-
-
-def _linear_fwd_launch(x2, tw, fw, tb, fb, prog, rows, cols, y, work, M, n_out, has_bias, scattered, count, frozen,
-                       cfg, tiles) -> None:
-    """One launch of the forward over the programs of ``prog`` (each program reads its own table row)."""
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), prog.shape[0])
-    _linear_fwd_kernel[grid](
-        x2, tw, fw, tb if has_bias else tw, fb if has_bias else tw, prog, rows, cols, y, work,
-        M, n_out, x2.stride(0), x2.stride(1),
-        HAS_BIAS=has_bias, SCATTERED=scattered, COUNT=count, PREC=dot_precision(x2.dtype, x2.device, frozen=frozen),
-        ACC=acc_type(x2.dtype), DOT_FP32=dot_in_fp32(x2.dtype), **_alignment(tiles, scattered),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
 
 
 def _alignment(tiles, scattered: bool) -> dict:
