@@ -115,6 +115,12 @@ def _load_report(ptx: str) -> dict:
             "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx))}
 
 
+def _math_report(ptx: str) -> dict:
+    """Approximate arithmetic in the kernel (sqrt.approx, rsqrt.approx, rcp.approx, div.approx, div.full: what
+    Triton emits for fp32 ``tl.sqrt`` and ``/``): a few ulp from torch's correctly rounded sqrt and division."""
+    return {"approx_math": len(re.findall(r"\b(?:sqrt|rsqrt|rcp|div)\.(?:approx|full)\.", ptx))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="90,80", help="comma-separated SM versions (default 90,80)")
@@ -149,8 +155,9 @@ def main(argv=None) -> int:
             try:
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs),
                                           target=GPUTarget("cuda", arch, 32), options=options)
+                ptx = compiled.asm["ptx"]
                 entry.update(ok=True, shared_bytes=compiled.metadata.shared, seconds=round(time.perf_counter() - start, 2),
-                             **_ptxas_report(compiled.asm["ptx"], arch), **_load_report(compiled.asm["ptx"]))
+                             **_ptxas_report(ptx, arch), **_load_report(ptx), **_math_report(ptx))
             except Exception as exc:  # noqa: BLE001 - reported and counted
                 failures += 1
                 entry.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:500]}")

@@ -78,7 +78,7 @@ def _store_zeros(out_ptr, o_c, m_c, start, end, C, S, BLOCK_E: tl.constexpr, BLO
     for e0 in range(start, end, BLOCK_E):
         o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
         m = (o_e < end)[:, None] & m_c[None, :]
-        tl.store(out_ptr + (o_e // S)[:, None] * (C * S) + o_c[None, :] * S + (o_e % S)[:, None],
+        tl.store(out_ptr + (o_e // S)[:, None] * (tl.cast(C, tl.int64) * S) + o_c[None, :] * S + (o_e % S)[:, None],
                  tl.zeros([BLOCK_E, BLOCK_C], dtype=out_ptr.dtype.element_ty), mask=m)
 
 
@@ -98,7 +98,7 @@ def _bn_stats_kernel(
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    start = split * CHUNK
+    start = split.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, L)
     for e0 in range(start, end, BLOCK_E):
         o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
@@ -108,12 +108,12 @@ def _bn_stats_kernel(
         if COUNT:
             macs += tl.sum(tl.sum(m.to(tl.int64), axis=1), axis=0)
         nb = tl.sum(m.to(ACC), axis=0)
-        mb = tl.sum(v, axis=0) / tl.maximum(nb, 1.0)
+        mb = tl.div_rn(tl.sum(v, axis=0), tl.maximum(nb, 1.0))
         d = tl.where(m, v - mb[None, :], 0.0)
         m2b = tl.sum(d * d, axis=0)
         # Chan et al.: merge the block's (count, mean, M2) into the running ones
         tot = cnt + nb
-        frac = nb / tl.maximum(tot, 1.0)
+        frac = tl.div_rn(nb, tl.maximum(tot, 1.0))
         delta = mb - mean
         mean = mean + delta * frac
         m2 = m2 + m2b + delta * delta * cnt * frac
@@ -150,12 +150,12 @@ def _bn_finalize_kernel(
             mb = tl.load(p + C * SPLIT, mask=batch, other=0.0)
             m2b = tl.load(p + 2 * C * SPLIT, mask=batch, other=0.0)
             tot = cnt + nb
-            frac = nb / tl.maximum(tot, 1.0)
+            frac = tl.div_rn(nb, tl.maximum(tot, 1.0))
             delta = mb - mean
             mean = mean + delta * frac
             m2 = m2 + m2b + delta * delta * cnt * frac
             cnt = tot
-    var = m2 / tl.maximum(cnt, 1.0)
+    var = tl.div_rn(m2, tl.maximum(cnt, 1.0))
     if HAS_STATS:
         rm = tl.load(rm_ptr + o_c, mask=m_c, other=0.0).to(ACC)
         rv = tl.load(rv_ptr + o_c, mask=m_c, other=1.0).to(ACC)
@@ -166,7 +166,7 @@ def _bn_finalize_kernel(
         var_used = var
     tl.store(mean_ptr + o_c, mean_used, mask=m_c)
     eps = tl.zeros([BLOCK_C], dtype=ACC) + eps_hi + eps_lo  # added in ACC precision
-    tl.store(invstd_ptr + o_c, 1.0 / tl.sqrt(var_used + eps), mask=m_c)
+    tl.store(invstd_ptr + o_c, tl.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(var_used + eps)), mask=m_c)
     tl.store(bmean_ptr + o_c, mean, mask=m_c)
     tl.store(bvar_ptr + o_c, var, mask=m_c)
 
@@ -217,7 +217,7 @@ def _bn_norm_kernel(
     """ZERO: the launch's channels are PRUNED (or hidden from a view): written exactly 0, nothing read."""
     o_c, m_c = _order_channels(order_ptr, lo, hi, BLOCK_C)
     split = tl.program_id(1)
-    start = split * CHUNK
+    start = split.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, L)
     macs = tl.full([], 0, tl.int64)
     if ZERO:
@@ -238,8 +238,8 @@ def _bn_norm_kernel(
             v = tl.load(x_ptr + n[:, None] * s_xn + o_c[None, :] * s_xc + s[:, None] * s_xs, mask=m,
                         other=0.0).to(ACC)
             out = (v - mean[None, :]) * invstd[None, :] * w[None, :] + b[None, :]
-            tl.store(y_ptr + n[:, None] * (C * S) + o_c[None, :] * S + s[:, None], out.to(y_ptr.dtype.element_ty),
-                     mask=m)
+            tl.store(y_ptr + n[:, None] * (tl.cast(C, tl.int64) * S) + o_c[None, :] * S + s[:, None],
+                     out.to(y_ptr.dtype.element_ty), mask=m)
             if COUNT:
                 macs += tl.sum(tl.sum(m.to(tl.int64), axis=1), axis=0)
     if COUNT:
@@ -264,7 +264,7 @@ def _bn_bwd_reduce_kernel(
     sg = tl.zeros([BLOCK_C], dtype=ACC)
     sgx = tl.zeros([BLOCK_C], dtype=ACC)
     macs = tl.full([], 0, tl.int64)
-    start = split * CHUNK
+    start = split.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, L)
     for e0 in range(start, end, BLOCK_E):
         o_e = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
@@ -347,7 +347,7 @@ def _bn_dx_kernel(
     read."""
     o_c, m_c = _order_channels(order_ptr, lo, hi, BLOCK_C)
     split = tl.program_id(1)
-    start = split * CHUNK
+    start = split.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, L)
     macs = tl.full([], 0, tl.int64)
     if ZERO:
@@ -375,8 +375,8 @@ def _bn_dx_kernel(
                         other=0.0).to(ACC)
             xhat = (v - mean[None, :]) * invstd[None, :]
             dx = scale[None, :] * (g - mg[None, :] - xhat * mgx[None, :])
-            tl.store(dx_ptr + n[:, None] * (C * S) + o_c[None, :] * S + s[:, None], dx.to(dx_ptr.dtype.element_ty),
-                     mask=m)
+            tl.store(dx_ptr + n[:, None] * (tl.cast(C, tl.int64) * S) + o_c[None, :] * S + s[:, None],
+                     dx.to(dx_ptr.dtype.element_ty), mask=m)
             if COUNT:
                 macs += tl.sum(tl.sum(m.to(tl.int64), axis=1), axis=0)
     if COUNT:

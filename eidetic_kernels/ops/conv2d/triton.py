@@ -90,7 +90,7 @@ def _conv_fwd_kernel(
     width = tl.load(p + 5)
     frozen = kind == 0
     compute = kind != 2
-    o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     n_i = o_m // (OH * OW)
     r = o_m % (OH * OW)
@@ -133,7 +133,7 @@ def _conv_fwd_kernel(
         b = tl.load(tl.where(frozen, bf_ptr, bt_ptr) + b_row, mask=m_r & (o_r * 0 + kind != 2), other=0.0)
         acc = acc + b.to(ACC)[None, :]
     out = tl.where(compute, acc, 0.0)  # kind 2 (PRUNED, or not in the view): exactly 0
-    p_y = y_ptr + n_i[:, None] * (C_out * OH * OW) + out_row[None, :] * (OH * OW) + r[:, None]
+    p_y = y_ptr + n_i[:, None] * (tl.cast(C_out, tl.int64) * OH * OW) + out_row[None, :] * (OH * OW) + r[:, None]
     tl.store(p_y, out.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
     if COUNT:
         tl.atomic_add(work_ptr, macs)
@@ -159,7 +159,7 @@ def _conv_dx_kernel(
     KK: tl.constexpr = KH * KW
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     n_i = o_m // (H * W)
     r = o_m % (H * W)
@@ -201,7 +201,7 @@ def _conv_dx_kernel(
                 if COUNT:
                     macs += (tl.sum(m_m.to(tl.int64), axis=0) * tl.sum(m_r.to(tl.int64), axis=0)
                              * tl.sum(live.to(tl.int64), axis=0))
-    p_dx = dx_ptr + n_i[:, None] * (C_in * H * W) + o_c[None, :].to(tl.int64) * (H * W) + r[:, None]
+    p_dx = dx_ptr + n_i[:, None] * (tl.cast(C_in, tl.int64) * H * W) + o_c[None, :].to(tl.int64) * (H * W) + r[:, None]
     tl.store(p_dx, acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_c[None, :])
     if COUNT:
         tl.atomic_add(work_ptr, macs)
@@ -230,7 +230,7 @@ def _conv_dw_kernel(
     p = prog_ptr + tl.load(d) * 6
     c0 = tl.load(d + 1)
     part = tl.program_id(2)  # this program's range of output positions
-    m_lo = part * M_RANGE
+    m_lo = part.to(tl.int64) * M_RANGE
     m_hi = tl.minimum(M, m_lo + M_RANGE)
     dw_ptr += part.to(tl.int64) * DW_NUMEL
     db_ptr += part.to(tl.int64) * N_TRAINABLE

@@ -136,7 +136,7 @@ def _linear_fwd_kernel(
     width = tl.load(p + 5)
     frozen = kind == 0
     compute = kind != 2
-    o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     o_r = tl.arange(0, BLOCK_N)
     m_r = o_r < n_rows
@@ -186,7 +186,7 @@ def _linear_dx_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1) + c_base
-    o_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    o_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     o_t = tl.arange(0, BLOCK_K)
     o_c = pid_c * BLOCK_K + o_t
@@ -269,7 +269,7 @@ def _linear_dw_kernel(
     p = prog_ptr + tl.load(d) * 6
     k0 = tl.multiple_of(tl.load(d + 1), BLOCK_K)  # the table's dW programs start every COLS = BLOCK_K columns
     part = tl.program_id(1)  # this program's range of batch rows
-    m_lo = part * M_RANGE
+    m_lo = part.to(tl.int64) * M_RANGE
     m_hi = tl.minimum(M, m_lo + M_RANGE)
     dw_ptr += part.to(tl.int64) * DW_NUMEL
     db_ptr += part.to(tl.int64) * N_TRAINABLE
