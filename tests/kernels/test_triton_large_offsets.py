@@ -56,7 +56,6 @@ def _edges(n: int):
     return torch.cat(picks).to(DEVICE)
 
 
-@pytest.mark.slow
 def test_linear_rows_past_int32():
     """A batch of 2^31+ rows: forward rows past 2^31 equal torch's product; dX of those rows and the FREE
     row's dW (a sum over every row) match torch."""
@@ -74,7 +73,6 @@ def test_linear_rows_past_int32():
     assert torch.allclose(dw, want.reshape(1), rtol=SUM_RTOL), (dw, want)
 
 
-@pytest.mark.slow
 def test_conv2d_positions_past_int32():
     """2^31+ output positions (a 1x1 convolution over N x 1 x H x W): outputs past the boundary equal
     torch's convolution; the input gradient there matches."""
@@ -92,7 +90,6 @@ def test_conv2d_positions_past_int32():
     torch.testing.assert_close(x.grad[samples], want, **TOL)
 
 
-@pytest.mark.slow
 def test_batch_norm_values_per_channel_past_int32():
     """2^31+ values per channel: the FREE channel's batch statistics (a split reduction whose chunks start
     past 2^31) match torch's fp32 mean and variance, through the running statistics; its outputs past the
