@@ -23,9 +23,11 @@ Merged training product (convolutions on the CPU, ``DenseOp.merge_share``): in t
 whose constant weight holds every block's synapses and zeros elsewhere, built per call. oneDNN runs a
 convolution over 3-13 output channels far below the efficiency of the whole layer's, so after a few tasks
 the per-block convolutions cost more than the whole layer; one product costs what ``nn.Conv2d`` does.
-The zeros multiply frozen features only (a frozen row never reads a FREE input), never free capacity, and
-the frozen rows' outputs computed this way feed the task being trained only: finished tasks' views always
-run block by block, so their bits do not depend on this choice. (FlopCounterMode counts the whole product.)
+The zeros of a frozen row multiply the inputs its block never reads (later tasks' features and the free
+capacity), so with NaN or inf there (0 * NaN = NaN) its output in this product is NaN where its block's is not.
+The frozen rows' outputs computed this way feed the task being trained only, whose own capacity holds that NaN
+anyway: finished tasks' views always run block by block, so neither their bits nor their finiteness depend on
+this choice. (FlopCounterMode counts the whole product.)
 
 Written training product (linear, same mode): in that layout the blocks of a linear layer write their outputs
 straight into one output tensor (``DenseOp.forward_into``: a GEMM into a column slice), where the block-by-block
