@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 tests $(PYTEST_ARGS)
 
 # The whole suite on the Triton backend. Without a GPU the kernels run in the interpreter, one per core
-# (pytest-xdist, longest tests first: tests/python_layers/conftest.py); about an hour on 2 cores.
+# (pytest-xdist, longest tests first: tests/python_layers/conftest.py); about 80 minutes on 2 cores.
 test-triton: setup
 	EIDETIC_BACKEND=triton $(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 --durations=20 tests $(PYTEST_ARGS)
 
