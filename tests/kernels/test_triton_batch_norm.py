@@ -100,6 +100,21 @@ def test_states_and_dtypes_match_reference(kind, dtype):
         assert torch.equal(got[0], torch.zeros_like(got[0]))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float64_matches_reference_tightly(training):
+    """fp64 runs in fp64 throughout (its division and square root take the fp64 path: the fp32 correctly rounded
+    ones refuse fp64), so it matches the fp64 reference to rounding."""
+    c = make_case((5, 6, 4, 3), "mixed", torch.float64, seed=13)
+    got = run(tri, c, training)
+    want = run(ref, c, training, dtype=torch.float64)
+    for name, a, b in zip(NAMES, got, want):
+        if name == "taylor":  # the score buffer is float32 whatever the input's dtype
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+        elif b is not None:
+            assert a.dtype == torch.float64, name
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("shape", [(6, 3, 17, 13), (301, 5)], ids=["few_channels", "2d"])
 def test_split_reduction_with_small_blocks(shape):
     """Small blocks force many splits per channel: the Welford/Chan merges must give the same statistics."""

@@ -52,6 +52,25 @@ DENSE_SHORTCUT = True
 
 
 @triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    """a / b correctly rounded, as torch divides: Triton's fp32 '/' is approximate on a GPU (div.full), its fp64
+    '/' is exact, and div_rn takes fp32 only."""
+    if ACC == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(a, ACC: tl.constexpr):
+    """sqrt correctly rounded, as torch takes it (fp32 tl.sqrt is sqrt.approx on a GPU; sqrt_rn takes fp32 only)."""
+    if ACC == tl.float64:
+        return tl.sqrt(a)
+    else:
+        return tl.sqrt_rn(a)
+
+
+@triton.jit
 def _batch_channels(task, m_c, USE_BATCH: tl.constexpr, HAS_STATS: tl.constexpr):
     """Bool[BLOCK_C]: channels normalised with batch statistics."""
     live = m_c & (task != PRUNED_C)
@@ -108,12 +127,12 @@ def _bn_stats_kernel(
         if COUNT:
             macs += tl.sum(tl.sum(m.to(tl.int64), axis=1), axis=0)
         nb = tl.sum(m.to(ACC), axis=0)
-        mb = tl.div_rn(tl.sum(v, axis=0), tl.maximum(nb, 1.0))
+        mb = _div(tl.sum(v, axis=0), tl.maximum(nb, 1.0), ACC)
         d = tl.where(m, v - mb[None, :], 0.0)
         m2b = tl.sum(d * d, axis=0)
         # Chan et al.: merge the block's (count, mean, M2) into the running ones
         tot = cnt + nb
-        frac = tl.div_rn(nb, tl.maximum(tot, 1.0))
+        frac = _div(nb, tl.maximum(tot, 1.0), ACC)
         delta = mb - mean
         mean = mean + delta * frac
         m2 = m2 + m2b + delta * delta * cnt * frac
@@ -150,12 +169,12 @@ def _bn_finalize_kernel(
             mb = tl.load(p + C * SPLIT, mask=batch, other=0.0)
             m2b = tl.load(p + 2 * C * SPLIT, mask=batch, other=0.0)
             tot = cnt + nb
-            frac = tl.div_rn(nb, tl.maximum(tot, 1.0))
+            frac = _div(nb, tl.maximum(tot, 1.0), ACC)
             delta = mb - mean
             mean = mean + delta * frac
             m2 = m2 + m2b + delta * delta * cnt * frac
             cnt = tot
-    var = tl.div_rn(m2, tl.maximum(cnt, 1.0))
+    var = _div(m2, tl.maximum(cnt, 1.0), ACC)
     if HAS_STATS:
         rm = tl.load(rm_ptr + o_c, mask=m_c, other=0.0).to(ACC)
         rv = tl.load(rv_ptr + o_c, mask=m_c, other=1.0).to(ACC)
@@ -166,7 +185,7 @@ def _bn_finalize_kernel(
         var_used = var
     tl.store(mean_ptr + o_c, mean_used, mask=m_c)
     eps = tl.zeros([BLOCK_C], dtype=ACC) + eps_hi + eps_lo  # added in ACC precision
-    tl.store(invstd_ptr + o_c, tl.div_rn(tl.full([BLOCK_C], 1.0, ACC), tl.sqrt_rn(var_used + eps)), mask=m_c)
+    tl.store(invstd_ptr + o_c, _div(tl.full([BLOCK_C], 1.0, ACC), _sqrt(var_used + eps, ACC), ACC), mask=m_c)
     tl.store(bmean_ptr + o_c, mean, mask=m_c)
     tl.store(bvar_ptr + o_c, var, mask=m_c)
 
