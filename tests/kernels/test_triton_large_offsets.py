@@ -16,11 +16,6 @@ pytest.importorskip("triton")
 from eidetic_kernels import EideticBatchNorm2d, EideticConv2d, EideticLinear  # noqa: E402
 
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("EIDETIC_BACKEND", "triton")  # on the CPU too (interpreter): the kernels, not ATen
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 BIG = 2**31 + 4096  # rows / positions / values per channel on a GPU: past int32, not a tile multiple
@@ -29,6 +24,11 @@ DTYPE = torch.bfloat16 if GPU else torch.float32
 # statistics) are compared in relative terms against torch's fp32 sums
 TOL = dict(atol=2e-2, rtol=2e-2) if GPU else dict(atol=1e-5, rtol=1e-5)
 SUM_RTOL = 1e-2 if GPU else 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("EIDETIC_BACKEND", "triton")  # on the CPU too (interpreter): the kernels, not ATen
 
 
 def _size() -> int:
