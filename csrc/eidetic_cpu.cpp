@@ -192,35 +192,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(
           pi[c] = T(1.0 / std::sqrt(double(rv[c]) + eps));
         }
       }
-      // pass 2: y = (x - mean)·invstd·w + b; PRUNED channels are exactly 0 whatever x holds
-      if (L == 1) {
-        std::vector<T> k(B), bias(B);
-        std::vector<char> live(B);
-        for (int64_t c = c0; c < c1; ++c) {
-          k[c - c0] = pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
-          bias[c - c0] = affine(has_b, tb, fb, task[c], sl[c], T(0));
-          live[c - c0] = mode[c] != kZero;
-        }
-        for (int64_t n = 0; n < N; ++n) {
-          const T* in = px + n * C + c0;
-          T* out = py + n * C + c0;
-          for (int64_t b = 0; b < B; ++b) out[b] = live[b] ? (in[b] - pm[c0 + b]) * k[b] + bias[b] : T(0);
-        }
-        return;
+      if (L != 1) return;
+      // pass 2 of [N, C]: y = (x - mean)·invstd·w + b; PRUNED channels are exactly 0 whatever x holds
+      std::vector<T> k(B), bias(B);
+      std::vector<char> live(B);
+      for (int64_t c = c0; c < c1; ++c) {
+        k[c - c0] = pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
+        bias[c - c0] = affine(has_b, tb, fb, task[c], sl[c], T(0));
+        live[c - c0] = mode[c] != kZero;
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = c0; c < c1; ++c) {
-          T* out = py + (n * C + c) * L;
-          if (mode[c] == kZero) {
-            for (int64_t l = 0; l < L; ++l) out[l] = T(0);
-            continue;
-          }
-          const T* in = px + (n * C + c) * L;
-          const T m = pm[c];
-          const T k = pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
-          const T bias = affine(has_b, tb, fb, task[c], sl[c], T(0));
-          for (int64_t l = 0; l < L; ++l) out[l] = (in[l] - m) * k + bias;
+      for (int64_t n = 0; n < N; ++n) {
+        const T* in = px + n * C + c0;
+        T* out = py + n * C + c0;
+        for (int64_t b = 0; b < B; ++b) out[b] = live[b] ? (in[b] - pm[c0 + b]) * k[b] + bias[b] : T(0);
+      }
+    });
+    if (L == 1) return;
+    // pass 2 of [N, C, *]: y = (x - mean)·invstd·w + b, PRUNED channels exactly 0, over the (sample, channel)
+    // planes in storage order: each thread writes a contiguous range, as the elementwise op that usually
+    // follows (an activation) reads it, so the output stays in that core's cache (per element the same
+    // arithmetic, whatever the split)
+    std::vector<T> k(C), bias(C);
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = mode[c] == kZero ? T(0) : pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
+      bias[c] = mode[c] == kZero ? T(0) : affine(has_b, tb, fb, task[c], sl[c], T(0));
+    }
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        T* out = py + p * L;
+        if (mode[c] == kZero) {
+          for (int64_t l = 0; l < L; ++l) out[l] = T(0);
+          continue;
         }
+        const T* in = px + p * L;
+        const T m = pm[c], kc = k[c], bc = bias[c];
+        for (int64_t l = 0; l < L; ++l) out[l] = (in[l] - m) * kc + bc;
+      }
     });
   });
   return {y, mean, invstd};
@@ -265,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const bool has_b = trainable_bias.has_value() && trainable_bias->defined();
     const int16_t* task = channel_task.data_ptr<int16_t>();
     const int32_t* sl = slot.data_ptr<int32_t>();
+    std::vector<double> sums_dy(C, 0.0), sums_dyx(C, 0.0);  // Σdy, Σdy·(x-mean) per channel
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(count, 1));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       const int64_t B = c1 - c0;
@@ -277,7 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
                        ((mode[c] == kBatchStats && need_dx) || trainable_channel || score != nullptr);
         any = any || want[c - c0];
       }
-      std::vector<double> s_dy(B, 0.0), s_dyx(B, 0.0);
+      double* s_dy = sums_dy.data() + c0;
+      double* s_dyx = sums_dyx.data() + c0;
       if (any && L == 1) {  // [N, C]: run along the rows, vectorised over channels
         for (int64_t n = 0; n < N; ++n) {
           const T *g = pg + n * C + c0, *in = px + n * C + c0;
@@ -330,29 +340,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
         }
         return;
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t b = c - c0, o = (n * C + c) * L;
-          T* out = pdx + o;
-          if (mode[c] == kZero) {
-            for (int64_t l = 0; l < L; ++l) out[l] = T(0);
-            continue;
-          }
-          const T* g = pg + o;
-          const double w = double(affine(has_w, tw, fw, task[c], sl[c], T(1)));
-          const T k1 = T(w * double(pi[c]));
-          if (mode[c] == kRunningStats) {
-            for (int64_t l = 0; l < L; ++l) out[l] = g[l] * k1;
-            continue;
-          }
-          // dx = w·invstd·(dy - mean(dy) - x̂·mean(dy·x̂))
-          const double inv_count = 1.0 / double(count);
-          const T k2 = T(double(k1) * s_dy[b] * inv_count);
-          const T k3 = T(double(k1) * double(pi[c]) * double(pi[c]) * s_dyx[b] * inv_count);
-          const T m = pm[c];
-          const T* in = px + o;
-          for (int64_t l = 0; l < L; ++l) out[l] = g[l] * k1 - k2 - (in[l] - m) * k3;
+    });
+    if (!need_dx || L == 1) return;
+    // dx of [N, C, *] over the (sample, channel) planes in storage order (see the forward's pass 2): running
+    // statistics dx = k1·dy; batch statistics dx = w·invstd·(dy - mean(dy) - x̂·mean(dy·x̂)) = k1·dy - k2 - (x-mean)·k3
+    std::vector<T> k1(C), k2(C), k3(C);
+    const double inv_count = 1.0 / double(count);
+    for (int64_t c = 0; c < C; ++c) {
+      if (mode[c] == kZero) continue;
+      const double w = double(affine(has_w, tw, fw, task[c], sl[c], T(1)));
+      k1[c] = T(w * double(pi[c]));
+      if (mode[c] == kBatchStats) {
+        k2[c] = T(double(k1[c]) * sums_dy[c] * inv_count);
+        k3[c] = T(double(k1[c]) * double(pi[c]) * double(pi[c]) * sums_dyx[c] * inv_count);
+      }
+    }
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        T* out = pdx + p * L;
+        if (mode[c] == kZero) {
+          for (int64_t l = 0; l < L; ++l) out[l] = T(0);
+          continue;
         }
+        const T* g = pg + p * L;
+        const T a = k1[c];
+        if (mode[c] == kRunningStats) {
+          for (int64_t l = 0; l < L; ++l) out[l] = g[l] * a;
+          continue;
+        }
+        const T b = k2[c], d = k3[c], m = pm[c];
+        const T* in = px + p * L;
+        for (int64_t l = 0; l < L; ++l) out[l] = g[l] * a - b - (in[l] - m) * d;
+      }
     });
   });
   return {dx, dw, db};

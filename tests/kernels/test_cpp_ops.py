@@ -180,6 +180,29 @@ def test_batch_norm_layer_frozen_channels_bit_stable(monkeypatch):
     assert torch.equal(before[:, frozen], bn(probe)[:, frozen].detach())  # training: running stats too
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_does_not_depend_on_the_thread_count(training, monkeypatch):
+    """Statistics run one channel per thread, the normalisation and dx over (sample, channel) planes split among
+    threads: every value, running statistic and gradient is the same, bit for bit, on 1, 2 or 3 threads."""
+    g = torch.Generator().manual_seed(5)
+    shape, c = (5, 7, 37, 41), 7  # 35 planes of 1517 values: torch's grain splits them among the threads
+    x, dy = torch.randn(shape, generator=g) * 2 + 1, torch.randn(shape, generator=g)
+    w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    rm, rv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    task = torch.tensor([0, FREE, PRUNED, 1, FREE, 0, 2], dtype=torch.int16)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_bn_run("cpp", monkeypatch, x, rm, rv, w, b, task, training, dy, False))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for key in ("y", "dx", "dw", "db", "rm", "rv"):
+            assert torch.equal(other[key], runs[0][key]), key
+
+
 def test_batch_norm_layer_with_every_channel_frozen(monkeypatch):
     """Empty trainable storage (every channel frozen): the frozen affine rows are still read."""
     torch.manual_seed(4)
