@@ -212,6 +212,14 @@ class EideticLayer(nn.Module):
                 self._slot = storage_slots(self.task_state, lo).to(torch.int32)
         return self._slot
 
+    def plan_token(self) -> object:
+        """An object that stays the same (``is``) until a state of this layer changes: a cache of anything
+        derived from the states (``EideticNetwork``'s prefix widths) keeps it and compares."""
+        token = self._plans.get("token")
+        if token is None:
+            token = self._plans["token"] = object()
+        return token
+
     def _state_changed(self) -> None:
         self._slot = None
         self._frozen_count = None
@@ -1323,7 +1331,11 @@ class _EideticBatchNorm(EideticLayer):
             taylor = None if taylor is None else taylor[:n]
         if cumulative:
             old = (self.running_mean.clone(), self.running_var.clone())
-        extra = {"plan": self._channel_order(out_task, n)} if self.last_backend == "triton" else {}
+        extra = {}
+        if self.last_backend == "triton":
+            extra = {"plan": self._channel_order(out_task, n)}
+        elif self.last_backend == "cpp" and self._view() is not None:  # a finished task's view: states cached
+            extra = {"all_free": self._all_free(out_task, n)}
         y = fn(x.float() if low else x, *running, self.weight, self.frozen_weight, self.bias, self.frozen_bias,
                out_task, slot, batch_stats, factor, self.eps, taylor,
                constant_frozen=self.constant_frozen, **extra)
@@ -1345,6 +1357,15 @@ class _EideticBatchNorm(EideticLayer):
             if not torch.compiler.is_compiling():
                 self._plans[key] = plan
         return plan
+
+    def _all_free(self, out_task: torch.Tensor, narrow: int | None) -> bool:
+        """Whether every channel of the current view (a finished task's, at prefix width ``narrow``) is FREE,
+        cached with the range tables until a state changes."""
+        key = ("bn all free", self._view(), narrow)
+        free = self._plans.get(key)
+        if free is None:
+            free = self._plans[key] = bool((out_task == FREE).all())
+        return free
 
     def _recycled_any(self) -> bool:
         if self._any_recycled is None:

@@ -1075,9 +1075,20 @@ class EideticNetwork(nn.Module):
     def _narrow_widths(self, task: int) -> dict | str:
         """{layer: the input width it reads at prefix width (channels, for a batch norm)} for finished task
         ``task``, or why its neurons are not every layer's first ones. Layers of raw-input groups (a batch norm
-        of the raw input) are left out: they run their full-width view."""
+        of the raw input) are left out: they run their full-width view. Read-only: the answer is cached until
+        the graph, the head or a layer's states change (each layer's plan token, ``EideticLayer.plan_token``)."""
         head = self.heads[task]
         layers = self._graph_layers + [head]
+        key = (self.graph, *(layer.plan_token() for layer in layers))
+        cache = self.__dict__.setdefault("_narrow_widths_cache", {})
+        hit = cache.get(task)
+        if hit is not None and len(hit[0]) == len(key) and all(a is b for a, b in zip(hit[0], key)):
+            return hit[1]
+        widths = self._compute_narrow_widths(task, head, layers)
+        cache[task] = (key, widths)
+        return widths
+
+    def _compute_narrow_widths(self, task: int, head, layers: list) -> dict | str:
         for layer in layers:
             _set_mode(layer, task, False, None)
         try:

@@ -491,3 +491,40 @@ def test_kept_block_views_follow_the_storages():
     with torch.no_grad():
         assert all(torch.equal(model(x, task=t), kept[t]) for t in range(3))
     assert mine[0].shape == kept[0].shape
+
+
+def _finish_keeping(model, shape, keep: float, tasks: int = 2):
+    """Finish ``tasks`` tasks, each keeping the first ``keep`` share of every group's FREE neurons."""
+    for t in range(tasks):
+        model.prepare_for_task(t, 3)
+        for grp in model.groups:
+            free = (grp.task_state == FREE).nonzero().flatten()
+            grp.prune(free[max(1, int(keep * free.numel())):])
+        model.finish_task()
+
+
+def test_prefix_widths_follow_the_states_of_a_loaded_checkpoint(monkeypatch):
+    """Prefix widths are cached per task until a layer's states change: after loading a checkpoint whose task 0
+    kept other neurons, task 0 runs at that checkpoint's widths and gives its logits, bit for bit."""
+    shape = BODIES["cnn"][1]
+    models = []
+    for keep in (0.5, 0.25):
+        torch.manual_seed(0)
+        body, feature_dim = BODIES["cnn"][0]()
+        model = EideticNetwork(body, feature_dim)
+        model.ensure_graph(torch.zeros((2,) + shape))
+        _finish_keeping(model, shape, keep)
+        models.append(model.eval())
+    a, b = models
+    x = torch.randn((8,) + shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a(x, task=0)  # caches a's widths
+        before = dict(a._narrow_widths(0))
+        a.load_state_dict(b.state_dict())
+        calls = _count_narrow(a, monkeypatch)
+        got = a(x, task=0)
+    widths = a._narrow_widths(0)
+    assert widths == a._compute_narrow_widths(0, a.heads[0], a._graph_layers + [a.heads[0]]) != before
+    assert calls == [0] and torch.equal(got, _full_width(a, x, 0))
+    with torch.no_grad():
+        assert torch.equal(got, b(x, task=0))

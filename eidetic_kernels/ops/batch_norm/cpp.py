@@ -74,12 +74,17 @@ def _differentiable_backward(ctx, dy, x, tw, fw, tb, fb, channel_task, slot):
 
 
 def batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias, frozen_bias,
-               channel_task, slot, training, momentum, eps, taylor_score=None, constant_frozen=False):
+               channel_task, slot, training, momentum, eps, taylor_score=None, constant_frozen=False,
+               all_free: bool | None = None):
+    """``all_free``: whether every entry of ``channel_task`` is FREE, when the caller knows it (a layer caches
+    it per state); None: read from ``channel_task``."""
     if x.dtype not in (torch.float32, torch.float64) or x.numel() == 0 or x.device.type != "cpu":
         return reference.batch_norm(x, running_mean, running_var, trainable_weight, frozen_weight, trainable_bias,
                                     frozen_bias, channel_task, slot, training, momentum, eps, taylor_score)
     use_batch_stats = bool(training) or running_mean is None
-    if (taylor_score is None or x.dim() == 2) and bool((channel_task == FREE).all()):
+    if all_free is None and (taylor_score is None or x.dim() == 2):
+        all_free = bool((channel_task == FREE).all())
+    if (taylor_score is None or x.dim() == 2) and all_free:
         # nothing frozen: the layer is its torch.nn twin, bit for bit, through ATen's batch norm as in
         # the reference (with a Taylor score on [N, C] inputs too: ATen + the hook win there on the
         # bench). With any frozen channel we always run ours, so that a frozen channel's output never
