@@ -90,3 +90,37 @@ def test_memory_accounting():
     assert stats["layer_bytes"] < 1.1 * (weight_bytes + 64 * 4)
     assert stats["grad_bytes"] == 32 * (64 * 4 + 4)  # only the 32 FREE rows have gradients
     assert stats["optimizer_bytes"] == 2 * stats["grad_bytes"]
+
+
+def test_the_cnn_floor_computes_what_it_claims():
+    """benchmarks/cnn_floor.py: the trainable rows' gradients are those of plain autograd through a network whose
+    frozen conv rows output zeros and whose frozen batch-norm channels are a constant affine map."""
+    import torch.nn.functional as F
+
+    from benchmarks.cnn_floor import FloorBatchNorm2d, FloorConv2d, floor_network
+    from benchmarks.providers import small_cnn
+
+    torch.manual_seed(0)
+    floor = floor_network(small_cnn(), tasks=3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 12, 12, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+    def reference(h):
+        for m in floor:
+            if isinstance(m, FloorConv2d):
+                y_t = F.conv2d(h, m.weight, m.bias, m.stride, m.padding)
+                h = torch.cat([y_t.new_zeros((y_t.shape[0], m.n_frozen) + y_t.shape[2:]), y_t], 1)
+            elif isinstance(m, FloorBatchNorm2d):
+                f = m.n_frozen
+                y_t = F.batch_norm(h[:, f:], None, None, m.weight, m.bias, training=True)
+                h = torch.cat([h[:, :f] * m.scale[:, :f] + m.shift[:, :f], y_t], 1)
+            else:
+                h = m(h)
+        return h
+
+    params = list(floor.parameters())
+    want = torch.autograd.grad(F.cross_entropy(reference(x), y), params)
+    got = torch.autograd.grad(F.cross_entropy(floor(x), y), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+    assert [m.n_frozen for m in floor if isinstance(m, FloorConv2d)] == [9, 18, 39]
