@@ -14,10 +14,12 @@ k finished tasks of 10% of every layer (as ``providers.finished_network`` leaves
   the shapes users and hooks see).
 
 It is timed interleaved against the plain network and against ``EideticNetwork`` itself (median of per-round
-ratios, freed memory kept by the process as in ``tasks_curve``). Its ratio bounds what any layout of the frozen
-rows' products can reach with oneDNN's convolutions for the trainable rows and the body's elementwise passes as
-they are. An experiment for the README's performance section, not part of ``make bench``; timing only: the values
-are not those of a trained network.
+ratios, freed memory kept by the process as in ``tasks_curve``). Its ratio estimates how low a layout of the
+frozen rows' products could take the step with oneDNN's convolutions for the trainable rows and the body's
+elementwise passes as they are. An estimate, not a bound: the floor network pays bookkeeping of its own (copies
+into the full-width activation, fills of zeros), which a tuned implementation might avoid. An experiment for the
+README's performance section, not part of ``make bench``; timing only: the values are not those of a trained
+network.
 """
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(
         for (int64_t b = 0; b < B; ++b) out[b] = live[b] ? (in[b] - pm[c0 + b]) * k[b] + bias[b] : T(0);
       }
     });
-    if (L == 1) return;
+    if (L == 1 || N * C * L == 0) return;  // [N, C] done above; an empty x has no plane to write
     // pass 2 of [N, C, *]: y = (x - mean)·invstd·w + b, PRUNED channels exactly 0, over the (sample, channel)
     // planes in storage order: each thread writes a contiguous range, as the elementwise op that usually
     // follows (an activation) reads it, so the output stays in that core's cache (per element the same
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(
       k[c] = mode[c] == kZero ? T(0) : pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
       bias[c] = mode[c] == kZero ? T(0) : affine(has_b, tb, fb, task[c], sl[c], T(0));
     }
-    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         T* out = py + p * L;
@@ -341,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
         return;
       }
     });
-    if (!need_dx || L == 1) return;
+    if (!need_dx || L == 1 || N * C * L == 0) return;
     // dx of [N, C, *] over the (sample, channel) planes in storage order (see the forward's pass 2): running
     // statistics dx = k1·dy; batch statistics dx = w·invstd·(dy - mean(dy) - x̂·mean(dy·x̂)) = k1·dy - k2 - (x-mean)·k3
     std::vector<T> k1(C), k2(C), k3(C);
@@ -355,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
         k3[c] = T(double(k1[c]) * double(pi[c]) * double(pi[c]) * sums_dyx[c] * inv_count);
       }
     }
-    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         T* out = pdx + p * L;

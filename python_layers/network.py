@@ -1081,6 +1081,8 @@ class EideticNetwork(nn.Module):
         layers = self._graph_layers + [head]
         key = (self.graph, *(layer.plan_token() for layer in layers))
         cache = self.__dict__.setdefault("_narrow_widths_cache", {})
+        if cache and next(iter(cache.values()))[0][0] is not self.graph:
+            cache.clear()  # a rebuilt graph (or a load): drop the entries that hold the old one
         hit = cache.get(task)
         if hit is not None and len(hit[0]) == len(key) and all(a is b for a, b in zip(hit[0], key)):
             return hit[1]

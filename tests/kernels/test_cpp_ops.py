@@ -183,9 +183,12 @@ def test_batch_norm_layer_frozen_channels_bit_stable(monkeypatch):
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_does_not_depend_on_the_thread_count(training, monkeypatch):
     """Statistics run one channel per thread, the normalisation and dx over (sample, channel) planes split among
-    threads: every value, running statistic and gradient is the same, bit for bit, on 1, 2 or 3 threads."""
+    threads: every value, running statistic, gradient and Taylor score is the same, bit for bit, on 1, 2 or 3
+    threads."""
     g = torch.Generator().manual_seed(5)
-    shape, c = (5, 7, 37, 41), 7  # 35 planes of 1517 values: torch's grain splits them among the threads
+    # 448 planes of 256 values: a grain of 128 planes (and of 2 channels for the statistics) gives each of 3
+    # threads a range of its own
+    shape, c = (64, 7, 16, 16), 7
     x, dy = torch.randn(shape, generator=g) * 2 + 1, torch.randn(shape, generator=g)
     w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
     rm, rv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
@@ -195,12 +198,29 @@ def test_batch_norm_does_not_depend_on_the_thread_count(training, monkeypatch):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            runs.append(_bn_run("cpp", monkeypatch, x, rm, rv, w, b, task, training, dy, False))
+            runs.append(_bn_run("cpp", monkeypatch, x, rm, rv, w, b, task, training, dy, True))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:
-        for key in ("y", "dx", "dw", "db", "rm", "rv"):
+        for key in ("y", "dx", "dw", "db", "rm", "rv", "score"):
             assert torch.equal(other[key], runs[0][key]), key
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0), (2, 0, 5), (0, 3)])
+def test_the_extension_takes_empty_inputs(shape):
+    """The wrapper sends empty batches to the reference; the extension itself returns empty outputs too."""
+    ext = cpp.load_module()
+    c = shape[1]
+    x = torch.randn(shape)
+    task, slot = torch.full((c,), FREE, dtype=torch.int16), torch.arange(c, dtype=torch.int32)
+    w, b = torch.ones(c), torch.zeros(c)
+    for stats in (True, False):
+        y, mean, invstd = ext.bn_forward(x, torch.zeros(c), torch.ones(c), w, None, b, None, task, slot, stats, 0.1,
+                                         1e-5)
+        assert y.shape == x.shape and mean.shape == (c,)
+        dx, dw, db = ext.bn_backward(torch.randn(shape), x, mean, invstd, w, None, b, None, task, slot, stats, True,
+                                     True, True, True, None)
+        assert dx.shape == x.shape and dw.shape == (c,) and db.shape == (c,)
 
 
 def test_batch_norm_layer_with_every_channel_frozen(monkeypatch):
