@@ -120,6 +120,23 @@ std::vector<int8_t> channel_modes(const int16_t* task, int64_t C, bool use_batch
   return mode;
 }
 
+// body(c, offset) on each (sample, channel) plane of an [N, C, L] tensor, planes in storage order split among the
+// threads in contiguous ranges (as an elementwise op that reads the result splits it: the planes stay in the
+// cache of the core that wrote them); PRUNED planes of `out` are written 0 instead.
+template <typename T, typename Body>
+void over_planes(int64_t N, int64_t C, int64_t L, const std::vector<int8_t>& mode, T* out, const Body& body) {
+  if (N * C * L == 0) return;
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % C;
+      if (mode[c] == kZero)
+        std::fill(out + p * L, out + (p + 1) * L, T(0));
+      else
+        body(c, p * L);
+    }
+  });
+}
+
 // Returns (y, mean used [C], invstd used [C]); updates the running statistics of FREE channels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(
     const at::Tensor& x, const OptTensor& running_mean, const OptTensor& running_var,
@@ -207,28 +224,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_forward(
         for (int64_t b = 0; b < B; ++b) out[b] = live[b] ? (in[b] - pm[c0 + b]) * k[b] + bias[b] : T(0);
       }
     });
-    if (L == 1 || N * C * L == 0) return;  // [N, C] done above; an empty x has no plane to write
-    // pass 2 of [N, C, *]: y = (x - mean)·invstd·w + b, PRUNED channels exactly 0, over the (sample, channel)
-    // planes in storage order: each thread writes a contiguous range, as the elementwise op that usually
-    // follows (an activation) reads it, so the output stays in that core's cache (per element the same
+    if (L == 1) return;  // [N, C]: done above
+    // pass 2 of [N, C, *]: y = (x - mean)·invstd·w + b, PRUNED channels exactly 0 (per element the same
     // arithmetic, whatever the split)
     std::vector<T> k(C), bias(C);
     for (int64_t c = 0; c < C; ++c) {
-      k[c] = mode[c] == kZero ? T(0) : pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
-      bias[c] = mode[c] == kZero ? T(0) : affine(has_b, tb, fb, task[c], sl[c], T(0));
+      k[c] = pi[c] * affine(has_w, tw, fw, task[c], sl[c], T(1));
+      bias[c] = affine(has_b, tb, fb, task[c], sl[c], T(0));
     }
-    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
-        T* out = py + p * L;
-        if (mode[c] == kZero) {
-          for (int64_t l = 0; l < L; ++l) out[l] = T(0);
-          continue;
-        }
-        const T* in = px + p * L;
-        const T m = pm[c], kc = k[c], bc = bias[c];
-        for (int64_t l = 0; l < L; ++l) out[l] = (in[l] - m) * kc + bc;
-      }
+    over_planes(N, C, L, mode, py, [&](int64_t c, int64_t o) {
+      const T *in = px + o, m = pm[c], kc = k[c], bc = bias[c];
+      T* out = py + o;
+      for (int64_t l = 0; l < L; ++l) out[l] = (in[l] - m) * kc + bc;
     });
   });
   return {y, mean, invstd};
@@ -341,9 +348,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
         return;
       }
     });
-    if (!need_dx || L == 1 || N * C * L == 0) return;
-    // dx of [N, C, *] over the (sample, channel) planes in storage order (see the forward's pass 2): running
-    // statistics dx = k1·dy; batch statistics dx = w·invstd·(dy - mean(dy) - x̂·mean(dy·x̂)) = k1·dy - k2 - (x-mean)·k3
+    if (!need_dx || L == 1) return;  // [N, C]: done above
+    // dx of [N, C, *] over the planes (see the forward's pass 2): running statistics dx = k1·dy; batch statistics
+    // dx = w·invstd·(dy - mean(dy) - x̂·mean(dy·x̂)) = k1·dy - k2 - (x-mean)·k3
     std::vector<T> k1(C), k2(C), k3(C);
     const double inv_count = 1.0 / double(count);
     for (int64_t c = 0; c < C; ++c) {
@@ -355,24 +362,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
         k3[c] = T(double(k1[c]) * double(pi[c]) * double(pi[c]) * sums_dyx[c] * inv_count);
       }
     }
-    at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
-        T* out = pdx + p * L;
-        if (mode[c] == kZero) {
-          for (int64_t l = 0; l < L; ++l) out[l] = T(0);
-          continue;
-        }
-        const T* g = pg + p * L;
-        const T a = k1[c];
-        if (mode[c] == kRunningStats) {
-          for (int64_t l = 0; l < L; ++l) out[l] = g[l] * a;
-          continue;
-        }
-        const T b = k2[c], d = k3[c], m = pm[c];
-        const T* in = px + p * L;
-        for (int64_t l = 0; l < L; ++l) out[l] = g[l] * a - b - (in[l] - m) * d;
+    over_planes(N, C, L, mode, pdx, [&](int64_t c, int64_t o) {
+      const T *g = pg + o, a = k1[c];
+      T* out = pdx + o;
+      if (mode[c] == kRunningStats) {
+        for (int64_t l = 0; l < L; ++l) out[l] = g[l] * a;
+        return;
       }
+      const T *in = px + o, b = k2[c], d = k3[c], m = pm[c];
+      for (int64_t l = 0; l < L; ++l) out[l] = g[l] * a - b - (in[l] - m) * d;
     });
   });
   return {dx, dw, db};
