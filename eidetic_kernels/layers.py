@@ -1334,8 +1334,9 @@ class _EideticBatchNorm(EideticLayer):
         extra = {}
         if self.last_backend == "triton":
             extra = {"plan": self._channel_order(out_task, n)}
-        elif self.last_backend == "cpp" and self._view() is not None:  # a finished task's view: states cached
-            extra = {"all_free": self._all_free(out_task, n)}
+        elif self.last_backend == "cpp" and self._view() is not None:
+            # a finished task's view has no FREE channel (``view_states``: the ones it cannot see act PRUNED)
+            extra = {"all_free": out_task.numel() == 0}
         y = fn(x.float() if low else x, *running, self.weight, self.frozen_weight, self.bias, self.frozen_bias,
                out_task, slot, batch_stats, factor, self.eps, taylor,
                constant_frozen=self.constant_frozen, **extra)
@@ -1357,15 +1358,6 @@ class _EideticBatchNorm(EideticLayer):
             if not torch.compiler.is_compiling():
                 self._plans[key] = plan
         return plan
-
-    def _all_free(self, out_task: torch.Tensor, narrow: int | None) -> bool:
-        """Whether every channel of the current view (a finished task's, at prefix width ``narrow``) is FREE,
-        cached with the range tables until a state changes."""
-        key = ("bn all free", self._view(), narrow)
-        free = self._plans.get(key)
-        if free is None:
-            free = self._plans[key] = bool((out_task == FREE).all())
-        return free
 
     def _recycled_any(self) -> bool:
         if self._any_recycled is None:
